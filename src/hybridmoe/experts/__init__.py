@@ -1,0 +1,16 @@
+"""Routed experts on the CPU: discovery by structure, CPU home of the weights, exact forward/backward."""
+
+from .cpu_experts import ExpertLoRA, ExpertWeights, HybridExperts, expert_lora_parameters
+from .discovery import TESTED_ARCHITECTURES, ExpertsSpec, experts_spec, find_fused_experts, is_fused_experts
+
+__all__ = [
+    "TESTED_ARCHITECTURES",
+    "ExpertLoRA",
+    "ExpertWeights",
+    "ExpertsSpec",
+    "HybridExperts",
+    "expert_lora_parameters",
+    "experts_spec",
+    "find_fused_experts",
+    "is_fused_experts",
+]

@@ -1,0 +1,287 @@
+"""Routed experts that live in CPU RAM and run on the CPU.
+
+``HybridExperts`` replaces a transformers fused experts block in the module tree. It keeps the forward signature
+``(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``, so the MoE block around it (router,
+shared experts, ``shared_expert_gate``) is transformers' own code, untouched.
+
+One copy of every weight, in one place: the expert weights are held by an :class:`ExpertWeights` object that is
+*not* an ``nn.Parameter`` or buffer. ``model.to()``, ``state_dict()``, PEFT and accelerate therefore cannot see,
+move, wrap or empty them. The same holds for the expert LoRA (:class:`ExpertLoRA`, fp32 master weights on the CPU),
+which the trainer collects explicitly through :func:`expert_lora_parameters`.
+
+Only activations cross devices: hidden states, top-k ids and top-k weights go to the CPU, the combined expert output
+comes back. The backward pass (``_CpuExpertsFn.backward``) computes, on the CPU, the gradients with respect to the
+hidden states, the routing weights and the expert LoRA factors; it recomputes the per-expert activations instead of
+keeping them, so the host memory a training step needs is one layer's, not all layers'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .discovery import ExpertsSpec
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+class ExpertWeights:
+    """The CPU home of one layer's routed-expert weights, in transformers' fused layout.
+
+    gate_up: [E, 2I, H] (rows [:I] are the gate projection, [I:] the up projection)
+    down:    [E, H, I]
+    dtype is bf16 or fp32; never a zero-size placeholder.
+    """
+
+    def __init__(self, spec: ExpertsSpec, dtype: torch.dtype):
+        e, h, i = spec.num_experts, spec.hidden_dim, spec.intermediate_dim
+        # Uninitialised on purpose: the loader fills every expert slice and checks that it did (see `loaded`).
+        self.gate_up = torch.empty(e, 2 * i, h, dtype=dtype, device="cpu")  # [E, 2I, H] cpu
+        self.down = torch.empty(e, h, i, dtype=dtype, device="cpu")  # [E, H, I] cpu
+        # Per (projection, expert, row-chunk) coverage, so a partially loaded checkpoint is caught, not computed on.
+        self.loaded: dict[str, torch.Tensor] = {
+            "gate_up_proj": torch.zeros(e, 2, dtype=torch.bool),
+            "down_proj": torch.zeros(e, 1, dtype=torch.bool),
+        }
+
+    def tensor(self, proj: str) -> torch.Tensor:
+        return self.gate_up if proj == "gate_up_proj" else self.down
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
+
+    def missing(self) -> list[str]:
+        """Human-readable list of expert slices never written by the loader."""
+        out = []
+        for proj, mask in self.loaded.items():
+            for e in (~mask).any(dim=1).nonzero().flatten().tolist():
+                out.append(f"{proj}[{e}]")
+        return out
+
+
+class ExpertLoRA:
+    """LoRA on one fused expert projection: per expert e, ΔW[e] = scale · B[e] @ A[e].
+
+    A: [E, r, in]  fp32, cpu, leaf with requires_grad
+    B: [E, out, r] fp32, cpu, leaf with requires_grad
+    PEFT's ``target_parameters`` layout (lora_A [E·r, in] expert-major, lora_B [out, E·r] rank-major) is produced and
+    read by :mod:`hybridmoe.adapters`; this internal layout keeps each expert's factors contiguous for the GEMMs.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, alpha: float):
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.A = torch.zeros(num_experts, rank, in_features, dtype=torch.float32)
+        self.B = torch.zeros(num_experts, out_features, rank, dtype=torch.float32)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's default init: A ~ kaiming-uniform(a=√5) per expert (bound 1/√in), B = 0, so ΔW starts at 0."""
+        bound = 1.0 / math.sqrt(self.A.shape[-1])
+        with torch.no_grad():
+            self.A.uniform_(-bound, bound, generator=generator)
+            self.B.zero_()
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.A, self.B]
+
+    def requires_grad_(self, flag: bool = True) -> None:
+        self.A.requires_grad_(flag)
+        self.B.requires_grad_(flag)
+
+
+def _silu_backward(g: torch.Tensor, grad_act: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(g)
+    return grad_act * s * (1.0 + g * (1.0 - s))
+
+
+def _act_backward(act_fn: nn.Module, g: torch.Tensor, grad_act: torch.Tensor) -> torch.Tensor:
+    """d act(g) / dg · grad_act; closed form for SiLU, autograd for any other elementwise activation."""
+    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+        return _silu_backward(g, grad_act)
+    with torch.enable_grad():
+        g_ = g.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(act_fn(g_), g_, grad_act)
+    return grad
+
+
+class _ExpertMath:
+    """Forward/backward of one expert on its tokens. Base GEMMs run in the weight dtype, everything else in fp32."""
+
+    def __init__(self, weights: ExpertWeights, lora: dict[str, ExpertLoRA], act_fn: nn.Module, expert: int):
+        self.w_gu = weights.gate_up[expert]  # [2I, H]
+        self.w_d = weights.down[expert]  # [H, I]
+        self.lora_gu = lora.get("gate_up_proj")
+        self.lora_d = lora.get("down_proj")
+        self.act_fn = act_fn
+        self.e = expert
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, e: int) -> torch.Tensor:
+        # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
+        y = (x.to(w.dtype) @ w.T).float()
+        if lora is not None:
+            y = y + lora.scale * ((x @ lora.A[e].T) @ lora.B[e].T)
+        return y
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gu = self._linear(x, self.w_gu, self.lora_gu, self.e)  # [n, 2I]
+        g, u = gu.chunk(2, dim=-1)  # [n, I] each
+        a = self.act_fn(g)
+        h = a * u  # [n, I]
+        y = self._linear(h, self.w_d, self.lora_d, self.e)  # [n, H]
+        return g, u, a, h, y
+
+    def backward_linear(
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, grads: dict
+    ) -> torch.Tensor:
+        """Given dL/dy for y = x W^T + s·(x A^T) B^T, accumulate LoRA grads into `grads` and return dL/dx."""
+        dx = (dy.to(w.dtype) @ w).float()
+        if lora is not None:
+            a_e, b_e = lora.A[self.e], lora.B[self.e]  # [r, in], [out, r]
+            dyb = dy @ b_e  # [n, r]
+            dx = dx + lora.scale * (dyb @ a_e)
+            if id(lora) in grads:
+                ga, gb = grads[id(lora)]
+                gb[self.e] += lora.scale * (dy.T @ (x @ a_e.T))  # [out, r]
+                ga[self.e] += lora.scale * (dyb.T @ x)  # [r, in]
+        return dx
+
+
+class _CpuExpertsFn(torch.autograd.Function):
+    """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) on the CPU, with an exact CPU backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_index, top_k_weights, module, *lora_tensors):
+        # hidden: [T, H] on the compute device; top_k_index: [T, K] int; top_k_weights: [T, K] float.
+        device, out_dtype = hidden.device, hidden.dtype
+        # The one device->host copy of the forward: activations and routing only, never weights.
+        x = hidden.detach().to("cpu", torch.float32)  # [T, H] fp32, cpu
+        ids = top_k_index.detach().to("cpu", torch.int64)  # [T, K] int64, cpu
+        w = top_k_weights.detach().to("cpu", torch.float32)  # [T, K] fp32, cpu
+        ctx.save_for_backward(x, ids, w)
+        ctx.module = module
+        ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
+
+        out = torch.zeros_like(x)  # [T, H] fp32, cpu
+        for e, slots in module.route(ids):
+            tok = slots // ids.shape[1]  # [n] token of each (token, k) slot routed to expert e
+            _, _, _, _, y = module.expert_math(e).forward(x[tok])  # y: [n, H]
+            out.index_add_(0, tok, y * w.view(-1)[slots, None])
+        # Host->device copy of the combined output (non_blocking is unsafe: `out` is pageable and freed next).
+        return out.to(device, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, ids, w = ctx.saved_tensors
+        module: HybridExperts = ctx.module
+        k = ids.shape[1]
+        g_out = grad_out.detach().to("cpu", torch.float32)  # [T, H] fp32, cpu
+        grad_x = torch.zeros_like(x)  # [T, H]
+        grad_w = torch.zeros_like(w).view(-1)  # [T*K]
+        lora = module.lora
+        # Only LoRA factors that need a gradient get a buffer; others are skipped in the math.
+        present = [lora[p] for p in PROJECTIONS if p in lora]  # same order as the *lora_tensors inputs
+        lora_grads = {}
+        for i, lo in enumerate(present):
+            if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
+                lora_grads[id(lo)] = (torch.zeros_like(lo.A), torch.zeros_like(lo.B))
+
+        for e, slots in module.route(ids):
+            tok = slots // k
+            xe = x[tok]  # [n, H]
+            math_e = module.expert_math(e)
+            # Recompute this expert's activations rather than keeping them from the forward (host memory).
+            g, u, a, h, y = math_e.forward(xe)
+            go = g_out[tok]  # [n, H]
+            grad_w[slots] = (go * y).sum(-1)
+            dy = go * w.view(-1)[slots, None]  # [n, H]
+            dh = math_e.backward_linear(dy, h, math_e.w_d, math_e.lora_d, lora_grads)  # [n, I]
+            dg = _act_backward(module.act_fn, g, dh * u)
+            dgu = torch.cat([dg, dh * a], dim=-1)  # [n, 2I]
+            dx = math_e.backward_linear(dgu, xe, math_e.w_gu, math_e.lora_gu, lora_grads)  # [n, H]
+            grad_x.index_add_(0, tok, dx)
+
+        lora_out = []
+        for i, lo in enumerate(present):
+            ga, gb = lora_grads.get(id(lo), (None, None))
+            lora_out.append(ga if ctx.needs_input_grad[4 + 2 * i] else None)
+            lora_out.append(gb if ctx.needs_input_grad[5 + 2 * i] else None)
+        # Device copies back: only the activation gradients; LoRA grads stay on the CPU with their parameters.
+        grad_hidden = grad_x.to(ctx.device, ctx.hidden_dtype)
+        grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
+        return (grad_hidden, None, grad_weights, None, *lora_out)
+
+
+class HybridExperts(nn.Module):
+    """Drop-in replacement for a transformers fused experts block, computed on the CPU.
+
+    Holds no parameters or buffers: the weights (:class:`ExpertWeights`) and LoRA (:class:`ExpertLoRA`) are plain
+    attributes, invisible to ``model.to()``, ``state_dict()`` and PEFT.
+    """
+
+    def __init__(self, spec: ExpertsSpec, act_fn: nn.Module, weight_dtype: torch.dtype, source_class: str = ""):
+        super().__init__()
+        self.spec = spec
+        self.num_experts = spec.num_experts
+        self.act_fn = act_fn
+        self.source_class = source_class
+        self.weights = ExpertWeights(spec, weight_dtype)
+        self.lora: dict[str, ExpertLoRA] = {}
+
+    # -- LoRA -------------------------------------------------------------------------------------------------
+    def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:
+        s = self.spec
+        in_f, out_f = (s.hidden_dim, 2 * s.intermediate_dim) if proj == "gate_up_proj" else (s.intermediate_dim, s.hidden_dim)
+        lo = ExpertLoRA(s.num_experts, in_f, out_f, rank, alpha)
+        self.lora[proj] = lo
+        return lo
+
+    def lora_tensors(self) -> list[torch.Tensor]:
+        out = []
+        for proj in PROJECTIONS:
+            if proj in self.lora:
+                out.extend(self.lora[proj].parameters())
+        return out
+
+    # -- compute ----------------------------------------------------------------------------------------------
+    def route(self, ids: torch.Tensor):
+        """Yield (expert, slots) for every expert with tokens; slots index the flattened [T*K] (token, k) pairs."""
+        flat = ids.view(-1)  # [T*K]
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                yield e, order[start : start + n]
+            start += n
+
+    def expert_math(self, e: int) -> _ExpertMath:
+        return _ExpertMath(self.weights, self.lora, self.act_fn, e)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        # hidden_states: [T, H] on the compute device. Returns [T, H] on the same device and dtype.
+        return _CpuExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
+
+    def merged_weight(self, proj: str) -> torch.Tensor:
+        """W + ΔW for one projection, in fp32 on the CPU: [E, out, in]. Used by export and --merge."""
+        w = self.weights.tensor(proj).float()
+        lo = self.lora.get(proj)
+        if lo is not None:
+            w = w + lo.scale * torch.bmm(lo.B.detach(), lo.A.detach())
+        return w
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"experts={s.num_experts}, hidden={s.hidden_dim}, intermediate={s.intermediate_dim}, "
+            f"dtype={self.weights.gate_up.dtype}, device=cpu, lora={sorted(self.lora)}"
+        )
+
+
+def expert_lora_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Every routed-expert LoRA tensor of a model (cpu, fp32), in module order."""
+    return [t for m in model.modules() if isinstance(m, HybridExperts) for t in m.lora_tensors()]

@@ -1,0 +1,233 @@
+"""Build a hybrid model from a checkpoint: routed experts in CPU RAM, everything else on the compute device.
+
+The model is built with empty (meta) parameters, its fused experts blocks are swapped for
+:class:`~hybridmoe.experts.HybridExperts` (found by structure), then the checkpoint is streamed tensor by tensor:
+expert tensors are copied straight into their preallocated CPU home, every other tensor goes to the compute device.
+No full second copy of the model ever exists in host memory, and nothing expert-shaped is allocated on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
+from .errors import CheckpointError, ConfigError
+from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
+
+log = logging.getLogger("hybridmoe")
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class HybridMeta:
+    """What hybridmoe knows about a loaded model; attached as ``model.hybridmoe``."""
+
+    checkpoint: str
+    device: torch.device
+    dtype: torch.dtype
+    expert_dtype: torch.dtype
+    moe_layers: list[str]  # module names of the HybridExperts blocks
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device '{device}' is not a torch device; use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.type not in ("cuda", "cpu"):
+        raise ConfigError(f"device '{device}' is not supported; use 'cuda' or 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not supported; use bfloat16 or float32")
+    return DTYPES[dtype]
+
+
+def _build_empty(config, dtype: torch.dtype) -> nn.Module:
+    """The model with parameters on the meta device and real (cpu) non-persistent buffers such as rotary inv_freq."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise CheckpointError(
+            f"model_type '{config.model_type}' has no causal-LM class in transformers; "
+            f"supported MoE architectures: {', '.join(TESTED_ARCHITECTURES)}"
+        )
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _swap_experts(model: nn.Module, expert_dtype: torch.dtype) -> dict[str, HybridExperts]:
+    found = find_fused_experts(model)
+    if not found:
+        raise CheckpointError(
+            f"model_type '{model.config.model_type}' has no routed experts (not a transformers-v5 MoE model); "
+            f"supported architectures: {', '.join(TESTED_ARCHITECTURES)}"
+        )
+    out = {}
+    for name, old in found:
+        spec = experts_spec(name, old)
+        new = HybridExperts(spec, old.act_fn, expert_dtype, source_class=type(old).__name__)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        out[name] = new
+    return out
+
+
+def _keep_fp32(model: nn.Module, name: str) -> bool:
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    )
+    return any(k in name.split(".") or name.endswith(k) for k in keep)
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        mod._buffers[leaf] = tensor
+
+
+def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: Path) -> None:
+    dst = experts.weights.tensor(sl.proj)  # [E, out, in] cpu
+    if sl.expert is None:
+        want = tuple(dst.shape)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(tensor.shape)}, the config expects {want}")
+        dst.copy_(tensor)
+        experts.weights.loaded[sl.proj][:] = True
+        return
+    if not 0 <= sl.expert < dst.shape[0]:
+        raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {dst.shape[0]} experts")
+    rows = dst.shape[1] // sl.num_chunks
+    want = (rows, dst.shape[2])
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(tensor.shape)}, the config expects {want}")
+    # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home.
+    dst[sl.expert, sl.chunk * rows : (sl.chunk + 1) * rows].copy_(tensor)
+    experts.weights.loaded[sl.proj][sl.expert, sl.chunk] = True
+
+
+def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool) -> None:
+    mapper = KeyMapper(model.config.model_type)
+    expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    bar = tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress)
+    for f, keys in ckpt.keys_by_file().items():
+        handle = ckpt.open(f)
+        for key in sorted(keys):
+            name = mapper.rename(key)
+            sl = mapper.expert_slice(name)
+            if sl is not None and sl.module in experts:
+                _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
+            elif name in expected:
+                t = read_tensor(handle, f, key)
+                want = tuple(expected[name].shape)
+                if tuple(t.shape) != want:
+                    raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(t.shape)}, the config expects {want}")
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+                _set_tensor(model, name, t.to(device))
+                loaded.add(name)
+            else:
+                unexpected.append(key)
+            bar.update(1)
+        del handle
+    bar.close()
+    if unexpected:
+        log.warning("ignored %d checkpoint tensor(s) the model does not use, e.g. %s", len(unexpected), unexpected[0])
+
+    missing = [k for k in expected if k not in loaded]
+    tied = _tie_output_embeddings(model, missing)
+    missing = [k for k in missing if k not in tied]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{ckpt.path}' lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'; "
+            "it does not match its config.json"
+        )
+    for name, ex in experts.items():
+        gaps = ex.weights.missing()
+        if gaps:
+            raise CheckpointError(
+                f"checkpoint '{ckpt.path}' lacks {len(gaps)} routed-expert slice(s) of '{name}', e.g. {gaps[0]}"
+            )
+
+
+def _tie_output_embeddings(model: nn.Module, missing: list[str]) -> set[str]:
+    text_cfg = model.config.get_text_config()
+    out = model.get_output_embeddings()
+    if not getattr(text_cfg, "tie_word_embeddings", False) or out is None:
+        return set()
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight}
+    if not names & set(missing):
+        return set()
+    out.weight = model.get_input_embeddings().weight
+    return names
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    expert_dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
+
+    dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
+    weights (default: same as dtype). Returns the transformers model in eval mode with ``model.hybridmoe`` set.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    edt = resolve_dtype(expert_dtype, dev) if expert_dtype is not None else dt
+    ckpt = Checkpoint(path)
+    config = read_config(path, trust_remote_code=trust_remote_code)
+    model = _build_empty(config, dt)
+    experts = _swap_experts(model, edt)
+    _stream_weights(model, ckpt, experts, dev, dt, progress)
+    # Non-persistent buffers (rotary inv_freq) were built on the CPU; `to` moves them. Experts have no
+    # parameters or buffers, so this cannot touch them.
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts))
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
+    """The checkpoint's tokenizer; a chat template file or string may be given when it has none."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load a tokenizer from '{p}': {str(e).splitlines()[0]}") from None
+    if chat_template is not None:
+        tpl = Path(chat_template)
+        tok.chat_template = tpl.read_text() if tpl.is_file() else chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

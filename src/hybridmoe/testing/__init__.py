@@ -1,0 +1,5 @@
+"""Tiny random models of every supported architecture, for tests, the quickstart and benchmarks (no downloads)."""
+
+from .tiny import TINY_ARCHS, save_tiny_model, tiny_config
+
+__all__ = ["TINY_ARCHS", "save_tiny_model", "tiny_config"]
