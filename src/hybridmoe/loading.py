@@ -35,6 +35,7 @@ class HybridMeta:
     dtype: torch.dtype
     expert_dtype: torch.dtype
     moe_layers: list[str]  # module names of the HybridExperts blocks
+    lora_config: object | None = None  # the peft.LoraConfig of the attached/trained adapter, if any
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -1,0 +1,437 @@
+"""LoRA on a hybrid model, and adapters in plain PEFT format.
+
+Two halves, one adapter:
+- attention, dense MLPs and shared experts get PEFT ``target_modules`` Linear LoRA on the compute device;
+- routed experts get :class:`~hybridmoe.experts.ExpertLoRA` inside the CPU experts, serialised in PEFT's
+  ``target_parameters`` layout for fused experts (``lora_A [E·r, in]`` expert-major, ``lora_B [out, E·r]``
+  rank-major). When both expert projections carry LoRA, PEFT nests its wrappers in parameter-registration order,
+  so ``gate_up_proj`` is saved under ``experts.base_layer.lora_*`` and ``down_proj`` under ``experts.lora_*``.
+
+Adapters in the per-expert layout (``experts.{e}.gate_proj.lora_A.weight``, from PEFT on transformers v4 or from
+KTransformers) are converted on load: gate and up fuse into one LoRA of rank 2r with block-diagonal B and alpha 2α,
+which is the same ΔW.
+
+PEFT ≤ 0.21 rewrites ``gate_proj/up_proj/down_proj`` targets of transformers-v5 MoE models into expert parameters
+and drops the dense and shared-expert LoRA (peft issue 3711). :func:`no_peft_moe_rewrite` switches that rewrite off
+while PEFT injects our layers; we always pass explicit module names, so there is nothing to rewrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AdapterError, ConfigError, NonFiniteError
+from .experts import HybridExperts
+from .experts.cpu_experts import PROJECTIONS
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@contextlib.contextmanager
+def no_peft_moe_rewrite():
+    """Disable PEFT's transformers-v5 MoE target rewrite (peft issue 3711) for the duration of the block."""
+    import peft.utils.transformers_weight_conversion as conv
+
+    saved = conv.convert_peft_config_for_transformers
+    conv.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conv.convert_peft_config_for_transformers = saved
+
+
+# -- choosing targets --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraTargets:
+    linear: list[str]  # full module names of nn.Linear layers on the compute device
+    experts: list[str]  # expert projections ("gate_up_proj", "down_proj") on every HybridExperts
+
+
+def _moe_blocks(model: nn.Module) -> set[str]:
+    """Names of modules that directly contain a HybridExperts child (the MoE blocks)."""
+    return {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, HybridExperts)}
+
+
+def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks: set[str]) -> str:
+    """Component of a Linear by structure: inside attention, inside an MoE block (shared expert or its gate), dense."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if parent in moe_blocks:
+            # a 1-wide Linear in the MoE block is a gate (Qwen2-MoE's shared_expert_gate), not an expert
+            return "router" if module.out_features == 1 else "shared_experts"
+        if "Attention" in type(model.get_submodule(parent)).__name__:
+            return "self_attn"
+    if name.endswith("lm_head") or ".layers." not in f".{name}":
+        return "other"
+    return "dense_mlp"
+
+
+def resolve_targets(model: nn.Module, lora_target: str | list[str]) -> LoraTargets:
+    """`all` = attention + dense MLP + shared experts + routed experts; else leaf names, `experts` = routed experts."""
+    moe_blocks = _moe_blocks(model)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    comp = {n: linear_component(model, n, m, moe_blocks) for n, m in linears.items()}
+    if isinstance(lora_target, str):
+        wanted = [t.strip() for t in lora_target.split(",") if t.strip()]
+    else:
+        wanted = list(lora_target)
+    if wanted == ["all"]:
+        linear = [n for n, c in comp.items() if c in ("self_attn", "dense_mlp", "shared_experts")]
+        return LoraTargets(sorted(linear), list(PROJECTIONS))
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n, c in comp.items() if c != "other"})
+    expert_projs = list(PROJECTIONS) if "experts" in wanted else []
+    for t in wanted:
+        if t in PROJECTIONS:
+            expert_projs.append(t)
+        elif t != "experts" and t not in leaf_names:
+            raise ConfigError(
+                f"lora_target '{t}' matches no Linear layer of this model; use 'all' or a comma list of: "
+                f"{', '.join(leaf_names + ['experts'])}"
+            )
+    linear = [n for n in linears if n.rsplit(".", 1)[-1] in wanted and comp[n] != "other"]
+    return LoraTargets(sorted(linear), sorted(set(expert_projs), key=PROJECTIONS.index))
+
+
+# -- applying fresh LoRA -------------------------------------------------------------------------------------------
+def apply_lora(model: nn.Module, lora_target, rank: int, alpha: float, dropout: float = 0.0, seed: int = 0):
+    """Wrap `model` with fresh trainable LoRA on both devices; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    if rank <= 0:
+        raise ConfigError(f"lora_rank must be a positive integer, got {rank}")
+    targets = resolve_targets(model, lora_target)
+    if not targets.linear and not targets.experts:
+        raise ConfigError(f"lora_target '{lora_target}' selects nothing to train")
+    torch.manual_seed(seed)  # PEFT's lora_A init draws from the global generator
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets.linear,
+                     target_parameters=None, bias="none")
+    model.hybridmoe.lora_config = cfg
+    peft_model = model
+    if targets.linear:  # an experts-only adapter needs no PEFT wrapper on the compute device
+        with no_peft_moe_rewrite():
+            peft_model = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, HybridExperts):
+            for proj in targets.experts:
+                lo = m.add_lora(proj, rank, alpha)
+                lo.reset_parameters(gen)
+                lo.requires_grad_(True)
+    return peft_model
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel wrapper (or the model itself when only experts carry LoRA)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# -- saving --------------------------------------------------------------------------------------------------------
+def expert_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Routed-expert LoRA in PEFT's target_parameters layout, keyed as vanilla PEFT saves them."""
+    base = base_model_of(model)
+    out = {}
+    for name, m in base.named_modules():
+        if not isinstance(m, HybridExperts):
+            continue
+        nested = len(m.lora) > 1
+        for proj, lo in m.lora.items():
+            prefix = PEFT_PREFIX + name + (".base_layer" if nested and proj == PROJECTIONS[0] else "")
+            e, r, in_f = lo.A.shape
+            out[f"{prefix}.lora_A.weight"] = lo.A.detach().reshape(e * r, in_f).clone()  # [E·r, in], expert-major
+            out[f"{prefix}.lora_B.weight"] = lo.B.detach().permute(1, 2, 0).reshape(-1, r * e).clone()  # [out, r·E]
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter (both devices) on the CPU in fp32, with PEFT's key names."""
+    from peft import get_peft_model_state_dict
+
+    sd = {}
+    if hasattr(model, "peft_config"):
+        sd = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    sd.update(expert_adapter_tensors(model))
+    return sd
+
+
+def adapter_config_dict(model: nn.Module, base_model_name: str | None = None) -> dict:
+    base = base_model_of(model)
+    cfg = base.hybridmoe.lora_config
+    d = cfg.to_dict()
+    expert_params = []
+    for name, m in base.named_modules():
+        if isinstance(m, HybridExperts):
+            expert_params += [f"{name}.{proj}" for proj in m.lora]
+    d["target_modules"] = sorted(cfg.target_modules or [])
+    d["target_parameters"] = sorted(expert_params) or None
+    d["base_model_name_or_path"] = base_model_name
+    d["inference_mode"] = True
+    for k, v in list(d.items()):
+        if isinstance(v, set):
+            d[k] = sorted(v)
+    d["peft_type"] = "LORA"
+    return d
+
+
+def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if not torch.isfinite(v).all()]
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name: str | None = None,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Validate (finite) and write the adapter atomically: a temp dir renamed over `out_dir`'s adapter files."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_write_dir
+
+    sd = adapter_state_dict(model)
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise NonFiniteError(f"refusing to write an adapter with {len(bad)} non-finite tensor(s), e.g. '{bad[0]}'")
+    cfg = adapter_config_dict(model, base_model_name)
+
+    def write(tmp: Path) -> None:
+        save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+
+    return atomic_write_dir(Path(out_dir), write, names=[ADAPTER_WEIGHTS, ADAPTER_CONFIG, *(extra_files or {})])
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+_FUSED_KEY = re.compile(r"^(?P<mod>.*\.experts)(?P<nest>(\.base_layer)*)\.lora_(?P<ab>[AB])(\.default)?\.weight$")
+_PER_EXPERT_KEY = re.compile(
+    r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.lora_(?P<ab>[AB])(\.default)?\.weight$"
+)
+_PER_EXPERT_PROJ = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+                    "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", 0), "w2": ("down_proj", 0)}
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json and the tensors, with one-line errors for anything missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir).expanduser()
+    if not d.is_dir():
+        raise AdapterError(f"adapter directory '{d}' does not exist; pass the output_dir of a training run")
+    cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise AdapterError(f"'{d}' has no {ADAPTER_CONFIG}; it is not a PEFT adapter directory")
+    if not w_path.is_file():
+        bin_hint = " (adapter_model.bin is pickle and is not read; convert it to safetensors)" if (d / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"'{d}' has no {ADAPTER_WEIGHTS}{bin_hint}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (json.JSONDecodeError, ValueError) as e:
+        raise AdapterError(f"'{cfg_path}' is not valid JSON ({e}); re-save the adapter") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"'{cfg_path}' is a {cfg.get('peft_type')} adapter; hybridmoe loads LoRA adapters only")
+    for key in ("use_dora", "use_rslora"):
+        if cfg.get(key):
+            raise AdapterError(f"'{cfg_path}' sets {key}=true, which hybridmoe does not implement for routed experts")
+    try:
+        sd = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"'{w_path}' is not a readable safetensors file ({str(e).splitlines()[0]}); it is truncated or corrupt") from None
+    if not sd:
+        raise AdapterError(f"'{w_path}' holds no tensors")
+    return cfg, sd
+
+
+def _strip(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def _alpha_for(cfg: dict, name: str) -> float:
+    from peft.utils.other import get_pattern_key
+
+    pattern = cfg.get("alpha_pattern") or {}
+    if pattern:
+        key = get_pattern_key(list(pattern), name)
+        if key in pattern and re.search(rf"(^|\.)({key})$", name):
+            return float(pattern[key])
+    return float(cfg.get("lora_alpha", cfg.get("r", 8)))
+
+
+@dataclass
+class _ExpertAdapter:
+    A: torch.Tensor  # [E, r, in]
+    B: torch.Tensor  # [E, out, r]
+    alpha: float
+
+
+def _fused_expert_adapters(model, cfg, fused: dict[str, dict[str, dict[str, torch.Tensor]]]) -> dict:
+    """{module: {nest: {"A","B"}}} in PEFT target_parameters layout -> {(module, proj): _ExpertAdapter}."""
+    out = {}
+    for mod, nests in fused.items():
+        ex = _experts_module(model, mod)
+        s = ex.spec
+        shapes = {"gate_up_proj": (s.hidden_dim, 2 * s.intermediate_dim), "down_proj": (s.intermediate_dim, s.hidden_dim)}
+        for nest, ab in sorted(nests.items(), key=lambda kv: -len(kv[0])):
+            if set(ab) != {"A", "B"}:
+                raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}{nest}'")
+            a, b = ab["A"], ab["B"]
+            # The projection follows from the shapes alone: (in, out) = (H, 2I) or (I, H) cannot both fit.
+            cands = [p for p, (i, o) in shapes.items() if a.shape[1] == i and b.shape[0] == o]
+            if not cands or a.shape[0] % s.num_experts or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, which "
+                    f"do not fit {s.num_experts} experts of hidden {s.hidden_dim}/intermediate {s.intermediate_dim}; "
+                    "is the adapter for another model?"
+                )
+            proj = cands[0]
+            r = a.shape[0] // s.num_experts
+            A = a.float().reshape(s.num_experts, r, a.shape[1])
+            B = b.float().reshape(b.shape[0], r, s.num_experts).permute(2, 0, 1)
+            out[(mod, proj)] = _ExpertAdapter(A.contiguous(), B.contiguous(), _alpha_for(cfg, f"{mod}.{proj}"))
+    return out
+
+
+def _per_expert_adapters(model, cfg, per: dict) -> dict:
+    """{(module, proj): {chunk: {e: {"A","B"}}}} in the per-expert layout -> fused _ExpertAdapter per projection."""
+    out = {}
+    for (mod, proj), chunks in per.items():
+        ex = _experts_module(model, mod)
+        n_chunks = 2 if proj == "gate_up_proj" else 1
+        As, Bs = [], []
+        for e in range(ex.num_experts):
+            a_parts, b_parts = [], []
+            for c in range(n_chunks):
+                ab = chunks.get(c, {}).get(e)
+                if ab is None or set(ab) != {"A", "B"}:
+                    raise AdapterError(f"per-expert adapter lacks lora_A/lora_B of expert {e} ({proj} part {c}) in '{mod}'")
+                a_parts.append(ab["A"].float())
+                b_parts.append(ab["B"].float())
+            As.append(torch.cat(a_parts, 0))  # [c·r, in]
+            Bs.append(torch.block_diag(*b_parts))  # [out, c·r]: gate rows see only gate's A, up rows only up's
+        A, B = torch.stack(As), torch.stack(Bs)
+        want_in = ex.spec.hidden_dim if proj == "gate_up_proj" else ex.spec.intermediate_dim
+        want_out = 2 * ex.spec.intermediate_dim if proj == "gate_up_proj" else ex.spec.hidden_dim
+        if A.shape[2] != want_in or B.shape[1] != want_out:
+            raise AdapterError(f"per-expert adapter for '{mod}' {proj} has in/out {A.shape[2]}/{B.shape[1]}, the model "
+                               f"has {want_in}/{want_out}; is the adapter for another model?")
+        # Fusing c rank-r LoRAs gives rank c·r; alpha scales with it so alpha/r (the scale) is unchanged.
+        out[(mod, proj)] = _ExpertAdapter(A, B, _alpha_for(cfg, f"{mod}.{proj}") * n_chunks)
+    return out
+
+
+def _experts_module(model: nn.Module, mod: str) -> HybridExperts:
+    try:
+        m = model.get_submodule(mod)
+    except AttributeError:
+        m = None
+    if not isinstance(m, HybridExperts):
+        raise AdapterError(f"adapter targets routed experts at '{mod}', which this model does not have; is the adapter for another model?")
+    return m
+
+
+def split_adapter(model: nn.Module, cfg: dict, sd: dict[str, torch.Tensor]):
+    """Sort adapter tensors into Linear LoRA (by module) and routed-expert LoRA (by experts module and projection)."""
+    from .checkpoint import KeyMapper
+
+    mapper = KeyMapper(model.config.model_type)
+    linear: dict[str, dict[str, torch.Tensor]] = {}
+    fused: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    per: dict[tuple[str, str], dict[int, dict[int, dict[str, torch.Tensor]]]] = {}
+    for key, t in sd.items():
+        name = mapper.rename(_strip(key))
+        m = _PER_EXPERT_KEY.match(name)
+        if m:
+            proj, chunk = _PER_EXPERT_PROJ[m["proj"]]
+            per.setdefault((m["mod"], proj), {}).setdefault(chunk, {}).setdefault(int(m["e"]), {})[m["ab"]] = t
+            continue
+        m = _FUSED_KEY.match(name)
+        if m:
+            fused.setdefault(m["mod"], {}).setdefault(m["nest"], {})[m["ab"]] = t
+            continue
+        m = re.match(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(\.default)?\.weight$", name)
+        if not m:
+            raise AdapterError(f"adapter tensor '{key}' is not a LoRA A/B weight; hybridmoe loads LoRA adapters only")
+        linear.setdefault(m["mod"], {})[m["ab"]] = t
+    experts = _fused_expert_adapters(model, cfg, fused)
+    experts.update(_per_expert_adapters(model, cfg, per))
+    return linear, experts
+
+
+def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) -> None:
+    for mod, ab in linear.items():
+        try:
+            m = model.get_submodule(mod)
+        except AttributeError:
+            m = None
+        if not isinstance(m, nn.Linear):
+            raise AdapterError(f"adapter tensor '{mod}.lora_A.weight' targets module '{mod}', which this model does not "
+                               "have as a Linear layer; is the adapter for another model?")
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}'")
+        a, b = ab["A"], ab["B"]
+        if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; the model's "
+                f"layer is {m.in_features}->{m.out_features}; is the adapter for another model?"
+            )
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False):
+    """Attach a PEFT adapter to a hybrid model: Linear LoRA via PEFT on the compute device, expert LoRA on the CPU.
+
+    Never merges into offloaded weights, never wraps expert weights, never rewrites adapter_config.json.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
+    cfg, sd = read_adapter(adapter_dir)
+    bad = nonfinite_tensors(sd)
+    if bad:
+        from .components import component_of
+
+        counts: dict[str, int] = {}
+        for k in bad:
+            counts[component_of(k)] = counts.get(component_of(k), 0) + 1
+        detail = ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+        raise NonFiniteError(
+            f"adapter '{adapter_dir}' has {len(bad)} non-finite tensor(s) ({detail}); it was saved from a diverged run "
+            f"and would produce NaN logits; see `hybridmoe inspect {adapter_dir}`"
+        )
+    linear, experts = split_adapter(model, cfg, sd)
+    _check_linear(model, linear)
+    r_default = int(cfg.get("r", 8))
+    rank_pattern = {f"^{re.escape(mod)}$": int(ab["A"].shape[0]) for mod, ab in linear.items()}
+    alpha_pattern = {f"^{re.escape(mod)}$": _alpha_for(cfg, mod) for mod in linear}
+    lcfg = LoraConfig(r=r_default, lora_alpha=float(cfg.get("lora_alpha", r_default)), lora_dropout=0.0,
+                      target_modules=sorted(linear) or [], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                      bias="none", inference_mode=not trainable)
+    model.hybridmoe.lora_config = lcfg
+    peft_model = model
+    if linear:
+        with no_peft_moe_rewrite():
+            peft_model = get_peft_model(model, lcfg)
+        lin_sd = {f"{PEFT_PREFIX}{mod}.lora_{k}.weight": v for mod, ab in linear.items() for k, v in ab.items()}
+        res = set_peft_model_state_dict(peft_model, lin_sd)
+        missing_lora = [k for k in res.missing_keys if "lora_" in k]
+        if res.unexpected_keys or missing_lora:
+            raise AdapterError(f"adapter '{adapter_dir}' does not fit the model: unexpected {res.unexpected_keys[:1]} "
+                               f"missing {missing_lora[:1]}")
+    for (mod, proj), ea in experts.items():
+        ex = _experts_module(model, mod)
+        lo = ex.add_lora(proj, ea.A.shape[1], ea.alpha)
+        lo.A.copy_(ea.A)
+        lo.B.copy_(ea.B)
+        lo.requires_grad_(trainable)
+    if not trainable:
+        peft_model.eval()
+    return peft_model

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random checkpoints of every supported architecture, saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hybridmoe.testing import TINY_ARCHS, save_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """tiny_ckpt(arch) -> path of a saved tiny random model (hub per-expert key layout, fp32)."""
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"ckpt_{arch}")
+            save_tiny_model(arch, path, seed=0)
+            cache[arch] = str(path)
+        return cache[arch]
+
+    return make
+
+
+ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)

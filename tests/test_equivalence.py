@@ -1,0 +1,126 @@
+"""Hybrid forward and LoRA gradients equal transformers (+PEFT) on tiny random configs of every architecture.
+
+Tolerances (fp32): logits max |Δ| ≤ 1e-5 · max(1, max|ref|); gradients ‖Δ‖/‖ref‖ ≤ 1e-5. The only differences are
+summation order (per-expert index_add vs transformers' loop) and fp32 rounding.
+bf16 experts and compute: the error against the fp32 reference is at most 1.5x transformers' own bf16 error + 1e-3
+(a bf16 forward can flip a top-k routing choice in either implementation, so a fixed bound would test luck).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils import set_peft_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from hybridmoe.adapters import adapter_state_dict, apply_lora, no_peft_moe_rewrite
+from hybridmoe.experts import HybridExperts
+from hybridmoe.loading import load_model
+from hybridmoe.testing import TINY_ARCHS
+
+ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
+
+
+def _reference(path, dtype=torch.float32):
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return ref.eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@ARCHS
+def test_logits_match_transformers_fp32(arch, tiny_ckpt):
+    path = tiny_ckpt(arch)
+    ref = _reference(path)
+    hyb = load_model(path, device="cpu", dtype="float32", progress=False)
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(ids).logits, hyb(ids).logits
+    assert (want - got).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+@ARCHS
+def test_logits_bf16_within_tolerance(arch, tiny_ckpt):
+    path = tiny_ckpt(arch)
+    ref32, ref16 = _reference(path), _reference(path, torch.bfloat16)
+    hyb = load_model(path, device="cpu", dtype="bfloat16", expert_dtype="bfloat16", progress=False)
+    assert all(m.weights.gate_up.dtype == torch.bfloat16 for m in hyb.modules() if isinstance(m, HybridExperts))
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, theirs, got = ref32(ids).logits, ref16(ids).logits.float(), hyb(ids).logits.float()
+    assert _rel(got, want) <= 1.5 * _rel(theirs, want) + 1e-3
+
+
+def _randomize_lora(model, seed: int):
+    """Give every LoRA B (zero at init) random values so gradients flow through both factors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for m in model.modules():
+            if isinstance(m, HybridExperts):
+                for lo in m.lora.values():
+                    lo.B.copy_(torch.randn(lo.B.shape, generator=g) * 0.1)
+
+
+def _peft_reference(path, hyb_peft):
+    """Vanilla PEFT on the plain transformers model with the same targets and the same LoRA values."""
+    ref = _reference(path)
+    cfg = hyb_peft.get_base_model().hybridmoe.lora_config
+    experts = [n for n, m in hyb_peft.get_base_model().named_modules() if isinstance(m, HybridExperts)]
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=sorted(cfg.target_modules),
+                      target_parameters=[f"{n}.{p}" for n in experts for p in ("gate_up_proj", "down_proj")])
+    with no_peft_moe_rewrite():
+        ref_peft = get_peft_model(ref, lcfg)
+    res = set_peft_model_state_dict(ref_peft, adapter_state_dict(hyb_peft))
+    assert not res.unexpected_keys
+    return ref_peft
+
+
+def _lora_grads_peft(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
+    """Our gradients, laid out like PEFT's parameters (expert LoRA converted to target_parameters layout)."""
+    out = {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+    for name, m in model.get_base_model().named_modules():
+        if not isinstance(m, HybridExperts):
+            continue
+        for proj, lo in m.lora.items():
+            nest = ".base_layer" if proj == "gate_up_proj" else ""
+            e, r, i = lo.A.shape
+            out[f"base_model.model.{name}{nest}.lora_A.weight"] = lo.A.grad.reshape(e * r, i)
+            out[f"base_model.model.{name}{nest}.lora_B.weight"] = lo.B.grad.permute(1, 2, 0).reshape(-1, r * e)
+    return out
+
+
+@ARCHS
+def test_lora_gradients_match_peft(arch, tiny_ckpt):
+    path = tiny_ckpt(arch)
+    hyb = apply_lora(load_model(path, device="cpu", dtype="float32", progress=False), "all", rank=4, alpha=8, seed=3)
+    _randomize_lora(hyb, seed=4)
+    ref = _peft_reference(path, hyb)
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (2, 9), generator=g)
+    emb = torch.randn(2, 9, 32, generator=g)
+    losses, embeds = [], []
+    for model in (ref, hyb):
+        x = emb.clone().requires_grad_(True)
+        out = model(inputs_embeds=x, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        embeds.append(x.grad)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert _rel(embeds[1], embeds[0]) <= 1e-5
+
+    want, got = _lora_grads_peft(ref), _lora_grads_hybrid(hyb)
+    assert set(want) == set(got)
+    assert any(".experts." in k for k in want)  # routed-expert LoRA is part of the comparison
+    for k in want:
+        assert _rel(got[k], want[k]) <= 1e-5, k
