@@ -27,11 +27,11 @@ def _cleanup_stale(parent: Path, stem: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterable[str]) -> Path:
-    """Call ``write(tmp)`` to produce `names` in a temp dir, then move each into `out_dir` atomically.
+def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterable[str] | None = None) -> Path:
+    """Call ``write(tmp)`` to produce files in a temp dir, then move each into `out_dir` atomically.
 
-    Each file is replaced atomically; the set is published in order with the config-like small files last, so a
-    reader never sees new weights paired with a config that does not exist yet.
+    names: the files to publish, in order (weights first, config last, so a reader never finds a new config beside
+    old weights); None publishes every file ``write`` made, in name order.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,6 +39,7 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterab
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=str(out_dir.parent)))
     try:
         write(tmp)
+        names = list(names) if names is not None else sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in names:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())

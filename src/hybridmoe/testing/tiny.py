@@ -13,7 +13,7 @@ import torch
 
 _COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+               bos_token_id=0, eos_token_id=1, pad_token_id=1)  # ids of testing.tokenizer
 
 _ARCH_KW: dict[str, dict] = {
     "deepseek_v2": dict(intermediate_size=40, moe_intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
@@ -57,6 +57,8 @@ def save_tiny_model(arch: str, path: str | Path, seed: int = 0, dtype=torch.floa
         for name, p in model.named_parameters():
             if p.dim() >= 2 or "bias" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * init_std)
+    if tokenizer is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(path), **kwargs)
     if tokenizer is not None:

@@ -1,0 +1,167 @@
+"""The training config: one typed dataclass, validated up front, keys named as in LLaMA-Factory.
+
+Errors name the key and what would fix it; an unknown key names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train on -----------------------------------------------------------------------------------------
+    model_name_or_path: str = ""  # checkpoint directory (config.json + *.safetensors + tokenizer)
+    dataset: str = ""  # .json/.jsonl: OpenAI `messages`, ShareGPT `conversations` or alpaca records
+    output_dir: str = ""  # the adapter, trainer_log.jsonl and checkpoint-N/ go here
+    cutoff_len: int = 1024  # tokens per example; longer ones are truncated (beginning kept)
+    chat_template: str | None = None  # a Jinja template (file or string) for tokenizers that lack one
+    # -- LoRA ------------------------------------------------------------------------------------------------------
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # applies to the Linear LoRA on the compute device; routed-expert LoRA has none
+    lora_target: str = "all"  # "all" or a comma list of Linear names; "experts" = routed experts
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    learning_rate: float = 1e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # >0 overrides num_train_epochs
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # clip over LoRA on both devices together; 0 disables clipping
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # >0 overrides warmup_ratio
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # -- bookkeeping -----------------------------------------------------------------------------------------------
+    logging_steps: int = 10
+    save_steps: int = 0  # 0: only the final adapter
+    save_total_limit: int = 2  # checkpoint-N directories kept
+    resume_from_checkpoint: str | bool | None = None  # a checkpoint-N dir, or true for the latest in output_dir
+    max_consecutive_skipped: int = 5  # stop with a diagnosis after this many non-finite steps in a row
+    # -- placement -------------------------------------------------------------------------------------------------
+    device: str | None = None  # cuda | cpu (default: cuda when available)
+    dtype: str | None = None  # bfloat16 | float32 for the compute-device weights
+    expert_dtype: str | None = None  # bfloat16 | float32 for the CPU expert weights (default: dtype)
+    progress: bool = True
+    # -- accepted for LLaMA-Factory YAMLs; checked, otherwise without effect -----------------------------------------
+    stage: str = "sft"
+    do_train: bool = True
+    finetuning_type: str = "lora"
+    template: str | None = None  # the tokenizer's own chat template is used (see chat_template)
+    bf16: bool | None = None  # true -> dtype bfloat16
+    overwrite_output_dir: bool = True
+    plot_loss: bool = False
+    report_to: str | None = None
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def validate(self) -> TrainConfig:
+        for key in ("model_name_or_path", "dataset", "output_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"config key '{key}' is required")
+        positive = ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
+                    "logging_steps", "max_consecutive_skipped")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"lr_scheduler_type '{self.lr_scheduler_type}' is not one of cosine, linear, constant")
+        if self.stage != "sft" or self.finetuning_type != "lora":
+            raise ConfigError(f"hybridmoe trains stage=sft with finetuning_type=lora, got {self.stage}/{self.finetuning_type}")
+        if self.bf16 and self.dtype is None:
+            self.dtype = "bfloat16"
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+
+
+def _coerce(key: str, value: Any, field_type: str) -> Any:
+    """Check/convert one value against its annotation; strings from `key=value` overrides are parsed as YAML."""
+    t = field_type.replace(" ", "")
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"config key '{key}' may not be null")
+    if t.startswith("bool") and not isinstance(value, bool) and "str" not in t:
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if t.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if t.startswith("str") and not isinstance(value, (str, bool)):
+        if isinstance(value, (list, tuple)) and key == "lora_target":
+            return ",".join(map(str, value))
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict | list[str] | None = None) -> TrainConfig:
+    if isinstance(source, TrainConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the YAML must be a mapping of config keys, got {type(data).__name__}")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data.update(overrides or {})
+    kwargs = {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        kwargs[key] = _coerce(key, value, str(_FIELDS[key].type))
+    return TrainConfig(**kwargs).validate()

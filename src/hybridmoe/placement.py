@@ -1,0 +1,136 @@
+"""The placement report behind ``hybridmoe info``: what lives where, and the invariants that must hold.
+
+The checks are the seed system's bugs turned into assertions:
+- bug 1 (emptied expert tensors): no zero-size tensor anywhere, and every expert home is full-size;
+- bug 2 (LoRA wrapping CPU experts on GPU inputs): nothing expert-shaped in the module tree, no PEFT layer around
+  an experts block, every Parameter and buffer on the compute device;
+- bug 4 (dense layer-0 MLP left on the CPU): every dense MLP is on the compute device.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .adapters import base_model_of, linear_component
+from .experts import HybridExperts
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _top_module(name: str) -> str:
+    """Group names for the report: 'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.self_attn'."""
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return ".".join(parts[i : i + 3])
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def placement_report(model: nn.Module) -> dict:
+    base = base_model_of(model)
+    meta = base.hybridmoe
+    compute = torch.device(meta.device)
+    devices: dict[str, dict] = defaultdict(lambda: {"bytes": 0, "tensors": 0, "modules": defaultdict(int)})
+    empty, off_device = [], []
+    expert_shapes = set()
+    experts = {n: m for n, m in base.named_modules() if isinstance(m, HybridExperts)}
+    for name, m in experts.items():
+        w = m.weights
+        for proj in ("gate_up_proj", "down_proj"):
+            t = w.tensor(proj)
+            expert_shapes.add(tuple(t.shape))
+            d = devices["cpu (routed experts)"]
+            d["bytes"] += _nbytes(t)
+            d["tensors"] += 1
+            d["modules"][name] += _nbytes(t)
+            if t.numel() == 0:
+                empty.append(f"{name}.{proj}")
+        for proj, lo in m.lora.items():
+            d = devices["cpu (routed-expert LoRA, fp32)"]
+            for t in lo.parameters():
+                d["bytes"] += _nbytes(t)
+                d["tensors"] += 1
+                d["modules"][f"{name}.{proj}"] += _nbytes(t)
+
+    expert_shaped = []
+    tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers())
+    for name, t in tensors:
+        dev = "meta" if t.is_meta else str(t.device)
+        d = devices[dev]
+        d["bytes"] += _nbytes(t)
+        d["tensors"] += 1
+        d["modules"][_top_module(name)] += _nbytes(t)
+        if t.numel() == 0:
+            empty.append(name)
+        if t.device.type != compute.type or t.is_meta:
+            off_device.append(f"{name} on {dev}")
+        if t.dim() == 3 and tuple(t.shape) in expert_shapes:
+            expert_shaped.append(name)
+
+    moe_blocks = {n.rpartition(".")[0] for n in experts}
+    dense_mlps, lora_targets = [], defaultdict(int)
+    for name, mod in base.named_modules():
+        if isinstance(mod, nn.Linear) and linear_component(base, name, mod, moe_blocks) == "dense_mlp":
+            dense_mlps.append(name)
+        if hasattr(mod, "lora_A") and isinstance(getattr(mod, "lora_A"), nn.ModuleDict) and len(mod.lora_A):
+            lora_targets[linear_component(base, name, mod.get_base_layer(), moe_blocks)] += 1
+    for m in experts.values():
+        lora_targets["routed_experts"] += len(m.lora)
+    wrapped = [n for n, mod in base.named_modules() if isinstance(getattr(mod, "base_layer", None), HybridExperts)]
+    dense_bad = [n for n in dense_mlps if base.get_submodule(n).weight.device.type != compute.type]
+
+    checks = {
+        "nothing expert-shaped in the module tree": not expert_shaped,
+        "no PEFT layer wraps routed experts": not wrapped,
+        "every dense MLP on the compute device": not dense_bad,
+        "every non-expert tensor on the compute device": not off_device,
+        "no empty or meta tensors": not empty and "meta" not in devices,
+        "every MoE layer's experts in CPU RAM": all(m.weights.gate_up.device.type == "cpu" for m in experts.values()),
+    }
+    problems = expert_shaped + wrapped + dense_bad + off_device + empty
+    return {
+        "checkpoint": meta.checkpoint,
+        "compute_device": str(compute),
+        "dtype": str(meta.dtype).replace("torch.", ""),
+        "expert_dtype": str(meta.expert_dtype).replace("torch.", ""),
+        "moe_layers": list(experts),
+        "dense_mlp_layers": sorted({n.rpartition(".")[0] for n in dense_mlps}),
+        "devices": {
+            dev: {"bytes": d["bytes"], "tensors": d["tensors"], "modules": dict(d["modules"])} for dev, d in devices.items()
+        },
+        "lora_targets": dict(lora_targets),
+        "checks": checks,
+        "problems": problems[:20],
+        "ok": all(checks.values()),
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"checkpoint: {rep['checkpoint']}",
+             f"compute device: {rep['compute_device']} ({rep['dtype']}), routed experts: cpu ({rep['expert_dtype']})",
+             f"MoE layers ({len(rep['moe_layers'])}): {', '.join(rep['moe_layers'][:4])}"
+             + (" ..." if len(rep["moe_layers"]) > 4 else ""),
+             f"dense MLP layers: {', '.join(rep['dense_mlp_layers']) or 'none'}", "", "placement:"]
+    for dev, d in rep["devices"].items():
+        lines.append(f"  {dev:<34} {_gib(d['bytes']):>12}  {d['tensors']} tensors")
+        top = sorted(d["modules"].items(), key=lambda kv: -kv[1])[:6]
+        for mod, b in top:
+            lines.append(f"      {mod:<40} {_gib(b):>12}")
+        if len(d["modules"]) > 6:
+            lines.append(f"      ... {len(d['modules']) - 6} more")
+    if rep["lora_targets"]:
+        lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
+    lines += ["", "checks:"]
+    lines += [f"  [{'ok' if v else 'FAIL'}] {k}" for k, v in rep["checks"].items()]
+    if rep["problems"]:
+        lines += ["problems:"] + [f"  {p}" for p in rep["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,281 @@
+"""LoRA SFT recipe: setup -> train -> save -> report, as one explicit loop (no HF Trainer).
+
+The LoRA lives on two devices: PEFT Linear LoRA on the compute device, routed-expert LoRA on the CPU inside the
+experts. One AdamW holds both (torch groups its foreach updates by device), one clip bounds their joint norm.
+A step whose loss or gradient norm is non-finite is skipped with no parameter change, counted, logged with the
+components whose gradients were non-finite, and after `max_consecutive_skipped` in a row training stops with a
+diagnosis. The adapter is checked before every write and never written with NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .adapters import apply_lora, load_adapter, save_adapter
+from .components import component_of
+from .config import TrainConfig, load_config
+from .data import SFTDataset, batches, collate, load_records
+from .errors import ConfigError, NonFiniteError
+from .experts import HybridExperts, expert_lora_parameters
+from .experts.cpu_experts import PROJECTIONS
+from .loading import load_model, load_tokenizer
+from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
+
+log = logging.getLogger("hybridmoe")
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    skipped_steps: int
+    final_loss: float
+    seconds: float
+    peak_gpu_bytes: int
+    peak_host_bytes: int
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps taken (skipped ones included: their data is consumed)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # next micro-batch index within the epoch
+    skipped: int = 0
+    consecutive_skipped: int = 0
+
+
+def named_trainable(model) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every trainable LoRA tensor on both devices; expert names follow PEFT's layout roots."""
+    out = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, m in base.named_modules():
+        if isinstance(m, HybridExperts):
+            for proj in PROJECTIONS:  # fixed order: the optimizer state of a resumed run must line up
+                if proj in m.lora:
+                    lo = m.lora[proj]
+                    out += [(f"{name}.{proj}.lora_A", lo.A), (f"{name}.{proj}.lora_B", lo.B)]
+    return out
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(math.ceil(n_examples / cfg.per_device_train_batch_size) / cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+
+
+def _next_batch(dataset, cfg: TrainConfig, state: LoopState) -> list[int]:
+    """The micro-batch at the current data position; advances (epoch, batch_in_epoch). Deterministic for resume."""
+    epoch_batches = batches(dataset, cfg.per_device_train_batch_size, cfg.seed, state.epoch)
+    if state.batch_in_epoch >= len(epoch_batches):
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        epoch_batches = batches(dataset, cfg.per_device_train_batch_size, cfg.seed, state.epoch)
+    idx = epoch_batches[state.batch_in_epoch]
+    state.batch_in_epoch += 1
+    return idx
+
+
+def _nonfinite_components(named: list[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, p in named:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            c = component_of(name if ".experts." not in f".{name}" else name.replace(".gate_up_proj", "").replace(".down_proj", ""))
+            counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+class _Setup:
+    """Everything the loop needs, built in order: model, data, LoRA, optimizer, scheduler, (resume)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        resume = self._resume_dir(out)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
+        self.dataset = SFTDataset(load_records(cfg.dataset), self.tokenizer, cfg.cutoff_len)
+        s = self.dataset.summary()
+        print(f"[hybridmoe] dataset {cfg.dataset}: {s['examples']} examples, {s['tokens']} tokens "
+              f"({s['supervised_tokens']} supervised), {s['truncated']} truncated, {s['dropped']} dropped",
+              file=sys.stderr)
+        base = load_model(cfg.model_name_or_path, device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype,
+                          trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+        self.device = base.hybridmoe.device
+        torch.manual_seed(cfg.seed)
+        if resume is not None:
+            self.model = load_adapter(base, resume, trainable=True)
+        else:
+            self.model = apply_lora(base, cfg.lora_target, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.named = named_trainable(self.model)
+        params = [p for _, p in self.named]
+        self.total_steps = _total_steps(cfg, len(self.dataset))
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        self.state = LoopState()
+        if resume is not None:
+            self.state = load_train_state(resume, self.optimizer, self.scheduler, LoopState)
+            print(f"[hybridmoe] resumed from {resume} at step {self.state.step}", file=sys.stderr)
+
+    def _resume_dir(self, out: Path) -> Path | None:
+        r = self.cfg.resume_from_checkpoint
+        if r in (None, False, ""):
+            return None
+        if r is True or r in ("true", "last", "latest"):
+            found = latest_checkpoint(out)
+            if found is None:
+                raise ConfigError(f"resume_from_checkpoint=true but '{out}' has no checkpoint-N directory")
+            return found
+        p = Path(r)
+        if not (p / "trainer_state.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint '{p}' is not a checkpoint directory (no trainer_state.json)")
+        return p
+
+
+def _micro_step(model, batch: dict, device, n_items: int) -> torch.Tensor:
+    """Forward + backward of one micro-batch; the loss is summed over tokens / all supervised tokens in the step."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    out = model(**batch, num_items_in_batch=n_items)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+def _supervised(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+
+
+def train(config, overrides=None) -> TrainResult:
+    """Run LoRA SFT; `config` is a YAML path, a dict or a TrainConfig; `overrides` key=value strings or a dict."""
+    cfg = load_config(config, overrides)
+    setup = _Setup(cfg)
+    model, opt, sched, st, named = setup.model, setup.optimizer, setup.scheduler, setup.state, setup.named
+    params = [p for _, p in named]
+    out = Path(cfg.output_dir)
+    log_path = out / "trainer_log.jsonl"
+    if st.step == 0 and log_path.exists():
+        log_path.unlink()
+    pad_id = setup.tokenizer.pad_token_id
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
+
+    t0 = time.perf_counter()
+    window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.perf_counter()}
+    losses: list[float] = []
+    last_loss = float("nan")
+    bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step", disable=not cfg.progress)
+    try:
+        while st.step < setup.total_steps:
+            micro = [collate([setup.dataset[i] for i in _next_batch(setup.dataset, cfg, st)], pad_id)
+                     for _ in range(cfg.gradient_accumulation_steps)]
+            n_items = max(1, sum(_supervised(b) for b in micro))
+            loss = sum(_micro_step(model, b, setup.device, n_items) for b in micro)
+            # Joint norm over both devices (clip_grad_norm_ groups by device, then combines the per-device norms).
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            loss_v, gnorm_v = float(loss), float(gnorm)  # the step's one host sync
+            st.step += 1
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+                bad = _nonfinite_components(named)
+                opt.zero_grad(set_to_none=True)  # skipped: no parameter, moment or schedule change
+                st.skipped += 1
+                st.consecutive_skipped += 1
+                _append_log(log_path, {"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
+                                       "skipped": True, "nonfinite_grad_components": bad,
+                                       "skipped_steps": st.skipped})
+                log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s); skipped",
+                            st.step, loss_v, gnorm_v, bad)
+                if st.consecutive_skipped >= cfg.max_consecutive_skipped:
+                    raise NonFiniteError(
+                        f"{st.consecutive_skipped} consecutive steps had non-finite loss or gradients (last at step "
+                        f"{st.step}; components {bad or 'loss only'}); lower learning_rate, keep max_grad_norm > 0, "
+                        "or check the data and dtype (float32 rules out bf16 overflow)"
+                    )
+                bar.update(1)
+                continue
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            st.consecutive_skipped = 0
+            last_loss = loss_v
+            losses.append(loss_v)
+            window["loss"] += loss_v
+            window["n"] += 1
+            window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
+            if st.step % cfg.logging_steps == 0 or st.step == setup.total_steps:
+                now = time.perf_counter()
+                rec = {"step": st.step, "loss": window["loss"] / max(1, window["n"]),
+                       "lr": sched.get_last_lr()[0], "grad_norm": gnorm_v, "epoch": st.epoch,
+                       "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "skipped_steps": st.skipped}
+                _append_log(log_path, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                window.update(loss=0.0, n=0, tokens=0, t=now)
+            bar.update(1)
+            if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < setup.total_steps:
+                save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
+                prune_checkpoints(out, cfg.save_total_limit)
+    except KeyboardInterrupt:
+        bar.close()
+        ck = save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
+        print(f"[hybridmoe] interrupted: saved {ck}; resume with resume_from_checkpoint={ck}", file=sys.stderr)
+        raise
+    bar.close()
+
+    _save_final(out, model, setup.tokenizer, cfg)
+    seconds = time.perf_counter() - t0
+    peak_gpu = torch.cuda.max_memory_allocated(setup.device) if setup.device.type == "cuda" else 0
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = TrainResult(str(out), st.step, st.skipped, last_loss, seconds, peak_gpu, peak_host, losses)
+    print(f"[hybridmoe] done: {st.step} steps ({st.skipped} skipped), final loss {last_loss:.4f}, {seconds:.1f}s, "
+          f"peak GPU {peak_gpu / 2**30:.2f} GiB, peak host RSS {peak_host / 2**30:.2f} GiB; adapter in {out}",
+          file=sys.stderr)
+    return result
+
+
+def _append_log(path: Path, rec: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def _save_final(out: Path, model, tokenizer, cfg: TrainConfig) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        extra = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+    extra["hybridmoe_train.yaml"] = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    save_adapter(model, out, base_model_name=cfg.model_name_or_path, extra_files=extra)
+
+
+__all__ = ["TrainResult", "expert_lora_parameters", "train"]
