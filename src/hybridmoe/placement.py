@@ -79,8 +79,9 @@ def placement_report(model: nn.Module) -> dict:
             dense_mlps.append(name)
         if hasattr(mod, "lora_A") and isinstance(getattr(mod, "lora_A"), nn.ModuleDict) and len(mod.lora_A):
             lora_targets[linear_component(base, name, mod.get_base_layer(), moe_blocks)] += 1
-    for m in experts.values():
-        lora_targets["routed_experts"] += len(m.lora)
+    n_expert_lora = sum(len(m.lora) for m in experts.values())
+    if n_expert_lora:
+        lora_targets["routed_experts"] = n_expert_lora
     wrapped = [n for n, mod in base.named_modules() if isinstance(getattr(mod, "base_layer", None), HybridExperts)]
     dense_bad = [n for n in dense_mlps if base.get_submodule(n).weight.device.type != compute.type]
 

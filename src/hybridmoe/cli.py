@@ -1,0 +1,156 @@
+"""`hybridmoe` command line. Logs and progress go to stderr, results to stdout.
+
+A user error (HybridMoEError) prints one line `hybridmoe: error: ...` on stderr and exits 2 (1 for `inspect`
+finding non-finite tensors), with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    train(args.config, args.overrides)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .adapters import load_adapter
+    from .loading import load_model
+    from .placement import format_report, placement_report
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    rep = placement_report(model)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return 0 if rep["ok"] else 1
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import run_inspect
+
+    return run_inspect(args.adapter_dir, args.json)
+
+
+def _cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    return run_chat(args)
+
+
+def _cmd_export(args) -> int:
+    from .export import export_merged
+
+    export_merged(args.model, args.adapter, args.output)
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    return run_quickstart(args.output, fast=args.fast)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hybridmoe",
+        description="LoRA fine-tuning and chat for MoE LLMs whose routed experts live in CPU RAM and run on the CPU.",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="LoRA SFT from a YAML config", description="LoRA SFT: hybridmoe train CONFIG.yaml [key=value ...]")
+    t.add_argument("config", help="YAML config (LLaMA-Factory key names)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10")
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("chat", help="chat with a model (+ adapter)", description="Interactive chat, or one reply with --prompt.")
+    c.add_argument("--model", required=True, help="checkpoint directory")
+    c.add_argument("--adapter", help="PEFT adapter directory")
+    c.add_argument("--prompt", help="one user message; print only the reply")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    c.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    c.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
+    c.add_argument("--merge", action="store_true", help="fold the adapter into the weights at load time")
+    c.set_defaults(func=_cmd_chat)
+
+    i = sub.add_parser("inspect", help="adapter health by component", description="Adapter health by component; exit 1 on NaN/Inf.")
+    i.add_argument("adapter_dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_inspect)
+
+    f = sub.add_parser("info", help="placement report", description="Where each module lives, and the placement checks.")
+    f.add_argument("--model", required=True)
+    f.add_argument("--adapter")
+    f.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    f.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=_cmd_info)
+
+    e = sub.add_parser("export", help="merge an adapter into a plain checkpoint", description="Merge an adapter into the base checkpoint's own layout, shard by shard.")
+    e.add_argument("--model", required=True)
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--output", required=True)
+    e.set_defaults(func=_cmd_export)
+
+    q = sub.add_parser("quickstart", help="offline demo: build, fine-tune and chat with a small MoE", description="Offline end-to-end demo on any machine.")
+    q.add_argument("--output", default="hybridmoe_quickstart", help="work directory (cached between runs)")
+    q.add_argument("--fast", action="store_true", help="a smaller, quicker run (used by the tests)")
+    q.set_defaults(func=_cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import HybridMoEError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="[hybridmoe] %(message)s",
+                        stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
+    try:
+        return args.func(args)
+    except HybridMoEError as e:
+        print(f"hybridmoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybridmoe: interrupted", file=sys.stderr)
+        return 130
+    except _oom_types() as e:
+        print(f"hybridmoe: error: GPU out of memory ({str(e).splitlines()[0]}); lower per_device_train_batch_size or "
+              "cutoff_len, keep gradient_checkpointing on, or use dtype=bfloat16", file=sys.stderr)
+        return 2
+
+
+def _oom_types() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (torch.cuda.OutOfMemoryError,)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
