@@ -28,7 +28,7 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
 
 def train(config, overrides=None):
     """Run LoRA SFT from a config (YAML path, dict or TrainConfig) — the same entry point as `hybridmoe train`."""
-    from .train import train as _train
+    from .training import train as _train
 
     return _train(config, overrides)
 

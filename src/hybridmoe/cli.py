@@ -14,7 +14,7 @@ import sys
 
 
 def _cmd_train(args) -> int:
-    from .train import train
+    from .training import train
 
     train(args.config, args.overrides)
     return 0

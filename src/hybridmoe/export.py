@@ -1,0 +1,328 @@
+"""Merge a LoRA adapter into a plain checkpoint, in the base checkpoint's own key layout, dtypes and sharding.
+
+The output is what the base checkpoint would be had it been trained with the adapter folded in: the same shard file
+names, the same tensor names (hub per-expert ``experts.{e}.gate_proj.weight`` or Mixtral ``w1/w2/w3`` stay per-expert;
+fused ``experts.gate_up_proj`` stays fused), the same dtypes, plus config, generation config and tokenizer files. So
+vLLM, SGLang or llama.cpp's converter can take it like the base.
+
+How: everything is decided from names and safetensors headers before any weight is read (``_plan``): which checkpoint
+key each adapter tensor lands in, that the shapes fit, and that every adapter tensor lands somewhere. Then the shards
+are streamed one at a time, one tensor at a time: W (stored dtype) -> fp32 -> W + ΔW -> stored dtype, where
+
+- Linear LoRA (attention, dense MLP, shared experts): ΔW = (alpha / r) · B @ A, B [out, r], A [r, in];
+- routed experts, per expert e: ΔW[e] = (alpha / r) · B[e] @ A[e], B [E, out, r], A [E, r, in]. For ``gate_up_proj``
+  (out = 2I) a per-expert ``gate_proj``/``w1`` key takes rows [:I] and ``up_proj``/``w3`` rows [I:]; a fused key takes
+  all of it.
+
+Host memory holds one output shard plus one tensor being merged; the weights are never loaded as a model. The output
+directory is built in a temporary sibling and renamed into place (``atomic_replace_dir``), so a failure at any point
+leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import _alpha_for, _check_linear, nonfinite_tensors, read_adapter, split_adapter
+from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config, read_tensor
+from .errors import AdapterError, CheckpointError, NonFiniteError
+from .experts import HybridExperts
+from .io import atomic_replace_dir
+from .loading import _build_empty, _swap_experts
+
+log = logging.getLogger("hybridmoe")
+
+# Other weight formats are not copied: an unmerged copy of the weights beside the merged ones would be loaded by
+# any tool that prefers that format.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+_SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
+_MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# -- the adapter as weight deltas ----------------------------------------------------------------------------------
+@dataclass
+class _LinearLoRA:
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float  # alpha / r
+
+    def delta(self) -> torch.Tensor:
+        """ΔW [out, in] in fp32."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class _ExpertLoRA:
+    A: torch.Tensor  # [E, r, in] fp32
+    B: torch.Tensor  # [E, out, r] fp32
+    scale: float  # alpha / r
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[2]
+
+    def delta(self, expert: int, chunk: int = 0, num_chunks: int = 1) -> torch.Tensor:
+        """Row-chunk `chunk` of expert `expert`'s ΔW: [out / num_chunks, in] in fp32 (gate = chunk 0, up = chunk 1)."""
+        rows = self.out_features // num_chunks
+        b = self.B[expert, chunk * rows : (chunk + 1) * rows]  # [rows, r]
+        return self.scale * (b @ self.A[expert])  # [rows, in]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one checkpoint key receives: a Linear LoRA (`module`) or a slice of a routed-expert LoRA (`experts`)."""
+
+    module: str | None = None  # Linear module name, e.g. "model.layers.0.self_attn.q_proj"
+    experts: tuple[str, str] | None = None  # (experts module, "gate_up_proj" | "down_proj")
+    expert: int | None = None  # None: the fused [E, out, in] key
+    chunk: int = 0
+    num_chunks: int = 1
+
+
+@dataclass
+class _Deltas:
+    linear: dict[str, _LinearLoRA]  # model module name -> LoRA
+    experts: dict[tuple[str, str], _ExpertLoRA]  # (experts module, proj) -> LoRA
+
+    def for_target(self, t: _Target) -> _LinearLoRA | _ExpertLoRA:
+        return self.linear[t.module] if t.module is not None else self.experts[t.experts]
+
+
+def _meta_model(model_dir: Path) -> nn.Module:
+    """The model on the meta device with HybridExperts swapped in: names and shapes for `split_adapter`, no weights."""
+    config = read_config(model_dir)
+    model = _build_empty(config, torch.float32)
+    _swap_experts(model, torch.bfloat16)  # their CPU homes are allocated but never touched (not resident)
+    return model
+
+
+def _read_deltas(adapter_dir: Path, model: nn.Module) -> _Deltas:
+    """Read, check (finite, fits the model) and sort the adapter into Linear and routed-expert LoRA."""
+    cfg, sd = read_adapter(adapter_dir)
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise NonFiniteError(
+            f"adapter '{adapter_dir}' has {len(bad)} non-finite (NaN/Inf) tensor(s), e.g. '{bad[0]}'; refusing to "
+            f"merge it (it was saved from a diverged run); see `hybridmoe inspect {adapter_dir}`"
+        )
+    linear, experts = split_adapter(model, cfg, sd)
+    _check_linear(model, linear)
+    lin = {mod: _LinearLoRA(ab["A"], ab["B"], _alpha_for(cfg, mod) / ab["A"].shape[0]) for mod, ab in linear.items()}
+    exp = {key: _ExpertLoRA(ea.A.float(), ea.B.float(), ea.alpha / ea.A.shape[1]) for key, ea in experts.items()}
+    return _Deltas(lin, exp)
+
+
+# -- planning: names and headers only ------------------------------------------------------------------------------
+def _target_of(key: str, mapper: KeyMapper, deltas: _Deltas) -> _Target | None:
+    """The adapter part a checkpoint key receives, or None when the key is copied unchanged."""
+    name = mapper.rename(key)
+    sl = mapper.expert_slice(name)
+    if sl is not None:
+        if (sl.module, sl.proj) not in deltas.experts:
+            return None
+        return _Target(experts=(sl.module, sl.proj), expert=sl.expert, chunk=sl.chunk, num_chunks=sl.num_chunks)
+    if name.endswith(".weight") and name[: -len(".weight")] in deltas.linear:
+        return _Target(module=name[: -len(".weight")])
+    return None
+
+
+def _expected_shape(t: _Target, deltas: _Deltas) -> tuple[int, ...]:
+    lora = deltas.for_target(t)
+    if isinstance(lora, _LinearLoRA):
+        return (lora.B.shape[0], lora.A.shape[1])
+    rows = lora.out_features // t.num_chunks
+    if t.expert is None:
+        return (lora.num_experts, rows, lora.in_features)
+    return (rows, lora.in_features)
+
+
+def _check_header(key: str, f: Path, shape: tuple[int, ...], dtype: str, t: _Target, deltas: _Deltas) -> None:
+    """The stored tensor fits its LoRA and has a dtype we can merge into."""
+    want = _expected_shape(t, deltas)
+    if t.experts is not None and t.expert is not None and t.expert >= deltas.experts[t.experts].num_experts:
+        raise AdapterError(f"checkpoint tensor '{key}' is expert {t.expert}, but the adapter for '{t.experts[0]}' has "
+                           f"{deltas.experts[t.experts].num_experts} experts; is the adapter for another model?")
+    if shape != want:
+        raise AdapterError(f"checkpoint tensor '{key}' in '{f.name}' has shape {shape}, its LoRA gives {want}; "
+                           "is the adapter for another model?")
+    if dtype not in ("F32", "BF16", "F16", "F64"):
+        raise CheckpointError(f"checkpoint tensor '{key}' in '{f.name}' is stored as {dtype}; export merges into "
+                              "float32/bfloat16/float16 weights only (dequantize the checkpoint first)")
+
+
+def _plan(ckpt: Checkpoint, mapper: KeyMapper, deltas: _Deltas) -> dict[Path, dict[str, _Target | None]]:
+    """{shard: {key: target or None}} in shard order, after checking that every adapter tensor lands in full."""
+    plan: dict[Path, dict[str, _Target | None]] = {}
+    linear_hits: set[str] = set()
+    expert_rows = {k: torch.zeros(lo.num_experts, dtype=torch.long) for k, lo in deltas.experts.items()}  # rows per e
+    by_file = ckpt.keys_by_file()
+    for f in ckpt.files:
+        handle = ckpt.open(f)
+        plan[f] = {}
+        for key in sorted(by_file[f]):
+            t = _target_of(key, mapper, deltas)
+            plan[f][key] = t
+            if t is None:
+                continue
+            sl = handle.get_slice(key)
+            _check_header(key, f, tuple(sl.get_shape()), sl.get_dtype(), t, deltas)
+            if t.module is not None:
+                linear_hits.add(t.module)
+            else:
+                rows = deltas.experts[t.experts].out_features // t.num_chunks
+                if t.expert is None:
+                    expert_rows[t.experts] += rows
+                else:
+                    expert_rows[t.experts][t.expert] += rows
+        del handle
+    _check_coverage(deltas, linear_hits, expert_rows)
+    return plan
+
+
+def _check_coverage(deltas: _Deltas, linear_hits: set[str], expert_rows: dict[tuple[str, str], torch.Tensor]) -> None:
+    """Every adapter tensor landed on checkpoint keys, every expert row exactly once; else the adapter does not fit."""
+    for mod in deltas.linear:
+        if mod not in linear_hits:
+            raise AdapterError(f"adapter tensor '{mod}.lora_A.weight' matches no weight of the checkpoint (no key "
+                               f"'{mod}.weight'); is the adapter for another model?")
+    for (mod, proj), rows in expert_rows.items():
+        out = deltas.experts[(mod, proj)].out_features
+        bad = (rows != out).nonzero().flatten().tolist()
+        if bad:
+            e = bad[0]
+            raise AdapterError(f"adapter tensor for routed experts '{mod}.{proj}' covers {len(rows)} experts, but the "
+                               f"checkpoint holds {int(rows[e])} of {out} rows of expert {e}; is the adapter for "
+                               "another model (or the checkpoint incomplete)?")
+
+
+# -- merging and writing -------------------------------------------------------------------------------------------
+def _merge_tensor(w: torch.Tensor, t: _Target, deltas: _Deltas) -> torch.Tensor:
+    """W + ΔW computed in fp32, returned in W's dtype. Fused expert keys are merged one expert at a time."""
+    lora = deltas.for_target(t)
+    if isinstance(lora, _LinearLoRA):
+        return (w.float() + lora.delta()).to(w.dtype)  # [out, in]
+    if t.expert is not None:
+        return (w.float() + lora.delta(t.expert, t.chunk, t.num_chunks)).to(w.dtype)  # [rows, in]
+    out = torch.empty_like(w)  # [E, out, in]
+    for e in range(w.shape[0]):
+        out[e] = (w[e].float() + lora.delta(e, t.chunk, t.num_chunks)).to(w.dtype)
+    return out
+
+
+def _merge_shard(ckpt: Checkpoint, f: Path, keys: dict[str, _Target | None], deltas: _Deltas, dst: Path) -> int:
+    """Write shard `f` merged to `dst` (same keys, dtypes, metadata); returns its tensor bytes."""
+    handle = ckpt.open(f)
+    metadata = handle.metadata() or {"format": "pt"}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in keys.items():
+        w = read_tensor(handle, f, key)
+        if t is not None:
+            w = _merge_tensor(w, t, deltas)
+            if not torch.isfinite(w).all():
+                raise NonFiniteError(f"merging the adapter into '{key}' gives non-finite values in {w.dtype}; the "
+                                     "adapter's updates overflow this dtype")
+        tensors[key] = w.contiguous()
+    del handle
+    save_file(tensors, str(dst), metadata=metadata)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_index(src_index: Path, dst: Path, plan: dict[Path, dict[str, _Target | None]], total_size: int) -> None:
+    """The base index with the weight_map of what was written and metadata.total_size updated."""
+    index = json.loads(src_index.read_text())
+    metadata = dict(index.get("metadata") or {})
+    metadata["total_size"] = total_size
+    weight_map = {key: f.name for f, keys in plan.items() for key in keys}
+    index = {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, generation config, tokenizer and other non-weight files (and folders); returns their names."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or p.name in _SKIP_NAMES or p.name.endswith(_SKIP_SUFFIXES):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        elif p.is_file():
+            shutil.copy2(p, dst / p.name)
+        else:
+            continue
+        copied.append(p.name)
+    return copied
+
+
+# -- paths ---------------------------------------------------------------------------------------------------------
+def _is_within(a: Path, b: Path) -> bool:
+    """a is b or inside b."""
+    return a == b or b in a.parents
+
+
+def _check_paths(model_dir: Path, adapter_dir: Path, output_dir: Path) -> None:
+    """Refuse outputs that would overwrite, contain or sit inside the inputs, and non-checkpoint directories."""
+    if _is_within(output_dir, model_dir) or _is_within(model_dir, output_dir):
+        raise CheckpointError(f"output directory '{output_dir}' must not be, contain or be inside the model directory "
+                              f"'{model_dir}'; pass a new directory")
+    if _is_within(adapter_dir, output_dir):
+        raise CheckpointError(f"output directory '{output_dir}' would replace the adapter directory '{adapter_dir}'; "
+                              "pass a new directory")
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise CheckpointError(f"output path '{output_dir}' exists and is not a directory; pass a new directory")
+        if any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
+            raise CheckpointError(f"output directory '{output_dir}' is not empty and holds no checkpoint; it would be "
+                                  "replaced, so pass a new or empty directory")
+
+
+def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                  progress: bool = True) -> Path:
+    """Merge the adapter in `adapter_dir` into the checkpoint in `model_dir` and write it to `output_dir`.
+
+    The output has the base checkpoint's shard file names, tensor names, dtypes and index, with config, generation
+    config and tokenizer files copied. An existing `output_dir` (a previous export) is replaced atomically. Raises
+    NonFiniteError for an adapter with NaN/Inf and AdapterError for an adapter that does not fit, before writing.
+    """
+    model_path = Path(model_dir).expanduser().resolve()
+    adapter_path = Path(adapter_dir).expanduser().resolve()
+    out_path = Path(output_dir).expanduser().resolve()
+    _check_paths(model_path, adapter_path, out_path)
+    ckpt = Checkpoint(model_path)
+    model = _meta_model(model_path)
+    deltas = _read_deltas(adapter_path, model)
+    mapper = KeyMapper(model.config.model_type)
+    del model
+    plan = _plan(ckpt, mapper, deltas)
+
+    def write(tmp: Path) -> None:
+        total = 0
+        for f in tqdm(plan, desc="Merging shards", unit="shard", disable=not progress, file=sys.stderr):
+            total += _merge_shard(ckpt, f, plan[f], deltas, tmp / f.name)
+        if (model_path / INDEX_NAME).is_file():
+            _write_index(model_path / INDEX_NAME, tmp, plan, total)
+        _copy_side_files(model_path, tmp)
+
+    atomic_replace_dir(out_path, write)
+    n_merged = sum(t is not None for keys in plan.values() for t in keys.values())
+    log.info("merged the adapter into %d of %d tensors in %d shard(s); wrote %s", n_merged,
+             sum(len(k) for k in plan.values()), len(plan), out_path)
+    return out_path

@@ -1,0 +1,466 @@
+"""Token generation for any transformers causal LM (batch size 1), split like gpt-fast.
+
+* :func:`prefill` runs the prompt through the model once and fills a :class:`~transformers.DynamicCache`.
+* :func:`decode_one_token` feeds one token and returns the next-token logits.
+* :func:`sample` turns logits into a token: repetition penalty -> temperature -> top-k -> top-p -> multinomial
+  (on the CPU, with a seeded :class:`torch.Generator`), or argmax when ``temperature == 0``.
+* :func:`generate` ties them together with EOS / stop-string / length stopping, streaming of decoded text and a
+  non-finite check of the logits at every step (the seed's bug 5: chat must name NaN weights, not die inside
+  ``torch.multinomial``).
+
+The model is a black box: ``model(input_ids=..., past_key_values=..., use_cache=True, position_ids=...,
+attention_mask=...)`` must return ``.logits`` and ``.past_key_values``. The inputs mirror what
+``model.generate(do_sample=False)`` passes, so greedy output is token-for-token identical to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from hybridmoe.errors import ConfigError, NonFiniteError
+
+__all__ = [
+    "GenerationResult",
+    "IncrementalDecoder",
+    "SamplingConfig",
+    "apply_repetition_penalty",
+    "apply_top_k",
+    "apply_top_p",
+    "decode_one_token",
+    "eos_token_ids",
+    "generate",
+    "input_device",
+    "prefill",
+    "sample",
+]
+
+StopReason = Literal["eos", "stop_string", "length"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration and result
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens. ``temperature == 0`` means greedy; ``top_k == 0`` and ``top_p == 1`` mean off.
+
+    Values are checked on construction (and again by :func:`generate`); a bad one raises :class:`ConfigError`
+    naming the CLI flag.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` (one line naming the flag) for any out-of-range value."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"--top-k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ConfigError(f"--repetition-penalty must be a finite number > 0 (1 = off), got "
+                              f"{self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ConfigError(f"--seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if isinstance(self.stop_strings, str):  # a lone string would otherwise be split into characters
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise ConfigError(f"stop strings must be non-empty strings, got {s!r}")
+
+
+@dataclass
+class GenerationResult:
+    """Outcome of :func:`generate`.
+
+    ``token_ids`` are the generated ids (prompt excluded); like ``model.generate`` they include the EOS token when
+    ``stop_reason == "eos"``. ``text`` is their decoding without special tokens, trimmed before a stop string.
+    ``prefill_s`` is the time to the first token, ``decode_s`` the time for the rest.
+    """
+
+    token_ids: list[int]
+    text: str
+    stop_reason: StopReason
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode throughput, tokens after the first per second (0 when there were none)."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model plumbing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's input embeddings (where ``input_ids`` must go)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    """Named keyword arguments the model's forward accepts, looking through wrappers (PEFT) that take ``**kwargs``."""
+    params = inspect.signature(model.forward).parameters
+    names = set(params)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    get_base = getattr(model, "get_base_model", None)
+    if takes_kwargs and callable(get_base):
+        base = get_base()
+        if base is not model:
+            names |= _forward_params(base)
+    return names
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, start: int) -> tuple[torch.Tensor, Any]:
+    """One forward of ``input_ids`` [1, T] at positions ``start .. start+T-1``; returns (last logits [1, V] fp32, cache).
+
+    Passes what ``GenerationMixin.generate`` passes (position ids, an all-ones attention mask over cache + new
+    tokens, ``logits_to_keep=1`` where supported) so results are bitwise those of ``model.generate``.
+    """
+    device = input_ids.device
+    t = input_ids.shape[1]
+    accepted = _forward_params(model)
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,  # [1, T]
+        "past_key_values": cache,
+        "use_cache": True,
+        "attention_mask": torch.ones(1, start + t, dtype=torch.long, device=device),  # [1, past + T]
+        "position_ids": torch.arange(start, start + t, device=device).unsqueeze(0),  # [1, T]
+    }
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = 1  # prefill: don't materialise [T, V] logits
+    if "cache_position" in accepted:  # older / remote-code models
+        kwargs["cache_position"] = torch.arange(start, start + t, device=device)  # [T]
+    out = model(**kwargs)
+    logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # [1, V], detached from the big prefill tensor
+    new_cache = getattr(out, "past_key_values", None)
+    return logits, (new_cache if new_cache is not None else cache)
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """Run the whole prompt ``input_ids`` [1, T] (on the model's input device) into an empty ``cache``.
+
+    Returns the logits for the first new token, [1, V] float32, and the (filled) cache.
+    """
+    return _forward(model, input_ids, cache, start=0)
+
+
+@torch.inference_mode()
+def decode_one_token(model: torch.nn.Module, token: torch.Tensor, cache: Any, position: int) -> tuple[torch.Tensor, Any]:
+    """Feed one token ``token`` [1, 1] at sequence index ``position`` (= tokens already in ``cache``).
+
+    Returns the next-token logits [1, V] float32 and the cache.
+    """
+    return _forward(model, token, cache, start=position)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """EOS ids: ``tokenizer.eos_token_id`` plus ``model.generation_config.eos_token_id`` (an int or a list)."""
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(gen_cfg, "eos_token_id", None)):
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        ids.update(int(v) for v in (value if isinstance(value, (list, tuple, set)) else [value]))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, prev_tokens: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF semantics: for every token in ``prev_tokens`` [B, S], divide its logit by ``penalty`` if positive, multiply
+    if negative. ``logits`` [B, V] float; returns a new tensor."""
+    if penalty == 1.0 or prev_tokens.numel() == 0:
+        return logits
+    prev = prev_tokens.to(logits.device)
+    seen = torch.gather(logits, 1, prev)  # [B, S]
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, prev, seen)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of ``logits`` [B, V] (ties at the k-th value kept), set the rest to -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter on ``logits`` [B, V]: keep the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (always at least one), set the rest to -inf."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of strictly more likely tokens
+    drop_sorted = mass_before >= top_p  # first token has mass_before == 0 < top_p: never dropped
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _nonfinite_summary(x: torch.Tensor) -> str:
+    nan = int(torch.isnan(x).sum())
+    inf = int(torch.isinf(x).sum())
+    return f"{nan} NaN and {inf} Inf of {x.numel()} values"
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+           prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token from ``logits`` [B, V] (or [V]); returns int64 ids [B] on ``logits.device``.
+
+    Order: repetition penalty over ``prev_tokens`` [B, S] (prompt + generated), then greedy argmax when
+    ``cfg.temperature == 0``, else temperature, top-k, top-p and ``torch.multinomial`` on the CPU with
+    ``generator`` (a CPU generator, so a seed gives the same draws on every device). Non-finite input raises
+    :class:`NonFiniteError` instead of reaching ``torch.multinomial``.
+    """
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(0)  # [1, V]
+    scores = logits.float()  # [B, V]
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteError(f"cannot sample from non-finite logits ({_nonfinite_summary(scores)})")
+    if prev_tokens is not None:
+        scores = apply_repetition_penalty(scores, prev_tokens.reshape(scores.shape[0], -1), cfg.repetition_penalty)
+    if cfg.greedy:
+        return torch.argmax(scores, dim=-1)  # [B]
+    # Shift so the max is 0 before dividing: same softmax as scores / T, but a tiny T cannot overflow to +inf.
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / cfg.temperature
+    scores = apply_top_k(scores, cfg.top_k)
+    scores = apply_top_p(scores, cfg.top_p)
+    probs = torch.softmax(scores, dim=-1).cpu()  # [B, V] on CPU: RNG stream independent of the device
+    if not bool(torch.isfinite(probs).all()) or not bool((probs.sum(dim=-1) > 0).all()):
+        raise NonFiniteError(f"sampling probabilities are not a distribution ({_nonfinite_summary(probs)})")
+    next_ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # [B]
+    return next_ids.to(logits.device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Incremental detokenisation with stop strings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into streamable text deltas.
+
+    Every step decodes all ids so far (BPE merges and multi-byte characters come out right) and emits only the new
+    suffix, holding back (a) trailing U+FFFD, an incomplete UTF-8 sequence that the next token may complete, and (b)
+    any tail that could be the start of a stop string. When a stop string appears the text is cut before it and the
+    stop string itself is never emitted. The deltas concatenate to :attr:`text`.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Iterable[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.ids: list[int] = []
+        self.text = ""  # decoded text of self.ids (trimmed before a stop string once stopped)
+        self.emitted = 0  # number of characters of self.text already handed out
+        self.stopped = False
+
+    def _find_stop(self) -> int | None:
+        # A stop string can only start at or after `emitted`: anything earlier was checked not to be a stop prefix.
+        hits = [i for s in self.stop_strings if (i := self.text.find(s, self.emitted)) >= 0]
+        return min(hits) if hits else None
+
+    def _safe_end(self) -> int:
+        end = len(self.text)
+        while end > self.emitted and self.text[end - 1] == "\ufffd":
+            end -= 1
+        for j in range(self.emitted, end):  # earliest j whose tail could still become a stop string
+            tail = self.text[j:end]
+            if any(s.startswith(tail) for s in self.stop_strings):
+                return j
+        return end
+
+    def _take(self, end: int) -> str:
+        delta = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the text that is now safe to show (possibly ""). Sets :attr:`stopped` when a
+        stop string appeared (the text is then final)."""
+        self.ids.append(int(token_id))
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stop = self._find_stop()
+        if stop is not None:
+            self.text = self.text[:stop]
+            self.stopped = True
+            return self._take(len(self.text))
+        return self._take(self._safe_end())
+
+    def flush(self) -> str:
+        """Everything not yet emitted (held-back stop-string prefixes and trailing U+FFFD included)."""
+        return self._take(len(self.text))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_finite(logits: torch.Tensor, step: int, cfg: SamplingConfig, prompt_tokens: int,
+                  diagnose: Callable[[], str | None] | None) -> None:
+    """Raise :class:`NonFiniteError` if ``logits`` [1, V] (for generated token ``step``, 1-based) has NaN/Inf."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    where = "the prompt forward" if step == 1 else "a decode step"
+    msg = (f"logits became non-finite at generated token {step} of {cfg.max_new_tokens} ({where}, prompt "
+           f"{prompt_tokens} tokens; {_nonfinite_summary(logits)}); the likely cause is non-finite model or adapter "
+           f"weights: run `hybridmoe inspect ADAPTER` to check the adapter")
+    if diagnose is not None:
+        try:
+            detail = diagnose()
+        except Exception as e:  # a failing diagnosis must not hide the real error
+            detail = f"diagnosis failed: {type(e).__name__}: {e}"
+        if detail:
+            msg += f" ({detail})"
+    raise NonFiniteError(msg)
+
+
+def _as_prompt(input_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    """Prompt ids as int64 [1, T] on ``device``; accepts [T], [1, T] or a list of ints."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"generate() takes one non-empty prompt of shape [T] or [1, T], got {tuple(ids.shape)}")
+    return ids.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _EvalMode:
+    """Context manager: eval mode for the duration (no dropout), then restore each module's own flag."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.training: list[torch.nn.Module] = []
+
+    def __enter__(self) -> None:
+        self.training = [m for m in self.model.modules() if m.training]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.training:
+            m.training = True
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | Sequence[int],
+             cfg: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None,
+             diagnose: Callable[[], str | None] | None = None) -> GenerationResult:
+    """Generate a reply to ``input_ids`` ([T] or [1, T], already chat-templated) with a fresh ``DynamicCache``.
+
+    Stops at an EOS id (:func:`eos_token_ids`), when the text contains one of ``cfg.stop_strings`` (trimmed off), or
+    after ``cfg.max_new_tokens``. ``on_text(delta)`` receives the reply text as it becomes safe to show; the deltas
+    concatenate to ``result.text``. If the logits of any step contain NaN/Inf, raises :class:`NonFiniteError` naming
+    the step and, when given, the string returned by ``diagnose()`` (e.g. an adapter health summary).
+    """
+    from transformers import DynamicCache
+
+    cfg = cfg if cfg is not None else SamplingConfig()
+    cfg.validate()
+    device = input_device(model)
+    prompt = _as_prompt(input_ids, device)  # [1, T]
+    n_prompt = prompt.shape[1]
+    eos = eos_token_ids(model, tokenizer)
+    generator = torch.Generator(device="cpu")
+    if cfg.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(cfg.seed)
+    # prompt + generated ids, for the repetition penalty: [1, T + max_new_tokens], filled as we go
+    seq = torch.empty(1, n_prompt + cfg.max_new_tokens, dtype=torch.long, device=device)
+    seq[:, :n_prompt] = prompt
+    text = IncrementalDecoder(tokenizer, cfg.stop_strings)
+    token_ids: list[int] = []
+    stop_reason: StopReason = "length"
+
+    with _EvalMode(model):
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        logits, cache = prefill(model, prompt, cache)  # [1, V]
+        t_first = t0
+        for step in range(1, cfg.max_new_tokens + 1):
+            _check_finite(logits, step, cfg, n_prompt, diagnose)
+            length = n_prompt + len(token_ids)
+            next_id = sample(logits, cfg, generator, seq[:, :length])  # [1]
+            token = int(next_id.item())  # host sync: the token is needed for EOS, text and the next step
+            seq[0, length] = token
+            token_ids.append(token)
+            if step == 1:
+                _sync(device)
+                t_first = time.perf_counter()
+            if token in eos:
+                stop_reason = "eos"
+                break
+            delta = text.add(token)
+            if delta and on_text is not None:
+                on_text(delta)
+            if text.stopped:
+                stop_reason = "stop_string"
+                break
+            if step == cfg.max_new_tokens:
+                break
+            logits, cache = decode_one_token(model, next_id.view(1, 1), cache, position=length)
+        _sync(device)
+        t_end = time.perf_counter()
+
+    rest = text.flush()
+    if rest and on_text is not None:
+        on_text(rest)
+    return GenerationResult(token_ids=token_ids, text=text.text, stop_reason=stop_reason, prompt_tokens=n_prompt,
+                            new_tokens=len(token_ids), prefill_s=t_first - t0, decode_s=t_end - t_first)
