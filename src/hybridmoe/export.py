@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from .adapters import _alpha_for, _check_linear, nonfinite_tensors, read_adapter, split_adapter
 from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import AdapterError, CheckpointError, NonFiniteError
-from .experts import HybridExperts
 from .io import atomic_replace_dir
 from .loading import _build_empty, _swap_experts
 

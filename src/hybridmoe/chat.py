@@ -1,0 +1,113 @@
+"""`hybridmoe chat`: one-shot (`--prompt`, prints only the reply) or an interactive multi-turn REPL with streaming.
+
+The adapter is checked before use (non-finite tensors are refused with their components named), and every decode
+step checks the logits; a failure names the likely cause instead of dying in `torch.multinomial` (the seed's bug 5).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import torch
+
+from .components import component_of
+from .errors import DataError
+from .generate import SamplingConfig, generate
+
+HELP = "commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit"
+
+
+def nonfinite_weights(model: torch.nn.Module) -> str | None:
+    """Which weights (by component) hold NaN/Inf, on both devices; None when all are finite."""
+    from .experts import HybridExperts
+
+    counts: Counter[str] = Counter()
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            counts[component_of(name)] += 1
+    for name, m in model.named_modules():
+        if isinstance(m, HybridExperts):
+            tensors = [m.weights.gate_up, m.weights.down] + [t for lo in m.lora.values() for t in lo.parameters()]
+            counts["routed_experts"] += sum(int(not torch.isfinite(t).all()) for t in tensors)
+    counts = +counts
+    if not counts:
+        return None
+    return "non-finite weights: " + ", ".join(f"{c} {n} tensor(s)" for c, n in counts.most_common())
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; pass --chat-template FILE (a Jinja template)")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def _load(args):
+    from .adapters import load_adapter, merge_adapter
+    from .loading import load_model, load_tokenizer
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=args.prompt is None)
+    tok = load_tokenizer(args.model, args.chat_template)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+        if args.merge:
+            model = merge_adapter(model)
+    return model.eval(), tok
+
+
+def _sampling(args) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def reply(model, tok, messages: list[dict], cfg: SamplingConfig, on_text=None):
+    return generate(model, tok, render_prompt(tok, messages), cfg, on_text=on_text,
+                    diagnose=lambda: nonfinite_weights(model))
+
+
+def run_chat(args) -> int:
+    cfg = _sampling(args)  # validate flags before the (slow) load
+    model, tok = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        res = reply(model, tok, system + [{"role": "user", "content": args.prompt}], cfg)
+        print(res.text)
+        return 0
+    return repl(model, tok, cfg, system)
+
+
+def repl(model, tok, cfg: SamplingConfig, system: list[dict]) -> int:
+    history: list[dict] = []
+    print(f"hybridmoe chat — {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/clear":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            content = text[len("/system"):].strip()
+            system = [{"role": "system", "content": content}] if content else []
+            history = []
+            print("(system prompt set; conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        res = reply(model, tok, system + history, cfg, on_text=lambda d: print(d, end="", flush=True))
+        print()
+        history.append({"role": "assistant", "content": res.text})
+        print(f"[{res.new_tokens} tokens, prefill {res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s, "
+              f"decode {res.decode_tokens_per_s:.1f} tok/s, stop: {res.stop_reason}]", file=sys.stderr)
