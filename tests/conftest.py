@@ -29,3 +29,10 @@ def tiny_ckpt(tmp_path_factory):
 
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
+
+# Tests that take `device` run on the CPU in CI and, marked `gpu`, on the GPU host (`pytest -m gpu`).
+DEVICES = pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA GPU")])],
+)

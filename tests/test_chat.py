@@ -20,6 +20,7 @@ from hybridmoe.errors import AdapterError, NonFiniteError
 from hybridmoe.generate import SamplingConfig, generate
 from hybridmoe.testing import TINY_ARCHS
 
+from .conftest import DEVICES
 from .helpers import make_checkpoint
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
@@ -58,7 +59,7 @@ def _vanilla_peft_adapter(path, out, seed=0):
 
 
 def _greedy_ref(model, tok, ids, n):
-    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+    out = model.generate(input_ids=torch.tensor([ids], device=model.device), max_new_tokens=n, do_sample=False, eos_token_id=None,
                          pad_token_id=tok.pad_token_id)
     return out[0, len(ids):].tolist()
 
@@ -68,23 +69,24 @@ def _greedy_ours(model, tok, ids, n):
     return res.token_ids
 
 
+@DEVICES
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_greedy_matches_peft_with_and_without_adapter(arch, ckpt_dir, tmp_path, monkeypatch):
+def test_greedy_matches_peft_with_and_without_adapter(arch, device, ckpt_dir, tmp_path, monkeypatch):
     path = ckpt_dir(arch)
-    ref = _vanilla_peft_adapter(path, tmp_path / "adapter")
-    model, tok = hybridmoe.load(path, adapter=tmp_path / "adapter", device="cpu", dtype="float32", progress=False)
+    ref = _vanilla_peft_adapter(path, tmp_path / "adapter").to(device)
+    model, tok = hybridmoe.load(path, adapter=tmp_path / "adapter", device=device, dtype="float32", progress=False)
     ids = render_prompt(tok, [{"role": "user", "content": "Hello there, how are you?"}])
     # eos is disabled on both sides so the comparison covers all 12 tokens
     monkeypatch.setattr("hybridmoe.generate.eos_token_ids", lambda *a: set())
     assert _greedy_ours(model, tok, ids, 12) == _greedy_ref(ref, tok, ids, 12)
 
-    base, _ = hybridmoe.load(path, device="cpu", dtype="float32", progress=False)
-    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base, _ = hybridmoe.load(path, device=device, dtype="float32", progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     assert _greedy_ours(base, tok, ids, 12) == _greedy_ref(plain, tok, ids, 12)
 
-    merged, _ = hybridmoe.load(path, adapter=tmp_path / "adapter", device="cpu", dtype="float32", merge=True,
+    merged, _ = hybridmoe.load(path, adapter=tmp_path / "adapter", device=device, dtype="float32", merge=True,
                                progress=False)
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=device)
     with torch.no_grad():
         assert torch.allclose(merged(x).logits, ref(x).logits, atol=1e-4, rtol=1e-4)
 

@@ -17,13 +17,17 @@ from transformers import AutoModelForCausalLM
 from hybridmoe.adapters import adapter_state_dict, apply_lora, no_peft_moe_rewrite
 from hybridmoe.experts import HybridExperts
 from hybridmoe.loading import load_model
+from hybridmoe.placement import placement_report
 from hybridmoe.testing import TINY_ARCHS
+
+from .conftest import DEVICES
+from .helpers import randomize_lora
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
 
 
-def _reference(path, dtype=torch.float32):
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def _reference(path, dtype=torch.float32, device="cpu"):
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return ref.eval()
 
 
@@ -31,12 +35,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+@DEVICES
 @ARCHS
-def test_logits_match_transformers_fp32(arch, tiny_ckpt):
+def test_logits_match_transformers_fp32(arch, device, tiny_ckpt):
     path = tiny_ckpt(arch)
-    ref = _reference(path)
-    hyb = load_model(path, device="cpu", dtype="float32", progress=False)
-    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
+    ref = _reference(path, device=device)
+    hyb = load_model(path, device=device, dtype="float32", progress=False)
+    rep = placement_report(hyb)
+    assert rep["ok"], rep["problems"]
+    assert rep["moe_layers"] and all(dev.startswith(("cpu", device)) for dev in rep["devices"])
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         want, got = ref(ids).logits, hyb(ids).logits
     assert (want - got).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
@@ -54,29 +62,16 @@ def test_logits_bf16_within_tolerance(arch, tiny_ckpt):
     assert _rel(got, want) <= 1.5 * _rel(theirs, want) + 1e-3
 
 
-def _randomize_lora(model, seed: int):
-    """Give every LoRA B (zero at init) random values so gradients flow through both factors."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for m in model.modules():
-            if isinstance(m, HybridExperts):
-                for lo in m.lora.values():
-                    lo.B.copy_(torch.randn(lo.B.shape, generator=g) * 0.1)
-
-
-def _peft_reference(path, hyb_peft):
+def _peft_reference(path, hyb_peft, device):
     """Vanilla PEFT on the plain transformers model with the same targets and the same LoRA values."""
-    ref = _reference(path)
+    ref = _reference(path, device=device)
     cfg = hyb_peft.get_base_model().hybridmoe.lora_config
     experts = [n for n, m in hyb_peft.get_base_model().named_modules() if isinstance(m, HybridExperts)]
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=sorted(cfg.target_modules),
                       target_parameters=[f"{n}.{p}" for n in experts for p in ("gate_up_proj", "down_proj")])
     with no_peft_moe_rewrite():
         ref_peft = get_peft_model(ref, lcfg)
-    res = set_peft_model_state_dict(ref_peft, adapter_state_dict(hyb_peft))
+    res = set_peft_model_state_dict(ref_peft, {k: v.to(device) for k, v in adapter_state_dict(hyb_peft).items()})
     assert not res.unexpected_keys
     return ref_peft
 
@@ -99,16 +94,17 @@ def _lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@DEVICES
 @ARCHS
-def test_lora_gradients_match_peft(arch, tiny_ckpt):
+def test_lora_gradients_match_peft(arch, device, tiny_ckpt):
     path = tiny_ckpt(arch)
-    hyb = apply_lora(load_model(path, device="cpu", dtype="float32", progress=False), "all", rank=4, alpha=8, seed=3)
-    _randomize_lora(hyb, seed=4)
-    ref = _peft_reference(path, hyb)
+    hyb = apply_lora(load_model(path, device=device, dtype="float32", progress=False), "all", rank=4, alpha=8, seed=3)
+    randomize_lora(hyb, seed=4)
+    ref = _peft_reference(path, hyb, device)
 
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 128, (2, 9), generator=g)
-    emb = torch.randn(2, 9, 32, generator=g)
+    ids = torch.randint(3, 128, (2, 9), generator=g).to(device)
+    emb = torch.randn(2, 9, 32, generator=g).to(device)
     losses, embeds = [], []
     for model in (ref, hyb):
         x = emb.clone().requires_grad_(True)
@@ -123,4 +119,5 @@ def test_lora_gradients_match_peft(arch, tiny_ckpt):
     assert set(want) == set(got)
     assert any(".experts." in k for k in want)  # routed-expert LoRA is part of the comparison
     for k in want:
-        assert _rel(got[k], want[k]) <= 1e-5, k
+        assert got[k].device.type == ("cpu" if ".experts." in k else device)  # expert LoRA grads stay on the CPU
+        assert _rel(got[k].cpu(), want[k].cpu()) <= 1e-5, k

@@ -122,7 +122,8 @@ def test_layout_dtypes_and_files_equal_base(exported):
         a, b = json.loads((base / INDEX_NAME).read_text()), json.loads((out / INDEX_NAME).read_text())
         assert a["weight_map"] == b["weight_map"]
         assert a["metadata"] == b["metadata"]
-        assert b["metadata"]["total_size"] == sum(t.numel() * t.element_size() for s in dst.values() for t in s.values())
+        nbytes = sum(t.numel() * t.element_size() for s in dst.values() for t in s.values())
+        assert b["metadata"]["total_size"] == nbytes
     else:
         assert not (out / INDEX_NAME).exists()
     side = sorted(p.name for p in base.iterdir() if not p.name.endswith(".safetensors"))
@@ -136,7 +137,8 @@ def test_lora_targets_change_and_the_rest_is_bitwise_equal(exported):
     src = {k: v for s in _shards(base).values() for k, v in s.items()}
     dst = {k: v for s in _shards(out).values() for k, v in s.items()}
     changed = {k for k in src if not torch.equal(src[k], dst[k])}
-    targets = ("_proj.weight", "_proj_with_mqa.weight", ".w1.weight", ".w2.weight", ".w3.weight", "experts.gate_up_proj", "experts.down_proj")
+    targets = ("_proj.weight", "_proj_with_mqa.weight", ".w1.weight", ".w2.weight", ".w3.weight",
+               "experts.gate_up_proj", "experts.down_proj")
     assert changed == {k for k in src if k.endswith(targets)}
     if arch == "deepseek_v2":  # the seed's bugs 3/4: dense layer-0 MLP and shared experts carry LoRA too
         assert "model.layers.0.mlp.gate_proj.weight" in changed

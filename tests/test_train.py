@@ -20,6 +20,7 @@ from hybridmoe.errors import ConfigError, NonFiniteError
 from hybridmoe.experts import HybridExperts
 from hybridmoe.loading import load_model, load_tokenizer
 
+from .conftest import DEVICES
 from .helpers import make_checkpoint, randomize_lora, read_log, write_dataset
 
 ARCHS = pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])
@@ -40,10 +41,12 @@ def _cfg(model, data, out, **kw):
     return cfg
 
 
+@DEVICES
 @ARCHS
-def test_loss_falls(arch, ckpts, tmp_path):
+def test_loss_falls(arch, device, ckpts, tmp_path):
     models, data = ckpts
-    res = hybridmoe.train(_cfg(models[arch], data, tmp_path / "out", max_steps=12, gradient_checkpointing=True))
+    res = hybridmoe.train(_cfg(models[arch], data, tmp_path / "out", max_steps=12, gradient_checkpointing=True,
+                               device=device))
     assert res.steps == 12 and res.skipped_steps == 0
     assert sum(res.losses[-3:]) / 3 < res.losses[0] - 0.3
     log = read_log(tmp_path / "out")

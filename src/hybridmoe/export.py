@@ -46,7 +46,7 @@ log = logging.getLogger("hybridmoe")
 # any tool that prefers that format.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 _SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
-_MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_COPYTREE_IGNORE = shutil.ignore_patterns(".*", *_SKIP_NAMES, *(f"*{suffix}" for suffix in _SKIP_SUFFIXES))
 
 
 # -- the adapter as weight deltas ----------------------------------------------------------------------------------
@@ -245,12 +245,17 @@ def _merge_shard(ckpt: Checkpoint, f: Path, keys: dict[str, _Target | None], del
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _write_index(src_index: Path, dst: Path, plan: dict[Path, dict[str, _Target | None]], total_size: int) -> None:
+def _shard_name(ckpt: Checkpoint, f: Path) -> str:
+    """The shard's file name as the base checkpoint spells it (relative to its directory)."""
+    return f.relative_to(ckpt.path.resolve()).as_posix()
+
+
+def _write_index(ckpt: Checkpoint, dst: Path, plan: dict[Path, dict[str, _Target | None]], total_size: int) -> None:
     """The base index with the weight_map of what was written and metadata.total_size updated."""
-    index = json.loads(src_index.read_text())
+    index = json.loads((ckpt.path / INDEX_NAME).read_text())
     metadata = dict(index.get("metadata") or {})
     metadata["total_size"] = total_size
-    weight_map = {key: f.name for f, keys in plan.items() for key in keys}
+    weight_map = {key: _shard_name(ckpt, f) for f, keys in plan.items() for key in keys}
     index = {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -262,7 +267,7 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
         if p.name.startswith(".") or p.name in _SKIP_NAMES or p.name.endswith(_SKIP_SUFFIXES):
             continue
         if p.is_dir():
-            shutil.copytree(p, dst / p.name)
+            shutil.copytree(p, dst / p.name, ignore=_COPYTREE_IGNORE)
         elif p.is_file():
             shutil.copy2(p, dst / p.name)
         else:
@@ -315,9 +320,11 @@ def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, 
     def write(tmp: Path) -> None:
         total = 0
         for f in tqdm(plan, desc="Merging shards", unit="shard", disable=not progress, file=sys.stderr):
-            total += _merge_shard(ckpt, f, plan[f], deltas, tmp / f.name)
+            dst = tmp / _shard_name(ckpt, f)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            total += _merge_shard(ckpt, f, plan[f], deltas, dst)
         if (model_path / INDEX_NAME).is_file():
-            _write_index(model_path / INDEX_NAME, tmp, plan, total)
+            _write_index(ckpt, tmp, plan, total)
         _copy_side_files(model_path, tmp)
 
     atomic_replace_dir(out_path, write)

@@ -1,0 +1,230 @@
+"""DeepSeek-V2-Lite-shaped measurements on the GPU host (random weights, no download).
+
+    python benchmarks/v2lite.py make  --dir /tmp/v2lite            # write the checkpoint (hub per-expert layout)
+    python benchmarks/v2lite.py chat  --dir /tmp/v2lite            # equivalence vs all-GPU transformers+PEFT, decode
+    python benchmarks/v2lite.py train --dir /tmp/v2lite --steps 100 --batch 2 --seq 256
+
+Each measurement prints one JSON line: machine, settings, tokens/s, peak GPU and host memory.
+The model: 27 layers (layer 0 dense), 64 routed experts top-6, 2 shared experts, hidden 2048, moe_intermediate 1408,
+bf16, 15.7B parameters. Random routers spread tokens over all experts, so every step touches every expert of every
+layer (the 300 MB L3 cannot flatter the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+V2_LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+               num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+               n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+               qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1,
+               topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=4096, tie_word_embeddings=False,
+               bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+# `--tiny`: the same script on a small model, to check it on a machine without a GPU before spending device time.
+TINY = dict(vocab_size=600, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, kv_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+
+
+def peak_host_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps({**rec, "machine": machine()}), flush=True)
+
+
+def make(args) -> None:
+    """Write random bf16 weights shard by shard in the hub's per-expert layout, with an index."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hybridmoe.testing import build_tokenizer
+
+    out = Path(args.dir)
+    if (out / "model.safetensors.index.json").exists():
+        print(f"{out} exists", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.for_model("deepseek_v2", **{**V2_LITE, **(TINY if args.tiny else {})})
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    dev = DEV
+    g = torch.Generator(device=dev).manual_seed(0)
+    weight_map, shard, shard_bytes, n_shard, total = {}, {}, 0, 0, 0
+    t0 = time.perf_counter()
+
+    def flush():
+        nonlocal shard, shard_bytes, n_shard
+        if shard:
+            name = f"model-{n_shard:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            n_shard += 1
+            shard, shard_bytes = {}, 0
+
+    def add(key, shape, std):
+        nonlocal shard_bytes, total
+        if "norm" in key:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=g, device=dev, dtype=torch.float32) * std).to(torch.bfloat16).cpu()
+        shard[key] = t
+        shard_bytes += t.numel() * 2
+        total += t.numel() * 2
+        if shard_bytes > 4 * 2**30:
+            flush()
+
+    for key, shape in shapes.items():
+        if key.endswith("experts.gate_up_proj"):
+            e, two_i, h = shape
+            for j in range(e):
+                add(key.replace("gate_up_proj", f"{j}.gate_proj.weight"), (two_i // 2, h), 0.02)
+                add(key.replace("gate_up_proj", f"{j}.up_proj.weight"), (two_i // 2, h), 0.02)
+        elif key.endswith("experts.down_proj"):
+            e, h, i = shape
+            for j in range(e):
+                add(key.replace("down_proj", f"{j}.down_proj.weight"), (h, i), 0.02)
+        elif key.endswith("mlp.gate.weight"):
+            add(key, shape, 0.5)  # a spread-out router: every expert gets tokens
+        else:
+            add(key, shape, 0.02)
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    config.save_pretrained(str(out))
+    build_tokenizer().save_pretrained(str(out))
+    print(f"wrote {total / 1e9:.1f} GB in {time.perf_counter() - t0:.0f}s to {out}", file=sys.stderr)
+
+
+def _load_hybrid(path):
+    from hybridmoe.loading import load_model
+
+    rss0 = peak_host_gib()
+    t0 = time.perf_counter()
+    model = load_model(path, device=DEV, dtype="bfloat16", progress=False)
+    gpu = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    emit({"bench": "load", "seconds": round(time.perf_counter() - t0, 1), "peak_host_gib": round(peak_host_gib(), 2),
+          "host_gib_before": round(rss0, 2), "gpu_gib": round(gpu, 2),
+          "expert_gib": round(sum(m.weights.nbytes for m in model.modules() if hasattr(m, "weights")) / 2**30, 2)})
+    return model
+
+
+def chat(args) -> None:
+    """Prefill logits vs all-GPU transformers+PEFT (bf16) with an adapter on every target; greedy decode speed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hybridmoe.adapters import apply_lora, no_peft_moe_rewrite, save_adapter
+    from hybridmoe.generate import SamplingConfig, generate
+
+    torch.manual_seed(0)
+    model = apply_lora(_load_hybrid(args.dir), "all", rank=8, alpha=16, seed=0)
+    with torch.no_grad():  # a non-zero adapter: B = small random values
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+        for m in model.modules():
+            for lo in getattr(m, "lora", {}).values():
+                lo.B.normal_(0, 0.01)
+    adapter = Path(args.dir) / "bench_adapter"
+    save_adapter(model, adapter)
+    model.eval()
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(2, model.config.vocab_size, (1, args.prompt_len), generator=g).to(DEV)
+    with torch.no_grad():
+        ours = model(prompt).logits.float()
+    ref = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, device_map=DEV)
+    with no_peft_moe_rewrite():
+        ref = PeftModel.from_pretrained(ref, str(adapter)).eval()
+    with torch.no_grad():
+        want = ref(prompt).logits.float()
+    rel = ((ours - want).norm() / want.norm()).item()
+    top1 = (ours.argmax(-1) == want.argmax(-1)).float().mean().item()
+    emit({"bench": "equivalence_bf16", "prompt_tokens": args.prompt_len, "rel_err_logits": rel, "top1_agree": top1})
+
+    cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
+    import hybridmoe.generate as gen
+
+    gen.eos_token_ids = lambda *a: set()  # measure a fixed number of tokens
+    from hybridmoe.loading import load_tokenizer
+
+    tok = load_tokenizer(args.dir)
+    res = generate(ref, tok, prompt[0].tolist(), cfg)
+    emit({"bench": "decode_all_gpu_transformers_peft", "new_tokens": res.new_tokens,
+          "decode_tok_s": round(res.decode_tokens_per_s, 2),
+          "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1)})
+    del ref
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    res = generate(model, tok, prompt[0].tolist(), cfg)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    emit({"bench": "decode_hybrid", "new_tokens": res.new_tokens, "decode_tok_s": round(res.decode_tokens_per_s, 2),
+          "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "peak_gpu_gib": round(peak, 2),
+          "peak_host_gib": round(peak_host_gib(), 2)})
+
+
+def train(args) -> None:
+    from hybridmoe.training import train as run
+
+    data = Path(args.dir) / "bench_data.jsonl"
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "expert", "router", "token", "layer", "memory", "cache"]
+    with open(data, "w") as f:
+        for i in range(256):
+            q = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 4,), generator=g).tolist())
+            a = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 2,), generator=g).tolist())
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    out = Path(args.dir) / "bench_train"
+    t0 = time.perf_counter()
+    res = run({"model_name_or_path": args.dir, "dataset": str(data), "output_dir": str(out), "max_steps": args.steps,
+               "per_device_train_batch_size": args.batch, "cutoff_len": args.seq, "learning_rate": 1e-4,
+               "lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "logging_steps": 10, "device": DEV,
+               "dtype": "bfloat16", "gradient_checkpointing": True, "progress": False})
+    logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or [logs[-1].get("tokens_per_s", 0)]
+    emit({"bench": "train_lora_all_targets", "steps": res.steps, "skipped": res.skipped_steps,
+          "batch": args.batch, "seq": args.seq, "final_loss": res.final_loss, "first_loss": logs[0]["loss"],
+          "tokens_per_s": round(sorted(tps)[len(tps) // 2], 1), "seconds": round(time.perf_counter() - t0, 1),
+          "peak_gpu_gib": round(res.peak_gpu_bytes / 2**30, 2), "peak_host_gib": round(res.peak_host_bytes / 2**30, 2)})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["make", "chat", "train"])
+    p.add_argument("--dir", default="/tmp/v2lite")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    {"make": make, "chat": chat, "train": train}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
