@@ -186,6 +186,50 @@ def chat(args) -> None:
           "peak_host_gib": round(peak_host_gib(), 2)})
 
 
+def _layer_view(src: str, layers: int) -> str:
+    """A view of the checkpoint with only the first `layers` layers: same shards (symlinked), smaller config.
+    Both loaders ignore the unused layers' tensors; the full-width layers keep the measurement honest."""
+    view = Path(f"{src}_{layers}L")
+    if not view.exists():
+        view.mkdir()
+        for f in Path(src).iterdir():
+            if f.name != "config.json" and not f.name.startswith("bench"):
+                (view / f.name).symlink_to(f)
+        cfg = json.loads((Path(src) / "config.json").read_text())
+        cfg["num_hidden_layers"] = layers
+        (view / "config.json").write_text(json.dumps(cfg))
+    return str(view)
+
+
+def equiv32(args) -> None:
+    """fp32 hybrid vs fp32 all-GPU transformers on a V2-Lite-width model cut to --layers layers, plus transformers'
+    own bf16 error on the same input for scale."""
+    from transformers import AutoModelForCausalLM
+
+    from hybridmoe.loading import load_model
+
+    path = _layer_view(args.dir, args.layers)
+    g = torch.Generator().manual_seed(1)
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    prompt = torch.randint(2, vocab, (2, args.prompt_len), generator=g).to(DEV)
+    hyb = load_model(path, device=DEV, dtype="float32", progress=False)
+    with torch.no_grad():
+        ours = hyb(prompt).logits.float()
+    del hyb
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map=DEV).eval()
+        with torch.no_grad():
+            out[name] = ref(prompt).logits.float()
+        del ref
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    emit({"bench": "equivalence_fp32", "layers": args.layers, "tokens": prompt.numel(),
+          "rel_err_hybrid_fp32_vs_transformers_fp32": rel(ours, out["fp32"]),
+          "max_abs_err": (ours - out["fp32"]).abs().max().item(),
+          "rel_err_transformers_bf16_vs_fp32": rel(out["bf16"], out["fp32"]),
+          "top1_agree": (ours.argmax(-1) == out["fp32"].argmax(-1)).float().mean().item()})
+
+
 def train(args) -> None:
     from hybridmoe.training import train as run
 
@@ -201,7 +245,7 @@ def train(args) -> None:
     t0 = time.perf_counter()
     res = run({"model_name_or_path": args.dir, "dataset": str(data), "output_dir": str(out), "max_steps": args.steps,
                "per_device_train_batch_size": args.batch, "cutoff_len": args.seq, "learning_rate": 1e-4,
-               "lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "logging_steps": 10, "device": DEV,
+               "lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "logging_steps": args.log_every, "device": DEV,
                "dtype": "bfloat16", "gradient_checkpointing": True, "progress": False})
     logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or [logs[-1].get("tokens_per_s", 0)]
@@ -213,7 +257,9 @@ def train(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "chat", "train"])
+    p.add_argument("mode", choices=["make", "chat", "train", "equiv32"])
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
     p.add_argument("--dir", default="/tmp/v2lite")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=2)
@@ -223,7 +269,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    {"make": make, "chat": chat, "train": train}[args.mode](args)
+    {"make": make, "chat": chat, "train": train, "equiv32": equiv32}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,10 @@ class Checkpoint:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"'{index}' is not a valid safetensors index ({e}); re-save the checkpoint") from None
             for key, fname in weight_map.items():
-                f = (self.path / fname).resolve()
-                if self.path.resolve() not in f.parents:
+                # Containment is checked on the normalised path, not the resolved one: a hub cache snapshot keeps
+                # its shards as symlinks into ../../blobs, which is fine; a "../x" entry in the index is not.
+                f = Path(os.path.normpath(self.path / fname))
+                if Path(os.path.normpath(self.path)) not in f.parents:
                     raise CheckpointError(f"'{index}' points outside the checkpoint directory ({fname}); refusing to read it")
                 self.key_to_file[key] = f
             for f in sorted(set(self.key_to_file.values())):

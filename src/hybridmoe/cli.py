@@ -48,7 +48,7 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_merged
 
-    export_merged(args.model, args.adapter, args.output)
+    print(export_merged(args.model, args.adapter, args.output))
     return 0
 
 

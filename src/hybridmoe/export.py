@@ -110,7 +110,7 @@ def _meta_model(model_dir: Path) -> nn.Module:
     """The model on the meta device with HybridExperts swapped in: names and shapes for `split_adapter`, no weights."""
     config = read_config(model_dir)
     model = _build_empty(config, torch.float32)
-    _swap_experts(model, torch.bfloat16)  # their CPU homes are allocated but never touched (not resident)
+    _swap_experts(model, torch.bfloat16, device="meta")  # shapes only: no host memory is reserved
     return model
 
 

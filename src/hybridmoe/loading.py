@@ -76,7 +76,7 @@ def _build_empty(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _swap_experts(model: nn.Module, expert_dtype: torch.dtype) -> dict[str, HybridExperts]:
+def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cpu") -> dict[str, HybridExperts]:
     found = find_fused_experts(model)
     if not found:
         raise CheckpointError(
@@ -86,7 +86,7 @@ def _swap_experts(model: nn.Module, expert_dtype: torch.dtype) -> dict[str, Hybr
     out = {}
     for name, old in found:
         spec = experts_spec(name, old)
-        new = HybridExperts(spec, old.act_fn, expert_dtype, source_class=type(old).__name__)
+        new = HybridExperts(spec, old.act_fn, expert_dtype, source_class=type(old).__name__, device=device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         out[name] = new

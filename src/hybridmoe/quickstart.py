@@ -20,12 +20,16 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ASSETS = "assets"
 BASE_MARKER = "quickstart_base.json"  # written last: its presence means OUTPUT/base is complete
@@ -50,7 +54,7 @@ class BaseRecipe:
     head_dim: int = 16  # qk_nope_head_dim = qk_rope_head_dim = v_head_dim
     block_len: int = 128
     batch_size: int = 8
-    steps: int = 300
+    steps: int = 400
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     seed: int = 0
@@ -72,15 +76,15 @@ class Recipe:
     identity_pairs: int  # how many of the shipped identity Q/A pairs to train on (0: all)
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    learning_rate: float = 3e-3
-    max_steps: int = 80
+    learning_rate: float = 5e-3
+    max_steps: int = 200
     batch_size: int = 4
     max_new_tokens: int = 40
     shown: int = 5  # before/after replies printed
 
 
 FULL = Recipe(base=BaseRecipe(), identity_pairs=0)
-FAST = Recipe(base=BaseRecipe(steps=120), identity_pairs=8, max_steps=40)
+FAST = Recipe(base=BaseRecipe(steps=150), identity_pairs=8, max_steps=100)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -113,7 +117,7 @@ def read_conversations(path: Path) -> list[list[dict]]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_config(recipe: BaseRecipe, vocab_size: int):
+def build_config(recipe: BaseRecipe, vocab_size: int) -> PretrainedConfig:
     """A small DeepSeek-V2 config: dense first layer, shared + routed experts; EOS = end of text or end of turn."""
     from .testing import tiny_config
 
@@ -125,14 +129,14 @@ def build_config(recipe: BaseRecipe, vocab_size: int):
         first_k_dense_replace=1, num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_attention_heads, kv_lora_rank=recipe.kv_lora_rank,
         qk_rope_head_dim=recipe.head_dim, qk_nope_head_dim=recipe.head_dim, v_head_dim=recipe.head_dim,
-        max_position_embeddings=4 * recipe.block_len, initializer_range=0.02,
+        max_position_embeddings=2048, initializer_range=0.02,
         # Generation must stop at <|im_end|> as well as at <|end_of_text|>: hybridmoe's loader builds the
         # generation config from config.json, so the list goes here (and into generation_config.json).
         bos_token_id=0, eos_token_id=[1, IM_END_ID], pad_token_id=1,
     )
 
 
-def pretraining_documents(tokenizer, corpus: list[str], dialogues: list[list[dict]]) -> list[list[int]]:
+def pretraining_documents(tokenizer: Any, corpus: list[str], dialogues: list[list[dict]]) -> list[list[int]]:
     """Token ids of every pre-training document: corpus lines and chat-formatted dialogues, each ending in EOS.
 
     Dialogues are listed twice: chatting is what the quickstart shows, the corpus is there for words.
@@ -164,7 +168,7 @@ def training_batches(documents: list[list[int]], recipe: BaseRecipe) -> Iterator
             yield blocks[order[start:start + recipe.batch_size]]
 
 
-def warmup_cosine(recipe: BaseRecipe):
+def warmup_cosine(recipe: BaseRecipe) -> Callable[[int], float]:
     """LR multiplier: linear warm-up, then cosine decay to 10%."""
 
     def factor(step: int) -> float:
@@ -176,7 +180,7 @@ def warmup_cosine(recipe: BaseRecipe):
     return factor
 
 
-def pretrain(model, documents: list[list[int]], recipe: BaseRecipe) -> float:
+def pretrain(model: torch.nn.Module, documents: list[list[int]], recipe: BaseRecipe) -> float:
     """Next-token pre-training of the full transformers model with AdamW; returns the last smoothed loss."""
     from tqdm.auto import tqdm
 
@@ -195,7 +199,7 @@ def pretrain(model, documents: list[list[int]], recipe: BaseRecipe) -> float:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = float(loss)
+            value = loss.detach().item()
             smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
             bar.set_postfix(loss=f"{smoothed:.3f}")
             bar.update(1)

@@ -35,11 +35,12 @@ class ExpertWeights:
     dtype is bf16 or fp32; never a zero-size placeholder.
     """
 
-    def __init__(self, spec: ExpertsSpec, dtype: torch.dtype):
+    def __init__(self, spec: ExpertsSpec, dtype: torch.dtype, device: str = "cpu"):
         e, h, i = spec.num_experts, spec.hidden_dim, spec.intermediate_dim
         # Uninitialised on purpose: the loader fills every expert slice and checks that it did (see `loaded`).
-        self.gate_up = torch.empty(e, 2 * i, h, dtype=dtype, device="cpu")  # [E, 2I, H] cpu
-        self.down = torch.empty(e, h, i, dtype=dtype, device="cpu")  # [E, H, I] cpu
+        # device="meta" only for shape bookkeeping (export plans its merge without reserving host memory).
+        self.gate_up = torch.empty(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H] cpu
+        self.down = torch.empty(e, h, i, dtype=dtype, device=device)  # [E, H, I] cpu
         # Per (projection, expert, row-chunk) coverage, so a partially loaded checkpoint is caught, not computed on.
         self.loaded: dict[str, torch.Tensor] = {
             "gate_up_proj": torch.zeros(e, 2, dtype=torch.bool),
@@ -223,13 +224,14 @@ class HybridExperts(nn.Module):
     attributes, invisible to ``model.to()``, ``state_dict()`` and PEFT.
     """
 
-    def __init__(self, spec: ExpertsSpec, act_fn: nn.Module, weight_dtype: torch.dtype, source_class: str = ""):
+    def __init__(self, spec: ExpertsSpec, act_fn: nn.Module, weight_dtype: torch.dtype, source_class: str = "",
+                 device: str = "cpu"):
         super().__init__()
         self.spec = spec
         self.num_experts = spec.num_experts
         self.act_fn = act_fn
         self.source_class = source_class
-        self.weights = ExpertWeights(spec, weight_dtype)
+        self.weights = ExpertWeights(spec, weight_dtype, device)
         self.lora: dict[str, ExpertLoRA] = {}
 
     # -- LoRA -------------------------------------------------------------------------------------------------
