@@ -128,13 +128,17 @@ class _ExpertMath:
             y = y + lora.scale * ((x @ lora.A[e].T) @ lora.B[e].T)
         return y
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [n, H] fp32 -> (gu [n, 2I], y [n, H]), both fp32."""
         gu = self._linear(x, self.w_gu, self.lora_gu, self.e)  # [n, 2I]
+        y = self._linear(self.gate(gu)[2], self.w_d, self.lora_d, self.e)  # [n, H]
+        return gu, y
+
+    def gate(self, gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """gu [n, 2I] -> (g, u, act(g), h = act(g)·u), the gated activation and the pieces its backward needs."""
         g, u = gu.chunk(2, dim=-1)  # [n, I] each
         a = self.act_fn(g)
-        h = a * u  # [n, I]
-        y = self._linear(h, self.w_d, self.lora_d, self.e)  # [n, H]
-        return g, u, a, h, y
+        return g, u, a * u, a
 
     def backward_linear(
         self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, grads: dict
@@ -163,21 +167,31 @@ class _CpuExpertsFn(torch.autograd.Function):
         x = hidden.detach().to("cpu", torch.float32)  # [T, H] fp32, cpu
         ids = top_k_index.detach().to("cpu", torch.int64)  # [T, K] int64, cpu
         w = top_k_weights.detach().to("cpu", torch.float32)  # [T, K] fp32, cpu
-        ctx.save_for_backward(x, ids, w)
         ctx.module = module
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
+        # When a backward will follow, keep each slot's pre-activation and output (grouped by expert) instead of
+        # recomputing them: one fewer pass over the expert weights per step. Under gradient checkpointing these
+        # saved tensors live for one layer at a time; without it, S·(2I+H)·4 bytes per MoE layer of host RAM.
+        keep = any(ctx.needs_input_grad)
+        s, spec = ids.numel(), module.spec
+        gu_all = torch.empty(s if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32, cpu, expert-sorted
+        y_all = torch.empty(s if keep else 0, spec.hidden_dim)  # [S, H] fp32, cpu, expert-sorted
 
         out = torch.zeros_like(x)  # [T, H] fp32, cpu
-        for e, slots in module.route(ids):
+        for e, start, slots in module.route(ids):
             tok = slots // ids.shape[1]  # [n] token of each (token, k) slot routed to expert e
-            _, _, _, _, y = module.expert_math(e).forward(x[tok])  # y: [n, H]
+            gu, y = module.expert_math(e).forward(x[tok])  # [n, 2I], [n, H]
+            if keep:
+                gu_all[start : start + len(slots)] = gu
+                y_all[start : start + len(slots)] = y
             out.index_add_(0, tok, y * w.view(-1)[slots, None])
+        ctx.save_for_backward(x, ids, w, gu_all, y_all)
         # Host->device copy of the combined output (non_blocking is unsafe: `out` is pageable and freed next).
         return out.to(device, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ids, w = ctx.saved_tensors
+        x, ids, w, gu_all, y_all = ctx.saved_tensors
         module: HybridExperts = ctx.module
         k = ids.shape[1]
         g_out = grad_out.detach().to("cpu", torch.float32)  # [T, H] fp32, cpu
@@ -191,12 +205,13 @@ class _CpuExpertsFn(torch.autograd.Function):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
                 lora_grads[id(lo)] = (torch.zeros_like(lo.A), torch.zeros_like(lo.B))
 
-        for e, slots in module.route(ids):
+        for e, start, slots in module.route(ids):
             tok = slots // k
             xe = x[tok]  # [n, H]
             math_e = module.expert_math(e)
-            # Recompute this expert's activations rather than keeping them from the forward (host memory).
-            g, u, a, h, y = math_e.forward(xe)
+            rows = slice(start, start + len(slots))
+            g, u, h, a = math_e.gate(gu_all[rows])  # the elementwise gate is recomputed; the GEMMs are not
+            y = y_all[rows]  # [n, H]
             go = g_out[tok]  # [n, H]
             grad_w[slots] = (go * y).sum(-1)
             dy = go * w.view(-1)[slots, None]  # [n, H]
@@ -251,14 +266,15 @@ class HybridExperts(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------------------------
     def route(self, ids: torch.Tensor):
-        """Yield (expert, slots) for every expert with tokens; slots index the flattened [T*K] (token, k) pairs."""
+        """Yield (expert, start, slots) for every expert with tokens: slots index the flattened [T*K] (token, k)
+        pairs, start is their offset in expert-sorted order (the row of their saved activations)."""
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         start = 0
         for e, n in enumerate(counts):
             if n:
-                yield e, order[start : start + n]
+                yield e, start, order[start : start + n]
             start += n
 
     def expert_math(self, e: int) -> _ExpertMath:
