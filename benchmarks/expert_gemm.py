@@ -15,7 +15,7 @@ import time
 
 import torch
 
-E, H, I, K = 64, 2048, 1408, 6
+E, H, I, K = 64, 2048, 1408, 6  # noqa: E741 - the paper names: experts, hidden, intermediate, top-k
 
 
 def groups(t: int, g: torch.Generator) -> list[torch.Tensor]:

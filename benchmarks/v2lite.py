@@ -237,9 +237,9 @@ def train(args) -> None:
     g = torch.Generator().manual_seed(0)
     words = ["alpha", "beta", "gamma", "delta", "expert", "router", "token", "layer", "memory", "cache"]
     with open(data, "w") as f:
-        for i in range(256):
-            q = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 4,), generator=g).tolist())
-            a = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 2,), generator=g).tolist())
+        for _ in range(256):  # ~2 tokens a word: prompt + reply fill about cutoff_len
+            q = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 8,), generator=g).tolist())
+            a = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 3,), generator=g).tolist())
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
     out = Path(args.dir) / "bench_train"
     t0 = time.perf_counter()
@@ -255,9 +255,50 @@ def train(args) -> None:
           "peak_gpu_gib": round(res.peak_gpu_bytes / 2**30, 2), "peak_host_gib": round(res.peak_host_bytes / 2**30, 2)})
 
 
+def train_baseline(args) -> None:
+    """All-GPU transformers + PEFT LoRA (same targets incl. routed experts via target_parameters), same data and
+    settings as `train`: the upper bound when the whole model fits on the GPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hybridmoe.adapters import no_peft_moe_rewrite
+    from hybridmoe.data import SFTDataset, batches, collate, load_records
+    from hybridmoe.loading import load_tokenizer
+
+    tok = load_tokenizer(args.dir)
+    ds = SFTDataset(load_records(Path(args.dir) / "bench_data.jsonl"), tok, args.seq)
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, device_map=DEV)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=linear,
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with no_peft_moe_rewrite():
+        model = get_peft_model(model, cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    order = batches(ds, args.batch, 0, 0)
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens = [], []
+    for idx in order[: args.steps]:
+        b = {k: v.to(DEV) for k, v in collate([ds[j] for j in idx], tok.pad_token_id).items()}
+        t = time.perf_counter()
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        tokens.append(int(b["attention_mask"].sum()))
+    tps = sum(tokens[2:]) / sum(times[2:])  # after two warm-up steps
+    emit({"bench": "train_baseline_all_gpu_transformers_peft", "steps": len(times), "batch": args.batch,
+          "seq": args.seq, "tokens_per_s": round(tps, 1),
+          "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "chat", "train", "equiv32"])
+    p.add_argument("mode", choices=["make", "chat", "train", "train_baseline", "equiv32"])
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
     p.add_argument("--dir", default="/tmp/v2lite")
@@ -269,7 +310,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    {"make": make, "chat": chat, "train": train, "equiv32": equiv32}[args.mode](args)
+    modes = {"make": make, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

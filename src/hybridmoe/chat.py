@@ -26,7 +26,7 @@ def nonfinite_weights(model: torch.nn.Module) -> str | None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             counts[component_of(name)] += 1
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, HybridExperts):
             tensors = [m.weights.gate_up, m.weights.down] + [t for lo in m.lora.values() for t in lo.parameters()]
             counts["routed_experts"] += sum(int(not torch.isfinite(t).all()) for t in tensors)

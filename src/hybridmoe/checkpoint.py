@@ -113,7 +113,7 @@ class Checkpoint:
                     f"'{self.path}' has no *.safetensors weights (and no {INDEX_NAME}); hybridmoe reads safetensors only"
                 )
             for f in files:
-                for key in self._open(f).keys():
+                for key in self._open(f).keys():  # noqa: SIM118 - a safe_open handle, not a dict
                     self.key_to_file[key] = f
 
     @property

@@ -77,7 +77,7 @@ def placement_report(model: nn.Module) -> dict:
     for name, mod in base.named_modules():
         if isinstance(mod, nn.Linear) and linear_component(base, name, mod, moe_blocks) == "dense_mlp":
             dense_mlps.append(name)
-        if hasattr(mod, "lora_A") and isinstance(getattr(mod, "lora_A"), nn.ModuleDict) and len(mod.lora_A):
+        if hasattr(mod, "lora_A") and isinstance(mod.lora_A, nn.ModuleDict) and len(mod.lora_A):
             lora_targets[linear_component(base, name, mod.get_base_layer(), moe_blocks)] += 1
     n_expert_lora = sum(len(m.lora) for m in experts.values())
     if n_expert_lora:
