@@ -66,6 +66,8 @@ def make(args) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.for_model("deepseek_v2", **{**V2_LITE, **(TINY if args.tiny else {})})
+    if args.make_layers:
+        config.num_hidden_layers = args.make_layers
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
@@ -296,9 +298,36 @@ def train_baseline(args) -> None:
           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0})
 
 
+def profile(args) -> None:
+    """torch.profiler over two LoRA training steps of the hybrid model: where the CPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hybridmoe.adapters import apply_lora
+
+    model = apply_lora(_load_hybrid(args.dir), "all", rank=8, alpha=16, seed=0)
+    model.train()
+    ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(DEV)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    emit({"bench": "profile_train_step", "seconds_per_step": round((time.perf_counter() - t) / 2, 3),
+          "tokens": args.batch * args.seq})
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "chat", "train", "train_baseline", "equiv32"])
+    p.add_argument("mode", choices=["make", "chat", "train", "train_baseline", "equiv32", "profile"])
+    p.add_argument("--make-layers", type=int, default=0, help="make: write only this many layers")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
     p.add_argument("--dir", default="/tmp/v2lite")
@@ -310,7 +339,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    modes = {"make": make, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32}
+    modes = {"make": make, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
+             "profile": profile}
     modes[args.mode](args)
 
 

@@ -123,7 +123,7 @@ class _ExpertMath:
     @staticmethod
     def _linear(x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, e: int) -> torch.Tensor:
         # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
-        y = (x.to(w.dtype) @ w.T).float()
+        y = nn.functional.linear(x.to(w.dtype), w).float()  # F.linear: the oneDNN path for bf16 on CPU
         if lora is not None:
             y = y + lora.scale * ((x @ lora.A[e].T) @ lora.B[e].T)
         return y
@@ -144,7 +144,7 @@ class _ExpertMath:
         self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, grads: dict
     ) -> torch.Tensor:
         """Given dL/dy for y = x W^T + s·(x A^T) B^T, accumulate LoRA grads into `grads` and return dL/dx."""
-        dx = (dy.to(w.dtype) @ w).float()
+        dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
         if lora is not None:
             a_e, b_e = lora.A[self.e], lora.B[self.e]  # [r, in], [out, r]
             dyb = dy @ b_e  # [n, r]
@@ -157,7 +157,11 @@ class _ExpertMath:
 
 
 class _CpuExpertsFn(torch.autograd.Function):
-    """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) on the CPU, with an exact CPU backward."""
+    """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) on the CPU, with an exact CPU backward.
+
+    The T·K (token, k) slots are sorted by expert once; each expert then works on a contiguous row range of the
+    sorted buffers, and one scatter + sum over k combines the results (no per-expert gathers or index_add).
+    """
 
     @staticmethod
     def forward(ctx, hidden, top_k_index, top_k_weights, module, *lora_tensors):
@@ -169,34 +173,38 @@ class _CpuExpertsFn(torch.autograd.Function):
         w = top_k_weights.detach().to("cpu", torch.float32)  # [T, K] fp32, cpu
         ctx.module = module
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
-        # When a backward will follow, keep each slot's pre-activation and output (grouped by expert) instead of
-        # recomputing them: one fewer pass over the expert weights per step. Under gradient checkpointing these
-        # saved tensors live for one layer at a time; without it, S·(2I+H)·4 bytes per MoE layer of host RAM.
+        (t, k), spec = ids.shape, module.spec
+        order, groups = module.route(ids)  # order: [S] slot ids sorted by expert
+        x_sorted = x[order // k]  # [S, H]
+        # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
+        # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
+        # time; without it, S·(2I+H)·4 bytes per MoE layer of host RAM.
         keep = any(ctx.needs_input_grad)
-        s, spec = ids.numel(), module.spec
-        gu_all = torch.empty(s if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32, cpu, expert-sorted
-        y_all = torch.empty(s if keep else 0, spec.hidden_dim)  # [S, H] fp32, cpu, expert-sorted
-
-        out = torch.zeros_like(x)  # [T, H] fp32, cpu
-        for e, start, slots in module.route(ids):
-            tok = slots // ids.shape[1]  # [n] token of each (token, k) slot routed to expert e
-            gu, y = module.expert_math(e).forward(x[tok])  # [n, 2I], [n, H]
+        gu_sorted = torch.empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
+        y_sorted = torch.empty(len(order), spec.hidden_dim)  # [S, H] fp32
+        for e, rows in groups:
+            gu, y = module.expert_math(e).forward(x_sorted[rows])  # [n, 2I], [n, H]
+            y_sorted[rows] = y
             if keep:
-                gu_all[start : start + len(slots)] = gu
-                y_all[start : start + len(slots)] = y
-            out.index_add_(0, tok, y * w.view(-1)[slots, None])
-        ctx.save_for_backward(x, ids, w, gu_all, y_all)
+                gu_sorted[rows] = gu
+        out = _unsort_sum(y_sorted * w.view(-1)[order, None], order, t, k)  # [T, H]
+        ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
         # Host->device copy of the combined output (non_blocking is unsafe: `out` is pageable and freed next).
         return out.to(device, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ids, w, gu_all, y_all = ctx.saved_tensors
+        x, ids, w, gu_sorted, y_sorted = ctx.saved_tensors
         module: HybridExperts = ctx.module
-        k = ids.shape[1]
-        g_out = grad_out.detach().to("cpu", torch.float32)  # [T, H] fp32, cpu
-        grad_x = torch.zeros_like(x)  # [T, H]
-        grad_w = torch.zeros_like(w).view(-1)  # [T*K]
+        t, k = ids.shape
+        order, groups = module.route(ids)  # the same deterministic sort as the forward
+        tok = order // k
+        g_sorted = grad_out.detach().to("cpu", torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
+        x_sorted = x[tok]  # [S, H]
+        grad_w = torch.empty_like(w).view(-1)  # [T*K]
+        grad_w[order] = (g_sorted * y_sorted).sum(-1)
+        dy_sorted = g_sorted * w.view(-1)[order, None]  # [S, H]
+        dx_sorted = torch.empty_like(x_sorted)  # [S, H]
         lora = module.lora
         # Only LoRA factors that need a gradient get a buffer; others are skipped in the math.
         present = [lora[p] for p in PROJECTIONS if p in lora]  # same order as the *lora_tensors inputs
@@ -205,21 +213,13 @@ class _CpuExpertsFn(torch.autograd.Function):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
                 lora_grads[id(lo)] = (torch.zeros_like(lo.A), torch.zeros_like(lo.B))
 
-        for e, start, slots in module.route(ids):
-            tok = slots // k
-            xe = x[tok]  # [n, H]
+        for e, rows in groups:
             math_e = module.expert_math(e)
-            rows = slice(start, start + len(slots))
-            g, u, h, a = math_e.gate(gu_all[rows])  # the elementwise gate is recomputed; the GEMMs are not
-            y = y_all[rows]  # [n, H]
-            go = g_out[tok]  # [n, H]
-            grad_w[slots] = (go * y).sum(-1)
-            dy = go * w.view(-1)[slots, None]  # [n, H]
-            dh = math_e.backward_linear(dy, h, math_e.w_d, math_e.lora_d, lora_grads)  # [n, I]
+            g, u, h, a = math_e.gate(gu_sorted[rows])  # the elementwise gate is recomputed; the GEMMs are not
+            dh = math_e.backward_linear(dy_sorted[rows], h, math_e.w_d, math_e.lora_d, lora_grads)  # [n, I]
             dg = _act_backward(module.act_fn, g, dh * u)
             dgu = torch.cat([dg, dh * a], dim=-1)  # [n, 2I]
-            dx = math_e.backward_linear(dgu, xe, math_e.w_gu, math_e.lora_gu, lora_grads)  # [n, H]
-            grad_x.index_add_(0, tok, dx)
+            dx_sorted[rows] = math_e.backward_linear(dgu, x_sorted[rows], math_e.w_gu, math_e.lora_gu, lora_grads)
 
         lora_out = []
         for i, lo in enumerate(present):
@@ -227,9 +227,16 @@ class _CpuExpertsFn(torch.autograd.Function):
             lora_out.append(ga if ctx.needs_input_grad[4 + 2 * i] else None)
             lora_out.append(gb if ctx.needs_input_grad[5 + 2 * i] else None)
         # Device copies back: only the activation gradients; LoRA grads stay on the CPU with their parameters.
-        grad_hidden = grad_x.to(ctx.device, ctx.hidden_dtype)
+        grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, *lora_out)
+
+
+def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    """[S, H] rows in expert-sorted slot order -> [T, H] sum over each token's k slots."""
+    slots = torch.empty_like(rows_sorted)
+    slots[order] = rows_sorted  # back to (token, k) order
+    return slots.view(t, k, -1).sum(dim=1)
 
 
 class HybridExperts(nn.Module):
@@ -265,17 +272,17 @@ class HybridExperts(nn.Module):
         return out
 
     # -- compute ----------------------------------------------------------------------------------------------
-    def route(self, ids: torch.Tensor):
-        """Yield (expert, start, slots) for every expert with tokens: slots index the flattened [T*K] (token, k)
-        pairs, start is their offset in expert-sorted order (the row of their saved activations)."""
+    def route(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, slice]]]:
+        """Sort the flattened [T*K] (token, k) slots by expert: (order [S], [(expert, row slice of its slots)])."""
         flat = ids.view(-1)  # [T*K]
-        order = torch.argsort(flat, stable=True)  # slots grouped by expert
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        start = 0
+        groups, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                yield e, start, order[start : start + n]
+                groups.append((e, slice(start, start + n)))
             start += n
+        return order, groups
 
     def expert_math(self, e: int) -> _ExpertMath:
         return _ExpertMath(self.weights, self.lora, self.act_fn, e)
