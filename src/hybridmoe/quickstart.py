@@ -55,12 +55,12 @@ class BaseRecipe:
     block_len: int = 128
     batch_size: int = 8
     steps: int = 400
-    learning_rate: float = 3e-3
+    learning_rate: float = 6e-3
     warmup_steps: int = 20
     seed: int = 0
 
     def same_model(self, other: BaseRecipe) -> bool:
-        """Same architecture and tokenizer (pre-training length may differ)."""
+        """Same architecture, tokenizer and pre-training settings; only the number of steps may differ."""
         mine, theirs = asdict(self), asdict(other)
         for key in ("steps",):
             mine.pop(key)
@@ -78,13 +78,13 @@ class Recipe:
     lora_alpha: float = 32.0
     learning_rate: float = 5e-3
     max_steps: int = 200
-    batch_size: int = 4
+    batch_size: int = 8
     max_new_tokens: int = 40
     shown: int = 5  # before/after replies printed
 
 
 FULL = Recipe(base=BaseRecipe(), identity_pairs=0)
-FAST = Recipe(base=BaseRecipe(steps=150), identity_pairs=8, max_steps=100)
+FAST = Recipe(base=BaseRecipe(steps=150), identity_pairs=8, max_steps=150)
 
 
 # --------------------------------------------------------------------------------------------------------------------
