@@ -1,5 +1,5 @@
-"""HybridExperts alone against an eager autograd reference (per-expert loop with LoRA), both compute paths:
-the batched bmm over the whole stack (slots >= experts) and the per-expert loop (decode-sized inputs).
+"""HybridExperts alone against an eager autograd reference (per-expert loop with LoRA, autograd), from a single
+decode token (a few experts) to batches where every expert has several tokens.
 
 Tolerances: fp32 ‖Δ‖/‖ref‖ ≤ 1e-5 for outputs and every gradient; bf16 weights ≤ 1e-2 against the fp32 reference
 computed from the same (rounded) weights.
@@ -69,11 +69,10 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("t", [1, 2, 40], ids=["decode-1-token", "per-expert-loop", "batched-bmm"])
+@pytest.mark.parametrize("t", [1, 2, 40], ids=["decode-1-token", "few-experts", "all-experts"])
 def test_forward_and_gradients_match_eager_reference(t):
     m = _module()
     x, ids, w = _inputs(t)
-    assert m.batched(ids.numel()) == (ids.numel() >= E)
     g_out = torch.randn(t, H, generator=torch.Generator().manual_seed(2))
     ours = _grads(m, m, x, ids, w, g_out)
     ref = _grads(lambda *a: _reference(m, *a), m, x, ids, w, g_out)

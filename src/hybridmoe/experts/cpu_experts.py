@@ -109,43 +109,34 @@ def _act_backward(act_fn: nn.Module, g: torch.Tensor, grad_act: torch.Tensor) ->
     return grad
 
 
-def _base_mm(x: torch.Tensor, w: torch.Tensor, transpose: bool = True) -> torch.Tensor:
-    """x @ w^T (or x @ w) in the weight dtype, result in fp32. 2-D: one expert (F.linear, oneDNN's path for bf16);
-    3-D: a stack of experts [E, n, in] x [E, out, in] in one bmm, no copy of the weights."""
-    xw = x.to(w.dtype)
-    if x.dim() == 2:
-        return nn.functional.linear(xw, w if transpose else w.T).float()
-    return torch.bmm(xw, w.transpose(1, 2) if transpose else w).float()
-
-
 class _ExpertMath:
-    """Forward/backward of one expert (e: int, x [n, ·]) or of the whole stack at once (e: slice(None),
-    x [E, n, ·] padded per expert). Base GEMMs run in the weight dtype, everything else in fp32."""
+    """Forward/backward of one expert on its tokens. Base GEMMs run in the weight dtype, everything else in fp32."""
 
-    def __init__(self, weights: ExpertWeights, lora: dict[str, ExpertLoRA], act_fn: nn.Module, e: int | slice):
-        self.w_gu = weights.gate_up[e]  # [2I, H] or [E, 2I, H] (a view: no copy)
-        self.w_d = weights.down[e]  # [H, I] or [E, H, I]
+    def __init__(self, weights: ExpertWeights, lora: dict[str, ExpertLoRA], act_fn: nn.Module, expert: int):
+        self.w_gu = weights.gate_up[expert]  # [2I, H]
+        self.w_d = weights.down[expert]  # [H, I]
         self.lora_gu = lora.get("gate_up_proj")
         self.lora_d = lora.get("down_proj")
         self.act_fn = act_fn
-        self.e = e
+        self.e = expert
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None) -> torch.Tensor:
-        # x: [.., n, in] fp32 -> [.., n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding added.
-        y = _base_mm(x, w)
+    @staticmethod
+    def _linear(x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, e: int) -> torch.Tensor:
+        # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
+        y = nn.functional.linear(x.to(w.dtype), w).float()  # F.linear: the oneDNN path for bf16 on CPU
         if lora is not None:
-            y = y + lora.scale * ((x @ lora.A[self.e].mT) @ lora.B[self.e].mT)
+            y = y + lora.scale * ((x @ lora.A[e].T) @ lora.B[e].T)
         return y
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [.., n, H] fp32 -> (gu [.., n, 2I], y [.., n, H]), both fp32."""
-        gu = self._linear(x, self.w_gu, self.lora_gu)  # [.., n, 2I]
-        y = self._linear(self.gate(gu)[2], self.w_d, self.lora_d)  # [.., n, H]
+        """x: [n, H] fp32 -> (gu [n, 2I], y [n, H]), both fp32."""
+        gu = self._linear(x, self.w_gu, self.lora_gu, self.e)  # [n, 2I]
+        y = self._linear(self.gate(gu)[2], self.w_d, self.lora_d, self.e)  # [n, H]
         return gu, y
 
     def gate(self, gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """gu [.., 2I] -> (g, u, h = act(g)·u, act(g)): the gated activation and the pieces its backward needs."""
-        g, u = gu.chunk(2, dim=-1)  # [.., I] each
+        """gu [n, 2I] -> (g, u, act(g), h = act(g)·u), the gated activation and the pieces its backward needs."""
+        g, u = gu.chunk(2, dim=-1)  # [n, I] each
         a = self.act_fn(g)
         return g, u, a * u, a
 
@@ -153,52 +144,23 @@ class _ExpertMath:
         self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, grads: dict
     ) -> torch.Tensor:
         """Given dL/dy for y = x W^T + s·(x A^T) B^T, accumulate LoRA grads into `grads` and return dL/dx."""
-        dx = _base_mm(dy, w, transpose=False)  # dy @ W
+        dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
         if lora is not None:
-            a_e, b_e = lora.A[self.e], lora.B[self.e]  # [.., r, in], [.., out, r]
-            dyb = dy @ b_e  # [.., n, r]
+            a_e, b_e = lora.A[self.e], lora.B[self.e]  # [r, in], [out, r]
+            dyb = dy @ b_e  # [n, r]
             dx = dx + lora.scale * (dyb @ a_e)
             if id(lora) in grads:
                 ga, gb = grads[id(lora)]
-                gb[self.e] += lora.scale * (dy.mT @ (x @ a_e.mT))  # [.., out, r]
-                ga[self.e] += lora.scale * (dyb.mT @ x)  # [.., r, in]
+                gb[self.e] += lora.scale * (dy.T @ (x @ a_e.T))  # [out, r]
+                ga[self.e] += lora.scale * (dyb.T @ x)  # [r, in]
         return dx
-
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict) -> torch.Tensor:
-        """dL/dy [.., n, H] -> dL/dx [.., n, H], from the saved pre-activation gu; LoRA grads go into `grads`."""
-        g, u, h, a = self.gate(gu)  # the elementwise gate is recomputed; the GEMMs are not
-        dh = self.backward_linear(dy, h, self.w_d, self.lora_d, grads)  # [.., n, I]
-        dg = _act_backward(self.act_fn, g, dh * u)
-        dgu = torch.cat([dg, dh * a], dim=-1)  # [.., n, 2I]
-        return self.backward_linear(dgu, x, self.w_gu, self.lora_gu, grads)
-
-
-class _Padding:
-    """Expert-sorted rows [S, D] <-> a per-expert padded stack [E, n_max, D] (zeros in the padding), so one bmm
-    per projection serves every expert; padded rows are computed and dropped."""
-
-    def __init__(self, counts: torch.Tensor, s: int):
-        self.n_max = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts  # [E]
-        pos = torch.arange(self.n_max)
-        self.valid = (pos[None, :] < counts[:, None]).view(-1)  # [E*n_max]
-        self.index = torch.where(self.valid, (starts[:, None] + pos[None, :]).view(-1), s)  # s -> the zero row
-        self.e = counts.numel()
-
-    def pad(self, rows: torch.Tensor) -> torch.Tensor:
-        zero = rows.new_zeros(1, rows.shape[1])
-        return torch.cat([rows, zero])[self.index].view(self.e, self.n_max, -1)  # [E, n_max, D]
-
-    def unpad(self, stack: torch.Tensor) -> torch.Tensor:
-        return stack.reshape(self.e * self.n_max, -1)[self.valid]  # [S, D], expert-sorted
 
 
 class _CpuExpertsFn(torch.autograd.Function):
     """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) on the CPU, with an exact CPU backward.
 
-    The T·K (token, k) slots are sorted by expert once. With at least as many slots as experts (prefill, training)
-    every projection is one bmm over the whole expert stack on a padded [E, n_max, ·] batch; with fewer (decode) a
-    loop runs only the selected experts. One scatter + sum over k combines the results.
+    The T·K (token, k) slots are sorted by expert once; each expert then works on a contiguous row range of the
+    sorted buffers, and one scatter + sum over k combines the results (no per-expert gathers or index_add).
     """
 
     @staticmethod
@@ -211,36 +173,38 @@ class _CpuExpertsFn(torch.autograd.Function):
         w = top_k_weights.detach().to("cpu", torch.float32)  # [T, K] fp32, cpu
         ctx.module = module
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
-        t, k = ids.shape
-        order, counts = module.route(ids)  # order: [S] slot ids sorted by expert; counts: [E]
+        (t, k), spec = ids.shape, module.spec
+        order, groups = module.route(ids)  # order: [S] slot ids sorted by expert
         x_sorted = x[order // k]  # [S, H]
-        # When a backward will follow, keep each slot's pre-activation (gu) and output (y) instead of recomputing
-        # them: one fewer pass over the expert weights per step. Under gradient checkpointing these live for one
-        # layer at a time; without it, about S·(2I+H)·4 bytes per MoE layer of host RAM.
+        # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
+        # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
+        # time; without it, S·(2I+H)·4 bytes per MoE layer of host RAM.
         keep = any(ctx.needs_input_grad)
-        if module.batched(len(order)):
-            pad = _Padding(counts, len(order))
-            gu, y = module.expert_math(slice(None)).forward(pad.pad(x_sorted))  # [E, n, 2I], [E, n, H]
-            y_sorted = pad.unpad(y)  # [S, H]
-        else:
-            gu, y_sorted = _per_expert_forward(module, x_sorted, counts)  # [S, 2I], [S, H]
+        gu_sorted = torch.empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
+        y_sorted = torch.empty(len(order), spec.hidden_dim)  # [S, H] fp32
+        for e, rows in groups:
+            gu, y = module.expert_math(e).forward(x_sorted[rows])  # [n, 2I], [n, H]
+            y_sorted[rows] = y
+            if keep:
+                gu_sorted[rows] = gu
         out = _unsort_sum(y_sorted * w.view(-1)[order, None], order, t, k)  # [T, H]
-        ctx.save_for_backward(x, ids, w, gu if keep else gu[:0], y_sorted if keep else y_sorted[:0])
+        ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
         # Host->device copy of the combined output (non_blocking is unsafe: `out` is pageable and freed next).
         return out.to(device, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ids, w, gu, y_sorted = ctx.saved_tensors
+        x, ids, w, gu_sorted, y_sorted = ctx.saved_tensors
         module: HybridExperts = ctx.module
         t, k = ids.shape
-        order, counts = module.route(ids)  # the same deterministic sort as the forward
+        order, groups = module.route(ids)  # the same deterministic sort as the forward
         tok = order // k
         g_sorted = grad_out.detach().to("cpu", torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
         x_sorted = x[tok]  # [S, H]
         grad_w = torch.empty_like(w).view(-1)  # [T*K]
         grad_w[order] = (g_sorted * y_sorted).sum(-1)
         dy_sorted = g_sorted * w.view(-1)[order, None]  # [S, H]
+        dx_sorted = torch.empty_like(x_sorted)  # [S, H]
         lora = module.lora
         # Only LoRA factors that need a gradient get a buffer; others are skipped in the math.
         present = [lora[p] for p in PROJECTIONS if p in lora]  # same order as the *lora_tensors inputs
@@ -249,14 +213,13 @@ class _CpuExpertsFn(torch.autograd.Function):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
                 lora_grads[id(lo)] = (torch.zeros_like(lo.A), torch.zeros_like(lo.B))
 
-        if module.batched(len(order)):
-            pad = _Padding(counts, len(order))
-            dx = module.expert_math(slice(None)).backward(pad.pad(dy_sorted), pad.pad(x_sorted), gu, lora_grads)
-            dx_sorted = pad.unpad(dx)  # [S, H]
-        else:
-            dx_sorted = torch.empty_like(x_sorted)  # [S, H]
-            for e, rows in _groups(counts):
-                dx_sorted[rows] = module.expert_math(e).backward(dy_sorted[rows], x_sorted[rows], gu[rows], lora_grads)
+        for e, rows in groups:
+            math_e = module.expert_math(e)
+            g, u, h, a = math_e.gate(gu_sorted[rows])  # the elementwise gate is recomputed; the GEMMs are not
+            dh = math_e.backward_linear(dy_sorted[rows], h, math_e.w_d, math_e.lora_d, lora_grads)  # [n, I]
+            dg = _act_backward(module.act_fn, g, dh * u)
+            dgu = torch.cat([dg, dh * a], dim=-1)  # [n, 2I]
+            dx_sorted[rows] = math_e.backward_linear(dgu, x_sorted[rows], math_e.w_gu, math_e.lora_gu, lora_grads)
 
         lora_out = []
         for i, lo in enumerate(present):
@@ -267,26 +230,6 @@ class _CpuExpertsFn(torch.autograd.Function):
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, *lora_out)
-
-
-def _groups(counts: torch.Tensor) -> list[tuple[int, slice]]:
-    """(expert, row slice of its slots in expert-sorted order) for every expert that has slots."""
-    out, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        if n:
-            out.append((e, slice(start, start + n)))
-        start += n
-    return out
-
-
-def _per_expert_forward(module, x_sorted: torch.Tensor, counts: torch.Tensor):
-    """Few slots (decode): run only the selected experts, one at a time. Returns gu [S, 2I], y [S, H]."""
-    spec = module.spec
-    gu_sorted = torch.empty(len(x_sorted), 2 * spec.intermediate_dim)  # [S, 2I] fp32
-    y_sorted = torch.empty(len(x_sorted), spec.hidden_dim)  # [S, H] fp32
-    for e, rows in _groups(counts):
-        gu_sorted[rows], y_sorted[rows] = module.expert_math(e).forward(x_sorted[rows])
-    return gu_sorted, y_sorted
 
 
 def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
@@ -329,18 +272,19 @@ class HybridExperts(nn.Module):
         return out
 
     # -- compute ----------------------------------------------------------------------------------------------
-    def route(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sort the flattened [T*K] (token, k) slots by expert: (order [S], slots per expert [E])."""
+    def route(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, slice]]]:
+        """Sort the flattened [T*K] (token, k) slots by expert: (order [S], [(expert, row slice of its slots)])."""
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        return order, torch.bincount(flat, minlength=self.num_experts)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        groups, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                groups.append((e, slice(start, start + n)))
+            start += n
+        return order, groups
 
-    def batched(self, n_slots: int) -> bool:
-        """One bmm over the whole stack when there are at least as many slots as experts; else a loop over the few
-        selected experts (decode), which reads only their weights."""
-        return n_slots >= self.num_experts
-
-    def expert_math(self, e: int | slice) -> _ExpertMath:
+    def expert_math(self, e: int) -> _ExpertMath:
         return _ExpertMath(self.weights, self.lora, self.act_fn, e)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
