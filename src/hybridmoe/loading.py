@@ -134,28 +134,28 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
     expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
     loaded: set[str] = set()
     unexpected: list[str] = []
-    bar = tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress)
-    for f, keys in ckpt.keys_by_file().items():
-        handle = ckpt.open(f)
-        for key in sorted(keys):
-            name = mapper.rename(key)
-            sl = mapper.expert_slice(name)
-            if sl is not None and sl.module in experts:
-                _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
-            elif name in expected:
-                t = read_tensor(handle, f, key)
-                want = tuple(expected[name].shape)
-                if tuple(t.shape) != want:
-                    raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(t.shape)}, the config expects {want}")
-                if t.is_floating_point():
-                    t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
-                _set_tensor(model, name, t.to(device))
-                loaded.add(name)
-            else:
-                unexpected.append(key)
-            bar.update(1)
-        del handle
-    bar.close()
+    # `with`: the bar is closed before an error propagates, so the error line is not glued to a half-drawn bar
+    with tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for f, keys in ckpt.keys_by_file().items():
+            handle = ckpt.open(f)
+            for key in sorted(keys):
+                name = mapper.rename(key)
+                sl = mapper.expert_slice(name)
+                if sl is not None and sl.module in experts:
+                    _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
+                elif name in expected:
+                    t = read_tensor(handle, f, key)
+                    want = tuple(expected[name].shape)
+                    if tuple(t.shape) != want:
+                        raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(t.shape)}, the config expects {want}")
+                    if t.is_floating_point():
+                        t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+                    _set_tensor(model, name, t.to(device))
+                    loaded.add(name)
+                else:
+                    unexpected.append(key)
+                bar.update(1)
+            del handle
     if unexpected:
         log.warning("ignored %d checkpoint tensor(s) the model does not use, e.g. %s", len(unexpected), unexpected[0])
 
