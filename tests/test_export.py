@@ -16,10 +16,11 @@ import hybridmoe
 from hybridmoe.adapters import ADAPTER_WEIGHTS, apply_lora, save_adapter
 from hybridmoe.checkpoint import INDEX_NAME
 from hybridmoe.errors import AdapterError, CheckpointError, NonFiniteError
-from hybridmoe.experts import HybridExperts
 from hybridmoe.export import export_merged
 from hybridmoe.loading import load_model
 from hybridmoe.testing import build_tokenizer, save_tiny_model
+
+from .helpers import randomize_lora
 
 # arch -> how its base checkpoint is saved: several shards + index, or v5 fused expert keys
 CASES = {
@@ -43,24 +44,11 @@ def _save_base(arch: str, path: Path, dtype: torch.dtype = torch.float32, fused:
     return path
 
 
-def _randomize_lora(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
-    """LoRA B starts at zero (ΔW = 0); random B on both devices makes every LoRA change the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-        for m in model.modules():
-            if isinstance(m, HybridExperts):
-                for lo in m.lora.values():
-                    lo.B.copy_(torch.randn(lo.B.shape, generator=g) * scale)
-
-
 def _save_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     """A train-free adapter on every target (`all`), rank 4, alpha 8, with random A and B."""
     model = load_model(base, device="cpu", dtype="float32", progress=False)
     peft_model = apply_lora(model, "all", 4, 8.0, seed=seed)
-    _randomize_lora(peft_model, seed + 1)
+    randomize_lora(peft_model, seed + 1)
     save_adapter(peft_model, out)
     return out
 
