@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hybridmoe
-from hybridmoe.adapters import no_peft_moe_rewrite
+from hybridmoe.adapters import no_peft_moe_rewrite, save_adapter
 from hybridmoe.chat import render_prompt
 from hybridmoe.cli import main
 from hybridmoe.errors import AdapterError, NonFiniteError
@@ -132,6 +132,15 @@ def test_per_expert_layout_adapter(arch, ckpt_dir, tmp_path):
     with torch.no_grad():
         want, got = ref(x).logits, model(x).logits
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+    # re-saved in PEFT's fused layout (rank 2r for gate_up via rank_pattern), it loads in vanilla PEFT the same
+    save_adapter(model, tmp_path / "resaved")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with no_peft_moe_rewrite():
+        vanilla = PeftModel.from_pretrained(plain, str(tmp_path / "resaved")).eval()
+    with torch.no_grad():
+        again = vanilla(x).logits
+    assert (again - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def _copy_adapter(src, dst):

@@ -105,7 +105,8 @@ def resolve_targets(model: nn.Module, lora_target: str | list[str]) -> LoraTarge
 
 # -- applying fresh LoRA -------------------------------------------------------------------------------------------
 def apply_lora(model: nn.Module, lora_target, rank: int, alpha: float, dropout: float = 0.0, seed: int = 0):
-    """Wrap `model` with fresh trainable LoRA on both devices; returns the PeftModel."""
+    """Add fresh trainable LoRA on both devices. Returns the PeftModel, or `model` itself when only routed experts
+    are targeted (their LoRA lives inside the CPU experts and needs no PEFT wrapper)."""
     from peft import LoraConfig, get_peft_model
 
     if rank <= 0:
@@ -169,9 +170,14 @@ def adapter_config_dict(model: nn.Module, base_model_name: str | None = None) ->
     cfg = base.hybridmoe.lora_config
     d = cfg.to_dict()
     expert_params = []
+    d["rank_pattern"], d["alpha_pattern"] = dict(d.get("rank_pattern") or {}), dict(d.get("alpha_pattern") or {})
     for name, m in base.named_modules():
         if isinstance(m, HybridExperts):
-            expert_params += [f"{name}.{proj}" for proj in m.lora]
+            for proj, lo in m.lora.items():
+                expert_params.append(f"{name}.{proj}")
+                if lo.rank != cfg.r or lo.alpha != cfg.lora_alpha:  # e.g. a fused per-expert adapter: rank 2r
+                    d["rank_pattern"][f"{name}.{proj}"] = lo.rank
+                    d["alpha_pattern"][f"{name}.{proj}"] = lo.alpha
     d["target_modules"] = sorted(cfg.target_modules or [])
     d["target_parameters"] = sorted(expert_params) or None
     d["base_model_name_or_path"] = base_model_name
