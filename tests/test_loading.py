@@ -154,3 +154,11 @@ def test_peak_host_memory_near_final_footprint(tmp_path):
     grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert size > 50 * 2**20
     assert grown < 1.35 * size, (grown, size)
+
+
+def test_generation_config_is_read(ds_v2, tmp_path):
+    """Stop tokens listed only in generation_config.json (as chat models do) reach generation."""
+    path = tmp_path / "gc"
+    shutil.copytree(ds_v2, path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3]}))
+    assert load_model(path, device="cpu", progress=False).generation_config.eos_token_id == [1, 3]

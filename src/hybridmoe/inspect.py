@@ -170,7 +170,7 @@ def _nonfinite_rows(report: dict) -> list[str]:
     return rows
 
 
-def _verdict(report: dict) -> str:
+def verdict(report: dict) -> str:
     total = sum(row["tensors"] for row in report["components"].values())
     if report["ok"]:
         return f"OK: all {total} tensors are finite"
@@ -182,7 +182,7 @@ def _verdict(report: dict) -> str:
 
 def format_table(report: dict) -> str:
     """Human-readable report: a per-component table, the first non-finite tensors, and a one-line verdict."""
-    return "\n".join([*_table_rows(report), *_nonfinite_rows(report), "", _verdict(report)])
+    return "\n".join([*_table_rows(report), *_nonfinite_rows(report), "", verdict(report)])
 
 
 def run_inspect(adapter_dir: str | Path, as_json: bool) -> int:

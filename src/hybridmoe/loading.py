@@ -214,7 +214,19 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts))
+    _load_generation_config(model, ckpt.path)
     return model
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    """Chat models often list their stop tokens (e.g. <|im_end|>) only in generation_config.json."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", path / "generation_config.json", str(e).splitlines()[0])
 
 
 def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):

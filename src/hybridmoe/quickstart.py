@@ -346,9 +346,9 @@ def comparison_table(questions: list[str], before: list[str], after: list[str], 
 
 def adapter_verdict(adapter_dir: Path) -> str:
     """The one-line health verdict of ``hybridmoe inspect`` for the adapter."""
-    from .inspect import format_table, inspect_adapter
+    from .inspect import inspect_adapter, verdict
 
-    return format_table(inspect_adapter(adapter_dir)).splitlines()[-1]
+    return verdict(inspect_adapter(adapter_dir))
 
 
 def next_steps(output: Path) -> str:
