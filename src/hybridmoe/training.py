@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +197,7 @@ def train(config, overrides=None) -> TrainResult:
     losses: list[float] = []
     last_loss = float("nan")
     bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step", disable=not cfg.progress)
-    try:
+    with _GracefulStop() as stop:
         while st.step < setup.total_steps:
             micro = [collate([setup.dataset[i] for i in _next_batch(setup.dataset, cfg, st)], pad_id)
                      for _ in range(cfg.gradient_accumulation_steps)]
@@ -223,6 +225,7 @@ def train(config, overrides=None) -> TrainResult:
                         "or check the data and dtype (float32 rules out bf16 overflow)"
                     )
                 bar.update(1)
+                _stop_if_asked(stop, bar, out, model, opt, sched, st, cfg)
                 continue
             opt.step()
             sched.step()
@@ -245,11 +248,7 @@ def train(config, overrides=None) -> TrainResult:
             if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < setup.total_steps:
                 save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
                 prune_checkpoints(out, cfg.save_total_limit)
-    except KeyboardInterrupt:
-        bar.close()
-        ck = save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
-        print(f"[hybridmoe] interrupted: saved {ck}; resume with resume_from_checkpoint={ck}", file=sys.stderr)
-        raise
+            _stop_if_asked(stop, bar, out, model, opt, sched, st, cfg)
     bar.close()
 
     _save_final(out, model, setup.tokenizer, cfg)
@@ -261,6 +260,43 @@ def train(config, overrides=None) -> TrainResult:
           f"peak GPU {peak_gpu / 2**30:.2f} GiB, peak host RSS {peak_host / 2**30:.2f} GiB; adapter in {out}",
           file=sys.stderr)
     return result
+
+
+class _GracefulStop:
+    """First Ctrl-C (SIGINT): finish the current step, save a checkpoint, stop. A second one aborts at once.
+
+    Stopping only at a step boundary keeps the checkpoint consistent: optimizer, schedule and data position all
+    describe the same completed step, so resuming reproduces an uninterrupted run.
+    """
+
+    def __enter__(self) -> _GracefulStop:
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[hybridmoe] stopping after this step to save a checkpoint (Ctrl-C again to abort without saving)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _stop_if_asked(stop: _GracefulStop, bar, out: Path, model, opt, sched, st: LoopState, cfg: TrainConfig) -> None:
+    if not stop.requested:
+        return
+    bar.close()
+    ck = save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
+    print(f"[hybridmoe] interrupted at step {st.step}: saved {ck}; continue with resume_from_checkpoint={ck}",
+          file=sys.stderr)
+    raise KeyboardInterrupt
 
 
 def _append_log(path: Path, rec: dict) -> None:

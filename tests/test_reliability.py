@@ -1,0 +1,171 @@
+"""Faults lose nothing: Ctrl-C saves and resumes exactly, crashes and full disks mid-write leave the previous files,
+only safetensors are read, and random/corrupt inputs only ever produce our own one-line errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import hybridmoe
+from hybridmoe.adapters import read_adapter
+from hybridmoe.checkpoint import Checkpoint
+from hybridmoe.data import load_records
+from hybridmoe.errors import AdapterError, CheckpointError, DataError
+from hybridmoe.io import atomic_replace_dir, atomic_write_dir
+
+from .helpers import make_checkpoint, read_log, write_dataset
+
+SRC = Path(__file__).parents[1] / "src" / "hybridmoe"
+
+
+def _cfg(model, data, out, **kw):
+    cfg = dict(model_name_or_path=str(model), dataset=str(data), output_dir=str(out), learning_rate=3e-3,
+               per_device_train_batch_size=2, logging_steps=1, device="cpu", progress=False, lora_rank=4,
+               lora_alpha=8, lr_scheduler_type="constant", gradient_checkpointing=False)
+    cfg.update(kw)
+    return cfg
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
+    model = make_checkpoint("qwen3_moe", tmp_path / "m")
+    data = write_dataset(tmp_path / "d.jsonl", n=8)
+    out = tmp_path / "interrupted"
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(_cfg(model, data, out, max_steps=400)))
+    code = f"import sys; from hybridmoe.cli import main; sys.exit(main(['train', {str(cfg_path)!r}]))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    log = out / "trainer_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    ck = re.search(r"saved (\S+);", err).group(1)
+    stopped_at = int(Path(ck).name.split("-")[1])
+    assert stopped_at >= 2 and (Path(ck) / "trainer_state.json").is_file()
+
+    # resume to stopped_at + 2 steps, and compare with one uninterrupted run of that length
+    hybridmoe.train(_cfg(model, data, out, max_steps=stopped_at + 2, resume_from_checkpoint=ck))
+    resumed = [r["loss"] for r in read_log(out)][-2:]
+    hybridmoe.train(_cfg(model, data, tmp_path / "straight", max_steps=stopped_at + 2))
+    straight = [r["loss"] for r in read_log(tmp_path / "straight")][-2:]
+    assert resumed == pytest.approx(straight, rel=1e-5)
+
+
+def _write_two(tmp: Path, fail_after_first: BaseException | None = None) -> None:
+    (tmp / "adapter_model.safetensors").write_text("new weights")
+    if fail_after_first is not None:
+        raise fail_after_first
+    (tmp / "adapter_config.json").write_text("new config")
+
+
+@pytest.mark.parametrize("fault", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "killed-mid-write"])
+def test_failed_writes_leave_previous_files(tmp_path, fault):
+    out = tmp_path / "adapter"
+    atomic_write_dir(out, _write_two)
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    with pytest.raises(type(fault)):
+        atomic_write_dir(out, lambda tmp: _write_two(tmp, fault))
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".tmp-*"))
+
+    ck = tmp_path / "checkpoint-5"
+    atomic_replace_dir(ck, _write_two)
+    with pytest.raises(type(fault)):
+        atomic_replace_dir(ck, lambda tmp: _write_two(tmp, fault))
+    assert sorted(p.name for p in ck.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_only_safetensors_no_pickle():
+    for f in SRC.rglob("*.py"):
+        text = f.read_text()
+        assert "import pickle" not in text, f
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (f, call)
+
+
+def test_index_may_not_point_outside_the_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        Checkpoint(tmp_path)
+
+
+def test_bin_only_adapter_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle would run code")
+    with pytest.raises(AdapterError, match="pickle"):
+        read_adapter(tmp_path)
+
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                           max_leaves=12)
+records = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool", 3]), "content": json_values}), max_size=3)}),
+    st.fixed_dictionaries({"conversations": st.lists(st.dictionaries(st.sampled_from(["from", "value"]), json_values),
+                                                     max_size=3)}),
+    st.fixed_dictionaries({"instruction": json_values, "output": json_values}),
+)
+
+
+@FUZZ
+@given(lines=st.lists(st.one_of(records.map(json.dumps), st.text(max_size=30)), min_size=0, max_size=4))
+def test_fuzz_dataset_parser(tmp_path, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("\n".join(lines))
+    try:
+        convs = load_records(path)
+    except DataError as e:
+        assert "\n" not in str(e)
+        return
+    for conv in convs:
+        assert all(isinstance(m["content"], str) for m in conv)
+
+
+@FUZZ
+@given(blob=st.binary(max_size=300), cut=st.integers(min_value=0, max_value=400))
+def test_fuzz_adapter_reader(tmp_path, blob, cut):
+    d = tmp_path / "adapter"
+    d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    real = d / "adapter_model.safetensors"
+    save_file({"base_model.model.x.lora_A.weight": torch.ones(2, 3)}, str(real))
+    data = real.read_bytes()
+    real.write_bytes(data[:cut] + blob if cut < len(data) else blob)
+    try:
+        read_adapter(d)
+    except AdapterError as e:
+        assert "\n" not in str(e)
+
+
+@FUZZ
+@given(blob=st.binary(max_size=300))
+def test_fuzz_checkpoint_reader(tmp_path, blob):
+    d = tmp_path / "ckpt"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(blob)
+    try:
+        Checkpoint(d)
+    except CheckpointError as e:
+        assert "\n" not in str(e)
+
