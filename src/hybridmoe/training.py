@@ -9,6 +9,7 @@ diagnosis. The adapter is checked before every write and never written with NaN/
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -94,13 +95,18 @@ def _total_steps(cfg: TrainConfig, n_examples: int) -> int:
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    return batches(range(n), batch_size, seed, epoch)  # one shuffle per epoch, not per micro-batch
+
+
 def _next_batch(dataset, cfg: TrainConfig, state: LoopState) -> list[int]:
     """The micro-batch at the current data position; advances (epoch, batch_in_epoch). Deterministic for resume."""
-    epoch_batches = batches(dataset, cfg.per_device_train_batch_size, cfg.seed, state.epoch)
+    epoch_batches = _epoch_batches(len(dataset), cfg.per_device_train_batch_size, cfg.seed, state.epoch)
     if state.batch_in_epoch >= len(epoch_batches):
         state.epoch += 1
         state.batch_in_epoch = 0
-        epoch_batches = batches(dataset, cfg.per_device_train_batch_size, cfg.seed, state.epoch)
+        epoch_batches = _epoch_batches(len(dataset), cfg.per_device_train_batch_size, cfg.seed, state.epoch)
     idx = epoch_batches[state.batch_in_epoch]
     state.batch_in_epoch += 1
     return idx
@@ -110,7 +116,7 @@ def _nonfinite_components(named: list[tuple[str, torch.Tensor]]) -> dict[str, in
     counts: dict[str, int] = {}
     for name, p in named:
         if p.grad is not None and not torch.isfinite(p.grad).all():
-            c = component_of(name if ".experts." not in f".{name}" else name.replace(".gate_up_proj", "").replace(".down_proj", ""))
+            c = component_of(name)
             counts[c] = counts.get(c, 0) + 1
     return counts
 
