@@ -50,7 +50,9 @@ def test_loss_falls(arch, device, ckpts, tmp_path):
     assert res.steps == 12 and res.skipped_steps == 0
     assert sum(res.losses[-3:]) / 3 < res.losses[0] - 0.3
     log = read_log(tmp_path / "out")
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"} <= set(log[0])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "host_rss_gib"} <= set(log[0])
+    assert 0 < log[0]["host_rss_gib"] < 64
+    assert ("peak_gpu_gib" in log[0]) == (device == "cuda")
 
 
 @ARCHS

@@ -246,7 +246,8 @@ def train(config, overrides=None) -> TrainResult:
                 now = time.perf_counter()
                 rec = {"step": st.step, "loss": window["loss"] / max(1, window["n"]),
                        "lr": sched.get_last_lr()[0], "grad_norm": gnorm_v, "epoch": st.epoch,
-                       "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "skipped_steps": st.skipped}
+                       "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "skipped_steps": st.skipped,
+                       **_memory(setup.device)}
                 _append_log(log_path, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 window.update(loss=0.0, n=0, tokens=0, t=now)
@@ -303,6 +304,22 @@ def _stop_if_asked(stop: _GracefulStop, bar, out: Path, model, opt, sched, st: L
     print(f"[hybridmoe] interrupted at step {st.step}: saved {ck}; continue with resume_from_checkpoint={ck}",
           file=sys.stderr)
     raise KeyboardInterrupt
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory so far and current host RSS, for the log: a time-limited run still reports its footprint."""
+    out = {"host_rss_gib": round(_rss_bytes() / 2**30, 3)}
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: fall back to the peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _append_log(path: Path, rec: dict) -> None:
