@@ -69,35 +69,32 @@ def _require_list(obj: dict, key: str) -> list:
     return value
 
 
+def _turns(record: dict, list_key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Conversation:
+    """The turns of `record[list_key]`, each an object whose `role_key` (mapped through `roles`) and `content_key`
+    give one message."""
+    messages: Conversation = []
+    for i, turn in enumerate(_require_list(record, list_key)):
+        where = f"{list_key}[{i}]: "
+        if not isinstance(turn, dict):
+            raise _RecordError(f"{where}expected an object with '{role_key}' and '{content_key}', "
+                               f"got {type(turn).__name__}")
+        role = _require_str(turn, role_key, where)
+        if role not in roles:
+            raise _RecordError(f"{where}unknown role {_short(role)}; expected one of {', '.join(roles)}")
+        messages.append({"role": roles[role], "content": _require_str(turn, content_key, where)})
+    return messages
+
+
 def _from_openai(record: dict) -> Conversation:
     """OpenAI ``{"messages": [{"role", "content"}, ...]}``."""
-    messages: Conversation = []
-    for i, msg in enumerate(_require_list(record, "messages")):
-        where = f"messages[{i}]: "
-        if not isinstance(msg, dict):
-            raise _RecordError(f"{where}expected an object with 'role' and 'content', got {type(msg).__name__}")
-        role = _require_str(msg, "role", where)
-        if role not in ROLES:
-            raise _RecordError(f"{where}unknown role {_short(role)}; expected one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _require_str(msg, "content", where)})
-    return messages
+    return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
 
 
 def _from_sharegpt(record: dict) -> Conversation:
     """ShareGPT ``{"conversations": [{"from", "value"}, ...], "system"?}``."""
-    messages: Conversation = []
     system = _optional_str(record, "system")
-    if system is not None:
-        messages.append({"role": "system", "content": system})
-    for i, turn in enumerate(_require_list(record, "conversations")):
-        where = f"conversations[{i}]: "
-        if not isinstance(turn, dict):
-            raise _RecordError(f"{where}expected an object with 'from' and 'value', got {type(turn).__name__}")
-        speaker = _require_str(turn, "from", where)
-        if speaker not in SHAREGPT_ROLES:
-            raise _RecordError(f"{where}unknown role {_short(speaker)}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _require_str(turn, "value", where)})
-    return messages
+    head: Conversation = [{"role": "system", "content": system}] if system is not None else []
+    return head + _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def _alpaca_history(record: dict) -> Conversation:
