@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class LoraTargets:
     experts: list[str]  # expert projections ("gate_up_proj", "down_proj") on every HybridExperts
 
 
-def _moe_blocks(model: nn.Module) -> set[str]:
+def moe_blocks_of(model: nn.Module) -> set[str]:
     """Names of modules that directly contain a HybridExperts child (the MoE blocks)."""
     return {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, HybridExperts)}
 
@@ -79,7 +80,7 @@ def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks:
 
 def resolve_targets(model: nn.Module, lora_target: str | list[str]) -> LoraTargets:
     """`all` = attention + dense MLP + shared experts + routed experts; else leaf names, `experts` = routed experts."""
-    moe_blocks = _moe_blocks(model)
+    moe_blocks = moe_blocks_of(model)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     comp = {n: linear_component(model, n, m, moe_blocks) for n, m in linears.items()}
     if isinstance(lora_target, str):
@@ -194,8 +195,9 @@ def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name: str | None = None,
-                 extra_files: dict[str, str] | None = None) -> Path:
-    """Validate (finite) and write the adapter atomically: a temp dir renamed over `out_dir`'s adapter files."""
+                 write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Validate (finite) and write the adapter atomically: files are made in a temp dir and moved over `out_dir`'s,
+    weights first and adapter_config.json last. `write_extra(tmp)` may add files (tokenizer, training config)."""
     from safetensors.torch import save_file
 
     from .io import atomic_write_dir
@@ -208,11 +210,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name: 
 
     def write(tmp: Path) -> None:
         save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if write_extra is not None:
+            write_extra(tmp)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
 
-    return atomic_write_dir(Path(out_dir), write, names=[ADAPTER_WEIGHTS, ADAPTER_CONFIG, *(extra_files or {})])
+    return atomic_write_dir(Path(out_dir), write)  # published in the order written
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
@@ -403,12 +405,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     cfg, sd = read_adapter(adapter_dir)
     bad = nonfinite_tensors(sd)
     if bad:
-        from .components import component_of
+        from .components import count_by_component
 
-        counts: dict[str, int] = {}
-        for k in bad:
-            counts[component_of(k)] = counts.get(component_of(k), 0) + 1
-        detail = ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+        detail = ", ".join(f"{c} {n}" for c, n in sorted(count_by_component(bad).items()))
         raise NonFiniteError(
             f"adapter '{adapter_dir}' has {len(bad)} non-finite tensor(s) ({detail}); it was saved from a diverged run "
             f"and would produce NaN logits; see `hybridmoe inspect {adapter_dir}`"

@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch
 
-from .components import component_of
+from .components import count_by_component
 from .errors import DataError
 from .generate import SamplingConfig, generate
 
@@ -22,10 +22,7 @@ def nonfinite_weights(model: torch.nn.Module) -> str | None:
     """Which weights (by component) hold NaN/Inf, on both devices; None when all are finite."""
     from .experts import HybridExperts
 
-    counts: Counter[str] = Counter()
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            counts[component_of(name)] += 1
+    counts = Counter(count_by_component(n for n, p in model.named_parameters() if not torch.isfinite(p).all()))
     for m in model.modules():
         if isinstance(m, HybridExperts):
             tensors = [m.weights.gate_up, m.weights.down] + [t for lo in m.lora.values() for t in lo.parameters()]

@@ -52,6 +52,15 @@ _RULES: tuple[tuple[str, frozenset[str]], ...] = (
 )
 
 
+def count_by_component(names) -> dict[str, int]:
+    """How many of `names` fall in each component (only components that occur)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        c = component_of(name)
+        counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
 def component_of(name: str) -> str:
     """Return the component (one of :data:`COMPONENTS`) of a parameter or adapter-tensor ``name``."""
     segments = set(name.split("."))

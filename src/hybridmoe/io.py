@@ -31,7 +31,7 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterab
     """Call ``write(tmp)`` to produce files in a temp dir, then move each into `out_dir` atomically.
 
     names: the files to publish, in order (weights first, config last, so a reader never finds a new config beside
-    old weights); None publishes every file ``write`` made, in name order.
+    old weights); None publishes every file ``write`` made, in the order it wrote them.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,9 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterab
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=str(out_dir.parent)))
     try:
         write(tmp)
-        names = list(names) if names is not None else sorted(p.name for p in tmp.iterdir() if p.is_file())
+        if names is None:
+            made = [p for p in tmp.iterdir() if p.is_file()]
+            names = [p.name for p in sorted(made, key=lambda p: (p.stat().st_mtime_ns, p.name))]
         for name in names:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())

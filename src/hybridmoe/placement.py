@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .adapters import base_model_of, linear_component
+from .adapters import base_model_of, linear_component, moe_blocks_of
 from .experts import HybridExperts
 
 
@@ -72,7 +72,7 @@ def placement_report(model: nn.Module) -> dict:
         if t.dim() == 3 and tuple(t.shape) in expert_shapes:
             expert_shaped.append(name)
 
-    moe_blocks = {n.rpartition(".")[0] for n in experts}
+    moe_blocks = moe_blocks_of(base)
     dense_mlps, lora_targets = [], defaultdict(int)
     for name, mod in base.named_modules():
         if isinstance(mod, nn.Linear) and linear_component(base, name, mod, moe_blocks) == "dense_mlp":

@@ -26,11 +26,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from .adapters import apply_lora, load_adapter, save_adapter
-from .components import component_of
+from .components import count_by_component
 from .config import TrainConfig, load_config
 from .data import SFTDataset, batches, collate, load_records
 from .errors import ConfigError, NonFiniteError
-from .experts import HybridExperts, expert_lora_parameters
+from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
 from .loading import load_model, load_tokenizer
 from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
@@ -113,12 +113,7 @@ def _next_batch(dataset, cfg: TrainConfig, state: LoopState) -> list[int]:
 
 
 def _nonfinite_components(named: list[tuple[str, torch.Tensor]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name, p in named:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            c = component_of(name)
-            counts[c] = counts.get(c, 0) + 1
-    return counts
+    return count_by_component(n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all())
 
 
 class _Setup:
@@ -328,13 +323,11 @@ def _append_log(path: Path, rec: dict) -> None:
 
 
 def _save_final(out: Path, model, tokenizer, cfg: TrainConfig) -> None:
-    import tempfile
+    def extra(tmp: Path) -> None:  # tokenizer files may be binary (sentencepiece): saved as they are
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "hybridmoe_train.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        extra = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
-    extra["hybridmoe_train.yaml"] = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    save_adapter(model, out, base_model_name=cfg.model_name_or_path, extra_files=extra)
+    save_adapter(model, out, base_model_name=cfg.model_name_or_path, write_extra=extra)
 
 
-__all__ = ["TrainResult", "expert_lora_parameters", "train"]
+__all__ = ["TrainResult", "named_trainable", "train"]

@@ -1,6 +1,6 @@
 """Routed experts on the CPU: discovery by structure, CPU home of the weights, exact forward/backward."""
 
-from .cpu_experts import ExpertLoRA, ExpertWeights, HybridExperts, expert_lora_parameters
+from .cpu_experts import ExpertLoRA, ExpertWeights, HybridExperts
 from .discovery import TESTED_ARCHITECTURES, ExpertsSpec, experts_spec, find_fused_experts, is_fused_experts
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "ExpertWeights",
     "ExpertsSpec",
     "HybridExperts",
-    "expert_lora_parameters",
     "experts_spec",
     "find_fused_experts",
     "is_fused_experts",

@@ -7,12 +7,12 @@ shared experts, ``shared_expert_gate``) is transformers' own code, untouched.
 One copy of every weight, in one place: the expert weights are held by an :class:`ExpertWeights` object that is
 *not* an ``nn.Parameter`` or buffer. ``model.to()``, ``state_dict()``, PEFT and accelerate therefore cannot see,
 move, wrap or empty them. The same holds for the expert LoRA (:class:`ExpertLoRA`, fp32 master weights on the CPU),
-which the trainer collects explicitly through :func:`expert_lora_parameters`.
+which the trainer collects explicitly (``hybridmoe.training.named_trainable``).
 
 Only activations cross devices: hidden states, top-k ids and top-k weights go to the CPU, the combined expert output
 comes back. The backward pass (``_CpuExpertsFn.backward``) computes, on the CPU, the gradients with respect to the
-hidden states, the routing weights and the expert LoRA factors; it recomputes the per-expert activations instead of
-keeping them, so the host memory a training step needs is one layer's, not all layers'.
+hidden states, the routing weights and the expert LoRA factors from the per-slot pre-activations and outputs the
+forward kept (no GEMM is recomputed; under gradient checkpointing they live for one layer at a time).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class _ExpertMath:
         return gu, y
 
     def gate(self, gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """gu [n, 2I] -> (g, u, act(g), h = act(g)·u), the gated activation and the pieces its backward needs."""
+        """gu [n, 2I] -> (g, u, h = act(g)·u, act(g)): the gated activation and the pieces its backward needs."""
         g, u = gu.chunk(2, dim=-1)  # [n, I] each
         a = self.act_fn(g)
         return g, u, a * u, a
@@ -306,7 +306,3 @@ class HybridExperts(nn.Module):
             f"dtype={self.weights.gate_up.dtype}, device=cpu, lora={sorted(self.lora)}"
         )
 
-
-def expert_lora_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """Every routed-expert LoRA tensor of a model (cpu, fp32), in module order."""
-    return [t for m in model.modules() if isinstance(m, HybridExperts) for t in m.lora_tensors()]
