@@ -109,21 +109,22 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod._buffers[leaf] = tensor
 
 
+def _check_shape(tensor: torch.Tensor, want: tuple, key: str, f: Path) -> None:
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(tensor.shape)}, the config expects {want}")
+
+
 def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: Path) -> None:
     dst = experts.weights.tensor(sl.proj)  # [E, out, in] cpu
     if sl.expert is None:
-        want = tuple(dst.shape)
-        if tuple(tensor.shape) != want:
-            raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(tensor.shape)}, the config expects {want}")
+        _check_shape(tensor, tuple(dst.shape), key, f)
         dst.copy_(tensor)
         experts.weights.loaded[sl.proj][:] = True
         return
     if not 0 <= sl.expert < dst.shape[0]:
         raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {dst.shape[0]} experts")
     rows = dst.shape[1] // sl.num_chunks
-    want = (rows, dst.shape[2])
-    if tuple(tensor.shape) != want:
-        raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(tensor.shape)}, the config expects {want}")
+    _check_shape(tensor, (rows, dst.shape[2]), key, f)
     # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home.
     dst[sl.expert, sl.chunk * rows : (sl.chunk + 1) * rows].copy_(tensor)
     experts.weights.loaded[sl.proj][sl.expert, sl.chunk] = True
@@ -145,9 +146,7 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                     _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
                 elif name in expected:
                     t = read_tensor(handle, f, key)
-                    want = tuple(expected[name].shape)
-                    if tuple(t.shape) != want:
-                        raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(t.shape)}, the config expects {want}")
+                    _check_shape(t, tuple(expected[name].shape), key, f)
                     if t.is_floating_point():
                         t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
                     _set_tensor(model, name, t.to(device))
