@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from hybridmoe.adapters import adapter_state_dict, apply_lora, no_peft_moe_rewrite
 from hybridmoe.experts import HybridExperts
+from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.loading import load_model
 from hybridmoe.placement import placement_report
 from hybridmoe.testing import TINY_ARCHS
@@ -24,6 +25,17 @@ from .conftest import DEVICES
 from .helpers import randomize_lora
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
+# "cpu-experts": every batch runs the experts on the CPU; "streamed": every batch runs them on `device` from the
+# two-slot weight cache (on the CPU the slots are host copies: the same cache bookkeeping, checked without a GPU).
+MODES = pytest.mark.parametrize("mode", ["cpu-experts", "streamed"])
+
+
+def _load(path, device, mode, dtype="float32"):
+    streamed = mode == "streamed"
+    m = load_model(path, device=device, dtype=dtype, progress=False, stream_min_tokens=1 if streamed else 0)
+    if streamed and device == "cpu":
+        enable_streaming(m, "cpu", 1)
+    return m
 
 
 def _reference(path, dtype=torch.float32, device="cpu"):
@@ -35,12 +47,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+@MODES
 @DEVICES
 @ARCHS
-def test_logits_match_transformers_fp32(arch, device, tiny_ckpt):
+def test_logits_match_transformers_fp32(arch, device, mode, tiny_ckpt):
     path = tiny_ckpt(arch)
     ref = _reference(path, device=device)
-    hyb = load_model(path, device=device, dtype="float32", progress=False)
+    hyb = _load(path, device, mode)
     rep = placement_report(hyb)
     assert rep["ok"], rep["problems"]
     assert rep["moe_layers"] and all(dev.startswith(("cpu", device)) for dev in rep["devices"])
@@ -94,11 +107,12 @@ def _lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@MODES
 @DEVICES
 @ARCHS
-def test_lora_gradients_match_peft(arch, device, tiny_ckpt):
+def test_lora_gradients_match_peft(arch, device, mode, tiny_ckpt):
     path = tiny_ckpt(arch)
-    hyb = apply_lora(load_model(path, device=device, dtype="float32", progress=False), "all", rank=4, alpha=8, seed=3)
+    hyb = apply_lora(_load(path, device, mode), "all", rank=4, alpha=8, seed=3)
     randomize_lora(hyb, seed=4)
     ref = _peft_reference(path, hyb, device)
 

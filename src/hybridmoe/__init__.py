@@ -7,17 +7,20 @@ __version__ = "0.1.0"
 from .errors import HybridMoEError
 
 
-def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge: bool = False, progress: bool = True):
+def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge: bool = False, progress: bool = True,
+         stream_min_tokens=None):
     """Load a MoE checkpoint (and optionally a PEFT adapter) for generation; returns ``(model, tokenizer)``.
 
     model: checkpoint directory. adapter: PEFT adapter directory. device: 'cuda' or 'cpu' (default: cuda if
     available). dtype: 'bfloat16' or 'float32' (default bf16 on cuda, fp32 on cpu). merge: fold the adapter into the
-    weights on both sides (same outputs, faster). The returned model's ``generate`` works like a transformers model's.
+    weights on both sides (same outputs, faster). stream_min_tokens: prompts of at least this many tokens run the
+    experts on the GPU with their weights streamed in (default 256 on CUDA, 0 = CPU only). The returned model's ``generate`` works like a transformers model's.
     """
     from .adapters import load_adapter, merge_adapter
     from .loading import load_model, load_tokenizer
 
-    m = load_model(model, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress)
+    m = load_model(model, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
+                   stream_min_tokens=stream_min_tokens)
     tok = load_tokenizer(model)
     if adapter is not None:
         m = load_adapter(m, adapter)

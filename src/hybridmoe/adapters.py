@@ -453,5 +453,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
             for proj in list(m.lora):
                 m.weights.tensor(proj).copy_(m.merged_weight(proj))
                 del m.lora[proj]
+            if m.streamer is not None:
+                m.streamer.invalidate()  # the GPU slots hold the unmerged weights
     merged.hybridmoe.lora_config = None
     return merged

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     c.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     c.add_argument("--merge", action="store_true", help="fold the adapter into the weights at load time")
+    c.add_argument("--stream-min-tokens", type=int, default=None,
+                   help="prompts of at least this many tokens run the experts on the GPU, weights streamed in "
+                        "(default 256 on CUDA; 0 = always on the CPU)")
     c.set_defaults(func=_cmd_chat)
 
     i = sub.add_parser("inspect", help="adapter health by component", description="Adapter health by component; exit 1 on NaN/Inf.")

@@ -20,8 +20,13 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import CheckpointError, ConfigError
 from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
+from .experts.streaming import enable_streaming
 
 log = logging.getLogger("hybridmoe")
+
+# Batches of at least this many tokens run the routed experts on the GPU, their weights streamed in (see
+# experts/streaming.py); smaller ones on the CPU. Chosen by measurement on the GPU host (BENCHMARKS.md).
+DEFAULT_STREAM_MIN_TOKENS = 256
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -193,11 +198,14 @@ def load_model(
     expert_dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    stream_min_tokens: int | None = None,
 ) -> nn.Module:
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
-    weights (default: same as dtype). Returns the transformers model in eval mode with ``model.hybridmoe`` set.
+    weights (default: same as dtype). stream_min_tokens: batches of at least this many tokens run the experts on the
+    GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU).
+    Returns the transformers model in eval mode with ``model.hybridmoe`` set.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -213,8 +221,22 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts))
+    _setup_streaming(model, experts, dev, stream_min_tokens)
     _load_generation_config(model, ckpt.path)
     return model
+
+
+def _setup_streaming(model: nn.Module, experts: dict[str, HybridExperts], dev: torch.device,
+                     min_tokens: int | None) -> None:
+    if min_tokens is None:
+        min_tokens = DEFAULT_STREAM_MIN_TOKENS if dev.type == "cuda" else 0
+    if min_tokens < 0:
+        raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {min_tokens}")
+    if dev.type != "cuda":
+        min_tokens = 0  # nothing to stream to
+    if min_tokens and not all(ex.weights.pin() for ex in experts.values()):
+        log.warning("could not page-lock the expert weights: streaming them to the GPU will be slower")
+    enable_streaming(model, dev, min_tokens)
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:

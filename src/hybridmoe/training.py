@@ -131,7 +131,8 @@ class _Setup:
               f"({s['supervised_tokens']} supervised), {s['truncated']} truncated, {s['dropped']} dropped",
               file=sys.stderr)
         base = load_model(cfg.model_name_or_path, device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype,
-                          trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+                          trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+                          stream_min_tokens=cfg.stream_min_tokens)
         self.device = base.hybridmoe.device
         torch.manual_seed(cfg.seed)
         if resume is not None:

@@ -1,4 +1,4 @@
-"""Routed experts that live in CPU RAM and run on the CPU.
+"""Routed experts whose weights live in CPU RAM.
 
 ``HybridExperts`` replaces a transformers fused experts block in the module tree. It keeps the forward signature
 ``(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``, so the MoE block around it (router,
@@ -9,15 +9,22 @@ One copy of every weight, in one place: the expert weights are held by an :class
 move, wrap or empty them. The same holds for the expert LoRA (:class:`ExpertLoRA`, fp32 master weights on the CPU),
 which the trainer collects explicitly (``hybridmoe.training.named_trainable``).
 
-Only activations cross devices: hidden states, top-k ids and top-k weights go to the CPU, the combined expert output
-comes back. The backward pass (``_CpuExpertsFn.backward``) computes, on the CPU, the gradients with respect to the
-hidden states, the routing weights and the expert LoRA factors from the per-slot pre-activations and outputs the
-forward kept (no GEMM is recomputed; under gradient checkpointing they live for one layer at a time).
+Where the math runs is chosen per call from the batch size (``HybridExperts.streams``):
+- small batches (decode, short prompts) run on the CPU, next to the weights. Only activations cross devices: hidden
+  states, top-k ids and top-k weights go to the CPU, the combined expert output comes back;
+- large batches (training, long prefill) run on the GPU: the layer's weights are streamed into a two-slot GPU cache
+  (:mod:`hybridmoe.experts.streaming`) and the LoRA factors are copied there; their gradients come back to the CPU
+  masters.
+The backward pass (``_ExpertsFn.backward``) computes the gradients with respect to the hidden states, the routing
+weights and the expert LoRA factors from the per-slot pre-activations and outputs the forward kept (no GEMM is
+recomputed; under gradient checkpointing they live for one layer at a time).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,6 +57,26 @@ class ExpertWeights:
     def tensor(self, proj: str) -> torch.Tensor:
         return self.gate_up if proj == "gate_up_proj" else self.down
 
+    def pin(self) -> bool:
+        """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA.
+
+        cudaHostRegister on the existing pages: unlike ``pin_memory=True`` (torch's caching host allocator rounds each
+        block up to a power of two, +36% for a V2-Lite layer) it costs no extra host memory. False if CUDA refuses.
+        """
+        cudart = torch.cuda.cudart()
+        pinned = []
+        for t in (self.gate_up, self.down):
+            try:
+                torch.cuda.check_error(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+            except RuntimeError:
+                for ptr in pinned:
+                    cudart.cudaHostUnregister(ptr)
+                return False
+            pinned.append(t.data_ptr())
+        # Unregistered before the tensors are freed: weakref callbacks run before the instance dict is cleared.
+        weakref.finalize(self, _unregister, pinned)
+        return True
+
     @property
     def nbytes(self) -> int:
         return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
@@ -61,6 +88,12 @@ class ExpertWeights:
             for e in (~mask).any(dim=1).nonzero().flatten().tolist():
                 out.append(f"{proj}[{e}]")
         return out
+
+
+def _unregister(ptrs: list[int]) -> None:
+    cudart = torch.cuda.cudart()
+    for ptr in ptrs:
+        cudart.cudaHostUnregister(ptr)
 
 
 class ExpertLoRA:
@@ -109,19 +142,31 @@ def _act_backward(act_fn: nn.Module, g: torch.Tensor, grad_act: torch.Tensor) ->
     return grad
 
 
-class _ExpertMath:
-    """Forward/backward of one expert on its tokens. Base GEMMs run in the weight dtype, everything else in fp32."""
+class LoRAFactors(NamedTuple):
+    """The factors one compute pass uses: the CPU masters themselves, or their copies on the compute device."""
 
-    def __init__(self, weights: ExpertWeights, lora: dict[str, ExpertLoRA], act_fn: nn.Module, expert: int):
-        self.w_gu = weights.gate_up[expert]  # [2I, H]
-        self.w_d = weights.down[expert]  # [H, I]
+    A: torch.Tensor  # [E, r, in] fp32
+    B: torch.Tensor  # [E, out, r] fp32
+    scale: float
+
+
+class _ExpertMath:
+    """Forward/backward of one expert on its tokens. Base GEMMs run in the weight dtype, everything else in fp32.
+
+    Device-agnostic: the same code runs on the CPU (host weights) and on the GPU (streamed weights, LoRA copies).
+    """
+
+    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
+                 expert: int):
+        self.w_gu = w_gu[expert]  # [2I, H]
+        self.w_d = w_d[expert]  # [H, I]
         self.lora_gu = lora.get("gate_up_proj")
         self.lora_d = lora.get("down_proj")
         self.act_fn = act_fn
         self.e = expert
 
     @staticmethod
-    def _linear(x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, e: int) -> torch.Tensor:
+    def _linear(x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None, e: int) -> torch.Tensor:
         # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
         y = nn.functional.linear(x.to(w.dtype), w).float()  # F.linear: the oneDNN path for bf16 on CPU
         if lora is not None:
@@ -140,24 +185,27 @@ class _ExpertMath:
         a = self.act_fn(g)
         return g, u, a * u, a
 
-    def backward_linear(
-        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ExpertLoRA | None, grads: dict
-    ) -> torch.Tensor:
-        """Given dL/dy for y = x W^T + s·(x A^T) B^T, accumulate LoRA grads into `grads` and return dL/dx."""
+    def backward_linear(self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None,
+                        grads: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Given dL/dy for y = x W^T + s·(x A^T) B^T, accumulate LoRA grads into `grads` (gA, gB) and return dL/dx."""
         dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
         if lora is not None:
             a_e, b_e = lora.A[self.e], lora.B[self.e]  # [r, in], [out, r]
             dyb = dy @ b_e  # [n, r]
             dx = dx + lora.scale * (dyb @ a_e)
-            if id(lora) in grads:
-                ga, gb = grads[id(lora)]
+            if grads is not None:
+                ga, gb = grads
                 gb[self.e] += lora.scale * (dy.T @ (x @ a_e.T))  # [out, r]
                 ga[self.e] += lora.scale * (dyb.T @ x)  # [r, in]
         return dx
 
 
-class _CpuExpertsFn(torch.autograd.Function):
-    """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) on the CPU, with an exact CPU backward.
+class _ExpertsFn(torch.autograd.Function):
+    """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) with an exact hand-written backward, on the CPU or the GPU.
+
+    Where it runs is chosen per call by :meth:`HybridExperts.streams` from the token count: small batches
+    (decode) on the CPU next to the weights, large ones (training, long prefill) on the GPU with the layer's weights
+    streamed in by :class:`~hybridmoe.experts.streaming.ExpertStreamer`. The math is the same code either way.
 
     The T·K (token, k) slots are sorted by expert once; each expert then works on a contiguous row range of the
     sorted buffers, and one scatter + sum over k combines the results (no per-expert gathers or index_add).
@@ -165,68 +213,75 @@ class _CpuExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, top_k_index, top_k_weights, module, *lora_tensors):
-        # hidden: [T, H] on the compute device; top_k_index: [T, K] int; top_k_weights: [T, K] float.
+        # hidden: [T, H] on the model device; top_k_index: [T, K] int; top_k_weights: [T, K] float.
         device, out_dtype = hidden.device, hidden.dtype
-        # The one device->host copy of the forward: activations and routing only, never weights.
-        x = hidden.detach().to("cpu", torch.float32)  # [T, H] fp32, cpu
-        ids = top_k_index.detach().to("cpu", torch.int64)  # [T, K] int64, cpu
-        w = top_k_weights.detach().to("cpu", torch.float32)  # [T, K] fp32, cpu
-        ctx.module = module
+        streamed = module.streams(hidden)
+        where = module.streamer.device if streamed else torch.device("cpu")
+        # On the CPU path this is the one device->host copy of the forward: activations and routing, never weights.
+        x = hidden.detach().to(where, torch.float32)  # [T, H] fp32
+        ids = top_k_index.detach().to(where, torch.int64)  # [T, K] int64
+        w = top_k_weights.detach().to(where, torch.float32)  # [T, K] fp32
+        ctx.module, ctx.where, ctx.streamed = module, where, streamed
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         (t, k), spec = ids.shape, module.spec
+        w_gu, w_d = module.weights_on(streamed)  # [E, 2I, H], [E, H, I] in the weight dtype, on `where`
+        lora = module.lora_on(where)
         order, groups = module.route(ids)  # order: [S] slot ids sorted by expert
         x_sorted = x[order // k]  # [S, H]
         # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
-        # time; without it, S·(2I+H)·4 bytes per MoE layer of host RAM.
+        # time; without it, S·(2I+H)·4 bytes per MoE layer.
         keep = any(ctx.needs_input_grad)
-        gu_sorted = torch.empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
-        y_sorted = torch.empty(len(order), spec.hidden_dim)  # [S, H] fp32
+        gu_sorted = x.new_empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
+        y_sorted = x.new_empty(len(order), spec.hidden_dim)  # [S, H] fp32
         for e, rows in groups:
-            gu, y = module.expert_math(e).forward(x_sorted[rows])  # [n, 2I], [n, H]
+            gu, y = _ExpertMath(w_gu, w_d, lora, module.act_fn, e).forward(x_sorted[rows])  # [n, 2I], [n, H]
             y_sorted[rows] = y
             if keep:
                 gu_sorted[rows] = gu
         out = _unsort_sum(y_sorted * w.view(-1)[order, None], order, t, k)  # [T, H]
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
-        # Host->device copy of the combined output (non_blocking is unsafe: `out` is pageable and freed next).
+        # Back to the model device (a no-op on the GPU path). non_blocking is unsafe: `out` is pageable, freed next.
         return out.to(device, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, ids, w, gu_sorted, y_sorted = ctx.saved_tensors
         module: HybridExperts = ctx.module
+        where = ctx.where
         t, k = ids.shape
+        w_gu, w_d = module.weights_on(ctx.streamed)  # streamed again if so (a hit under checkpointing)
+        lora = module.lora_on(where)
         order, groups = module.route(ids)  # the same deterministic sort as the forward
         tok = order // k
-        g_sorted = grad_out.detach().to("cpu", torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
+        g_sorted = grad_out.detach().to(where, torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
         x_sorted = x[tok]  # [S, H]
         grad_w = torch.empty_like(w).view(-1)  # [T*K]
         grad_w[order] = (g_sorted * y_sorted).sum(-1)
         dy_sorted = g_sorted * w.view(-1)[order, None]  # [S, H]
         dx_sorted = torch.empty_like(x_sorted)  # [S, H]
-        lora = module.lora
-        # Only LoRA factors that need a gradient get a buffer; others are skipped in the math.
-        present = [lora[p] for p in PROJECTIONS if p in lora]  # same order as the *lora_tensors inputs
+        present = [p for p in PROJECTIONS if p in lora]  # same order as the *lora_tensors inputs
+        # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
-        for i, lo in enumerate(present):
+        for i, p in enumerate(present):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
-                lora_grads[id(lo)] = (torch.zeros_like(lo.A), torch.zeros_like(lo.B))
+                lora_grads[p] = (torch.zeros_like(lora[p].A), torch.zeros_like(lora[p].B))
 
         for e, rows in groups:
-            math_e = module.expert_math(e)
+            math_e = _ExpertMath(w_gu, w_d, lora, module.act_fn, e)
             g, u, h, a = math_e.gate(gu_sorted[rows])  # the elementwise gate is recomputed; the GEMMs are not
-            dh = math_e.backward_linear(dy_sorted[rows], h, math_e.w_d, math_e.lora_d, lora_grads)  # [n, I]
+            dh = math_e.backward_linear(dy_sorted[rows], h, math_e.w_d, math_e.lora_d, lora_grads.get("down_proj"))
             dg = _act_backward(module.act_fn, g, dh * u)
             dgu = torch.cat([dg, dh * a], dim=-1)  # [n, 2I]
-            dx_sorted[rows] = math_e.backward_linear(dgu, x_sorted[rows], math_e.w_gu, math_e.lora_gu, lora_grads)
+            dx_sorted[rows] = math_e.backward_linear(dgu, x_sorted[rows], math_e.w_gu, math_e.lora_gu,
+                                                     lora_grads.get("gate_up_proj"))
 
         lora_out = []
-        for i, lo in enumerate(present):
-            ga, gb = lora_grads.get(id(lo), (None, None))
-            lora_out.append(ga if ctx.needs_input_grad[4 + 2 * i] else None)
-            lora_out.append(gb if ctx.needs_input_grad[5 + 2 * i] else None)
-        # Device copies back: only the activation gradients; LoRA grads stay on the CPU with their parameters.
+        for i, p in enumerate(present):
+            ga, gb = lora_grads.get(p, (None, None))
+            # The masters live on the CPU: their gradients go there (16 MB a layer at V2-Lite shape, r=8).
+            lora_out.append(ga.cpu() if ctx.needs_input_grad[4 + 2 * i] else None)
+            lora_out.append(gb.cpu() if ctx.needs_input_grad[5 + 2 * i] else None)
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, *lora_out)
@@ -240,7 +295,7 @@ def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) 
 
 
 class HybridExperts(nn.Module):
-    """Drop-in replacement for a transformers fused experts block, computed on the CPU.
+    """Drop-in replacement for a transformers fused experts block; weights in CPU RAM, computed on CPU or GPU.
 
     Holds no parameters or buffers: the weights (:class:`ExpertWeights`) and LoRA (:class:`ExpertLoRA`) are plain
     attributes, invisible to ``model.to()``, ``state_dict()`` and PEFT.
@@ -255,6 +310,9 @@ class HybridExperts(nn.Module):
         self.source_class = source_class
         self.weights = ExpertWeights(spec, weight_dtype, device)
         self.lora: dict[str, ExpertLoRA] = {}
+        # Set by streaming.enable_streaming: large batches then run on the GPU with this layer's weights streamed in.
+        self.streamer = None
+        self.stream_index = -1
 
     # -- LoRA -------------------------------------------------------------------------------------------------
     def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:
@@ -284,12 +342,24 @@ class HybridExperts(nn.Module):
             start += n
         return order, groups
 
-    def expert_math(self, e: int) -> _ExpertMath:
-        return _ExpertMath(self.weights, self.lora, self.act_fn, e)
+    def streams(self, hidden: torch.Tensor) -> bool:
+        """Whether this call runs on the GPU with the weights streamed in: batches of at least
+        ``streamer.min_tokens`` tokens. Smaller ones (decode, short prompts) run on the CPU, next to the weights."""
+        return self.streamer is not None and hidden.shape[0] >= self.streamer.min_tokens
+
+    def weights_on(self, streamed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, H], down [E, H, I]): the host tensors, or this layer's streamed slot on the device."""
+        if streamed:
+            return self.streamer.acquire(self.stream_index)
+        return self.weights.gate_up, self.weights.down
+
+    def lora_on(self, where: torch.device) -> dict[str, LoRAFactors]:
+        """The LoRA factors on `where`: the fp32 CPU masters themselves, or copies (autograd-detached) there."""
+        return {p: LoRAFactors(lo.A.detach().to(where), lo.B.detach().to(where), lo.scale) for p, lo in self.lora.items()}
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        # hidden_states: [T, H] on the compute device. Returns [T, H] on the same device and dtype.
-        return _CpuExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
+        # hidden_states: [T, H] on the model device. Returns [T, H] on the same device and dtype.
+        return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
 
     def merged_weight(self, proj: str) -> torch.Tensor:
         """W + ΔW for one projection, in fp32 on the CPU: [E, out, in]. Used by export and --merge."""
@@ -303,6 +373,6 @@ class HybridExperts(nn.Module):
         s = self.spec
         return (
             f"experts={s.num_experts}, hidden={s.hidden_dim}, intermediate={s.intermediate_dim}, "
-            f"dtype={self.weights.gate_up.dtype}, device=cpu, lora={sorted(self.lora)}"
+            f"dtype={self.weights.gate_up.dtype}, device=cpu, streamed={self.streamer is not None}, lora={sorted(self.lora)}"
         )
 
