@@ -324,9 +324,31 @@ def profile(args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
 
 
+def profile_decode(args) -> None:
+    """torch.profiler over greedy decode steps of the hybrid model (bf16): where a token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import hybridmoe.generate as gen
+    from hybridmoe.generate import SamplingConfig, generate
+    from hybridmoe.loading import load_tokenizer
+
+    model = _load_hybrid(args.dir)
+    tok = load_tokenizer(args.dir)
+    gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
+    prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+    cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
+    generate(model, tok, prompt.tolist(), cfg)  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        res = generate(model, tok, prompt.tolist(), cfg)
+    emit({"bench": "profile_decode", "new_tokens": res.new_tokens, "decode_tok_s": round(res.decode_tokens_per_s, 2),
+          "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1)})
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "chat", "train", "train_baseline", "equiv32", "profile"])
+    p.add_argument("mode", choices=["make", "chat", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
     p.add_argument("--make-layers", type=int, default=0, help="make: write only this many layers")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
@@ -340,7 +362,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     modes = {"make": make, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
-             "profile": profile}
+             "profile": profile, "profile_decode": profile_decode}
     modes[args.mode](args)
 
 

@@ -33,6 +33,7 @@ from .errors import ConfigError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
 from .loading import load_model, load_tokenizer
+from .loss import causal_lm_loss
 from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
 
 log = logging.getLogger("hybridmoe")
@@ -171,9 +172,9 @@ class _Setup:
 def _micro_step(model, batch: dict, device, n_items: int) -> torch.Tensor:
     """Forward + backward of one micro-batch; the loss is summed over tokens / all supervised tokens in the step."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    out = model(**batch, num_items_in_batch=n_items)
-    out.loss.backward()
-    return out.loss.detach()
+    loss = causal_lm_loss(model, batch, n_items)  # the LM head in chunks: no [tokens, vocab] logits kept
+    loss.backward()
+    return loss.detach()
 
 
 def _supervised(batch: dict) -> int:
