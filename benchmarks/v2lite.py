@@ -299,29 +299,41 @@ def train_baseline(args) -> None:
 
 
 def profile(args) -> None:
-    """torch.profiler over two LoRA training steps of the hybrid model: where the CPU time goes."""
+    """torch.profiler over two LoRA training steps of the hybrid model (gradient checkpointing, chunked loss, as the
+    trainer runs them): where the time goes, on the CPU and on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     from hybridmoe.adapters import apply_lora
+    from hybridmoe.loss import causal_lm_loss
 
     model = apply_lora(_load_hybrid(args.dir), "all", rank=8, alpha=16, seed=0)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(DEV)
+    batch = {"input_ids": ids.to(DEV), "attention_mask": torch.ones_like(ids).to(DEV), "labels": ids.to(DEV)}
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        causal_lm_loss(model, batch, ids.numel()).backward()
         if DEV == "cuda":
             torch.cuda.synchronize()
 
     step()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    step()
+    plain = time.perf_counter() - t
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
         step()
-        step()
-    emit({"bench": "profile_train_step", "seconds_per_step": round((time.perf_counter() - t) / 2, 3),
-          "tokens": args.batch * args.seq})
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+    streamer = next((m.streamer for m in model.modules() if getattr(m, "streamer", None) is not None), None)
+    emit({"bench": "profile_train_step", "seconds_per_step": round(plain, 3), "tokens": args.batch * args.seq,
+          "tokens_per_s": round(args.batch * args.seq / plain, 1),
+          "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0,
+          "stream_stats": vars(streamer.stats) if streamer else None})
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+    if DEV == "cuda":
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
 
 
 def profile_decode(args) -> None:

@@ -150,62 +150,128 @@ class LoRAFactors(NamedTuple):
     scale: float
 
 
-class _ExpertMath:
-    """Forward/backward of one expert on its tokens. Base GEMMs run in the weight dtype, everything else in fp32.
+def _gate(act_fn: nn.Module, gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """gu [n, 2I] -> (g, u, h = act(g)·u, act(g)): the gated activation and the pieces its backward needs."""
+    g, u = gu.chunk(2, dim=-1)  # [n, I] each
+    a = act_fn(g)
+    return g, u, a * u, a
 
-    Device-agnostic: the same code runs on the CPU (host weights) and on the GPU (streamed weights, LoRA copies).
+
+def _gate_backward(act_fn: nn.Module, gu: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """dL/dgu [n, 2I] from dL/dh [n, I]; the elementwise gate is recomputed from the kept gu (no GEMM)."""
+    g, u, _, a = _gate(act_fn, gu)
+    return torch.cat([_act_backward(act_fn, g, dh * u), dh * a], dim=-1)
+
+
+class _LoopMath:
+    """All experts of one layer, one expert at a time (``F.linear`` per expert): the CPU path.
+
+    Base GEMMs run in the weight dtype (oneDNN for bf16 on CPU), everything else in fp32. Rows are the expert-sorted
+    slots; ``groups`` lists (expert, row slice) for the experts that have any.
     """
 
     def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
-                 expert: int):
-        self.w_gu = w_gu[expert]  # [2I, H]
-        self.w_d = w_d[expert]  # [H, I]
-        self.lora_gu = lora.get("gate_up_proj")
-        self.lora_d = lora.get("down_proj")
-        self.act_fn = act_fn
-        self.e = expert
+                 groups: list[tuple[int, slice]]):
+        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
+        self.lora, self.act_fn, self.groups = lora, act_fn, groups
 
-    @staticmethod
-    def _linear(x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None, e: int) -> torch.Tensor:
+    def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
-        y = nn.functional.linear(x.to(w.dtype), w).float()  # F.linear: the oneDNN path for bf16 on CPU
-        if lora is not None:
-            y = y + lora.scale * ((x @ lora.A[e].T) @ lora.B[e].T)
+        w = self.w[proj][e]
+        y = nn.functional.linear(x.to(w.dtype), w).float()
+        lo = self.lora.get(proj)
+        if lo is not None:
+            y = y + lo.scale * ((x @ lo.A[e].T) @ lo.B[e].T)
         return y
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [n, H] fp32 -> (gu [n, 2I], y [n, H]), both fp32."""
-        gu = self._linear(x, self.w_gu, self.lora_gu, self.e)  # [n, 2I]
-        y = self._linear(self.gate(gu)[2], self.w_d, self.lora_d, self.e)  # [n, H]
-        return gu, y
+    def forward(self, x: torch.Tensor, gu_out: torch.Tensor | None, y_out: torch.Tensor) -> None:
+        """x [S, H] fp32 -> writes gu [S, 2I] (if kept) and y [S, H], both fp32."""
+        for e, rows in self.groups:
+            gu = self._linear("gate_up_proj", x[rows], e)  # [n, 2I]
+            y_out[rows] = self._linear("down_proj", _gate(self.act_fn, gu)[2], e)  # [n, H]
+            if gu_out is not None:
+                gu_out[rows] = gu
 
-    def gate(self, gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """gu [n, 2I] -> (g, u, h = act(g)·u, act(g)): the gated activation and the pieces its backward needs."""
-        g, u = gu.chunk(2, dim=-1)  # [n, I] each
-        a = self.act_fn(g)
-        return g, u, a * u, a
-
-    def backward_linear(self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None,
-                        grads: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """Given dL/dy for y = x W^T + s·(x A^T) B^T, accumulate LoRA grads into `grads` (gA, gB) and return dL/dx."""
+    def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, e: int, grads: dict) -> torch.Tensor:
+        """dL/dx for y = x W^T + s·(x A^T) B^T, accumulating the LoRA grads (gA, gB) of `proj` into `grads`."""
+        w = self.w[proj][e]
         dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
-        if lora is not None:
-            a_e, b_e = lora.A[self.e], lora.B[self.e]  # [r, in], [out, r]
+        lo = self.lora.get(proj)
+        if lo is not None:
+            a_e, b_e = lo.A[e], lo.B[e]  # [r, in], [out, r]
             dyb = dy @ b_e  # [n, r]
-            dx = dx + lora.scale * (dyb @ a_e)
-            if grads is not None:
-                ga, gb = grads
-                gb[self.e] += lora.scale * (dy.T @ (x @ a_e.T))  # [out, r]
-                ga[self.e] += lora.scale * (dyb.T @ x)  # [r, in]
+            dx = dx + lo.scale * (dyb @ a_e)
+            if proj in grads:
+                ga, gb = grads[proj]
+                gb[e] += lo.scale * (dy.T @ (x @ a_e.T))  # [out, r]
+                ga[e] += lo.scale * (dyb.T @ x)  # [r, in]
         return dx
+
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict, dx_out: torch.Tensor) -> None:
+        """dy [S, H] = dL/dy per slot -> writes dx [S, H]; LoRA grads accumulate into `grads`."""
+        for e, rows in self.groups:
+            h = _gate(self.act_fn, gu[rows])[2]
+            dh = self._linear_backward("down_proj", dy[rows], h, e, grads)  # [n, I]
+            dgu = _gate_backward(self.act_fn, gu[rows], dh)  # [n, 2I]
+            dx_out[rows] = self._linear_backward("gate_up_proj", dgu, x[rows], e, grads)
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul over expert-sorted rows: a [S, K] (group g = rows offs[g-1]:offs[g]) with b [E, K, N] -> [S, N];
+    or a [M, S] and b [S, N] with groups along S -> [E, M, N]. One kernel (CUTLASS for bf16 on Hopper), no host sync."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+class _GroupedMath:
+    """All experts of one layer in a few grouped GEMMs: the streamed (GPU) path, with no per-expert Python loop
+    and no host synchronisation (group boundaries stay on the device as cumulative offsets)."""
+
+    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
+                 offs: torch.Tensor):
+        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
+        self.lora, self.act_fn, self.offs = lora, act_fn, offs  # offs: [E] int32 cumulative row ends
+
+    def _linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.w[proj]
+        y = _gmm(x.to(w.dtype), w.transpose(1, 2), self.offs).float()  # [S, out]: per group x W[e]^T
+        lo = self.lora.get(proj)
+        if lo is not None:
+            xa = _gmm(x, lo.A.transpose(1, 2), self.offs)  # [S, r]
+            y = y + lo.scale * _gmm(xa, lo.B.transpose(1, 2), self.offs)
+        return y
+
+    def forward(self, x: torch.Tensor, gu_out: torch.Tensor | None, y_out: torch.Tensor) -> None:
+        gu = self._linear("gate_up_proj", x)  # [S, 2I] fp32
+        y_out.copy_(self._linear("down_proj", _gate(self.act_fn, gu)[2]))
+        if gu_out is not None:
+            gu_out.copy_(gu)
+
+    def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, grads: dict) -> torch.Tensor:
+        w = self.w[proj]
+        dx = _gmm(dy.to(w.dtype), w, self.offs).float()  # [S, in]: per group dy W[e]
+        lo = self.lora.get(proj)
+        if lo is not None:
+            dyb = _gmm(dy, lo.B, self.offs)  # [S, r]
+            dx = dx + lo.scale * _gmm(dyb, lo.A, self.offs)
+            if proj in grads:
+                ga, gb = grads[proj]
+                xa = _gmm(x, lo.A.transpose(1, 2), self.offs)  # [S, r]
+                gb += lo.scale * _gmm(dy.T, xa, self.offs)  # [E, out, r]
+                ga += lo.scale * _gmm(dyb.T, x, self.offs)  # [E, r, in]
+        return dx
+
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict, dx_out: torch.Tensor) -> None:
+        dh = self._linear_backward("down_proj", dy, _gate(self.act_fn, gu)[2], grads)  # [S, I]
+        dx_out.copy_(self._linear_backward("gate_up_proj", _gate_backward(self.act_fn, gu, dh), x, grads))
 
 
 class _ExpertsFn(torch.autograd.Function):
     """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) with an exact hand-written backward, on the CPU or the GPU.
 
     Where it runs is chosen per call by :meth:`HybridExperts.streams` from the token count: small batches
-    (decode) on the CPU next to the weights, large ones (training, long prefill) on the GPU with the layer's weights
-    streamed in by :class:`~hybridmoe.experts.streaming.ExpertStreamer`. The math is the same code either way.
+    (decode) on the CPU next to the weights, one expert at a time (:class:`_LoopMath`); large ones (training, long
+    prefill) on the GPU with the layer's weights streamed in by
+    :class:`~hybridmoe.experts.streaming.ExpertStreamer`, in grouped GEMMs (:class:`_GroupedMath`).
 
     The T·K (token, k) slots are sorted by expert once; each expert then works on a contiguous row range of the
     sorted buffers, and one scatter + sum over k combines the results (no per-expert gathers or index_add).
@@ -224,9 +290,7 @@ class _ExpertsFn(torch.autograd.Function):
         ctx.module, ctx.where, ctx.streamed = module, where, streamed
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         (t, k), spec = ids.shape, module.spec
-        w_gu, w_d = module.weights_on(streamed)  # [E, 2I, H], [E, H, I] in the weight dtype, on `where`
-        lora = module.lora_on(where)
-        order, groups = module.route(ids)  # order: [S] slot ids sorted by expert
+        order, math = module.expert_math(ids, streamed)  # order: [S] slot ids sorted by expert
         x_sorted = x[order // k]  # [S, H]
         # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
@@ -234,11 +298,7 @@ class _ExpertsFn(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         gu_sorted = x.new_empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
         y_sorted = x.new_empty(len(order), spec.hidden_dim)  # [S, H] fp32
-        for e, rows in groups:
-            gu, y = _ExpertMath(w_gu, w_d, lora, module.act_fn, e).forward(x_sorted[rows])  # [n, 2I], [n, H]
-            y_sorted[rows] = y
-            if keep:
-                gu_sorted[rows] = gu
+        math.forward(x_sorted, gu_sorted if keep else None, y_sorted)
         out = _unsort_sum(y_sorted * w.view(-1)[order, None], order, t, k)  # [T, H]
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
         # Back to the model device (a no-op on the GPU path). non_blocking is unsafe: `out` is pageable, freed next.
@@ -248,33 +308,21 @@ class _ExpertsFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, ids, w, gu_sorted, y_sorted = ctx.saved_tensors
         module: HybridExperts = ctx.module
-        where = ctx.where
         t, k = ids.shape
-        w_gu, w_d = module.weights_on(ctx.streamed)  # streamed again if so (a hit under checkpointing)
-        lora = module.lora_on(where)
-        order, groups = module.route(ids)  # the same deterministic sort as the forward
+        order, math = module.expert_math(ids, ctx.streamed)  # same sort; weights streamed again (a cache hit)
         tok = order // k
-        g_sorted = grad_out.detach().to(where, torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
-        x_sorted = x[tok]  # [S, H]
+        g_sorted = grad_out.detach().to(ctx.where, torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
         grad_w = torch.empty_like(w).view(-1)  # [T*K]
         grad_w[order] = (g_sorted * y_sorted).sum(-1)
         dy_sorted = g_sorted * w.view(-1)[order, None]  # [S, H]
-        dx_sorted = torch.empty_like(x_sorted)  # [S, H]
-        present = [p for p in PROJECTIONS if p in lora]  # same order as the *lora_tensors inputs
+        dx_sorted = torch.empty_like(g_sorted)  # [S, H]
+        present = [p for p in PROJECTIONS if p in math.lora]  # same order as the *lora_tensors inputs
         # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
         for i, p in enumerate(present):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
-                lora_grads[p] = (torch.zeros_like(lora[p].A), torch.zeros_like(lora[p].B))
-
-        for e, rows in groups:
-            math_e = _ExpertMath(w_gu, w_d, lora, module.act_fn, e)
-            g, u, h, a = math_e.gate(gu_sorted[rows])  # the elementwise gate is recomputed; the GEMMs are not
-            dh = math_e.backward_linear(dy_sorted[rows], h, math_e.w_d, math_e.lora_d, lora_grads.get("down_proj"))
-            dg = _act_backward(module.act_fn, g, dh * u)
-            dgu = torch.cat([dg, dh * a], dim=-1)  # [n, 2I]
-            dx_sorted[rows] = math_e.backward_linear(dgu, x_sorted[rows], math_e.w_gu, math_e.lora_gu,
-                                                     lora_grads.get("gate_up_proj"))
+                lora_grads[p] = (torch.zeros_like(math.lora[p].A), torch.zeros_like(math.lora[p].B))
+        math.backward(dy_sorted, x[tok], gu_sorted, lora_grads, dx_sorted)
 
         lora_out = []
         for i, p in enumerate(present):
@@ -330,17 +378,24 @@ class HybridExperts(nn.Module):
         return out
 
     # -- compute ----------------------------------------------------------------------------------------------
-    def route(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, slice]]]:
-        """Sort the flattened [T*K] (token, k) slots by expert: (order [S], [(expert, row slice of its slots)])."""
+    def expert_math(self, ids: torch.Tensor, streamed: bool) -> tuple[torch.Tensor, _LoopMath | _GroupedMath]:
+        """Sort the flattened [T*K] (token, k) slots by expert; (order [S], the math over the sorted rows).
+
+        Streamed: grouped GEMMs on the device, group ends as a device tensor (no host sync). CPU: the per-expert loop.
+        """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        w_gu, w_d = self.weights_on(streamed)
+        lora = self.lora_on(ids.device)
+        if streamed:
+            return order, _GroupedMath(w_gu, w_d, lora, self.act_fn, counts.cumsum(0).to(torch.int32))
         groups, start = [], 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n:
                 groups.append((e, slice(start, start + n)))
             start += n
-        return order, groups
+        return order, _LoopMath(w_gu, w_d, lora, self.act_fn, groups)
 
     def streams(self, hidden: torch.Tensor) -> bool:
         """Whether this call runs on the GPU with the weights streamed in: batches of at least
