@@ -101,3 +101,26 @@ def test_streaming_off_on_cpu_by_default_and_negative_rejected(deep_ckpt):
     assert all(m.streamer is None for m in model.modules() if isinstance(m, HybridExperts))
     with pytest.raises(ConfigError, match="stream_min_tokens"):
         load_model(deep_ckpt, device="cpu", dtype="float32", progress=False, stream_min_tokens=-1)
+
+
+def test_streamed_bf16_no_further_from_fp32_than_the_cpu_path(deep_ckpt):
+    """bf16 weights: the streamed path keeps activations and LoRA GEMMs in bf16 (transformers' own precision), the
+    CPU path in fp32. Against the fp32 model, the streamed path's loss and worst LoRA gradient error must be within
+    1.5x the bf16 CPU path's + 1e-2 (bf16 noise is the floor both stand on; a wrong layer or slot would be O(1))."""
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def run(dtype, streamed):
+        model = apply_lora(load_model(deep_ckpt, device="cpu", dtype=dtype, progress=False), "all", 4, 8, seed=1)
+        randomize_lora(model, seed=2)
+        if streamed:
+            enable_streaming(model, "cpu", min_tokens=8)
+        loss, grads = _step(model, ids)
+        return loss.float(), [g.float() for g in grads]
+
+    loss32, grads32 = run("float32", False)
+    errs = {}
+    for streamed in (False, True):
+        loss, grads = run("bfloat16", streamed)
+        errs[streamed] = (_rel(loss, loss32), max(_rel(a, b) for a, b in zip(grads, grads32)))
+    assert errs[True][0] <= 1.5 * errs[False][0] + 1e-2, errs
+    assert errs[True][1] <= 1.5 * errs[False][1] + 1e-2, errs

@@ -174,6 +174,7 @@ class _LoopMath:
                  groups: list[tuple[int, slice]]):
         self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
         self.lora, self.act_fn, self.groups = lora, act_fn, groups
+        self.act_dtype = torch.float32  # activations kept between the GEMMs
 
     def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
@@ -224,40 +225,49 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 class _GroupedMath:
     """All experts of one layer in a few grouped GEMMs: the streamed (GPU) path, with no per-expert Python loop
-    and no host synchronisation (group boundaries stay on the device as cumulative offsets)."""
+    and no host synchronisation (group boundaries stay on the device as cumulative offsets).
+
+    Every GEMM, LoRA included, runs in the weight dtype with fp32 accumulation, and the activations between them
+    are kept in that dtype: for bf16 weights that is transformers' own bf16 precision (and what keeps every GEMM on
+    the CUTLASS grouped kernel; fp32 would fall back to one matmul per expert, and fp32 activations would double the
+    GPU memory of a 4096-token layer). The sum over top-k, the routing-weight gradient and the LoRA gradients
+    accumulate in fp32; the LoRA master weights stay fp32 on the CPU. For fp32 weights the path is fp32 throughout.
+    """
 
     def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
                  offs: torch.Tensor):
         self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
+        self.dtype = self.act_dtype = w_gu.dtype
         self.lora, self.act_fn, self.offs = lora, act_fn, offs  # offs: [E] int32 cumulative row ends
 
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _gmm(a.to(self.dtype), b, self.offs)
+
     def _linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
-        w = self.w[proj]
-        y = _gmm(x.to(w.dtype), w.transpose(1, 2), self.offs).float()  # [S, out]: per group x W[e]^T
+        y = self._mm(x, self.w[proj].transpose(1, 2))  # [S, out]: per group x W[e]^T
         lo = self.lora.get(proj)
         if lo is not None:
-            xa = _gmm(x, lo.A.transpose(1, 2), self.offs)  # [S, r]
-            y = y + lo.scale * _gmm(xa, lo.B.transpose(1, 2), self.offs)
+            xa = self._mm(x, lo.A.transpose(1, 2))  # [S, r]
+            y = y + lo.scale * self._mm(xa, lo.B.transpose(1, 2))
         return y
 
     def forward(self, x: torch.Tensor, gu_out: torch.Tensor | None, y_out: torch.Tensor) -> None:
-        gu = self._linear("gate_up_proj", x)  # [S, 2I] fp32
+        gu = self._linear("gate_up_proj", x)  # [S, 2I]
         y_out.copy_(self._linear("down_proj", _gate(self.act_fn, gu)[2]))
         if gu_out is not None:
             gu_out.copy_(gu)
 
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, grads: dict) -> torch.Tensor:
-        w = self.w[proj]
-        dx = _gmm(dy.to(w.dtype), w, self.offs).float()  # [S, in]: per group dy W[e]
+        dx = self._mm(dy, self.w[proj])  # [S, in]: per group dy W[e]
         lo = self.lora.get(proj)
         if lo is not None:
-            dyb = _gmm(dy, lo.B, self.offs)  # [S, r]
-            dx = dx + lo.scale * _gmm(dyb, lo.A, self.offs)
+            dyb = self._mm(dy, lo.B)  # [S, r]
+            dx = dx + lo.scale * self._mm(dyb, lo.A)
             if proj in grads:
-                ga, gb = grads[proj]
-                xa = _gmm(x, lo.A.transpose(1, 2), self.offs)  # [S, r]
-                gb += lo.scale * _gmm(dy.T, xa, self.offs)  # [E, out, r]
-                ga += lo.scale * _gmm(dyb.T, x, self.offs)  # [E, r, in]
+                ga, gb = grads[proj]  # fp32
+                xa = self._mm(x, lo.A.transpose(1, 2))  # [S, r]
+                gb += lo.scale * self._mm(dy.T, xa).float()  # [E, out, r]: per group dy^T (x A^T)
+                ga += lo.scale * self._mm(dyb.T, x).float()  # [E, r, in]: per group (dy B)^T x
         return dx
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict, dx_out: torch.Tensor) -> None:
@@ -284,13 +294,13 @@ class _ExpertsFn(torch.autograd.Function):
         streamed = module.streams(hidden)
         where = module.streamer.device if streamed else torch.device("cpu")
         # On the CPU path this is the one device->host copy of the forward: activations and routing, never weights.
-        x = hidden.detach().to(where, torch.float32)  # [T, H] fp32
         ids = top_k_index.detach().to(where, torch.int64)  # [T, K] int64
         w = top_k_weights.detach().to(where, torch.float32)  # [T, K] fp32
         ctx.module, ctx.where, ctx.streamed = module, where, streamed
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         (t, k), spec = ids.shape, module.spec
         order, math = module.expert_math(ids, streamed)  # order: [S] slot ids sorted by expert
+        x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
         x_sorted = x[order // k]  # [S, H]
         # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
@@ -299,7 +309,7 @@ class _ExpertsFn(torch.autograd.Function):
         gu_sorted = x.new_empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
         y_sorted = x.new_empty(len(order), spec.hidden_dim)  # [S, H] fp32
         math.forward(x_sorted, gu_sorted if keep else None, y_sorted)
-        out = _unsort_sum(y_sorted * w.view(-1)[order, None], order, t, k)  # [T, H]
+        out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
         # Back to the model device (a no-op on the GPU path). non_blocking is unsafe: `out` is pageable, freed next.
         return out.to(device, out_dtype)
@@ -311,35 +321,37 @@ class _ExpertsFn(torch.autograd.Function):
         t, k = ids.shape
         order, math = module.expert_math(ids, ctx.streamed)  # same sort; weights streamed again (a cache hit)
         tok = order // k
-        g_sorted = grad_out.detach().to(ctx.where, torch.float32)[tok]  # [S, H] dL/d(expert output · w), per slot
-        grad_w = torch.empty_like(w).view(-1)  # [T*K]
-        grad_w[order] = (g_sorted * y_sorted).sum(-1)
-        dy_sorted = g_sorted * w.view(-1)[order, None]  # [S, H]
+        g_sorted = grad_out.detach().to(ctx.where, x.dtype)[tok]  # [S, H] dL/d(expert output · w), per slot
+        grad_w = torch.empty_like(w).view(-1)  # [T*K] fp32
+        grad_w[order] = (g_sorted * y_sorted).sum(-1, dtype=torch.float32)
+        dy_sorted = g_sorted * w.view(-1)[order, None].to(x.dtype)  # [S, H]
         dx_sorted = torch.empty_like(g_sorted)  # [S, H]
         present = [p for p in PROJECTIONS if p in math.lora]  # same order as the *lora_tensors inputs
         # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
         for i, p in enumerate(present):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
-                lora_grads[p] = (torch.zeros_like(math.lora[p].A), torch.zeros_like(math.lora[p].B))
+                lora_grads[p] = (torch.zeros_like(math.lora[p].A, dtype=torch.float32),
+                                 torch.zeros_like(math.lora[p].B, dtype=torch.float32))
         math.backward(dy_sorted, x[tok], gu_sorted, lora_grads, dx_sorted)
 
         lora_out = []
         for i, p in enumerate(present):
             ga, gb = lora_grads.get(p, (None, None))
+            r = module.lora[p].rank  # drop the rows/columns of a padded rank
             # The masters live on the CPU: their gradients go there (16 MB a layer at V2-Lite shape, r=8).
-            lora_out.append(ga.cpu() if ctx.needs_input_grad[4 + 2 * i] else None)
-            lora_out.append(gb.cpu() if ctx.needs_input_grad[5 + 2 * i] else None)
+            lora_out.append(ga[:, :r].cpu() if ctx.needs_input_grad[4 + 2 * i] else None)
+            lora_out.append(gb[:, :, :r].cpu() if ctx.needs_input_grad[5 + 2 * i] else None)
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, *lora_out)
 
 
 def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
-    """[S, H] rows in expert-sorted slot order -> [T, H] sum over each token's k slots."""
+    """[S, H] rows in expert-sorted slot order -> [T, H] fp32 sum over each token's k slots."""
     slots = torch.empty_like(rows_sorted)
     slots[order] = rows_sorted  # back to (token, k) order
-    return slots.view(t, k, -1).sum(dim=1)
+    return slots.view(t, k, -1).sum(dim=1, dtype=torch.float32)
 
 
 class HybridExperts(nn.Module):
@@ -387,7 +399,7 @@ class HybridExperts(nn.Module):
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         w_gu, w_d = self.weights_on(streamed)
-        lora = self.lora_on(ids.device)
+        lora = self.lora_on(ids.device, w_gu.dtype if streamed else torch.float32, pad_rank=streamed)
         if streamed:
             return order, _GroupedMath(w_gu, w_d, lora, self.act_fn, counts.cumsum(0).to(torch.int32))
         groups, start = [], 0
@@ -408,9 +420,22 @@ class HybridExperts(nn.Module):
             return self.streamer.acquire(self.stream_index)
         return self.weights.gate_up, self.weights.down
 
-    def lora_on(self, where: torch.device) -> dict[str, LoRAFactors]:
-        """The LoRA factors on `where`: the fp32 CPU masters themselves, or copies (autograd-detached) there."""
-        return {p: LoRAFactors(lo.A.detach().to(where), lo.B.detach().to(where), lo.scale) for p, lo in self.lora.items()}
+    def lora_on(self, where: torch.device, dtype: torch.dtype, pad_rank: bool = False) -> dict[str, LoRAFactors]:
+        """The LoRA factors on `where` in `dtype`: the fp32 CPU masters themselves, or (autograd-detached) copies.
+
+        pad_rank: zero-pad r so a rank row is a multiple of 16 bytes, as grouped GEMMs require (r=4 in bf16 is 8
+        bytes). Zero rows of A and columns of B add nothing to the product; their gradients are dropped.
+        """
+        out = {}
+        for p, lo in self.lora.items():
+            a, b = lo.A.detach().to(where, dtype), lo.B.detach().to(where, dtype)  # [E, r, in], [E, out, r]
+            step = 16 // a.element_size()
+            if pad_rank and a.shape[1] % step:
+                pad = step - a.shape[1] % step
+                a = nn.functional.pad(a, (0, 0, 0, pad))  # [E, r+pad, in]
+                b = nn.functional.pad(b, (0, pad))  # [E, out, r+pad]
+            out[p] = LoRAFactors(a, b, lo.scale)
+        return out
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # hidden_states: [T, H] on the model device. Returns [T, H] on the same device and dtype.
