@@ -137,6 +137,8 @@ def input_device(model: torch.nn.Module) -> torch.device:
         emb = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         emb = None
+    if emb is not None and hasattr(emb, "out_device"):  # HostEmbedding: looks up on the CPU, outputs on the GPU
+        return emb.out_device
     if emb is not None and getattr(emb, "weight", None) is not None:
         return emb.weight.device
     return next(model.parameters()).device

@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import CheckpointError, ConfigError
 from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
 from .experts.streaming import enable_streaming
+from .host_embedding import embeddings_to_host
 
 log = logging.getLogger("hybridmoe")
 
@@ -222,6 +223,8 @@ def load_model(
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts))
     _setup_streaming(model, experts, dev, stream_min_tokens)
+    if dev.type == "cuda" and embeddings_to_host(model, dev):
+        torch.cuda.empty_cache()  # give the table's GPU memory back
     _load_generation_config(model, ckpt.path)
     return model
 

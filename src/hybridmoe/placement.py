@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters import base_model_of, linear_component, moe_blocks_of
 from .experts import HybridExperts
+from .host_embedding import HostEmbedding
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -56,6 +57,13 @@ def placement_report(model: nn.Module) -> dict:
                 d["bytes"] += _nbytes(t)
                 d["tensors"] += 1
                 d["modules"][f"{name}.{proj}"] += _nbytes(t)
+
+    for name, m in base.named_modules():
+        if isinstance(m, HostEmbedding):  # frozen table kept in CPU RAM on purpose (host_embedding.py)
+            d = devices["cpu (input embeddings)"]
+            d["bytes"] += _nbytes(m.table)
+            d["tensors"] += 1
+            d["modules"][name] += _nbytes(m.table)
 
     expert_shaped = []
     tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers())

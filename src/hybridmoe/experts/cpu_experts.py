@@ -58,24 +58,8 @@ class ExpertWeights:
         return self.gate_up if proj == "gate_up_proj" else self.down
 
     def pin(self) -> bool:
-        """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA.
-
-        cudaHostRegister on the existing pages: unlike ``pin_memory=True`` (torch's caching host allocator rounds each
-        block up to a power of two, +36% for a V2-Lite layer) it costs no extra host memory. False if CUDA refuses.
-        """
-        cudart = torch.cuda.cudart()
-        pinned = []
-        for t in (self.gate_up, self.down):
-            try:
-                torch.cuda.check_error(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
-            except RuntimeError:
-                for ptr in pinned:
-                    cudart.cudaHostUnregister(ptr)
-                return False
-            pinned.append(t.data_ptr())
-        # Unregistered before the tensors are freed: weakref callbacks run before the instance dict is cleared.
-        weakref.finalize(self, _unregister, pinned)
-        return True
+        """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA."""
+        return pin_host(self, [self.gate_up, self.down])
 
     @property
     def nbytes(self) -> int:
@@ -88,6 +72,26 @@ class ExpertWeights:
             for e in (~mask).any(dim=1).nonzero().flatten().tolist():
                 out.append(f"{proj}[{e}]")
         return out
+
+
+def pin_host(owner: object, tensors: list[torch.Tensor]) -> bool:
+    """Page-lock `tensors` (CPU, contiguous) in place for as long as `owner` lives; False if CUDA refuses.
+
+    cudaHostRegister on the existing pages: unlike ``pin_memory=True`` (torch's caching host allocator rounds each
+    block up to a power of two, +36% for a V2-Lite expert layer) it costs no extra host memory.
+    """
+    cudart = torch.cuda.cudart()
+    pinned = []
+    for t in tensors:
+        try:
+            torch.cuda.check_error(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+        except RuntimeError:
+            _unregister(pinned)
+            return False
+        pinned.append(t.data_ptr())
+    # Unregistered before the tensors are freed: weakref callbacks run before the instance dict is cleared.
+    weakref.finalize(owner, _unregister, pinned)
+    return True
 
 
 def _unregister(ptrs: list[int]) -> None:
@@ -125,6 +129,18 @@ class ExpertLoRA:
     def requires_grad_(self, flag: bool = True) -> None:
         self.A.requires_grad_(flag)
         self.B.requires_grad_(flag)
+
+    def pinned_for_gpu(self) -> bool:
+        """Page-lock A and B (once) so their per-layer copies to the GPU are asynchronous; False if not possible."""
+        if not getattr(self, "_pinned", False) and all(t.is_contiguous() for t in (self.A, self.B)):
+            self._pinned = pin_host(self, [self.A, self.B])
+        return self._pinned
+
+    def grad_stage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page-locked host buffers for (dA, dB) coming back from the GPU without a host synchronisation."""
+        if getattr(self, "_stage", None) is None:
+            self._stage = (torch.empty(self.A.shape, pin_memory=True), torch.empty(self.B.shape, pin_memory=True))
+        return self._stage
 
 
 def _silu_backward(g: torch.Tensor, grad_act: torch.Tensor) -> torch.Tensor:
@@ -338,13 +354,50 @@ class _ExpertsFn(torch.autograd.Function):
         lora_out = []
         for i, p in enumerate(present):
             ga, gb = lora_grads.get(p, (None, None))
-            r = module.lora[p].rank  # drop the rows/columns of a padded rank
-            # The masters live on the CPU: their gradients go there (16 MB a layer at V2-Lite shape, r=8).
-            lora_out.append(ga[:, :r].cpu() if ctx.needs_input_grad[4 + 2 * i] else None)
-            lora_out.append(gb[:, :, :r].cpu() if ctx.needs_input_grad[5 + 2 * i] else None)
+            lo = module.lora[p]
+            r = lo.rank  # drop the rows/columns of a padded rank
+            ga = ga[:, :r] if ctx.needs_input_grad[4 + 2 * i] else None
+            gb = gb[:, :, :r] if ctx.needs_input_grad[5 + 2 * i] else None
+            if ctx.where.type == "cuda":
+                # The masters live on the CPU. A synchronous .cpu() here would stall the host once per layer and
+                # keep it from queueing the next layer's weight copy; the gradients go back asynchronously instead
+                # and land in .grad when this backward pass ends (_land_staged_grads).
+                _stage_grads(lo, (ga, gb))
+                lora_out += [None, None]
+            else:
+                lora_out += [ga, gb]
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, *lora_out)
+
+
+_STAGED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}  # id(master) -> (master, stage, ev)
+
+
+def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+    """Start the device->host copies of one LoRA's gradients (dA, dB) into page-locked buffers."""
+    for master, stage, g in zip((lo.A, lo.B), lo.grad_stage(), grads):
+        if g is None:
+            continue
+        if id(master) in _STAGED:  # the same module twice in one backward: land the first before reusing the buffer
+            _land_staged_grads()
+        if not _STAGED:
+            torch.autograd.Variable._execution_engine.queue_callback(_land_staged_grads)
+        stage.copy_(g, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        _STAGED[id(master)] = (master, stage, ev)
+
+
+def _land_staged_grads() -> None:
+    """Accumulate the staged gradients into the masters' .grad (run by autograd at the end of the backward)."""
+    for master, stage, ev in _STAGED.values():
+        ev.synchronize()
+        if master.grad is None:
+            master.grad = stage.clone()
+        else:
+            master.grad += stage
+    _STAGED.clear()
 
 
 def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
@@ -397,13 +450,15 @@ class HybridExperts(nn.Module):
         """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         w_gu, w_d = self.weights_on(streamed)
         lora = self.lora_on(ids.device, w_gu.dtype if streamed else torch.float32, pad_rank=streamed)
         if streamed:
-            return order, _GroupedMath(w_gu, w_d, lora, self.act_fn, counts.cumsum(0).to(torch.int32))
+            # Group ends by binary search in the sorted ids: unlike bincount on CUDA, no host sync.
+            experts = torch.arange(self.num_experts, device=flat.device)
+            offs = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)  # [E]
+            return order, _GroupedMath(w_gu, w_d, lora, self.act_fn, offs)
         groups, start = [], 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
             if n:
                 groups.append((e, slice(start, start + n)))
             start += n
@@ -428,7 +483,9 @@ class HybridExperts(nn.Module):
         """
         out = {}
         for p, lo in self.lora.items():
-            a, b = lo.A.detach().to(where, dtype), lo.B.detach().to(where, dtype)  # [E, r, in], [E, out, r]
+            nb = where.type == "cuda" and lo.pinned_for_gpu()  # async copy: no host sync in the streamed path
+            a = lo.A.detach().to(where, dtype, non_blocking=nb)  # [E, r, in]
+            b = lo.B.detach().to(where, dtype, non_blocking=nb)  # [E, out, r]
             step = 16 // a.element_size()
             if pad_rank and a.shape[1] % step:
                 pad = step - a.shape[1] % step
