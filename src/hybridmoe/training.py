@@ -257,7 +257,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     last_loss = float("nan")
     bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step",
                disable=not (cfg.progress and main))
-    with _GracefulStop() as stop:
+    with _GracefulStop(announce=main) as stop:
         while st.step < setup.total_steps:
             every, mine = _global_step_batches(setup.dataset, cfg, st, ctx)
             micro = [collate([setup.dataset[i] for i in idx], pad_id) for idx in mine]
@@ -379,6 +379,9 @@ class _GracefulStop:
     describe the same completed step, so resuming reproduces an uninterrupted run.
     """
 
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # with several ranks every rank gets the signal; one message is enough
+
     def __enter__(self) -> _GracefulStop:
         self.requested = False
         self.previous = None
@@ -391,8 +394,9 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[hybridmoe] stopping after this step to save a checkpoint (Ctrl-C again to abort without saving)",
-              file=sys.stderr)
+        if self.announce:
+            print("\n[hybridmoe] stopping after this step to save a checkpoint (Ctrl-C again to abort without "
+                  "saving)", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
