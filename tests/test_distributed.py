@@ -165,15 +165,17 @@ def test_nan_on_one_rank_is_skipped_by_all_and_a_crash_stops_the_job(small, tmp_
 
 
 def test_stalled_rank_times_out_instead_of_hanging(small, tmp_path):
-    cfg = _config(tmp_path / "c.json", *small, tmp_path / "out", max_steps=20, save_steps=0, ddp_timeout=5)
+    # 15 s: short, yet long enough for two ranks starting on 2 busy cores to meet at every start-up collective
+    cfg = _config(tmp_path / "c.json", *small, tmp_path / "out", max_steps=20, save_steps=0, ddp_timeout=15)
     res, seconds = _torchrun_worker(cfg, 1, "hang@2")
     assert res.returncode != 0
     # rank 0 names what it was waiting for, in one line, without a traceback from our code (torchrun's own
     # summary of the failed job follows it)
-    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("hybridmoe: error: [rank 0]"))
-    assert "failed" in line and "ddp_timeout=5s" in line, line
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("hybridmoe: error: [rank 0]")]
+    assert len(lines) == 1, res.stderr
+    assert "all-reduce failed" in lines[0] and "ddp_timeout=15s" in lines[0], lines[0]
     assert f'File "{SRC}' not in res.stderr
-    assert seconds < 90, f"the job took {seconds:.0f}s to stop"
+    assert seconds < 100, f"the job took {seconds:.0f}s to stop"
 
 
 def test_bad_config_is_reported_once_before_launching(small, tmp_path):

@@ -175,7 +175,10 @@ def _sum_hook(group, bucket):
 
 
 def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DDP over the trainable nn.Parameters (the Linear LoRA); the model itself when there are none."""
+    """DDP over the trainable nn.Parameters (the Linear LoRA); the module itself when there are none.
+
+    `model` must compute the whole training loss in its forward: DDP arms its gradient all-reduce in forward, so a
+    loss computed around it (e.g. from the decoder's hidden states) would leave the gradients unreduced."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if not ctx.enabled or not any(p.requires_grad for p in model.parameters()):
@@ -203,7 +206,7 @@ def expert_grad_device(ctx: DistContext, mode: str) -> torch.device:
 
 
 def all_reduce_cpu_grads(tensors: list[torch.Tensor], ctx: DistContext, via: torch.device) -> None:
-    """Sum the gradients of CPU (expert LoRA) tensors over all ranks, in place."""
+    """Sum the gradients of the expert-LoRA tensors (outside DDP's reach) over all ranks, in place."""
     if not ctx.enabled:
         return
     grads = []
@@ -212,17 +215,19 @@ def all_reduce_cpu_grads(tensors: list[torch.Tensor], ctx: DistContext, via: tor
             t.grad = torch.zeros_like(t)
         grads.append(t.grad)
     with collective(ctx, "expert-LoRA gradient all-reduce"):
-        if via.type == "cpu":
-            works = [dist.all_reduce(g, async_op=True) for g in grads]  # gloo, straight on the CPU tensors
-            for w in works:
-                w.wait()
-            return
+        works = []
         for g in grads:
+            if g.is_cuda or via.type == "cpu":
+                # Already on the GPU: NCCL; a CPU tensor with via=cpu: gloo, straight on it. Both asynchronous.
+                works.append(dist.all_reduce(g, async_op=True))
+                continue
             # Host->device copy (pageable, so synchronous), NCCL all-reduce, device->host copy back. One tensor at a
             # time: the GPU holds at most one expert-LoRA gradient (<= E·r·max(in, out)·4 bytes) beyond its own.
             staged = g.to(via)
             dist.all_reduce(staged)
             g.copy_(staged)
+        for w in works:
+            w.wait()
 
 
 def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:

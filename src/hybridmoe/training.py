@@ -164,8 +164,8 @@ class _Setup:
         self.model.train()
         self.named = named_trainable(self.model)
         params = [p for _, p in self.named]
-        # What runs forward/backward: DDP over the Linear LoRA with several ranks, the model itself otherwise.
-        self.runner = distributed.wrap_ddp(self.model, ctx)
+        # What runs forward/backward: the loss as a module, under DDP (over the Linear LoRA) with several ranks.
+        self.runner = distributed.wrap_ddp(MicroBatchLoss(self.model), ctx)
         # Expert LoRA: CPU tensors outside the module tree (DDP cannot see them); summed by all_reduce_cpu_grads.
         param_ids = {id(p) for p in self.model.parameters()}
         self.expert_params = [p for p in params if id(p) not in param_ids]
@@ -197,12 +197,24 @@ class _Setup:
         return p
 
 
-def _micro_step(model, batch: dict, device, n_items: int) -> torch.Tensor:
-    """Forward + backward of one micro-batch; the loss is summed over tokens / all supervised tokens in the step."""
+class MicroBatchLoss(torch.nn.Module):
+    """The training loss of one micro-batch as a module's forward, so that DDP, which hooks into forward, wraps all
+    of it: Σ cross-entropy over supervised tokens / n_items (the supervised tokens of the whole global step)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, n_items: int) -> torch.Tensor:
+        return self.model(**batch, num_items_in_batch=n_items).loss
+
+
+def _micro_step(runner, batch: dict, device, n_items: int) -> torch.Tensor:
+    """Forward + backward of one micro-batch (`runner`: MicroBatchLoss, or DDP around it)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    out = model(**batch, num_items_in_batch=n_items)
-    out.loss.backward()
-    return out.loss.detach()
+    loss = runner(batch, n_items)
+    loss.backward()
+    return loss.detach()
 
 
 def _accumulate(runner, micro: list[dict], device, n_items: int) -> torch.Tensor:
