@@ -2,8 +2,8 @@
 
 - Equivalence: 2 ranks with gradient_accumulation_steps=1 take the same global batches as 1 process with
   gradient_accumulation_steps=2. fp32 tolerances: logged losses and grad norms within 1e-6 relative, every adapter
-  tensor within 1e-5 absolute (2 ranks sum the same two micro-batch gradients, so differences are only the GEMM
-  rounding of a different CPU thread count; measured ~2e-7).
+  tensor within 1e-5 absolute (2 ranks sum the same two micro-batch gradients: with the same thread count the
+  result is bitwise equal, as measured here; a different thread count changes GEMM rounding, ~2e-7 measured).
 - Memory, measured by the kernel (/proc/self/smaps, logged by the trainer): the routed experts are resident once on
   the host (the PSS of the shared mapping, summed over the 2 ranks, equals their size), and neither rank holds a
   private copy (the ranks' private memory is below the single process's, which holds the experts privately).
