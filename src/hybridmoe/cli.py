@@ -14,9 +14,45 @@ import sys
 
 
 def _cmd_train(args) -> int:
+    if args.nproc != 1:
+        return _launch_ranks(args)
     from .training import train
 
     train(args.config, args.overrides)
+    return 0
+
+
+def _launch_ranks(args) -> int:
+    """`train --nproc N`: torchrun on this host (the same launcher, in this process), each rank running `hybridmoe
+    train` with the same arguments. For several hosts, run torchrun yourself (see the README)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from .config import load_config
+    from .distributed import launched_by_torchrun
+    from .errors import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if launched_by_torchrun():
+        raise ConfigError("--nproc given inside a torchrun job; drop --nproc (torchrun already started the ranks)")
+    load_config(args.config, args.overrides)  # a bad config is reported once here, not once per rank
+    # torchrun would set 1 thread per rank; the routed experts run on the CPU, so share the cores out instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "hybridmoe"]
+    argv += (["--verbose"] if args.verbose else []) + ["train", args.config, *args.overrides]
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        print(f"hybridmoe: error: training stopped: rank {rank} exited with code {code} (its error is above); "
+              "the other ranks were stopped", file=sys.stderr)
+        return code if 0 < code < 128 else 1
+    except SignalException:  # Ctrl-C: torchrun passed it on; the ranks saved a checkpoint if they could
+        print("hybridmoe: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -69,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="LoRA SFT from a YAML config", description="LoRA SFT: hybridmoe train CONFIG.yaml [key=value ...]")
     t.add_argument("config", help="YAML config (LLaMA-Factory key names)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel ranks on this host (one per GPU; launches torchrun for you)")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("chat", help="chat with a model (+ adapter)", description="Interactive chat, or one reply with --prompt.")
@@ -128,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except HybridMoEError as e:
-        print(f"hybridmoe: error: {e}", file=sys.stderr)
+        print(f"hybridmoe: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hybridmoe: interrupted", file=sys.stderr)
@@ -137,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybridmoe: error: GPU out of memory ({str(e).splitlines()[0]}); lower per_device_train_batch_size or "
               "cutoff_len, keep gradient_checkpointing on, or use dtype=bfloat16", file=sys.stderr)
         return 2
+
+
+def _rank_prefix() -> str:
+    """Under torchrun several ranks may report; say which one did."""
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def _oom_types() -> tuple[type[BaseException], ...]:

@@ -57,6 +57,10 @@ class TrainConfig:
     # layer (default on CUDA: 256; 0 = always on the CPU). GPU memory: + two layers of expert weights.
     stream_min_tokens: int | None = None
     progress: bool = True
+    # -- several ranks (torchrun / --nproc; ignored by a single process) ----------------------------------------------
+    ddp_timeout: int = 1800  # seconds any collective may wait for the other ranks before the job stops with an error
+    expert_shm_dir: str = "/dev/shm"  # tmpfs holding the routed experts once per host, shared by the host's ranks
+    expert_grad_reduce: str = "auto"  # auto: via the GPU (NCCL) when training on cuda, else gloo; gloo: always gloo
     # -- accepted for LLaMA-Factory YAMLs; checked, otherwise without effect -----------------------------------------
     stage: str = "sft"
     do_train: bool = True
@@ -90,6 +94,10 @@ class TrainConfig:
             raise ConfigError(f"hybridmoe trains stage=sft with finetuning_type=lora, got {self.stage}/{self.finetuning_type}")
         if self.bf16 and self.dtype is None:
             self.dtype = "bfloat16"
+        if self.ddp_timeout < 1:
+            raise ConfigError(f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
+        if self.expert_grad_reduce not in ("auto", "gloo"):
+            raise ConfigError(f"expert_grad_reduce '{self.expert_grad_reduce}' is not one of auto, gloo")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
         return self

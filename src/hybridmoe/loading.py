@@ -136,7 +136,10 @@ def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: 
     experts.weights.loaded[sl.proj][sl.expert, sl.chunk] = True
 
 
-def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool) -> None:
+def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool,
+                    load_experts: bool = True) -> None:
+    """Read every checkpoint tensor once into its home. load_experts=False skips the routed-expert tensors (another
+    rank on this host fills the host-shared copy)."""
     mapper = KeyMapper(model.config.model_type)
     expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
     loaded: set[str] = set()
@@ -149,7 +152,8 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                 name = mapper.rename(key)
                 sl = mapper.expert_slice(name)
                 if sl is not None and sl.module in experts:
-                    _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
+                    if load_experts:
+                        _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
                 elif name in expected:
                     t = read_tensor(handle, f, key)
                     _check_shape(t, tuple(expected[name].shape), key, f)
@@ -172,7 +176,7 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
             f"checkpoint '{ckpt.path}' lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'; "
             "it does not match its config.json"
         )
-    for name, ex in experts.items():
+    for name, ex in experts.items() if load_experts else ():
         gaps = ex.weights.missing()
         if gaps:
             raise CheckpointError(
@@ -200,13 +204,16 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
     stream_min_tokens: int | None = None,
+    host_shared=None,
 ) -> nn.Module:
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
     weights (default: same as dtype). stream_min_tokens: batches of at least this many tokens run the experts on the
     GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU).
-    Returns the transformers model in eval mode with ``model.hybridmoe`` set.
+    host_shared: a :class:`hybridmoe.distributed.HostSharedExperts` when several ranks on this host train together
+    (the experts are then held once per host, not once per rank). Returns the transformers model in eval mode with
+    ``model.hybridmoe`` set.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -214,8 +221,13 @@ def load_model(
     ckpt = Checkpoint(path)
     config = read_config(path, trust_remote_code=trust_remote_code)
     model = _build_empty(config, dt)
-    experts = _swap_experts(model, edt)
-    _stream_weights(model, ckpt, experts, dev, dt, progress)
+    if host_shared is None:
+        experts = _swap_experts(model, edt)
+        _stream_weights(model, ckpt, experts, dev, dt, progress)
+    else:
+        experts = _swap_experts(model, edt, device="meta")  # storage comes from the host-shared mapping
+        with host_shared.hold(experts) as fill:  # local rank 0 fills; the others skip the expert tensors
+            _stream_weights(model, ckpt, experts, dev, dt, progress, load_experts=fill)
     # Non-persistent buffers (rotary inv_freq) were built on the CPU; `to` moves them. Experts have no
     # parameters or buffers, so this cannot touch them.
     model.to(dev)

@@ -40,11 +40,13 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(path: Path, model, opt, sched, loop_state, cfg) -> Path:
+def save_checkpoint(path: Path, model, opt, sched, loop_state, cfg, rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """rng: the RNG states to save (default: this process's); with several ranks, every rank's (`rng.rank{R}.*`)."""
+
     def write(tmp: Path) -> None:
         save_adapter(model, tmp, base_model_name=cfg.model_name_or_path)
         tensors, groups = _optimizer_tensors(opt)
-        tensors.update(_rng_tensors())
+        tensors.update(_rng_tensors() if rng is None else rng)
         save_file(tensors, str(tmp / OPTIM_TENSORS))
         sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
         state = {"loop": dataclasses.asdict(loop_state), "optimizer": groups, "scheduler": sched_sd,
@@ -54,8 +56,10 @@ def save_checkpoint(path: Path, model, opt, sched, loop_state, cfg) -> Path:
     return atomic_replace_dir(Path(path), write)
 
 
-def load_train_state(path: Path, opt, sched, state_cls):
-    """Restore optimizer moments, scheduler, RNG and the data position from `path` (after the adapter is loaded)."""
+def load_train_state(path: Path, opt, sched, state_cls, rank: int | None = None):
+    """Restore optimizer moments, scheduler, RNG and the data position from `path` (after the adapter is loaded).
+
+    rank: in a multi-rank run, restore that rank's RNG (`rng.rank{R}.cpu/.cuda`) when the checkpoint has it."""
     try:
         state = json.loads((Path(path) / STATE_JSON).read_text())
         tensors = load_file(str(Path(path) / OPTIM_TENSORS))
@@ -71,6 +75,11 @@ def load_train_state(path: Path, opt, sched, state_cls):
         raise ConfigError(f"checkpoint '{path}' was saved for a different set of LoRA targets; resume with the same config")
     opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
     sched.load_state_dict({**sched.state_dict(), **state["scheduler"]})
+    if rank is not None and f"rng.rank{rank}.cpu" in tensors:
+        torch.set_rng_state(tensors[f"rng.rank{rank}.cpu"])
+        if torch.cuda.is_available() and f"rng.rank{rank}.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.rank{rank}.cuda"])  # this rank's current device
+        return state_cls(**state["loop"])
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]

@@ -6,10 +6,16 @@ than foreach, benchmarks/adamw_cpu.py), one clip bounds their joint norm.
 A step whose loss or gradient norm is non-finite is skipped with no parameter change, counted, logged with the
 components whose gradients were non-finite, and after `max_consecutive_skipped` in a row training stops with a
 diagnosis. The adapter is checked before every write and never written with NaN/Inf.
+
+Under torchrun (several ranks, see :mod:`hybridmoe.distributed`) the same loop runs on every rank: each step's
+global batch is the one a single process with ``gradient_accumulation_steps × N`` would take, rank R computing its
+share; gradients are summed over ranks, so every rank takes the same optimizer step, and every decision (skip a
+non-finite step, stop on Ctrl-C) is agreed by all-reduce. Only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -26,10 +32,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import apply_lora, load_adapter, save_adapter
 from .components import count_by_component
 from .config import TrainConfig, load_config
-from .data import SFTDataset, batches, collate, load_records
+from .data import IGNORE_INDEX, SFTDataset, batches, collate, load_records
 from .errors import ConfigError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
@@ -90,10 +97,11 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def _total_steps(cfg: TrainConfig, n_examples: int) -> int:
+def _total_steps(cfg: TrainConfig, n_examples: int, world_size: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_examples / cfg.per_device_train_batch_size) / cfg.gradient_accumulation_steps)
+    micro_per_step = cfg.gradient_accumulation_steps * world_size
+    per_epoch = math.ceil(math.ceil(n_examples / cfg.per_device_train_batch_size) / micro_per_step)
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
 
 
@@ -114,6 +122,15 @@ def _next_batch(dataset, cfg: TrainConfig, state: LoopState) -> list[int]:
     return idx
 
 
+def _global_step_batches(dataset, cfg: TrainConfig, state: LoopState, ctx) -> tuple[list[list[int]], list[list[int]]]:
+    """(all micro-batches of this step's global batch, this rank's share). Every rank walks the same shuffled order,
+    so the global batch equals a single process's with gradient_accumulation_steps × world_size; rank R takes the
+    R-th run of gradient_accumulation_steps micro-batches."""
+    g = cfg.gradient_accumulation_steps
+    every = [_next_batch(dataset, cfg, state) for _ in range(g * ctx.world_size)]
+    return every, every[ctx.rank * g : (ctx.rank + 1) * g]
+
+
 def _nonfinite_components(named: list[tuple[str, torch.Tensor]]) -> dict[str, int]:
     return count_by_component(n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all())
 
@@ -121,22 +138,26 @@ def _nonfinite_components(named: list[tuple[str, torch.Tensor]]) -> dict[str, in
 class _Setup:
     """Everything the loop needs, built in order: model, data, LoRA, optimizer, scheduler, (resume)."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext):
+        self.cfg, self.ctx = cfg, ctx
         out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
         resume = self._resume_dir(out)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
         self.dataset = SFTDataset(load_records(cfg.dataset), self.tokenizer, cfg.cutoff_len)
         s = self.dataset.summary()
-        print(f"[hybridmoe] dataset {cfg.dataset}: {s['examples']} examples, {s['tokens']} tokens "
-              f"({s['supervised_tokens']} supervised), {s['truncated']} truncated, {s['dropped']} dropped",
-              file=sys.stderr)
-        base = load_model(cfg.model_name_or_path, device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype,
-                          trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+        distributed.print_main(ctx, f"[hybridmoe] dataset {cfg.dataset}: {s['examples']} examples, {s['tokens']} "
+                               f"tokens ({s['supervised_tokens']} supervised), {s['truncated']} truncated, "
+                               f"{s['dropped']} dropped")
+        # Several ranks on this host: the routed experts are held once per host (see distributed.HostSharedExperts).
+        shared = distributed.HostSharedExperts(ctx, cfg.expert_shm_dir) if ctx.local_world_size > 1 else None
+        base = load_model(cfg.model_name_or_path, device=ctx.device or cfg.device, dtype=cfg.dtype,
+                          expert_dtype=cfg.expert_dtype, trust_remote_code=cfg.trust_remote_code,
+                          progress=cfg.progress and ctx.is_main, host_shared=shared,
                           stream_min_tokens=cfg.stream_min_tokens)
         self.device = base.hybridmoe.device
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
         if resume is not None:
             self.model = load_adapter(base, resume, trainable=True)
         else:
@@ -146,14 +167,23 @@ class _Setup:
         self.model.train()
         self.named = named_trainable(self.model)
         params = [p for _, p in self.named]
-        self.total_steps = _total_steps(cfg, len(self.dataset))
+        # What runs forward/backward: the loss as a module, under DDP (over the Linear LoRA) with several ranks.
+        self.runner = distributed.wrap_ddp(MicroBatchLoss(self.model), ctx)
+        # Expert LoRA: CPU tensors outside the module tree (DDP cannot see them); summed by all_reduce_cpu_grads.
+        param_ids = {id(p) for p in self.model.parameters()}
+        self.expert_params = [p for p in params if id(p) not in param_ids]
+        self.total_steps = _total_steps(cfg, len(self.dataset), ctx.world_size)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state = LoopState()
         if resume is not None:
-            self.state = load_train_state(resume, self.optimizer, self.scheduler, LoopState)
-            print(f"[hybridmoe] resumed from {resume} at step {self.state.step}", file=sys.stderr)
+            rank = ctx.rank if ctx.enabled else None
+            self.state = load_train_state(resume, self.optimizer, self.scheduler, LoopState, rank=rank)
+            distributed.print_main(ctx, f"[hybridmoe] resumed from {resume} at step {self.state.step}")
+        elif ctx.enabled:
+            torch.manual_seed(cfg.seed + ctx.rank)  # LoRA dropout: a different stream per rank
+        distributed.check_consistent(params, ctx, "LoRA weights at start")
 
     def _resume_dir(self, out: Path) -> Path | None:
         r = self.cfg.resume_from_checkpoint
@@ -170,27 +200,67 @@ class _Setup:
         return p
 
 
-def _micro_step(model, batch: dict, device, n_items: int) -> torch.Tensor:
-    """Forward + backward of one micro-batch; the loss is summed over tokens / all supervised tokens in the step."""
+class MicroBatchLoss(torch.nn.Module):
+    """The training loss of one micro-batch as a module's forward, so that DDP, which hooks into forward, wraps all
+    of it: Σ cross-entropy over supervised tokens / n_items (the supervised tokens of the whole global step)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, n_items: int) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch, n_items)  # the LM head in chunks: no [tokens, vocab] logits kept
+
+
+def _micro_step(runner, batch: dict, device, n_items: int) -> torch.Tensor:
+    """Forward + backward of one micro-batch (`runner`: MicroBatchLoss, or DDP around it)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    loss = causal_lm_loss(model, batch, n_items)  # the LM head in chunks: no [tokens, vocab] logits kept
+    loss = runner(batch, n_items)
     loss.backward()
     return loss.detach()
 
 
-def _supervised(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+def _accumulate(runner, micro: list[dict], device, n_items: int) -> torch.Tensor:
+    """All micro-batches of this rank; under DDP the gradient all-reduce runs only with the last one's backward."""
+    no_sync = getattr(runner, "no_sync", contextlib.nullcontext)
+    loss = 0
+    for i, b in enumerate(micro):
+        with no_sync() if i < len(micro) - 1 else contextlib.nullcontext():
+            loss = loss + _micro_step(runner, b, device, n_items)
+    return loss
+
+
+def _supervised(dataset, idx: list[int]) -> int:
+    """Supervised tokens of the examples `idx`, as the loss counts them (the model shifts labels by one)."""
+    return sum(sum(label != IGNORE_INDEX for label in dataset[i]["labels"][1:]) for i in idx)
 
 
 def train(config, overrides=None) -> TrainResult:
-    """Run LoRA SFT; `config` is a YAML path, a dict or a TrainConfig; `overrides` key=value strings or a dict."""
+    """Run LoRA SFT; `config` is a YAML path, a dict or a TrainConfig; `overrides` key=value strings or a dict.
+
+    Under torchrun every rank calls this; with one process it is the plain single-device loop."""
     cfg = load_config(config, overrides)
-    setup = _Setup(cfg)
-    model, opt, sched, st, named = setup.model, setup.optimizer, setup.scheduler, setup.state, setup.named
+    ctx = distributed.init(cfg.device, cfg.ddp_timeout)
+    try:
+        result = _train(cfg, ctx)
+    except RuntimeError as e:  # e.g. DDP's all-reduce inside backward, when another rank died or stalled
+        if ctx.enabled and distributed.is_comm_error(e):
+            raise distributed.DistributedError(distributed.comm_message(ctx, "a gradient all-reduce", e)) from None
+        raise
+    # Only on success: after a failure the group may hold a dead peer, and the process is about to exit anyway.
+    distributed.shutdown(ctx)
+    return result
+
+
+def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
+    setup = _Setup(cfg, ctx)
+    model, runner, opt, sched, st, named = setup.model, setup.runner, setup.optimizer, setup.scheduler, setup.state, setup.named
     params = [p for _, p in named]
+    via = distributed.expert_grad_device(ctx, cfg.expert_grad_reduce)
+    main = ctx.is_main  # only rank 0 writes files, logs and draws the progress bar
     out = Path(cfg.output_dir)
     log_path = out / "trainer_log.jsonl"
-    if st.step == 0 and log_path.exists():
+    if main and st.step == 0 and log_path.exists():
         log_path.unlink()
     pad_id = setup.tokenizer.pad_token_id
     if setup.device.type == "cuda":
@@ -200,28 +270,34 @@ def train(config, overrides=None) -> TrainResult:
     window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.perf_counter()}
     losses: list[float] = []
     last_loss = float("nan")
-    bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step", disable=not cfg.progress)
-    with _GracefulStop() as stop:
+    bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step",
+               disable=not (cfg.progress and main))
+    with _GracefulStop(announce=main) as stop:
         while st.step < setup.total_steps:
-            micro = [collate([setup.dataset[i] for i in _next_batch(setup.dataset, cfg, st)], pad_id)
-                     for _ in range(cfg.gradient_accumulation_steps)]
-            n_items = max(1, sum(_supervised(b) for b in micro))
-            loss = sum(_micro_step(model, b, setup.device, n_items) for b in micro)
+            every, mine = _global_step_batches(setup.dataset, cfg, st, ctx)
+            micro = [collate([setup.dataset[i] for i in idx], pad_id) for idx in mine]
+            # The global batch's supervised tokens, counted by every rank from the same indices: the loss stays
+            # token-exact across ranks without a collective.
+            n_items = max(1, sum(_supervised(setup.dataset, idx) for idx in every))
+            loss = _accumulate(runner, micro, setup.device, n_items)
+            # DDP has summed the Linear LoRA gradients during the last backward; the expert LoRA is summed here.
+            distributed.all_reduce_cpu_grads(setup.expert_params, ctx, via)
             # Joint norm over both devices (clip_grad_norm_ groups by device, then combines the per-device norms).
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            loss_v, gnorm_v = float(loss), float(gnorm)  # the step's one host sync
+            loss_v, gnorm_v, stop_now = _agree(loss, gnorm, stop.requested, ctx)
             st.step += 1
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
                 bad = _nonfinite_components(named)
                 opt.zero_grad(set_to_none=True)  # skipped: no parameter, moment or schedule change
                 st.skipped += 1
                 st.consecutive_skipped += 1
-                _append_log(log_path, {"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
-                                       "skipped": True, "nonfinite_grad_components": bad,
-                                       "skipped_steps": st.skipped})
-                log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s); skipped",
-                            st.step, loss_v, gnorm_v, bad)
+                if main:
+                    _append_log(log_path, {"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
+                                           "skipped": True, "nonfinite_grad_components": bad,
+                                           "skipped_steps": st.skipped})
+                    log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s); skipped",
+                                st.step, loss_v, gnorm_v, bad)
                 if st.consecutive_skipped >= cfg.max_consecutive_skipped:
                     raise NonFiniteError(
                         f"{st.consecutive_skipped} consecutive steps had non-finite loss or gradients (last at step "
@@ -229,7 +305,7 @@ def train(config, overrides=None) -> TrainResult:
                         "or check the data and dtype (float32 rules out bf16 overflow)"
                     )
                 bar.update(1)
-                _stop_if_asked(stop, bar, out, model, opt, sched, st, cfg)
+                _stop_if_asked(stop_now, bar, out, setup)
                 continue
             opt.step()
             sched.step()
@@ -239,32 +315,76 @@ def train(config, overrides=None) -> TrainResult:
             losses.append(loss_v)
             window["loss"] += loss_v
             window["n"] += 1
-            window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
+            window["tokens"] += sum(len(setup.dataset[i]["input_ids"]) for idx in every for i in idx)
             if st.step % cfg.logging_steps == 0 or st.step == setup.total_steps:
                 now = time.perf_counter()
                 rec = {"step": st.step, "loss": window["loss"] / max(1, window["n"]),
                        "lr": sched.get_last_lr()[0], "grad_norm": gnorm_v, "epoch": st.epoch,
                        "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "skipped_steps": st.skipped,
-                       **_memory(setup.device)}
-                _append_log(log_path, rec)
+                       **_memory(setup.device, ctx)}
+                if main:
+                    _append_log(log_path, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 window.update(loss=0.0, n=0, tokens=0, t=now)
             bar.update(1)
             if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < setup.total_steps:
-                save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
-                prune_checkpoints(out, cfg.save_total_limit)
-            _stop_if_asked(stop, bar, out, model, opt, sched, st, cfg)
+                _checkpoint(out / f"checkpoint-{st.step}", setup)
+            _stop_if_asked(stop_now, bar, out, setup)
     bar.close()
 
-    _save_final(out, model, setup.tokenizer, cfg)
+    distributed.check_consistent(params, ctx, "final LoRA weights")
+    if main:
+        _save_final(out, model, setup.tokenizer, cfg)
+    ctx.barrier("saving the adapter")
     seconds = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated(setup.device) if setup.device.type == "cuda" else 0
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = TrainResult(str(out), st.step, st.skipped, last_loss, seconds, peak_gpu, peak_host, losses)
-    print(f"[hybridmoe] done: {st.step} steps ({st.skipped} skipped), final loss {last_loss:.4f}, {seconds:.1f}s, "
-          f"peak GPU {peak_gpu / 2**30:.2f} GiB, peak host RSS {peak_host / 2**30:.2f} GiB; adapter in {out}",
-          file=sys.stderr)
+    distributed.print_main(
+        ctx, f"[hybridmoe] done: {st.step} steps ({st.skipped} skipped), final loss {last_loss:.4f}, {seconds:.1f}s, "
+        f"peak GPU {peak_gpu / 2**30:.2f} GiB, peak host RSS {peak_host / 2**30:.2f} GiB (rank 0); adapter in {out}")
     return result
+
+
+def _agree(loss: torch.Tensor, gnorm: torch.Tensor, stop_requested: bool, ctx) -> tuple[float, float, bool]:
+    """The step's one host sync. With several ranks, one all-reduce makes the loss global (each rank's is its share
+    of the global-token-normalised loss) and the skip and stop decisions common, so ranks never diverge."""
+    loss_v, gnorm_v = float(loss), float(gnorm)
+    if not ctx.enabled:
+        return loss_v, gnorm_v, stop_requested
+    # fp32 like the loss itself: with two ranks the sum is bitwise the single-process accumulation
+    agreed = torch.tensor([loss_v, 0.0 if math.isfinite(gnorm_v) else 1.0, float(stop_requested)])
+    ctx.all_reduce_sum(agreed, "the step's loss/skip/stop all-reduce")
+    loss_v = float(agreed[0])
+    if agreed[1] > 0:
+        gnorm_v = float("nan")
+    return loss_v, gnorm_v, bool(agreed[2] > 0)
+
+
+def _checkpoint(path: Path, setup: _Setup) -> Path:
+    """Save checkpoint-N: rank 0 writes, every rank takes part (RNG states, consistency check) and waits for it."""
+    ctx = setup.ctx
+    rng = _rng_states(ctx)
+    moments = [t for s in setup.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    distributed.check_consistent([p for _, p in setup.named] + moments, ctx, "LoRA weights and optimizer state")
+    if ctx.is_main:
+        save_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, setup.state, setup.cfg, rng=rng)
+        prune_checkpoints(path.parent, setup.cfg.save_total_limit)
+    ctx.barrier("saving a checkpoint")
+    return path
+
+
+def _rng_states(ctx) -> dict[str, torch.Tensor] | None:
+    """Every rank's RNG states (LoRA dropout draws a different stream per rank), for an exact resume."""
+    if not ctx.enabled:
+        return None  # save_checkpoint takes this process's
+    cpu = ctx.all_gather(torch.get_rng_state(), "RNG state gather")
+    out = {"rng.cpu": cpu[0].clone()}  # rank 0's under the single-process key: a 1-rank resume still works
+    out.update({f"rng.rank{r}.cpu": s for r, s in enumerate(cpu)})
+    if ctx.device.type == "cuda":
+        cuda = ctx.all_gather(torch.cuda.get_rng_state(ctx.device), "RNG state gather")  # CPU ByteTensors
+        out.update({f"rng.rank{r}.cuda": s for r, s in enumerate(cuda)})
+    return out
 
 
 class _GracefulStop:
@@ -273,6 +393,9 @@ class _GracefulStop:
     Stopping only at a step boundary keeps the checkpoint consistent: optimizer, schedule and data position all
     describe the same completed step, so resuming reproduces an uninterrupted run.
     """
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # with several ranks every rank gets the signal; one message is enough
 
     def __enter__(self) -> _GracefulStop:
         self.requested = False
@@ -286,27 +409,38 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[hybridmoe] stopping after this step to save a checkpoint (Ctrl-C again to abort without saving)",
-              file=sys.stderr)
+        if self.announce:
+            print("\n[hybridmoe] stopping after this step to save a checkpoint (Ctrl-C again to abort without "
+                  "saving)", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _stop_if_asked(stop: _GracefulStop, bar, out: Path, model, opt, sched, st: LoopState, cfg: TrainConfig) -> None:
-    if not stop.requested:
+def _stop_if_asked(stop_now: bool, bar, out: Path, setup: _Setup) -> None:
+    if not stop_now:
         return
     bar.close()
-    ck = save_checkpoint(out / f"checkpoint-{st.step}", model, opt, sched, st, cfg)
-    print(f"[hybridmoe] interrupted at step {st.step}: saved {ck}; continue with resume_from_checkpoint={ck}",
-          file=sys.stderr)
+    st = setup.state
+    ck = _checkpoint(out / f"checkpoint-{st.step}", setup)
+    distributed.print_main(setup.ctx, f"[hybridmoe] interrupted at step {st.step}: saved {ck}; continue with "
+                           f"resume_from_checkpoint={ck}")
     raise KeyboardInterrupt
 
 
-def _memory(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory so far and current host RSS, for the log: a time-limited run still reports its footprint."""
+def _memory(device: torch.device, ctx) -> dict[str, float]:
+    """Peak GPU memory so far and current host memory, for the log: a time-limited run still reports its footprint.
+
+    host_private_gib: memory no other process shares (with several ranks: summed over rank 0's host), the measure in
+    which a per-rank copy of the experts would show; host_shared_experts_gib: the host-shared experts, counted once.
+    Reading /proc/self/smaps walks the page tables: milliseconds per GiB mapped, paid on logging steps only.
+    """
     out = {"host_rss_gib": round(_rss_bytes() / 2**30, 3)}
+    if ctx.enabled:
+        out.update(distributed.host_memory(ctx))  # a collective: every rank logs on the same steps
+    else:
+        out["host_private_gib"] = round(distributed.process_memory()["private"] / 2**30, 4)
     if device.type == "cuda":
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
