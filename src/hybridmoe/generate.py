@@ -36,6 +36,7 @@ __all__ = [
     "apply_top_p",
     "decode_one_token",
     "eos_token_ids",
+    "forward_step",
     "generate",
     "input_device",
     "prefill",
@@ -156,30 +157,45 @@ def _forward_params(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, start: int) -> tuple[torch.Tensor, Any]:
-    """One forward of ``input_ids`` [1, T] at positions ``start .. start+T-1``; returns (last logits [1, V] fp32, cache).
+def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One forward of ``input_ids`` [B, T] after the ``cache``; returns (last logits [B, V] fp32, cache).
 
-    Passes what ``GenerationMixin.generate`` passes (position ids, an all-ones attention mask over cache + new
-    tokens, ``logits_to_keep=1`` where supported) so results are bitwise those of ``model.generate``.
+    ``attention_mask`` [B, past + T] (1 = real token, 0 = padding) and ``position_ids`` [B, T] are what
+    ``GenerationMixin.generate`` passes; ``logits_to_keep=1`` is added where supported. The batch-1 path
+    (:func:`prefill`, :func:`decode_one_token`) and the server's padded batches (``hybridmoe.serve.batch``) share it.
     """
-    device = input_ids.device
     t = input_ids.shape[1]
+    past = attention_mask.shape[1] - t
     accepted = _forward_params(model)
     kwargs: dict[str, Any] = {
-        "input_ids": input_ids,  # [1, T]
+        "input_ids": input_ids,  # [B, T]
         "past_key_values": cache,
         "use_cache": True,
-        "attention_mask": torch.ones(1, start + t, dtype=torch.long, device=device),  # [1, past + T]
-        "position_ids": torch.arange(start, start + t, device=device).unsqueeze(0),  # [1, T]
+        "attention_mask": attention_mask,  # [B, past + T]
+        "position_ids": position_ids,  # [B, T]
     }
     if "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = 1  # prefill: don't materialise [T, V] logits
     if "cache_position" in accepted:  # older / remote-code models
-        kwargs["cache_position"] = torch.arange(start, start + t, device=device)  # [T]
+        kwargs["cache_position"] = torch.arange(past, past + t, device=input_ids.device)  # [T]
     out = model(**kwargs)
-    logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # [1, V], detached from the big prefill tensor
+    logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # [B, V], detached from the big prefill tensor
     new_cache = getattr(out, "past_key_values", None)
     return logits, (new_cache if new_cache is not None else cache)
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, start: int) -> tuple[torch.Tensor, Any]:
+    """One forward of ``input_ids`` [1, T] at positions ``start .. start+T-1``; returns (last logits [1, V] fp32, cache).
+
+    An all-ones attention mask over cache + new tokens and consecutive position ids, as ``model.generate`` passes
+    for one sequence, so results are bitwise those of ``model.generate``.
+    """
+    device = input_ids.device
+    t = input_ids.shape[1]
+    mask = torch.ones(1, start + t, dtype=torch.long, device=device)  # [1, past + T]
+    positions = torch.arange(start, start + t, device=device).unsqueeze(0)  # [1, T]
+    return forward_step(model, input_ids, cache, mask, positions)
 
 
 @torch.inference_mode()
