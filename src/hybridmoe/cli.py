@@ -53,6 +53,14 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_serve(args) -> int:
+    from .errors import HybridMoEError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise HybridMoEError(f"`hybridmoe serve` needs the serve extra ({e.name} is missing); "
+                             "pip install 'hybridmoe[serve]'") from None
     from .serve.server import run_serve
 
     return run_serve(args)
