@@ -60,10 +60,14 @@ def _failed_error(ev: Failed) -> ApiError:
                     retry=ev.code != "non_finite_logits")  # the same request would hit the same NaN
 
 
+_TAGS = {"body", "str", "int", "float", "bool", "list", "dict"}
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
     """The first pydantic/JSON error as one sentence naming the parameter."""
     err = exc.errors()[0]
-    loc = [p for p in err.get("loc", ()) if p != "body"]
+    # pydantic adds union-member tags ("str", "list[TextPart]") to the location; a parameter path has none
+    loc = [p for p in err.get("loc", ()) if isinstance(p, int) or (p.isidentifier() and p not in _TAGS)]
     kind = err.get("type", "")
     if kind == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
@@ -108,6 +112,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="hybridmoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
     if cfg.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=cfg.api_key)
     created = int(time.time())
@@ -148,7 +153,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
     async def health():
         if not engine.alive:
             return JSONResponse({"status": "stopped"}, 503)
-        return {"status": "ok", "running": engine.running, "waiting": engine.waiting}
+        return {"status": "ok", "running": engine.running, "waiting": engine.waiting, **engine.stats}
 
     @app.get("/v1/models")
     async def models():

@@ -114,6 +114,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
         self.batchable: bool | None = None  # learnt from the first prefilled cache
+        # counters for /health and the load benchmark (written by the worker only)
+        self.stats = {"prefills": 0, "decode_steps": 0, "decoded_tokens": 0, "max_batch": 0}
 
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,6 +180,7 @@ class Engine:
             prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=input_device(model))  # [1, T]
             req.stream = TokenStream(model, self.tokenizer, prompt, req.cfg, diagnose=_diagnosis(req.adapter))
             logits, cache = prefill(model, prompt, DynamicCache(config=model.config))  # [1, V]
+            self.stats["prefills"] += 1
             self._emit(req, req.stream.accept(logits))
         except NonFiniteError as e:
             req.handle.post(Failed(str(e), "non_finite_logits"))
@@ -215,6 +218,9 @@ class Engine:
         tokens = torch.stack([r.stream.last_id for r in group.requests])  # [B, 1] int64, compute device
         try:
             logits = group.batch.step(tokens)  # [B, V] fp32
+            self.stats["decode_steps"] += 1
+            self.stats["decoded_tokens"] += len(group.requests)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(group.requests))
         except Exception as e:  # a bug or an out-of-memory: this batch fails, the server keeps serving
             log.exception("decode step failed")
             for r in group.requests:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,7 +52,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Annotated[float, Strict, Field(gt=0, le=1)] = 1.0
     max_tokens: Annotated[int, Strict, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Strict, Field(ge=1)] | None = None
-    stop: Annotated[str, Strict, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
+    stop: Any = None  # a string or up to 4 strings; checked below for one clear message
     seed: Annotated[int, Strict, Field(ge=0, lt=2**64)] | None = None
     stream: Annotated[bool, Strict] = False
     stream_options: StreamOptions | None = None
@@ -66,7 +66,12 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v):
-        return [v] if isinstance(v, str) else v
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or not all(isinstance(x, str) and x for x in stops):
+            raise ValueError("must be a non-empty string or a list of 1 to 4 non-empty strings")
+        return stops
 
     @field_validator("n")
     @classmethod

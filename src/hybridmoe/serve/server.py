@@ -125,7 +125,9 @@ def run_serve(args) -> int:
     print(f"hybridmoe serve: http://{url_host}:{port}/v1 serving {', '.join(app.state.served_models)}",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
+        uvicorn.Server(config).run(sockets=[sock])
+    print("hybridmoe serve: stopped", file=sys.stderr)
     return 0
 
 
