@@ -186,6 +186,22 @@ def test_concurrent_requests_for_different_adapters(files, server, client):
     assert _ask(client, BASE, pairs[0][1], max_tokens=24)[0] == want[pairs[0]]  # still serving
 
 
+def test_client_that_disconnects_mid_stream_frees_its_slot(server, client):
+    url, engine = server
+    before = engine.stats["decoded_tokens"]
+    stream = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Tell me more"}],
+                                            temperature=0, max_tokens=200, stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    for _ in range(200):
+        if httpx.get(url + "/health").json()["running"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert engine.running == 0 and engine.waiting == 0
+    assert engine.stats["decoded_tokens"] - before < 100  # stopped early, not run to max_tokens=200
+
+
 BAD_REQUESTS = [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),

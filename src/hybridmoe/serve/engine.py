@@ -24,6 +24,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -115,7 +116,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
         self.batchable: bool | None = None  # learnt from the first prefilled cache
         # counters for /health and the load benchmark (written by the worker only)
-        self.stats = {"prefills": 0, "decode_steps": 0, "decoded_tokens": 0, "max_batch": 0}
+        self.stats = {"prefills": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
+                      "max_batch": 0}
 
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,13 +177,15 @@ class Engine:
         from transformers import DynamicCache
 
         model = self.adapters.model
+        t0 = time.perf_counter()
         try:
             self.adapters.activate(req.adapter)
             prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=input_device(model))  # [1, T]
             req.stream = TokenStream(model, self.tokenizer, prompt, req.cfg, diagnose=_diagnosis(req.adapter))
             logits, cache = prefill(model, prompt, DynamicCache(config=model.config))  # [1, V]
+            self._emit(req, req.stream.accept(logits))  # accept() syncs (.item()), so the timing below is real
             self.stats["prefills"] += 1
-            self._emit(req, req.stream.accept(logits))
+            self.stats["prefill_s"] += time.perf_counter() - t0
         except NonFiniteError as e:
             req.handle.post(Failed(str(e), "non_finite_logits"))
             return
@@ -215,12 +219,10 @@ class Engine:
         if not group.requests:
             return
         self.adapters.activate(group.adapter)
+        t0 = time.perf_counter()
         tokens = torch.stack([r.stream.last_id for r in group.requests])  # [B, 1] int64, compute device
         try:
             logits = group.batch.step(tokens)  # [B, V] fp32
-            self.stats["decode_steps"] += 1
-            self.stats["decoded_tokens"] += len(group.requests)
-            self.stats["max_batch"] = max(self.stats["max_batch"], len(group.requests))
         except Exception as e:  # a bug or an out-of-memory: this batch fails, the server keeps serving
             log.exception("decode step failed")
             for r in group.requests:
@@ -238,6 +240,10 @@ class Engine:
             if r.stream.stop_reason is not None:
                 self._finish(r)
                 done.append(i)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_s"] += time.perf_counter() - t0  # accept() synced on every row's token
+        self.stats["decoded_tokens"] += len(group.requests)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(group.requests))
         self._drop(group, done)
 
     def _drop(self, group: _Group, rows: list[int]) -> None:
