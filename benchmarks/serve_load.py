@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                                  # tiny random DeepSeek-V2, CPU, 16 x 20
     python benchmarks/serve_load.py --max-batch-size 1               # the same load without batching (baseline)
+    python benchmarks/serve_load.py --threads 1                      # 2-core CI machine: leave a core to HTTP
     python benchmarks/serve_load.py --model DIR --device cuda --dtype bfloat16 --max-tokens 64   # a real checkpoint
 
 Starts the real server (uvicorn, in this process, on 127.0.0.1 and a free port), runs the clients with
@@ -98,7 +99,10 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from hybridmoe.serve import build_app, serve_in_thread
     from hybridmoe.serve.server import parse_adapters

@@ -124,11 +124,23 @@ def run_serve(args) -> int:
     url_host = f"[{host}]" if ":" in host else host
     print(f"hybridmoe serve: http://{url_host}:{port}/v1 serving {', '.join(app.state.served_models)}",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.log_level, log_config=_uvicorn_logging(),
+                            timeout_graceful_shutdown=5)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
         uvicorn.Server(config).run(sockets=[sock])
     print("hybridmoe serve: stopped", file=sys.stderr)
     return 0
+
+
+def _uvicorn_logging() -> dict:
+    """uvicorn's own log config with the access log on stderr too (logs go to stderr, like every command)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return cfg
 
 
 @contextlib.contextmanager
