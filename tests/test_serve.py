@@ -35,6 +35,7 @@ from hybridmoe.adapters import apply_lora, save_adapter
 from hybridmoe.chat import reply
 from hybridmoe.cli import main
 from hybridmoe.generate import SamplingConfig
+from hybridmoe.placement import placement_report
 from hybridmoe.serve import build_app, serve_in_thread
 
 from .helpers import make_checkpoint, randomize_lora
@@ -98,10 +99,10 @@ def _ask(client, model, prompt, stream=False, **kw):
     return "".join(parts), finish, usage
 
 
-def _chat_cli(capsys, files, model, prompt, *flags) -> str:
+def _chat_cli(capsys, files, model, prompt, *flags, device="cpu") -> str:
     """`hybridmoe chat --prompt` (the CLI, in process): prints the reply and a newline."""
     ckpt, adapters = files
-    args = ["chat", "--model", str(ckpt), "--prompt", prompt, "--device", "cpu", *flags]
+    args = ["chat", "--model", str(ckpt), "--prompt", prompt, "--device", device, *flags]
     if model != BASE:
         args += ["--adapter", str(adapters[model])]
     capsys.readouterr()
@@ -112,12 +113,21 @@ def _chat_cli(capsys, files, model, prompt, *flags) -> str:
 
 
 def test_models_and_health(server, client):
-    url, _ = server
+    url, engine = server
     cards = {m.id: m for m in client.models.list()}
     assert list(cards) == [BASE, "alpha", "beta", "broken"]
     assert client.models.retrieve("alpha").id == "alpha"
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["running"] == 0
+    # all adapters loaded at once: Linear LoRA as named PEFT adapters on the compute device, none wrapping experts
+    report = placement_report(engine.adapters.model)
+    assert report["ok"], report["problems"]
+    assert set(engine.adapters.names) == {"alpha", "beta", "broken"}
+    expert_lora = {n: [lo.A for d in engine.adapters.expert_lora[n].values() for lo in d.values()]
+                   for n in engine.adapters.names}
+    assert all(expert_lora.values())  # each adapter keeps its own routed-expert LoRA, on the CPU
+    assert len({id(a) for As in expert_lora.values() for a in As}) == sum(map(len, expert_lora.values()))
+    assert all(a.device.type == "cpu" for As in expert_lora.values() for a in As)
 
 
 @pytest.mark.parametrize("model", [BASE, "alpha", "beta"])
@@ -128,6 +138,28 @@ def test_greedy_reply_equals_chat(model, files, client, capsys):
     assert text == want and finish in ("stop", "length")
     assert usage.completion_tokens <= 12 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert _ask(client, model, prompt, stream=True, max_tokens=12) == (text, finish, usage)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_greedy_equals_chat_alone_and_batched(files, capsys):
+    """On the GPU host: the server on cuda (experts on the CPU), fp32 so that batching is exact up to fp32
+    rounding; a lone greedy request equals `hybridmoe chat --device cuda`, concurrent ones their lone replies."""
+    ckpt, adapters = files
+    app = build_app(ckpt, {"alpha": str(adapters["alpha"])}, device="cuda", dtype="float32", model_name=BASE)
+    prompts = [f"Question number {i}" for i in range(6)]
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for model in (BASE, "alpha"):
+            want = _chat_cli(capsys, files, model, prompts[0], "--temperature", "0", "--max-new-tokens", "12",
+                             "--dtype", "float32", device="cuda")
+            assert _ask(c, model, prompts[0], max_tokens=12)[0] == want
+        alone = {(m, p): _ask(c, m, p, max_tokens=12)[0] for m in (BASE, "alpha") for p in prompts}
+        with cf.ThreadPoolExecutor(len(alone)) as ex:
+            together = dict(zip(alone, ex.map(lambda k: _ask(c, k[0], k[1], max_tokens=12)[0], alone)))
+        assert together == alone
+        assert app.state.engine.stats["max_batch"] > 1
+        assert placement_report(app.state.engine.adapters.model)["ok"]  # LoRA on cuda, experts and their LoRA on cpu
 
 
 def test_seeded_sampling_equals_chat_and_repeats(files, client, capsys):

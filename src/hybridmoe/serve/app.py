@@ -125,6 +125,10 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return _validation_error(exc).response()
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # a bug: logged with its traceback by uvicorn
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         msg = "no such route; the API is POST /v1/chat/completions, GET /v1/models, GET /health" \
@@ -192,7 +196,12 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
 
 def _prepare(body: schemas.ChatCompletionRequest, tokenizer, context_length: int | None):
     """Prompt token ids and sampling settings, or a 400 naming what is wrong."""
-    prompt_ids = render_prompt(tokenizer, [m.as_template_message() for m in body.messages])
+    from jinja2 import TemplateError
+
+    try:
+        prompt_ids = render_prompt(tokenizer, [m.as_template_message() for m in body.messages])
+    except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/user/assistant/..."
+        raise ApiError(400, f"the model's chat template rejected the messages: {e}", param="messages") from None
     n_prompt = len(prompt_ids)
     max_new = body.max_new_tokens
     if context_length is not None:

@@ -13,8 +13,9 @@ B). The price is copying the caches when a row joins (padding to the new width) 
 leading all-padding columns): O(cache) copies on the compute device, done only on membership changes, never per
 step.
 
-Rows interact only through padding; with padding, matmul shapes differ from batch 1, so logits can differ from a
-lone run by float rounding (~1e-7 relative in fp32), which can change a greedy choice only at a near tie.
+Rows never see each other's tokens, but batched matmuls have other shapes than batch 1, so a row's logits can
+differ from a lone run by float rounding (~1e-6 in fp32 on the tiny test models), which can change a greedy choice
+only at a near tie.
 """
 
 from __future__ import annotations

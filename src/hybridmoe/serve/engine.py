@@ -153,13 +153,21 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
-                self._admit(block=not self._groups)
-                if self._groups:
-                    i = self._next % len(self._groups)
-                    group = self._groups[i]
-                    self._decode(group)
-                    self._next = i + 1 if group in self._groups else i  # a finished group's turn passes on
-        self._fail_all("the server is shutting down", "shutting_down")
+                try:
+                    self._iteration()
+                except Exception as e:  # a bug in the scheduler itself: fail what is running, keep serving
+                    log.exception("engine iteration failed")
+                    self._fail_running(f"internal error: {type(e).__name__}: {e}", "internal_error")
+        self._fail_running("the server is shutting down", "shutting_down")
+        self._fail_waiting("the server is shutting down", "shutting_down")
+
+    def _iteration(self) -> None:
+        self._admit(block=not self._groups)
+        if self._groups:
+            i = self._next % len(self._groups)
+            group = self._groups[i]
+            self._decode(group)
+            self._next = i + 1 if group in self._groups else i  # a finished group's turn passes on
 
     def _admit(self, block: bool) -> None:
         while self.running < self.max_batch_size:
@@ -263,11 +271,13 @@ class Engine:
         s = req.stream
         req.handle.post(Finished(s.stop_reason, s.n_prompt, len(s.token_ids)))
 
-    def _fail_all(self, message: str, code: str) -> None:
+    def _fail_running(self, message: str, code: str) -> None:
         for g in self._groups:
             for r in g.requests:
                 r.handle.post(Failed(message, code))
         self._groups = []
+
+    def _fail_waiting(self, message: str, code: str) -> None:
         while True:
             try:
                 req = self._waiting.get_nowait()

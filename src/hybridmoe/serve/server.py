@@ -156,7 +156,9 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the server did not start (see the log above)")
         time.sleep(0.02)
     try:
         yield f"http://{host}:{sock.getsockname()[1]}"
