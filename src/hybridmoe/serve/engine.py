@@ -209,7 +209,14 @@ class Engine:
             if not self.batchable:
                 log.warning("this model's KV cache is not a plain DynamicCache; decoding requests one at a time")
         group = self._group_for(req.adapter)
-        group.batch.add(cache, req.stream.length - 1)  # the cache holds the prompt; the sampled token is next
+        try:
+            group.batch.add(cache, req.stream.length - 1)  # the cache holds the prompt; the sampled token is next
+        except Exception as e:  # e.g. out of memory while padding: the batch's caches may be half-updated
+            log.exception("joining a decode batch failed")
+            for r in [*group.requests, req]:
+                r.handle.post(Failed(f"internal error joining a batch: {type(e).__name__}: {e}", "internal_error"))
+            self._groups.remove(group)
+            return
         group.requests.append(req)
 
     def _group_for(self, adapter: str | None) -> _Group:
