@@ -381,6 +381,7 @@ def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) 
             m = model.get_submodule(mod)
         except AttributeError:
             m = None
+        m = getattr(m, "base_layer", m)  # already wrapped by PEFT for another adapter (the server loads several)
         if not isinstance(m, nn.Linear):
             raise AdapterError(f"adapter tensor '{mod}.lora_A.weight' targets module '{mod}', which this model does not "
                                "have as a Linear layer; is the adapter for another model?")
@@ -394,12 +395,16 @@ def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) 
             )
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False):
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False,
+                 adapter_name: str = "default"):
     """Attach a PEFT adapter to a hybrid model: Linear LoRA via PEFT on the compute device, expert LoRA on the CPU.
 
-    Never merges into offloaded weights, never wraps expert weights, never rewrites adapter_config.json.
+    Never merges into offloaded weights, never wraps expert weights, never rewrites adapter_config.json. When
+    ``model`` is already a PeftModel, the Linear LoRA is added to it as the named adapter ``adapter_name`` (PEFT's
+    ``add_adapter``; the active adapter is not changed). The routed-expert LoRA always replaces the entries of
+    ``HybridExperts.lora`` it covers; the server keeps one such dict per adapter and swaps them.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from peft.utils import set_peft_model_state_dict
 
     cfg, sd = read_adapter(adapter_dir)
@@ -412,27 +417,32 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
             f"adapter '{adapter_dir}' has {len(bad)} non-finite tensor(s) ({detail}); it was saved from a diverged run "
             f"and would produce NaN logits; see `hybridmoe inspect {adapter_dir}`"
         )
-    linear, experts = split_adapter(model, cfg, sd)
-    _check_linear(model, linear)
+    base = base_model_of(model)
+    linear, experts = split_adapter(base, cfg, sd)
+    _check_linear(base, linear)
     r_default = int(cfg.get("r", 8))
     rank_pattern = {f"^{re.escape(mod)}$": int(ab["A"].shape[0]) for mod, ab in linear.items()}
     alpha_pattern = {f"^{re.escape(mod)}$": _alpha_for(cfg, mod) for mod in linear}
     lcfg = LoraConfig(r=r_default, lora_alpha=float(cfg.get("lora_alpha", r_default)), lora_dropout=0.0,
                       target_modules=sorted(linear) or [], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       bias="none", inference_mode=not trainable)
-    model.hybridmoe.lora_config = lcfg
+    base.hybridmoe.lora_config = lcfg
     peft_model = model
     if linear:
         with no_peft_moe_rewrite():
-            peft_model = get_peft_model(model, lcfg)
+            if isinstance(model, PeftModel):
+                model.add_adapter(adapter_name, lcfg)
+            else:
+                peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
         lin_sd = {f"{PEFT_PREFIX}{mod}.lora_{k}.weight": v for mod, ab in linear.items() for k, v in ab.items()}
-        res = set_peft_model_state_dict(peft_model, lin_sd)
-        missing_lora = [k for k in res.missing_keys if "lora_" in k]
+        res = set_peft_model_state_dict(peft_model, lin_sd, adapter_name=adapter_name)
+        # other adapters' weights are "missing" from this state dict too; only this adapter's must be present
+        missing_lora = [k for k in res.missing_keys if re.search(rf"\.lora_[AB]\.{re.escape(adapter_name)}\.", k)]
         if res.unexpected_keys or missing_lora:
             raise AdapterError(f"adapter '{adapter_dir}' does not fit the model: unexpected {res.unexpected_keys[:1]} "
                                f"missing {missing_lora[:1]}")
     for (mod, proj), ea in experts.items():
-        ex = _experts_module(model, mod)
+        ex = _experts_module(base, mod)
         lo = ex.add_lora(proj, ea.A.shape[1], ea.alpha)
         lo.A.copy_(ea.A)
         lo.B.copy_(ea.B)

@@ -88,6 +88,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .errors import HybridMoEError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise HybridMoEError(f"`hybridmoe serve` needs the serve extra ({e.name} is missing); "
+                             "pip install 'hybridmoe[serve]'") from None
+    from .serve.server import run_serve
+
+    return run_serve(args)
+
+
 def _cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
@@ -147,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True)
     e.add_argument("--output", required=True)
     e.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (several adapters, batched decode)",
+                       description="Serve POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health "
+                                   "for the base model and any number of adapters, switched per request.")
+    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="PEFT adapter served as model NAME (repeatable; DIR alone is named after its folder)")
+    s.add_argument("--model-name", help="the model name that selects the base model (default: the folder's name)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HYBRIDMOE_API_KEY, if set)")
+    s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together at most")
+    s.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (access log at info)")
+    s.set_defaults(func=_cmd_serve)
 
     q = sub.add_parser("quickstart", help="offline demo: build, fine-tune and chat with a small MoE", description="Offline end-to-end demo on any machine.")
     q.add_argument("--output", default="hybridmoe_quickstart", help="work directory (cached between runs)")

@@ -30,11 +30,13 @@ __all__ = [
     "GenerationResult",
     "IncrementalDecoder",
     "SamplingConfig",
+    "TokenStream",
     "apply_repetition_penalty",
     "apply_top_k",
     "apply_top_p",
     "decode_one_token",
     "eos_token_ids",
+    "forward_step",
     "generate",
     "input_device",
     "prefill",
@@ -157,30 +159,45 @@ def _forward_params(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, start: int) -> tuple[torch.Tensor, Any]:
-    """One forward of ``input_ids`` [1, T] at positions ``start .. start+T-1``; returns (last logits [1, V] fp32, cache).
+def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One forward of ``input_ids`` [B, T] after the ``cache``; returns (last logits [B, V] fp32, cache).
 
-    Passes what ``GenerationMixin.generate`` passes (position ids, an all-ones attention mask over cache + new
-    tokens, ``logits_to_keep=1`` where supported) so results are bitwise those of ``model.generate``.
+    ``attention_mask`` [B, past + T] (1 = real token, 0 = padding) and ``position_ids`` [B, T] are what
+    ``GenerationMixin.generate`` passes; ``logits_to_keep=1`` is added where supported. The batch-1 path
+    (:func:`prefill`, :func:`decode_one_token`) and the server's padded batches (``hybridmoe.serve.batch``) share it.
     """
-    device = input_ids.device
     t = input_ids.shape[1]
+    past = attention_mask.shape[1] - t
     accepted = _forward_params(model)
     kwargs: dict[str, Any] = {
-        "input_ids": input_ids,  # [1, T]
+        "input_ids": input_ids,  # [B, T]
         "past_key_values": cache,
         "use_cache": True,
-        "attention_mask": torch.ones(1, start + t, dtype=torch.long, device=device),  # [1, past + T]
-        "position_ids": torch.arange(start, start + t, device=device).unsqueeze(0),  # [1, T]
+        "attention_mask": attention_mask,  # [B, past + T]
+        "position_ids": position_ids,  # [B, T]
     }
     if "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = 1  # prefill: don't materialise [T, V] logits
     if "cache_position" in accepted:  # older / remote-code models
-        kwargs["cache_position"] = torch.arange(start, start + t, device=device)  # [T]
+        kwargs["cache_position"] = torch.arange(past, past + t, device=input_ids.device)  # [T]
     out = model(**kwargs)
-    logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # [1, V], detached from the big prefill tensor
+    logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # [B, V], detached from the big prefill tensor
     new_cache = getattr(out, "past_key_values", None)
     return logits, (new_cache if new_cache is not None else cache)
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, start: int) -> tuple[torch.Tensor, Any]:
+    """One forward of ``input_ids`` [1, T] at positions ``start .. start+T-1``; returns (last logits [1, V] fp32, cache).
+
+    An all-ones attention mask over cache + new tokens and consecutive position ids, as ``model.generate`` passes
+    for one sequence, so results are bitwise those of ``model.generate``.
+    """
+    device = input_ids.device
+    t = input_ids.shape[1]
+    mask = torch.ones(1, start + t, dtype=torch.long, device=device)  # [1, past + T]
+    positions = torch.arange(start, start + t, device=device).unsqueeze(0)  # [1, T]
+    return forward_step(model, input_ids, cache, mask, positions)
 
 
 @torch.inference_mode()
@@ -400,6 +417,69 @@ class _EvalMode:
             m.training = True
 
 
+class TokenStream:
+    """The per-sequence half of generation: sampling, stopping and text for one reply, whatever runs the model.
+
+    Holds the sampling generator, the prompt + generated ids (for the repetition penalty) and the incremental text.
+    :meth:`accept` takes the logits for the next token, checks them, samples, and updates the stop state; the caller
+    feeds :attr:`last_id` back to the model while :attr:`stop_reason` is None. :func:`generate` drives one stream
+    with batch-1 forwards; the server (``hybridmoe.serve``) drives many in one batched decode step.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, cfg: SamplingConfig,
+                 diagnose: Callable[[], str | None] | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.diagnose = diagnose
+        self.n_prompt = prompt.shape[1]  # prompt: [1, T] int64 on the model's input device
+        self.eos = eos_token_ids(model, tokenizer)
+        self.generator = torch.Generator(device="cpu")
+        if cfg.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(cfg.seed)
+        # prompt + generated ids, for the repetition penalty: [1, T + max_new_tokens], filled as we go
+        self.seq = torch.empty(1, self.n_prompt + cfg.max_new_tokens, dtype=torch.long, device=prompt.device)
+        self.seq[:, :self.n_prompt] = prompt
+        self.text = IncrementalDecoder(tokenizer, cfg.stop_strings)
+        self.token_ids: list[int] = []
+        self.last_id: torch.Tensor | None = None  # [1] int64 on the input device: the next input token
+        self.stop_reason: StopReason | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens so far, prompt + generated; :attr:`last_id` is fed back at position ``length - 1``."""
+        return self.n_prompt + len(self.token_ids)
+
+    def accept(self, logits: torch.Tensor) -> str:
+        """Sample the next token from ``logits`` [1, V]; returns the text that became safe to show (maybe "").
+
+        Raises :class:`NonFiniteError` naming the step if the logits hold NaN/Inf. Sets :attr:`stop_reason` at an
+        EOS id (kept in :attr:`token_ids`, like ``model.generate``), a stop string, or ``max_new_tokens``.
+        """
+        step = len(self.token_ids) + 1
+        _check_finite(logits, step, self.cfg, self.n_prompt, self.diagnose)
+        length = self.length
+        next_id = sample(logits, self.cfg, self.generator, self.seq[:, :length])  # [1]
+        token = int(next_id.item())  # host sync: the token is needed for EOS, text and the next step
+        self.seq[0, length] = token
+        self.token_ids.append(token)
+        self.last_id = next_id
+        if token in self.eos:
+            self.stop_reason = "eos"
+            return ""
+        delta = self.text.add(token)
+        if self.text.stopped:
+            self.stop_reason = "stop_string"
+        elif step == self.cfg.max_new_tokens:
+            self.stop_reason = "length"
+        return delta
+
+    def flush(self) -> str:
+        """The text held back so far (a possible stop-string prefix, trailing U+FFFD); call once when stopped."""
+        return self.text.flush()
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | Sequence[int],
              cfg: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None,
@@ -414,55 +494,32 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     from transformers import DynamicCache
 
     cfg = cfg if cfg is not None else SamplingConfig()
-    cfg.validate()
     device = input_device(model)
     prompt = _as_prompt(input_ids, device)  # [1, T]
-    n_prompt = prompt.shape[1]
-    eos = eos_token_ids(model, tokenizer)
-    generator = torch.Generator(device="cpu")
-    if cfg.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(cfg.seed)
-    # prompt + generated ids, for the repetition penalty: [1, T + max_new_tokens], filled as we go
-    seq = torch.empty(1, n_prompt + cfg.max_new_tokens, dtype=torch.long, device=device)
-    seq[:, :n_prompt] = prompt
-    text = IncrementalDecoder(tokenizer, cfg.stop_strings)
-    token_ids: list[int] = []
-    stop_reason: StopReason = "length"
+    stream = TokenStream(model, tokenizer, prompt, cfg, diagnose)
 
     with _EvalMode(model):
         t0 = time.perf_counter()
         cache = DynamicCache(config=model.config)
         logits, cache = prefill(model, prompt, cache)  # [1, V]
         t_first = t0
-        for step in range(1, cfg.max_new_tokens + 1):
-            _check_finite(logits, step, cfg, n_prompt, diagnose)
-            length = n_prompt + len(token_ids)
-            next_id = sample(logits, cfg, generator, seq[:, :length])  # [1]
-            token = int(next_id.item())  # host sync: the token is needed for EOS, text and the next step
-            seq[0, length] = token
-            token_ids.append(token)
-            if step == 1:
+        while True:
+            delta = stream.accept(logits)
+            if len(stream.token_ids) == 1:
                 _sync(device)
                 t_first = time.perf_counter()
-            if token in eos:
-                stop_reason = "eos"
-                break
-            delta = text.add(token)
             if delta and on_text is not None:
                 on_text(delta)
-            if text.stopped:
-                stop_reason = "stop_string"
+            if stream.stop_reason is not None:
                 break
-            if step == cfg.max_new_tokens:
-                break
-            logits, cache = decode_one_token(model, next_id.view(1, 1), cache, position=length)
+            logits, cache = decode_one_token(model, stream.last_id.view(1, 1), cache, position=stream.length - 1)
         _sync(device)
         t_end = time.perf_counter()
 
-    rest = text.flush()
+    rest = stream.flush()
     if rest and on_text is not None:
         on_text(rest)
-    return GenerationResult(token_ids=token_ids, text=text.text, stop_reason=stop_reason, prompt_tokens=n_prompt,
-                            new_tokens=len(token_ids), prefill_s=t_first - t0, decode_s=t_end - t_first)
+    n_new = len(stream.token_ids)
+    return GenerationResult(token_ids=stream.token_ids, text=stream.text.text, stop_reason=stream.stop_reason,
+                            prompt_tokens=stream.n_prompt, new_tokens=n_new, prefill_s=t_first - t0,
+                            decode_s=t_end - t_first)

@@ -1,0 +1,133 @@
+"""Load test of `hybridmoe serve` on loopback: N concurrent clients x M requests each, official openai client.
+
+    python benchmarks/serve_load.py                                  # tiny random DeepSeek-V2, CPU, 16 x 20
+    python benchmarks/serve_load.py --max-batch-size 1               # the same load without batching (baseline)
+    python benchmarks/serve_load.py --threads 1                      # 2-core CI machine: leave a core to HTTP
+    python benchmarks/serve_load.py --model DIR --device cuda --dtype bfloat16 --max-tokens 64   # a real checkpoint
+
+Starts the real server (uvicorn, in this process, on 127.0.0.1 and a free port), runs the clients with
+`openai.AsyncOpenAI` (greedy, a mix of the base model and two adapters, half the requests streamed), and prints one
+JSON line: requests/s, generated tokens/s, latency percentiles, errors, and the engine's decode-batch statistics.
+Without --model it builds a tiny random model and two random adapters in a temp dir (no downloads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _tiny_setup(root: Path) -> tuple[Path, dict[str, str]]:
+    import hybridmoe
+    from hybridmoe.adapters import apply_lora, save_adapter
+    from hybridmoe.testing import build_tokenizer, save_tiny_model
+
+    tok = build_tokenizer()
+    ckpt = root / "tiny-deepseek-v2"
+    save_tiny_model("deepseek_v2", ckpt, tokenizer=tok, vocab_size=len(tok))
+    adapters = {}
+    for name, target, seed in [("alpha", "all", 1), ("beta", "q_proj,kv_b_proj,experts", 2)]:
+        model, _ = hybridmoe.load(ckpt, device="cpu", progress=False)
+        peft_model = apply_lora(model, target, rank=4, alpha=8, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # LoRA B starts at 0: make the adapters change the outputs
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        save_adapter(peft_model, root / name)
+        adapters[name] = str(root / name)
+    return ckpt, adapters
+
+
+async def _drive(url: str, models: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+    import openai
+
+    prompts = ["Hi!", "What is the capital of France?", "Write a poem about the sea.", "How are you today?"]
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    latencies: list[float] = []
+    tokens = errors = 0
+
+    async def one(model: str, prompt: str, stream: bool) -> None:
+        nonlocal tokens, errors
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens)
+        t0 = time.perf_counter()
+        try:
+            n = 0  # (not `tokens += await ...`: that reads `tokens` before the await and loses updates)
+            if stream:
+                async for c in await client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                    **kw):
+                    if c.usage is not None:
+                        n = c.usage.completion_tokens
+            else:
+                n = (await client.chat.completions.create(**kw)).usage.completion_tokens
+            tokens += n
+        except openai.APIError:
+            errors += 1
+        latencies.append(time.perf_counter() - t0)
+
+    async def worker(c: int) -> None:
+        for i in range(requests):
+            await one(models[(c + i) % len(models)], prompts[(c + i) % len(prompts)], stream=(c + i) % 2 == 1)
+
+    t0 = time.perf_counter()
+    async with client:
+        await asyncio.gather(*(worker(c) for c in range(clients)))
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100)
+    return {"requests": len(latencies), "errors": errors, "wall_s": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 2), "completion_tokens": tokens,
+            "completion_tokens_per_s": round(tokens / wall, 1), "latency_p50_s": round(q[49], 3),
+            "latency_p95_s": round(q[94], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint directory (default: a tiny random DeepSeek-V2 in a temp dir)")
+    ap.add_argument("--adapter", action="append", metavar="NAME=DIR", help="adapters to serve and mix in")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=20, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hybridmoe.serve import build_app, serve_in_thread
+    from hybridmoe.serve.server import parse_adapters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            ckpt, adapters = Path(args.model), parse_adapters(args.adapter, Path(args.model).resolve().name)
+        else:
+            ckpt, adapters = _tiny_setup(Path(tmp))
+        app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
+                        max_batch_size=args.max_batch_size)
+        with serve_in_thread(app) as url:
+            result = asyncio.run(_drive(url, ["base", *adapters], args.clients, args.requests, args.max_tokens))
+            stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps({
+        "bench": "serve_load", "model": "tiny-deepseek-v2 (random)" if not args.model else str(args.model),
+        "device": device, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "clients": args.clients, "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
+        **result, "engine": stats,
+        "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()

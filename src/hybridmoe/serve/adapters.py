@@ -1,0 +1,63 @@
+"""Several LoRA adapters on one base model, switched per decode batch without reloading or copying weights.
+
+Every adapter is loaded once, with :func:`hybridmoe.adapters.load_adapter` under its own name:
+
+* its Linear LoRA (attention, dense MLPs, shared experts) becomes a named PEFT adapter on the compute device;
+* its routed-expert LoRA is one ``{projection: ExpertLoRA}`` dict per ``HybridExperts`` block, in CPU RAM.
+
+:meth:`AdapterSet.activate` points every PEFT LoRA layer at one adapter (or disables LoRA, for the base model) and
+sets each ``HybridExperts.lora`` to that adapter's dict. A switch is one Python pass over the LoRA layers; no tensor
+moves. Layers an adapter does not target have no weights under its name, and PEFT skips them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from hybridmoe.adapters import base_model_of, load_adapter
+from hybridmoe.experts import HybridExperts
+
+
+class AdapterSet:
+    """The base model plus named adapters; ``model`` is the module to call (a PeftModel once any adapter has
+    Linear LoRA)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        base = base_model_of(model)
+        self.experts = {n: m for n, m in base.named_modules() if isinstance(m, HybridExperts)}
+        self.expert_lora: dict[str, dict[str, dict]] = {}  # adapter -> experts module name -> {proj: ExpertLoRA}
+        self._tuner_layers: list[nn.Module] = []
+        self.active: str | None = None  # None = the base model, no LoRA
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.expert_lora)
+
+    def load(self, name: str, adapter_dir: str | os.PathLike) -> None:
+        """Load one adapter under ``name``; raises AdapterError / NonFiniteError (one line) if it does not fit."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for ex in self.experts.values():  # load_adapter fills ex.lora; start each adapter from empty dicts
+            ex.lora = {}
+        self.model = load_adapter(self.model, adapter_dir, adapter_name=name)
+        self.expert_lora[name] = {n: ex.lora for n, ex in self.experts.items()}
+        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self._apply(None)  # PEFT activates layers it just created for `name`; put everything back to the base
+
+    def activate(self, name: str | None) -> None:
+        """Make ``name`` (an adapter, or None for the base model) the one the next forward uses."""
+        if name != self.active:
+            self._apply(name)
+
+    def _apply(self, name: str | None) -> None:
+        for layer in self._tuner_layers:
+            layer.enable_adapters(name is not None)
+            if name is not None:
+                layer.set_adapter(name, inference_mode=True)  # inference_mode: no requires_grad on LoRA weights
+        for module_name, ex in self.experts.items():
+            # a fresh dict per switch: nothing that later mutates ex.lora can reach the stored adapter's dict
+            ex.lora = dict(self.expert_lora[name][module_name]) if name is not None else {}
+        self.active = name

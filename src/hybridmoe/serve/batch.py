@@ -1,0 +1,108 @@
+"""Batched decode across requests: one left-padded KV cache, one forward per step for the whole batch.
+
+Each request is prefilled alone (batch 1, exactly :func:`hybridmoe.generate.prefill`), then its cache joins a
+:class:`DecodeBatch`. The batch keeps every layer's keys/values as one tensor ``[B, heads, W, d]`` whose rows are
+**left-padded** to the common width ``W``, plus a 0/1 mask ``[B, W]`` of the real slots. A decode step feeds one
+token per row at column ``W`` with the mask (padding is never attended to) and each row's own position id (its
+real length), so every row computes the same function as it would alone. With one row there is no padding and the
+inputs are exactly those of the batch-1 path, so a lone request decodes bit for bit like ``hybridmoe chat``.
+
+Why padding and not per-request caches: the routed experts on the CPU are the cost of a decode step, and a batched
+forward reads each active expert's weights once for all rows (and the GPU side runs one kernel per op instead of
+B). The price is copying the caches when a row joins (padding to the new width) or leaves (dropping the row and any
+leading all-padding columns): O(cache) copies on the compute device, done only on membership changes, never per
+step.
+
+Rows never see each other's tokens, but batched matmuls have other shapes than batch 1, so a row's logits can
+differ from a lone run by float rounding (~1e-6 in fp32 on the tiny test models), which can change a greedy choice
+only at a near tie.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from hybridmoe.generate import forward_step, input_device
+
+
+def batchable(cache: Any) -> bool:
+    """Whether a prefilled cache can join a padded batch: every layer a plain growing ``DynamicLayer``.
+
+    Sliding-window and static layers keep their own position bookkeeping that left padding would break; requests
+    with such caches decode in batches of one.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, h, W, d] -> [B, h, n + W, d] with n zero columns in front (the sequence dim is -2)."""
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+class DecodeBatch:
+    """Sequences that decode together (same adapter); rows are in the order they were added."""
+
+    def __init__(self, model: torch.nn.Module, capacity: int) -> None:
+        self.model = model  # the forward target (a PeftModel when adapters carry Linear LoRA)
+        self.capacity = capacity
+        self.cache: Any = None  # DynamicCache with batch size len(self)
+        self.mask: torch.Tensor | None = None  # [B, W] int64 on the compute device, 1 = real slot
+        self.lengths: list[int] = []  # real tokens in the cache per row (= that row's next position id)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def full(self) -> bool:
+        return len(self) >= self.capacity
+
+    def add(self, cache: Any, length: int) -> None:
+        """Append a prefilled batch-1 ``cache`` holding ``length`` tokens as the last row."""
+        device = input_device(self.model)
+        row_mask = torch.ones(1, length, dtype=torch.long, device=device)  # [1, length]
+        if self.cache is None:
+            self.cache, self.mask, self.lengths = cache, row_mask, [length]
+            return
+        grow = max(length - self.width, 0)  # the new row is longer: pad every existing row
+        pad_new = max(self.width - length, 0)  # the new row is shorter: pad it
+        for mine, new in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(new.keys, pad_new)])  # [B+1, h, W', d]
+            mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(new.values, pad_new)])
+        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), F.pad(row_mask, (pad_new, 0))])  # [B+1, W']
+        self.lengths.append(length)
+
+    def remove(self, rows: list[int]) -> None:
+        """Drop ``rows`` (indices into the current order) and the leading columns that became padding everywhere."""
+        if not rows:
+            return
+        keep = [i for i in range(len(self)) if i not in set(rows)]
+        if not keep:
+            self.cache, self.mask, self.lengths = None, None, []
+            return
+        self.lengths = [self.lengths[i] for i in keep]
+        trim = self.width - max(self.lengths)  # left-padded rows: the first `trim` columns are padding in all rows
+        idx = torch.tensor(keep, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx, :, trim:]  # [B', h, W - trim, d]; a copy (advanced indexing)
+            layer.values = layer.values[idx, :, trim:]
+        self.mask = self.mask[idx, trim:]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [B, 1] (row i's next input at position ``lengths[i]``); returns logits [B, V] fp32."""
+        b = len(self)
+        device = tokens.device
+        mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long, device=device)], dim=1)  # [B, W + 1]
+        positions = torch.tensor(self.lengths, device=device).view(b, 1)  # [B, 1]
+        logits, self.cache = forward_step(self.model, tokens, self.cache, mask, positions)
+        self.mask = mask
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits

@@ -1,0 +1,168 @@
+"""`hybridmoe serve`: load the model and adapters once, bind the port, run uvicorn.
+
+User errors (a bad model or adapter directory, an adapter for another model, a port in use, a bad flag) raise
+:class:`~hybridmoe.errors.HybridMoEError` before the server starts, so the CLI prints one line and exits 2. The port
+is bound *before* the (possibly long) model load, so a port clash is reported at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from hybridmoe.errors import ConfigError, HybridMoEError
+
+API_KEY_ENV = "HYBRIDMOE_API_KEY"
+log = logging.getLogger("hybridmoe.serve")
+
+
+def parse_adapters(specs: list[str] | None, base_name: str) -> dict[str, str]:
+    """``NAME=DIR`` (or just ``DIR``, named after its folder) -> {name: dir}, names unique and not the base's."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise ConfigError(f"--adapter '{spec}' is not NAME=DIR")
+        if name in out or name == base_name:
+            raise ConfigError(f"--adapter name '{name}' is used twice (the base model is served as '{base_name}'); "
+                              "give each adapter its own NAME=DIR")
+        out[name] = path
+    return out
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn, or a one-line error (port in use, no permission, unknown host)."""
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host '{host}' is not a valid address ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT sockets
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise HybridMoEError(f"port {port} on {host} is already in use; pass another --port or stop the "
+                                 "server using it") from None
+        if e.errno == errno.EACCES:
+            raise HybridMoEError(f"no permission to bind {host}:{port} (ports below 1024 need root); pass "
+                                 "--port 8000 or higher") from None
+        raise HybridMoEError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = None, *, device=None, dtype=None,
+              chat_template: str | None = None, model_name: str | None = None, api_key: str | None = None,
+              max_batch_size: int = 16, progress: bool = False):
+    """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
+    the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model."""
+    from hybridmoe.loading import load_model, load_tokenizer
+
+    from .adapters import AdapterSet
+    from .app import ServeConfig, create_app
+    from .engine import Engine
+
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    base_name = model_name or Path(model_dir).resolve().name
+    adapters = dict(adapters or {})
+    model = load_model(model_dir, device=device, dtype=dtype, progress=progress)
+    tokenizer = load_tokenizer(model_dir, chat_template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the tokenizer in '{model_dir}' has no chat template; pass --chat-template FILE")
+    aset = AdapterSet(model)
+    for name, path in adapters.items():
+        aset.load(name, path)
+    aset.model.eval()
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    app = create_app(Engine(aset, tokenizer, max_batch_size), tokenizer, ServeConfig(base_name, context, api_key))
+    app.state.served_models = [base_name, *aset.names]
+    return app
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    base_name = args.model_name or Path(args.model).resolve().name
+    adapters = parse_adapters(args.adapter, base_name)
+    sock = bind_socket(args.host, args.port)
+    try:
+        app = build_app(args.model, adapters, device=args.device, dtype=args.dtype, chat_template=args.chat_template,
+                        model_name=args.model_name, api_key=api_key, max_batch_size=args.max_batch_size,
+                        progress=True)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    if not _is_loopback(args.host) and not api_key:
+        print(f"hybridmoe serve: warning: listening on {args.host} without an API key; anyone who can reach this "
+              f"port can use the model (pass --api-key or set {API_KEY_ENV})", file=sys.stderr)
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"hybridmoe serve: http://{url_host}:{port}/v1 serving {', '.join(app.state.served_models)}",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, log_config=_uvicorn_logging(),
+                            timeout_graceful_shutdown=5)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
+        uvicorn.Server(config).run(sockets=[sock])
+    print("hybridmoe serve: stopped", file=sys.stderr)
+    return 0
+
+
+def _uvicorn_logging() -> dict:
+    """uvicorn's own log config with the access log on stderr too (logs go to stderr, like every command)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return cfg
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a background thread (tests, benchmarks, notebooks); yields the base URL
+    ``http://host:port`` once it accepts requests, and shuts it down on exit."""
+    import uvicorn
+
+    sock = bind_socket(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hybridmoe-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the server did not start (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

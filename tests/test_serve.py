@@ -1,0 +1,383 @@
+"""`hybridmoe serve` on loopback, driven by the official openai client.
+
+One server (tiny DeepSeek-V2: dense first layer, shared and routed experts) serves the base model and three
+adapters: `alpha` (LoRA on everything), `beta` (two attention projections + routed experts) and `broken` (finite
+but huge LoRA B, so the forward overflows to NaN: it loads, like a diverged adapter would, and fails at run time).
+
+Replies are compared for exact equality. A request that runs alone decodes through the same inputs as
+`hybridmoe chat`, bit for bit. Requests batched together differ from a lone run by fp32 rounding (~1e-6 in the
+logits, see hybridmoe.serve.batch), which could only change a greedy choice at a near tie; the prompts here are
+fixed, so the same handful of choices is checked every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+import hybridmoe
+from hybridmoe.adapters import apply_lora, save_adapter
+from hybridmoe.chat import reply
+from hybridmoe.cli import main
+from hybridmoe.generate import SamplingConfig
+from hybridmoe.placement import placement_report
+from hybridmoe.serve import build_app, serve_in_thread
+
+from .helpers import make_checkpoint, randomize_lora
+
+ARCH = "deepseek_v2"
+BASE = "tiny"  # the name the base model is served under
+ADAPTERS = {"alpha": ("all", 1, 0.1), "beta": ("q_proj,kv_b_proj,experts", 2, 0.1), "broken": ("all", 3, 1e30)}
+
+
+def _make_adapter(ckpt: Path, out: Path, target: str, seed: int, scale: float) -> Path:
+    model, _ = hybridmoe.load(ckpt, device="cpu", progress=False)
+    peft_model = apply_lora(model, target, rank=4, alpha=8, seed=seed)
+    randomize_lora(peft_model, seed, scale)
+    save_adapter(peft_model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = make_checkpoint(ARCH, root / BASE)
+    adapters = {name: _make_adapter(ckpt, root / name, *spec) for name, spec in ADAPTERS.items()}
+    return ckpt, adapters
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    ckpt, adapters = files
+    app = build_app(ckpt, {n: str(p) for n, p in adapters.items()}, device="cpu", model_name=BASE, max_batch_size=16)
+    # One torch thread: the tiny model's ops are too small to split, and the event loop, the clients and the other
+    # jobs on a 2-core CI machine need the other core (two OpenMP threads there made each forward ~10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with serve_in_thread(app) as url:
+            yield url, app.state.engine
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _ask(client, model, prompt, stream=False, **kw):
+    """(reply text, finish_reason, usage) through the openai client, streaming or not."""
+    kw.setdefault("temperature", 0)
+    messages = [{"role": "user", "content": prompt}]
+    if not stream:
+        r = client.chat.completions.create(model=model, messages=messages, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+    parts, finish, usage = [], None, None
+    for c in client.chat.completions.create(model=model, messages=messages, stream=True,
+                                            stream_options={"include_usage": True}, **kw):
+        if c.choices:
+            parts.append(c.choices[0].delta.content or "")
+            finish = c.choices[0].finish_reason or finish
+        if c.usage is not None:
+            usage = c.usage
+    return "".join(parts), finish, usage
+
+
+def _chat_cli(capsys, files, model, prompt, *flags, device="cpu") -> str:
+    """`hybridmoe chat --prompt` (the CLI, in process): prints the reply and a newline."""
+    ckpt, adapters = files
+    args = ["chat", "--model", str(ckpt), "--prompt", prompt, "--device", device, *flags]
+    if model != BASE:
+        args += ["--adapter", str(adapters[model])]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return out[:-1]
+
+
+def test_models_and_health(server, client):
+    url, engine = server
+    cards = {m.id: m for m in client.models.list()}
+    assert list(cards) == [BASE, "alpha", "beta", "broken"]
+    assert client.models.retrieve("alpha").id == "alpha"
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["running"] == 0
+    # all adapters loaded at once: Linear LoRA as named PEFT adapters on the compute device, none wrapping experts
+    report = placement_report(engine.adapters.model)
+    assert report["ok"], report["problems"]
+    assert set(engine.adapters.names) == {"alpha", "beta", "broken"}
+    expert_lora = {n: [lo.A for d in engine.adapters.expert_lora[n].values() for lo in d.values()]
+                   for n in engine.adapters.names}
+    assert all(expert_lora.values())  # each adapter keeps its own routed-expert LoRA, on the CPU
+    assert len({id(a) for As in expert_lora.values() for a in As}) == sum(map(len, expert_lora.values()))
+    assert all(a.device.type == "cpu" for As in expert_lora.values() for a in As)
+
+
+@pytest.mark.parametrize("model", [BASE, "alpha", "beta"])
+def test_greedy_reply_equals_chat(model, files, client, capsys):
+    prompt = "Hello there, how are you?"
+    want = _chat_cli(capsys, files, model, prompt, "--temperature", "0", "--max-new-tokens", "12")
+    text, finish, usage = _ask(client, model, prompt, max_tokens=12)
+    assert text == want and finish in ("stop", "length")
+    assert usage.completion_tokens <= 12 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert _ask(client, model, prompt, stream=True, max_tokens=12) == (text, finish, usage)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_greedy_equals_chat_alone_and_batched(files, capsys):
+    """On the GPU host: the server on cuda (experts on the CPU), fp32 so that batching is exact up to fp32
+    rounding; a lone greedy request equals `hybridmoe chat --device cuda`, concurrent ones their lone replies."""
+    ckpt, adapters = files
+    app = build_app(ckpt, {"alpha": str(adapters["alpha"])}, device="cuda", dtype="float32", model_name=BASE)
+    prompts = [f"Question number {i}" for i in range(6)]
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for model in (BASE, "alpha"):
+            want = _chat_cli(capsys, files, model, prompts[0], "--temperature", "0", "--max-new-tokens", "12",
+                             "--dtype", "float32", device="cuda")
+            assert _ask(c, model, prompts[0], max_tokens=12)[0] == want
+        alone = {(m, p): _ask(c, m, p, max_tokens=12)[0] for m in (BASE, "alpha") for p in prompts}
+        with cf.ThreadPoolExecutor(len(alone)) as ex:
+            together = dict(zip(alone, ex.map(lambda k: _ask(c, k[0], k[1], max_tokens=12)[0], alone)))
+        assert together == alone
+        assert app.state.engine.stats["max_batch"] > 1
+        assert placement_report(app.state.engine.adapters.model)["ok"]  # LoRA on cuda, experts and their LoRA on cpu
+
+
+def test_seeded_sampling_equals_chat_and_repeats(files, client, capsys):
+    flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "10"]
+    want = _chat_cli(capsys, files, "alpha", "Tell me a story", *flags)
+    kw = dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=10)
+    assert _ask(client, "alpha", "Tell me a story", **kw)[0] == want
+    assert _ask(client, "alpha", "Tell me a story", stream=True, **kw)[0] == want
+    assert _ask(client, "alpha", "Tell me a story", **{**kw, "seed": 8})[0] != want
+
+
+def test_max_tokens_and_stop(client):
+    text, finish, usage = _ask(client, BASE, "Count with me", max_tokens=16)
+    assert finish == "length" and usage.completion_tokens == 16
+    # a stop string taken from the middle of the greedy reply: the reply ends right before it
+    m = re.search(r"[A-Za-z]{2}", text[1:])
+    assert m, text
+    stop = m.group(0)
+    cut = text.find(stop)
+    for stream in (False, True):
+        got, finish, _ = _ask(client, BASE, "Count with me", stream=stream, max_tokens=16, stop=[stop, "\x00never"])
+        assert (got, finish) == (text[:cut], "stop")
+
+
+def _solo_replies(files, pairs, max_tokens):
+    """The reply to each (model, prompt) alone, with hybridmoe.chat's code path on a freshly loaded model."""
+    ckpt, adapters = files
+    out = {}
+    for model in sorted({m for m, _ in pairs}):
+        m, tok = hybridmoe.load(ckpt, adapter=None if model == BASE else adapters[model], device="cpu",
+                                progress=False)
+        for _, prompt in [p for p in pairs if p[0] == model]:
+            res = reply(m, tok, [{"role": "user", "content": prompt}], SamplingConfig(temperature=0,
+                                                                                      max_new_tokens=max_tokens))
+            out[(model, prompt)] = res.text
+    return out
+
+
+def test_concurrent_requests_for_different_adapters(files, server, client):
+    """Requests for three models at once are decoded in batches (one per adapter) and each reply equals its
+    lone reply; a broken adapter fails its own requests (streaming and not) and nothing else."""
+    _, engine = server
+    pairs = [(m, f"Question number {i}: what is {i} plus {i}?") for i in range(3) for m in (BASE, "alpha", "beta")]
+    want = _solo_replies(files, pairs, 24)
+    before = dict(engine.stats)
+
+    def ask(job):
+        kind, model, prompt = job
+        try:
+            return _ask(client, model, prompt, stream=kind == "stream", max_tokens=24)[0]
+        except openai.APIError as e:
+            return e
+
+    jobs = [("plain", m, p) for m, p in pairs] + [("plain", "broken", "hi"), ("stream", "broken", "hi")]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        results = list(ex.map(ask, jobs))
+    for (_, model, prompt), got in zip(jobs[:-2], results[:-2]):
+        assert got == want[(model, prompt)], (model, prompt)
+    plain, streamed = results[-2:]
+    assert isinstance(plain, openai.APIStatusError) and plain.status_code == 500
+    assert plain.body["code"] == "non_finite_logits" and "adapter 'broken'" in plain.body["message"]
+    assert isinstance(streamed, openai.APIError) and "non-finite" in streamed.message
+    assert engine.stats["max_batch"] > 1 and engine.stats["decode_steps"] > before["decode_steps"]
+    assert _ask(client, BASE, pairs[0][1], max_tokens=24)[0] == want[pairs[0]]  # still serving
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(server, client):
+    url, engine = server
+    before = engine.stats["decoded_tokens"]
+    stream = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Tell me more"}],
+                                            temperature=0, max_tokens=200, stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    for _ in range(200):
+        if httpx.get(url + "/health").json()["running"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert engine.running == 0 and engine.waiting == 0
+    assert engine.stats["decoded_tokens"] - before < 100  # stopped early, not run to max_tokens=200
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "missing required parameter 'model'"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "served models: tiny, alpha"),
+    ({"model": BASE, "messages": []}, 400, "'messages'"),
+    ({"model": BASE, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "'temperature'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "'temperature'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "'top_p'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "'max_tokens'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "'seed'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
+     "'stop'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unrecognized"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context of 256 tokens"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}, 400, "lower max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
+def test_bad_request_gets_4xx(body, status, message, server):
+    url, _ = server
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_server_keeps_running_after_bad_requests(server, client):
+    url, _ = server
+    assert httpx.get(url + "/v1/nothing").status_code == 404
+    assert httpx.get(url + "/v1/chat/completions").status_code == 405
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert _ask(client, BASE, "hi", max_tokens=2)[2].completion_tokens >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_errors_exit_2_with_one_line(files, tmp_path, capsys):
+    ckpt, adapters = files
+    other = make_checkpoint("qwen3_moe", tmp_path / "qwen")
+    foreign = _make_adapter(other, tmp_path / "qwen_adapter", "all", 0, 0.1)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    serve = ["serve", "--model", str(ckpt)]
+    cases = [
+        (["serve", "--model", str(tmp_path / "missing")], "missing"),
+        (serve + ["--adapter", f"a={tmp_path / 'nope'}"], "does not exist"),
+        (serve + ["--adapter", f"q={foreign}"], "another model"),
+        (serve + ["--adapter", f"a={adapters['alpha']}", "--adapter", f"a={adapters['beta']}"], "used twice"),
+        (serve + ["--port", str(busy.getsockname()[1])], "already in use"),
+    ]
+    try:
+        for args, message in cases:
+            capsys.readouterr()
+            assert main(args) == 2, args
+            err = capsys.readouterr().err
+            lines = [ln for ln in err.splitlines() if ln.startswith("hybridmoe")]
+            assert lines and message in lines[-1] and "Traceback" not in err, err
+    finally:
+        busy.close()
+
+
+def test_cli_server_in_subprocess_with_api_key(files):
+    """`python -m hybridmoe serve` as a user runs it: API key from the environment, port 0, Ctrl-C stops it."""
+    ckpt, adapters = files
+    src = str(Path(hybridmoe.__file__).parents[1])  # run the code under test, wherever it is imported from
+    env = {**os.environ, "HYBRIDMOE_API_KEY": "s3cret", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "hybridmoe", "serve", "--model", str(ckpt), "--model-name", BASE, "--adapter",
+           f"alpha={adapters['alpha']}", "--port", "0", "--device", "cpu", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
+    try:
+        while True:
+            line = lines.get(timeout=120)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+            if m:
+                break
+        base = f"http://127.0.0.1:{m.group(1)}"
+        for _ in range(600):  # the port is bound before loading; requests work once uvicorn has started
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            threading.Event().wait(0.05)
+        no_key = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            no_key.models.list()
+        assert httpx.post(base + "/v1/chat/completions", content=b"{bad").status_code == 401
+        good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in good.models.list()] == [BASE, "alpha"]
+        assert _ask(good, "alpha", "hi", max_tokens=3)[2].completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    assert rc == 0
+
+
+def test_load_16_clients_x_20_requests(files, server):
+    """A bounded load test on loopback: 16 concurrent clients, 20 requests each, mixed models, half of them
+    streamed. No errors, and every reply equals the same request's lone reply (throughput: benchmarks/serve_load.py)."""
+    url, engine = server
+    prompts = ["Hi!", "What is the capital of France?", "Write a poem about the sea.", "How are you today?"]
+    pairs = [(m, p) for m in (BASE, "alpha", "beta") for p in prompts]
+    want = _solo_replies(files, pairs, 8)
+    aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(model, prompt, stream):
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8)
+        if not stream:
+            return (await aclient.chat.completions.create(**kw)).choices[0].message.content
+        return "".join([c.choices[0].delta.content or "" async for c in await aclient.chat.completions.create(
+            stream=True, **kw) if c.choices])
+
+    async def worker(c):
+        got = []
+        for i in range(20):
+            model, prompt = pairs[(c + i) % len(pairs)]
+            got.append(((model, prompt), await one(model, prompt, stream=(c + i) % 2 == 1)))
+        return got
+
+    async def run():
+        async with aclient:
+            return await asyncio.gather(*(worker(c) for c in range(16)))
+
+    results = [r for per_client in asyncio.run(run()) for r in per_client]
+    assert len(results) == 320
+    assert all(got == want[key] for key, got in results)
+    assert engine.stats["max_batch"] > 1
