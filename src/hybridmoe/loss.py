@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import base_model_of
 
-CHUNK_TOKENS = 512  # rows of logits alive at once: 512 × 102400 × 4 B = 0.2 GB for DeepSeek's vocabulary
+CHUNK_TOKENS = 256  # rows of logits alive at once: 256 × 102400 × 4 B = 0.1 GB for DeepSeek's vocabulary
 
 
 def chunked_loss_supported(model: nn.Module) -> bool:

@@ -288,7 +288,9 @@ class _GroupedMath:
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict, dx_out: torch.Tensor) -> None:
         dh = self._linear_backward("down_proj", dy, _gate(self.act_fn, gu)[2], grads)  # [S, I]
-        dx_out.copy_(self._linear_backward("gate_up_proj", _gate_backward(self.act_fn, gu, dh), x, grads))
+        dgu = _gate_backward(self.act_fn, gu, dh)  # [S, 2I]
+        del dh
+        dx_out.copy_(self._linear_backward("gate_up_proj", dgu, x, grads))
 
 
 class _ExpertsFn(torch.autograd.Function):
@@ -341,7 +343,8 @@ class _ExpertsFn(torch.autograd.Function):
         grad_w = torch.empty_like(w).view(-1)  # [T*K] fp32
         grad_w[order] = (g_sorted * y_sorted).sum(-1, dtype=torch.float32)
         dy_sorted = g_sorted * w.view(-1)[order, None].to(x.dtype)  # [S, H]
-        dx_sorted = torch.empty_like(g_sorted)  # [S, H]
+        del g_sorted, y_sorted  # the largest buffers of a streamed layer's backward: freed as soon as they are used
+        dx_sorted = torch.empty_like(dy_sorted)  # [S, H]
         present = [p for p in PROJECTIONS if p in math.lora]  # same order as the *lora_tensors inputs
         # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
