@@ -443,6 +443,7 @@ def _memory(device: torch.device, ctx) -> dict[str, float]:
         out["host_private_gib"] = round(distributed.process_memory()["private"] / 2**30, 4)
     if device.type == "cuda":
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        out["gpu_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)  # now: a leak shows as growth here
     return out
 
 
