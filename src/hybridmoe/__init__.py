@@ -14,7 +14,7 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
     model: checkpoint directory. adapter: PEFT adapter directory. device: 'cuda' or 'cpu' (default: cuda if
     available). dtype: 'bfloat16' or 'float32' (default bf16 on cuda, fp32 on cpu). merge: fold the adapter into the
     weights on both sides (same outputs, faster). stream_min_tokens: prompts of at least this many tokens run the
-    experts on the GPU with their weights streamed in (default 256 on CUDA, 0 = CPU only). The returned model's ``generate`` works like a transformers model's.
+    experts on the GPU with their weights streamed in (default 64 on CUDA, 0 = CPU only). The returned model's ``generate`` works like a transformers model's.
     """
     from .adapters import load_adapter, merge_adapter
     from .loading import load_model, load_tokenizer

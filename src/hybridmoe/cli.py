@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--merge", action="store_true", help="fold the adapter into the weights at load time")
     c.add_argument("--stream-min-tokens", type=int, default=None,
                    help="prompts of at least this many tokens run the experts on the GPU, weights streamed in "
-                        "(default 256 on CUDA; 0 = always on the CPU)")
+                        "(default 64 on CUDA; 0 = always on the CPU)")
     c.set_defaults(func=_cmd_chat)
 
     i = sub.add_parser("inspect", help="adapter health by component", description="Adapter health by component; exit 1 on NaN/Inf.")

@@ -54,7 +54,7 @@ class TrainConfig:
     dtype: str | None = None  # bfloat16 | float32 for the compute-device weights
     expert_dtype: str | None = None  # bfloat16 | float32 for the CPU expert weights (default: dtype)
     # Batches of >= this many tokens run the routed experts on the GPU, their weights streamed from CPU RAM layer by
-    # layer (default on CUDA: 256; 0 = always on the CPU). GPU memory: + two layers of expert weights.
+    # layer (default on CUDA: 64; 0 = always on the CPU). GPU memory: + two layers of expert weights.
     stream_min_tokens: int | None = None
     progress: bool = True
     # -- several ranks (torchrun / --nproc; ignored by a single process) ----------------------------------------------

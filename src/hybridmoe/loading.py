@@ -27,7 +27,7 @@ log = logging.getLogger("hybridmoe")
 
 # Batches of at least this many tokens run the routed experts on the GPU, their weights streamed in (see
 # experts/streaming.py); smaller ones on the CPU. Chosen by measurement on the GPU host (BENCHMARKS.md).
-DEFAULT_STREAM_MIN_TOKENS = 256
+DEFAULT_STREAM_MIN_TOKENS = 64
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
