@@ -4,7 +4,8 @@ The LoRA lives on two devices: PEFT Linear LoRA on the compute device, routed-ex
 experts. One fused AdamW holds both (torch groups its updates by device; on the CPU the fused kernel is ~6x faster
 than foreach, benchmarks/adamw_cpu.py), one clip bounds their joint norm.
 A step whose loss or gradient norm is non-finite is skipped with no parameter change, counted, logged with the
-components whose gradients were non-finite, and after `max_consecutive_skipped` in a row training stops with a
+components whose gradients were non-finite and the places in the routed experts where a NaN/Inf first appeared
+(forward output, backward gradient, ...: see :mod:`hybridmoe.experts.watch`), and after `max_consecutive_skipped` in a row training stops with a
 diagnosis. The adapter is checked before every write and never written with NaN/Inf.
 
 Under torchrun (several ranks, see :mod:`hybridmoe.distributed`) the same loop runs on every rank: each step's
@@ -40,6 +41,7 @@ from .data import IGNORE_INDEX, SFTDataset, batches, collate, load_records
 from .errors import ConfigError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
+from .experts.watch import NonFiniteWatch
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
 from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
@@ -272,8 +274,10 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     last_loss = float("nan")
     bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step",
                disable=not (cfg.progress and main))
-    with _GracefulStop(announce=main) as stop:
+    # Where a NaN/Inf first appears in the routed experts: flags queued on the device, read only for a skipped step.
+    with _GracefulStop(announce=main) as stop, NonFiniteWatch.attach(model) as watch:
         while st.step < setup.total_steps:
+            watch.reset()
             every, mine = _global_step_batches(setup.dataset, cfg, st, ctx)
             micro = [collate([setup.dataset[i] for i in idx], pad_id) for idx in mine]
             # The global batch's supervised tokens, counted by every rank from the same indices: the loss stays
@@ -289,19 +293,22 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
             st.step += 1
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
                 bad = _nonfinite_components(named)
+                where = watch.report()  # syncs on the experts' finiteness flags: only on this rare path
                 opt.zero_grad(set_to_none=True)  # skipped: no parameter, moment or schedule change
                 st.skipped += 1
                 st.consecutive_skipped += 1
                 if main:
                     _append_log(log_path, {"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
                                            "skipped": True, "nonfinite_grad_components": bad,
-                                           "skipped_steps": st.skipped})
-                    log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s); skipped",
-                                st.step, loss_v, gnorm_v, bad)
+                                           "nonfinite_at": where, "skipped_steps": st.skipped})
+                    log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s, first in the "
+                                "routed experts at %s); skipped", st.step, loss_v, gnorm_v, bad,
+                                where[0] if where else "none (finite there on this rank)")
                 if st.consecutive_skipped >= cfg.max_consecutive_skipped:
                     raise NonFiniteError(
                         f"{st.consecutive_skipped} consecutive steps had non-finite loss or gradients (last at step "
-                        f"{st.step}; components {bad or 'loss only'}); lower learning_rate, keep max_grad_norm > 0, "
+                        f"{st.step}; components {bad or 'loss only'}"
+                        f"{'; first at ' + where[0] if where else ''}); lower learning_rate, keep max_grad_norm > 0, "
                         "or check the data and dtype (float32 rules out bf16 overflow)"
                     )
                 bar.update(1)
