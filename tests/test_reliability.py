@@ -22,15 +22,16 @@ from safetensors.torch import load_file, save_file
 
 import hybridmoe
 from hybridmoe import training as train_mod
-from hybridmoe.adapters import read_adapter
+from hybridmoe.adapters import apply_lora, load_adapter, read_adapter, save_adapter
 from hybridmoe.checkpoint import Checkpoint
 from hybridmoe.data import load_records
 from hybridmoe.errors import AdapterError, CheckpointError, DataError
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.io import atomic_replace_dir, atomic_write_dir
+from hybridmoe.loading import load_model, load_tokenizer
 
-from .helpers import make_checkpoint, read_log, write_dataset
+from .helpers import make_checkpoint, randomize_lora, read_log, write_dataset
 
 SRC = Path(__file__).parents[1] / "src" / "hybridmoe"
 
@@ -189,6 +190,63 @@ def test_index_may_not_point_outside_the_checkpoint(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         Checkpoint(tmp_path)
+
+
+REMOTE_CODE = """
+from pathlib import Path
+Path(MARKER).write_text("remote code ran")
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
+class EvilConfig(PretrainedConfig):
+    model_type = "evil_moe"
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def test_remote_code_never_runs_unless_asked(tmp_path):
+    """A checkpoint that ships Python code (config and tokenizer auto_map) is refused with one line by default."""
+    from transformers import AutoConfig
+
+    ck = tmp_path / "evil"
+    ck.mkdir()
+    marker = tmp_path / "RAN"  # transformers imports a copy of evil.py from its modules cache: an absolute path
+    (ck / "evil.py").write_text(f"MARKER = {str(marker)!r}" + REMOTE_CODE)
+    (ck / "config.json").write_text(json.dumps({"model_type": "evil_moe", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    (ck / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]},
+                                                          "tokenizer_class": "EvilTokenizer"}))
+    save_file({"w": torch.zeros(1)}, str(ck / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="custom code.*its code was not run.*trust_remote_code") as e:
+        load_model(ck, device="cpu", progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer .*custom code"):
+        load_tokenizer(ck)
+    assert hybridmoe.config.TrainConfig().trust_remote_code is False
+    assert not marker.exists()
+    # the control: the same files do run code once trust_remote_code is given, so the refusal above is real
+    AutoConfig.from_pretrained(str(ck), trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_adapter_config_paths_are_not_followed(tmp_path):
+    """adapter_config.json names other places (base_model_name_or_path, ...); the adapter is read from its own
+    directory only: another adapter at the named place, even a corrupt one, changes nothing."""
+    model_dir = make_checkpoint("qwen3_moe", tmp_path / "m")
+    trained = apply_lora(load_model(model_dir, device="cpu", progress=False), "all", rank=4, alpha=8, seed=1)
+    randomize_lora(trained, seed=3)
+    save_adapter(trained, tmp_path / "adapter", base_model_name=str(model_dir))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "adapter_config.json").write_text("{not json")
+    (elsewhere / "adapter_model.safetensors").write_bytes(b"corrupt")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(base_model_name_or_path=str(elsewhere), revision="../elsewhere", runtime_config={"path": "../elsewhere"})
+    cfg_path.write_text(json.dumps(cfg))
+
+    ids = torch.randint(4, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    loaded = load_adapter(load_model(model_dir, device="cpu", progress=False), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trained.eval()(ids).logits)
 
 
 def test_bin_only_adapter_is_refused(tmp_path):

@@ -147,7 +147,7 @@ class _Setup:
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
         resume = self._resume_dir(out)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
         self.dataset = SFTDataset(load_records(cfg.dataset), self.tokenizer, cfg.cutoff_len)
         s = self.dataset.summary()
         distributed.print_main(ctx, f"[hybridmoe] dataset {cfg.dataset}: {s['examples']} examples, {s['tokens']} "
