@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 from hybridmoe import cli
@@ -15,13 +14,16 @@ ACCURACY = re.compile(r"exact-match accuracy on (\d+) training questions: before
 PRETRAIN_MARKER = "Pre-training base"
 
 
-def run_cli(capsys, output: Path) -> tuple[int, str, str, float]:
-    """`hybridmoe quickstart --fast --output OUTPUT`; returns (exit code, stdout, stderr, seconds)."""
-    start = time.perf_counter()
+def run_cli(capsys, output: Path) -> tuple[int, str, str]:
+    """`hybridmoe quickstart --fast --output OUTPUT`; returns (exit code, stdout, stderr)."""
     code = cli.main(["quickstart", "--fast", "--output", str(output)])
-    seconds = time.perf_counter() - start
     captured = capsys.readouterr()
-    return code, captured.out, captured.err, seconds
+    return code, captured.out, captured.err
+
+
+def base_files(output: Path) -> dict[str, int]:
+    """name -> mtime (ns) of every file of the cached base model."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted((output / "base").iterdir())}
 
 
 def check_learned(out: str) -> None:
@@ -54,7 +56,7 @@ def test_assets_are_valid() -> None:
 
 def test_quickstart_fast_learns_and_caches(tmp_path: Path, capsys) -> None:
     output = tmp_path / "qs"
-    code, out, err, first = run_cli(capsys, output)
+    code, out, err = run_cli(capsys, output)
     assert code == 0, err[-2000:]
     check_learned(out)
     assert PRETRAIN_MARKER in err
@@ -64,9 +66,12 @@ def test_quickstart_fast_learns_and_caches(tmp_path: Path, capsys) -> None:
     assert (output / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((output / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
-    code, out, err, second = run_cli(capsys, output)
+    built = base_files(output)
+    assert "model.safetensors" in built
+
+    code, out, err = run_cli(capsys, output)
     assert code == 0, err[-2000:]
     check_learned(out)
     assert PRETRAIN_MARKER not in err
     assert "reusing the cached base model" in err
-    assert second < first
+    assert base_files(output) == built  # not rebuilt: the same files, untouched

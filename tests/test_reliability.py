@@ -1,10 +1,12 @@
 """Faults lose nothing: Ctrl-C saves and resumes exactly, crashes and full disks mid-write leave the previous files,
-only safetensors are read, and random/corrupt inputs only ever produce our own one-line errors."""
+a NaN in the routed experts skips its step and is named, only safetensors are read, no remote code runs unless
+asked, and random/corrupt inputs only ever produce our own one-line errors."""
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import signal
 import subprocess
@@ -16,16 +18,20 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import hybridmoe
-from hybridmoe.adapters import read_adapter
+from hybridmoe import training as train_mod
+from hybridmoe.adapters import apply_lora, load_adapter, read_adapter, save_adapter
 from hybridmoe.checkpoint import Checkpoint
 from hybridmoe.data import load_records
 from hybridmoe.errors import AdapterError, CheckpointError, DataError
+from hybridmoe.experts import HybridExperts
+from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.io import atomic_replace_dir, atomic_write_dir
+from hybridmoe.loading import load_model, load_tokenizer
 
-from .helpers import make_checkpoint, read_log, write_dataset
+from .helpers import make_checkpoint, randomize_lora, read_log, write_dataset
 
 SRC = Path(__file__).parents[1] / "src" / "hybridmoe"
 
@@ -66,6 +72,86 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     assert resumed == pytest.approx(straight, rel=1e-5)
 
 
+def _stream_on_cpu(monkeypatch) -> list:
+    """Make the trainer's model run its routed experts on the streamed path (the GPU path's math and weight cache,
+    here with host slots) for every batch; returns the streamers, to check they were used."""
+    streamers, original = [], train_mod.load_model
+
+    def load_streamed(*args, **kwargs):
+        model = original(*args, **kwargs)
+        streamers.append(enable_streaming(model, "cpu", min_tokens=1))
+        return model
+
+    monkeypatch.setattr(train_mod, "load_model", load_streamed)
+    return streamers
+
+
+def _inject_at_micro_step(monkeypatch, k: int, layer: str, direction: str) -> None:
+    """At micro-step k, make `layer`'s routed experts produce NaN for real: forward, one weight of every expert is
+    NaN for that step (restored after); backward, a tensor hook turns the gradient arriving at its output to NaN."""
+    original, calls = train_mod._micro_step, {"n": 0}
+
+    def step(runner, batch, device, n_items):
+        calls["n"] += 1
+        if calls["n"] != k:
+            return original(runner, batch, device, n_items)
+        ex = next(m for n, m in runner.named_modules() if n.endswith(layer) and isinstance(m, HybridExperts))
+        if direction == "forward":
+            saved = ex.weights.down.clone()
+            ex.weights.down[:, 0, 0] = float("nan")  # [E, H, I]: every expert's output feature 0
+            handle = None
+        else:
+            saved = None
+            def poison_grad(mod, args, out):
+                out.register_hook(lambda grad: torch.full_like(grad, float("nan")))  # replaces dL/d(output)
+
+            handle = ex.register_forward_hook(poison_grad)
+        if ex.streamer is not None:
+            ex.streamer.invalidate()  # the host weights changed: the streamed slots must not serve the old ones
+        try:
+            return original(runner, batch, device, n_items)
+        finally:
+            if saved is not None:
+                ex.weights.down.copy_(saved)
+                if ex.streamer is not None:
+                    ex.streamer.invalidate()
+            if handle is not None:
+                handle.remove()
+
+    monkeypatch.setattr(train_mod, "_micro_step", step)
+
+
+@pytest.mark.parametrize("path", ["cpu", "streamed"])
+@pytest.mark.parametrize(("direction", "first"), [("forward", "forward output"),
+                                                  ("backward", "backward, gradient arriving at the output")])
+def test_nan_in_routed_experts_is_skipped_and_named(tmp_path, monkeypatch, caplog, path, direction, first):
+    model = make_checkpoint("deepseek_v2", tmp_path / "m", num_hidden_layers=4)  # dense layer 0, MoE layers 1-3
+    data = write_dataset(tmp_path / "d.jsonl", n=8)
+    streamers = _stream_on_cpu(monkeypatch) if path == "streamed" else []
+    layer = "model.layers.2.mlp.experts"
+    _inject_at_micro_step(monkeypatch, 3, layer, direction)
+    out = tmp_path / "out"
+    res = hybridmoe.train(_cfg(model, data, out, max_steps=5))
+
+    assert res.steps == 5 and res.skipped_steps == 1
+    skipped = [r for r in read_log(out) if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [3]
+    where = skipped[0]["nonfinite_at"]
+    assert where[0] == f"{layer}: {first}", where  # the layer and pass where it appeared, not only its aftermath
+    if direction == "forward":
+        assert f"{layer}: forward input" not in where  # its input was finite: the experts produced the NaN
+        assert "model.layers.3.mlp.experts: forward input" in where  # and the next layer received it
+    else:
+        assert not any("forward" in w for w in where)
+        assert "model.layers.3.mlp.experts" not in " ".join(where)  # backward reached layer 3 before layer 2
+    assert f"first in the routed experts at {layer}: {first}" in caplog.text
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in sd.values())
+    assert all(not r.get("skipped") and math.isfinite(r["loss"]) for r in read_log(out) if r["step"] != 3)
+    if path == "streamed":
+        assert streamers[0].stats.copies + streamers[0].stats.hits > 0
+
+
 def _write_two(tmp: Path, fail_after_first: BaseException | None = None) -> None:
     (tmp / "adapter_model.safetensors").write_text("new weights")
     if fail_after_first is not None:
@@ -104,6 +190,63 @@ def test_index_may_not_point_outside_the_checkpoint(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         Checkpoint(tmp_path)
+
+
+REMOTE_CODE = """
+from pathlib import Path
+Path(MARKER).write_text("remote code ran")
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
+class EvilConfig(PretrainedConfig):
+    model_type = "evil_moe"
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def test_remote_code_never_runs_unless_asked(tmp_path):
+    """A checkpoint that ships Python code (config and tokenizer auto_map) is refused with one line by default."""
+    from transformers import AutoConfig
+
+    ck = tmp_path / "evil"
+    ck.mkdir()
+    marker = tmp_path / "RAN"  # transformers imports a copy of evil.py from its modules cache: an absolute path
+    (ck / "evil.py").write_text(f"MARKER = {str(marker)!r}" + REMOTE_CODE)
+    (ck / "config.json").write_text(json.dumps({"model_type": "evil_moe", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    (ck / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]},
+                                                          "tokenizer_class": "EvilTokenizer"}))
+    save_file({"w": torch.zeros(1)}, str(ck / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="custom code.*its code was not run.*trust_remote_code") as e:
+        load_model(ck, device="cpu", progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer .*custom code"):
+        load_tokenizer(ck)
+    assert hybridmoe.config.TrainConfig().trust_remote_code is False
+    assert not marker.exists()
+    # the control: the same files do run code once trust_remote_code is given, so the refusal above is real
+    AutoConfig.from_pretrained(str(ck), trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_adapter_config_paths_are_not_followed(tmp_path):
+    """adapter_config.json names other places (base_model_name_or_path, ...); the adapter is read from its own
+    directory only: another adapter at the named place, even a corrupt one, changes nothing."""
+    model_dir = make_checkpoint("qwen3_moe", tmp_path / "m")
+    trained = apply_lora(load_model(model_dir, device="cpu", progress=False), "all", rank=4, alpha=8, seed=1)
+    randomize_lora(trained, seed=3)
+    save_adapter(trained, tmp_path / "adapter", base_model_name=str(model_dir))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "adapter_config.json").write_text("{not json")
+    (elsewhere / "adapter_model.safetensors").write_bytes(b"corrupt")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(base_model_name_or_path=str(elsewhere), revision="../elsewhere", runtime_config={"path": "../elsewhere"})
+    cfg_path.write_text(json.dumps(cfg))
+
+    ids = torch.randint(4, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    loaded = load_adapter(load_model(model_dir, device="cpu", progress=False), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trained.eval()(ids).logits)
 
 
 def test_bin_only_adapter_is_refused(tmp_path):

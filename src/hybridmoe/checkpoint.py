@@ -162,4 +162,6 @@ def read_config(path: str | os.PathLike, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read '{p / 'config.json'}': {str(e).splitlines()[0]}") from None
+        hint = "" if trust_remote_code or "custom code" not in str(e) else (
+            " (its code was not run: set trust_remote_code: true only for a checkpoint you trust)")
+        raise CheckpointError(f"cannot read '{p / 'config.json'}': {str(e).splitlines()[0]}{hint}") from None

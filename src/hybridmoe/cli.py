@@ -203,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hybridmoe: interrupted", file=sys.stderr)
         return 130
-    except _oom_types() as e:
-        print(f"hybridmoe: error: GPU out of memory ({str(e).splitlines()[0]}); lower per_device_train_batch_size or "
-              "cutoff_len, keep gradient_checkpointing on, or use dtype=bfloat16", file=sys.stderr)
+    except _oom_types():  # outside a step or a reply (those raise GPUOutOfMemoryError): loading the model
+        print(f"hybridmoe: error: {_rank_prefix()}{_load_oom_line()}", file=sys.stderr)
         return 2
 
 
@@ -213,6 +212,17 @@ def _rank_prefix() -> str:
     """Under torchrun several ranks may report; say which one did."""
     rank = os.environ.get("RANK")
     return f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _load_oom_line() -> str:
+    import torch
+
+    from .memory import GiB, card_usage
+
+    card, used = card_usage(torch.device("cuda", torch.cuda.current_device()))
+    return (f"GPU out of memory while loading the model ({card / GiB:.1f} GiB card, {used / GiB:.1f} GiB in use): "
+            "its GPU-side weights (everything but the routed experts) do not fit next to what already uses the card; "
+            "free the card (nvidia-smi shows who holds it), use dtype=bfloat16, or a card with more memory")
 
 
 def _oom_types() -> tuple[type[BaseException], ...]:

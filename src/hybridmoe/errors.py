@@ -30,3 +30,7 @@ class DataError(HybridMoEError):
 
 class NonFiniteError(HybridMoEError):
     """NaN/Inf found where it must not be (adapter tensors, logits, repeated non-finite training steps)."""
+
+
+class GPUOutOfMemoryError(HybridMoEError):
+    """The GPU ran out of memory; the message estimates what fits and names the setting to change."""

@@ -265,13 +265,16 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
             log.warning("ignoring unreadable %s: %s", path / "generation_config.json", str(e).splitlines()[0])
 
 
-def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
-    """The checkpoint's tokenizer; a chat template file or string may be given when it has none."""
+def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer; a chat template file or string may be given when it has none.
+
+    trust_remote_code is passed explicitly: left unset, transformers would prompt on a terminal for a checkpoint
+    that ships tokenizer code instead of refusing it."""
     from transformers import AutoTokenizer
 
     p = Path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(p))
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load a tokenizer from '{p}': {str(e).splitlines()[0]}") from None
     if chat_template is not None:

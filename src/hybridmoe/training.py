@@ -4,7 +4,8 @@ The LoRA lives on two devices: PEFT Linear LoRA on the compute device, routed-ex
 experts. One fused AdamW holds both (torch groups its updates by device; on the CPU the fused kernel is ~6x faster
 than foreach, benchmarks/adamw_cpu.py), one clip bounds their joint norm.
 A step whose loss or gradient norm is non-finite is skipped with no parameter change, counted, logged with the
-components whose gradients were non-finite, and after `max_consecutive_skipped` in a row training stops with a
+components whose gradients were non-finite and the places in the routed experts where a NaN/Inf first appeared
+(forward output, backward gradient, ...: see :mod:`hybridmoe.experts.watch`), and after `max_consecutive_skipped` in a row training stops with a
 diagnosis. The adapter is checked before every write and never written with NaN/Inf.
 
 Under torchrun (several ranks, see :mod:`hybridmoe.distributed`) the same loop runs on every rank: each step's
@@ -37,11 +38,13 @@ from .adapters import apply_lora, load_adapter, save_adapter
 from .components import count_by_component
 from .config import TrainConfig, load_config
 from .data import IGNORE_INDEX, SFTDataset, batches, collate, load_records
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, GPUOutOfMemoryError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
+from .experts.watch import NonFiniteWatch
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
+from .memory import card_usage, estimate_memory, format_oom
 from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
 
 log = logging.getLogger("hybridmoe")
@@ -144,7 +147,7 @@ class _Setup:
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
         resume = self._resume_dir(out)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
         self.dataset = SFTDataset(load_records(cfg.dataset), self.tokenizer, cfg.cutoff_len)
         s = self.dataset.summary()
         distributed.print_main(ctx, f"[hybridmoe] dataset {cfg.dataset}: {s['examples']} examples, {s['tokens']} "
@@ -272,13 +275,17 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     last_loss = float("nan")
     bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step",
                disable=not (cfg.progress and main))
-    with _GracefulStop(announce=main) as stop:
+    # Where a NaN/Inf first appears in the routed experts: flags queued on the device, read only for a skipped step.
+    # A GPU out-of-memory error becomes one line with an estimate of what fits (_OOMReport).
+    with _GracefulStop(announce=main) as stop, NonFiniteWatch.attach(model) as watch, _OOMReport(setup) as oom:
         while st.step < setup.total_steps:
+            watch.reset()
             every, mine = _global_step_batches(setup.dataset, cfg, st, ctx)
             micro = [collate([setup.dataset[i] for i in idx], pad_id) for idx in mine]
             # The global batch's supervised tokens, counted by every rank from the same indices: the loss stays
             # token-exact across ranks without a collective.
             n_items = max(1, sum(_supervised(setup.dataset, idx) for idx in every))
+            oom.at(st.step + 1, micro)
             loss = _accumulate(runner, micro, setup.device, n_items)
             # DDP has summed the Linear LoRA gradients during the last backward; the expert LoRA is summed here.
             distributed.all_reduce_cpu_grads(setup.expert_params, ctx, via)
@@ -289,19 +296,22 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
             st.step += 1
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
                 bad = _nonfinite_components(named)
+                where = watch.report()  # syncs on the experts' finiteness flags: only on this rare path
                 opt.zero_grad(set_to_none=True)  # skipped: no parameter, moment or schedule change
                 st.skipped += 1
                 st.consecutive_skipped += 1
                 if main:
                     _append_log(log_path, {"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
                                            "skipped": True, "nonfinite_grad_components": bad,
-                                           "skipped_steps": st.skipped})
-                    log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s); skipped",
-                                st.step, loss_v, gnorm_v, bad)
+                                           "nonfinite_at": where, "skipped_steps": st.skipped})
+                    log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s, first in the "
+                                "routed experts at %s); skipped", st.step, loss_v, gnorm_v, bad,
+                                where[0] if where else "none (finite there on this rank)")
                 if st.consecutive_skipped >= cfg.max_consecutive_skipped:
                     raise NonFiniteError(
                         f"{st.consecutive_skipped} consecutive steps had non-finite loss or gradients (last at step "
-                        f"{st.step}; components {bad or 'loss only'}); lower learning_rate, keep max_grad_norm > 0, "
+                        f"{st.step}; components {bad or 'loss only'}"
+                        f"{'; first at ' + where[0] if where else ''}); lower learning_rate, keep max_grad_norm > 0, "
                         "or check the data and dtype (float32 rules out bf16 overflow)"
                     )
                 bar.update(1)
@@ -344,6 +354,40 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
         ctx, f"[hybridmoe] done: {st.step} steps ({st.skipped} skipped), final loss {last_loss:.4f}, {seconds:.1f}s, "
         f"peak GPU {peak_gpu / 2**30:.2f} GiB, peak host RSS {peak_host / 2**30:.2f} GiB (rank 0); adapter in {out}")
     return result
+
+
+class _OOMReport:
+    """Turns torch.cuda.OutOfMemoryError inside the loop into a GPUOutOfMemoryError naming the step and batch.
+
+    Nothing of the failing step has been applied or written by then (writes are atomic and happen after a step),
+    so the last checkpoint stays as it was."""
+
+    def __init__(self, setup: _Setup):
+        self.setup, self.step, self.micro = setup, 0, []
+
+    def at(self, step: int, micro: list[dict]) -> None:
+        self.step, self.micro = step, micro
+
+    def __enter__(self) -> _OOMReport:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, torch.cuda.OutOfMemoryError):
+            raise GPUOutOfMemoryError(_oom_line(self.setup, self.micro, self.step)) from None
+
+
+def _oom_line(setup: _Setup, micro: list[dict], step: int) -> str:
+    """The one-line out-of-memory report of a training step: the batch, the card, what fits, what to change."""
+    cfg = setup.cfg
+    b, length = max((tuple(m["input_ids"].shape) for m in micro), key=lambda s: s[0] * s[1], default=(0, 0))
+    est = estimate_memory(setup.model, training=True, gradient_checkpointing=cfg.gradient_checkpointing)
+    card, used = card_usage(setup.device)
+    advice = "lower per_device_train_batch_size or cutoff_len (raise gradient_accumulation_steps to keep the batch)"
+    if not cfg.gradient_checkpointing:
+        advice += ", turn gradient_checkpointing on"
+    if est.expert_slots:
+        advice += f", or set stream_min_tokens above {b * length} to run the routed experts on the CPU"
+    return format_oom(est, f"at step {step} (batch {b} x {length} tokens)", card, used, advice)
 
 
 def _agree(loss: torch.Tensor, gnorm: torch.Tensor, stop_requested: bool, ctx) -> tuple[float, float, bool]:

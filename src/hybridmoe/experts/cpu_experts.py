@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import watch as _watch
 from .discovery import ExpertsSpec
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -319,6 +320,7 @@ class _ExpertsFn(torch.autograd.Function):
         (t, k), spec = ids.shape, module.spec
         order, math = module.expert_math(ids, streamed)  # order: [S] slot ids sorted by expert
         x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
+        _watch.note(module, _watch.FORWARD_INPUT, x)  # a device-side flag, no host sync (see watch.py)
         x_sorted = x[order // k]  # [S, H]
         # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
@@ -329,6 +331,7 @@ class _ExpertsFn(torch.autograd.Function):
         math.forward(x_sorted, gu_sorted if keep else None, y_sorted)
         out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
+        _watch.note(module, _watch.FORWARD_OUTPUT, out)
         # Back to the model device (a no-op on the GPU path). non_blocking is unsafe: `out` is pageable, freed next.
         return out.to(device, out_dtype)
 
@@ -336,6 +339,7 @@ class _ExpertsFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, ids, w, gu_sorted, y_sorted = ctx.saved_tensors
         module: HybridExperts = ctx.module
+        _watch.note(module, _watch.BACKWARD_OUTPUT_GRAD, grad_out)
         t, k = ids.shape
         order, math = module.expert_math(ids, ctx.streamed)  # same sort; weights streamed again (a cache hit)
         tok = order // k
@@ -370,6 +374,7 @@ class _ExpertsFn(torch.autograd.Function):
             else:
                 lora_out += [ga, gb]
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
+        _watch.note(module, _watch.BACKWARD_INPUT_GRAD, grad_hidden)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, *lora_out)
 
@@ -429,6 +434,7 @@ class HybridExperts(nn.Module):
         # Set by streaming.enable_streaming: large batches then run on the GPU with this layer's weights streamed in.
         self.streamer = None
         self.stream_index = -1
+        self.watch = None  # set by watch.NonFiniteWatch.attach (training): where NaN/Inf first appeared
 
     # -- LoRA -------------------------------------------------------------------------------------------------
     def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:

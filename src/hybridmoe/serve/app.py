@@ -52,7 +52,7 @@ class ApiError(Exception):
                             headers=headers)
 
 
-_FAILED_STATUS = {"non_finite_logits": 500, "internal_error": 500, "shutting_down": 503}
+_FAILED_STATUS = {"non_finite_logits": 500, "out_of_memory": 503, "internal_error": 500, "shutting_down": 503}
 
 
 def _failed_error(ev: Failed) -> ApiError:

@@ -55,10 +55,20 @@ class Finished:
 @dataclass
 class Failed:
     message: str
-    code: str  # "non_finite_logits", "internal_error", "shutting_down"
+    code: str  # "non_finite_logits", "out_of_memory", "internal_error", "shutting_down"
 
 
 Event = Delta | Finished | Failed
+
+
+def _out_of_memory(model, tokens: int, max_new_tokens: int) -> Failed:
+    """The failure of a request that ran the GPU out of memory: one logged line, with what fits (no traceback)."""
+    from hybridmoe.chat import generation_oom_line
+
+    line = generation_oom_line(model, tokens, max_new_tokens, advice="send shorter prompts or a lower max_tokens, or "
+                               "start the server with a lower --max-batch-size")
+    log.error("%s", line)
+    return Failed(line, "out_of_memory")
 
 
 class Handle:
@@ -197,7 +207,10 @@ class Engine:
         except NonFiniteError as e:
             req.handle.post(Failed(str(e), "non_finite_logits"))
             return
-        except Exception as e:  # a bug or an out-of-memory: this request fails, the server keeps serving
+        except torch.cuda.OutOfMemoryError:  # this request fails with an estimate of what fits; the server goes on
+            req.handle.post(_out_of_memory(model, len(req.prompt_ids), req.cfg.max_new_tokens))
+            return
+        except Exception as e:  # a bug: this request fails, the server keeps serving
             log.exception("prefill failed")
             req.handle.post(Failed(f"internal error during prefill: {type(e).__name__}: {e}", "internal_error"))
             return
@@ -238,7 +251,14 @@ class Engine:
         tokens = torch.stack([r.stream.last_id for r in group.requests])  # [B, 1] int64, compute device
         try:
             logits = group.batch.step(tokens)  # [B, V] fp32
-        except Exception as e:  # a bug or an out-of-memory: this batch fails, the server keeps serving
+        except torch.cuda.OutOfMemoryError:  # the batch's KV caches outgrew the card: its requests fail, one line
+            longest = max(r.stream.length for r in group.requests)
+            failed = _out_of_memory(self.adapters.model, longest, max(r.cfg.max_new_tokens for r in group.requests))
+            for r in group.requests:
+                r.handle.post(failed)
+            self._drop(group, list(range(len(group.requests))))
+            return
+        except Exception as e:  # a bug: this batch fails, the server keeps serving
             log.exception("decode step failed")
             for r in group.requests:
                 r.handle.post(Failed(f"internal error during decode: {type(e).__name__}: {e}", "internal_error"))
