@@ -324,10 +324,10 @@ class _ExpertsFn(torch.autograd.Function):
         x_sorted = x[order // k]  # [S, H]
         # When a backward will follow, keep each slot's pre-activation and output instead of recomputing them: one
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
-        # time; without it, S·(2I+H)·4 bytes per MoE layer.
+        # time; without it, S·(2I+H) activations per MoE layer.
         keep = any(ctx.needs_input_grad)
-        gu_sorted = x.new_empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] fp32
-        y_sorted = x.new_empty(len(order), spec.hidden_dim)  # [S, H] fp32
+        gu_sorted = x.new_empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] act dtype
+        y_sorted = x.new_empty(len(order), spec.hidden_dim)  # [S, H] act dtype
         math.forward(x_sorted, gu_sorted if keep else None, y_sorted)
         out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
@@ -389,7 +389,7 @@ def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor 
             continue
         if id(master) in _STAGED:  # the same module twice in one backward: land the first before reusing the buffer
             _land_staged_grads()
-        if not _STAGED:
+        if not _STAGED:  # first staged gradient of this backward pass: land them all when it ends
             torch.autograd.Variable._execution_engine.queue_callback(_land_staged_grads)
         stage.copy_(g, non_blocking=True)
         ev = torch.cuda.Event()
