@@ -202,13 +202,16 @@ class _LoopMath:
             y = y + lo.scale * ((x @ lo.A[e].T) @ lo.B[e].T)
         return y
 
-    def forward(self, x: torch.Tensor, gu_out: torch.Tensor | None, y_out: torch.Tensor) -> None:
-        """x [S, H] fp32 -> writes gu [S, 2I] (if kept) and y [S, H], both fp32."""
+    def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [S, H] fp32 -> (gu [S, 2I] if keep else empty, y [S, H]), both fp32."""
+        gu_out = x.new_empty(x.shape[0] if keep else 0, self.w["gate_up_proj"].shape[1])  # [S, 2I]
+        y_out = x.new_empty(x.shape[0], self.w["down_proj"].shape[1])  # [S, H]
         for e, rows in self.groups:
             gu = self._linear("gate_up_proj", x[rows], e)  # [n, 2I]
             y_out[rows] = self._linear("down_proj", _gate(self.act_fn, gu)[2], e)  # [n, H]
-            if gu_out is not None:
+            if keep:
                 gu_out[rows] = gu
+        return gu_out, y_out
 
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, e: int, grads: dict) -> torch.Tensor:
         """dL/dx for y = x W^T + s·(x A^T) B^T, accumulating the LoRA grads (gA, gB) of `proj` into `grads`."""
@@ -225,13 +228,15 @@ class _LoopMath:
                 ga[e] += lo.scale * (dyb.T @ x)  # [r, in]
         return dx
 
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict, dx_out: torch.Tensor) -> None:
-        """dy [S, H] = dL/dy per slot -> writes dx [S, H]; LoRA grads accumulate into `grads`."""
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict) -> torch.Tensor:
+        """dy [S, H] = dL/dy per slot -> dx [S, H]; LoRA grads accumulate into `grads`."""
+        dx_out = torch.empty_like(x)  # [S, H]
         for e, rows in self.groups:
             h = _gate(self.act_fn, gu[rows])[2]
             dh = self._linear_backward("down_proj", dy[rows], h, e, grads)  # [n, I]
             dgu = _gate_backward(self.act_fn, gu[rows], dh)  # [n, 2I]
             dx_out[rows] = self._linear_backward("gate_up_proj", dgu, x[rows], e, grads)
+        return dx_out
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -268,11 +273,11 @@ class _GroupedMath:
             y = y + lo.scale * self._mm(xa, lo.B.transpose(1, 2))
         return y
 
-    def forward(self, x: torch.Tensor, gu_out: torch.Tensor | None, y_out: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [S, H] -> (gu [S, 2I] if keep else empty, y [S, H]); the results themselves, never copied."""
         gu = self._linear("gate_up_proj", x)  # [S, 2I]
-        y_out.copy_(self._linear("down_proj", _gate(self.act_fn, gu)[2]))
-        if gu_out is not None:
-            gu_out.copy_(gu)
+        y = self._linear("down_proj", _gate(self.act_fn, gu)[2])  # [S, H]
+        return (gu if keep else gu.new_empty(0, gu.shape[1])), y
 
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, grads: dict) -> torch.Tensor:
         dx = self._mm(dy, self.w[proj])  # [S, in]: per group dy W[e]
@@ -287,11 +292,11 @@ class _GroupedMath:
                 ga += lo.scale * self._mm(dyb.T, x).float()  # [E, r, in]: per group (dy B)^T x
         return dx
 
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict, dx_out: torch.Tensor) -> None:
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict) -> torch.Tensor:
         dh = self._linear_backward("down_proj", dy, _gate(self.act_fn, gu)[2], grads)  # [S, I]
         dgu = _gate_backward(self.act_fn, gu, dh)  # [S, 2I]
         del dh
-        dx_out.copy_(self._linear_backward("gate_up_proj", dgu, x, grads))
+        return self._linear_backward("gate_up_proj", dgu, x, grads)  # [S, H]
 
 
 class _ExpertsFn(torch.autograd.Function):
@@ -317,7 +322,7 @@ class _ExpertsFn(torch.autograd.Function):
         w = top_k_weights.detach().to(where, torch.float32)  # [T, K] fp32
         ctx.module, ctx.where, ctx.streamed = module, where, streamed
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
-        (t, k), spec = ids.shape, module.spec
+        t, k = ids.shape
         order, math = module.expert_math(ids, streamed)  # order: [S] slot ids sorted by expert
         x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
         _watch.note(module, _watch.FORWARD_INPUT, x)  # a device-side flag, no host sync (see watch.py)
@@ -326,9 +331,8 @@ class _ExpertsFn(torch.autograd.Function):
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
         # time; without it, S·(2I+H) activations per MoE layer.
         keep = any(ctx.needs_input_grad)
-        gu_sorted = x.new_empty(len(order) if keep else 0, 2 * spec.intermediate_dim)  # [S, 2I] act dtype
-        y_sorted = x.new_empty(len(order), spec.hidden_dim)  # [S, H] act dtype
-        math.forward(x_sorted, gu_sorted if keep else None, y_sorted)
+        gu_sorted, y_sorted = math.forward(x_sorted, keep)  # [S, 2I] (empty unless kept), [S, H]; act dtype
+        del x_sorted
         out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
         _watch.note(module, _watch.FORWARD_OUTPUT, out)
@@ -348,7 +352,6 @@ class _ExpertsFn(torch.autograd.Function):
         grad_w[order] = (g_sorted * y_sorted).sum(-1, dtype=torch.float32)
         dy_sorted = g_sorted * w.view(-1)[order, None].to(x.dtype)  # [S, H]
         del g_sorted, y_sorted  # the largest buffers of a streamed layer's backward: freed as soon as they are used
-        dx_sorted = torch.empty_like(dy_sorted)  # [S, H]
         present = [p for p in PROJECTIONS if p in math.lora]  # same order as the *lora_tensors inputs
         # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
@@ -356,7 +359,8 @@ class _ExpertsFn(torch.autograd.Function):
             if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
                 lora_grads[p] = (torch.zeros_like(math.lora[p].A, dtype=torch.float32),
                                  torch.zeros_like(math.lora[p].B, dtype=torch.float32))
-        math.backward(dy_sorted, x[tok], gu_sorted, lora_grads, dx_sorted)
+        dx_sorted = math.backward(dy_sorted, x[tok], gu_sorted, lora_grads)  # [S, H]
+        del dy_sorted
 
         lora_out = []
         for i, p in enumerate(present):
