@@ -124,3 +124,24 @@ def test_streamed_bf16_no_further_from_fp32_than_the_cpu_path(deep_ckpt):
         errs[streamed] = (_rel(loss, loss32), max(_rel(a, b) for a, b in zip(grads, grads32)))
     assert errs[True][0] <= 1.5 * errs[False][0] + 1e-2, errs
     assert errs[True][1] <= 1.5 * errs[False][1] + 1e-2, errs
+
+
+def test_streamed_layer_with_unaligned_dims_falls_back_to_the_loop():
+    """Grouped GEMMs need 16-byte row strides; a layer whose dims are not (bf16, intermediate 20 = 40 bytes) runs
+    the per-expert loop on the device instead of failing, with the same result as the CPU path."""
+    from torch import nn
+
+    from hybridmoe.experts import ExpertsSpec
+
+    g = torch.Generator().manual_seed(0)
+    m = HybridExperts(ExpertsSpec(4, 16, 20), nn.SiLU(), torch.bfloat16)
+    m.weights.gate_up.copy_(torch.randn(m.weights.gate_up.shape, generator=g))
+    m.weights.down.copy_(torch.randn(m.weights.down.shape, generator=g))
+    x, ids, w = torch.randn(9, 16, generator=g), torch.randint(0, 4, (9, 2), generator=g), torch.rand(9, 2, generator=g)
+    with torch.no_grad():
+        want = m(x, ids, w)
+        s = ExpertStreamer("cpu", min_tokens=1)
+        m.streamer, m.stream_index = s, s.register(m.weights)
+        got = m(x, ids, w)
+    assert s.stats.copies == 1
+    assert torch.equal(got, want)

@@ -245,6 +245,12 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def _grouped_ok(w_gu: torch.Tensor, w_d: torch.Tensor) -> bool:
+    """Grouped GEMMs need every row stride to be a multiple of 16 bytes (true of every released model's dims)."""
+    size = w_gu.element_size()
+    return all(d * size % 16 == 0 for d in (*w_gu.shape[1:], *w_d.shape[1:]))
+
+
 class _GroupedMath:
     """All experts of one layer in a few grouped GEMMs: the streamed (GPU) path, with no per-expert Python loop
     and no host synchronisation (group boundaries stay on the device as cumulative offsets).
@@ -464,8 +470,9 @@ class HybridExperts(nn.Module):
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
         w_gu, w_d = self.weights_on(streamed)
-        lora = self.lora_on(ids.device, w_gu.dtype if streamed else torch.float32, pad_rank=streamed)
-        if streamed:
+        grouped = streamed and _grouped_ok(w_gu, w_d)  # else the per-expert loop, on the device
+        lora = self.lora_on(ids.device, w_gu.dtype if grouped else torch.float32, pad_rank=grouped)
+        if grouped:
             # Group ends by binary search in the sorted ids: unlike bincount on CUDA, no host sync.
             experts = torch.arange(self.num_experts, device=flat.device)
             offs = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)  # [E]
