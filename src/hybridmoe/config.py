@@ -94,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"hybridmoe trains stage=sft with finetuning_type=lora, got {self.stage}/{self.finetuning_type}")
         if self.bf16 and self.dtype is None:
             self.dtype = "bfloat16"
+        if self.stream_min_tokens is not None and self.stream_min_tokens < 0:
+            raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {self.stream_min_tokens}")
         if self.ddp_timeout < 1:
             raise ConfigError(f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
         if self.expert_grad_reduce not in ("auto", "gloo"):
