@@ -145,3 +145,22 @@ def test_streamed_layer_with_unaligned_dims_falls_back_to_the_loop():
         got = m(x, ids, w)
     assert s.stats.copies == 1
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("slots", [2, 3, 5])
+def test_more_slots_fewer_copies(deep_ckpt, slots):
+    """Passes alternate direction (forward up, backward down), so the last `slots` layers of one pass are hits at the
+    start of the next: after the first step, a step copies exactly 2·(MoE layers - slots) layers, same results."""
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    randomize_lora(model, seed=2)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    loss_cpu, grads_cpu = _step(model, ids)
+    streamer = enable_streaming(model, "cpu", min_tokens=8, slots=slots)
+    _step(model, ids)
+    before = streamer.stats.copies + streamer.stats.prefetches
+    loss_s, grads_s = _step(model, ids)
+    assert streamer.stats.copies + streamer.stats.prefetches - before == 2 * (5 - slots)
+    assert torch.allclose(loss_s, loss_cpu, rtol=1e-6, atol=0)
+    assert max(_rel(a, b) for a, b in zip(grads_s, grads_cpu)) <= 1e-6

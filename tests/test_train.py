@@ -185,7 +185,8 @@ def test_skip_leaves_parameters_unchanged(ckpts, tmp_path, monkeypatch):
      ({"lora_rank": "eight"}, "'lora_rank' must be an integer"),
      ({"lora_target": "q_proj,nonsense"}, "lora_target 'nonsense'"),
      ({"lr_scheduler_type": "cosin"}, "lr_scheduler_type 'cosin'"),
-     ({"stream_min_tokens": -1}, "stream_min_tokens must be >= 0")],
+     ({"stream_min_tokens": -1}, "stream_min_tokens must be >= 0"),
+     ({"stream_slots": 1}, "stream_slots must be >= 2")],
 )
 def test_bad_config_is_named(override, message, ckpts, tmp_path):
     models, data = ckpts

@@ -45,7 +45,8 @@ def _load(args):
     from .loading import load_model, load_tokenizer
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, progress=args.prompt is None,
-                       stream_min_tokens=getattr(args, "stream_min_tokens", None))
+                       stream_min_tokens=getattr(args, "stream_min_tokens", None),
+                       stream_slots=getattr(args, "stream_slots", 2))
     tok = load_tokenizer(args.model, args.chat_template)
     if args.adapter:
         model = load_adapter(model, args.adapter)

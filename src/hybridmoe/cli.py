@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stream-min-tokens", type=int, default=None,
                    help="prompts of at least this many tokens run the experts on the GPU, weights streamed in "
                         "(default 64 on CUDA; 0 = always on the CPU)")
+    c.add_argument("--stream-slots", type=int, default=2,
+                   help="layers of expert weights the GPU keeps while streaming (>= 2; more = fewer copies)")
     c.set_defaults(func=_cmd_chat)
 
     i = sub.add_parser("inspect", help="adapter health by component", description="Adapter health by component; exit 1 on NaN/Inf.")

@@ -56,6 +56,9 @@ class TrainConfig:
     # Batches of >= this many tokens run the routed experts on the GPU, their weights streamed from CPU RAM layer by
     # layer (default on CUDA: 64; 0 = always on the CPU). GPU memory: + two layers of expert weights.
     stream_min_tokens: int | None = None
+    # Layers of expert weights the GPU keeps while streaming (>= 2). A step copies 2·(MoE layers - stream_slots)
+    # layers; each slot costs one layer of expert weights in GPU memory (1.03 GiB for DeepSeek-V2-Lite in bf16).
+    stream_slots: int = 2
     progress: bool = True
     # -- several ranks (torchrun / --nproc; ignored by a single process) ----------------------------------------------
     ddp_timeout: int = 1800  # seconds any collective may wait for the other ranks before the job stops with an error
@@ -96,6 +99,8 @@ class TrainConfig:
             self.dtype = "bfloat16"
         if self.stream_min_tokens is not None and self.stream_min_tokens < 0:
             raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {self.stream_min_tokens}")
+        if self.stream_slots < 2:
+            raise ConfigError(f"stream_slots must be >= 2 (one layer computing, one arriving), got {self.stream_slots}")
         if self.ddp_timeout < 1:
             raise ConfigError(f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
         if self.expert_grad_reduce not in ("auto", "gloo"):

@@ -205,12 +205,14 @@ def load_model(
     progress: bool = True,
     stream_min_tokens: int | None = None,
     host_shared=None,
+    stream_slots: int = 2,
 ) -> nn.Module:
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
     weights (default: same as dtype). stream_min_tokens: batches of at least this many tokens run the experts on the
-    GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU).
+    GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
+    stream_slots: how many layers of expert weights the GPU keeps (>= 2; more = fewer copies, more GPU memory).
     host_shared: a :class:`hybridmoe.distributed.HostSharedExperts` when several ranks on this host train together
     (the experts are then held once per host, not once per rank). Returns the transformers model in eval mode with
     ``model.hybridmoe`` set.
@@ -234,7 +236,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts))
-    _setup_streaming(model, experts, dev, stream_min_tokens)
+    _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back
     _load_generation_config(model, ckpt.path)
@@ -242,16 +244,18 @@ def load_model(
 
 
 def _setup_streaming(model: nn.Module, experts: dict[str, HybridExperts], dev: torch.device,
-                     min_tokens: int | None) -> None:
+                     min_tokens: int | None, slots: int) -> None:
     if min_tokens is None:
         min_tokens = DEFAULT_STREAM_MIN_TOKENS if dev.type == "cuda" else 0
     if min_tokens < 0:
         raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {min_tokens}")
+    if slots < 2:
+        raise ConfigError(f"stream_slots must be >= 2 (one layer computing, one arriving), got {slots}")
     if dev.type != "cuda":
         min_tokens = 0  # nothing to stream to
     if min_tokens and not all(ex.weights.pin() for ex in experts.values()):
         log.warning("could not page-lock the expert weights: streaming them to the GPU will be slower")
-    enable_streaming(model, dev, min_tokens)
+    enable_streaming(model, dev, min_tokens, slots)
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:

@@ -38,13 +38,15 @@ class StreamStats:
 
 
 class ExpertStreamer:
-    """Two-slot, direction-predicting cache of per-layer expert weights on one device.
+    """Direction-predicting LRU cache of per-layer expert weights on one device (two slots by default).
 
     ``min_tokens``: batches with fewer tokens than this stay on the CPU (see ``HybridExperts.compute_device``).
     On a CPU ``device`` the slots are host copies: the same bookkeeping runs (and is tested) without a GPU.
     """
 
     def __init__(self, device: torch.device | str, min_tokens: int, num_slots: int = 2):
+        if num_slots < 2:
+            raise ValueError(f"an ExpertStreamer needs at least 2 slots (double buffering), got {num_slots}")
         self.device = torch.device(device)
         self.min_tokens = min_tokens
         self.layers: list = []  # ExpertWeights, by stream index
@@ -119,8 +121,13 @@ class ExpertStreamer:
         return slot
 
 
-def enable_streaming(model, device: torch.device | str, min_tokens: int) -> ExpertStreamer | None:
-    """Attach one streamer to every HybridExperts of `model` (in forward order). min_tokens <= 0 disables it."""
+def enable_streaming(model, device: torch.device | str, min_tokens: int, slots: int = 2) -> ExpertStreamer | None:
+    """Attach one streamer to every HybridExperts of `model` (in forward order). min_tokens <= 0 disables it.
+
+    slots: layers of expert weights kept on the device (>= 2 for double buffering). Forward passes walk up and
+    backward passes down, so the last `slots` layers of one pass are hits at the start of the next: a training step
+    copies 2·(MoE layers - slots) layers instead of 2·(MoE layers - 2), at slots x one layer's bytes of GPU memory.
+    """
     from .cpu_experts import HybridExperts
 
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
@@ -128,7 +135,7 @@ def enable_streaming(model, device: torch.device | str, min_tokens: int) -> Expe
         for m in experts:
             m.streamer, m.stream_index = None, -1
         return None
-    streamer = ExpertStreamer(device, min_tokens)
+    streamer = ExpertStreamer(device, min_tokens, num_slots=max(2, min(slots, len(experts))))
     for m in experts:
         m.streamer, m.stream_index = streamer, streamer.register(m.weights)
     return streamer
