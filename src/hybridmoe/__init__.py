@@ -8,19 +8,20 @@ from .errors import HybridMoEError
 
 
 def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge: bool = False, progress: bool = True,
-         stream_min_tokens=None):
+         stream_min_tokens=None, stream_slots: int = 2):
     """Load a MoE checkpoint (and optionally a PEFT adapter) for generation; returns ``(model, tokenizer)``.
 
     model: checkpoint directory. adapter: PEFT adapter directory. device: 'cuda' or 'cpu' (default: cuda if
     available). dtype: 'bfloat16' or 'float32' (default bf16 on cuda, fp32 on cpu). merge: fold the adapter into the
     weights on both sides (same outputs, faster). stream_min_tokens: prompts of at least this many tokens run the
-    experts on the GPU with their weights streamed in (default 64 on CUDA, 0 = CPU only). The returned model's ``generate`` works like a transformers model's.
+    experts on the GPU with their weights streamed in (default 64 on CUDA, 0 = CPU only); stream_slots: layers of
+    expert weights the GPU keeps while streaming (>= 2). The returned model's ``generate`` works like a transformers model's.
     """
     from .adapters import load_adapter, merge_adapter
     from .loading import load_model, load_tokenizer
 
     m = load_model(model, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
-                   stream_min_tokens=stream_min_tokens)
+                   stream_min_tokens=stream_min_tokens, stream_slots=stream_slots)
     tok = load_tokenizer(model)
     if adapter is not None:
         m = load_adapter(m, adapter)
