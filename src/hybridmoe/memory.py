@@ -1,7 +1,7 @@
 """What fits on the GPU: an estimate from the loaded model's own sizes, for a one-line out-of-memory message.
 
 GPU memory of a step = a fixed part (the weights on the compute device, the GPU-side LoRA's gradient and AdamW
-state, two layers of streamed expert weights, one chunk of LM-head logits) + a part per token of the micro-batch
+state, the streamed expert-weight slots (two layers by default), one chunk of LM-head logits) + a part per token of the micro-batch
 (activations kept for backward and one layer's working set; for generation, the KV cache and one layer's working
 set). Every term is read off the model (parameter bytes, Linear widths, the experts' shapes, the config's heads),
 so the message can say how many tokens fit on this card and which setting to change. It is an estimate: allocator
@@ -26,7 +26,7 @@ GiB = 2**30
 class MemoryEstimate:
     weights: int  # bytes of parameters and buffers on the compute device (non-expert weights, GPU-side LoRA)
     lora_state: int  # training: gradient + two AdamW moments of the GPU-side LoRA
-    expert_slots: int  # two layers of routed-expert weights streamed to the device (0 when streaming is off)
+    expert_slots: int  # the streamer's layers of routed-expert weights on the device (0 when streaming is off)
     logits: int  # training: one chunk of fp32 LM-head logits and their gradient; generation: one row
     kept_per_token: int  # training: activations kept for backward; generation: the KV cache
     working_per_token: int  # one layer's activations while it runs (recomputed under gradient checkpointing)
@@ -90,8 +90,9 @@ def estimate_memory(model: nn.Module, training: bool = True, gradient_checkpoint
             if training and t.requires_grad:
                 lora_state += 3 * t.numel() * t.element_size()  # .grad, exp_avg, exp_avg_sq (same dtype as the param)
     experts = [m for m in base.modules() if isinstance(m, HybridExperts)]
-    streamed = any(m.streamer is not None for m in experts)
-    slots = 2 * max(m.weights.nbytes for m in experts) if streamed else 0
+    streamer = next((m.streamer for m in experts if m.streamer is not None), None)
+    streamed = streamer is not None
+    slots = streamer.num_slots * max(m.weights.nbytes for m in experts) if streamed else 0
     layers = base.get_decoder().layers
     per_layer = [_layer_elems_per_token(layer, cfg.hidden_size, cfg.num_experts_per_tok, streamed) for layer in layers]
     if not training:

@@ -50,6 +50,7 @@ class ExpertStreamer:
         self.device = torch.device(device)
         self.min_tokens = min_tokens
         self.layers: list = []  # ExpertWeights, by stream index
+        self.num_slots = num_slots
         self._slots = [_Slot() for _ in range(num_slots)]
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
