@@ -385,8 +385,10 @@ def _oom_line(setup: _Setup, micro: list[dict], step: int) -> str:
     advice = "lower per_device_train_batch_size or cutoff_len (raise gradient_accumulation_steps to keep the batch)"
     if not cfg.gradient_checkpointing:
         advice += ", turn gradient_checkpointing on"
-    if est.expert_slots and cfg.stream_slots > 2:
-        advice += f", lower stream_slots (now {cfg.stream_slots}; each slot is {est.expert_slots / cfg.stream_slots / 2**30:.2f} GiB)"
+    streamer = next((m.streamer for m in setup.model.modules() if getattr(m, "streamer", None) is not None), None)
+    if streamer is not None and streamer.num_slots > 2:
+        per_slot = est.expert_slots / streamer.num_slots / 2**30
+        advice += f", lower stream_slots (now {streamer.num_slots}; each slot is {per_slot:.2f} GiB)"
     if est.expert_slots:
         advice += f", or set stream_min_tokens above {b * length} to run the routed experts on the CPU"
     return format_oom(est, f"at step {step} (batch {b} x {length} tokens)", card, used, advice)
