@@ -227,23 +227,17 @@ def test_concurrent_requests_for_different_adapters(files, server, client):
     assert _ask(client, BASE, pairs[0][1], max_tokens=24)[0] == want[pairs[0]]  # still serving
 
 
-def test_batched_prefill_replies_equal_lone_replies(files):
-    """Requests queued before the engine starts are prefilled in left-padded batches of one adapter: after the
-    first request (prefilled alone while the engine learns that the cache can be padded), the four other `alpha`
-    prompts of different lengths go in ONE forward, the two `broken` ones in another and the two base-model ones in
-    a third. Each greedy reply equals its lone reply (a padded row's logits differ from a lone run by fp32
-    rounding, ~1e-6, see hybridmoe.serve.prefill; the prompts are fixed, so the same choices are checked every
-    run), and the broken adapter's NaN logits fail its own two requests only."""
+PREFILL_QUESTIONS = ["Hi", "What is two plus two?", "Tell me a long story about a dragon, a knight and a castle by "
+                     "the sea.", "Why?", "Name three colours, please, and say which one you like best."]
+
+
+def _run_queued(files, jobs, max_tokens):
+    """Serve (model, question) ``jobs`` on a fresh engine (base, alpha, broken) with all of them queued before the
+    worker starts, so that its first admission sees every one; returns (reply text or Failed per job, engine)."""
     ckpt, adapters = files
     app = build_app(ckpt, {n: str(adapters[n]) for n in ("alpha", "broken")}, device="cpu", model_name=BASE)
     engine = app.state.engine
-    tok = engine.tokenizer
-    questions = ["Hi", "What is two plus two?", "Tell me a long story about a dragon, a knight and a castle by the sea.",
-                 "Why?", "Name three colours, please, and say which one you like best."]
-    jobs = [("alpha", q) for q in questions] + [("broken", "hi"), ("broken", "Why is the sky blue?")]
-    jobs += [(BASE, questions[1]), (BASE, questions[2])]
-    want = _solo_replies(files, [j for j in jobs if j[0] != "broken"], 10)
-    cfg = SamplingConfig(temperature=0, max_new_tokens=10)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=max_tokens)
 
     async def collect(handle):
         parts = []
@@ -256,10 +250,10 @@ def test_batched_prefill_replies_equal_lone_replies(files):
 
     async def run():
         handles = [Handle(asyncio.get_running_loop()) for _ in jobs]
-        for (m, q), handle in zip(jobs, handles):  # queued before the worker starts (submit() needs it running)
-            engine._waiting.put(_Request(render_prompt(tok, [{"role": "user", "content": q}]),
-                                         None if m == BASE else m, cfg, handle))
-        engine.start()  # everything is already waiting: the first admission sees all of it
+        for (m, q), handle in zip(jobs, handles):  # queued directly: submit() refuses before the worker runs
+            prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": q}])
+            engine._waiting.put(_Request(prompt, None if m == BASE else m, cfg, handle))
+        engine.start()
         try:
             return await asyncio.gather(*(collect(h) for h in handles))
         finally:
@@ -268,11 +262,24 @@ def test_batched_prefill_replies_equal_lone_replies(files):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = asyncio.run(run())
+        return asyncio.run(run()), engine
     finally:
         torch.set_num_threads(threads)
-    lengths = {len(render_prompt(tok, [{"role": "user", "content": q}])) for q in questions[1:]}
-    assert len(lengths) == 4  # the batched alpha rows really are padded to different widths
+
+
+def test_batched_prefill_replies_equal_lone_replies(files):
+    """Requests waiting together are prefilled in left-padded batches of one adapter: after the first request
+    (prefilled alone while the engine learns that the cache can be padded), the four other `alpha` prompts, of four
+    different lengths, go in ONE forward, the two `broken` ones in another and the two base-model ones in a third.
+    Each greedy reply equals its lone reply (a padded row's logits differ from a lone run by fp32 rounding, ~1e-6,
+    see hybridmoe.serve.prefill; the prompts are fixed, so the same choices are checked every run), and the broken
+    adapter's NaN logits fail its own two requests only."""
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS] + [("broken", "hi"), ("broken", "Why is the sky blue?")]
+    jobs += [(BASE, PREFILL_QUESTIONS[1]), (BASE, PREFILL_QUESTIONS[2])]
+    want = _solo_replies(files, [j for j in jobs if j[0] != "broken"], 10)
+    results, engine = _run_queued(files, jobs, 10)
+    tok = engine.tokenizer
+    assert len({len(render_prompt(tok, [{"role": "user", "content": q}])) for q in PREFILL_QUESTIONS[1:]}) == 4
     for job, got in zip(jobs, results):
         if job[0] == "broken":
             assert isinstance(got, Failed) and got.code == "non_finite_logits" and "adapter 'broken'" in got.message
@@ -281,6 +288,29 @@ def test_batched_prefill_replies_equal_lone_replies(files):
     assert engine.stats["prefills"] == len(jobs)
     assert engine.stats["prefill_batches"] == 4 and engine.stats["max_prefill_batch"] == 4
     assert engine.batchable
+
+
+def test_failed_batched_prefill_is_retried_one_request_at_a_time(files, monkeypatch):
+    """A batched prefill that runs out of memory is retried request by request: every request is still served,
+    with its lone reply (bit for bit: each is then prefilled alone), instead of the whole batch failing."""
+    import hybridmoe.serve.engine as engine_module
+
+    real = engine_module.prefill_batch
+    tried = []  # rows of each batched attempt
+
+    def only_alone(model, prompts, capacity):
+        if len(prompts) > 1:
+            tried.append(len(prompts))
+            raise torch.cuda.OutOfMemoryError("pretend the padded batch does not fit")
+        return real(model, prompts, capacity)
+
+    monkeypatch.setattr(engine_module, "prefill_batch", only_alone)
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS[:3]]
+    want = _solo_replies(files, jobs, 6)
+    results, engine = _run_queued(files, jobs, 6)
+    assert [want[j] for j in jobs] == results
+    assert tried == [2]  # the first request went alone (batchability unknown), the other two were tried together
+    assert engine.stats["prefill_batches"] == 3 and engine.stats["max_prefill_batch"] == 1
 
 
 def _queued(adapter, n_tokens, cancelled=False):

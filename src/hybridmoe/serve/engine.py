@@ -6,7 +6,7 @@ Scheduling, one loop iteration at a time:
    batches of one adapter (:func:`~hybridmoe.serve.prefill.prefill_batch`, one left-padded forward): the oldest
    waiting request and the next waiting ones of the same adapter, in arrival order, up to the free slots and
    ``max_prefill_tokens`` padded tokens (a longer prompt goes alone). Adapters are served in the order their oldest
-   request arrived, as before. Prefill samples every row's first token; the rows that are not finished then join
+   request arrived. Prefill samples every row's first token; the rows that are not finished then join
    the :class:`~hybridmoe.serve.batch.DecodeBatch` of their adapter (or become it if there is none).
 2. **Decode.** One decode step of one batch, taking the batches round-robin: every adapter group gets a step in
    turn, whatever its size. Each batch runs with its adapter active (:class:`~hybridmoe.serve.adapters.AdapterSet`),
