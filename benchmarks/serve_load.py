@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -113,7 +114,7 @@ def main() -> None:
         else:
             ckpt, adapters = _tiny_setup(Path(tmp))
         app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
-                        max_batch_size=args.max_batch_size)
+                        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
         with serve_in_thread(app) as url:
             result = asyncio.run(_drive(url, ["base", *adapters], args.clients, args.requests, args.max_tokens))
             stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
@@ -125,6 +126,7 @@ def main() -> None:
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
         **result, "engine": stats,
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
+        "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }))
 

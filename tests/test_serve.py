@@ -32,11 +32,12 @@ import torch
 
 import hybridmoe
 from hybridmoe.adapters import apply_lora, save_adapter
-from hybridmoe.chat import reply
+from hybridmoe.chat import render_prompt, reply
 from hybridmoe.cli import main
 from hybridmoe.generate import SamplingConfig
 from hybridmoe.placement import placement_report
 from hybridmoe.serve import build_app, serve_in_thread
+from hybridmoe.serve.engine import Delta, Engine, Failed, Handle, _Request
 
 from .helpers import make_checkpoint, randomize_lora
 
@@ -226,6 +227,119 @@ def test_concurrent_requests_for_different_adapters(files, server, client):
     assert _ask(client, BASE, pairs[0][1], max_tokens=24)[0] == want[pairs[0]]  # still serving
 
 
+PREFILL_QUESTIONS = ["Hi", "What is two plus two?", "Tell me a long story about a dragon, a knight and a castle by "
+                     "the sea.", "Why?", "Name three colours, please, and say which one you like best."]
+
+
+def _run_queued(files, jobs, max_tokens):
+    """Serve (model, question) ``jobs`` on a fresh engine (base, alpha, broken) with all of them queued before the
+    worker starts, so that its first admission sees every one; returns (reply text or Failed per job, engine)."""
+    ckpt, adapters = files
+    app = build_app(ckpt, {n: str(adapters[n]) for n in ("alpha", "broken")}, device="cpu", model_name=BASE)
+    engine = app.state.engine
+    cfg = SamplingConfig(temperature=0, max_new_tokens=max_tokens)
+
+    async def collect(handle):
+        parts = []
+        async for ev in handle.events():
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            elif isinstance(ev, Failed):
+                return ev
+        return "".join(parts)
+
+    async def run():
+        handles = [Handle(asyncio.get_running_loop()) for _ in jobs]
+        for (m, q), handle in zip(jobs, handles):  # queued directly: submit() refuses before the worker runs
+            prompt = render_prompt(engine.tokenizer, [{"role": "user", "content": q}])
+            engine._waiting.put(_Request(prompt, None if m == BASE else m, cfg, handle))
+        engine.start()
+        try:
+            return await asyncio.gather(*(collect(h) for h in handles))
+        finally:
+            engine.stop()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return asyncio.run(run()), engine
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batched_prefill_replies_equal_lone_replies(files):
+    """Requests waiting together are prefilled in left-padded batches of one adapter: after the first request
+    (prefilled alone while the engine learns that the cache can be padded), the four other `alpha` prompts, of four
+    different lengths, go in ONE forward, the two `broken` ones in another and the two base-model ones in a third.
+    Each greedy reply equals its lone reply (a padded row's logits differ from a lone run by fp32 rounding, ~1e-6,
+    see hybridmoe.serve.prefill; the prompts are fixed, so the same choices are checked every run), and the broken
+    adapter's NaN logits fail its own two requests only."""
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS] + [("broken", "hi"), ("broken", "Why is the sky blue?")]
+    jobs += [(BASE, PREFILL_QUESTIONS[1]), (BASE, PREFILL_QUESTIONS[2])]
+    want = _solo_replies(files, [j for j in jobs if j[0] != "broken"], 10)
+    results, engine = _run_queued(files, jobs, 10)
+    tok = engine.tokenizer
+    assert len({len(render_prompt(tok, [{"role": "user", "content": q}])) for q in PREFILL_QUESTIONS[1:]}) == 4
+    for job, got in zip(jobs, results):
+        if job[0] == "broken":
+            assert isinstance(got, Failed) and got.code == "non_finite_logits" and "adapter 'broken'" in got.message
+        else:
+            assert got == want[job], job
+    assert engine.stats["prefills"] == len(jobs)
+    assert engine.stats["prefill_batches"] == 4 and engine.stats["max_prefill_batch"] == 4
+    assert engine.batchable
+
+
+def test_failed_batched_prefill_is_retried_one_request_at_a_time(files, monkeypatch):
+    """A batched prefill that runs out of memory is retried request by request: every request is still served,
+    with its lone reply (bit for bit: each is then prefilled alone), instead of the whole batch failing."""
+    import hybridmoe.serve.engine as engine_module
+
+    real = engine_module.prefill_batch
+    tried = []  # rows of each batched attempt
+
+    def only_alone(model, prompts, capacity):
+        if len(prompts) > 1:
+            tried.append(len(prompts))
+            raise torch.cuda.OutOfMemoryError("pretend the padded batch does not fit")
+        return real(model, prompts, capacity)
+
+    monkeypatch.setattr(engine_module, "prefill_batch", only_alone)
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS[:3]]
+    want = _solo_replies(files, jobs, 6)
+    results, engine = _run_queued(files, jobs, 6)
+    assert [want[j] for j in jobs] == results
+    assert tried == [2]  # the first request went alone (batchability unknown), the other two were tried together
+    assert engine.stats["prefill_batches"] == 3 and engine.stats["max_prefill_batch"] == 1
+
+
+def _queued(adapter, n_tokens, cancelled=False):
+    req = _Request([1] * n_tokens, adapter, SamplingConfig(temperature=0), Handle(asyncio.new_event_loop()))
+    if cancelled:
+        req.handle.cancel()
+    return req
+
+
+def test_prefill_batches_follow_adapter_order_slots_and_token_budget():
+    """The scheduler alone (no model): the oldest waiting request picks the adapter, later ones of that adapter
+    follow in order while they fit the free slots and the padded-token budget (rows x longest prompt); the rest
+    keep their order; cancelled requests are dropped; until the cache is known to be batchable, one at a time."""
+    engine = Engine(adapters=None, tokenizer=None, max_batch_size=4, max_prefill_tokens=40)
+    reqs = [_queued("a", 5), _queued("b", 3), _queued("a", 10), _queued("a", 2, cancelled=True), _queued("a", 30),
+            _queued("a", 4), _queued(None, 8), _queued("a", 1), _queued("a", 1)]
+    engine._pending.extend(reqs)
+    assert engine._next_prefill() == [reqs[0]]  # batchable not known yet
+    engine.batchable = True
+    assert engine._next_prefill() == [reqs[1]]  # b is now the oldest
+    # a: 10 (1 x 10), then 30 would make 2 x 30 > 40, 4 -> 2 x 10, 1 -> 3 x 10, 1 -> 4 x 10: the 4 slots are full
+    assert engine._next_prefill() == [reqs[2], reqs[5], reqs[7], reqs[8]]
+    assert list(engine._pending) == [reqs[4], reqs[6]]
+    assert engine._next_prefill() == [reqs[4]]  # 30 tokens: within the budget alone
+    engine.max_prefill_tokens = 5
+    assert engine._next_prefill() == [reqs[6]]  # a prompt over the budget still goes, alone
+    assert not engine._pending
+
+
 def test_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     url, engine = server
     before = engine.stats["decoded_tokens"]
@@ -380,4 +494,4 @@ def test_load_16_clients_x_20_requests(files, server):
     results = [r for per_client in asyncio.run(run()) for r in per_client]
     assert len(results) == 320
     assert all(got == want[key] for key, got in results)
-    assert engine.stats["max_batch"] > 1
+    assert engine.stats["max_batch"] > 1 and engine.stats["max_prefill_batch"] > 1

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HYBRIDMOE_API_KEY, if set)")
     s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together at most")
+    s.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="padded prompt tokens (requests x longest prompt) prefilled in one forward at most")
     s.add_argument("--device", choices=["cuda", "cpu"], default=None)
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")

@@ -1,7 +1,7 @@
 """Batched decode across requests: one left-padded KV cache, one forward per step for the whole batch.
 
-Each request is prefilled alone (batch 1, exactly :func:`hybridmoe.generate.prefill`), then its cache joins a
-:class:`DecodeBatch`. The batch keeps every layer's keys/values as one tensor ``[B, heads, W, d]`` whose rows are
+Requests are prefilled in left-padded batches of one adapter (:mod:`hybridmoe.serve.prefill`), whose caches join
+a :class:`DecodeBatch`. The batch keeps every layer's keys/values as one tensor ``[B, heads, W, d]`` whose rows are
 **left-padded** to the common width ``W``, plus a 0/1 mask ``[B, W]`` of the real slots. A decode step feeds one
 token per row at column ``W`` with the mask (padding is never attended to) and each row's own position id (its
 real length), so every row computes the same function as it would alone. With one row there is no padding and the
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from hybridmoe.generate import forward_step, input_device
+from hybridmoe.generate import forward_step
 
 
 def batchable(cache: Any) -> bool:
@@ -65,20 +65,26 @@ class DecodeBatch:
     def full(self) -> bool:
         return len(self) >= self.capacity
 
-    def add(self, cache: Any, length: int) -> None:
-        """Append a prefilled batch-1 ``cache`` holding ``length`` tokens as the last row."""
-        device = input_device(self.model)
-        row_mask = torch.ones(1, length, dtype=torch.long, device=device)  # [1, length]
+    def extend(self, cache: Any, mask: torch.Tensor, lengths: list[int]) -> None:
+        """Append the rows of a left-padded ``cache`` (batch size ``len(lengths)``, ``mask`` [n, w]) after the
+        existing rows; row i holds ``lengths[i]`` real tokens. An empty batch takes the cache as it is."""
         if self.cache is None:
-            self.cache, self.mask, self.lengths = cache, row_mask, [length]
+            self.cache, self.mask, self.lengths = cache, mask, list(lengths)
             return
-        grow = max(length - self.width, 0)  # the new row is longer: pad every existing row
-        pad_new = max(self.width - length, 0)  # the new row is shorter: pad it
+        width = mask.shape[1]
+        grow = max(width - self.width, 0)  # the new rows are wider: pad every existing row
+        pad_new = max(self.width - width, 0)  # the new rows are narrower: pad them
         for mine, new in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(new.keys, pad_new)])  # [B+1, h, W', d]
+            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(new.keys, pad_new)])  # [B+n, h, W', d]
             mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(new.values, pad_new)])
-        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), F.pad(row_mask, (pad_new, 0))])  # [B+1, W']
-        self.lengths.append(length)
+        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), F.pad(mask, (pad_new, 0))])  # [B+n, W']
+        self.lengths.extend(lengths)
+
+    def join(self, other: DecodeBatch) -> None:
+        """Move every row of ``other`` (e.g. a freshly prefilled batch) to the end of this batch."""
+        if len(other):
+            self.extend(other.cache, other.mask, other.lengths)
+        other.cache, other.mask, other.lengths = None, None, []
 
     def remove(self, rows: list[int]) -> None:
         """Drop ``rows`` (indices into the current order) and the leading columns that became padding everywhere."""

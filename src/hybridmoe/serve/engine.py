@@ -2,16 +2,21 @@
 
 Scheduling, one loop iteration at a time:
 
-1. **Admit.** Waiting requests (FIFO) are prefilled one by one, batch 1, while fewer than ``max_batch_size``
-   sequences are running. Prefill samples the first token; a request that is not finished then joins the
-   :class:`~hybridmoe.serve.batch.DecodeBatch` of its adapter (a new one if that is full or missing).
+1. **Admit.** While fewer than ``max_batch_size`` sequences are running, waiting requests are prefilled in
+   batches of one adapter (:func:`~hybridmoe.serve.prefill.prefill_batch`, one left-padded forward): the oldest
+   waiting request and the next waiting ones of the same adapter, in arrival order, up to the free slots and
+   ``max_prefill_tokens`` padded tokens (a longer prompt goes alone). Adapters are served in the order their oldest
+   request arrived. Prefill samples every row's first token; the rows that are not finished then join
+   the :class:`~hybridmoe.serve.batch.DecodeBatch` of their adapter (or become it if there is none).
 2. **Decode.** One decode step of one batch, taking the batches round-robin: every adapter group gets a step in
    turn, whatever its size. Each batch runs with its adapter active (:class:`~hybridmoe.serve.adapters.AdapterSet`),
    so requests for different adapters are never mixed in one forward.
 
 Per-request state is a :class:`~hybridmoe.generate.TokenStream`, the same sampling / stop / text code as
 ``hybridmoe chat``. A failure in one sequence (non-finite logits: :class:`~hybridmoe.errors.NonFiniteError`) fails
-that request only; an unexpected exception in a batched forward fails that batch's requests; the loop goes on.
+that request only. A batched prefill that raises (out of memory, a bug) is retried one request at a time, so it
+fails only the requests that fail alone; an unexpected exception in a decode step fails that batch's requests; the
+loop goes on.
 
 Results go back to the asyncio side through :class:`Handle`: the worker posts events with
 ``loop.call_soon_threadsafe``, the HTTP handler awaits them.
@@ -25,16 +30,18 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 
 from hybridmoe.errors import NonFiniteError
-from hybridmoe.generate import SamplingConfig, StopReason, TokenStream, input_device, prefill
+from hybridmoe.generate import SamplingConfig, StopReason, TokenStream, input_device
 
 from .adapters import AdapterSet
 from .batch import DecodeBatch, batchable
+from .prefill import prefill_batch
 
 log = logging.getLogger("hybridmoe.serve")
 
@@ -115,18 +122,21 @@ class _Group:
 class Engine:
     """Owns the model on a worker thread; :meth:`submit` is safe to call from the event loop."""
 
-    def __init__(self, adapters: AdapterSet, tokenizer, max_batch_size: int = 16) -> None:
+    def __init__(self, adapters: AdapterSet, tokenizer, max_batch_size: int = 16,
+                 max_prefill_tokens: int = 8192) -> None:
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens  # padded tokens (rows x longest prompt) per batched prefill
         self._waiting: queue.Queue[_Request | None] = queue.Queue()  # None wakes the worker to stop
+        self._pending: deque[_Request] = deque()  # taken off the queue by the worker, not yet prefilled (FIFO)
         self._groups: list[_Group] = []
         self._next = 0  # round-robin cursor into _groups
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
         self.batchable: bool | None = None  # learnt from the first prefilled cache
         # counters for /health and the load benchmark (written by the worker only)
-        self.stats = {"prefills": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
+        self.stats = {"prefills": 0, "prefill_batches": 0, "max_prefill_batch": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
                       "max_batch": 0}
 
     # -- control, from any thread ------------------------------------------------------------------------------
@@ -148,7 +158,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self._waiting.qsize()
+        return self._waiting.qsize() + len(self._pending)
 
     def submit(self, prompt_ids: list[int], adapter: str | None, cfg: SamplingConfig) -> Handle:
         """Queue a request; call from a running event loop (its events are delivered there)."""
@@ -180,7 +190,14 @@ class Engine:
             self._next = i + 1 if group in self._groups else i  # a finished group's turn passes on
 
     def _admit(self, block: bool) -> None:
-        while self.running < self.max_batch_size:
+        self._collect(block)
+        while self._pending and self.running < self.max_batch_size:
+            self._prefill(self._next_prefill())
+
+    def _collect(self, block: bool) -> None:
+        """Move submitted requests from the queue to ``_pending``; waits for one if ``block`` and none is pending."""
+        block = block and not self._pending
+        while True:
             try:
                 req = self._waiting.get(block=block)
             except queue.Empty:
@@ -188,58 +205,104 @@ class Engine:
             if req is None:  # stop() woke us
                 return
             block = False
-            if not req.handle.cancelled.is_set():
-                self._prefill(req)
+            self._pending.append(req)
 
-    def _prefill(self, req: _Request) -> None:
-        from transformers import DynamicCache
+    def _next_prefill(self) -> list[_Request]:
+        """Take the next prefill batch off ``_pending``: the oldest request and the following ones of its adapter, in
+        order, within the free slots and the padded-token budget. Cancelled requests are dropped on the way."""
+        room = self.max_batch_size - self.running
+        limit = room if self.batchable else 1  # until the first cache shows that padding works: one at a time
+        adapter = self._pending[0].adapter
+        chosen: list[_Request] = []
+        rest: deque[_Request] = deque()
+        longest = 0
+        for req in self._pending:
+            if req.handle.cancelled.is_set():
+                continue
+            width = max(longest, len(req.prompt_ids))
+            fits = not chosen or (len(chosen) < limit and (len(chosen) + 1) * width <= self.max_prefill_tokens)
+            if req.adapter == adapter and fits:
+                chosen.append(req)
+                longest = width
+            else:
+                rest.append(req)
+        self._pending = rest
+        return chosen
 
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """Prefill ``reqs`` (one adapter) in one forward; sample their first tokens; the unfinished ones join a batch."""
+        if not reqs:
+            return
         model = self.adapters.model
         t0 = time.perf_counter()
         try:
-            self.adapters.activate(req.adapter)
-            prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=input_device(model))  # [1, T]
-            req.stream = TokenStream(model, self.tokenizer, prompt, req.cfg, diagnose=_diagnosis(req.adapter))
-            logits, cache = prefill(model, prompt, DynamicCache(config=model.config))  # [1, V]
-            self._emit(req, req.stream.accept(logits))  # accept() syncs (.item()), so the timing below is real
-            self.stats["prefills"] += 1
-            self.stats["prefill_s"] += time.perf_counter() - t0
-        except NonFiniteError as e:
-            req.handle.post(Failed(str(e), "non_finite_logits"))
+            self.adapters.activate(reqs[0].adapter)
+            device = input_device(model)
+            for req in reqs:
+                prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)  # [1, T]
+                req.stream = TokenStream(model, self.tokenizer, prompt, req.cfg, diagnose=_diagnosis(req.adapter))
+            logits, batch = prefill_batch(model, [r.prompt_ids for r in reqs], capacity=len(reqs))  # [N, V]
+        except Exception as e:
+            if len(reqs) > 1:  # isolate the failure: each request alone fails or succeeds on its own
+                log.warning("a batched prefill of %d requests failed (%s: %s); prefilling them one at a time",
+                            len(reqs), type(e).__name__, e)
+                for req in reqs:
+                    self._prefill([req])
+                return
+            self._fail_prefill(reqs[0], e)
             return
-        except torch.cuda.OutOfMemoryError:  # this request fails with an estimate of what fits; the server goes on
-            req.handle.post(_out_of_memory(model, len(req.prompt_ids), req.cfg.max_new_tokens))
-            return
-        except Exception as e:  # a bug: this request fails, the server keeps serving
-            log.exception("prefill failed")
-            req.handle.post(Failed(f"internal error during prefill: {type(e).__name__}: {e}", "internal_error"))
-            return
-        if req.stream.stop_reason is not None:
-            self._finish(req)
+        done = []
+        for i, req in enumerate(reqs):
+            try:
+                self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]; accept() syncs (.item())
+            except NonFiniteError as e:
+                req.handle.post(Failed(str(e), "non_finite_logits"))
+                done.append(i)
+                continue
+            if req.stream.stop_reason is not None:
+                self._finish(req)
+                done.append(i)
+        self.stats["prefills"] += len(reqs)
+        self.stats["prefill_batches"] += 1
+        self.stats["max_prefill_batch"] = max(self.stats["max_prefill_batch"], len(reqs))
+        self.stats["prefill_s"] += time.perf_counter() - t0  # accept() synced on every row's token
+        if len(done) == len(reqs):
             return
         if self.batchable is None:
-            self.batchable = batchable(cache)
+            self.batchable = batchable(batch.cache)
             if not self.batchable:
-                log.warning("this model's KV cache is not a plain DynamicCache; decoding requests one at a time")
-        group = self._group_for(req.adapter)
-        try:
-            group.batch.add(cache, req.stream.length - 1)  # the cache holds the prompt; the sampled token is next
-        except Exception as e:  # e.g. out of memory while padding: the batch's caches may be half-updated
-            log.exception("joining a decode batch failed")
-            for r in [*group.requests, req]:
-                r.handle.post(Failed(f"internal error joining a batch: {type(e).__name__}: {e}", "internal_error"))
-            self._groups.remove(group)
-            return
-        group.requests.append(req)
+                log.warning("this model's KV cache is not a plain DynamicCache; serving requests one at a time")
+        batch.remove(done)
+        self._join(reqs[0].adapter, batch, [r for i, r in enumerate(reqs) if i not in set(done)])
 
-    def _group_for(self, adapter: str | None) -> _Group:
-        for g in self._groups:
-            if g.adapter == adapter and not g.batch.full():
-                return g
-        capacity = self.max_batch_size if self.batchable else 1
-        g = _Group(adapter, DecodeBatch(self.adapters.model, capacity))
-        self._groups.append(g)
-        return g
+    def _fail_prefill(self, req: _Request, e: Exception) -> None:
+        """A prefill of ``req`` alone raised ``e``: that request fails, the server goes on."""
+        if isinstance(e, NonFiniteError):
+            req.handle.post(Failed(str(e), "non_finite_logits"))
+        elif isinstance(e, torch.cuda.OutOfMemoryError):  # one line with an estimate of what fits, no traceback
+            req.handle.post(_out_of_memory(self.adapters.model, len(req.prompt_ids), req.cfg.max_new_tokens))
+        else:  # a bug
+            log.error("prefill failed", exc_info=e)
+            req.handle.post(Failed(f"internal error during prefill: {type(e).__name__}: {e}", "internal_error"))
+
+    def _join(self, adapter: str | None, batch: DecodeBatch, reqs: list[_Request]) -> None:
+        """Add the prefilled ``batch`` (row i is ``reqs[i]``) to a decode group of ``adapter`` with room for all of
+        its rows, or make it a new group."""
+        for group in self._groups:
+            if group.adapter != adapter or len(group.requests) + len(reqs) > group.batch.capacity:
+                continue
+            try:
+                group.batch.join(batch)
+            except Exception as e:  # e.g. out of memory while padding: the group's caches may be half-updated
+                log.exception("joining a decode batch failed")
+                for r in [*group.requests, *reqs]:
+                    r.handle.post(Failed(f"internal error joining a batch: {type(e).__name__}: {e}", "internal_error"))
+                self._groups.remove(group)
+                return
+            group.requests.extend(reqs)
+            return
+        batch.capacity = self.max_batch_size if self.batchable else 1
+        self._groups.append(_Group(adapter, batch, list(reqs)))
 
     def _decode(self, group: _Group) -> None:
         cancelled = [i for i, r in enumerate(group.requests) if r.handle.cancelled.is_set()]
@@ -305,6 +368,8 @@ class Engine:
         self._groups = []
 
     def _fail_waiting(self, message: str, code: str) -> None:
+        while self._pending:
+            self._pending.popleft().handle.post(Failed(message, code))
         while True:
             try:
                 req = self._waiting.get_nowait()

@@ -76,7 +76,7 @@ def _is_loopback(host: str) -> bool:
 
 def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = None, *, device=None, dtype=None,
               chat_template: str | None = None, model_name: str | None = None, api_key: str | None = None,
-              max_batch_size: int = 16, progress: bool = False):
+              max_batch_size: int = 16, max_prefill_tokens: int = 8192, progress: bool = False):
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
     the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model."""
     from hybridmoe.loading import load_model, load_tokenizer
@@ -87,6 +87,8 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
 
     if max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if max_prefill_tokens < 1:
+        raise ConfigError(f"--max-prefill-tokens must be >= 1, got {max_prefill_tokens}")
     base_name = model_name or Path(model_dir).resolve().name
     adapters = dict(adapters or {})
     model = load_model(model_dir, device=device, dtype=dtype, progress=progress)
@@ -98,7 +100,7 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
         aset.load(name, path)
     aset.model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    app = create_app(Engine(aset, tokenizer, max_batch_size), tokenizer, ServeConfig(base_name, context, api_key))
+    app = create_app(Engine(aset, tokenizer, max_batch_size, max_prefill_tokens), tokenizer, ServeConfig(base_name, context, api_key))
     app.state.served_models = [base_name, *aset.names]
     return app
 
@@ -113,6 +115,7 @@ def run_serve(args) -> int:
     try:
         app = build_app(args.model, adapters, device=args.device, dtype=args.dtype, chat_template=args.chat_template,
                         model_name=args.model_name, api_key=api_key, max_batch_size=args.max_batch_size,
+                        max_prefill_tokens=args.max_prefill_tokens,
                         progress=True)
     except BaseException:
         sock.close()
