@@ -2,9 +2,10 @@
 
 For a large batch (training steps, long prefills) the experts' FLOPs dwarf the cost of moving their weights: one
 DeepSeek-V2-Lite MoE layer is 1.1 GB of bf16 weights, ~22 ms over PCIe from pinned memory, while the CPU needs
-~100 ms to run 4096 tokens through it. So each layer's weights are copied into one of two GPU slots and the layer is
-computed there; the copy of the next layer runs on a side stream while the current one computes (double
-buffering). The weights' only home stays the CPU: the slots are a cache of at most two layers.
+~100 ms to run 4096 tokens through it. So each layer's weights are copied into one of the GPU slots (two by default,
+``stream_slots``) and the layer is computed there; the copy of the next layer runs on a side stream while the current
+one computes (double buffering). The weights' only home stays the CPU: the slots are an LRU cache of a few layers,
+and since passes alternate direction, the layers a pass ends on are the ones the next pass starts with.
 
 The next layer is predicted from the direction of travel: forward passes walk up (l -> l+1); backward passes under
 gradient checkpointing walk down, each layer requested twice in a row (recompute, then backward), so the second
@@ -40,7 +41,7 @@ class StreamStats:
 class ExpertStreamer:
     """Direction-predicting LRU cache of per-layer expert weights on one device (two slots by default).
 
-    ``min_tokens``: batches with fewer tokens than this stay on the CPU (see ``HybridExperts.compute_device``).
+    ``min_tokens``: batches with fewer tokens than this stay on the CPU (see ``HybridExperts.streams``).
     On a CPU ``device`` the slots are host copies: the same bookkeeping runs (and is tested) without a GPU.
     """
 
