@@ -85,8 +85,15 @@ def test_streamed_training_step_equals_cpu_path_and_prefetches(deep_ckpt, checkp
 
 
 def test_small_batches_stay_on_the_cpu(deep_ckpt):
+    from hybridmoe.placement import format_report, placement_report
+
     model = load_model(deep_ckpt, device="cpu", dtype="float32", progress=False)
+    assert placement_report(model)["streaming"] is None
     streamer = enable_streaming(model, "cpu", min_tokens=8)
+    rep = placement_report(model)
+    layer_bytes = max(m.weights.nbytes for m in model.modules() if isinstance(m, HybridExperts))
+    assert rep["streaming"] == {"device": "cpu", "min_tokens": 8, "slots": 2, "slot_bytes_reserved": 2 * layer_bytes}
+    assert "on the CPU below 8 tokens" in format_report(rep)
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # 3 tokens < 8
         assert streamer.stats.hits + streamer.stats.copies == 0

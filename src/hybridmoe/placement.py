@@ -102,6 +102,12 @@ def placement_report(model: nn.Module) -> dict:
         "every MoE layer's experts in CPU RAM": all(m.weights.gate_up.device.type == "cpu" for m in experts.values()),
     }
     problems = expert_shaped + wrapped + dense_bad + off_device + empty
+    streamer = next((m.streamer for m in experts.values() if m.streamer is not None), None)
+    layer_bytes = max((m.weights.nbytes for m in experts.values()), default=0)
+    streaming = None if streamer is None else {
+        "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,
+        "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
+    }
     return {
         "checkpoint": meta.checkpoint,
         "compute_device": str(compute),
@@ -113,6 +119,7 @@ def placement_report(model: nn.Module) -> dict:
             dev: {"bytes": d["bytes"], "tensors": d["tensors"], "modules": dict(d["modules"])} for dev, d in devices.items()
         },
         "lora_targets": dict(lora_targets),
+        "streaming": streaming,
         "checks": checks,
         "problems": problems[:20],
         "ok": all(checks.values()),
@@ -136,6 +143,10 @@ def format_report(rep: dict) -> str:
             lines.append(f"      {mod:<40} {_gib(b):>12}")
         if len(d["modules"]) > 6:
             lines.append(f"      ... {len(d['modules']) - 6} more")
+    st = rep.get("streaming")
+    lines += ["", "routed experts computed: on the CPU for every batch" if st is None else
+              f"routed experts computed: on the CPU below {st['min_tokens']} tokens, else on {st['device']} with "
+              f"{st['slots']} layers of weights streamed in ({_gib(st['slot_bytes_reserved'])} of GPU memory)"]
     if rep["lora_targets"]:
         lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
     lines += ["", "checks:"]
