@@ -304,6 +304,7 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from hybridmoe.adapters import apply_lora
+    from hybridmoe.experts.streaming import model_streamer
     from hybridmoe.loss import causal_lm_loss
 
     model = apply_lora(_load_hybrid(args.dir), "all", rank=8, alpha=16, seed=0)
@@ -326,7 +327,7 @@ def profile(args) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
-    streamer = next((m.streamer for m in model.modules() if getattr(m, "streamer", None) is not None), None)
+    streamer = model_streamer(model)
     emit({"bench": "profile_train_step", "seconds_per_step": round(plain, 3), "tokens": args.batch * args.seq,
           "tokens_per_s": round(args.batch * args.seq / plain, 1),
           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0,

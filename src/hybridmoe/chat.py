@@ -71,14 +71,13 @@ def reply(model, tok, messages: list[dict], cfg: SamplingConfig, on_text=None):
 def generation_oom_line(model, prompt_tokens: int, max_new_tokens: int, advice: str | None = None) -> str:
     """One line for an out-of-memory error while generating: the prompt, the card, what fits, what to change."""
     from .adapters import base_model_of
-    from .experts import HybridExperts
+    from .experts.streaming import model_streamer
     from .memory import card_usage, estimate_memory, format_oom
 
     est = estimate_memory(model, training=False)
     card, used = card_usage(base_model_of(model).hybridmoe.device)
     advice = advice or "use a shorter prompt or conversation (/clear in chat) or fewer new tokens (--max-new-tokens)"
-    streamer = next((m.streamer for m in model.modules() if isinstance(m, HybridExperts) and m.streamer), None)
-    if streamer is not None:
+    if model_streamer(model) is not None:
         advice += (f", or set --stream-min-tokens above {prompt_tokens} to run the routed experts of the prompt on "
                    "the CPU")
     return format_oom(est, f"while generating ({prompt_tokens}-token prompt + up to {max_new_tokens} new tokens)",

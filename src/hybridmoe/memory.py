@@ -77,6 +77,7 @@ def estimate_memory(model: nn.Module, training: bool = True, gradient_checkpoint
     """Compute-device memory of `model` (as loaded by hybridmoe, PEFT-wrapped or not) for a training step or
     for generation, split into a fixed part and a part per token."""
     from .experts import HybridExperts
+    from .experts.streaming import model_streamer
 
     base = base_model_of(model)
     device, act_bytes = base.hybridmoe.device, torch.empty(0, dtype=base.hybridmoe.dtype).element_size()
@@ -90,7 +91,7 @@ def estimate_memory(model: nn.Module, training: bool = True, gradient_checkpoint
             if training and t.requires_grad:
                 lora_state += 3 * t.numel() * t.element_size()  # .grad, exp_avg, exp_avg_sq (same dtype as the param)
     experts = [m for m in base.modules() if isinstance(m, HybridExperts)]
-    streamer = next((m.streamer for m in experts if m.streamer is not None), None)
+    streamer = model_streamer(base)
     streamed = streamer is not None
     slots = streamer.num_slots * max(m.weights.nbytes for m in experts) if streamed else 0
     layers = base.get_decoder().layers

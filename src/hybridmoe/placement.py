@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters import base_model_of, linear_component, moe_blocks_of
 from .experts import HybridExperts
+from .experts.streaming import model_streamer
 from .host_embedding import HostEmbedding
 
 
@@ -102,7 +103,7 @@ def placement_report(model: nn.Module) -> dict:
         "every MoE layer's experts in CPU RAM": all(m.weights.gate_up.device.type == "cpu" for m in experts.values()),
     }
     problems = expert_shaped + wrapped + dense_bad + off_device + empty
-    streamer = next((m.streamer for m in experts.values() if m.streamer is not None), None)
+    streamer = model_streamer(base)
     layer_bytes = max((m.weights.nbytes for m in experts.values()), default=0)
     streaming = None if streamer is None else {
         "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,

@@ -41,6 +41,7 @@ from .data import IGNORE_INDEX, SFTDataset, batches, collate, load_records
 from .errors import ConfigError, GPUOutOfMemoryError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
+from .experts.streaming import model_streamer
 from .experts.watch import NonFiniteWatch
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
@@ -385,7 +386,7 @@ def _oom_line(setup: _Setup, micro: list[dict], step: int) -> str:
     advice = "lower per_device_train_batch_size or cutoff_len (raise gradient_accumulation_steps to keep the batch)"
     if not cfg.gradient_checkpointing:
         advice += ", turn gradient_checkpointing on"
-    streamer = next((m.streamer for m in setup.model.modules() if getattr(m, "streamer", None) is not None), None)
+    streamer = model_streamer(setup.model)
     if streamer is not None and streamer.num_slots > 2:
         per_slot = est.expert_slots / streamer.num_slots / 2**30
         advice += f", lower stream_slots (now {streamer.num_slots}; each slot is {per_slot:.2f} GiB)"

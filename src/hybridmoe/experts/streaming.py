@@ -123,6 +123,13 @@ class ExpertStreamer:
         return slot
 
 
+def model_streamer(model) -> ExpertStreamer | None:
+    """The streamer attached to `model`'s routed experts (one per model), or None when they always run on the CPU."""
+    from .cpu_experts import HybridExperts
+
+    return next((m.streamer for m in model.modules() if isinstance(m, HybridExperts) and m.streamer is not None), None)
+
+
 def enable_streaming(model, device: torch.device | str, min_tokens: int, slots: int = 2) -> ExpertStreamer | None:
     """Attach one streamer to every HybridExperts of `model` (in forward order). min_tokens <= 0 disables it.
 
