@@ -251,17 +251,7 @@ class Engine:
                 return
             self._fail_prefill(reqs[0], e)
             return
-        done = []
-        for i, req in enumerate(reqs):
-            try:
-                self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]; accept() syncs (.item())
-            except NonFiniteError as e:
-                req.handle.post(Failed(str(e), "non_finite_logits"))
-                done.append(i)
-                continue
-            if req.stream.stop_reason is not None:
-                self._finish(req)
-                done.append(i)
+        done = self._accept(reqs, logits)
         self.stats["prefills"] += len(reqs)
         self.stats["prefill_batches"] += 1
         self.stats["max_prefill_batch"] = max(self.stats["max_prefill_batch"], len(reqs))
@@ -327,17 +317,7 @@ class Engine:
                 r.handle.post(Failed(f"internal error during decode: {type(e).__name__}: {e}", "internal_error"))
             self._drop(group, list(range(len(group.requests))))
             return
-        done = []
-        for i, r in enumerate(group.requests):
-            try:
-                self._emit(r, r.stream.accept(logits[i : i + 1]))  # [1, V]
-            except NonFiniteError as e:
-                r.handle.post(Failed(str(e), "non_finite_logits"))
-                done.append(i)
-                continue
-            if r.stream.stop_reason is not None:
-                self._finish(r)
-                done.append(i)
+        done = self._accept(group.requests, logits)
         self.stats["decode_steps"] += 1
         self.stats["decode_s"] += time.perf_counter() - t0  # accept() synced on every row's token
         self.stats["decoded_tokens"] += len(group.requests)
@@ -351,6 +331,22 @@ class Engine:
             group.requests = [r for i, r in enumerate(group.requests) if i not in set(rows)]
         if not group.requests and group in self._groups:
             self._groups.remove(group)
+
+    def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Sample each request's next token from its row of ``logits`` [N, V] and send the new text; returns the rows
+        that are done (finished, or failed on non-finite logits: that request alone). accept() syncs (.item())."""
+        done = []
+        for i, req in enumerate(reqs):
+            try:
+                self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]
+            except NonFiniteError as e:
+                req.handle.post(Failed(str(e), "non_finite_logits"))
+                done.append(i)
+                continue
+            if req.stream.stop_reason is not None:
+                self._finish(req)
+                done.append(i)
+        return done
 
     def _emit(self, req: _Request, delta: str) -> None:
         if delta:
