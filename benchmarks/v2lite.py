@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,26 +133,40 @@ def _load_hybrid(path):
     return model
 
 
-def chat(args) -> None:
-    """Prefill logits vs all-GPU transformers+PEFT (bf16) with an adapter on every target; greedy decode speed."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def _bench_adapter(path: str, name: str = "bench_adapter", seed: int = 0):
+    """The hybrid model with a non-zero LoRA on every target (B = small random values), saved as `path/name`."""
+    from hybridmoe.adapters import apply_lora, save_adapter
 
-    from hybridmoe.adapters import apply_lora, no_peft_moe_rewrite, save_adapter
-    from hybridmoe.generate import SamplingConfig, generate
-
-    torch.manual_seed(0)
-    model = apply_lora(_load_hybrid(args.dir), "all", rank=8, alpha=16, seed=0)
-    with torch.no_grad():  # a non-zero adapter: B = small random values
+    torch.manual_seed(seed)
+    model = apply_lora(_load_hybrid(path), "all", rank=8, alpha=16, seed=seed)
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
         for m in model.modules():
             for lo in getattr(m, "lora", {}).values():
                 lo.B.normal_(0, 0.01)
-    adapter = Path(args.dir) / "bench_adapter"
+    adapter = Path(path) / name
     save_adapter(model, adapter)
-    model.eval()
+    return model.eval(), adapter
+
+
+def adapter(args) -> None:
+    """Write two random adapters (bench_adapter, bench_adapter2) for the server benchmark."""
+    for i, name in enumerate(("bench_adapter", "bench_adapter2")):
+        _, out = _bench_adapter(args.dir, name, seed=i)
+        emit({"bench": "adapter", "path": str(out)})
+
+
+def chat(args) -> None:
+    """Prefill logits vs all-GPU transformers+PEFT (bf16) with an adapter on every target; greedy decode speed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hybridmoe.adapters import no_peft_moe_rewrite
+    from hybridmoe.generate import SamplingConfig, generate
+
+    model, adapter = _bench_adapter(args.dir)
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(2, model.config.vocab_size, (1, args.prompt_len), generator=g).to(DEV)
@@ -243,18 +258,33 @@ def train(args) -> None:
             q = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 8,), generator=g).tolist())
             a = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 3,), generator=g).tolist())
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
-    out = Path(args.dir) / "bench_train"
+    out = Path(args.dir) / f"bench_train_{args.nproc}"
+    cfg = {"model_name_or_path": args.dir, "dataset": str(data), "output_dir": str(out), "max_steps": args.steps,
+           "per_device_train_batch_size": args.batch, "cutoff_len": args.seq, "learning_rate": 1e-4,
+           "lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "logging_steps": args.log_every, "device": DEV,
+           "dtype": "bfloat16", "gradient_checkpointing": True, "progress": False}
     t0 = time.perf_counter()
-    res = run({"model_name_or_path": args.dir, "dataset": str(data), "output_dir": str(out), "max_steps": args.steps,
-               "per_device_train_batch_size": args.batch, "cutoff_len": args.seq, "learning_rate": 1e-4,
-               "lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "logging_steps": args.log_every, "device": DEV,
-               "dtype": "bfloat16", "gradient_checkpointing": True, "progress": False})
+    if args.nproc > 1:  # data-parallel over the host's GPUs, through the CLI a user would run
+        cfg_path = Path(args.dir) / f"bench_train_{args.nproc}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        subprocess.run([sys.executable, "-m", "hybridmoe", "train", str(cfg_path), "--nproc", str(args.nproc)],
+                       check=True)
+        steps = skipped = final = None
+        peak_gpu = peak_host = None
+    else:
+        res = run(cfg)
+        steps, skipped, final = res.steps, res.skipped_steps, res.final_loss
+        peak_gpu, peak_host = res.peak_gpu_bytes / 2**30, res.peak_host_bytes / 2**30
     logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or [logs[-1].get("tokens_per_s", 0)]
-    emit({"bench": "train_lora_all_targets", "steps": res.steps, "skipped": res.skipped_steps,
-          "batch": args.batch, "seq": args.seq, "final_loss": res.final_loss, "first_loss": logs[0]["loss"],
+    last = logs[-1]
+    emit({"bench": "train_lora_all_targets", "nproc": args.nproc, "steps": steps or last.get("step"),
+          "skipped": skipped, "batch_per_gpu": args.batch, "seq": args.seq,
+          "final_loss": final if final is not None else last.get("loss"), "first_loss": logs[0]["loss"],
           "tokens_per_s": round(sorted(tps)[len(tps) // 2], 1), "seconds": round(time.perf_counter() - t0, 1),
-          "peak_gpu_gib": round(res.peak_gpu_bytes / 2**30, 2), "peak_host_gib": round(res.peak_host_bytes / 2**30, 2)})
+          "peak_gpu_gib_rank0": round(peak_gpu if peak_gpu is not None else last.get("peak_gpu_gib", 0), 2),
+          "peak_host_gib": round(peak_host, 2) if peak_host is not None else last.get("host_rss_gib"),
+          "last_log": last})
 
 
 def train_baseline(args) -> None:
@@ -361,7 +391,7 @@ def profile_decode(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "chat", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
+    p.add_argument("mode", choices=["make", "adapter", "chat", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
     p.add_argument("--make-layers", type=int, default=0, help="make: write only this many layers")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
@@ -371,10 +401,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    modes = {"make": make, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
+    modes = {"make": make, "adapter": adapter, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
              "profile": profile, "profile_decode": profile_decode}
     modes[args.mode](args)
 
