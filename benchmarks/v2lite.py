@@ -247,17 +247,23 @@ def equiv32(args) -> None:
           "top1_agree": (ours.argmax(-1) == out["fp32"].argmax(-1)).float().mean().item()})
 
 
-def train(args) -> None:
-    from hybridmoe.training import train as run
-
-    data = Path(args.dir) / "bench_data.jsonl"
+def write_bench_data(path: str, seq: int) -> Path:
+    """`path`/bench_data.jsonl: 256 random chats (seeded) whose prompt + reply fill about `seq` tokens."""
+    data = Path(path) / "bench_data.jsonl"
     g = torch.Generator().manual_seed(0)
     words = ["alpha", "beta", "gamma", "delta", "expert", "router", "token", "layer", "memory", "cache"]
     with open(data, "w") as f:
         for _ in range(256):  # ~2 tokens a word: prompt + reply fill about cutoff_len
-            q = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 8,), generator=g).tolist())
-            a = " ".join(words[j] for j in torch.randint(0, 10, (args.seq // 3,), generator=g).tolist())
+            q = " ".join(words[j] for j in torch.randint(0, 10, (seq // 8,), generator=g).tolist())
+            a = " ".join(words[j] for j in torch.randint(0, 10, (seq // 3,), generator=g).tolist())
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    return data
+
+
+def train(args) -> None:
+    from hybridmoe.training import train as run
+
+    data = write_bench_data(args.dir, args.seq)
     out = Path(args.dir) / f"bench_train_{args.nproc}"
     cfg = {"model_name_or_path": args.dir, "dataset": str(data), "output_dir": str(out), "max_steps": args.steps,
            "per_device_train_batch_size": args.batch, "cutoff_len": args.seq, "learning_rate": 1e-4,
