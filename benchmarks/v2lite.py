@@ -152,10 +152,9 @@ def _bench_adapter(path: str, name: str = "bench_adapter", seed: int = 0):
 
 
 def adapter(args) -> None:
-    """Write two random adapters (bench_adapter, bench_adapter2) for the server benchmark."""
-    for i, name in enumerate(("bench_adapter", "bench_adapter2")):
-        _, out = _bench_adapter(args.dir, name, seed=i)
-        emit({"bench": "adapter", "path": str(out)})
+    """Write a random adapter on every target (DIR/bench_adapter), e.g. for the server benchmark."""
+    _, out = _bench_adapter(args.dir)
+    emit({"bench": "adapter", "path": str(out)})
 
 
 def chat(args) -> None:
