@@ -121,6 +121,7 @@ class GenerationResult:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    decode_mode: str = "dynamic_cache"  # or "cuda_graphs" / "eager": the static-cache decoder (decode_graph)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -483,8 +484,14 @@ class TokenStream:
 @torch.inference_mode()
 def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | Sequence[int],
              cfg: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None,
-             diagnose: Callable[[], str | None] | None = None) -> GenerationResult:
-    """Generate a reply to ``input_ids`` ([T] or [1, T], already chat-templated) with a fresh ``DynamicCache``.
+             diagnose: Callable[[], str | None] | None = None, static_cache: bool | None = None,
+             cuda_graphs: bool = True) -> GenerationResult:
+    """Generate a reply to ``input_ids`` ([T] or [1, T], already chat-templated).
+
+    The KV cache: a fresh ``DynamicCache`` (token-for-token ``model.generate``), or with ``static_cache`` a
+    ``StaticCache`` decoded by :class:`hybridmoe.decode_graph.StaticDecoder`, which on CUDA replays each decode step
+    as CUDA graphs cut at the CPU experts (``cuda_graphs``). ``static_cache=None`` picks the static path for hybrid
+    models on CUDA.
 
     Stops at an EOS id (:func:`eos_token_ids`), when the text contains one of ``cfg.stop_strings`` (trimmed off), or
     after ``cfg.max_new_tokens``. ``on_text(delta)`` receives the reply text as it becomes safe to show; the deltas
@@ -493,15 +500,31 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     """
     from transformers import DynamicCache
 
+    from hybridmoe.decode_graph import decoder_for
+    from hybridmoe.experts import HybridExperts
+
     cfg = cfg if cfg is not None else SamplingConfig()
     device = input_device(model)
     prompt = _as_prompt(input_ids, device)  # [1, T]
     stream = TokenStream(model, tokenizer, prompt, cfg, diagnose)
 
+    if static_cache is None:
+        static_cache = device.type == "cuda" and any(isinstance(m, HybridExperts) for m in model.modules())
+    mode = "dynamic_cache"
     with _EvalMode(model):
         t0 = time.perf_counter()
-        cache = DynamicCache(config=model.config)
-        logits, cache = prefill(model, prompt, cache)  # [1, V]
+        if static_cache:
+            dec = decoder_for(model, prompt.shape[1] + cfg.max_new_tokens, device, use_graphs=cuda_graphs)
+            logits = dec.prefill(prompt)  # [1, V]
+
+            def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
+                return dec.step(token, position)
+        else:
+            cache = DynamicCache(config=model.config)
+            logits, cache = prefill(model, prompt, cache)  # [1, V]
+
+            def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
+                return decode_one_token(model, token.view(1, 1), cache, position)[0]
         t_first = t0
         while True:
             delta = stream.accept(logits)
@@ -512,9 +535,11 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
                 on_text(delta)
             if stream.stop_reason is not None:
                 break
-            logits, cache = decode_one_token(model, stream.last_id.view(1, 1), cache, position=stream.length - 1)
+            logits = next_logits(stream.last_id, stream.length - 1)
         _sync(device)
         t_end = time.perf_counter()
+        if static_cache:
+            mode = dec.mode
 
     rest = stream.flush()
     if rest and on_text is not None:
@@ -522,4 +547,4 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     n_new = len(stream.token_ids)
     return GenerationResult(token_ids=stream.token_ids, text=stream.text.text, stop_reason=stream.stop_reason,
                             prompt_tokens=stream.n_prompt, new_tokens=n_new, prefill_s=t_first - t0,
-                            decode_s=t_end - t_first)
+                            decode_s=t_end - t_first, decode_mode=mode)

@@ -445,6 +445,9 @@ class HybridExperts(nn.Module):
         self.streamer = None
         self.stream_index = -1
         self.watch = None  # set by watch.NonFiniteWatch.attach (training): where NaN/Inf first appeared
+        # Set by hybridmoe.decode_graph while it runs a decode step: the call is handed to it (the step is cut into
+        # CUDA graphs at this layer's routed experts), instead of running here.
+        self.decode_hook = None
 
     # -- LoRA -------------------------------------------------------------------------------------------------
     def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:
@@ -516,7 +519,23 @@ class HybridExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # hidden_states: [T, H] on the model device. Returns [T, H] on the same device and dtype.
+        if self.decode_hook is not None:
+            return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
         return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
+
+    @torch.no_grad()
+    def infer_cpu(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  out: torch.Tensor) -> None:
+        """Inference on the CPU path, no autograd: ``out`` [T, H] fp32 (CPU) = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]).
+
+        hidden [T, H] (any float dtype), top_k_index [T, K] int64, top_k_weights [T, K] fp32, all on the CPU. The
+        same math and rounding as the CPU path of :meth:`forward` (fp32 activations, GEMMs in the weight dtype).
+        """
+        t, k = top_k_index.shape
+        order, math = self.expert_math(top_k_index, streamed=False)  # order: [S] slots sorted by expert
+        x_sorted = hidden.float()[order // k]  # [S, H] fp32
+        y_sorted = math.forward(x_sorted, keep=False)[1]  # [S, H] fp32
+        out.copy_(_unsort_sum(y_sorted * top_k_weights.reshape(-1)[order, None], order, t, k))
 
     def merged_weight(self, proj: str) -> torch.Tensor:
         """W + ΔW for one projection, in fp32 on the CPU: [E, out, in]. Used by export and --merge."""

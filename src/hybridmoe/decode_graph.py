@@ -1,0 +1,260 @@
+"""Batch-1 decode with a static KV cache, and on CUDA as a chain of CUDA graphs cut at the routed experts.
+
+A decode step of a hybrid model is a few dozen short stretches of GPU work (norms, attention, router, shared
+experts: hundreds of small kernels) separated by the routed experts, which run on the CPU. Launched one kernel at a
+time from Python, the GPU side costs more than the experts' weight reads. :class:`StaticDecoder` captures every
+stretch once as a CUDA graph, by running the model's own forward with each :class:`HybridExperts` switched to "cut
+here" (its ``decode_hook``):
+
+    graph 0   embeddings -> layers -> the first MoE layer's router; copy (hidden, top-k ids, top-k weights) to
+              page-locked host buffers
+    CPU       that layer's routed experts (``HybridExperts.infer_cpu``), into a page-locked host buffer
+    graph 1   copy the experts' output in -> rest of that layer -> ... -> the next MoE layer's router; copy out
+    ...
+    graph N   ... -> final norm -> LM head -> logits
+
+A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. The KV cache is a
+transformers :class:`~transformers.StaticCache`: fixed addresses, updated in place by index, and its position counter
+is a device tensor, so the same graphs serve every position.
+
+Without CUDA (or when capture fails, or with ``use_graphs=False``) the same cut runs eagerly: each expert call
+copies out, computes on the CPU and copies back at once. That mode runs the same plumbing on any device, which is
+how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridmoe.experts import HybridExperts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StaticDecoder", "decoder_for"]
+
+
+class _Cut:
+    """One routed-experts call of the decode step: its host buffers and the copies across the cut.
+
+    x [T, H] (hidden dtype), ids [T, K] int64, w [T, K] fp32 and out [T, H] fp32 live on the CPU, page-locked when
+    the model is on CUDA so the copies are asynchronous DMA that a CUDA graph can hold.
+    """
+
+    def __init__(self, module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, pin: bool):
+        self.module = module
+        t, k = ids.shape
+        self.x = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=pin)  # [T, H]
+        self.ids = torch.empty(t, k, dtype=torch.int64, pin_memory=pin)  # [T, K]
+        self.w = torch.empty(t, k, dtype=torch.float32, pin_memory=pin)  # [T, K]
+        self.out = torch.empty(hidden.shape, dtype=torch.float32, pin_memory=pin)  # [T, H]
+
+    def send(self, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
+        """Queue the device->host copies (conversions happen on the device, so each copy is one plain DMA)."""
+        self.x.copy_(hidden, non_blocking=True)
+        self.ids.copy_(ids.to(torch.int64), non_blocking=True)
+        self.w.copy_(w.to(torch.float32), non_blocking=True)
+
+    def compute(self) -> None:
+        """The routed experts on the CPU, once the copies of :meth:`send` have landed."""
+        self.module.infer_cpu(self.x, self.ids, self.w, self.out)
+
+    def receive(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Queue the host->device copy of the result; [T, H] in the hidden dtype on ``device``."""
+        return self.out.to(device, non_blocking=True).to(dtype)
+
+
+class _Hook:
+    """Stands in for every HybridExperts.forward during a decode step (``module.decode_hook``).
+
+    mode "eager": copy out, wait, compute, copy back (any device). mode "capture": copy out, end the CUDA graph being
+    captured and begin the next, copy back (in the new graph); :meth:`StaticDecoder._replay` runs the CPU part between
+    the graphs.
+    """
+
+    def __init__(self, decoder: StaticDecoder):
+        self.decoder = decoder
+        self.mode = "eager"
+        self.calls = 0  # expert calls so far in this forward: the index of the cut
+
+    def __call__(self, module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
+        d = self.decoder
+        i, self.calls = self.calls, self.calls + 1
+        if i == len(d.cuts):  # first pass: shapes known now
+            d.cuts.append(_Cut(module, hidden, ids, pin=hidden.device.type == "cuda"))
+        cut = d.cuts[i]
+        if cut.module is not module or cut.x.shape != hidden.shape:
+            raise RuntimeError("the decode step's routed-expert calls changed order or shape between passes")
+        cut.send(hidden, ids, w)
+        if self.mode == "capture":
+            d._next_graph()
+        else:
+            if hidden.device.type == "cuda":
+                torch.cuda.current_stream(hidden.device).synchronize()
+            cut.compute()
+        return cut.receive(hidden.device, hidden.dtype)
+
+
+class StaticDecoder:
+    """Prefill and batch-1 decode steps over one :class:`~transformers.StaticCache` of ``max_len`` positions.
+
+    ``prefill(prompt [1, T])`` and ``step(token [1], position)`` return the next-token logits [1, V] fp32. On CUDA,
+    the second decode step captures the graphs (the first runs eagerly and sets up the buffers), and every later
+    step replays them; :attr:`mode` says which ran last ("cuda_graphs", "eager", or "eager (capture failed: …)").
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, device: torch.device, use_graphs: bool = True):
+        from transformers import StaticCache
+
+        self.model, self.max_len, self.device = model, max_len, device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
+        self.embed = model.get_input_embeddings()
+        self.use_graphs = use_graphs and device.type == "cuda"
+        self.cuts: list[_Cut] = []
+        self.hook = _Hook(self)
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.logits: torch.Tensor | None = None  # [1, 1, V], written by the last graph
+        self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
+        self.steps = 0
+        self.mode = "eager"
+        self._pool = None
+        self._takes_cache_position = "cache_position" in _forward_names(model)
+
+    # -- the forward -------------------------------------------------------------------------------------------
+    def _forward(self, **inputs: Any) -> torch.Tensor:
+        """model(...) over the static cache; [B, T, V] logits of the last position only."""
+        kwargs = dict(past_key_values=self.cache, use_cache=True, logits_to_keep=1, **inputs)
+        if self._takes_cache_position:  # older / remote-code models take explicit cache positions
+            kwargs["cache_position"] = inputs["position_ids"][0]
+        return self.model(**kwargs).logits
+
+    def _with_hook(self, fn, **kwargs):
+        for m in self.experts:
+            m.decode_hook = self.hook
+        self.hook.calls = 0
+        try:
+            return fn(**kwargs)
+        finally:
+            for m in self.experts:
+                m.decode_hook = None
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence (in place: captured graphs stay valid)."""
+        self.cache.reset()
+        self.steps = 0
+
+    @torch.inference_mode()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [1, T] (input device) into the emptied cache; logits [1, V] fp32 for the first new token.
+
+        The prompt's routed experts run as usual (streamed to the GPU for long prompts); only decode is cut."""
+        if prompt.shape[1] >= self.max_len:
+            raise ValueError(f"prompt of {prompt.shape[1]} tokens does not fit a static cache of {self.max_len}")
+        self.reset()
+        positions = torch.arange(prompt.shape[1], device=self.device).unsqueeze(0)  # [1, T]
+        return self._forward(input_ids=prompt, position_ids=positions)[:, -1, :].float()
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Feed one token ([1] or [1, 1], any device) at ``position``; next-token logits [1, V] fp32."""
+        emb = self.embed(token.reshape(1, 1).to(self.device))  # [1, 1, H] on the device (HostEmbedding: via CPU)
+        if self.embeds is None:
+            self.embeds = torch.empty_like(emb)
+        self.embeds.copy_(emb)
+        self.position.fill_(position)
+        self.steps += 1
+        if self.graphs is None and self.use_graphs and self.steps >= 2:
+            self._capture()  # step 1 ran eagerly: cuBLAS handles, cache tensors and the cuts exist now
+        if self.graphs is not None:
+            self._replay()
+            self.mode = "cuda_graphs"
+            return self.logits[:, -1, :].float()
+        if not self.mode.startswith("eager"):
+            self.mode = "eager"
+        return self._with_hook(self._forward, **self._static_inputs())[:, -1, :].float()
+
+    def _static_inputs(self) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": self.embeds, "position_ids": self.position}
+
+    # -- CUDA graphs -------------------------------------------------------------------------------------------
+    def _next_graph(self) -> None:
+        """Called by the hook inside capture: close the current graph at this expert call, open the next one."""
+        self.graphs[-1].capture_end()
+        g = torch.cuda.CUDAGraph()
+        self.graphs.append(g)
+        g.capture_begin(pool=self._pool)
+
+    def _capture(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.graphs = [torch.cuda.CUDAGraph()]
+        self.hook.mode = "capture"
+        try:
+            with torch.cuda.stream(stream):
+                self.graphs[0].capture_begin(pool=self._pool)
+                try:
+                    self.logits = self._with_hook(self._forward, **self._static_inputs())
+                finally:
+                    self.graphs[-1].capture_end()
+            if self.hook.calls != len(self.cuts):
+                raise RuntimeError(f"{self.hook.calls} expert calls captured, {len(self.cuts)} expected")
+        except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
+            self.graphs, self.logits = None, None
+            self.use_graphs = False
+            self.mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            log.warning("decode runs without CUDA graphs: capturing the decode step failed (%s: %s)",
+                        type(e).__name__, e)
+        finally:
+            self.hook.mode = "eager"
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+
+    def _replay(self) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        for i, g in enumerate(self.graphs):
+            g.replay()
+            if i < len(self.cuts):
+                stream.synchronize()  # the hidden states and routing of cut i are in host memory now
+                self.cuts[i].compute()  # graph i+1 starts by copying the result in
+
+
+def _forward_names(model: nn.Module) -> set[str]:
+    """Keyword arguments of the model's forward, looking through PEFT wrappers."""
+    names: set[str] = set()
+    while model is not None:
+        names |= set(inspect.signature(model.forward).parameters)
+        base = getattr(model, "get_base_model", None)
+        nxt = base() if callable(base) else None
+        model = nxt if nxt is not model else None
+    return names
+
+
+def _bucket(n: int) -> int:
+    """Cache lengths come in multiples of 256, so a chat session reuses one decoder (and its graphs) across turns."""
+    return -(-n // 256) * 256
+
+
+def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:
+    """The model's decoder with room for ``needed`` positions: reused when it has room (graphs and all), else new.
+
+    Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
+    the active adapter as well."""
+    key = (repr(getattr(model, "active_adapters", None)), use_graphs)
+    dec = getattr(model, "_hybridmoe_decoder", None)
+    if dec is None or dec.max_len < needed or dec.key != key:
+        if dec is not None:  # free the old cache and graph pool before allocating the new
+            model._hybridmoe_decoder = dec = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        dec = StaticDecoder(model, _bucket(needed), device, use_graphs)
+        dec.key = key
+        model._hybridmoe_decoder = dec
+    return dec

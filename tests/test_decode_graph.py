@@ -1,0 +1,99 @@
+"""The static-cache decoder (hybridmoe.decode_graph): the same logits as transformers' DynamicCache decode.
+
+On the CPU the decode step runs eagerly through the same cut at every routed-experts call (copy out, CPU experts,
+copy back); on the GPU (`pytest -m gpu`) it is captured and replayed as CUDA graphs. fp32 throughout; the tolerance
+(rel 1e-5) covers the static cache's explicit attention mask against the dynamic cache's causal kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import hybridmoe
+from hybridmoe.adapters import apply_lora
+from hybridmoe.decode_graph import StaticDecoder
+from hybridmoe.errors import NonFiniteError
+from hybridmoe.experts import HybridExperts
+from hybridmoe.generate import SamplingConfig, decode_one_token, generate, input_device, prefill
+from hybridmoe.testing import TINY_ARCHS
+
+from .conftest import DEVICES
+from .helpers import make_checkpoint, randomize_lora
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode_graph")
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            cache[arch] = make_checkpoint(arch, root / arch)
+        return cache[arch]
+
+    return make
+
+
+def _adapted(path, device):
+    model, tok = hybridmoe.load(path, device=device, dtype="float32", progress=False)
+    model = apply_lora(model, "all", rank=4, alpha=8, seed=0)  # LoRA on every target, routed experts included
+    randomize_lora(model, seed=1)
+    return model.eval(), tok
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@DEVICES
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_static_decoder_matches_dynamic_cache(arch, device, ckpt):
+    model, _ = _adapted(ckpt(arch), device)
+    dev = input_device(model)
+    prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
+    with torch.inference_mode():
+        want, cache = prefill(model, prompt, DynamicCache(config=model.config))
+    dec = StaticDecoder(model, 64, dev)
+    got = dec.prefill(prompt)
+    assert _rel(got, want) < 1e-5
+    token = want.argmax(-1)  # [1]
+    for pos in range(20, 28):  # on CUDA: step 1 eager, step 2 captures, the rest replay
+        with torch.inference_mode():
+            want, cache = decode_one_token(model, token.view(1, 1), cache, pos)
+        got = dec.step(token, pos)
+        assert _rel(got, want) < 1e-5, (pos, dec.mode)
+        token = want.argmax(-1)
+    assert dec.mode == ("cuda_graphs" if device == "cuda" else "eager")
+    moe_layers = sum(isinstance(m, HybridExperts) for m in model.modules())
+    assert len(dec.cuts) == moe_layers  # one cut per MoE layer (dense layers have none)
+    if device == "cuda":
+        assert len(dec.graphs) == moe_layers + 1
+
+
+@DEVICES
+def test_decoder_is_reused_across_turns_and_grows(device, ckpt):
+    model, tok = _adapted(ckpt("deepseek_v2"), device)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    ids = list(range(5, 25))
+    first = generate(model, tok, ids, cfg, static_cache=True)
+    dec = model._hybridmoe_decoder
+    again = generate(model, tok, ids, cfg, static_cache=True)  # the cache is reset in place; graphs replayed
+    assert model._hybridmoe_decoder is dec and again.token_ids == first.token_ids
+    assert first.token_ids == generate(model, tok, ids, cfg, static_cache=False).token_ids
+    assert again.decode_mode == ("cuda_graphs" if device == "cuda" else "eager")
+    long_ids = list(range(5, 5 + dec.max_len))  # does not fit: a larger decoder replaces it
+    generate(model, tok, long_ids, SamplingConfig(temperature=0, max_new_tokens=2), static_cache=True)
+    assert model._hybridmoe_decoder is not dec and model._hybridmoe_decoder.max_len > dec.max_len
+
+
+@DEVICES
+def test_nan_in_routed_expert_lora_is_named_not_sampled(device, ckpt):
+    """The seed's bug 5 on the static path: a NaN that only the CPU experts see still stops generation clearly."""
+    model, tok = _adapted(ckpt("qwen2_moe"), device)
+    experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
+    with torch.no_grad():
+        experts[-1].lora["down_proj"].B.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        generate(model, tok, list(range(5, 25)), SamplingConfig(temperature=0, max_new_tokens=4), static_cache=True)
