@@ -195,11 +195,42 @@ def chat(args) -> None:
     if DEV == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    res = generate(model, tok, prompt[0].tolist(), cfg)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
-    emit({"bench": "decode_hybrid", "new_tokens": res.new_tokens, "decode_tok_s": round(res.decode_tokens_per_s, 2),
-          "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "peak_gpu_gib": round(peak, 2),
-          "peak_host_gib": round(peak_host_gib(), 2)})
+    _hybrid_decode(model, tok, prompt[0].tolist(), cfg, "lora r=8 on every target")
+
+
+def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str) -> None:
+    """Greedy decode of the hybrid model, side by side: the eager DynamicCache path, then the static-cache decoder
+    with CUDA graphs (its first call captures; the second only replays). One JSON line each."""
+    from hybridmoe.generate import generate
+
+    runs = [("dynamic_cache_eager", dict(static_cache=False)), ("static_graphs_first_call", {}),
+            ("static_graphs", {})]
+    tokens = {}
+    for name, kw in runs:
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = generate(model, tok, prompt, cfg, **kw)
+        tokens[name] = res.token_ids
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+        emit({"bench": f"decode_hybrid_{name}", "adapter": adapter, "mode": res.decode_mode,
+              "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
+              "decode_tok_s": round(res.decode_tokens_per_s, 2),
+              "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "peak_gpu_gib": round(peak, 2),
+              "peak_host_gib": round(peak_host_gib(), 2),
+              "same_tokens_as_eager": sum(a == b for a, b in zip(res.token_ids, tokens["dynamic_cache_eager"]))})
+
+
+def decode(args) -> None:
+    """Batch-1 greedy decode of the hybrid model without an adapter: eager vs CUDA graphs (no baseline load)."""
+    import hybridmoe.generate as gen
+    from hybridmoe.generate import SamplingConfig
+    from hybridmoe.loading import load_tokenizer
+
+    model = _load_hybrid(args.dir).eval()
+    gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
+    prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1))
+    cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
+    _hybrid_decode(model, load_tokenizer(args.dir), prompt.tolist(), cfg, "none")
 
 
 def _layer_view(src: str, layers: int) -> str:
@@ -396,7 +427,7 @@ def profile_decode(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "adapter", "chat", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
+    p.add_argument("mode", choices=["make", "adapter", "chat", "decode", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
     p.add_argument("--make-layers", type=int, default=0, help="make: write only this many layers")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
@@ -410,7 +441,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    modes = {"make": make, "adapter": adapter, "chat": chat, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
+    modes = {"make": make, "adapter": adapter, "chat": chat, "decode": decode, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
              "profile": profile, "profile_decode": profile_decode}
     modes[args.mode](args)
 

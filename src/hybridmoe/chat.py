@@ -60,10 +60,11 @@ def _sampling(args) -> SamplingConfig:
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def reply(model, tok, messages: list[dict], cfg: SamplingConfig, on_text=None):
+def reply(model, tok, messages: list[dict], cfg: SamplingConfig, on_text=None, cuda_graphs: bool = True):
     ids = render_prompt(tok, messages)
     try:
-        return generate(model, tok, ids, cfg, on_text=on_text, diagnose=lambda: nonfinite_weights(model))
+        return generate(model, tok, ids, cfg, on_text=on_text, diagnose=lambda: nonfinite_weights(model),
+                        cuda_graphs=cuda_graphs)
     except torch.cuda.OutOfMemoryError:
         raise GPUOutOfMemoryError(generation_oom_line(model, len(ids), cfg.max_new_tokens)) from None
 
@@ -88,14 +89,15 @@ def run_chat(args) -> int:
     cfg = _sampling(args)  # validate flags before the (slow) load
     model, tok = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    graphs = getattr(args, "cuda_graphs", True)
     if args.prompt is not None:
-        res = reply(model, tok, system + [{"role": "user", "content": args.prompt}], cfg)
+        res = reply(model, tok, system + [{"role": "user", "content": args.prompt}], cfg, cuda_graphs=graphs)
         print(res.text)
         return 0
-    return repl(model, tok, cfg, system)
+    return repl(model, tok, cfg, system, cuda_graphs=graphs)
 
 
-def repl(model, tok, cfg: SamplingConfig, system: list[dict]) -> int:
+def repl(model, tok, cfg: SamplingConfig, system: list[dict], cuda_graphs: bool = True) -> int:
     history: list[dict] = []
     print(f"hybridmoe chat — {HELP}", file=sys.stderr)
     while True:
@@ -124,7 +126,8 @@ def repl(model, tok, cfg: SamplingConfig, system: list[dict]) -> int:
             continue
         history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        res = reply(model, tok, system + history, cfg, on_text=lambda d: print(d, end="", flush=True))
+        res = reply(model, tok, system + history, cfg, on_text=lambda d: print(d, end="", flush=True),
+                    cuda_graphs=cuda_graphs)
         print()
         history.append({"role": "assistant", "content": res.text})
         print(f"[{res.new_tokens} tokens, prefill {res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s, "

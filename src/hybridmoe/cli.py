@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 64 on CUDA; 0 = always on the CPU)")
     c.add_argument("--stream-slots", type=int, default=2,
                    help="layers of expert weights the GPU keeps while streaming (>= 2; more = fewer copies)")
+    c.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="decode without CUDA graphs (default on CUDA: each decode step replays graphs cut at the "
+                        "CPU experts)")
     c.set_defaults(func=_cmd_chat)
 
     i = sub.add_parser("inspect", help="adapter health by component", description="Adapter health by component; exit 1 on NaN/Inf.")

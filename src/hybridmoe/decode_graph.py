@@ -124,6 +124,7 @@ class StaticDecoder:
         self.steps = 0
         self.mode = "eager"
         self._pool = None
+        self._stream = torch.cuda.Stream(device) if self.use_graphs else None
         self._takes_cache_position = "cache_position" in _forward_names(model)
 
     # -- the forward -------------------------------------------------------------------------------------------
@@ -177,7 +178,16 @@ class StaticDecoder:
             return self.logits[:, -1, :].float()
         if not self.mode.startswith("eager"):
             self.mode = "eager"
-        return self._with_hook(self._forward, **self._static_inputs())[:, -1, :].float()
+        if not self.use_graphs:
+            return self._with_hook(self._forward, **self._static_inputs())[:, -1, :].float()
+        # The step before capture runs on the capture stream (CUDA's advice: lazy per-stream state such as cuBLAS
+        # workspaces is then set up outside the capture).
+        cur = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(cur)
+        with torch.cuda.stream(self._stream):
+            logits = self._with_hook(self._forward, **self._static_inputs())[:, -1, :].float()
+        self._stream.synchronize()
+        return logits
 
     def _static_inputs(self) -> dict[str, torch.Tensor]:
         return {"inputs_embeds": self.embeds, "position_ids": self.position}
@@ -188,18 +198,18 @@ class StaticDecoder:
         self.graphs[-1].capture_end()
         g = torch.cuda.CUDAGraph()
         self.graphs.append(g)
-        g.capture_begin(pool=self._pool)
+        g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
 
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         self.graphs = [torch.cuda.CUDAGraph()]
         self.hook.mode = "capture"
         try:
             with torch.cuda.stream(stream):
-                self.graphs[0].capture_begin(pool=self._pool)
+                self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     self.logits = self._with_hook(self._forward, **self._static_inputs())
                 finally:
