@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 6's decode and baselines, and issue 9's server load, on a one-GPU host (fresh machine, ~70 GiB RAM free):
+# the CUDA-graph decode tests, eager vs graph decode on the V2-Lite-shaped model, the server's load test, kt-kernel's
+# MoE kernels and accelerate's expert offload. Each step has a time limit and writes its log to $OUT.
+# Offline hosts: put the wheels in .wheels/ first (see README, "GPU-host benchmarks").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/hybridmoe_bench}; mkdir -p "$OUT"
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, print its JSON lines
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+  grep -E '^\{|passed|failed|page-lock|Error|error:' "$OUT/$name.log" | tail -12 | tee -a "$OUT/summary.txt"
+}
+if [ -d .wheels ]; then
+  pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps
+  pip install -q --no-index --find-links .wheels --no-deps --target /tmp/pydeps kt-kernel==0.6.1 gguf
+  export PYTHONPATH=$PYTHONPATH:/tmp/pydeps
+fi > "$OUT/pip.log" 2>&1
+{ nvidia-smi -L; nproc; free -g | head -2; } | tee "$OUT/machine.txt"
+step pytest_graphs 90 python -m pytest -q -m gpu tests/test_decode_graph.py tests/test_chat.py -k "cuda" -x
+step make 100 python benchmarks/v2lite.py make --dir /tmp/v2lite
+step decode 100 python benchmarks/v2lite.py decode --dir /tmp/v2lite --prompt-len 1024 --new-tokens 32
+step adapter 40 python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+step serve 90 python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
+  --adapter a=/tmp/v2lite/bench_adapter --clients 8 --requests 2 --max-tokens 16
+step ktkernel 150 python benchmarks/ktkernel_moe.py --phase-timeout 70 --decode-calls 200 --reps 3
+step offload_chat 120 python benchmarks/offload_baseline.py chat --dir /tmp/v2lite --prompt-len 1024 --new-tokens 8
