@@ -4,15 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/hybridmoe_bench}; mkdir -p "$OUT"
 OLD_SRC=${OLD_SRC:-bench_old/src}
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, print its JSON lines
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  grep -E '^\{|passed|failed|Error|error:' "$OUT/$name.log" | tail -12 | tee -a "$OUT/summary.txt"
-}
+source benchmarks/steps.sh
 { nvidia-smi -L; nproc; } | tee "$OUT/machine.txt"
 step make 100 env PYTHONPATH=src python benchmarks/v2lite.py make --dir /tmp/v2lite
 step decode_new 70 env PYTHONPATH=src python benchmarks/v2lite.py decode --dir /tmp/v2lite --prompt-len 1024 --new-tokens 32

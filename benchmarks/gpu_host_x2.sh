@@ -5,15 +5,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/hybridmoe_bench}; mkdir -p "$OUT"
 STEPS=${STEPS:-15}
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, print its JSON lines
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  grep -E '^\{|page-lock|Error|error:' "$OUT/$name.log" | tail -5 | tee -a "$OUT/summary.txt"
-}
+source benchmarks/steps.sh
 if [ -d .wheels ]; then pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps \
   && export PYTHONPATH=$PYTHONPATH:/tmp/pydeps; fi
 { nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm | tail -1; } | tee "$OUT/machine.txt"

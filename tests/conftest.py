@@ -28,6 +28,22 @@ def tiny_ckpt(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    """ckpt_dir(arch) -> path of a saved tiny random model with a tokenizer (read-only: copy it to modify it)."""
+    from .helpers import make_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt_tok")
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            cache[arch] = make_checkpoint(arch, root / arch)
+        return cache[arch]
+
+    return make
+
+
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
 
 # Tests that take `device` run on the CPU in CI and, marked `gpu`, on the GPU host (`pytest -m gpu`).

@@ -21,23 +21,9 @@ from hybridmoe.generate import SamplingConfig, generate
 from hybridmoe.testing import TINY_ARCHS
 
 from .conftest import DEVICES
-from .helpers import make_checkpoint
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
               "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
-    cache = {}
-
-    def make(arch):
-        if arch not in cache:
-            cache[arch] = make_checkpoint(arch, root / arch)
-        return cache[arch]
-
-    return make
 
 
 def _vanilla_peft_adapter(path, out, seed=0):

@@ -20,20 +20,7 @@ from hybridmoe.generate import SamplingConfig, decode_one_token, generate, input
 from hybridmoe.testing import TINY_ARCHS
 
 from .conftest import DEVICES
-from .helpers import make_checkpoint, randomize_lora
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decode_graph")
-    cache = {}
-
-    def make(arch):
-        if arch not in cache:
-            cache[arch] = make_checkpoint(arch, root / arch)
-        return cache[arch]
-
-    return make
+from .helpers import randomize_lora
 
 
 def _adapted(path, device):
@@ -49,8 +36,8 @@ def _rel(a, b):
 
 @DEVICES
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_static_decoder_matches_dynamic_cache(arch, device, ckpt):
-    model, _ = _adapted(ckpt(arch), device)
+def test_static_decoder_matches_dynamic_cache(arch, device, ckpt_dir):
+    model, _ = _adapted(ckpt_dir(arch), device)
     dev = input_device(model)
     prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
     with torch.inference_mode():
@@ -73,8 +60,8 @@ def test_static_decoder_matches_dynamic_cache(arch, device, ckpt):
 
 
 @DEVICES
-def test_decoder_is_reused_across_turns_and_grows(device, ckpt):
-    model, tok = _adapted(ckpt("deepseek_v2"), device)
+def test_decoder_is_reused_across_turns_and_grows(device, ckpt_dir):
+    model, tok = _adapted(ckpt_dir("deepseek_v2"), device)
     cfg = SamplingConfig(temperature=0, max_new_tokens=6)
     ids = list(range(5, 25))
     first = generate(model, tok, ids, cfg, static_cache=True)
@@ -89,9 +76,9 @@ def test_decoder_is_reused_across_turns_and_grows(device, ckpt):
 
 
 @DEVICES
-def test_nan_in_routed_expert_lora_is_named_not_sampled(device, ckpt):
+def test_nan_in_routed_expert_lora_is_named_not_sampled(device, ckpt_dir):
     """The seed's bug 5 on the static path: a NaN that only the CPU experts see still stops generation clearly."""
-    model, tok = _adapted(ckpt("qwen2_moe"), device)
+    model, tok = _adapted(ckpt_dir("qwen2_moe"), device)
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     with torch.no_grad():
         experts[-1].lora["down_proj"].B.fill_(float("nan"))
