@@ -7,6 +7,8 @@ copy back); on the GPU (`pytest -m gpu`) it is captured and replayed as CUDA gra
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -84,3 +86,28 @@ def test_nan_in_routed_expert_lora_is_named_not_sampled(device, ckpt_dir):
         experts[-1].lora["down_proj"].B.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite"):
         generate(model, tok, list(range(5, 25)), SamplingConfig(temperature=0, max_new_tokens=4), static_cache=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_uncapturable_model_decodes_eagerly_with_a_warning(ckpt_dir, caplog):
+    """A forward that synchronises with the host cannot be captured: decode goes on eagerly, says so once, and gives
+    the same tokens."""
+    model, tok = _adapted(ckpt_dir("deepseek_v2"), "cuda")
+    norm = model.get_base_model().model.norm
+    plain = norm.forward
+
+    def syncing(x):
+        float(x.float().abs().sum())  # a device->host read: not allowed while a CUDA graph is being captured
+        return plain(x)
+
+    norm.forward = syncing
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    ids = list(range(5, 25))
+    want = generate(model, tok, ids, cfg, static_cache=False).token_ids
+    with caplog.at_level(logging.WARNING, logger="hybridmoe.decode_graph"):
+        res = generate(model, tok, ids, cfg, static_cache=True)
+    assert res.decode_mode.startswith("eager (capture failed") and res.token_ids == want
+    assert "without CUDA graphs" in caplog.text
+    again = generate(model, tok, ids, cfg, static_cache=True)  # no second attempt, same tokens
+    assert again.token_ids == want and again.decode_mode.startswith("eager")
