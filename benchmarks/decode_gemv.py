@@ -1,0 +1,141 @@
+"""Decode-size expert GEMVs on the CPU: which kernel reads the weights fastest (the batch-1 decode limit).
+
+    python benchmarks/decode_gemv.py                      # V2-Lite shapes, 8 layers of 64 experts, all threads
+    python benchmarks/decode_gemv.py --threads 8 16       # thread counts to compare
+    python benchmarks/decode_gemv.py --layers 1 --hidden 256 --inter 128 --calls 50   # smoke test
+
+One "call" is one MoE layer for one token: top-6 experts picked at random from a random one of --layers layers (so the
+weights come from RAM, not the 300 MB L3), each expert's gate_up GEMV [2I, H], SiLU·up, down GEMV [H, I], weighted sum.
+Strategies, one JSON line each (ms per layer, GB/s of weights read, relative error against fp32 math):
+- bf16_linear:   F.linear per expert on bf16 weights (what the CPU path does today);
+- bf16_matmul_t: x @ W.T per expert through torch.matmul on the transposed view (another dispatch to the same GEMV);
+- int8pack:      torch._weight_int8pack_mm on int8 weights with per-output-channel scales (half the bytes; the
+                 accuracy cost shows in rel_err);
+- hybrid_call:   HybridExperts.infer_cpu on the same bf16 weights (the whole call: sort, loop, combine).
+The limit is the host's memory bandwidth (--limit-gbps, ~100 GB/s on the GPU host's Xeon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _layers(args, g):
+    """[(gate_up [E, 2I, H] bf16, down [E, H, I] bf16)] for each layer, random N(0, 0.02)."""
+    out = []
+    for _ in range(args.layers):
+        gu = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=g) * 0.02).bfloat16()
+        d = (torch.randn(args.experts, args.hidden, args.inter, generator=g) * 0.02).bfloat16()
+        out.append((gu, d))
+    return out
+
+
+def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: w [E, N, K] -> (q [E, N, K] int8, scale [E, N] bf16)."""
+    scale = w.float().abs().amax(-1).clamp_min(1e-12) / 127
+    q = (w.float() / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale.bfloat16()
+
+
+def _expert_bf16(x, gu, d, e, mm):
+    h = mm(x, gu[e])  # [1, 2I]
+    g, u = h.float().chunk(2, dim=-1)
+    return mm((F.silu(g) * u).bfloat16(), d[e]).float()  # [1, H]
+
+
+def _strategies(layers, qlayers):
+    lin = lambda x, w: F.linear(x, w)  # noqa: E731
+    mat = lambda x, w: torch.matmul(x, w.T)  # noqa: E731
+
+    def int8(x, li, e):
+        (qgu, sgu), (qd, sd) = qlayers[li]
+        h = torch._weight_int8pack_mm(x, qgu[e], sgu[e])
+        g, u = h.float().chunk(2, dim=-1)
+        return torch._weight_int8pack_mm((F.silu(g) * u).bfloat16(), qd[e], sd[e]).float()
+
+    return {
+        "bf16_linear": lambda x, li, e: _expert_bf16(x, *layers[li], e, lin),
+        "bf16_matmul_t": lambda x, li, e: _expert_bf16(x, *layers[li], e, mat),
+        "int8pack": int8,
+    }
+
+
+def _reference(x, gu, d, e):
+    h = x.float() @ gu[e].float().T
+    g, u = h.chunk(2, dim=-1)
+    return (F.silu(g) * u) @ d[e].float().T
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--topk", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=1408)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    p.add_argument("--limit-gbps", type=float, default=100.0)
+    args = p.parse_args()
+
+    g = torch.Generator().manual_seed(0)
+    layers = _layers(args, g)
+    qlayers = [(_quantize(gu), _quantize(d)) for gu, d in layers]
+    routes = [(int(torch.randint(args.layers, (1,), generator=g)),
+               torch.randperm(args.experts, generator=g)[: args.topk].tolist(),
+               torch.softmax(torch.randn(args.topk, generator=g), 0)) for _ in range(args.calls)]
+    x = torch.randn(1, args.hidden, generator=g).bfloat16()
+    bytes_bf16 = args.topk * 3 * args.hidden * args.inter * 2  # per layer per token
+
+    from hybridmoe.experts import ExpertsSpec, HybridExperts
+
+    mods = []
+    for gu, d in layers:
+        m = HybridExperts(ExpertsSpec(args.experts, args.hidden, args.inter), nn.SiLU(), torch.bfloat16)
+        m.weights.gate_up, m.weights.down = gu, d  # share the tensors: no second copy
+        mods.append(m)
+    out = torch.empty(1, args.hidden)
+
+    def hybrid_call(li, experts, w):
+        mods[li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
+        return out
+
+    strategies = _strategies(layers, qlayers)
+    with torch.inference_mode():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name, fn in [*strategies.items(), ("hybrid_call", None)]:
+                def layer_call(li, experts, w, fn=fn):
+                    if fn is None:
+                        return hybrid_call(li, experts, w)
+                    return sum(w[k] * fn(x, li, e) for k, e in enumerate(experts))
+
+                for li, ex, w in routes[:10]:  # warm-up
+                    layer_call(li, ex, w)
+                t0 = time.perf_counter()
+                for li, ex, w in routes:
+                    layer_call(li, ex, w)
+                s = (time.perf_counter() - t0) / len(routes)
+                li, ex, w = routes[0]
+                want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
+                got = layer_call(li, ex, w)
+                nbytes = bytes_bf16 // 2 if name == "int8pack" else bytes_bf16
+                print(json.dumps({
+                    "bench": "decode_gemv", "strategy": name, "threads": threads, "ms_per_layer": round(s * 1e3, 3),
+                    "GBps": round(nbytes / s / 1e9, 1), "limit_GBps": args.limit_gbps,
+                    "tok_s_if_26_layers": round(1 / (26 * s), 1),
+                    "rel_err_vs_fp32": float((got - want).norm() / want.norm()),
+                    "experts": args.experts, "topk": args.topk, "hidden": args.hidden, "inter": args.inter,
+                    "layers": args.layers, "cpu": platform.processor() or platform.machine(),
+                    "torch": torch.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
