@@ -24,7 +24,7 @@ from .helpers import make_checkpoint, randomize_lora
 
 def _fake_layer(i: int) -> SimpleNamespace:
     gu, d = torch.full((3, 4, 2), float(i)), torch.full((3, 2, 2), -float(i))
-    return SimpleNamespace(gate_up=gu, down=d, nbytes=gu.nbytes + d.nbytes)
+    return SimpleNamespace(gate_up=gu, down=d, nbytes=gu.nbytes + d.nbytes, host_tensors=lambda: [gu, d])
 
 
 def test_cache_serves_the_requested_layer_in_any_order():

@@ -455,13 +455,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold the adapter into the weights on each side (``--merge``): PEFT merges Linear LoRA into the compute-device
     weights, which are real tensors there (never empty placeholders); expert LoRA is folded into the CPU expert
-    weights in fp32 and cast back to their dtype. Returns the plain transformers model."""
+    weights in fp32 and cast back to their dtype (int8 experts: requantized). Returns the plain transformers model."""
     base = base_model_of(model)
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else base
     for m in merged.modules():
         if isinstance(m, HybridExperts):
             for proj in list(m.lora):
-                m.weights.tensor(proj).copy_(m.merged_weight(proj))
+                m.weights.write(proj, m.merged_weight(proj))
                 del m.lora[proj]
             if m.streamer is not None:
                 m.streamer.invalidate()  # the GPU slots hold the unmerged weights

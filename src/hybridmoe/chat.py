@@ -25,7 +25,7 @@ def nonfinite_weights(model: torch.nn.Module) -> str | None:
     counts = Counter(count_by_component(n for n, p in model.named_parameters() if not torch.isfinite(p).all()))
     for m in model.modules():
         if isinstance(m, HybridExperts):
-            tensors = [m.weights.gate_up, m.weights.down] + [t for lo in m.lora.values() for t in lo.parameters()]
+            tensors = m.weights.host_tensors() + [t for lo in m.lora.values() for t in lo.parameters()]
             counts["routed_experts"] += sum(int(not torch.isfinite(t).all()) for t in tensors)
     counts = +counts
     if not counts:
@@ -45,6 +45,7 @@ def _load(args):
     from .loading import load_model, load_tokenizer
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, progress=args.prompt is None,
+                       expert_dtype=getattr(args, "expert_dtype", None),
                        stream_min_tokens=getattr(args, "stream_min_tokens", None),
                        stream_slots=getattr(args, "stream_slots", 2))
     tok = load_tokenizer(args.model, args.chat_template)

@@ -68,6 +68,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def resolve_expert_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Like :func:`resolve_dtype`, plus int8: routed-expert weights quantized per output row at load (inference)."""
+    if dtype in ("int8", torch.int8):
+        return torch.int8
+    try:
+        return resolve_dtype(dtype, device)
+    except ConfigError:
+        raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32 or int8 (inference)") from None
+
+
 def _build_empty(config, dtype: torch.dtype) -> nn.Module:
     """The model with parameters on the meta device and real (cpu) non-persistent buffers such as rotary inv_freq."""
     from accelerate import init_empty_weights
@@ -121,19 +131,21 @@ def _check_shape(tensor: torch.Tensor, want: tuple, key: str, f: Path) -> None:
 
 
 def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: Path) -> None:
-    dst = experts.weights.tensor(sl.proj)  # [E, out, in] cpu
+    weights = experts.weights
+    dst = weights.tensor(sl.proj)  # [E, out, in] cpu
     if sl.expert is None:
         _check_shape(tensor, tuple(dst.shape), key, f)
-        dst.copy_(tensor)
-        experts.weights.loaded[sl.proj][:] = True
+        weights.write(sl.proj, tensor)
+        weights.loaded[sl.proj][:] = True
         return
     if not 0 <= sl.expert < dst.shape[0]:
         raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {dst.shape[0]} experts")
     rows = dst.shape[1] // sl.num_chunks
     _check_shape(tensor, (rows, dst.shape[2]), key, f)
-    # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home.
-    dst[sl.expert, sl.chunk * rows : (sl.chunk + 1) * rows].copy_(tensor)
-    experts.weights.loaded[sl.proj][sl.expert, sl.chunk] = True
+    # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home (int8
+    # weights are quantized slice by slice, so a bf16 copy of the whole model never exists).
+    weights.write(sl.proj, tensor, expert=sl.expert, rows=slice(sl.chunk * rows, (sl.chunk + 1) * rows))
+    weights.loaded[sl.proj][sl.expert, sl.chunk] = True
 
 
 def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool,
@@ -210,7 +222,7 @@ def load_model(
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
-    weights (default: same as dtype). stream_min_tokens: batches of at least this many tokens run the experts on the
+    weights (default: same as dtype; "int8" quantizes them per output row as they load, for inference only). stream_min_tokens: batches of at least this many tokens run the experts on the
     GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
     stream_slots: how many layers of expert weights the GPU keeps (>= 2; more = fewer copies, more GPU memory).
     host_shared: a :class:`hybridmoe.distributed.HostSharedExperts` when several ranks on this host train together
@@ -219,7 +231,9 @@ def load_model(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    edt = resolve_dtype(expert_dtype, dev) if expert_dtype is not None else dt
+    edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else dt
+    if edt == torch.int8 and host_shared is not None:
+        raise ConfigError("expert_dtype int8 is for inference (chat, serve); train with bfloat16 or float32 experts")
     ckpt = Checkpoint(path)
     config = read_config(path, trust_remote_code=trust_remote_code)
     model = _build_empty(config, dt)

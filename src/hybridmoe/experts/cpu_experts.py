@@ -35,12 +35,26 @@ from .discovery import ExpertsSpec
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output row: w [..., out, in] float -> (q int8 [..., out, in], scale bf16
+    [..., out]) with w ≈ q · scale. The scale is rounded to bf16 before dividing, so q matches the stored scale."""
+    scale = (w.float().abs().amax(-1) / 127).clamp_min(1e-30).to(torch.bfloat16)
+    q = torch.round(w.float() / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q int8 [..., out, in], scale bf16 [..., out] -> bf16 [..., out, in] (one rounding: bf16 ops compute in fp32)."""
+    return q.to(torch.bfloat16) * scale.unsqueeze(-1)
+
+
 class ExpertWeights:
     """The CPU home of one layer's routed-expert weights, in transformers' fused layout.
 
     gate_up: [E, 2I, H] (rows [:I] are the gate projection, [I:] the up projection)
     down:    [E, H, I]
-    dtype is bf16 or fp32; never a zero-size placeholder.
+    dtype is bf16 or fp32; never a zero-size placeholder. With dtype int8 (inference only) the weights are quantized
+    per output row as they are loaded, and ``scales`` holds bf16 [E, 2I] and [E, H]: w ≈ q · scale.
     """
 
     def __init__(self, spec: ExpertsSpec, dtype: torch.dtype, device: str = "cpu"):
@@ -49,6 +63,10 @@ class ExpertWeights:
         # device="meta" only for shape bookkeeping (export plans its merge without reserving host memory).
         self.gate_up = torch.empty(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H] cpu
         self.down = torch.empty(e, h, i, dtype=dtype, device=device)  # [E, H, I] cpu
+        self.scales: dict[str, torch.Tensor] | None = None
+        if dtype == torch.int8:
+            self.scales = {"gate_up_proj": torch.ones(e, 2 * i, dtype=torch.bfloat16, device=device),  # [E, 2I]
+                           "down_proj": torch.ones(e, h, dtype=torch.bfloat16, device=device)}  # [E, H]
         # Per (projection, expert, row-chunk) coverage, so a partially loaded checkpoint is caught, not computed on.
         self.loaded: dict[str, torch.Tensor] = {
             "gate_up_proj": torch.zeros(e, 2, dtype=torch.bool),
@@ -58,13 +76,38 @@ class ExpertWeights:
     def tensor(self, proj: str) -> torch.Tensor:
         return self.gate_up if proj == "gate_up_proj" else self.down
 
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    def write(self, proj: str, value: torch.Tensor, expert: int | None = None, rows: slice = slice(None)) -> None:
+        """Store float weights: the whole projection ([E, out, in], expert None) or rows of one expert; quantized on
+        the way in when the weights are int8."""
+        dst = self.tensor(proj) if expert is None else self.tensor(proj)[expert, rows]
+        if not self.quantized:
+            dst.copy_(value)
+            return
+        q, scale = quantize_rows(value)
+        dst.copy_(q)
+        (self.scales[proj] if expert is None else self.scales[proj][expert, rows]).copy_(scale)
+
+    def dequantized(self, proj: str) -> torch.Tensor:
+        """The projection's weights as floats, [E, out, in] (the stored tensor itself unless quantized)."""
+        w = self.tensor(proj)
+        return dequantize_rows(w, self.scales[proj]) if self.quantized else w
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that makes up the weights, in streaming order: gate_up, down (+ their scales when int8)."""
+        extra = [self.scales["gate_up_proj"], self.scales["down_proj"]] if self.quantized else []
+        return [self.gate_up, self.down, *extra]
+
     def pin(self) -> bool:
         """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA."""
-        return pin_host(self, [self.gate_up, self.down])
+        return pin_host(self, self.host_tensors())
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
+        return sum(t.numel() * t.element_size() for t in self.host_tensors())
 
     def missing(self) -> list[str]:
         """Human-readable list of expert slices never written by the loader."""
@@ -188,15 +231,19 @@ class _LoopMath:
     """
 
     def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
-                 groups: list[tuple[int, slice]]):
+                 groups: list[tuple[int, slice]], scales: dict[str, torch.Tensor] | None = None):
         self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
+        self.scales = scales  # int8 weights: per-row bf16 scales [E, out]
         self.lora, self.act_fn, self.groups = lora, act_fn, groups
         self.act_dtype = torch.float32  # activations kept between the GEMMs
 
     def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
         w = self.w[proj][e]
-        y = nn.functional.linear(x.to(w.dtype), w).float()
+        if self.scales is not None:  # int8 weights, bf16 activations: half the bytes of a bf16 GEMV
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w, self.scales[proj][e]).float()
+        else:
+            y = nn.functional.linear(x.to(w.dtype), w).float()
         lo = self.lora.get(proj)
         if lo is not None:
             y = y + lo.scale * ((x @ lo.A[e].T) @ lo.B[e].T)
@@ -337,6 +384,9 @@ class _ExpertsFn(torch.autograd.Function):
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
         # time; without it, S·(2I+H) activations per MoE layer.
         keep = any(ctx.needs_input_grad)
+        if keep and module.weights.quantized:
+            raise RuntimeError("routed experts loaded as int8 are for inference (chat, serve); train with "
+                               "expert_dtype bfloat16 or float32")
         gu_sorted, y_sorted = math.forward(x_sorted, keep)  # [S, 2I] (empty unless kept), [S, H]; act dtype
         del x_sorted
         out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
@@ -485,7 +535,8 @@ class HybridExperts(nn.Module):
             if n:
                 groups.append((e, slice(start, start + n)))
             start += n
-        return order, _LoopMath(w_gu, w_d, lora, self.act_fn, groups)
+        scales = self.weights.scales if w_gu.dtype == torch.int8 else None
+        return order, _LoopMath(w_gu, w_d, lora, self.act_fn, groups, scales)
 
     def streams(self, hidden: torch.Tensor) -> bool:
         """Whether this call runs on the GPU with the weights streamed in: batches of at least
@@ -495,7 +546,11 @@ class HybridExperts(nn.Module):
     def weights_on(self, streamed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, H], down [E, H, I]): the host tensors, or this layer's streamed slot on the device."""
         if streamed:
-            return self.streamer.acquire(self.stream_index)
+            slot = self.streamer.acquire(self.stream_index)  # the layer's host_tensors(), on the device
+            if self.weights.quantized:  # int8 crossed the bus (half the bytes); the grouped GEMMs want bf16
+                q_gu, q_d, s_gu, s_d = slot
+                return dequantize_rows(q_gu, s_gu), dequantize_rows(q_d, s_d)
+            return slot
         return self.weights.gate_up, self.weights.down
 
     def lora_on(self, where: torch.device, dtype: torch.dtype, pad_rank: bool = False) -> dict[str, LoRAFactors]:
@@ -539,7 +594,7 @@ class HybridExperts(nn.Module):
 
     def merged_weight(self, proj: str) -> torch.Tensor:
         """W + ΔW for one projection, in fp32 on the CPU: [E, out, in]. Used by export and --merge."""
-        w = self.weights.tensor(proj).float()
+        w = self.weights.dequantized(proj).float()
         lo = self.lora.get(proj)
         if lo is not None:
             w = w + lo.scale * torch.bmm(lo.B.detach(), lo.A.detach())

@@ -24,8 +24,8 @@ import torch
 @dataclass
 class _Slot:
     layer: int | None = None
-    gate_up: torch.Tensor | None = None  # [E, 2I, H] on the device
-    down: torch.Tensor | None = None  # [E, H, I] on the device
+    # On the device, the layer's ExpertWeights.host_tensors(): gate_up [E, 2I, H], down [E, H, I] (+ int8 scales)
+    tensors: list[torch.Tensor] = field(default_factory=list)
     ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy
     last_use: int = 0
 
@@ -72,10 +72,11 @@ class ExpertStreamer:
 
     @property
     def slot_bytes(self) -> int:
-        return sum(s.gate_up.nbytes + s.down.nbytes for s in self._slots if s.gate_up is not None)
+        return sum(t.nbytes for s in self._slots for t in s.tensors)
 
-    def acquire(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `idx`'s (gate_up [E, 2I, H], down [E, H, I]) on the device, ready for kernels on the current stream."""
+    def acquire(self, idx: int) -> tuple[torch.Tensor, ...]:
+        """Layer `idx`'s (gate_up [E, 2I, H], down [E, H, I]) on the device, ready for kernels on the current stream;
+        for int8 weights also their scales (gate_up [E, 2I], down [E, H])."""
         if self._last is not None and idx != self._last:
             self._direction = 1 if idx > self._last else -1
         self._last = idx
@@ -93,7 +94,7 @@ class ExpertStreamer:
         if 0 <= nxt < len(self.layers) and self._find(nxt) is None:
             self._load(nxt, keep=slot)
             self.stats.prefetches += 1
-        return slot.gate_up, slot.down
+        return tuple(slot.tensors)
 
     def _find(self, idx: int) -> _Slot | None:
         return next((s for s in self._slots if s.layer == idx), None)
@@ -101,23 +102,21 @@ class ExpertStreamer:
     def _load(self, idx: int, keep: _Slot | None) -> _Slot:
         """Copy layer idx into the least recently used slot other than `keep`."""
         slot = min((s for s in self._slots if s is not keep), key=lambda s: s.last_use)
-        w = self.layers[idx]
-        if slot.gate_up is None or slot.gate_up.shape != w.gate_up.shape or slot.down.shape != w.down.shape \
-                or slot.gate_up.dtype != w.gate_up.dtype:
-            slot.gate_up = torch.empty(w.gate_up.shape, dtype=w.gate_up.dtype, device=self.device)
-            slot.down = torch.empty(w.down.shape, dtype=w.down.dtype, device=self.device)
+        host = self.layers[idx].host_tensors()
+        if [(t.shape, t.dtype) for t in slot.tensors] != [(t.shape, t.dtype) for t in host]:
+            slot.tensors = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host]
         slot.layer = idx
-        self.stats.bytes += w.nbytes
+        self.stats.bytes += self.layers[idx].nbytes
         if not self._cuda:
-            slot.gate_up.copy_(w.gate_up)
-            slot.down.copy_(w.down)
+            for dst, src in zip(slot.tensors, host):
+                dst.copy_(src)
             return slot
         # Every kernel queued so far on the compute stream may still read this slot's previous layer: wait for them.
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             # non_blocking: a DMA from pinned host memory (pageable memory would make it a synchronous staged copy)
-            slot.gate_up.copy_(w.gate_up, non_blocking=True)
-            slot.down.copy_(w.down, non_blocking=True)
+            for dst, src in zip(slot.tensors, host):
+                dst.copy_(src, non_blocking=True)
             slot.ready = torch.cuda.Event()
             slot.ready.record(self._copy_stream)
         return slot
