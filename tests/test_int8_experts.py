@@ -118,3 +118,23 @@ def test_chat_cli_with_int8_experts(ckpt_dir, capsys):
     rc = main(["chat", "--model", str(path), "--prompt", "hi", "--device", "cpu", "--expert-dtype", "int8",
                "--temperature", "0", "--max-new-tokens", "4"])
     assert rc == 0 and capsys.readouterr().out.strip()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_on_cuda_both_paths_and_graph_decode(ckpt_dir):
+    """On a GPU: short inputs take the CPU int8 kernel, long ones stream int8 to the GPU and dequantize there; graph
+    decode runs the CPU kernel between its graphs."""
+    path = ckpt_dir("deepseek_v2")
+    q_model, tok = hybridmoe.load(path, device="cuda", dtype="float32", expert_dtype="int8", stream_min_tokens=16,
+                                  progress=False)
+    ref, _ = hybridmoe.load(path, device="cuda", dtype="float32", stream_min_tokens=0, progress=False)
+    for mq, mr in zip(_experts(q_model), _experts(ref)):
+        for proj in ("gate_up_proj", "down_proj"):
+            mr.weights.tensor(proj).copy_(mq.weights.dequantized(proj).float())
+    for n in (8, 40):  # 8 tokens: CPU path; 40: streamed
+        ids = torch.arange(5, 5 + n, device="cuda").view(1, n)
+        with torch.no_grad():
+            assert _rel(q_model(ids).logits, ref(ids).logits) <= 5e-3, n
+    res = generate(q_model, tok, list(range(5, 25)), SamplingConfig(temperature=0, max_new_tokens=6))
+    assert res.decode_mode == "cuda_graphs" and res.new_tokens == 6
