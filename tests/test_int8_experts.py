@@ -122,7 +122,7 @@ def test_chat_cli_with_int8_experts(ckpt_dir, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_int8_on_cuda_both_paths_and_graph_decode(ckpt_dir):
+def test_int8_on_cuda_both_paths_and_graph_decode(ckpt_dir, monkeypatch):
     """On a GPU: short inputs take the CPU int8 kernel, long ones stream int8 to the GPU and dequantize there; graph
     decode runs the CPU kernel between its graphs."""
     path = ckpt_dir("deepseek_v2")
@@ -136,5 +136,6 @@ def test_int8_on_cuda_both_paths_and_graph_decode(ckpt_dir):
         ids = torch.arange(5, 5 + n, device="cuda").view(1, n)
         with torch.no_grad():
             assert _rel(q_model(ids).logits, ref(ids).logits) <= 5e-3, n
+    monkeypatch.setattr("hybridmoe.generate.eos_token_ids", lambda *a: set())  # all 6 tokens
     res = generate(q_model, tok, list(range(5, 25)), SamplingConfig(temperature=0, max_new_tokens=6))
     assert res.decode_mode == "cuda_graphs" and res.new_tokens == 6
