@@ -87,6 +87,10 @@ class ExpertWeights:
         if not self.quantized:
             dst.copy_(value)
             return
+        if expert is None:  # one expert at a time: the fp32 temporaries stay one expert's size
+            for e in range(value.shape[0]):
+                self.write(proj, value[e], expert=e)
+            return
         q, scale = quantize_rows(value)
         dst.copy_(q)
         (self.scales[proj] if expert is None else self.scales[proj][expert, rows]).copy_(scale)
