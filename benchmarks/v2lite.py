@@ -120,12 +120,12 @@ def make(args) -> None:
     print(f"wrote {total / 1e9:.1f} GB in {time.perf_counter() - t0:.0f}s to {out}", file=sys.stderr)
 
 
-def _load_hybrid(path):
+def _load_hybrid(path, expert_dtype=None):
     from hybridmoe.loading import load_model
 
     rss0 = peak_host_gib()
     t0 = time.perf_counter()
-    model = load_model(path, device=DEV, dtype="bfloat16", progress=False)
+    model = load_model(path, device=DEV, dtype="bfloat16", expert_dtype=expert_dtype, progress=False)
     gpu = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     emit({"bench": "load", "seconds": round(time.perf_counter() - t0, 1), "peak_host_gib": round(peak_host_gib(), 2),
           "host_gib_before": round(rss0, 2), "gpu_gib": round(gpu, 2),
@@ -221,16 +221,17 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str) -> None:
 
 
 def decode(args) -> None:
-    """Batch-1 greedy decode of the hybrid model without an adapter: eager vs CUDA graphs (no baseline load)."""
+    """Batch-1 greedy decode of the hybrid model without an adapter: eager vs CUDA graphs (no baseline load);
+    --expert-dtype int8 for int8 experts."""
     import hybridmoe.generate as gen
     from hybridmoe.generate import SamplingConfig
     from hybridmoe.loading import load_tokenizer
 
-    model = _load_hybrid(args.dir).eval()
+    model = _load_hybrid(args.dir, args.expert_dtype).eval()
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1))
     cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
-    _hybrid_decode(model, load_tokenizer(args.dir), prompt.tolist(), cfg, "none")
+    _hybrid_decode(model, load_tokenizer(args.dir), prompt.tolist(), cfg, f"none; experts {args.expert_dtype or 'bf16'}")
 
 
 def _layer_view(src: str, layers: int) -> str:
@@ -437,6 +438,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode: routed-expert dtype")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
