@@ -111,3 +111,14 @@ def test_uncapturable_model_decodes_eagerly_with_a_warning(ckpt_dir, caplog):
     assert "without CUDA graphs" in caplog.text
     again = generate(model, tok, ids, cfg, static_cache=True)  # no second attempt, same tokens
     assert again.token_ids == want and again.decode_mode.startswith("eager")
+
+
+def test_a_step_at_the_wrong_position_is_refused(ckpt_dir):
+    """The static cache writes where its own counter says and RoPE uses the given position: they must agree."""
+    model, _ = _adapted(ckpt_dir("deepseek_v2"), "cpu")
+    dec = StaticDecoder(model, 32, torch.device("cpu"))
+    logits = dec.prefill(torch.arange(5, 15).unsqueeze(0))  # 10 positions
+    with pytest.raises(ValueError, match="position 11, but the cache holds 10 of 32"):
+        dec.step(logits.argmax(-1), 11)
+    dec.step(logits.argmax(-1), 10)
+    assert dec.length == 11

@@ -122,6 +122,7 @@ class StaticDecoder:
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
         self.steps = 0
+        self.length = 0  # positions in the cache, tracked on the host (the cache's own counter is a device tensor)
         self.mode = "eager"
         self._pool = None
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
@@ -148,7 +149,12 @@ class StaticDecoder:
     def reset(self) -> None:
         """Empty the cache for a new sequence (in place: captured graphs stay valid)."""
         self.cache.reset()
-        self.steps = 0
+        self.steps = self.length = 0
+
+    def close(self) -> None:
+        """Drop the graphs, their memory pool, the cache and the buffers (the hook refers back to this object)."""
+        self.graphs = self.logits = self.embeds = self.cache = None
+        self.cuts, self.hook.decoder = [], None
 
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -159,11 +165,20 @@ class StaticDecoder:
             raise ValueError(f"prompt of {prompt.shape[1]} tokens does not fit a static cache of {self.max_len}")
         self.reset()
         positions = torch.arange(prompt.shape[1], device=self.device).unsqueeze(0)  # [1, T]
-        return self._forward(input_ids=prompt, position_ids=positions)[:, -1, :].float()
+        logits = self._forward(input_ids=prompt, position_ids=positions)[:, -1, :].float()
+        self.length = prompt.shape[1]
+        return logits
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Feed one token ([1] or [1, 1], any device) at ``position``; next-token logits [1, V] fp32."""
+        """Feed one token ([1] or [1, 1], any device) at ``position``; next-token logits [1, V] fp32.
+
+        ``position`` must be the number of positions already in the cache: the cache writes where its own counter
+        says, the rotary embedding uses ``position``."""
+        if position != self.length or position >= self.max_len:
+            raise ValueError(f"decode step at position {position}, but the cache holds {self.length} of "
+                             f"{self.max_len} positions")
+        self.length += 1
         emb = self.embed(token.reshape(1, 1).to(self.device))  # [1, 1, H] on the device (HostEmbedding: via CPU)
         if self.embeds is None:
             self.embeds = torch.empty_like(emb)
@@ -222,6 +237,9 @@ class StaticDecoder:
             self.mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
             log.warning("decode runs without CUDA graphs: capturing the decode step failed (%s: %s)",
                         type(e).__name__, e)
+        except BaseException:  # Ctrl-C mid-capture: no half-captured chain is kept
+            self.graphs, self.logits = None, None
+            raise
         finally:
             self.hook.mode = "eager"
             torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -257,10 +275,12 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
 
     Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
     the active adapter as well."""
-    key = (repr(getattr(model, "active_adapters", None)), use_graphs)
+    active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
+    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs)
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new
+            dec.close()
             model._hybridmoe_decoder = dec = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
