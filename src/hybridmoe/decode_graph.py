@@ -35,7 +35,11 @@ from hybridmoe.experts import HybridExperts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StaticDecoder", "decoder_for"]
+__all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for"]
+
+# generate() uses the static cache (and CUDA graphs) by default only up to this many positions (prompt +
+# max_new_tokens): the cache is allocated for all of them up front (DeepSeek-V2-Lite: ~0.28 MB a position).
+STATIC_CACHE_MAX_TOKENS = 16384
 
 
 class _Cut:

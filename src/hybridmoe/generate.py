@@ -491,7 +491,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     The KV cache: a fresh ``DynamicCache`` (token-for-token ``model.generate``), or with ``static_cache`` a
     ``StaticCache`` decoded by :class:`hybridmoe.decode_graph.StaticDecoder`, which on CUDA replays each decode step
     as CUDA graphs cut at the CPU experts (``cuda_graphs``). ``static_cache=None`` picks the static path for hybrid
-    models on CUDA.
+    models on CUDA when prompt + ``max_new_tokens`` is at most ``STATIC_CACHE_MAX_TOKENS`` (the static cache is
+    allocated for all of them up front, where a dynamic one grows only as far as the reply goes).
 
     Stops at an EOS id (:func:`eos_token_ids`), when the text contains one of ``cfg.stop_strings`` (trimmed off), or
     after ``cfg.max_new_tokens``. ``on_text(delta)`` receives the reply text as it becomes safe to show; the deltas
@@ -500,7 +501,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     """
     from transformers import DynamicCache
 
-    from hybridmoe.decode_graph import decoder_for
+    from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS, decoder_for
     from hybridmoe.experts import HybridExperts
 
     cfg = cfg if cfg is not None else SamplingConfig()
@@ -509,7 +510,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     stream = TokenStream(model, tokenizer, prompt, cfg, diagnose)
 
     if static_cache is None:
-        static_cache = device.type == "cuda" and any(isinstance(m, HybridExperts) for m in model.modules())
+        static_cache = (device.type == "cuda" and prompt.shape[1] + cfg.max_new_tokens <= STATIC_CACHE_MAX_TOKENS
+                        and any(isinstance(m, HybridExperts) for m in model.modules()))
     mode = "dynamic_cache"
     with _EvalMode(model):
         t0 = time.perf_counter()
