@@ -106,8 +106,10 @@ def collective(ctx: DistContext, what: str) -> Iterator[None]:
 
 def is_comm_error(e: BaseException) -> bool:
     text = str(e)
+    # gloo words a timed-out wait several ways ("Timed out waiting ...", "Application timeout caused pair closure")
     return isinstance(e, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("gloo", "NCCL", "Connection closed by peer", "ProcessGroup", "Timed out waiting"))
+        s in text for s in ("gloo", "NCCL", "Connection closed by peer", "Connection reset", "ProcessGroup",
+                            "Timed out", "timeout caused pair closure"))
 
 
 def comm_message(ctx: DistContext, what: str, e: BaseException) -> str:
