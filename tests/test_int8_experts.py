@@ -1,9 +1,10 @@
-"""int8 routed experts (``expert_dtype: int8``, inference only): quantized per output row as they load.
+"""int8 routed experts (``expert_dtype: int8``): quantized per output row as they load.
 
 What is exact and what is not:
 - the int8 model equals an fp32 model whose expert weights are the dequantized int8 values, up to the bf16 rounding
   of the expert GEMMs' inputs (rel ≤ 5e-3 on the logits);
 - streamed (dequantized on the compute device) and CPU (``torch._weight_int8pack_mm``) int8 paths agree the same way;
+- LoRA trained on top of int8 experts gets the gradients it would get on the dequantized weights (QLoRA-style);
 - the quantization itself is the accuracy cost: |w - q·s| ≤ s/2 per weight (+ the bf16 rounding of q·s). On these tiny
   random models the logits move by ~2x what bf16 experts move them (a few 1e-3), except where a perturbation flips
   routing choices (DeepSeek-V3's grouped routing).
@@ -96,21 +97,55 @@ def test_int8_with_an_adapter_and_merge(ckpt_dir, tmp_path):
     assert res.new_tokens >= 1
 
 
-def test_int8_experts_cannot_be_trained(ckpt_dir, tmp_path, capsys):
+def _grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    out = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return loss.detach(), out + [t.grad.clone() for m in _experts(model) for t in m.lora_tensors()]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
+def test_lora_trains_on_int8_experts_like_on_their_dequantized_weights(ckpt_dir, streamed):
+    """QLoRA-style: the base experts stay int8, the LoRA (fp32 masters) gets the gradients it would get on the
+    dequantized weights, up to the bf16 rounding of the expert GEMMs' inputs."""
+    path = ckpt_dir("deepseek_v2")
+    q_model, _ = hybridmoe.load(path, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    ref, _ = hybridmoe.load(path, device="cpu", dtype="float32", progress=False)
+    for mq, mr in zip(_experts(q_model), _experts(ref)):
+        for proj in ("gate_up_proj", "down_proj"):
+            mr.weights.tensor(proj).copy_(mq.weights.dequantized(proj).float())
+    models = []
+    for m in (q_model, ref):
+        m = apply_lora(m, "all", rank=4, alpha=8, seed=0)
+        randomize_lora(m, seed=1)
+        models.append(m.train())
+    if streamed:
+        enable_streaming(models[0], "cpu", min_tokens=8)
+    ids = torch.arange(5, 45).view(2, 20)
+    (loss_q, grads_q), (loss_r, grads_r) = _grads(models[0], ids), _grads(models[1], ids)
+    assert torch.allclose(loss_q, loss_r, rtol=5e-3)
+    # measured: worst gradient 4.4e-3 (CPU) / 8.7e-3 (streamed, bf16 activations there); loss 1e-6 / 4e-5
+    assert max(_rel(a, b) for a, b in zip(grads_q, grads_r)) <= 2e-2
+
+
+def test_train_cli_on_int8_experts(ckpt_dir, tmp_path, capsys):
     path = ckpt_dir("deepseek_v2")
     data = write_dataset(tmp_path / "d.jsonl")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model_name_or_path: {path}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 1\n"
-                   "expert_dtype: int8\ndevice: cpu\n")
-    assert main(["train", str(cfg)]) == 2
-    err = capsys.readouterr().err
-    assert "expert_dtype int8 cannot be trained" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
-    # The Python API: a backward through int8 experts is refused with the same advice.
-    model, _ = hybridmoe.load(path, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
-    model = apply_lora(model, "all", rank=4, alpha=8, seed=0)
-    with pytest.raises(RuntimeError, match="int8 are for inference"):
-        model(input_ids=torch.arange(5, 25).view(1, 20), labels=torch.arange(5, 25).view(1, 20)).loss.backward()
+    cfg.write_text(f"model_name_or_path: {path}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
+                   "expert_dtype: int8\ndevice: cpu\nlora_target: all\nprogress: false\n")
+    assert main(["train", str(cfg)]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # Several ranks on one host share one copy of the experts; that layout has no int8 scales yet: one line, no load.
+    from hybridmoe.errors import ConfigError
+    from hybridmoe.loading import load_model
+
+    with pytest.raises(ConfigError, match="several ranks on a host"):
+        load_model(path, device="cpu", expert_dtype="int8", host_shared=object(), progress=False)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--nproc", "2"]) == 2  # refused before any rank starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "several ranks on a host" in err[0]
 
 
 def test_chat_cli_with_int8_experts(ckpt_dir, capsys):

@@ -14,7 +14,7 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
     model: checkpoint directory. adapter: PEFT adapter directory. device: 'cuda' or 'cpu' (default: cuda if
     available). dtype: 'bfloat16' or 'float32' (default bf16 on cuda, fp32 on cpu). expert_dtype: of the routed
     experts in CPU RAM (default: dtype); 'int8' quantizes them per output row as they load (half the memory and the
-    bytes per decoded token; inference only). merge: fold the adapter into the
+    bytes per decoded token; LoRA trains on top of them). merge: fold the adapter into the
     weights on both sides (same outputs, faster). stream_min_tokens: prompts of at least this many tokens run the
     experts on the GPU with their weights streamed in (default 64 on CUDA, 0 = CPU only); stream_slots: layers of
     expert weights the GPU keeps while streaming (>= 2). The returned model's ``generate`` works like a transformers model's.

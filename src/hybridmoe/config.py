@@ -52,8 +52,9 @@ class TrainConfig:
     # -- placement -------------------------------------------------------------------------------------------------
     device: str | None = None  # cuda | cpu (default: cuda when available)
     dtype: str | None = None  # bfloat16 | float32 for the compute-device weights
-    expert_dtype: str | None = None  # bfloat16 | float32 for the CPU expert weights (default: dtype); int8 is
-    # inference-only (chat, serve) and refused here
+    # bfloat16 | float32 for the CPU expert weights (default: dtype); int8: quantized per output row at load, half
+    # the host RAM; the LoRA trains on top of the int8 base weights (QLoRA-style), one rank per host for now
+    expert_dtype: str | None = None
     # Batches of >= this many tokens run the routed experts on the GPU, their weights streamed from CPU RAM layer by
     # layer (default on CUDA: 64; 0 = always on the CPU). GPU memory: + two layers of expert weights.
     stream_min_tokens: int | None = None
@@ -102,9 +103,6 @@ class TrainConfig:
             raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {self.stream_min_tokens}")
         if self.stream_slots < 2:
             raise ConfigError(f"stream_slots must be >= 2 (one layer computing, one arriving), got {self.stream_slots}")
-        if self.expert_dtype == "int8":
-            raise ConfigError("expert_dtype int8 cannot be trained (int8 experts are for chat and serve); "
-                              "use bfloat16 or float32")
         if self.ddp_timeout < 1:
             raise ConfigError(f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
         if self.expert_grad_reduce not in ("auto", "gloo"):

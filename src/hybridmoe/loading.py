@@ -68,14 +68,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+# The host-shared expert layout (distributed.HostSharedExperts) has no place for int8 scales yet.
+INT8_SHARED_UNSUPPORTED = ("expert_dtype int8 is not supported with several ranks on a host yet (--nproc); use "
+                           "bfloat16 experts, or one rank per host")
+
+
 def resolve_expert_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Like :func:`resolve_dtype`, plus int8: routed-expert weights quantized per output row at load (inference)."""
+    """Like :func:`resolve_dtype`, plus int8: routed-expert weights quantized per output row at load."""
     if dtype in ("int8", torch.int8):
         return torch.int8
     try:
         return resolve_dtype(dtype, device)
     except ConfigError:
-        raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32 or int8 (inference)") from None
+        raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32 or int8") from None
 
 
 def _build_empty(config, dtype: torch.dtype) -> nn.Module:
@@ -222,7 +227,7 @@ def load_model(
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
-    weights (default: same as dtype; "int8" quantizes them per output row as they load, for inference only). stream_min_tokens: batches of at least this many tokens run the experts on the
+    weights (default: same as dtype; "int8" quantizes them per output row as they load: half the host RAM). stream_min_tokens: batches of at least this many tokens run the experts on the
     GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
     stream_slots: how many layers of expert weights the GPU keeps (>= 2; more = fewer copies, more GPU memory).
     host_shared: a :class:`hybridmoe.distributed.HostSharedExperts` when several ranks on this host train together
@@ -233,7 +238,7 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else dt
     if edt == torch.int8 and host_shared is not None:
-        raise ConfigError("expert_dtype int8 is for inference (chat, serve); train with bfloat16 or float32 experts")
+        raise ConfigError(INT8_SHARED_UNSUPPORTED)
     ckpt = Checkpoint(path)
     config = read_config(path, trust_remote_code=trust_remote_code)
     model = _build_empty(config, dt)

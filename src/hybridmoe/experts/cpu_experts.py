@@ -53,8 +53,8 @@ class ExpertWeights:
 
     gate_up: [E, 2I, H] (rows [:I] are the gate projection, [I:] the up projection)
     down:    [E, H, I]
-    dtype is bf16 or fp32; never a zero-size placeholder. With dtype int8 (inference only) the weights are quantized
-    per output row as they are loaded, and ``scales`` holds bf16 [E, 2I] and [E, H]: w ≈ q · scale.
+    dtype is bf16 or fp32; never a zero-size placeholder. With dtype int8 the weights are quantized per output row as
+    they are loaded, and ``scales`` holds bf16 [E, 2I] and [E, H]: w ≈ q · scale.
     """
 
     def __init__(self, spec: ExpertsSpec, dtype: torch.dtype, device: str = "cpu"):
@@ -267,6 +267,8 @@ class _LoopMath:
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, e: int, grads: dict) -> torch.Tensor:
         """dL/dx for y = x W^T + s·(x A^T) B^T, accumulating the LoRA grads (gA, gB) of `proj` into `grads`."""
         w = self.w[proj][e]
+        if self.scales is not None:  # int8: this expert's weights in bf16, for this GEMM only
+            w = dequantize_rows(w, self.scales[proj][e])
         dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
         lo = self.lora.get(proj)
         if lo is not None:
@@ -388,9 +390,6 @@ class _ExpertsFn(torch.autograd.Function):
         # fewer pass over the expert weights per step. Under gradient checkpointing these live for one layer at a
         # time; without it, S·(2I+H) activations per MoE layer.
         keep = any(ctx.needs_input_grad)
-        if keep and module.weights.quantized:
-            raise RuntimeError("routed experts loaded as int8 are for inference (chat, serve); train with "
-                               "expert_dtype bfloat16 or float32")
         gu_sorted, y_sorted = math.forward(x_sorted, keep)  # [S, 2I] (empty unless kept), [S, H]; act dtype
         del x_sorted
         out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
