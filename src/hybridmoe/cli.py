@@ -32,15 +32,12 @@ def _launch_ranks(args) -> int:
     from .config import load_config
     from .distributed import launched_by_torchrun
     from .errors import ConfigError
-    from .loading import INT8_SHARED_UNSUPPORTED
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if launched_by_torchrun():
         raise ConfigError("--nproc given inside a torchrun job; drop --nproc (torchrun already started the ranks)")
-    cfg = load_config(args.config, args.overrides)  # a bad config is reported once here, not once per rank
-    if cfg.expert_dtype == "int8" and args.nproc > 1:
-        raise ConfigError(INT8_SHARED_UNSUPPORTED)
+    load_config(args.config, args.overrides)  # a bad config is reported once here, not once per rank
     # torchrun would set 1 thread per rank; the routed experts run on the CPU, so share the cores out instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     argv = ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "hybridmoe"]

@@ -262,6 +262,18 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _weights_tensor(weights, attr: str) -> torch.Tensor:
+    """ExpertWeights' tensor by layout name: "gate_up", "down", or "scales.<proj>" (int8)."""
+    return weights.scales[attr.split(".", 1)[1]] if attr.startswith("scales.") else getattr(weights, attr)
+
+
+def _set_weights_tensor(weights, attr: str, t: torch.Tensor) -> None:
+    if attr.startswith("scales."):
+        weights.scales[attr.split(".", 1)[1]] = t
+    else:
+        setattr(weights, attr, t)
+
+
 class HostSharedExperts:
     """Every routed-expert weight of the model in one ``MAP_SHARED`` file per host, mapped by all local ranks.
 
@@ -295,11 +307,11 @@ class HostSharedExperts:
         if fd is not None:
             self._reserve(fd)
         for ex, _proj, attr, off in layout:
-            meta = getattr(ex.weights, attr)
+            meta = _weights_tensor(ex.weights, attr)
             n = meta.numel() * meta.element_size()
             # The one change to ExpertWeights: its storage is a view of the host-shared mapping instead of private
             # memory. Same dtype, shape and layout; nothing else about the experts changes.
-            setattr(ex.weights, attr, buf[off : off + n].view(meta.dtype).view(meta.shape))
+            _set_weights_tensor(ex.weights, attr, buf[off : off + n].view(meta.dtype).view(meta.shape))
         yield ctx.is_local_leader
         ctx.barrier("loading the shared experts")  # the leader has filled (and checked) every expert slice
         if not ctx.is_local_leader:
@@ -313,10 +325,13 @@ class HostSharedExperts:
         out, off = [], 0
         for ex in experts.values():
             for proj in PROJECTIONS:
-                attr = "gate_up" if proj == "gate_up_proj" else "down"
-                meta = getattr(ex.weights, attr)
-                out.append((ex, proj, attr, off))
-                off = _aligned(off + meta.numel() * meta.element_size())
+                attrs = ["gate_up" if proj == "gate_up_proj" else "down"]
+                if ex.weights.quantized:  # int8: the per-row scales are shared too
+                    attrs.append(f"scales.{proj}")
+                for attr in attrs:
+                    meta = _weights_tensor(ex.weights, attr)
+                    out.append((ex, proj, attr, off))
+                    off = _aligned(off + meta.numel() * meta.element_size())
         return out, off
 
     def _create(self) -> int:

@@ -68,11 +68,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-# The host-shared expert layout (distributed.HostSharedExperts) has no place for int8 scales yet.
-INT8_SHARED_UNSUPPORTED = ("expert_dtype int8 is not supported with several ranks on a host yet (--nproc); use "
-                           "bfloat16 experts, or one rank per host")
-
-
 def resolve_expert_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Like :func:`resolve_dtype`, plus int8: routed-expert weights quantized per output row at load."""
     if dtype in ("int8", torch.int8):
@@ -237,8 +232,6 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else dt
-    if edt == torch.int8 and host_shared is not None:
-        raise ConfigError(INT8_SHARED_UNSUPPORTED)
     ckpt = Checkpoint(path)
     config = read_config(path, trust_remote_code=trust_remote_code)
     model = _build_empty(config, dt)
