@@ -295,14 +295,16 @@ def train(args) -> None:
     from hybridmoe.training import train as run
 
     data = write_bench_data(args.dir, args.seq)
-    out = Path(args.dir) / f"bench_train_{args.nproc}"
+    out = Path(args.dir) / f"bench_train_{args.nproc}_{args.expert_dtype or 'bfloat16'}"
     cfg = {"model_name_or_path": args.dir, "dataset": str(data), "output_dir": str(out), "max_steps": args.steps,
            "per_device_train_batch_size": args.batch, "cutoff_len": args.seq, "learning_rate": 1e-4,
            "lora_rank": 8, "lora_alpha": 16, "lora_target": "all", "logging_steps": args.log_every, "device": DEV,
            "dtype": "bfloat16", "gradient_checkpointing": True, "progress": False}
+    if args.expert_dtype:
+        cfg["expert_dtype"] = args.expert_dtype
     t0 = time.perf_counter()
     if args.nproc > 1:  # data-parallel over the host's GPUs, through the CLI a user would run
-        cfg_path = Path(args.dir) / f"bench_train_{args.nproc}.json"
+        cfg_path = out.with_suffix(".json")
         cfg_path.write_text(json.dumps(cfg))
         subprocess.run([sys.executable, "-m", "hybridmoe", "train", str(cfg_path), "--nproc", str(args.nproc)],
                        check=True)
@@ -315,7 +317,7 @@ def train(args) -> None:
     logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or [logs[-1].get("tokens_per_s", 0)]
     last = logs[-1]
-    emit({"bench": "train_lora_all_targets", "nproc": args.nproc, "steps": steps or last.get("step"),
+    emit({"bench": "train_lora_all_targets", "nproc": args.nproc, "expert_dtype": args.expert_dtype or "bfloat16", "steps": steps or last.get("step"),
           "skipped": skipped, "batch_per_gpu": args.batch, "seq": args.seq,
           "final_loss": final if final is not None else last.get("loss"), "first_loss": logs[0]["loss"],
           "tokens_per_s": round(sorted(tps)[len(tps) // 2], 1), "seconds": round(time.perf_counter() - t0, 1),
@@ -438,7 +440,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode: routed-expert dtype")
+    p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode, train: routed-expert dtype")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
