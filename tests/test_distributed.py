@@ -193,40 +193,34 @@ def test_bad_config_is_reported_once_before_launching(small, tmp_path):
 def test_two_gpus_match_one_gpu(reduce, tmp_path):
     """The NCCL path: DDP over the GPU LoRA (NCCL), expert-LoRA grads via NCCL on the GPU or via gloo, flags and
     barriers via gloo. fp32; GPU kernels are not bitwise reproducible across runs, hence 1e-5."""
+    a_log, b_log, worst = _one_vs_two_ranks(tmp_path, device="cuda", dtype="float32", expert_grad_reduce=reduce)
+    assert [r["loss"] for r in b_log] == pytest.approx([r["loss"] for r in a_log], rel=1e-5)
+    assert b_log[-1]["host_shared_experts_gib"] == pytest.approx(EXPERT_BYTES / 2**30, rel=0.02)
+    assert worst <= 1e-5
+
+
+def _one_vs_two_ranks(tmp_path: Path, **common) -> tuple[list[dict], list[dict], float]:
+    """Train 1 process (gradient_accumulation_steps=2) and 2 ranks on the same model and data; (log of one, log of
+    two, max |adapter difference|)."""
     model = make_checkpoint("deepseek_v2", tmp_path / "model", **BIG_EXPERTS)
     data = write_dataset(tmp_path / "data.jsonl")
-    common = dict(device="cuda", dtype="float32", expert_grad_reduce=reduce)
     one = _run(["-m", "hybridmoe", "train", str(_config(tmp_path / "one.json", model, data, tmp_path / "one",
                                                         gradient_accumulation_steps=2, **common))])
     assert one.returncode == 0, one.stderr
     two = _run(["-m", "hybridmoe", "train", str(_config(tmp_path / "two.json", model, data, tmp_path / "two",
                                                         **common)), "--nproc", "2"])
     assert two.returncode == 0, two.stderr
-    a_log, b_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["loss"] for r in b_log] == pytest.approx([r["loss"] for r in a_log], rel=1e-5)
-    assert b_log[-1]["host_shared_experts_gib"] == pytest.approx(EXPERT_BYTES / 2**30, rel=0.02)
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    return read_log(tmp_path / "one"), read_log(tmp_path / "two"), max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_int8_experts_two_ranks_match_one_process(tmp_path):
     """int8 experts (and their scales) in the host-shared mapping: 2 ranks train like 1 process with accumulation."""
-    model = make_checkpoint("deepseek_v2", tmp_path / "model", **BIG_EXPERTS)
-    data = write_dataset(tmp_path / "data.jsonl")
-    common = dict(max_steps=2, save_steps=0, expert_dtype="int8")
-    one = _run(["-m", "hybridmoe", "train", str(_config(tmp_path / "one.json", model, data, tmp_path / "one",
-                                                        gradient_accumulation_steps=2, **common))])
-    assert one.returncode == 0, one.stderr
-    two = _run(["-m", "hybridmoe", "train", str(_config(tmp_path / "two.json", model, data, tmp_path / "two",
-                                                        **common)), "--nproc", "2"])
-    assert two.returncode == 0, two.stderr
-    a_log, b_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    a_log, b_log, worst = _one_vs_two_ranks(tmp_path, max_steps=2, save_steps=0, expert_dtype="int8")
     assert [r["loss"] for r in b_log] == pytest.approx([r["loss"] for r in a_log], rel=1e-6)
     assert 0.2 * EXPERT_BYTES / 2**30 < b_log[-1]["host_shared_experts_gib"] < 0.3 * EXPERT_BYTES / 2**30  # int8
-    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert worst <= 1e-5
 
 
 @pytest.mark.parametrize("text", ["Application timeout caused pair closure", "[gloo] Timed out waiting 30000ms",
