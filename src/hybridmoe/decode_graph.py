@@ -24,7 +24,6 @@ how the CPU tests check it.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from hybridmoe.experts import HybridExperts
+from hybridmoe.generate import _forward_params
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,11 @@ class StaticDecoder:
     step replays them; :attr:`mode` says which ran last ("cuda_graphs", "eager", or "eager (capture failed: …)").
     """
 
-    def __init__(self, model: nn.Module, max_len: int, device: torch.device, use_graphs: bool = True):
+    def __init__(self, model: nn.Module, max_len: int, device: torch.device, use_graphs: bool = True,
+                 key: tuple = ()):
         from transformers import StaticCache
 
-        self.model, self.max_len, self.device = model, max_len, device
+        self.model, self.max_len, self.device, self.key = model, max_len, device, key
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
         self.embed = model.get_input_embeddings()
@@ -130,12 +131,16 @@ class StaticDecoder:
         self.mode = "eager"
         self._pool = None
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self._takes_cache_position = "cache_position" in _forward_names(model)
+        accepted = _forward_params(model)
+        self._takes_cache_position = "cache_position" in accepted
+        self._takes_logits_to_keep = "logits_to_keep" in accepted
 
     # -- the forward -------------------------------------------------------------------------------------------
     def _forward(self, **inputs: Any) -> torch.Tensor:
         """model(...) over the static cache; [B, T, V] logits of the last position only."""
-        kwargs = dict(past_key_values=self.cache, use_cache=True, logits_to_keep=1, **inputs)
+        kwargs = dict(past_key_values=self.cache, use_cache=True, **inputs)
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
         if self._takes_cache_position:  # older / remote-code models take explicit cache positions
             kwargs["cache_position"] = inputs["position_ids"][0]
         return self.model(**kwargs).logits
@@ -258,17 +263,6 @@ class StaticDecoder:
                 self.cuts[i].compute()  # graph i+1 starts by copying the result in
 
 
-def _forward_names(model: nn.Module) -> set[str]:
-    """Keyword arguments of the model's forward, looking through PEFT wrappers."""
-    names: set[str] = set()
-    while model is not None:
-        names |= set(inspect.signature(model.forward).parameters)
-        base = getattr(model, "get_base_model", None)
-        nxt = base() if callable(base) else None
-        model = nxt if nxt is not model else None
-    return names
-
-
 def _bucket(n: int) -> int:
     """Cache lengths come in multiples of 256, so a chat session reuses one decoder (and its graphs) across turns."""
     return -(-n // 256) * 256
@@ -288,7 +282,6 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
             model._hybridmoe_decoder = dec = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        dec = StaticDecoder(model, _bucket(needed), device, use_graphs)
-        dec.key = key
+        dec = StaticDecoder(model, _bucket(needed), device, use_graphs, key)
         model._hybridmoe_decoder = dec
     return dec
