@@ -262,16 +262,8 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _weights_tensor(weights, attr: str) -> torch.Tensor:
-    """ExpertWeights' tensor by layout name: "gate_up", "down", or "scales.<proj>" (int8)."""
-    return weights.scales[attr.split(".", 1)[1]] if attr.startswith("scales.") else getattr(weights, attr)
-
-
-def _set_weights_tensor(weights, attr: str, t: torch.Tensor) -> None:
-    if attr.startswith("scales."):
-        weights.scales[attr.split(".", 1)[1]] = t
-    else:
-        setattr(weights, attr, t)
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class HostSharedExperts:
@@ -306,32 +298,28 @@ class HostSharedExperts:
                     self.path.unlink(missing_ok=True)  # the pages now live exactly as long as the mappings
         if fd is not None:
             self._reserve(fd)
-        for ex, _proj, attr, off in layout:
-            meta = _weights_tensor(ex.weights, attr)
-            n = meta.numel() * meta.element_size()
+        for ex, offsets in layout:
             # The one change to ExpertWeights: its storage is a view of the host-shared mapping instead of private
-            # memory. Same dtype, shape and layout; nothing else about the experts changes.
-            _set_weights_tensor(ex.weights, attr, buf[off : off + n].view(meta.dtype).view(meta.shape))
+            # memory. Same dtypes, shapes and layout; nothing else about the experts changes.
+            ex.weights.replace_host_tensors([buf[off : off + _nbytes(meta)].view(meta.dtype).view(meta.shape)
+                                             for meta, off in zip(ex.weights.host_tensors(), offsets)])
         yield ctx.is_local_leader
         ctx.barrier("loading the shared experts")  # the leader has filled (and checked) every expert slice
         if not ctx.is_local_leader:
-            for ex, proj, _, _ in layout:
-                ex.weights.loaded[proj][:] = True
+            for ex, _ in layout:
+                for flags in ex.weights.loaded.values():
+                    flags[:] = True
 
     @staticmethod
     def _layout(experts: dict) -> tuple[list, int]:
-        from .experts.cpu_experts import PROJECTIONS
-
+        """[(HybridExperts, byte offset of each of its host_tensors())], total bytes (int8 scales included)."""
         out, off = [], 0
         for ex in experts.values():
-            for proj in PROJECTIONS:
-                attrs = ["gate_up" if proj == "gate_up_proj" else "down"]
-                if ex.weights.quantized:  # int8: the per-row scales are shared too
-                    attrs.append(f"scales.{proj}")
-                for attr in attrs:
-                    meta = _weights_tensor(ex.weights, attr)
-                    out.append((ex, proj, attr, off))
-                    off = _aligned(off + meta.numel() * meta.element_size())
+            offsets = []
+            for meta in ex.weights.host_tensors():
+                offsets.append(off)
+                off = _aligned(off + _nbytes(meta))
+            out.append((ex, offsets))
         return out, off
 
     def _create(self) -> int:

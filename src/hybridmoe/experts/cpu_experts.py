@@ -105,6 +105,13 @@ class ExpertWeights:
         extra = [self.scales["gate_up_proj"], self.scales["down_proj"]] if self.quantized else []
         return [self.gate_up, self.down, *extra]
 
+    def replace_host_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Rebind :meth:`host_tensors` (same order, shapes and dtypes) to other storage, e.g. views of a host-shared
+        mapping."""
+        self.gate_up, self.down, *scales = tensors
+        if self.quantized:
+            self.scales = dict(zip(PROJECTIONS, scales))
+
     def pin(self) -> bool:
         """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA."""
         return pin_host(self, self.host_tensors())
