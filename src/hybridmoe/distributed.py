@@ -262,10 +262,6 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class HostSharedExperts:
     """Every routed-expert weight of the model in one ``MAP_SHARED`` file per host, mapped by all local ranks.
 
@@ -301,7 +297,7 @@ class HostSharedExperts:
         for ex, offsets in layout:
             # The one change to ExpertWeights: its storage is a view of the host-shared mapping instead of private
             # memory. Same dtypes, shapes and layout; nothing else about the experts changes.
-            ex.weights.replace_host_tensors([buf[off : off + _nbytes(meta)].view(meta.dtype).view(meta.shape)
+            ex.weights.replace_host_tensors([buf[off : off + meta.nbytes].view(meta.dtype).view(meta.shape)
                                              for meta, off in zip(ex.weights.host_tensors(), offsets)])
         yield ctx.is_local_leader
         ctx.barrier("loading the shared experts")  # the leader has filled (and checked) every expert slice
@@ -318,7 +314,7 @@ class HostSharedExperts:
             offsets = []
             for meta in ex.weights.host_tensors():
                 offsets.append(off)
-                off = _aligned(off + _nbytes(meta))
+                off = _aligned(off + meta.nbytes)
             out.append((ex, offsets))
         return out, off
 

@@ -222,8 +222,9 @@ def load_model(
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
-    weights (default: same as dtype; "int8" quantizes them per output row as they load: half the host RAM). stream_min_tokens: batches of at least this many tokens run the experts on the
-    GPU with their weights streamed in (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
+    weights (default: same as dtype; "int8" quantizes them per output row as they load: half the host RAM).
+    stream_min_tokens: batches of at least this many tokens run the experts on the GPU with their weights streamed in
+    (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
     stream_slots: how many layers of expert weights the GPU keeps (>= 2; more = fewer copies, more GPU memory).
     host_shared: a :class:`hybridmoe.distributed.HostSharedExperts` when several ranks on this host train together
     (the experts are then held once per host, not once per rank). Returns the transformers model in eval mode with

@@ -118,7 +118,7 @@ class ExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host_tensors())
+        return sum(t.nbytes for t in self.host_tensors())
 
     def missing(self) -> list[str]:
         """Human-readable list of expert slices never written by the loader."""
