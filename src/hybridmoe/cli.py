@@ -108,6 +108,13 @@ def _cmd_quickstart(args) -> int:
     return run_quickstart(args.output, fast=args.fast)
 
 
+def _add_expert_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-dtype", choices=["bfloat16", "float32", "int8"], default=None,
+                   help="routed-expert weights in CPU RAM (default: --dtype); int8 quantizes them per output row as "
+                        "they load: half the memory and bytes per decoded token; ~1.5%% error on a layer's output "
+                        "(bf16: ~0.3%%)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hybridmoe",
@@ -136,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--device", choices=["cuda", "cpu"], default=None)
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    c.add_argument("--expert-dtype", choices=["bfloat16", "float32", "int8"], default=None,
-                   help="routed-expert weights in CPU RAM (default: --dtype); int8 quantizes them per output row as they "
-                        "load: half the memory and bytes per decoded token; ~1.5%% error on a layer's output (bf16: ~0.3%%)")
+    _add_expert_dtype(c)
     c.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     c.add_argument("--merge", action="store_true", help="fold the adapter into the weights at load time")
     c.add_argument("--stream-min-tokens", type=int, default=None,
@@ -185,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded prompt tokens (requests x longest prompt) prefilled in one forward at most")
     s.add_argument("--device", choices=["cuda", "cpu"], default=None)
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    s.add_argument("--expert-dtype", choices=["bfloat16", "float32", "int8"], default=None,
-                   help="routed-expert weights in CPU RAM (default: --dtype); int8 quantizes them per output row as they "
-                        "load: half the memory and bytes per decoded token; ~1.5%% error on a layer's output (bf16: ~0.3%%)")
+    _add_expert_dtype(s)
     s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (access log at info)")
