@@ -38,8 +38,9 @@ PROJECTIONS = ("gate_up_proj", "down_proj")
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per output row: w [..., out, in] float -> (q int8 [..., out, in], scale bf16
     [..., out]) with w ≈ q · scale. The scale is rounded to bf16 before dividing, so q matches the stored scale."""
-    scale = (w.float().abs().amax(-1) / 127).clamp_min(1e-30).to(torch.bfloat16)
-    q = torch.round(w.float() / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    w = w.float()  # one fp32 copy (a no-op for fp32 input)
+    scale = (w.abs().amax(-1) / 127).clamp_min(1e-30).to(torch.bfloat16)
+    q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
