@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import cpu_kernel
 from . import watch as _watch
 from .discovery import ExpertsSpec
 
@@ -587,6 +588,12 @@ class HybridExperts(nn.Module):
         # hidden_states: [T, H] on the model device. Returns [T, H] on the same device and dtype.
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
+        if not torch.is_grad_enabled() and not self.streams(hidden_states) and cpu_kernel.supports(self):
+            # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
+            out = torch.empty(hidden_states.shape, dtype=torch.float32)  # [T, H] cpu
+            self.infer_cpu(hidden_states.to("cpu"), top_k_index.to("cpu", torch.int64),
+                           top_k_weights.to("cpu", torch.float32), out)
+            return out.to(hidden_states.device, hidden_states.dtype)
         return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
 
     @torch.no_grad()
@@ -594,9 +601,14 @@ class HybridExperts(nn.Module):
                   out: torch.Tensor) -> None:
         """Inference on the CPU path, no autograd: ``out`` [T, H] fp32 (CPU) = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]).
 
-        hidden [T, H] (any float dtype), top_k_index [T, K] int64, top_k_weights [T, K] fp32, all on the CPU. The
-        same math and rounding as the CPU path of :meth:`forward` (fp32 activations, GEMMs in the weight dtype).
+        hidden [T, H] (any float dtype), top_k_index [T, K] int64, top_k_weights [T, K] fp32, all on the CPU; out
+        contiguous. The same math and rounding as the CPU path of :meth:`forward` (fp32 activations, GEMMs in the
+        weight dtype): the compiled kernel (:mod:`hybridmoe.experts.cpu_kernel`) where it runs, else the torch loop.
         """
+        if cpu_kernel.supports(self):  # the compiled kernel: the same rounding, two parallel regions a layer
+            cpu_kernel.moe_forward(self, hidden.float().contiguous(), top_k_index.contiguous(),
+                                   top_k_weights.contiguous(), out)
+            return
         t, k = top_k_index.shape
         order, math = self.expert_math(top_k_index, streamed=False)  # order: [S] slots sorted by expert
         x_sorted = hidden.float()[order // k]  # [S, H] fp32

@@ -1,0 +1,188 @@
+"""The compiled CPU kernel for small batches of routed experts (decode): ``moe_cpu.c``, built on first use.
+
+:func:`moe_forward` runs one MoE layer's selected experts for a few tokens in two OpenMP parallel regions (see the
+header of ``moe_cpu.c``), instead of one torch call per expert and projection. It is used by
+:meth:`HybridExperts.infer_cpu` (graph decode) and by the CPU path of inference forwards; the torch per-expert loop
+stays as the fallback and as the path that trains (the kernel has no backward).
+
+Building: the system C compiler (``$CC``, else ``cc``) compiles the source once per source version and compiler
+into ``$HYBRIDMOE_CACHE`` (default ``~/.cache/hybridmoe``)/kernels/. The dot products use AVX-512 BF16 where the
+CPU has it, else AVX2 + FMA (chosen at run time). A failed build or a CPU with neither leaves the torch path in place, logged once at INFO. ``HYBRIDMOE_CPU_KERNEL=0`` turns the kernel off.
+
+OpenMP: the library is linked without an OpenMP runtime. Before loading it, the runtime torch has already loaded
+(libgomp, or libiomp5 which exports the same GOMP entry points) is made globally visible, so the kernel's parallel
+regions use torch's thread pool and ``torch.set_num_threads``. Two runtimes in one process would each keep a pool
+of spinning threads on the same cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["available", "moe_forward", "set_enabled"]
+
+_SOURCE = Path(__file__).with_name("moe_cpu.c")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_lib: ctypes.CDLL | None = None
+_state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
+_enabled = os.environ.get("HYBRIDMOE_CPU_KERNEL", "1") not in ("0", "false", "no", "off")
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the kernel on or off for this process (benchmarks compare both paths); returns the previous setting."""
+    global _enabled
+    old, _enabled = _enabled, flag
+    return old
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HYBRIDMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hybridmoe")
+    return Path(root) / "kernels"
+
+
+def _openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime loaded in this process (torch's), from /proc/self/maps."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if re.search(r"/lib(gomp|iomp5)[^/]*\.so", path):
+            return path
+    return None
+
+
+def _build() -> Path:
+    """Compile moe_cpu.c (once per source and compiler); the path of the shared library."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256(_SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"moe_cpu-{digest}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed in: never half-written
+        obj, lib = os.path.join(tmp, "moe_cpu.o"), os.path.join(tmp, "moe_cpu.so")
+        for cmd in ([cc, "-O3", "-fPIC", "-fopenmp", "-c", str(_SOURCE), "-o", obj],
+                    [cc, "-shared", obj, "-o", lib, "-lm"]):  # no -lgomp: see the module docstring
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if r.returncode:
+                raise RuntimeError(f"{' '.join(cmd[:2])} ... failed: {(r.stderr or r.stdout).strip()[:500]}")
+        os.replace(lib, out)
+    return out
+
+
+def _load() -> None:
+    global _lib, _state
+    if sys.platform != "linux":
+        _state = "unavailable: only built on Linux"
+        return
+    try:
+        runtime = _openmp_runtime()
+        if runtime is None:
+            raise RuntimeError("torch has no OpenMP runtime loaded")
+        ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
+        lib = ctypes.CDLL(str(_build()))
+        if not lib.hm_set_isa(2):
+            raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.hm_moe_forward.restype = ctypes.c_int
+        lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p,
+                                       i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
+        _lib, _state = lib, "ready"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _state = f"unavailable: {e}"
+        log.info("CPU expert kernel %s; the routed experts run through torch on the CPU", _state)
+
+
+ISAS = {2: "avx512_bf16", 1: "avx2"}
+
+
+def isa() -> str | None:
+    """The instruction set the kernel's dot products use ("avx512_bf16" or "avx2"); None if it is not loaded."""
+    return ISAS.get(_lib.hm_isa_in_use()) if available() else None
+
+
+def set_isa(name: str) -> str:
+    """Use a lower instruction set than the best this CPU has (tests run every one the CPU can); returns the one in
+    use before."""
+    old = isa()
+    _lib.hm_set_isa({v: k for k, v in ISAS.items()}[name])
+    return old
+
+
+def available() -> bool:
+    """Whether the kernel is built, loaded and enabled (builds it on the first call)."""
+    if _state == "unloaded":
+        _load()
+    return _enabled and _lib is not None
+
+
+def status() -> str:
+    """"ready", "disabled", or "unavailable: <why>" (after :func:`available` has run)."""
+    if _state == "unloaded":
+        _load()
+    return _state if _enabled else "disabled"
+
+
+def _is_silu(act_fn: nn.Module) -> bool:
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
+def supports(module) -> bool:
+    """Whether :func:`moe_forward` can run this HybridExperts (SiLU-gated, weights fp32/bf16/int8 in RAM)."""
+    w = module.weights
+    return (available() and _is_silu(module.act_fn) and w.gate_up.dtype in _DTYPES and w.gate_up.device.type == "cpu"
+            and w.gate_up.is_contiguous() and w.down.is_contiguous())
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out [T, H] fp32 = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t]), for a :func:`supports`-ed HybridExperts.
+
+    x [T, H] fp32, ids [T, K] int64, w [T, K] fp32, out [T, H] fp32: CPU, contiguous (checked)."""
+    for name, t, dt in (("x", x, torch.float32), ("ids", ids, torch.int64), ("w", w, torch.float32),
+                        ("out", out, torch.float32)):
+        if t.device.type != "cpu" or t.dtype != dt or not t.is_contiguous():
+            raise ValueError(f"moe_forward: {name} must be a contiguous CPU {dt} tensor, got {t.dtype} on {t.device}")
+    weights, spec = module.weights, module.spec
+    t_, k = ids.shape
+    scales = weights.scales or {}
+    lora = []
+    for proj in ("gate_up_proj", "down_proj"):
+        lo = module.lora.get(proj)
+        if lo is None:
+            lora += [0, None, None, 0.0]
+        else:
+            a, b = lo.A.detach(), lo.B.detach()
+            if a.dtype != torch.float32 or not (a.is_contiguous() and b.is_contiguous()):
+                raise ValueError(f"moe_forward: {proj} LoRA factors must be contiguous fp32")
+            lora += [lo.rank, a.data_ptr(), b.data_ptr(), float(lo.scale)]
+    rc = _lib.hm_moe_forward(
+        t_, k, spec.num_experts, spec.hidden_dim, spec.intermediate_dim, x.data_ptr(), ids.data_ptr(),
+        w.data_ptr(), _DTYPES[weights.gate_up.dtype], weights.gate_up.data_ptr(), _ptr(scales.get("gate_up_proj")),
+        weights.down.data_ptr(), _ptr(scales.get("down_proj")), *lora, out.data_ptr(), torch.get_num_threads())
+    if rc == 1:
+        raise ValueError(f"moe_forward: an expert id is outside [0, {spec.num_experts})")
+    if rc:
+        raise MemoryError("moe_forward: out of host memory for the kernel's buffers")

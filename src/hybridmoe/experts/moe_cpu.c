@@ -1,0 +1,336 @@
+/* The routed experts of one MoE layer for a few tokens, on the CPU, in two parallel regions.
+ *
+ * hybridmoe's decode runs a layer's selected experts next to their weights in RAM. With torch that is one oneDNN
+ * call per expert and projection (12 calls a layer for top-6), each its own parallel region over a 3-6 MB matrix;
+ * the weight reads then run at about half the memory bandwidth. Here the whole layer is two OpenMP regions:
+ *
+ *   region 1  every (expert, block of intermediate rows j): gate_j and up_j for each token routed to the expert,
+ *             h_j = silu(gate_j) * up_j                                    reads W_gu of the selected experts once
+ *   region 2  every block of output rows i: out[t, i] = sum over token t's slots of w * (W_d[e, i] . h)
+ *                                                                           reads W_d of the selected experts once
+ *
+ * and each thread walks a contiguous run of weight rows (one sequential stream for the hardware prefetcher).
+ *
+ * Numerics follow hybridmoe's torch CPU path (HybridExperts._LoopMath) rounding point for rounding point: inputs of
+ * a bf16 GEMM are rounded to bf16 (round to nearest even), GEMMs accumulate in fp32 and their bf16 outputs are
+ * rounded to bf16, everything else (LoRA, activation, the weighted sum over top-k) is fp32. int8 weights are
+ * per-row symmetric (w = q * scale, bf16 scales), applied to bf16-rounded activations, as torch._weight_int8pack_mm.
+ * Only the summation order differs.
+ *
+ * Weights: fp32, bf16 or int8, in transformers' fused layout: gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up),
+ * down [E, H, I]. Expert LoRA (optional, fp32): A_gu [E, r, H], B_gu [E, 2I, r], A_d [E, r, I], B_d [E, H, r].
+ *
+ * Built by hybridmoe.experts.cpu_kernel with the system C compiler; the OpenMP symbols are left undefined and bind
+ * to the OpenMP runtime torch has already loaded, so the two share one thread pool. The dot products come in two
+ * instruction sets, chosen at run time (hm_set_isa): AVX-512 with BF16 (Intel Cooper Lake / Sapphire Rapids and
+ * later, AMD Zen 4 and later) and AVX2 + FMA (any x86-64 CPU of the last decade).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define TGT256 __attribute__((target("avx2,fma")))
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { ROWS_PER_ITEM = 16 }; /* weight rows per work item (a 16 x 2048 bf16 block is 64 KB) */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---- dot products: one weight row against one activation vector, fp32 accumulation -------------------------
+ * Each takes the activations both as bf16 (xb) and as fp32 (xf, bf16-rounded when the weights are bf16 or int8),
+ * and uses the form its instructions want. Two instruction sets: AVX-512 with BF16 (dpbf16 straight on bf16
+ * pairs), and AVX2 + FMA (bf16 weights widened to fp32 by a shift). A bf16 x bf16 product is exact in fp32, so both
+ * compute the same sums up to order. */
+
+typedef float (*dot_fn)(const void *w, const uint16_t *xb, const float *xf, int64_t n);
+
+TGT512 static float dot_bf16_512(const void *wv, const uint16_t *x, const float *xf, int64_t n) {
+    (void)xf;
+    const uint16_t *w = wv;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(w + i + 32),
+                                (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    for (; i < n; i += 32) {
+        __mmask32 m = n - i >= 32 ? 0xffffffffu : (__mmask32)((1u << (n - i)) - 1);
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i),
+                                (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+TGT512 static float dot_i8_512(const void *wv, const uint16_t *xb, const float *x, int64_t n) {
+    (void)xb;
+    const int8_t *w = wv;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16))));
+        acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), acc0);
+        acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), acc1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + i)));
+        acc0 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+TGT512 static float dot_f32_512(const void *wv, const uint16_t *xb, const float *x, int64_t n) {
+    (void)xb;
+    const float *w = wv;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+TGT256 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+TGT256 static inline __m256 widen_bf16(__m128i v) { /* 8 bf16 -> 8 fp32 (exact) */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+TGT256 static float dot_bf16_256(const void *wv, const uint16_t *xb, const float *x, int64_t n) {
+    (void)xb;
+    const uint16_t *w = wv;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(widen_bf16(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(widen_bf16(_mm_loadu_si128((const __m128i *)(w + i + 8))), _mm256_loadu_ps(x + i + 8),
+                               acc1);
+    }
+    float tail = 0.f;
+    for (; i < n; i++) tail += bf16_to_f32(w[i]) * x[i];
+    return hsum256(_mm256_add_ps(acc0, acc1)) + tail;
+}
+
+TGT256 static float dot_i8_256(const void *wv, const uint16_t *xb, const float *x, int64_t n) {
+    (void)xb;
+    const int8_t *w = wv;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i + 8))));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float tail = 0.f;
+    for (; i < n; i++) tail += (float)w[i] * x[i];
+    return hsum256(_mm256_add_ps(acc0, acc1)) + tail;
+}
+
+TGT256 static float dot_f32_256(const void *wv, const uint16_t *xb, const float *x, int64_t n) {
+    (void)xb;
+    const float *w = wv;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float tail = 0.f;
+    for (; i < n; i++) tail += w[i] * x[i];
+    return hsum256(_mm256_add_ps(acc0, acc1)) + tail;
+}
+
+/* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
+static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
+static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
+static const dot_fn *dots = NULL;
+
+/* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
+ * hm_set_isa(level) picks a lower one (tests run both); returns the level in use. */
+int hm_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bf16"))
+        return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+
+int hm_set_isa(int level) {
+    int best = hm_isa();
+    if (level > best) level = best;
+    dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
+    return level;
+}
+
+int hm_isa_in_use(void) { return dots == DOTS_512 ? 2 : dots == DOTS_256 ? 1 : 0; }
+
+/* ---- one projection: its weights, the activations in the form its dot product takes, and its LoRA ----------- */
+
+typedef struct {
+    int dtype;               /* W_F32, W_BF16, W_I8 */
+    const void *w;           /* [E, out, in] */
+    const uint16_t *scale;   /* int8: bf16 [E, out] */
+    int64_t out, in;
+    const float *lora_a;     /* [E, r, in] or NULL */
+    const float *lora_b;     /* [E, out, r] */
+    int64_t r;
+    float lora_scale;
+} Proj;
+
+/* One output of a projection for one slot: base GEMM (rounded as torch rounds its output) + LoRA.
+ * xf: the input row in fp32 (bf16-rounded unless the weights are fp32); xb: the same row in bf16; xa: this slot's
+ * A·x (r values, from the unrounded fp32 row). */
+static float proj_row(const Proj *p, int64_t e, int64_t row, const float *xf, const uint16_t *xb,
+                      const float *xa) {
+    const int64_t idx = e * p->out + row;
+    static const size_t elem[3] = {4, 2, 1};
+    float y = dots[p->dtype]((const char *)p->w + (size_t)idx * p->in * elem[p->dtype], xb, xf, p->in);
+    if (p->dtype == W_I8) y *= bf16_to_f32(p->scale[idx]);
+    if (p->dtype != W_F32) y = bf16_to_f32(f32_to_bf16(y)); /* torch's bf16 GEMM output */
+    if (p->lora_a) {
+        const float *b = p->lora_b + idx * p->r;
+        float d = 0.f;
+        for (int64_t q = 0; q < p->r; q++) d += b[q] * xa[q];
+        y += p->lora_scale * d;
+    }
+    return y;
+}
+
+/* xa[q] = A[e, q] . x for q < r (the LoRA's down-projection of one slot's input). */
+static void lora_in(const Proj *p, int64_t e, const float *x, float *xa) {
+    for (int64_t q = 0; q < p->r; q++) xa[q] = dots[W_F32](p->lora_a + (e * p->r + q) * p->in, NULL, x, p->in);
+}
+
+/* ---- the layer ------------------------------------------------------------------------------------------------ */
+
+/* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
+ * 2 if memory ran out, 3 if hm_set_isa found no instruction set. x [T, H] fp32, ids [T, K] int64, topw [T, K]
+ * fp32, out [T, H] fp32. */
+int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
+                       const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
+                       const uint16_t *s_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
+                       int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
+    const Proj gu = {dtype, w_gu, s_gu, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu};
+    const Proj dn = {dtype, w_d, s_d, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d};
+    const int64_t S = T * K;
+    if (!dots) return 3;
+
+    /* Slots (t, k) sorted by expert: a counting sort. groups g = [gstart[g], gstart[g+1]) of `order`. */
+    for (int64_t s = 0; s < S; s++)
+        if (ids[s] < 0 || ids[s] >= E) return 1;
+    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *order = malloc((size_t)S * sizeof(int64_t));
+    int64_t *gexp = malloc((size_t)S * sizeof(int64_t)), *gstart = malloc(((size_t)S + 1) * sizeof(int64_t));
+    float *xf = malloc((size_t)T * H * sizeof(float));           /* [T, H] base input (fp32 / bf16-rounded) */
+    uint16_t *xb = malloc((size_t)T * H * sizeof(uint16_t));     /* [T, H] bf16 base input */
+    float *hf = malloc((size_t)S * I * sizeof(float));           /* [S, I] h per sorted slot, fp32 */
+    uint16_t *hb = malloc((size_t)S * I * sizeof(uint16_t));     /* [S, I] h in bf16 */
+    float *hr = dtype == W_F32 ? hf : malloc((size_t)S * I * sizeof(float)); /* [S, I] h bf16-rounded */
+    float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
+    float *ha = malloc(((size_t)S * r_d + 1) * sizeof(float));   /* [S, r_d] */
+    int rc = 0;
+    if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !hb || !hr || !xa || !ha) {
+        rc = 2;
+        goto done;
+    }
+    for (int64_t s = 0; s < S; s++) count[ids[s] + 1]++;
+    int64_t ngroups = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (count[e + 1]) {
+            gexp[ngroups] = e;
+            gstart[ngroups++] = count[e];
+        }
+        count[e + 1] += count[e];
+    }
+    gstart[ngroups] = S;
+    for (int64_t s = 0; s < S; s++) order[count[ids[s]]++] = s; /* stable: slots of one expert in (t, k) order */
+
+    for (int64_t v = 0; v < T * H; v++) {
+        xb[v] = f32_to_bf16(x[v]);
+        xf[v] = dtype == W_F32 ? x[v] : bf16_to_f32(xb[v]);
+    }
+    const float *x_lora = x; /* LoRA inputs stay fp32, unrounded */
+
+    /* Region 1: LoRA inputs of gate_up, then gate/up/h for every (group, block of j). */
+    const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+#pragma omp parallel num_threads(nthreads)
+    {
+        if (r_gu) {
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < S; p++)
+                lora_in(&gu, ids[order[p]], x_lora + (order[p] / K) * H, xa + p * r_gu);
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < ngroups * jblocks; item++) {
+            const int64_t g = item / jblocks, j0 = (item % jblocks) * ROWS_PER_ITEM;
+            const int64_t j1 = j0 + ROWS_PER_ITEM < I ? j0 + ROWS_PER_ITEM : I, e = gexp[g];
+            for (int64_t p = gstart[g]; p < gstart[g + 1]; p++) {
+                const int64_t t = order[p] / K;
+                for (int64_t j = j0; j < j1; j++) {
+                    float gv = proj_row(&gu, e, j, xf + t * H, xb + t * H, xa + p * r_gu);
+                    float uv = proj_row(&gu, e, I + j, xf + t * H, xb + t * H, xa + p * r_gu);
+                    float h = gv / (1.f + expf(-gv)) * uv; /* silu(gate) * up, fp32 */
+                    hf[p * I + j] = h;
+                    hb[p * I + j] = f32_to_bf16(h);
+                    if (hr != hf) hr[p * I + j] = bf16_to_f32(hb[p * I + j]);
+                }
+            }
+        }
+    }
+    /* Region 2: LoRA inputs of down, then every block of output rows i over all groups. */
+    const int64_t iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+#pragma omp parallel num_threads(nthreads)
+    {
+        if (r_d) {
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < S; p++) lora_in(&dn, ids[order[p]], hf + p * I, ha + p * r_d);
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < iblocks; item++) {
+            const int64_t i0 = item * ROWS_PER_ITEM, i1 = i0 + ROWS_PER_ITEM < H ? i0 + ROWS_PER_ITEM : H;
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = i0; i < i1; i++) out[t * H + i] = 0.f;
+            for (int64_t g = 0; g < ngroups; g++) {
+                const int64_t e = gexp[g];
+                for (int64_t p = gstart[g]; p < gstart[g + 1]; p++) {
+                    const int64_t s = order[p];
+                    for (int64_t i = i0; i < i1; i++)
+                        out[(s / K) * H + i] += topw[s] * proj_row(&dn, e, i, hr + p * I, hb + p * I, ha + p * r_d);
+                }
+            }
+        }
+    }
+done:
+    if (hr != hf) free(hr);
+    free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(hb), free(xa), free(ha);
+    return rc;
+}
