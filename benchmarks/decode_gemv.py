@@ -11,7 +11,10 @@ Strategies, one JSON line each (ms per layer, GB/s of weights read, relative err
 - bf16_matmul_t: x @ W.T per expert through torch.matmul on the transposed view (another dispatch to the same GEMV);
 - int8pack:      torch._weight_int8pack_mm on int8 weights with per-output-channel scales (half the bytes; the
                  accuracy cost shows in rel_err);
-- hybrid_call:   HybridExperts.infer_cpu on the same bf16 weights (the whole call: sort, loop, combine).
+- hybrid_torch_loop: HybridExperts.infer_cpu with the compiled kernel off (the whole torch call: sort, per-expert
+                 loop, combine) on the same bf16 weights;
+- kernel_{bf16,int8}_{avx512_bf16,avx2}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c: two
+                 parallel regions a layer), with each instruction set the CPU has.
 The limit is the host's memory bandwidth (--limit-gbps, ~100 GB/s on the GPU host's Xeon).
 """
 
@@ -94,27 +97,46 @@ def main() -> None:
     x = torch.randn(1, args.hidden, generator=g).bfloat16()
     bytes_bf16 = args.topk * 3 * args.hidden * args.inter * 2  # per layer per token
 
-    from hybridmoe.experts import ExpertsSpec, HybridExperts
+    from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
 
-    mods = []
-    for gu, d in layers:
-        m = HybridExperts(ExpertsSpec(args.experts, args.hidden, args.inter), nn.SiLU(), torch.bfloat16)
-        m.weights.gate_up, m.weights.down = gu, d  # share the tensors: no second copy
-        mods.append(m)
+    def module(dtype, tensors):
+        m = HybridExperts(ExpertsSpec(args.experts, args.hidden, args.inter), nn.SiLU(), dtype)
+        m.weights.replace_host_tensors(tensors)  # share the tensors: no second copy
+        return m
+
+    mods = {"bf16": [module(torch.bfloat16, [gu, d]) for gu, d in layers],
+            "int8": [module(torch.int8, [qgu, qd, sgu, sd]) for (qgu, sgu), (qd, sd) in qlayers]}
     out = torch.empty(1, args.hidden)
 
-    def hybrid_call(li, experts, w):
-        mods[li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
-        return out
+    def hybrid(dtype, kernel_isa):
+        """HybridExperts.infer_cpu: the compiled kernel with the given instruction set, or (None) the torch loop."""
+        def call(li, experts, w):
+            old = cpu_kernel.set_enabled(kernel_isa is not None)
+            if kernel_isa is not None:
+                cpu_kernel.set_isa(kernel_isa)
+            try:
+                mods[dtype][li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
+            finally:
+                cpu_kernel.set_enabled(old)
+            return out.clone()
+        return call
+
+    hybrid_calls = {"hybrid_torch_loop": hybrid("bf16", None)}
+    if cpu_kernel.available():
+        best = cpu_kernel.isa()
+        for isa in (["avx512_bf16", "avx2"] if best == "avx512_bf16" else [best]):
+            hybrid_calls[f"kernel_bf16_{isa}"] = hybrid("bf16", isa)
+            hybrid_calls[f"kernel_int8_{isa}"] = hybrid("int8", isa)
+        cpu_kernel.set_isa(best)
 
     strategies = _strategies(layers, qlayers)
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for name, fn in [*strategies.items(), ("hybrid_call", None)]:
-                def layer_call(li, experts, w, fn=fn):
-                    if fn is None:
-                        return hybrid_call(li, experts, w)
+            for name, fn in [*strategies.items(), *hybrid_calls.items()]:
+                def layer_call(li, experts, w, fn=fn, name=name):
+                    if name in hybrid_calls:
+                        return fn(li, experts, w)
                     return sum(w[k] * fn(x, li, e) for k, e in enumerate(experts))
 
                 for li, ex, w in routes[:10]:  # warm-up
@@ -126,7 +148,7 @@ def main() -> None:
                 li, ex, w = routes[0]
                 want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
                 got = layer_call(li, ex, w)
-                nbytes = bytes_bf16 // 2 if name == "int8pack" else bytes_bf16
+                nbytes = bytes_bf16 // 2 if "int8" in name else bytes_bf16
                 print(json.dumps({
                     "bench": "decode_gemv", "strategy": name, "threads": threads, "ms_per_layer": round(s * 1e3, 3),
                     "GBps": round(nbytes / s / 1e9, 1), "limit_GBps": args.limit_gbps,

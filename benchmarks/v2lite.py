@@ -200,24 +200,75 @@ def chat(args) -> None:
 
 def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str) -> None:
     """Greedy decode of the hybrid model, side by side: the eager DynamicCache path, then the static-cache decoder
-    with CUDA graphs (its first call captures; the second only replays). One JSON line each."""
+    with CUDA graphs (its first call captures; later ones only replay), with the CPU experts through the torch
+    per-expert loop and through the compiled kernel. One JSON line each, then where a graph-decoded token's time
+    goes."""
+    from hybridmoe.experts import cpu_kernel
     from hybridmoe.generate import generate
 
-    runs = [("dynamic_cache_eager", dict(static_cache=False)), ("static_graphs_first_call", {}),
-            ("static_graphs", {})]
+    runs = [("dynamic_cache_eager", dict(static_cache=False), True), ("static_graphs_first_call", {}, True),
+            ("static_graphs_torch_loop", {}, False), ("static_graphs", {}, True)]
     tokens = {}
-    for name, kw in runs:
+    for name, kw, kernel in runs:
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        res = generate(model, tok, prompt, cfg, **kw)
+        old = cpu_kernel.set_enabled(kernel)
+        try:
+            res = generate(model, tok, prompt, cfg, **kw)
+        finally:
+            cpu_kernel.set_enabled(old)
         tokens[name] = res.token_ids
         peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
         emit({"bench": f"decode_hybrid_{name}", "adapter": adapter, "mode": res.decode_mode,
+              "cpu_experts": f"kernel ({cpu_kernel.isa()})" if kernel and cpu_kernel.available() else "torch loop",
               "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
               "decode_tok_s": round(res.decode_tokens_per_s, 2),
               "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "peak_gpu_gib": round(peak, 2),
               "peak_host_gib": round(peak_host_gib(), 2),
               "same_tokens_as_eager": sum(a == b for a, b in zip(res.token_ids, tokens["dynamic_cache_eager"]))})
+    _graph_breakdown(model, steps=16)
+
+
+def _graph_breakdown(model, steps: int) -> None:
+    """Time the parts of graph-decoded tokens: each graph's replay up to its host sync (launch + GPU + wait), the
+    GPU time inside the graphs (CUDA events), and the CPU experts between them. One JSON line, ms per token."""
+    dec = getattr(model, "_hybridmoe_decoder", None)
+    if DEV != "cuda" or dec is None or dec.graphs is None:
+        return
+    stream = torch.cuda.current_stream()
+    acc = {"replay_to_sync": 0.0, "cpu_experts": 0.0, "gpu_in_graphs": 0.0}
+
+    def timed_replay():
+        events = []
+        for i, g in enumerate(dec.graphs):
+            t0 = time.perf_counter()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            g.replay()
+            end.record(stream)
+            events.append((start, end))
+            stream.synchronize()
+            t1 = time.perf_counter()
+            acc["replay_to_sync"] += t1 - t0
+            if i < len(dec.cuts):
+                dec.cuts[i].compute()
+                acc["cpu_experts"] += time.perf_counter() - t1
+        acc["gpu_in_graphs"] += sum(a.elapsed_time(b) for a, b in events) / 1e3
+
+    dec._replay, n = timed_replay, 0
+    token = torch.tensor([5])
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            while n < steps and dec.length < dec.max_len:
+                dec.step(token, dec.length).argmax()
+                n += 1
+    finally:
+        del dec._replay  # back to the class's method
+    wall = time.perf_counter() - t0
+    emit({"bench": "decode_graph_breakdown", "tokens": n, "graphs_per_token": len(dec.graphs),
+          "ms_per_token": round(wall / n * 1e3, 2),
+          **{f"{k}_ms": round(v / n * 1e3, 2) for k, v in acc.items()}})
 
 
 def decode(args) -> None:

@@ -18,6 +18,16 @@ from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.status()}")
 
 
+@pytest.fixture(params=["avx512_bf16", "avx2"], autouse=True)
+def isa(request):
+    """Every test once per instruction set this CPU has (CI's CPU: AVX2; the GPU host's Xeon: both)."""
+    if request.param not in cpu_kernel.isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    old = cpu_kernel.set_isa(request.param)
+    yield request.param
+    cpu_kernel.set_isa(old)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 

@@ -7,7 +7,9 @@ stays as the fallback and as the path that trains (the kernel has no backward).
 
 Building: the system C compiler (``$CC``, else ``cc``) compiles the source once per source version and compiler
 into ``$HYBRIDMOE_CACHE`` (default ``~/.cache/hybridmoe``)/kernels/. The dot products use AVX-512 BF16 where the
-CPU has it, else AVX2 + FMA (chosen at run time). A failed build or a CPU with neither leaves the torch path in place, logged once at INFO. ``HYBRIDMOE_CPU_KERNEL=0`` turns the kernel off.
+CPU has it, else AVX2 + FMA (chosen at run time). A failed build or a CPU with neither leaves the torch path in place, logged once at INFO. ``HYBRIDMOE_CPU_KERNEL=0`` turns the kernel off;
+``HYBRIDMOE_CPU_KERNEL_LIB=/path/moe_cpu.so`` uses a library built elsewhere (a host without a compiler: it links
+only libc and libm, and picks its instruction set at run time).
 
 OpenMP: the library is linked without an OpenMP runtime. Before loading it, the runtime torch has already loaded
 (libgomp, or libiomp5 which exports the same GOMP entry points) is made globally visible, so the kernel's parallel
@@ -99,9 +101,10 @@ def _load() -> None:
         if runtime is None:
             raise RuntimeError("torch has no OpenMP runtime loaded")
         ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(os.environ.get("HYBRIDMOE_CPU_KERNEL_LIB") or str(_build()))
         if not lib.hm_set_isa(2):
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
+        lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = ctypes.c_int
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = ctypes.c_int
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p,
@@ -118,6 +121,11 @@ ISAS = {2: "avx512_bf16", 1: "avx2"}
 def isa() -> str | None:
     """The instruction set the kernel's dot products use ("avx512_bf16" or "avx2"); None if it is not loaded."""
     return ISAS.get(_lib.hm_isa_in_use()) if available() else None
+
+
+def isas() -> list[str]:
+    """Every instruction set the kernel can use on this CPU, best first (empty if it is not loaded)."""
+    return [ISAS[lvl] for lvl in (2, 1) if available() and lvl <= _lib.hm_isa()]
 
 
 def set_isa(name: str) -> str:
