@@ -2,6 +2,7 @@
 
     python benchmarks/decode_gemv.py                      # V2-Lite shapes, 8 layers of 64 experts, all threads
     python benchmarks/decode_gemv.py --threads 8 16       # thread counts to compare
+    python benchmarks/decode_gemv.py --threads 16 --pages 4k 2m --prefetch 0 1024 4096   # kernel memory settings
     python benchmarks/decode_gemv.py --layers 1 --hidden 256 --inter 128 --calls 50   # smoke test
 
 One "call" is one MoE layer for one token: top-6 experts picked at random from a random one of --layers layers (so the
@@ -13,8 +14,9 @@ Strategies, one JSON line each (ms per layer, GB/s of weights read, relative err
                  accuracy cost shows in rel_err);
 - hybrid_torch_loop: HybridExperts.infer_cpu with the compiled kernel off (the whole torch call: sort, per-expert
                  loop, combine) on the same bf16 weights;
-- kernel_{bf16,int8}_{avx512_bf16,avx2}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c: two
-                 parallel regions a layer), with each instruction set the CPU has.
+- kernel_{bf16,int8}_{isa}_{pages}_pf{N}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c: two
+                 parallel regions a layer): each instruction set the CPU has, the weights on 4 KiB or 2 MiB pages,
+                 software prefetch N bytes ahead.
 The limit is the host's memory bandwidth (--limit-gbps, ~100 GB/s on the GPU host's Xeon).
 """
 
@@ -86,6 +88,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     p.add_argument("--limit-gbps", type=float, default=100.0)
+    p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
+                   help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
+    p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
     args = p.parse_args()
 
     g = torch.Generator().manual_seed(0)
@@ -104,18 +109,32 @@ def main() -> None:
         m.weights.replace_host_tensors(tensors)  # share the tensors: no second copy
         return m
 
-    mods = {"bf16": [module(torch.bfloat16, [gu, d]) for gu, d in layers],
-            "int8": [module(torch.int8, [qgu, qd, sgu, sd]) for (qgu, sgu), (qd, sd) in qlayers]}
+    from hybridmoe.experts.cpu_experts import advise_huge_pages
+
+    def on_pages(t, pages):
+        """t itself (4 KiB pages, as allocated), or a copy whose memory asked for 2 MiB pages before it was written."""
+        if pages == "4k":
+            return t
+        c = torch.empty_like(t)
+        advise_huge_pages(c)
+        return c.copy_(t)
+
+    mods = {}
+    for pages in args.pages:
+        mods["bf16", pages] = [module(torch.bfloat16, [on_pages(t, pages) for t in (gu, d)]) for gu, d in layers]
+        mods["int8", pages] = [module(torch.int8, [on_pages(t, pages) for t in (qgu, qd, sgu, sd)])
+                               for (qgu, sgu), (qd, sd) in qlayers]
     out = torch.empty(1, args.hidden)
 
-    def hybrid(dtype, kernel_isa):
+    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0):
         """HybridExperts.infer_cpu: the compiled kernel with the given instruction set, or (None) the torch loop."""
         def call(li, experts, w):
             old = cpu_kernel.set_enabled(kernel_isa is not None)
             if kernel_isa is not None:
                 cpu_kernel.set_isa(kernel_isa)
+                cpu_kernel.set_prefetch(prefetch)
             try:
-                mods[dtype][li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
+                mods[dtype, pages][li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
             finally:
                 cpu_kernel.set_enabled(old)
             return out.clone()
@@ -124,9 +143,14 @@ def main() -> None:
     hybrid_calls = {"hybrid_torch_loop": hybrid("bf16", None)}
     if cpu_kernel.available():
         best = cpu_kernel.isa()
-        for isa in (["avx512_bf16", "avx2"] if best == "avx512_bf16" else [best]):
-            hybrid_calls[f"kernel_bf16_{isa}"] = hybrid("bf16", isa)
-            hybrid_calls[f"kernel_int8_{isa}"] = hybrid("int8", isa)
+        for isa in cpu_kernel.isas():  # every instruction set at the first page size and prefetch distance
+            for dt in ("bf16", "int8"):
+                hybrid_calls[f"kernel_{dt}_{isa}_{args.pages[0]}_pf{args.prefetch[0]}"] = hybrid(
+                    dt, isa, args.pages[0], args.prefetch[0])
+        for pages in args.pages:  # the best one at every page size and prefetch distance
+            for pf in args.prefetch:
+                for dt in ("bf16", "int8"):
+                    hybrid_calls.setdefault(f"kernel_{dt}_{best}_{pages}_pf{pf}", hybrid(dt, best, pages, pf))
         cpu_kernel.set_isa(best)
 
     strategies = _strategies(layers, qlayers)

@@ -49,6 +49,17 @@ def peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def huge_pages_gib() -> float:
+    """Anonymous memory of this process on 2 MiB transparent huge pages (the expert weights ask for them)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return 0.0
+
+
 def emit(rec: dict) -> None:
     print(json.dumps({**rec, "machine": machine()}), flush=True)
 
@@ -224,7 +235,7 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str) -> None:
               "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
               "decode_tok_s": round(res.decode_tokens_per_s, 2),
               "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "peak_gpu_gib": round(peak, 2),
-              "peak_host_gib": round(peak_host_gib(), 2),
+              "peak_host_gib": round(peak_host_gib(), 2), "huge_pages_gib": huge_pages_gib(),
               "same_tokens_as_eager": sum(a == b for a, b in zip(res.token_ids, tokens["dynamic_cache_eager"]))})
     _graph_breakdown(model, steps=16)
 

@@ -4,7 +4,8 @@ math.
 The kernel rounds where the torch path rounds (bf16 GEMM inputs and outputs, int8 per-row scales), so the two agree
 to fp32 summation order: fp32 weights ‖Δ‖/‖ref‖ ≤ 1e-5; bf16 and int8 ≤ 2e-3 (a rounding step can land on the other
 side of a bf16 tie when the sum order changes; that is one bf16 ulp, 2^-8, on a few values). Odd sizes (H=40, I=24)
-cover the masked tails of the vector loops; batches with repeated experts cover the grouped rows.
+cover the masked tails of the vector loops; batches with repeated experts cover the grouped rows. For int8 at sizes
+that are not multiples of 64 the torch path dequantizes to bf16 (see ``_int8pack_ok``): there 1e-2.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _both(m, x, ids, w):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3), (torch.int8, 2e-3)])
-@pytest.mark.parametrize("shape", [(8, 40, 24), (16, 64, 32)])
+@pytest.mark.parametrize("shape", [(8, 40, 24), (16, 64, 32), (8, 64, 64)])
 @pytest.mark.parametrize("t,k", [(1, 2), (1, 6), (5, 3), (32, 4)])
 @pytest.mark.parametrize("lora", [True, False])
 def test_kernel_matches_torch_path(dtype, tol, shape, t, k, lora):
@@ -75,6 +76,8 @@ def test_kernel_matches_torch_path(dtype, tol, shape, t, k, lora):
     m = _module(e, h, i, dtype, lora)
     x, ids, w = _inputs(t, e, h, k)
     got, ref = _both(m, x, ids, w)
+    if dtype == torch.int8 and (h % 64 or i % 64):
+        tol = 1e-2  # the torch path's int8 fallback for such shapes rounds the dequantized weights to bf16
     assert _rel(got, ref) <= tol
 
 

@@ -22,7 +22,9 @@ recomputed; under gradient checkpointing they live for one layer at a time).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import weakref
 from typing import NamedTuple
 
@@ -65,6 +67,8 @@ class ExpertWeights:
         # device="meta" only for shape bookkeeping (export plans its merge without reserving host memory).
         self.gate_up = torch.empty(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H] cpu
         self.down = torch.empty(e, h, i, dtype=dtype, device=device)  # [E, H, I] cpu
+        for t in (self.gate_up, self.down):  # before the loader's first touch, which is when pages are chosen
+            advise_huge_pages(t)
         self.scales: dict[str, torch.Tensor] | None = None
         if dtype == torch.int8:
             self.scales = {"gate_up_proj": torch.ones(e, 2 * i, dtype=torch.bfloat16, device=device),  # [E, 2I]
@@ -129,6 +133,29 @@ class ExpertWeights:
             for e in (~mask).any(dim=1).nonzero().flatten().tolist():
                 out.append(f"{proj}[{e}]")
         return out
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux for 2 MiB pages under a large CPU tensor (madvise MADV_HUGEPAGE on its 2 MiB-aligned interior).
+
+    Called before the tensor is first written, so the pages are huge from the start. A decode step reads ~2.7 GB of
+    expert rows scattered over the experts; with 4 KiB pages every 4 KiB row is a TLB miss and the hardware
+    prefetchers stop at each page boundary. A no-op (False) off Linux, for small tensors, or where transparent huge
+    pages are off ("never"); with "always" the kernel does this by itself."""
+    if t.device.type != "cpu" or t.nbytes < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return False
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    length = (t.data_ptr() + t.nbytes - start) // _HUGE_PAGE * _HUGE_PAGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return length > 0 and libc.madvise(start, length, _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def pin_host(owner: object, tensors: list[torch.Tensor]) -> bool:
@@ -236,6 +263,13 @@ def _gate_backward(act_fn: nn.Module, gu: torch.Tensor, dh: torch.Tensor) -> tor
     return torch.cat([_act_backward(act_fn, g, dh * u), dh * a], dim=-1)
 
 
+def _int8pack_ok(w: torch.Tensor) -> bool:
+    """Whether torch._weight_int8pack_mm can take this [out, in] int8 matrix. Its AVX-512 kernel (torch 2.11,
+    Sapphire Rapids) crashed on small odd shapes ([48, 40] and [40, 24] with a few rows); every released model's
+    expert dims are multiples of 64, and other shapes take the dequantized bf16 GEMM."""
+    return w.shape[0] % 64 == 0 and w.shape[1] % 64 == 0
+
+
 class _LoopMath:
     """All experts of one layer, one expert at a time (``F.linear`` per expert): the CPU path.
 
@@ -253,8 +287,10 @@ class _LoopMath:
     def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
         w = self.w[proj][e]
-        if self.scales is not None:  # int8 weights, bf16 activations: half the bytes of a bf16 GEMV
+        if self.scales is not None and _int8pack_ok(w):  # int8 weights, bf16 activations: half the bytes
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w, self.scales[proj][e]).float()
+        elif self.scales is not None:
+            y = nn.functional.linear(x.to(torch.bfloat16), dequantize_rows(w, self.scales[proj][e])).float()
         else:
             y = nn.functional.linear(x.to(w.dtype), w).float()
         lo = self.lora.get(proj)

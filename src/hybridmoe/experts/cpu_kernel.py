@@ -39,6 +39,9 @@ __all__ = ["available", "moe_forward", "set_enabled"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+# Software prefetch distance of the weight rows (bytes ahead; HYBRIDMOE_CPU_PREFETCH overrides), chosen by
+# benchmarks/decode_gemv.py --prefetch (BENCHMARKS.md).
+PREFETCH_BYTES = 1024
 _lib: ctypes.CDLL | None = None
 _state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
 _enabled = os.environ.get("HYBRIDMOE_CPU_KERNEL", "1") not in ("0", "false", "no", "off")
@@ -105,6 +108,8 @@ def _load() -> None:
         if not lib.hm_set_isa(2):
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
         lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = ctypes.c_int
+        lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
+        lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = ctypes.c_int
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p,
@@ -121,6 +126,12 @@ ISAS = {2: "avx512_bf16", 1: "avx2"}
 def isa() -> str | None:
     """The instruction set the kernel's dot products use ("avx512_bf16" or "avx2"); None if it is not loaded."""
     return ISAS.get(_lib.hm_isa_in_use()) if available() else None
+
+
+def set_prefetch(nbytes: int) -> None:
+    """Software-prefetch the weight rows this many bytes ahead of the loads (0: off; default PREFETCH_BYTES)."""
+    if available():
+        _lib.hm_set_prefetch(int(nbytes))
 
 
 def isas() -> list[str]:

@@ -60,12 +60,27 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 typedef float (*dot_fn)(const void *w, const uint16_t *xb, const float *xf, int64_t n);
 
+/* Software prefetch of the weight stream, this many bytes ahead of the loads (0: off; hm_set_prefetch). It runs on
+ * into the next rows, which a work item reads next: rows are contiguous. */
+static int64_t prefetch_bytes = 0;
+
+void hm_set_prefetch(int64_t bytes) { prefetch_bytes = bytes > 0 ? bytes : 0; }
+
+/* Prefetch the `span` bytes at p + prefetch_bytes (span: what one loop iteration consumes). */
+#define PREFETCH(p, span)                                                                        \
+    do {                                                                                         \
+        if (prefetch_bytes)                                                                      \
+            for (int o_ = 0; o_ < (span); o_ += 64)                                              \
+                _mm_prefetch((const char *)(p) + prefetch_bytes + o_, _MM_HINT_T0);               \
+    } while (0)
+
 TGT512 static float dot_bf16_512(const void *wv, const uint16_t *x, const float *xf, int64_t n) {
     (void)xf;
     const uint16_t *w = wv;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
+        PREFETCH(w + i, 128);
         acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
         acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(w + i + 32),
                                 (__m512bh)_mm512_loadu_si512(x + i + 32));
@@ -84,6 +99,7 @@ TGT512 static float dot_i8_512(const void *wv, const uint16_t *xb, const float *
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
+        PREFETCH(w + i, 32);
         __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
         __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i + 16))));
         acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), acc0);
@@ -103,6 +119,7 @@ TGT512 static float dot_f32_512(const void *wv, const uint16_t *xb, const float 
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
+        PREFETCH(w + i, 128);
         acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc0);
         acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
     }
@@ -129,6 +146,7 @@ TGT256 static float dot_bf16_256(const void *wv, const uint16_t *xb, const float
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        PREFETCH(w + i, 32);
         acc0 = _mm256_fmadd_ps(widen_bf16(_mm_loadu_si128((const __m128i *)(w + i))), _mm256_loadu_ps(x + i), acc0);
         acc1 = _mm256_fmadd_ps(widen_bf16(_mm_loadu_si128((const __m128i *)(w + i + 8))), _mm256_loadu_ps(x + i + 8),
                                acc1);
@@ -144,6 +162,7 @@ TGT256 static float dot_i8_256(const void *wv, const uint16_t *xb, const float *
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        PREFETCH(w + i, 16);
         __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
         __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i + 8))));
         acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
@@ -160,6 +179,7 @@ TGT256 static float dot_f32_256(const void *wv, const uint16_t *xb, const float 
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        PREFETCH(w + i, 64);
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
     }
