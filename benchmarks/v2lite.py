@@ -209,21 +209,28 @@ def chat(args) -> None:
     _hybrid_decode(model, tok, prompt[0].tolist(), cfg, "lora r=8 on every target")
 
 
-def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str) -> None:
+def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=(None,)) -> None:
     """Greedy decode of the hybrid model, side by side: the eager DynamicCache path, then the static-cache decoder
-    with CUDA graphs (its first call captures; later ones only replay), with the CPU experts through the torch
-    per-expert loop and through the compiled kernel. One JSON line each, then where a graph-decoded token's time
-    goes."""
+    with CUDA graphs (its first call captures; later ones only replay) with the CPU experts through the torch
+    per-expert loop, then through the compiled kernel with each GPU share of the routed experts (None: the default).
+    One JSON line each, and after each share where a graph-decoded token's time goes."""
+    import hybridmoe.decode_graph as dg
     from hybridmoe.experts import cpu_kernel
     from hybridmoe.generate import generate
 
-    runs = [("dynamic_cache_eager", dict(static_cache=False), True), ("static_graphs_first_call", {}, True),
-            ("static_graphs_torch_loop", {}, False), ("static_graphs", {}, True)]
+    default_share = dg.GPU_SHARE
+    runs = [("dynamic_cache_eager", dict(static_cache=False), True, 0.0),
+            ("static_graphs_torch_loop_first_call", {}, False, 0.0), ("static_graphs_torch_loop", {}, False, 0.0)]
+    for share in gpu_shares:
+        share = default_share if share is None else share
+        runs += [(f"static_graphs_share{share:.2f}_first_call", {}, True, share),
+                 (f"static_graphs_share{share:.2f}", {}, True, share)]
     tokens = {}
-    for name, kw, kernel in runs:
+    for name, kw, kernel, share in runs:
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
         old = cpu_kernel.set_enabled(kernel)
+        dg.GPU_SHARE = share
         try:
             res = generate(model, tok, prompt, cfg, **kw)
         finally:
@@ -232,15 +239,17 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
         emit({"bench": f"decode_hybrid_{name}", "adapter": adapter, "mode": res.decode_mode,
               "cpu_experts": f"kernel ({cpu_kernel.isa()})" if kernel and cpu_kernel.available() else "torch loop",
-              "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
+              "gpu_share": share, "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
               "decode_tok_s": round(res.decode_tokens_per_s, 2),
               "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "peak_gpu_gib": round(peak, 2),
               "peak_host_gib": round(peak_host_gib(), 2), "huge_pages_gib": huge_pages_gib(),
               "same_tokens_as_eager": sum(a == b for a, b in zip(res.token_ids, tokens["dynamic_cache_eager"]))})
-    _graph_breakdown(model, steps=16)
+        if not name.endswith("first_call") and kw == {}:
+            _graph_breakdown(model, steps=16, label=name)
+    dg.GPU_SHARE = default_share
 
 
-def _graph_breakdown(model, steps: int) -> None:
+def _graph_breakdown(model, steps: int, label: str = "") -> None:
     """Time the parts of graph-decoded tokens: each graph's replay up to its host sync (launch + GPU + wait), the
     GPU time inside the graphs (CUDA events), and the CPU experts between them. One JSON line, ms per token."""
     dec = getattr(model, "_hybridmoe_decoder", None)
@@ -262,7 +271,7 @@ def _graph_breakdown(model, steps: int) -> None:
             t1 = time.perf_counter()
             acc["replay_to_sync"] += t1 - t0
             if i < len(dec.cuts):
-                dec.cuts[i].compute()
+                dec.cuts[i].compute(dec.share)
                 acc["cpu_experts"] += time.perf_counter() - t1
         acc["gpu_in_graphs"] += sum(a.elapsed_time(b) for a, b in events) / 1e3
 
@@ -277,7 +286,7 @@ def _graph_breakdown(model, steps: int) -> None:
     finally:
         del dec._replay  # back to the class's method
     wall = time.perf_counter() - t0
-    emit({"bench": "decode_graph_breakdown", "tokens": n, "graphs_per_token": len(dec.graphs),
+    emit({"bench": "decode_graph_breakdown", "run": label, "tokens": n, "graphs_per_token": len(dec.graphs),
           "ms_per_token": round(wall / n * 1e3, 2),
           **{f"{k}_ms": round(v / n * 1e3, 2) for k, v in acc.items()}})
 
@@ -293,7 +302,8 @@ def decode(args) -> None:
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1))
     cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
-    _hybrid_decode(model, load_tokenizer(args.dir), prompt.tolist(), cfg, f"none; experts {args.expert_dtype or 'bf16'}")
+    _hybrid_decode(model, load_tokenizer(args.dir), prompt.tolist(), cfg, f"none; experts {args.expert_dtype or 'bf16'}",
+                   gpu_shares=args.gpu_share)
 
 
 def _layer_view(src: str, layers: int) -> str:
@@ -503,6 +513,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode, train: routed-expert dtype")
+    p.add_argument("--gpu-share", type=float, nargs="+", default=[None],
+                   help="decode: shares of the routed experts the GPU computes (default: hybridmoe's)")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()

@@ -62,6 +62,38 @@ def test_static_decoder_matches_dynamic_cache(arch, device, ckpt_dir):
 
 
 @DEVICES
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_gpu_share_of_the_experts_matches_dynamic_cache(arch, share, device, ckpt_dir):
+    """A share of each step's routed experts computed on the compute device (weights copied in) and the rest on the
+    CPU: the same logits. share 1.0 leaves the CPU none. No LoRA on the experts (with it the share is off)."""
+    model, _ = hybridmoe.load(ckpt_dir(arch), device=device, dtype="float32", progress=False)
+    model.eval()
+    dev = input_device(model)
+    prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
+    with torch.inference_mode():
+        want, cache = prefill(model, prompt, DynamicCache(config=model.config))
+    dec = StaticDecoder(model, 64, dev, gpu_share=share)
+    dec.prefill(prompt)
+    token = want.argmax(-1)
+    for pos in range(20, 26):
+        with torch.inference_mode():
+            want, cache = decode_one_token(model, token.view(1, 1), cache, pos)
+        got = dec.step(token, pos)
+        assert _rel(got, want) < 1e-5, (pos, dec.mode)
+        token = want.argmax(-1)
+    k = dec.cuts[0].ids.shape[1]
+    assert dec.share is not None and dec.share.n == min(k, round(k * share))
+    assert dec.mode == ("cuda_graphs" if device == "cuda" else "eager")
+
+
+def test_gpu_share_is_off_with_expert_lora(ckpt_dir):
+    model, _ = _adapted(ckpt_dir("deepseek_v2"), "cpu")
+    dec = StaticDecoder(model, 64, torch.device("cpu"), gpu_share=0.5)
+    assert dec.gpu_share == 0.0
+
+
+@DEVICES
 def test_decoder_is_reused_across_turns_and_grows(device, ckpt_dir):
     model, tok = _adapted(ckpt_dir("deepseek_v2"), device)
     cfg = SamplingConfig(temperature=0, max_new_tokens=6)

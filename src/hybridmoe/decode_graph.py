@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from hybridmoe.experts import HybridExperts
+from hybridmoe.experts.cpu_experts import dequantize_rows
 from hybridmoe.generate import _forward_params
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,74 @@ __all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for"]
 # generate() uses the static cache (and CUDA graphs) by default only up to this many positions (prompt +
 # max_new_tokens): the cache is allocated for all of them up front (DeepSeek-V2-Lite: ~0.28 MB a position).
 STATIC_CACHE_MAX_TOKENS = 16384
+
+
+# The share of each decode step's routed experts that the GPU computes instead of the CPU (CUDA graph decode): their
+# weights cross PCIe by DMA while the CPU reads the others from RAM, so the two memory paths add up. round(K · share)
+# of the top-K experts (V2-Lite, K=6: 2). Chosen by `benchmarks/v2lite.py decode` (BENCHMARKS.md).
+GPU_SHARE = 1 / 3
+
+
+class _GpuShare:
+    """The GPU's part of a decode step's routed experts: the last ``n`` of each token's top-K (batch 1).
+
+    One set of device buffers serves every MoE layer (they run one after another on one stream): the hidden state
+    and routing weights of the current cut (:meth:`stage`, queued before the cut), the weights of its ``n`` experts
+    (:meth:`load`: page-locked host -> device DMA, queued by the host once it knows the ids), and their weighted sum
+    ``y`` [1, H] fp32 (:meth:`compute`, captured once as its own CUDA graph), which the next graph adds to the CPU's
+    part. The math is the streamed path's: GEMMs in the weight dtype (int8 dequantized on the device), fp32 sum.
+    """
+
+    def __init__(self, module: HybridExperts, hidden: torch.Tensor, k: int, n: int):
+        w, dev = module.weights, hidden.device
+        self.n, self.k, self.act_fn = n, k, module.act_fn
+        self.gate_up = torch.empty((n, *w.gate_up.shape[1:]), dtype=w.gate_up.dtype, device=dev)  # [n, 2I, H]
+        self.down = torch.empty((n, *w.down.shape[1:]), dtype=w.down.dtype, device=dev)  # [n, H, I]
+        self.scales = None  # int8: [n, 2I], [n, H] bf16
+        if w.quantized:
+            self.scales = [torch.empty((n, *w.scales[p].shape[1:]), dtype=torch.bfloat16, device=dev)
+                           for p in ("gate_up_proj", "down_proj")]
+        self.x = torch.empty(1, hidden.shape[-1], dtype=hidden.dtype, device=dev)  # [1, H]
+        self.w = torch.empty(1, k, dtype=torch.float32, device=dev)  # [1, K]
+        self.y = torch.zeros(1, hidden.shape[-1], dtype=torch.float32, device=dev)  # [1, H]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def stage(self, hidden: torch.Tensor, w: torch.Tensor) -> None:
+        self.x.copy_(hidden.reshape(1, -1))
+        self.w.copy_(w.reshape(1, -1))
+
+    def load(self, module: HybridExperts, experts: list[int]) -> None:
+        """Queue the copies of these experts' weights (the host knows the ids once the cut's copies landed)."""
+        w = module.weights
+        for s, e in enumerate(experts):
+            self.gate_up[s].copy_(w.gate_up[e], non_blocking=True)
+            self.down[s].copy_(w.down[e], non_blocking=True)
+            if self.scales is not None:
+                self.scales[0][s].copy_(w.scales["gate_up_proj"][e], non_blocking=True)
+                self.scales[1][s].copy_(w.scales["down_proj"][e], non_blocking=True)
+
+    def compute(self) -> None:
+        """y = Σ_s w[K-n+s] · Expert_s(x) over the loaded experts; replays the captured graph when there is one."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        gate_up, down = self.gate_up, self.down
+        if self.scales is not None:
+            gate_up, down = dequantize_rows(gate_up, self.scales[0]), dequantize_rows(down, self.scales[1])
+        x = self.x.to(gate_up.dtype)  # [1, H]
+        acc = torch.zeros_like(self.y)
+        for s in range(self.n):
+            g, u = (x @ gate_up[s].T).float().chunk(2, dim=-1)  # [1, I] each
+            h = (self.act_fn(g) * u).to(down.dtype)
+            acc += self.w[:, self.k - self.n + s, None] * (h @ down[s].T).float()  # [1, H]
+        self.y.copy_(acc)
+
+    def capture(self, stream: torch.cuda.Stream) -> None:
+        """Capture :meth:`compute` as a CUDA graph (after it has run eagerly once, so cuBLAS is set up)."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            self.compute()
+        self.graph = g
 
 
 class _Cut:
@@ -63,13 +132,21 @@ class _Cut:
         self.ids.copy_(ids.to(torch.int64), non_blocking=True)
         self.w.copy_(w.to(torch.float32), non_blocking=True)
 
-    def compute(self) -> None:
-        """The routed experts on the CPU, once the copies of :meth:`send` have landed."""
-        self.module.infer_cpu(self.x, self.ids, self.w, self.out)
+    def compute(self, share: _GpuShare | None = None) -> None:
+        """The routed experts, once the copies of :meth:`send` have landed: with a GPU share, queue its experts'
+        weight copies and math on the GPU first, then compute the others on the CPU meanwhile."""
+        if share is None:
+            self.module.infer_cpu(self.x, self.ids, self.w, self.out)
+            return
+        cpu_k = share.k - share.n
+        share.load(self.module, self.ids[0, cpu_k:].tolist())
+        share.compute()
+        self.module.infer_cpu(self.x, self.ids[:, :cpu_k].contiguous(), self.w[:, :cpu_k].contiguous(), self.out)
 
-    def receive(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Queue the host->device copy of the result; [T, H] in the hidden dtype on ``device``."""
-        return self.out.to(device, non_blocking=True).to(dtype)
+    def receive(self, device: torch.device, dtype: torch.dtype, share: _GpuShare | None = None) -> torch.Tensor:
+        """Queue the host->device copy of the result (+ the GPU share's); [T, H] in the hidden dtype on ``device``."""
+        out = self.out.to(device, non_blocking=True)
+        return (out if share is None else out + share.y).to(dtype)
 
 
 class _Hook:
@@ -90,17 +167,20 @@ class _Hook:
         i, self.calls = self.calls, self.calls + 1
         if i == len(d.cuts):  # first pass: shapes known now
             d.cuts.append(_Cut(module, hidden, ids, pin=hidden.device.type == "cuda"))
+            d._setup_share(module, hidden, ids.shape[1])
         cut = d.cuts[i]
         if cut.module is not module or cut.x.shape != hidden.shape:
             raise RuntimeError("the decode step's routed-expert calls changed order or shape between passes")
         cut.send(hidden, ids, w)
+        if d.share is not None:
+            d.share.stage(hidden, w)
         if self.mode == "capture":
             d._next_graph()
         else:
             if hidden.device.type == "cuda":
                 torch.cuda.current_stream(hidden.device).synchronize()
-            cut.compute()
-        return cut.receive(hidden.device, hidden.dtype)
+            cut.compute(d.share)
+        return cut.receive(hidden.device, hidden.dtype, d.share)
 
 
 class StaticDecoder:
@@ -112,7 +192,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, max_len: int, device: torch.device, use_graphs: bool = True,
-                 key: tuple = ()):
+                 key: tuple = (), gpu_share: float | None = None):
         from transformers import StaticCache
 
         self.model, self.max_len, self.device, self.key = model, max_len, device, key
@@ -121,6 +201,12 @@ class StaticDecoder:
         self.embed = model.get_input_embeddings()
         self.use_graphs = use_graphs and device.type == "cuda"
         self.cuts: list[_Cut] = []
+        # The GPU computes this share of each step's routed experts (CUDA only by default; any device when given, which
+        # is how the CPU tests check it). Not with LoRA on the routed experts: their factors stay on the CPU.
+        self.gpu_share = (GPU_SHARE if device.type == "cuda" else 0.0) if gpu_share is None else gpu_share
+        if any(m.lora for m in self.experts):
+            self.gpu_share = 0.0
+        self.share: _GpuShare | None = None
         self.hook = _Hook(self)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.logits: torch.Tensor | None = None  # [1, 1, V], written by the last graph
@@ -155,6 +241,11 @@ class StaticDecoder:
             for m in self.experts:
                 m.decode_hook = None
 
+    def _setup_share(self, module: HybridExperts, hidden: torch.Tensor, k: int) -> None:
+        n = min(k, round(k * self.gpu_share))
+        if self.share is None and n > 0 and hidden.shape[0] == 1:
+            self.share = _GpuShare(module, hidden, k, n)
+
     def reset(self) -> None:
         """Empty the cache for a new sequence (in place: captured graphs stay valid)."""
         self.cache.reset()
@@ -162,7 +253,7 @@ class StaticDecoder:
 
     def close(self) -> None:
         """Drop the graphs, their memory pool, the cache and the buffers (the hook refers back to this object)."""
-        self.graphs = self.logits = self.embeds = self.cache = None
+        self.graphs = self.logits = self.embeds = self.cache = self.share = None
         self.cuts, self.hook.decoder = [], None
 
     @torch.inference_mode()
@@ -240,8 +331,12 @@ class StaticDecoder:
                     self.graphs[-1].capture_end()
             if self.hook.calls != len(self.cuts):
                 raise RuntimeError(f"{self.hook.calls} expert calls captured, {len(self.cuts)} expected")
+            if self.share is not None:  # own memory pool: it replays between the chain's graphs, whose
+                self.share.capture(stream)  # temporaries (the residual stream) live across it
         except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
             self.graphs, self.logits = None, None
+            if self.share is not None:
+                self.share.graph = None
             self.use_graphs = False
             self.mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
             log.warning("decode runs without CUDA graphs: capturing the decode step failed (%s: %s)",
@@ -260,7 +355,7 @@ class StaticDecoder:
             g.replay()
             if i < len(self.cuts):
                 stream.synchronize()  # the hidden states and routing of cut i are in host memory now
-                self.cuts[i].compute()  # graph i+1 starts by copying the result in
+                self.cuts[i].compute(self.share)  # graph i+1 starts by copying the result in
 
 
 def _bucket(n: int) -> int:
@@ -274,7 +369,7 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
     the active adapter as well."""
     active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
-    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs)
+    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, GPU_SHARE)
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new

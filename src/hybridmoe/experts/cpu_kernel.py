@@ -41,7 +41,7 @@ _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 # Software prefetch distance of the weight rows (bytes ahead; HYBRIDMOE_CPU_PREFETCH overrides), chosen by
 # benchmarks/decode_gemv.py --prefetch (BENCHMARKS.md).
-PREFETCH_BYTES = 1024
+PREFETCH_BYTES = 4096
 _lib: ctypes.CDLL | None = None
 _state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
 _enabled = os.environ.get("HYBRIDMOE_CPU_KERNEL", "1") not in ("0", "false", "no", "off")
