@@ -209,7 +209,7 @@ def chat(args) -> None:
     _hybrid_decode(model, tok, prompt[0].tolist(), cfg, "lora r=8 on every target")
 
 
-def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=(None,)) -> None:
+def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=(None,), repeats: int = 1) -> None:
     """Greedy decode of the hybrid model, side by side: the eager DynamicCache path, then the static-cache decoder
     with CUDA graphs (its first call captures; later ones only replay) with the CPU experts through the torch
     per-expert loop, then through the compiled kernel with each GPU share of the routed experts (None: the default).
@@ -218,19 +218,20 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=
     from hybridmoe.experts import cpu_kernel
     from hybridmoe.generate import generate
 
-    default_share = dg.GPU_SHARE
+    default_share = dict(dg.GPU_SHARE)
+    expert_dtype = next(m for m in model.modules() if type(m).__name__ == "HybridExperts").weights.gate_up.dtype
     runs = [("dynamic_cache_eager", dict(static_cache=False), True, 0.0),
             ("static_graphs_torch_loop_first_call", {}, False, 0.0), ("static_graphs_torch_loop", {}, False, 0.0)]
     for share in gpu_shares:
-        share = default_share if share is None else share
-        runs += [(f"static_graphs_share{share:.2f}_first_call", {}, True, share),
-                 (f"static_graphs_share{share:.2f}", {}, True, share)]
+        share = default_share[expert_dtype] if share is None else share
+        runs += [(f"static_graphs_share{share:.2f}_first_call", {}, True, share)]
+        runs += [(f"static_graphs_share{share:.2f}", {}, True, share)] * repeats
     tokens = {}
     for name, kw, kernel, share in runs:
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
         old = cpu_kernel.set_enabled(kernel)
-        dg.GPU_SHARE = share
+        dg.GPU_SHARE = dict.fromkeys(default_share, share)
         try:
             res = generate(model, tok, prompt, cfg, **kw)
         finally:
@@ -303,7 +304,7 @@ def decode(args) -> None:
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1))
     cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
     _hybrid_decode(model, load_tokenizer(args.dir), prompt.tolist(), cfg, f"none; experts {args.expert_dtype or 'bf16'}",
-                   gpu_shares=args.gpu_share)
+                   gpu_shares=args.gpu_share, repeats=args.repeats)
 
 
 def _layer_view(src: str, layers: int) -> str:
@@ -513,6 +514,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode, train: routed-expert dtype")
+    p.add_argument("--repeats", type=int, default=1, help="decode: replay-only runs per GPU share")
     p.add_argument("--gpu-share", type=float, nargs="+", default=[None],
                    help="decode: shares of the routed experts the GPU computes (default: hybridmoe's)")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")

@@ -43,10 +43,11 @@ __all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for"]
 STATIC_CACHE_MAX_TOKENS = 16384
 
 
-# The share of each decode step's routed experts that the GPU computes instead of the CPU (CUDA graph decode): their
-# weights cross PCIe by DMA while the CPU reads the others from RAM, so the two memory paths add up. round(K · share)
-# of the top-K experts (V2-Lite, K=6: 2). Chosen by `benchmarks/v2lite.py decode` (BENCHMARKS.md).
-GPU_SHARE = 1 / 3
+# The share of each decode step's routed experts that the GPU computes instead of the CPU (CUDA graph decode), by
+# the experts' weight dtype: their weights cross PCIe by DMA while the CPU reads the others from RAM, so the two
+# memory paths add up. round(K · share) of the top-K experts (V2-Lite, K=6, bf16: 2 of 6). Chosen by
+# `benchmarks/v2lite.py decode --gpu-share ...` on the H200 host (BENCHMARKS.md, session 4).
+GPU_SHARE = {torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6}
 
 
 class _GpuShare:
@@ -203,7 +204,10 @@ class StaticDecoder:
         self.cuts: list[_Cut] = []
         # The GPU computes this share of each step's routed experts (CUDA only by default; any device when given, which
         # is how the CPU tests check it). Not with LoRA on the routed experts: their factors stay on the CPU.
-        self.gpu_share = (GPU_SHARE if device.type == "cuda" else 0.0) if gpu_share is None else gpu_share
+        if gpu_share is None:
+            dtype = self.experts[0].weights.gate_up.dtype if self.experts else None
+            gpu_share = GPU_SHARE.get(dtype, 0.0) if device.type == "cuda" else 0.0
+        self.gpu_share = gpu_share
         if any(m.lora for m in self.experts):
             self.gpu_share = 0.0
         self.share: _GpuShare | None = None
@@ -369,7 +373,7 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
     the active adapter as well."""
     active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
-    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, GPU_SHARE)
+    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, tuple(GPU_SHARE.values()))
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new
