@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
                    help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
+    p.add_argument("--batch-tokens", type=int, nargs="*", default=[],
+                   help="also time calls of this many tokens (kernel vs torch loop, bf16): where the kernel stops paying")
     args = p.parse_args()
 
     g = torch.Generator().manual_seed(0)
@@ -181,6 +183,37 @@ def main() -> None:
                     "experts": args.experts, "topk": args.topk, "hidden": args.hidden, "inter": args.inter,
                     "layers": args.layers, "cpu": platform.processor() or platform.machine(),
                     "torch": torch.__version__}), flush=True)
+    if args.batch_tokens and "4k" in args.pages:
+        batch_sweep(args, mods, cpu_kernel)
+
+
+def batch_sweep(args, mods, cpu_kernel) -> None:
+    """Calls of T tokens (each with its own top-k) through HybridExperts.infer_cpu, kernel vs torch loop, bf16 on
+    4 KiB pages: the crossover that sets cpu_kernel.MAX_TOKENS."""
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for t in args.batch_tokens:
+            x = torch.randn(t, args.hidden, generator=g)
+            calls = [(int(torch.randint(args.layers, (1,), generator=g)),
+                      torch.stack([torch.randperm(args.experts, generator=g)[: args.topk] for _ in range(t)]),
+                      torch.rand(t, args.topk, generator=g)) for _ in range(8)]
+            out = torch.empty(t, args.hidden)
+            for name, flag in (("kernel", True), ("torch_loop", False)):
+                old = cpu_kernel.set_enabled(flag)
+                saved, cpu_kernel.MAX_TOKENS = cpu_kernel.MAX_TOKENS, 1 << 30
+                try:
+                    mods["bf16", "4k"][calls[0][0]].infer_cpu(x, calls[0][1], calls[0][2], out)  # warm-up
+                    t0 = time.perf_counter()
+                    for li, ids, w in calls:
+                        mods["bf16", "4k"][li].infer_cpu(x, ids, w, out)
+                    s = (time.perf_counter() - t0) / len(calls)
+                finally:
+                    cpu_kernel.set_enabled(old)
+                    cpu_kernel.MAX_TOKENS = saved
+                flops = 2 * t * args.topk * 3 * args.hidden * args.inter
+                print(json.dumps({"bench": "expert_batch", "impl": name, "tokens": t, "ms_per_layer": round(s * 1e3, 2),
+                                  "TFLOPs": round(flops / s / 1e12, 3), "threads": torch.get_num_threads()}),
+                      flush=True)
 
 
 if __name__ == "__main__":

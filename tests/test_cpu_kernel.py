@@ -130,6 +130,12 @@ def test_wrong_input_dtype_is_an_error():
         cpu_kernel.moe_forward(m, x.bfloat16(), ids, w, torch.empty(1, 40))
 
 
+def test_large_batches_take_torch():
+    m = _module(8, 40, 24, torch.float32)
+    assert cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS)
+    assert not cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS + 1)
+
+
 def test_non_silu_activation_falls_back():
     m = HybridExperts(ExpertsSpec(4, 16, 8), nn.GELU(), torch.float32)
     assert not cpu_kernel.supports(m)

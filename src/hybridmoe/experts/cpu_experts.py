@@ -624,7 +624,8 @@ class HybridExperts(nn.Module):
         # hidden_states: [T, H] on the model device. Returns [T, H] on the same device and dtype.
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
-        if not torch.is_grad_enabled() and not self.streams(hidden_states) and cpu_kernel.supports(self):
+        if (not torch.is_grad_enabled() and not self.streams(hidden_states)
+                and cpu_kernel.supports(self, hidden_states.shape[0])):
             # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
             out = torch.empty(hidden_states.shape, dtype=torch.float32)  # [T, H] cpu
             self.infer_cpu(hidden_states.to("cpu"), top_k_index.to("cpu", torch.int64),
@@ -641,7 +642,7 @@ class HybridExperts(nn.Module):
         contiguous. The same math and rounding as the CPU path of :meth:`forward` (fp32 activations, GEMMs in the
         weight dtype): the compiled kernel (:mod:`hybridmoe.experts.cpu_kernel`) where it runs, else the torch loop.
         """
-        if cpu_kernel.supports(self):  # the compiled kernel: the same rounding, two parallel regions a layer
+        if cpu_kernel.supports(self, hidden.shape[0]):  # the compiled kernel: same rounding, two parallel regions
             cpu_kernel.moe_forward(self, hidden.float().contiguous(), top_k_index.contiguous(),
                                    top_k_weights.contiguous(), out)
             return
