@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
                    help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
+    p.add_argument("--chunk", type=int, nargs="*", default=[],
+                   help="kernel: OpenMP work items per dynamic chunk to compare (0: static scheduling)")
     p.add_argument("--batch-tokens", type=int, nargs="*", default=[],
                    help="also time calls of this many tokens (kernel vs torch loop, bf16): where the kernel stops paying")
     args = p.parse_args()
@@ -128,13 +130,14 @@ def main() -> None:
                                for (qgu, sgu), (qd, sd) in qlayers]
     out = torch.empty(1, args.hidden)
 
-    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0):
+    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0, chunk=2):
         """HybridExperts.infer_cpu: the compiled kernel with the given instruction set, or (None) the torch loop."""
         def call(li, experts, w):
             old = cpu_kernel.set_enabled(kernel_isa is not None)
             if kernel_isa is not None:
                 cpu_kernel.set_isa(kernel_isa)
                 cpu_kernel.set_prefetch(prefetch)
+                cpu_kernel.set_chunk(chunk)
             try:
                 mods[dtype, pages][li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
             finally:
@@ -153,7 +156,12 @@ def main() -> None:
             for pf in args.prefetch:
                 for dt in ("bf16", "int8"):
                     hybrid_calls.setdefault(f"kernel_{dt}_{best}_{pages}_pf{pf}", hybrid(dt, best, pages, pf))
+        for chunk in args.chunk:  # OpenMP scheduling, at the first page size and prefetch distance
+            for dt in ("bf16", "int8"):
+                hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_chunk{chunk}"] = hybrid(
+                    dt, best, args.pages[0], args.prefetch[0], chunk)
         cpu_kernel.set_isa(best)
+        cpu_kernel.set_chunk(2)
 
     strategies = _strategies(layers, qlayers)
     with torch.inference_mode():

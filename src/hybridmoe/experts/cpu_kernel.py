@@ -109,6 +109,8 @@ def _load() -> None:
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
         lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = ctypes.c_int
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
+        lib.hm_set_chunk.argtypes = [ctypes.c_int]
+        lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = ctypes.c_int
@@ -132,6 +134,12 @@ def set_prefetch(nbytes: int) -> None:
     """Software-prefetch the weight rows this many bytes ahead of the loads (0: off; default PREFETCH_BYTES)."""
     if available():
         _lib.hm_set_prefetch(int(nbytes))
+
+
+def set_chunk(items: int) -> None:
+    """OpenMP work items per dynamic chunk (0: static scheduling; default 2)."""
+    if available():
+        _lib.hm_set_chunk(int(items))
 
 
 def isas() -> list[str]:

@@ -252,21 +252,70 @@ static void lora_in(const Proj *p, int64_t e, const float *x, float *xa) {
 
 /* ---- the layer ------------------------------------------------------------------------------------------------ */
 
+/* Work items per OpenMP chunk (hm_set_chunk): dynamic scheduling, so a core that is briefly busy with something else
+ * (the CUDA driver, the Python thread's other work) delays only its own chunk, not the barrier; 0 = static (each
+ * thread one contiguous run of items). */
+static int sched_chunk = 2;
+
+void hm_set_chunk(int chunk) { sched_chunk = chunk > 0 ? chunk : 0; }
+
+/* Everything the two regions share: the projections, the sorted slots and the per-slot buffers. */
+typedef struct {
+    Proj gu, dn;
+    int64_t K, H, I;
+    const int64_t *ids, *order, *gexp, *gstart; /* order [S]: slots sorted by expert; group g = [gstart[g], gstart[g+1]) */
+    const float *topw, *xf;                      /* [T, K], [T, H] */
+    const uint16_t *xb;                          /* [T, H] */
+    float *hf, *hr, *xa, *ha, *out;              /* [S, I], [S, I], [S, r_gu], [S, r_d], [T, H] */
+    uint16_t *hb;                                /* [S, I] */
+} Layer;
+
+/* Region 1, one work item: rows [j0, j0 + ROWS_PER_ITEM) of gate and up for every slot of group g, and h there. */
+static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
+    const int64_t j1 = j0 + ROWS_PER_ITEM < L->I ? j0 + ROWS_PER_ITEM : L->I, e = L->gexp[g], I = L->I;
+    for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
+        const int64_t t = L->order[p] / L->K;
+        const float *xf = L->xf + t * L->H, *xa = L->xa + p * L->gu.r;
+        const uint16_t *xb = L->xb + t * L->H;
+        for (int64_t j = j0; j < j1; j++) {
+            float gv = proj_row(&L->gu, e, j, xf, xb, xa);
+            float uv = proj_row(&L->gu, e, I + j, xf, xb, xa);
+            float h = gv / (1.f + expf(-gv)) * uv; /* silu(gate) * up, fp32 */
+            L->hf[p * I + j] = h;
+            L->hb[p * I + j] = f32_to_bf16(h);
+            if (L->hr != L->hf) L->hr[p * I + j] = bf16_to_f32(L->hb[p * I + j]);
+        }
+    }
+}
+
+/* Region 2, one work item: output rows [i0, i0 + ROWS_PER_ITEM) of every token, summed over its slots. */
+static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
+    const int64_t i1 = i0 + ROWS_PER_ITEM < L->H ? i0 + ROWS_PER_ITEM : L->H, H = L->H, I = L->I;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = i0; i < i1; i++) L->out[t * H + i] = 0.f;
+    for (int64_t g = 0; g < ngroups; g++) {
+        const int64_t e = L->gexp[g];
+        for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
+            const int64_t s = L->order[p];
+            float *o = L->out + (s / L->K) * H;
+            for (int64_t i = i0; i < i1; i++)
+                o[i] += L->topw[s] * proj_row(&L->dn, e, i, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r);
+        }
+    }
+}
+
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set. x [T, H] fp32, ids [T, K] int64, topw [T, K]
  * fp32, out [T, H] fp32. */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
-                       const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
-                       const uint16_t *s_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
-                       int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
-    const Proj gu = {dtype, w_gu, s_gu, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu};
-    const Proj dn = {dtype, w_d, s_d, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d};
+                   const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
+                   const uint16_t *s_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
+                   int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
     const int64_t S = T * K;
     if (!dots) return 3;
-
-    /* Slots (t, k) sorted by expert: a counting sort. groups g = [gstart[g], gstart[g+1]) of `order`. */
     for (int64_t s = 0; s < S; s++)
         if (ids[s] < 0 || ids[s] >= E) return 1;
+
     int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *order = malloc((size_t)S * sizeof(int64_t));
     int64_t *gexp = malloc((size_t)S * sizeof(int64_t)), *gstart = malloc(((size_t)S + 1) * sizeof(int64_t));
@@ -282,6 +331,8 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         rc = 2;
         goto done;
     }
+
+    /* Slots (t, k) sorted by expert: a counting sort, stable (slots of one expert in (t, k) order). */
     for (int64_t s = 0; s < S; s++) count[ids[s] + 1]++;
     int64_t ngroups = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -292,61 +343,48 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         count[e + 1] += count[e];
     }
     gstart[ngroups] = S;
-    for (int64_t s = 0; s < S; s++) order[count[ids[s]]++] = s; /* stable: slots of one expert in (t, k) order */
+    for (int64_t s = 0; s < S; s++) order[count[ids[s]]++] = s;
 
     for (int64_t v = 0; v < T * H; v++) {
         xb[v] = f32_to_bf16(x[v]);
         xf[v] = dtype == W_F32 ? x[v] : bf16_to_f32(xb[v]);
     }
-    const float *x_lora = x; /* LoRA inputs stay fp32, unrounded */
+    const Layer L = {{dtype, w_gu, s_gu, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
+                     {dtype, w_d, s_d, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
+                     K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb};
+    const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    const int chunk = sched_chunk;
 
-    /* Region 1: LoRA inputs of gate_up, then gate/up/h for every (group, block of j). */
-    const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    /* Region 1: the LoRA inputs of gate_up (from the unrounded x), then gate/up/h for every (group, block of j). */
 #pragma omp parallel num_threads(nthreads)
     {
         if (r_gu) {
 #pragma omp for schedule(static)
-            for (int64_t p = 0; p < S; p++)
-                lora_in(&gu, ids[order[p]], x_lora + (order[p] / K) * H, xa + p * r_gu);
+            for (int64_t p = 0; p < S; p++) lora_in(&L.gu, ids[order[p]], x + (order[p] / K) * H, xa + p * r_gu);
         }
+        if (chunk) {
+#pragma omp for schedule(dynamic, chunk)
+            for (int64_t item = 0; item < ngroups * jblocks; item++)
+                gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
+        } else {
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < ngroups * jblocks; item++) {
-            const int64_t g = item / jblocks, j0 = (item % jblocks) * ROWS_PER_ITEM;
-            const int64_t j1 = j0 + ROWS_PER_ITEM < I ? j0 + ROWS_PER_ITEM : I, e = gexp[g];
-            for (int64_t p = gstart[g]; p < gstart[g + 1]; p++) {
-                const int64_t t = order[p] / K;
-                for (int64_t j = j0; j < j1; j++) {
-                    float gv = proj_row(&gu, e, j, xf + t * H, xb + t * H, xa + p * r_gu);
-                    float uv = proj_row(&gu, e, I + j, xf + t * H, xb + t * H, xa + p * r_gu);
-                    float h = gv / (1.f + expf(-gv)) * uv; /* silu(gate) * up, fp32 */
-                    hf[p * I + j] = h;
-                    hb[p * I + j] = f32_to_bf16(h);
-                    if (hr != hf) hr[p * I + j] = bf16_to_f32(hb[p * I + j]);
-                }
-            }
+            for (int64_t item = 0; item < ngroups * jblocks; item++)
+                gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
         }
     }
-    /* Region 2: LoRA inputs of down, then every block of output rows i over all groups. */
-    const int64_t iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    /* Region 2: the LoRA inputs of down, then every block of output rows i over all groups. */
 #pragma omp parallel num_threads(nthreads)
     {
         if (r_d) {
 #pragma omp for schedule(static)
-            for (int64_t p = 0; p < S; p++) lora_in(&dn, ids[order[p]], hf + p * I, ha + p * r_d);
+            for (int64_t p = 0; p < S; p++) lora_in(&L.dn, ids[order[p]], hf + p * I, ha + p * r_d);
         }
+        if (chunk) {
+#pragma omp for schedule(dynamic, chunk)
+            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
+        } else {
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < iblocks; item++) {
-            const int64_t i0 = item * ROWS_PER_ITEM, i1 = i0 + ROWS_PER_ITEM < H ? i0 + ROWS_PER_ITEM : H;
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t i = i0; i < i1; i++) out[t * H + i] = 0.f;
-            for (int64_t g = 0; g < ngroups; g++) {
-                const int64_t e = gexp[g];
-                for (int64_t p = gstart[g]; p < gstart[g + 1]; p++) {
-                    const int64_t s = order[p];
-                    for (int64_t i = i0; i < i1; i++)
-                        out[(s / K) * H + i] += topw[s] * proj_row(&dn, e, i, hr + p * I, hb + p * I, ha + p * r_d);
-                }
-            }
+            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
         }
     }
 done:
