@@ -11,9 +11,11 @@ step gemv 120 python benchmarks/decode_gemv.py --threads 16 --calls 300 --pages 
 step make 150 python benchmarks/v2lite.py make --dir /tmp/v2lite
 for run in 1 2; do
   for chunk in 0 2; do
-    HYBRIDMOE_CPU_CHUNK=$chunk step decode_bf16_chunk${chunk}_$run 120 python benchmarks/v2lite.py decode \
+    export HYBRIDMOE_CPU_CHUNK=$chunk
+    step decode_bf16_chunk${chunk}_$run 120 python benchmarks/v2lite.py decode \
       --dir /tmp/v2lite --prompt-len 1024 --new-tokens 32 --gpu-share 0.3333 --repeats 3
   done
 done
+unset HYBRIDMOE_CPU_CHUNK
 step decode_int8 120 python benchmarks/v2lite.py decode --dir /tmp/v2lite --prompt-len 1024 --new-tokens 32 \
   --expert-dtype int8 --repeats 3
