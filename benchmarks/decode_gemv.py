@@ -145,7 +145,7 @@ def main() -> None:
             return out.clone()
         return call
 
-    hybrid_calls = {"hybrid_torch_loop": hybrid("bf16", None)}
+    hybrid_calls = {"hybrid_torch_loop": hybrid("bf16", None, args.pages[0])}
     if cpu_kernel.available():
         best = cpu_kernel.isa()
         for isa in cpu_kernel.isas():  # every instruction set at the first page size and prefetch distance
