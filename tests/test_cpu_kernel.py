@@ -22,6 +22,8 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel:
 @pytest.fixture(params=["avx512_bf16", "avx2"], autouse=True)
 def isa(request):
     """Every test once per instruction set this CPU has (CI's CPU: AVX2; the GPU host's Xeon: both)."""
+    if "subprocess" in request.node.keywords and request.param != cpu_kernel.isa():
+        pytest.skip("runs once, in a fresh process")
     if request.param not in cpu_kernel.isas():
         pytest.skip(f"this CPU has no {request.param}")
     old = cpu_kernel.set_isa(request.param)
@@ -139,3 +141,66 @@ def test_large_batches_take_torch():
 def test_non_silu_activation_falls_back():
     m = HybridExperts(ExpertsSpec(4, 16, 8), nn.GELU(), torch.float32)
     assert not cpu_kernel.supports(m)
+
+
+def _in_subprocess(env: dict, code: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+_FALLBACK = """
+import torch
+from torch import nn
+from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
+m = HybridExperts(ExpertsSpec(4, 16, 8), nn.SiLU(), torch.float32)
+m.weights.write("gate_up_proj", torch.randn(4, 16, 16))
+m.weights.write("down_proj", torch.randn(4, 16, 8))
+out = torch.empty(1, 16)
+m.infer_cpu(torch.randn(1, 16), torch.tensor([[0, 2]]), torch.rand(1, 2), out)
+print(cpu_kernel.status(), bool(torch.isfinite(out).all()))
+"""
+
+
+@pytest.mark.subprocess
+def test_without_a_compiler_the_torch_path_runs(tmp_path):
+    """A host without a C compiler (or with a broken one): the kernel is unavailable, says why, and inference still
+    runs through torch; nothing half-built is left in the cache."""
+    out = _in_subprocess({"CC": "false", "HYBRIDMOE_CACHE": str(tmp_path)}, _FALLBACK)
+    assert out.startswith("unavailable: ") and out.endswith("True"), out
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.subprocess
+def test_switched_off_by_environment(tmp_path):
+    out = _in_subprocess({"HYBRIDMOE_CPU_KERNEL": "0", "HYBRIDMOE_CACHE": str(tmp_path)}, _FALLBACK)
+    assert out == "disabled True", out
+
+
+@pytest.mark.subprocess
+def test_built_once_into_the_cache(tmp_path):
+    code = "from hybridmoe.experts import cpu_kernel; print(cpu_kernel.status())"
+    assert _in_subprocess({"HYBRIDMOE_CACHE": str(tmp_path)}, code) == "ready"
+    libs = list(tmp_path.rglob("moe_cpu-*.so"))
+    assert len(libs) == 1
+    mtime = libs[0].stat().st_mtime_ns
+    assert _in_subprocess({"HYBRIDMOE_CACHE": str(tmp_path)}, code) == "ready"
+    assert libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_expert_weights_ask_for_huge_pages():
+    """Large CPU tensors ask Linux for 2 MiB pages (the loader does it before the experts' first write); small tensors
+    and meta tensors are left alone."""
+    from pathlib import Path
+
+    from hybridmoe.experts.cpu_experts import advise_huge_pages
+
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():  # a kernel with THP: madvise accepts it
+        assert advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8))
+    assert not advise_huge_pages(torch.empty(1024))
+    assert not advise_huge_pages(torch.empty(8 << 20, device="meta"))

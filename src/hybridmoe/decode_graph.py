@@ -13,7 +13,10 @@ here" (its ``decode_hook``):
     ...
     graph N   ... -> final norm -> LM head -> logits
 
-A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. The KV cache is a
+A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. On CUDA a share of
+each token's experts (:data:`GPU_SHARE`) is computed on the GPU instead (:class:`_GpuShare`): after graph i the host
+queues the DMA of those experts' weights from their page-locked home and a small captured graph over them, then runs
+the other experts on the CPU while the copy and that graph proceed; graph i+1 adds both parts. The KV cache is a
 transformers :class:`~transformers.StaticCache`: fixed addresses, updated in place by index, and its position counter
 is a device tensor, so the same graphs serve every position.
 
@@ -208,7 +211,8 @@ class StaticDecoder:
             dtype = self.experts[0].weights.gate_up.dtype if self.experts else None
             gpu_share = GPU_SHARE.get(dtype, 0.0) if device.type == "cuda" else 0.0
         self.gpu_share = gpu_share
-        if any(m.lora for m in self.experts):
+        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.gate_up.dtype) for m in self.experts}
+        if any(m.lora for m in self.experts) or len(layouts) > 1:  # one set of GPU buffers serves every layer
             self.gpu_share = 0.0
         self.share: _GpuShare | None = None
         self.hook = _Hook(self)
@@ -247,7 +251,10 @@ class StaticDecoder:
 
     def _setup_share(self, module: HybridExperts, hidden: torch.Tensor, k: int) -> None:
         n = min(k, round(k * self.gpu_share))
-        if self.share is None and n > 0 and hidden.shape[0] == 1:
+        # On CUDA the weights must be page-locked (they are whenever streaming is on), or the copies would stall the
+        # host instead of overlapping the CPU's experts.
+        pinned = hidden.device.type != "cuda" or module.weights.gate_up.is_pinned()
+        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned:
             self.share = _GpuShare(module, hidden, k, n)
 
     def reset(self) -> None:
@@ -373,7 +380,9 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
     the active adapter as well."""
     active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
-    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, tuple(GPU_SHARE.values()))
+    expert_lora = any(m.lora for m in model.modules() if isinstance(m, HybridExperts))  # turns the GPU share off
+    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, expert_lora,
+           tuple(GPU_SHARE.values()))
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new

@@ -144,8 +144,8 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
     Called before the tensor is first written, so the pages are huge from the start. A decode step reads ~2.7 GB of
     expert rows scattered over the experts; with 4 KiB pages every 4 KiB row is a TLB miss and the hardware
-    prefetchers stop at each page boundary. A no-op (False) off Linux, for small tensors, or where transparent huge
-    pages are off ("never"); with "always" the kernel does this by itself."""
+    prefetchers stop at each page boundary. False off Linux, for small tensors, or where the kernel has no transparent
+    huge pages; it has no effect where they are set to "never", and with "always" the kernel does it by itself."""
     if t.device.type != "cpu" or t.nbytes < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
         return False
     start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
