@@ -134,7 +134,7 @@ def test_real_gpu_oom_is_one_line_and_keeps_the_checkpoint(tmp_path):
     model = make_checkpoint("qwen3_moe", tmp_path / "m", hidden_size=256, moe_intermediate_size=512,
                             max_position_embeddings=16384)
     data = tmp_path / "long.jsonl"
-    text = " ".join(f"word{i}" for i in range(3000))
+    text = " ".join(f"word{i}" for i in range(600))  # ~4000 tokens with the test tokenizer: both turns fit 8192
     data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": text},
                                                        {"role": "assistant", "content": text}]}) for _ in range(16)))
     out = tmp_path / "out"
