@@ -4,9 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/hybridmoe_bench}; mkdir -p "$OUT"
-if [ -d .wheels ]; then pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps \
-  && export PYTHONPATH=$PYTHONPATH:/tmp/pydeps; fi
+source benchmarks/steps.sh  # $OUT, install_wheels
+install_wheels
 python -m pytest -q -m gpu tests/ 2>&1 | tail -3
 python benchmarks/v2lite.py make --dir /tmp/v2lite
 python benchmarks/adamw_cpu.py

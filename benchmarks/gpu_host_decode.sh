@@ -7,11 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false
 source benchmarks/steps.sh
-if [ -d .wheels ]; then
-  pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps
-  pip install -q --no-index --find-links .wheels --no-deps --target /tmp/pydeps kt-kernel==0.6.1 gguf
-  export PYTHONPATH=$PYTHONPATH:/tmp/pydeps
-fi > "$OUT/pip.log" 2>&1
+install_wheels
 { nvidia-smi -L; nproc; free -g | head -2; } | tee "$OUT/machine.txt"
 step pytest_graphs 90 python -m pytest -q -m gpu tests/test_decode_graph.py tests/test_chat.py -k "cuda"
 step make 100 python benchmarks/v2lite.py make --dir /tmp/v2lite

@@ -6,11 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
-if [ -d .wheels ]; then
-  pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps
-  pip install -q --no-index --find-links .wheels --no-deps --target /tmp/pydeps kt-kernel==0.6.1 gguf
-  export PYTHONPATH=$PYTHONPATH:/tmp/pydeps
-fi > "$OUT/pip.log" 2>&1
+install_wheels
 [ -f /tmp/v2lite/config.json ] || step make 150 python benchmarks/v2lite.py make --dir /tmp/v2lite
 step adapter 60 python benchmarks/v2lite.py adapter --dir /tmp/v2lite
 step serve 150 python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \

@@ -7,8 +7,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src TOKENIZERS_PARALLELISM=false
 STEPS=${STEPS:-15}
 source benchmarks/steps.sh
-if [ -d .wheels ]; then pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps \
-  && export PYTHONPATH=$PYTHONPATH:/tmp/pydeps; fi
+install_wheels
 { nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm | tail -1; } | tee "$OUT/machine.txt"
 step make 120 python benchmarks/v2lite.py make --dir /tmp/v2lite
 step train1 110 python benchmarks/v2lite.py train --dir /tmp/v2lite --steps "$STEPS" --batch 4 --seq 1024 --log-every 5

@@ -9,3 +9,14 @@ step() {
   echo "== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
   grep -E '^\{|passed|failed|page-lock|Error|error:' "$OUT/$name.log" | tail -12 | tee -a "$OUT/summary.txt"
 }
+
+# Offline hosts: install the wheels put in .wheels/ (README, "Development": the serve extra, openai, and kt-kernel +
+# gguf for its baseline) into /tmp/pydeps, on PYTHONPATH. A no-op without .wheels/.
+install_wheels() {
+  [ -d .wheels ] || return 0
+  {
+    pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps
+    pip install -q --no-index --find-links .wheels --no-deps --target /tmp/pydeps kt-kernel==0.6.1 gguf
+  } > "$OUT/pip.log" 2>&1
+  export PYTHONPATH=$PYTHONPATH:/tmp/pydeps
+}
