@@ -132,6 +132,15 @@ def test_wrong_input_dtype_is_an_error():
         cpu_kernel.moe_forward(m, x.bfloat16(), ids, w, torch.empty(1, 40))
 
 
+def test_mismatched_shapes_are_an_error():
+    m = _module(8, 40, 24, torch.float32)
+    x, ids, w = _inputs(2, 8, 40, 2)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernel.moe_forward(m, x[:1], ids, w, torch.empty(2, 40))
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernel.moe_forward(m, x, ids, w, torch.empty(2, 39))
+
+
 def test_large_batches_take_torch():
     m = _module(8, 40, 24, torch.float32)
     assert cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS)

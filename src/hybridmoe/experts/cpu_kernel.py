@@ -7,9 +7,11 @@ stays as the fallback and as the path that trains (the kernel has no backward).
 
 Building: the system C compiler (``$CC``, else ``cc``) compiles the source once per source version and compiler
 into ``$HYBRIDMOE_CACHE`` (default ``~/.cache/hybridmoe``)/kernels/. The dot products use AVX-512 BF16 where the
-CPU has it, else AVX2 + FMA (chosen at run time). A failed build or a CPU with neither leaves the torch path in place, logged once at INFO. ``HYBRIDMOE_CPU_KERNEL=0`` turns the kernel off;
-``HYBRIDMOE_CPU_KERNEL_LIB=/path/moe_cpu.so`` uses a library built elsewhere (a host without a compiler: it links
-only libc and libm, and picks its instruction set at run time).
+CPU has it, else AVX2 + FMA (chosen at run time). A failed build or a CPU with neither leaves the torch path in
+place, logged once at INFO. ``HYBRIDMOE_CPU_KERNEL=0`` turns the kernel off; ``HYBRIDMOE_CPU_KERNEL_LIB=/path/moe_cpu.so``
+uses a library built elsewhere (a host without a compiler: it links only libc and libm, and picks its instruction
+set at run time). ``HYBRIDMOE_CPU_PREFETCH`` (bytes) and ``HYBRIDMOE_CPU_CHUNK`` (OpenMP work items per dynamic
+chunk, 0 = static) override the measured defaults, for benchmarks.
 
 OpenMP: the library is linked without an OpenMP runtime. Before loading it, the runtime torch has already loaded
 (libgomp, or libiomp5 which exports the same GOMP entry points) is made globally visible, so the kernel's parallel
@@ -35,7 +37,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "moe_forward", "set_enabled"]
+__all__ = ["MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "set_chunk", "set_enabled",
+           "set_isa", "set_prefetch", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -117,7 +120,7 @@ def _load() -> None:
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p,
                                        i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
         _lib, _state = lib, "ready"
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         _state = f"unavailable: {e}"
         log.info("CPU expert kernel %s; the routed experts run through torch on the CPU", _state)
 
@@ -182,8 +185,8 @@ def supports(module, tokens: int = 1) -> bool:
     """Whether :func:`moe_forward` runs this HybridExperts call (SiLU-gated, weights fp32/bf16/int8 in RAM, at most
     :data:`MAX_TOKENS` tokens)."""
     w = module.weights
-    return (tokens <= MAX_TOKENS and available() and _is_silu(module.act_fn) and w.gate_up.dtype in _DTYPES and w.gate_up.device.type == "cpu"
-            and w.gate_up.is_contiguous() and w.down.is_contiguous())
+    return (tokens <= MAX_TOKENS and available() and _is_silu(module.act_fn) and w.gate_up.dtype in _DTYPES
+            and w.gate_up.device.type == "cpu" and w.gate_up.is_contiguous() and w.down.is_contiguous())
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -200,6 +203,9 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
             raise ValueError(f"moe_forward: {name} must be a contiguous CPU {dt} tensor, got {t.dtype} on {t.device}")
     weights, spec = module.weights, module.spec
     t_, k = ids.shape
+    if x.shape != (t_, spec.hidden_dim) or w.shape != ids.shape or out.shape != x.shape:  # the C side trusts these
+        raise ValueError(f"moe_forward: shapes x {tuple(x.shape)}, ids {tuple(ids.shape)}, w {tuple(w.shape)}, "
+                         f"out {tuple(out.shape)} do not fit [T, {spec.hidden_dim}], [T, K], [T, K], [T, {spec.hidden_dim}]")
     scales = weights.scales or {}
     lora = []
     for proj in ("gate_up_proj", "down_proj"):
@@ -217,5 +223,7 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
         weights.down.data_ptr(), _ptr(scales.get("down_proj")), *lora, out.data_ptr(), torch.get_num_threads())
     if rc == 1:
         raise ValueError(f"moe_forward: an expert id is outside [0, {spec.num_experts})")
-    if rc:
+    if rc == 2:
         raise MemoryError("moe_forward: out of host memory for the kernel's buffers")
+    if rc:
+        raise RuntimeError(f"moe_forward: the kernel returned {rc} (no instruction set selected)")
