@@ -55,6 +55,7 @@ def test_placement_report(ds_v2, capsys):
     assert rep["dense_mlp_layers"] == ["model.layers.0.mlp"]  # the seed's bug 4: layer 0 is dense, on the device
     assert rep["moe_layers"] == ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]
     assert rep["devices"]["cpu (routed experts)"]["tensors"] == 4
+    assert rep["cpu_kernel"]["used"] == (rep["cpu_kernel"]["status"] == "ready")  # SiLU experts: used when built
 
 
 def test_no_empty_or_meta_tensors_anywhere(ds_v2):

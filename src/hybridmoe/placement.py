@@ -121,10 +121,19 @@ def placement_report(model: nn.Module) -> dict:
         },
         "lora_targets": dict(lora_targets),
         "streaming": streaming,
+        "cpu_kernel": _cpu_kernel_report(experts.values()),
         "checks": checks,
         "problems": problems[:20],
         "ok": all(checks.values()),
     }
+
+
+def _cpu_kernel_report(experts) -> dict:
+    """Whether the compiled CPU kernel runs these experts' inference calls (small batches), and with what."""
+    from .experts import cpu_kernel
+
+    runs = bool(experts) and all(cpu_kernel.supports(m) for m in experts)
+    return {"status": cpu_kernel.status(), "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS}
 
 
 def _gib(n: int) -> str:
@@ -148,6 +157,12 @@ def format_report(rep: dict) -> str:
     lines += ["", "routed experts computed: on the CPU for every batch" if st is None else
               f"routed experts computed: on the CPU below {st['min_tokens']} tokens, else on {st['device']} with "
               f"{st['slots']} layers of weights streamed in ({_gib(st['slot_bytes_reserved'])} of GPU memory)"]
+    k = rep["cpu_kernel"]
+    if k["used"]:
+        lines.append(f"CPU expert kernel: {k['isa']}, for inference calls of up to {k['max_tokens']} tokens "
+                     "(training and larger calls: torch)")
+    else:
+        lines.append(f"CPU expert kernel: not used ({k['status']}); the CPU experts run through torch")
     if rep["lora_targets"]:
         lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
     lines += ["", "checks:"]
