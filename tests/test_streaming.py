@@ -171,3 +171,41 @@ def test_more_slots_fewer_copies(deep_ckpt, slots):
     assert streamer.stats.copies + streamer.stats.prefetches - before == 2 * (5 - slots)
     assert torch.allclose(loss_s, loss_cpu, rtol=1e-6, atol=0)
     assert max(_rel(a, b) for a, b in zip(grads_s, grads_cpu)) <= 1e-6
+
+
+@pytest.mark.parametrize("slots", [2, 3, 5])
+def test_inference_passes_keep_the_first_layers_resident(deep_ckpt, slots):
+    """Inference only walks up, pass after pass (prompt after prompt): the slots keep the layers needed soonest, so
+    after the first pass a pass copies at most MoE layers - (slots - 2) layers and none once every layer has a slot
+    (LRU would copy all 5 at any slot count below 5); same logits."""
+    model = load_model(deep_ckpt, device="cpu", dtype="float32", progress=False).eval()
+    ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        streamer = enable_streaming(model, "cpu", min_tokens=8, slots=slots)
+        model(input_ids=ids)
+        for _ in range(2):
+            before = streamer.stats.copies + streamer.stats.prefetches
+            got = model(input_ids=ids).logits
+            copied = streamer.stats.copies + streamer.stats.prefetches - before
+            assert copied <= 5 - (slots - 2), copied
+            assert copied == 0 or slots < 5, copied
+            assert _rel(got, want) <= 1e-6
+
+
+def test_inference_after_training_steps_serves_the_right_layers(deep_ckpt):
+    """Switching between the two eviction rules (training steps, then inference passes, then training) never serves a
+    wrong layer."""
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    randomize_lora(model, seed=2)
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    model.train()
+    loss_cpu, _ = _step(model, ids)
+    with torch.inference_mode():
+        logits_cpu = model(input_ids=ids).logits
+    enable_streaming(model, "cpu", min_tokens=8, slots=3)
+    for _ in range(2):
+        loss, _ = _step(model, ids)
+        assert torch.allclose(loss, loss_cpu, rtol=1e-6, atol=0)
+        with torch.inference_mode():
+            assert _rel(model(input_ids=ids).logits, logits_cpu) <= 1e-6

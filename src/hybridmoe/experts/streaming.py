@@ -12,6 +12,12 @@ gradient checkpointing walk down, each layer requested twice in a row (recompute
 request is a hit and the prefetch goes to l-1. A mispredicted layer costs one synchronous copy, never a wrong result:
 a slot is looked up by layer index, and a copy into a slot waits for every kernel queued before it (which includes
 all earlier readers of that slot).
+
+Which slot a copy replaces depends on what comes next. Training alternates up and down, so the least recently used
+slot goes (the layers a pass ends on start the next). Inference (``torch.inference_mode``: prefills, the server)
+only walks up, pass after pass: there LRU would evict every layer just before it is needed again, so the slot whose
+layer is needed furthest ahead in that cyclic order goes instead (Belady's rule for a known order). The first
+``slots - 2`` layers then stay on the GPU between prompts, and more slots mean fewer bytes per prefill.
 """
 
 from __future__ import annotations
@@ -99,9 +105,21 @@ class ExpertStreamer:
     def _find(self, idx: int) -> _Slot | None:
         return next((s for s in self._slots if s.layer == idx), None)
 
+    def _victim(self, idx: int, keep: _Slot | None) -> _Slot:
+        """The slot (other than `keep`) that layer idx's copy replaces: an empty one, else the one needed furthest
+        ahead when passes only walk up (inference), else the least recently used."""
+        free = [s for s in self._slots if s is not keep]
+        empty = [s for s in free if s.layer is None]
+        if empty:
+            return empty[0]
+        if torch.is_inference_mode_enabled():
+            n = len(self.layers)
+            return max(free, key=lambda s: (s.layer - idx) % n)  # next use of layer l after idx, walking up
+        return min(free, key=lambda s: s.last_use)
+
     def _load(self, idx: int, keep: _Slot | None) -> _Slot:
-        """Copy layer idx into the least recently used slot other than `keep`."""
-        slot = min((s for s in self._slots if s is not keep), key=lambda s: s.last_use)
+        """Copy layer idx into the slot :meth:`_victim` picks."""
+        slot = self._victim(idx, keep)
         host = self.layers[idx].host_tensors()
         if [(t.shape, t.dtype) for t in slot.tensors] != [(t.shape, t.dtype) for t in host]:
             slot.tensors = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host]
