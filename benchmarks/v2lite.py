@@ -307,6 +307,36 @@ def decode(args) -> None:
                    gpu_shares=args.gpu_share, repeats=args.repeats)
 
 
+def prefill(args) -> None:
+    """Prefill of a --prompt-len prompt with --stream-slots N layers of expert weights on the GPU, for each N: four
+    prompts in a row (the first is cold; inference keeps the first N-2 layers resident between prompts), tokens/s,
+    bytes copied per prompt, peak GPU memory. --expert-dtype int8 for int8 experts."""
+    import hybridmoe.generate as gen
+    from hybridmoe.experts.streaming import enable_streaming
+    from hybridmoe.generate import SamplingConfig, generate
+    from hybridmoe.loading import load_tokenizer
+
+    model = _load_hybrid(args.dir, args.expert_dtype).eval()
+    tok = load_tokenizer(args.dir)
+    gen.eos_token_ids = lambda *a: set()
+    prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(2))
+    cfg = SamplingConfig(temperature=0, max_new_tokens=1)
+    for slots in args.stream_slots:
+        streamer = enable_streaming(model, DEV, min_tokens=64, slots=slots)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(4):
+            before = streamer.stats.bytes
+            res = generate(model, tok, prompt.tolist(), cfg)
+            emit({"bench": "prefill", "experts": args.expert_dtype or "bf16", "stream_slots": slots, "prompt": i,
+                  "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
+                  "copied_gb": round((streamer.stats.bytes - before) / 1e9, 2),
+                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0})
+        del streamer
+        enable_streaming(model, DEV, min_tokens=0)  # drop the slots before the next size
+
+
 def _layer_view(src: str, layers: int) -> str:
     """A view of the checkpoint with only the first `layers` layers: same shards (symlinked), smaller config.
     Both loaders ignore the unused layers' tensors; the full-width layers keep the measurement honest."""
@@ -503,7 +533,7 @@ def profile_decode(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "adapter", "chat", "decode", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
+    p.add_argument("mode", choices=["make", "adapter", "chat", "decode", "prefill", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
     p.add_argument("--make-layers", type=int, default=0, help="make: write only this many layers")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
@@ -515,13 +545,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode, train: routed-expert dtype")
     p.add_argument("--repeats", type=int, default=1, help="decode: replay-only runs per GPU share")
+    p.add_argument("--stream-slots", type=int, nargs="+", default=[2], help="prefill: GPU slots of expert weights")
     p.add_argument("--gpu-share", type=float, nargs="+", default=[None],
                    help="decode: shares of the routed experts the GPU computes (default: hybridmoe's)")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    modes = {"make": make, "adapter": adapter, "chat": chat, "decode": decode, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
+    modes = {"make": make, "adapter": adapter, "chat": chat, "decode": decode, "prefill": prefill, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
              "profile": profile, "profile_decode": profile_decode}
     modes[args.mode](args)
 
