@@ -149,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stream-min-tokens", type=int, default=None,
                    help="prompts of at least this many tokens run the experts on the GPU, weights streamed in "
                         "(default 64 on CUDA; 0 = always on the CPU)")
-    c.add_argument("--stream-slots", type=int, default=2,
-                   help="layers of expert weights the GPU keeps while streaming (>= 2; more = fewer copies)")
+    _add_stream_slots(c)
     c.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="decode without CUDA graphs (default on CUDA: each decode step replays graphs cut at the "
                         "CPU experts)")
@@ -191,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cuda", "cpu"], default=None)
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     _add_expert_dtype(s)
+    _add_stream_slots(s)
     s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (access log at info)")
@@ -201,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fast", action="store_true", help="a smaller, quicker run (used by the tests)")
     q.set_defaults(func=_cmd_quickstart)
     return p
+
+
+def _add_stream_slots(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream-slots", type=int, default=2,
+                        help="layers of expert weights the GPU keeps for long prompts (>= 2; each is one layer's "
+                             "experts, 1.03 GiB for DeepSeek-V2-Lite; the first slots-2 layers stay on the GPU "
+                             "between prompts, so more slots = faster prefill)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def _is_loopback(host: str) -> bool:
 
 def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = None, *, device=None, dtype=None,
               expert_dtype=None, chat_template: str | None = None, model_name: str | None = None, api_key: str | None = None,
-              max_batch_size: int = 16, max_prefill_tokens: int = 8192, progress: bool = False):
+              max_batch_size: int = 16, max_prefill_tokens: int = 8192, progress: bool = False, stream_slots: int = 2):
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
     the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model."""
     from hybridmoe.loading import load_model, load_tokenizer
@@ -91,7 +91,8 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
         raise ConfigError(f"--max-prefill-tokens must be >= 1, got {max_prefill_tokens}")
     base_name = model_name or Path(model_dir).resolve().name
     adapters = dict(adapters or {})
-    model = load_model(model_dir, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress)
+    model = load_model(model_dir, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
+                       stream_slots=stream_slots)
     tokenizer = load_tokenizer(model_dir, chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"the tokenizer in '{model_dir}' has no chat template; pass --chat-template FILE")
@@ -116,7 +117,7 @@ def run_serve(args) -> int:
         app = build_app(args.model, adapters, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                         chat_template=args.chat_template,
                         model_name=args.model_name, api_key=api_key, max_batch_size=args.max_batch_size,
-                        max_prefill_tokens=args.max_prefill_tokens,
+                        max_prefill_tokens=args.max_prefill_tokens, stream_slots=args.stream_slots,
                         progress=True)
     except BaseException:
         sock.close()
