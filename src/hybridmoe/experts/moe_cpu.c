@@ -316,14 +316,15 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     for (int64_t s = 0; s < S; s++)
         if (ids[s] < 0 || ids[s] >= E) return 1;
 
+    /* Every size + 1: K may be 0 (a decode step whose experts all run on the GPU), and malloc(0) may return NULL. */
     int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *order = malloc((size_t)S * sizeof(int64_t));
-    int64_t *gexp = malloc((size_t)S * sizeof(int64_t)), *gstart = malloc(((size_t)S + 1) * sizeof(int64_t));
-    float *xf = malloc((size_t)T * H * sizeof(float));           /* [T, H] base input (fp32 / bf16-rounded) */
-    uint16_t *xb = malloc((size_t)T * H * sizeof(uint16_t));     /* [T, H] bf16 base input */
-    float *hf = malloc((size_t)S * I * sizeof(float));           /* [S, I] h per sorted slot, fp32 */
-    uint16_t *hb = malloc((size_t)S * I * sizeof(uint16_t));     /* [S, I] h in bf16 */
-    float *hr = dtype == W_F32 ? hf : malloc((size_t)S * I * sizeof(float)); /* [S, I] h bf16-rounded */
+    int64_t *order = malloc(((size_t)S + 1) * sizeof(int64_t));
+    int64_t *gexp = malloc(((size_t)S + 1) * sizeof(int64_t)), *gstart = malloc(((size_t)S + 1) * sizeof(int64_t));
+    float *xf = malloc(((size_t)T * H + 1) * sizeof(float));           /* [T, H] base input (fp32 / bf16-rounded) */
+    uint16_t *xb = malloc(((size_t)T * H + 1) * sizeof(uint16_t));     /* [T, H] bf16 base input */
+    float *hf = malloc(((size_t)S * I + 1) * sizeof(float));           /* [S, I] h per sorted slot, fp32 */
+    uint16_t *hb = malloc(((size_t)S * I + 1) * sizeof(uint16_t));     /* [S, I] h in bf16 */
+    float *hr = dtype == W_F32 ? hf : malloc(((size_t)S * I + 1) * sizeof(float)); /* [S, I] h bf16-rounded */
     float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
     float *ha = malloc(((size_t)S * r_d + 1) * sizeof(float));   /* [S, r_d] */
     int rc = 0;
