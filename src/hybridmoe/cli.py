@@ -115,6 +115,13 @@ def _add_expert_dtype(p: argparse.ArgumentParser) -> None:
                         "(bf16: ~0.3%%)")
 
 
+def _add_stream_slots(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stream-slots", type=int, default=2,
+                        help="layers of expert weights the GPU keeps for long prompts (>= 2; each is one layer's "
+                             "experts, 1.03 GiB for DeepSeek-V2-Lite; the first slots-2 layers stay on the GPU "
+                             "between prompts, so more slots = faster prefill)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hybridmoe",
@@ -201,13 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fast", action="store_true", help="a smaller, quicker run (used by the tests)")
     q.set_defaults(func=_cmd_quickstart)
     return p
-
-
-def _add_stream_slots(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stream-slots", type=int, default=2,
-                        help="layers of expert weights the GPU keeps for long prompts (>= 2; each is one layer's "
-                             "experts, 1.03 GiB for DeepSeek-V2-Lite; the first slots-2 layers stay on the GPU "
-                             "between prompts, so more slots = faster prefill)")
 
 
 def main(argv: list[str] | None = None) -> int:

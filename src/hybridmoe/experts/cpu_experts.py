@@ -99,7 +99,7 @@ class ExpertWeights:
             return
         q, scale = quantize_rows(value)
         dst.copy_(q)
-        (self.scales[proj] if expert is None else self.scales[proj][expert, rows]).copy_(scale)
+        self.scales[proj][expert, rows].copy_(scale)
 
     def dequantized(self, proj: str) -> torch.Tensor:
         """The projection's weights as floats, [E, out, in] (the stored tensor itself unless quantized)."""
@@ -627,9 +627,11 @@ class HybridExperts(nn.Module):
         if (not torch.is_grad_enabled() and not self.streams(hidden_states)
                 and cpu_kernel.supports(self, hidden_states.shape[0])):
             # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
+            # One copy each to the CPU, already in the kernel's dtypes.
             out = torch.empty(hidden_states.shape, dtype=torch.float32)  # [T, H] cpu
-            self.infer_cpu(hidden_states.to("cpu"), top_k_index.to("cpu", torch.int64),
-                           top_k_weights.to("cpu", torch.float32), out)
+            cpu_kernel.moe_forward(self, hidden_states.to("cpu", torch.float32).contiguous(),
+                                   top_k_index.to("cpu", torch.int64).contiguous(),
+                                   top_k_weights.to("cpu", torch.float32).contiguous(), out)
             return out.to(hidden_states.device, hidden_states.dtype)
         return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
 

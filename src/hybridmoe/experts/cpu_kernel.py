@@ -108,9 +108,9 @@ def _load() -> None:
             raise RuntimeError("torch has no OpenMP runtime loaded")
         ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
         lib = ctypes.CDLL(os.environ.get("HYBRIDMOE_CPU_KERNEL_LIB") or str(_build()))
+        lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = ctypes.c_int
         if not lib.hm_set_isa(2):
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
-        lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = ctypes.c_int
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
         lib.hm_set_chunk.argtypes = [ctypes.c_int]
         lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
