@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,20 @@ class Checkpoint:
                 f"'{f}' is not a readable safetensors file ({str(e).splitlines()[0]}); it is truncated or corrupt, copy it again"
             ) from None
         return handle
+
+    def dtypes(self, f: Path) -> dict[str, str]:
+        """{key: safetensors dtype name ("BF16", "F8_E4M3", "I32", ...)} of one shard, from its header alone."""
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > 1 << 30:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(fh.read(n))
+            return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise CheckpointError(
+                f"'{f}' is not a readable safetensors file ({e}); it is truncated or corrupt, copy it again"
+            ) from None
 
     def open(self, f: Path):
         """Open one shard; the handle memory-maps the file, so reading a tensor reads only its bytes."""

@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from .adapters import _alpha_for, _check_linear, nonfinite_tensors, read_adapter, split_adapter
 from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import AdapterError, CheckpointError, NonFiniteError
+from .experts import HybridExperts
+from .formats import check_tensors, refuse_quantized_config
 from .io import atomic_replace_dir
 from .loading import _build_empty, _swap_experts
 
@@ -108,6 +110,7 @@ class _Deltas:
 
 def _meta_model(model_dir: Path) -> nn.Module:
     """The model on the meta device with HybridExperts swapped in: names and shapes for `split_adapter`, no weights."""
+    refuse_quantized_config(model_dir)
     config = read_config(model_dir)
     model = _build_empty(config, torch.float32)
     _swap_experts(model, torch.bfloat16, device="meta")  # shapes only: no host memory is reserved
@@ -312,6 +315,9 @@ def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, 
     _check_paths(model_path, adapter_path, out_path)
     ckpt = Checkpoint(model_path)
     model = _meta_model(model_path)
+    # The export copies tensors it does not merge, but a checkpoint whose format we do not understand is refused
+    # here as everywhere: merging float LoRA deltas into FP8 or packed integers would write garbage.
+    check_tensors(ckpt, model, {n for n, m in model.named_modules() if isinstance(m, HybridExperts)})
     deltas = _read_deltas(adapter_path, model)
     mapper = KeyMapper(model.config.model_type)
     del model

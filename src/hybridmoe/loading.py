@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import CheckpointError, ConfigError
 from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
 from .experts.streaming import enable_streaming
+from .formats import check_tensors, refuse_quantized_config
 from .host_embedding import embeddings_to_host
 
 log = logging.getLogger("hybridmoe")
@@ -154,8 +155,9 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
     rank on this host fills the host-shared copy)."""
     mapper = KeyMapper(model.config.model_type)
     expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
+    # Before any weight is read: every tensor is in a format we load, and every ignored one is provably unused.
+    ignored = check_tensors(ckpt, model, set(experts))
     loaded: set[str] = set()
-    unexpected: list[str] = []
     # `with`: the bar is closed before an error propagates, so the error line is not glued to a half-drawn bar
     with tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for f, keys in ckpt.keys_by_file().items():
@@ -173,12 +175,10 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                         t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
                     _set_tensor(model, name, t.to(device))
                     loaded.add(name)
-                else:
-                    unexpected.append(key)
                 bar.update(1)
             del handle
-    if unexpected:
-        log.warning("ignored %d checkpoint tensor(s) the model does not use, e.g. %s", len(unexpected), unexpected[0])
+    if ignored:
+        log.info("ignored %d checkpoint tensor(s) the model does not have (e.g. %s)", len(ignored), ignored[0])
 
     missing = [k for k in expected if k not in loaded]
     tied = _tie_output_embeddings(model, missing)
@@ -234,6 +234,7 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else dt
     ckpt = Checkpoint(path)
+    refuse_quantized_config(ckpt.path)
     config = read_config(path, trust_remote_code=trust_remote_code)
     model = _build_empty(config, dt)
     if host_shared is None:

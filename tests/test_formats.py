@@ -1,0 +1,185 @@
+"""Checkpoints in a format hybridmoe does not implement are refused with one line, before anything is computed.
+
+The seed of this test: an FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 layout: float8_e4m3fn weights, one
+``weight_scale_inv`` per weight, ``quantization_config.quant_method: fp8``) used to load with its scales ignored and
+answer garbage with exit 0. Every kind below must now end in one ``hybridmoe: error:`` line naming the format or
+tensor, exit 2, no traceback, for every command that loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hybridmoe.cli import main
+from hybridmoe.errors import CheckpointError
+from hybridmoe.loading import load_model
+
+from .helpers import make_checkpoint, write_dataset
+
+
+def _rewrite(src, dst, transform, quant_config=None):
+    """Copy checkpoint `src` to `dst`, passing its tensors through transform(dict) -> dict; optionally declare a
+    quantization_config in config.json."""
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    save_file(transform(load_file(str(f))), str(f), metadata={"format": "pt"})
+    if quant_config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"] = quant_config
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _is_linear_weight(k: str, t: torch.Tensor) -> bool:
+    return k.endswith(".weight") and t.dim() == 2 and "norm" not in k and "embed" not in k
+
+
+def _fp8_blockwise(sd: dict) -> dict:
+    """Every Linear/expert weight as float8_e4m3fn with a [ceil(out/128), ceil(in/128)] weight_scale_inv."""
+    out = {}
+    for k, t in sd.items():
+        if _is_linear_weight(k, t) and "lm_head" not in k:
+            scale = t.abs().amax().clamp_min(1e-12) / 448.0
+            out[k] = (t / scale).to(torch.float8_e4m3fn)
+            out[k[: -len("weight")] + "weight_scale_inv"] = scale.reshape(1, 1).float()
+        else:
+            out[k] = t
+    return out
+
+
+def _fp8_no_scales(sd: dict) -> dict:
+    return {k: (t.to(torch.float8_e4m3fn) if _is_linear_weight(k, t) and "lm_head" not in k else t) for k, t in sd.items()}
+
+
+def _scales_beside_float(sd: dict) -> dict:
+    """bf16 weights with stray scale tensors: the scales would be ignored, so the checkpoint is not understood."""
+    out = dict(sd)
+    for k in sd:
+        if k.endswith("experts.0.down_proj.weight"):
+            out[k[: -len("weight")] + "weight_scale_inv"] = torch.ones(1, 1)
+    return out
+
+
+def _gptq_packed(sd: dict) -> dict:
+    """A GPTQ-style pack on the first attention projection: qweight int32 + scales + qzeros, no float weight."""
+    out = dict(sd)
+    k = next(k for k in sd if k.endswith("self_attn.q_proj.weight"))
+    w = out.pop(k)
+    base = k[: -len("weight")]
+    out[base + "qweight"] = torch.zeros(w.shape[1] // 8, w.shape[0], dtype=torch.int32)
+    out[base + "scales"] = torch.ones(1, w.shape[0], dtype=torch.float16)
+    out[base + "qzeros"] = torch.zeros(1, w.shape[0] // 8, dtype=torch.int32)
+    return out
+
+
+def _int_weight(sd: dict) -> dict:
+    k = next(k for k in sd if k.endswith("self_attn.o_proj.weight"))
+    return {**sd, k: sd[k].to(torch.int8)}
+
+
+def _extra_in_used_module(sd: dict) -> dict:
+    k = next(k for k in sd if k.endswith("self_attn.o_proj.weight"))
+    return {**sd, k[: -len("weight")] + "lora_magnitude": torch.ones(4)}
+
+
+# (id, transform, quantization_config, fragment the one line must contain)
+KINDS = [
+    ("fp8-block", _fp8_blockwise, {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+     "quant_method 'fp8' (FP8 (e4m3) weights with block scales)"),
+    ("mxfp4", lambda sd: sd, {"quant_method": "mxfp4"}, "quant_method 'mxfp4'"),
+    ("compressed-tensors", lambda sd: sd, {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+     "quant_method 'compressed-tensors'"),
+    ("gptq", _gptq_packed, {"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method 'gptq'"),
+    ("awq", lambda sd: sd, {"quant_method": "awq", "bits": 4}, "quant_method 'awq'"),
+    ("bitsandbytes", lambda sd: sd, {"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
+    ("fp8-no-config", _fp8_no_scales, None, "is stored as F8_E4M3"),
+    ("fp8-scales-no-config", _fp8_blockwise, None, "is quantization data ('weight_scale_inv')"),
+    ("scales-beside-bf16", _scales_beside_float, None, "experts.0.down_proj.weight_scale_inv"),
+    ("gptq-no-config", _gptq_packed, None, "is quantization data"),
+    ("int8-weight", _int_weight, None, "is stored as I8"),
+    ("extra-tensor", _extra_in_used_module, None, "o_proj.lora_magnitude' in 'model.safetensors' belongs to a module"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    base = make_checkpoint("qwen3_moe", root / "base")
+    return {kid: _rewrite(base, root / kid, tf, qc) for kid, tf, qc, _ in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+def test_load_refuses(kind, bad_ckpts):
+    kid, _, _, fragment = kind
+    with pytest.raises(CheckpointError) as e:
+        load_model(bad_ckpts[kid], device="cpu", progress=False)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def _one_line(capsys, argv, fragment):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hybridmoe: error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert fragment in errors[0], errors[0]
+
+
+def test_every_command_refuses_fp8(bad_ckpts, tmp_path, capsys, ckpt_dir):
+    """train, chat, info, export and serve all go through the guard (the FP8 checkpoint of the issue)."""
+    fp8 = str(bad_ckpts["fp8-block"])
+    frag = "quant_method 'fp8'"
+    _one_line(capsys, ["chat", "--model", fp8, "--prompt", "hi", "--device", "cpu"], frag)
+    _one_line(capsys, ["info", "--model", fp8, "--device", "cpu"], frag)
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"model_name_or_path: {fp8}\ndataset: {write_dataset(tmp_path / 'd.jsonl', n=4)}\n"
+                   f"output_dir: {tmp_path / 'out'}\ndevice: cpu\nmax_steps: 1\nprogress: false\n")
+    _one_line(capsys, ["train", str(cfg)], frag)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # export: an adapter trained on the plain checkpoint, merged into the FP8 one, is refused before writing.
+    adapter = tmp_path / "adapter"
+    ok_cfg = tmp_path / "ok.yaml"
+    ok_cfg.write_text(f"model_name_or_path: {ckpt_dir('qwen3_moe')}\ndataset: {tmp_path / 'd.jsonl'}\n"
+                      f"output_dir: {adapter}\ndevice: cpu\nmax_steps: 1\nprogress: false\nlora_rank: 2\n")
+    assert main(["train", str(ok_cfg)]) == 0
+    _one_line(capsys, ["export", "--model", fp8, "--adapter", str(adapter), "--output", str(tmp_path / "merged")], frag)
+    assert not (tmp_path / "merged").exists()
+    pytest.importorskip("fastapi")
+    _one_line(capsys, ["serve", "--model", fp8, "--device", "cpu", "--port", "0"], frag)
+
+
+def test_export_refuses_fp8_without_config(bad_ckpts, tmp_path, capsys, ckpt_dir):
+    """The per-tensor check also guards export (it copies tensors it does not merge)."""
+    adapter = tmp_path / "adapter"
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(f"model_name_or_path: {ckpt_dir('qwen3_moe')}\ndataset: {write_dataset(tmp_path / 'd.jsonl', n=4)}\n"
+                   f"output_dir: {adapter}\ndevice: cpu\nmax_steps: 1\nprogress: false\nlora_rank: 2\n")
+    assert main(["train", str(cfg)]) == 0
+    _one_line(capsys, ["export", "--model", str(bad_ckpts["fp8-no-config"]), "--adapter", str(adapter),
+                       "--output", str(tmp_path / "merged")], "is stored as F8_E4M3")
+
+
+def test_provably_unused_tensors_are_ignored(tmp_path, ckpt_dir):
+    """Rotary buffers and a layer past the model's depth (DeepSeek-V3's MTP layer) are the only tensors ignored;
+    the model loads and computes exactly what the plain checkpoint does."""
+    base = ckpt_dir("deepseek_v3")
+    n_layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+
+    def extras(sd):
+        out = dict(sd)
+        out[f"model.layers.{n_layers}.mlp.experts.0.gate_proj.weight"] = torch.ones(24, 32)  # MTP layer
+        out[f"model.layers.{n_layers}.eh_proj.weight"] = torch.ones(32, 64)
+        out["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # v4-era persisted rotary buffer
+        return out
+
+    ok = _rewrite(base, tmp_path / "mtp", extras)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        want = load_model(base, device="cpu", progress=False)(ids).logits
+        got = load_model(ok, device="cpu", progress=False)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
