@@ -288,7 +288,7 @@ def _fused_expert_adapters(model, cfg, fused: dict[str, dict[str, dict[str, torc
     for mod, nests in fused.items():
         ex = _experts_module(model, mod)
         s = ex.spec
-        shapes = {"gate_up_proj": (s.hidden_dim, 2 * s.intermediate_dim), "down_proj": (s.intermediate_dim, s.hidden_dim)}
+        shapes = {p: (s.shape(p)[2], s.shape(p)[1]) for p in PROJECTIONS}  # (in, out)
         for nest, ab in sorted(nests.items(), key=lambda kv: -len(kv[0])):
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}{nest}'")
@@ -314,7 +314,7 @@ def _per_expert_adapters(model, cfg, per: dict) -> dict:
     out = {}
     for (mod, proj), chunks in per.items():
         ex = _experts_module(model, mod)
-        n_chunks = 2 if proj == "gate_up_proj" else 1
+        n_chunks = 2 if proj == "gate_up_proj" and ex.spec.gated else 1
         As, Bs = [], []
         for e in range(ex.num_experts):
             a_parts, b_parts = [], []
@@ -327,8 +327,10 @@ def _per_expert_adapters(model, cfg, per: dict) -> dict:
             As.append(torch.cat(a_parts, 0))  # [c·r, in]
             Bs.append(torch.block_diag(*b_parts))  # [out, c·r]: gate rows see only gate's A, up rows only up's
         A, B = torch.stack(As), torch.stack(Bs)
-        want_in = ex.spec.hidden_dim if proj == "gate_up_proj" else ex.spec.intermediate_dim
-        want_out = 2 * ex.spec.intermediate_dim if proj == "gate_up_proj" else ex.spec.hidden_dim
+        if proj == "gate_up_proj" and ex.spec.interleaved:  # rows [g0, u0, g1, u1, ...] (gpt-oss), not [g; u]
+            i = ex.spec.intermediate_dim
+            B = B[:, torch.stack([torch.arange(i), torch.arange(i) + i], 1).flatten()]
+        _, want_out, want_in = ex.spec.shape(proj)
         if A.shape[2] != want_in or B.shape[1] != want_out:
             raise AdapterError(f"per-expert adapter for '{mod}' {proj} has in/out {A.shape[2]}/{B.shape[1]}, the model "
                                f"has {want_in}/{want_out}; is the adapter for another model?")
@@ -360,6 +362,8 @@ def split_adapter(model: nn.Module, cfg: dict, sd: dict[str, torch.Tensor]):
         m = _PER_EXPERT_KEY.match(name)
         if m:
             proj, chunk = _PER_EXPERT_PROJ[m["proj"]]
+            if m["proj"] == "up_proj" and not _experts_module(model, m["mod"]).spec.gated:
+                chunk = 0  # non-gated experts: up_proj is the whole input projection
             per.setdefault((m["mod"], proj), {}).setdefault(chunk, {}).setdefault(int(m["e"]), {})[m["ab"]] = t
             continue
         m = _FUSED_KEY.match(name)

@@ -29,7 +29,7 @@ class ExpertSlice:
     """Where a per-expert or fused checkpoint tensor lands in a layer's fused expert weights."""
 
     module: str  # e.g. "model.layers.1.mlp.experts"
-    proj: str  # "gate_up_proj" | "down_proj"
+    proj: str  # "gate_up_proj" | "up_proj" | "down_proj", + "_bias" for the experts' biases
     expert: int | None  # None: the whole fused [E, ...] tensor
     chunk: int  # which row-chunk of the expert's matrix (gate=0, up=1 for gate_up_proj)
     num_chunks: int
@@ -56,7 +56,7 @@ class KeyMapper:
                     pat = rf"^(?P<mod>.*{re.escape(head.rstrip('.'))})\.(?P<e>\d+){re.escape(tail)}$"
                     self.experts.append((re.compile(pat), target, chunk, len(rule.source_patterns)))
         # Fused v5 names need no rule but are expert tensors all the same.
-        self.fused = re.compile(r"^(?P<mod>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+        self.fused = re.compile(r"^(?P<mod>.*\.experts)\.(?P<proj>(gate_up_proj|up_proj|down_proj)(_bias)?)$")
 
     def rename(self, key: str) -> str:
         for pat, tgt in self.renames:

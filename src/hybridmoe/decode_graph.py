@@ -65,7 +65,7 @@ class _GpuShare:
 
     def __init__(self, module: HybridExperts, hidden: torch.Tensor, k: int, n: int):
         w, dev = module.weights, hidden.device
-        self.n, self.k, self.act_fn = n, k, module.act_fn
+        self.n, self.k, self.mlp = n, k, module.mlp
         self.gate_up = torch.empty((n, *w.gate_up.shape[1:]), dtype=w.gate_up.dtype, device=dev)  # [n, 2I, H]
         self.down = torch.empty((n, *w.down.shape[1:]), dtype=w.down.dtype, device=dev)  # [n, H, I]
         self.scales = None  # int8: [n, 2I], [n, H] bf16
@@ -102,8 +102,7 @@ class _GpuShare:
         x = self.x.to(gate_up.dtype)  # [1, H]
         acc = torch.zeros_like(self.y)
         for s in range(self.n):
-            g, u = (x @ gate_up[s].T).float().chunk(2, dim=-1)  # [1, I] each
-            h = (self.act_fn(g) * u).to(down.dtype)
+            h = self.mlp((x @ gate_up[s].T).float()).to(down.dtype)  # [1, I]
             acc += self.w[:, self.k - self.n + s, None] * (h @ down[s].T).float()  # [1, H]
         self.y.copy_(acc)
 
@@ -254,7 +253,8 @@ class StaticDecoder:
         # On CUDA the weights must be page-locked (they are whenever streaming is on), or the copies would stall the
         # host instead of overlapping the CPU's experts.
         pinned = hidden.device.type != "cuda" or module.weights.gate_up.is_pinned()
-        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned:
+        # Expert biases would have to cross too: blocks with them (gpt-oss) compute every expert on the CPU.
+        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned and module.weights.bias is None:
             self.share = _GpuShare(module, hidden, k, n)
 
     def reset(self) -> None:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .adapters import _alpha_for, _check_linear, nonfinite_tensors, read_adapter, split_adapter
 from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import AdapterError, CheckpointError, NonFiniteError
-from .experts import HybridExperts
+from .experts import ExpertsSpec, HybridExperts
 from .formats import check_tensors, refuse_quantized_config
 from .io import atomic_replace_dir
 from .loading import _build_empty, _swap_experts
@@ -97,12 +97,14 @@ class _Target:
     expert: int | None = None  # None: the fused [E, out, in] key
     chunk: int = 0
     num_chunks: int = 1
+    transposed: bool = False  # the checkpoint stores this expert projection [.., in, out] (gpt-oss, Llama-4)
 
 
 @dataclass
 class _Deltas:
     linear: dict[str, _LinearLoRA]  # model module name -> LoRA
     experts: dict[tuple[str, str], _ExpertLoRA]  # (experts module, proj) -> LoRA
+    specs: dict[str, ExpertsSpec]  # experts module -> its layout (transposed, input projection's name)
 
     def for_target(self, t: _Target) -> _LinearLoRA | _ExpertLoRA:
         return self.linear[t.module] if t.module is not None else self.experts[t.experts]
@@ -130,7 +132,8 @@ def _read_deltas(adapter_dir: Path, model: nn.Module) -> _Deltas:
     _check_linear(model, linear)
     lin = {mod: _LinearLoRA(ab["A"], ab["B"], _alpha_for(cfg, mod) / ab["A"].shape[0]) for mod, ab in linear.items()}
     exp = {key: _ExpertLoRA(ea.A.float(), ea.B.float(), ea.alpha / ea.A.shape[1]) for key, ea in experts.items()}
-    return _Deltas(lin, exp)
+    specs = {n: m.spec for n, m in model.named_modules() if isinstance(m, HybridExperts)}
+    return _Deltas(lin, exp, specs)
 
 
 # -- planning: names and headers only ------------------------------------------------------------------------------
@@ -139,9 +142,12 @@ def _target_of(key: str, mapper: KeyMapper, deltas: _Deltas) -> _Target | None:
     name = mapper.rename(key)
     sl = mapper.expert_slice(name)
     if sl is not None:
-        if (sl.module, sl.proj) not in deltas.experts:
+        spec = deltas.specs.get(sl.module)
+        proj = "gate_up_proj" if spec is not None and sl.proj == spec.up_name else sl.proj  # biases: no LoRA
+        if (sl.module, proj) not in deltas.experts:
             return None
-        return _Target(experts=(sl.module, sl.proj), expert=sl.expert, chunk=sl.chunk, num_chunks=sl.num_chunks)
+        return _Target(experts=(sl.module, proj), expert=sl.expert, chunk=sl.chunk, num_chunks=sl.num_chunks,
+                       transposed=spec.transposed)
     if name.endswith(".weight") and name[: -len(".weight")] in deltas.linear:
         return _Target(module=name[: -len(".weight")])
     return None
@@ -152,9 +158,8 @@ def _expected_shape(t: _Target, deltas: _Deltas) -> tuple[int, ...]:
     if isinstance(lora, _LinearLoRA):
         return (lora.B.shape[0], lora.A.shape[1])
     rows = lora.out_features // t.num_chunks
-    if t.expert is None:
-        return (lora.num_experts, rows, lora.in_features)
-    return (rows, lora.in_features)
+    mat = (lora.in_features, rows) if t.transposed else (rows, lora.in_features)
+    return (lora.num_experts, *mat) if t.expert is None else mat
 
 
 def _check_header(key: str, f: Path, shape: tuple[int, ...], dtype: str, t: _Target, deltas: _Deltas) -> None:
@@ -222,11 +227,15 @@ def _merge_tensor(w: torch.Tensor, t: _Target, deltas: _Deltas) -> torch.Tensor:
     lora = deltas.for_target(t)
     if isinstance(lora, _LinearLoRA):
         return (w.float() + lora.delta()).to(w.dtype)  # [out, in]
+    def delta(e: int) -> torch.Tensor:  # [rows, in], or [in, rows] in a transposed checkpoint
+        d = lora.delta(e, t.chunk, t.num_chunks)
+        return d.T if t.transposed else d
+
     if t.expert is not None:
-        return (w.float() + lora.delta(t.expert, t.chunk, t.num_chunks)).to(w.dtype)  # [rows, in]
-    out = torch.empty_like(w)  # [E, out, in]
+        return (w.float() + delta(t.expert)).to(w.dtype)
+    out = torch.empty_like(w)  # [E, out, in] (or [E, in, out])
     for e in range(w.shape[0]):
-        out[e] = (w[e].float() + lora.delta(e, t.chunk, t.num_chunks)).to(w.dtype)
+        out[e] = (w[e].float() + delta(e)).to(w.dtype)
     return out
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import CheckpointError, ConfigError
 from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
+from .experts.formula import ExpertMLP
 from .experts.streaming import enable_streaming
 from .formats import check_tensors, refuse_quantized_config
 from .host_embedding import embeddings_to_host
@@ -103,7 +104,8 @@ def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cp
     out = {}
     for name, old in found:
         spec = experts_spec(name, old)
-        new = HybridExperts(spec, old.act_fn, expert_dtype, source_class=type(old).__name__, device=device)
+        mlp = ExpertMLP.from_block(old, spec.gated)
+        new = HybridExperts(spec, mlp, expert_dtype, source_class=type(old).__name__, device=device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         out[name] = new
@@ -132,21 +134,39 @@ def _check_shape(tensor: torch.Tensor, want: tuple, key: str, f: Path) -> None:
 
 
 def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: Path) -> None:
-    weights = experts.weights
-    dst = weights.tensor(sl.proj)  # [E, out, in] cpu
+    """One checkpoint tensor of the routed experts into its CPU home: a whole fused projection or bias, or one
+    expert's slice of one; transposed ([E, in, out]) checkpoints are turned to [E, out, in] on the way."""
+    weights, spec = experts.weights, experts.spec
+    bias = sl.proj.endswith("_bias")
+    proj = sl.proj[: -len("_bias")] if bias else sl.proj
+    proj = "gate_up_proj" if proj == spec.up_name else proj  # the input projection's slot ("up_proj" when non-gated)
+    if bias and weights.bias is None:
+        raise CheckpointError(f"tensor '{key}' in '{f.name}' is an expert bias, but '{sl.module}' has none; is the "
+                              "checkpoint for another architecture?")
+    if proj not in weights.loaded:
+        raise CheckpointError(f"tensor '{key}' in '{f.name}' is a '{sl.proj}' of '{sl.module}', which has "
+                              f"'{spec.up_name}' and 'down_proj'")
+    full = weights.bias[proj] if bias else weights.tensor(proj)  # [E, out] or [E, out, in] cpu
+    mark = weights.loaded[f"{proj}_bias" if bias else proj]  # [E, 2]
+    if spec.transposed and not bias:
+        tensor = tensor.transpose(-1, -2)
     if sl.expert is None:
-        _check_shape(tensor, tuple(dst.shape), key, f)
-        weights.write(sl.proj, tensor)
-        weights.loaded[sl.proj][:] = True
+        _check_shape(tensor, tuple(full.shape), key, f)
+        weights.write_bias(proj, tensor) if bias else weights.write(proj, tensor)
+        mark[:] = True
         return
-    if not 0 <= sl.expert < dst.shape[0]:
-        raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {dst.shape[0]} experts")
-    rows = dst.shape[1] // sl.num_chunks
-    _check_shape(tensor, (rows, dst.shape[2]), key, f)
+    if not 0 <= sl.expert < full.shape[0]:
+        raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {full.shape[0]} experts")
+    rows = full.shape[1] // sl.num_chunks
+    _check_shape(tensor, (rows, *full.shape[2:]), key, f)
     # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home (int8
     # weights are quantized slice by slice, so a bf16 copy of the whole model never exists).
-    weights.write(sl.proj, tensor, expert=sl.expert, rows=slice(sl.chunk * rows, (sl.chunk + 1) * rows))
-    weights.loaded[sl.proj][sl.expert, sl.chunk] = True
+    if bias:
+        weights.bias[proj][sl.expert, sl.chunk * rows:(sl.chunk + 1) * rows].copy_(tensor)
+    else:
+        weights.write(proj, tensor, expert=sl.expert, rows=slice(sl.chunk * rows, (sl.chunk + 1) * rows))
+    span = mark.shape[1] // sl.num_chunks
+    mark[sl.expert, sl.chunk * span:(sl.chunk + 1) * span] = True
 
 
 def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool,

@@ -34,6 +34,7 @@ from torch import nn
 from . import cpu_kernel
 from . import watch as _watch
 from .discovery import ExpertsSpec
+from .formula import ExpertMLP
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -53,31 +54,36 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertWeights:
-    """The CPU home of one layer's routed-expert weights, in transformers' fused layout.
+    """The CPU home of one layer's routed-expert weights, in the canonical fused layout [E, out, in].
 
-    gate_up: [E, 2I, H] (rows [:I] are the gate projection, [I:] the up projection)
+    gate_up: [E, U, H], U = 2I gate and up rows for gated experts (in the block's own order: concatenated or
+             interleaved, which the gate function knows), U = I up rows for non-gated ones
     down:    [E, H, I]
+    bias:    None, or {"gate_up_proj": [E, U], "down_proj": [E, H]} (fp32 unless the weights are bf16/fp32)
     dtype is bf16 or fp32; never a zero-size placeholder. With dtype int8 the weights are quantized per output row as
-    they are loaded, and ``scales`` holds bf16 [E, 2I] and [E, H]: w ≈ q · scale.
+    they are loaded, and ``scales`` holds bf16 [E, U] and [E, H]: w ≈ q · scale.
     """
 
     def __init__(self, spec: ExpertsSpec, dtype: torch.dtype, device: str = "cpu"):
-        e, h, i = spec.num_experts, spec.hidden_dim, spec.intermediate_dim
+        e = spec.num_experts
         # Uninitialised on purpose: the loader fills every expert slice and checks that it did (see `loaded`).
         # device="meta" only for shape bookkeeping (export plans its merge without reserving host memory).
-        self.gate_up = torch.empty(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H] cpu
-        self.down = torch.empty(e, h, i, dtype=dtype, device=device)  # [E, H, I] cpu
+        self.gate_up = torch.empty(spec.shape("gate_up_proj"), dtype=dtype, device=device)  # [E, U, H] cpu
+        self.down = torch.empty(spec.shape("down_proj"), dtype=dtype, device=device)  # [E, H, I] cpu
         for t in (self.gate_up, self.down):  # before the loader's first touch, which is when pages are chosen
             advise_huge_pages(t)
         self.scales: dict[str, torch.Tensor] | None = None
         if dtype == torch.int8:
-            self.scales = {"gate_up_proj": torch.ones(e, 2 * i, dtype=torch.bfloat16, device=device),  # [E, 2I]
-                           "down_proj": torch.ones(e, h, dtype=torch.bfloat16, device=device)}  # [E, H]
-        # Per (projection, expert, row-chunk) coverage, so a partially loaded checkpoint is caught, not computed on.
-        self.loaded: dict[str, torch.Tensor] = {
-            "gate_up_proj": torch.zeros(e, 2, dtype=torch.bool),
-            "down_proj": torch.zeros(e, 1, dtype=torch.bool),
-        }
+            self.scales = {p: torch.ones(spec.shape(p)[:2], dtype=torch.bfloat16, device=device)  # [E, out]
+                           for p in PROJECTIONS}
+        self.bias: dict[str, torch.Tensor] | None = None
+        if spec.has_bias:
+            bias_dtype = dtype if dtype.is_floating_point else torch.float32
+            self.bias = {p: torch.zeros(spec.shape(p)[:2], dtype=bias_dtype, device=device) for p in PROJECTIONS}
+        # Per (projection, expert, row-half) coverage, so a partially loaded checkpoint is caught, not computed on.
+        self.loaded: dict[str, torch.Tensor] = {p: torch.zeros(e, 2, dtype=torch.bool) for p in PROJECTIONS}
+        if spec.has_bias:
+            self.loaded.update({f"{p}_bias": torch.zeros(e, 2, dtype=torch.bool) for p in PROJECTIONS})
 
     def tensor(self, proj: str) -> torch.Tensor:
         return self.gate_up if proj == "gate_up_proj" else self.down
@@ -101,22 +107,36 @@ class ExpertWeights:
         dst.copy_(q)
         self.scales[proj][expert, rows].copy_(scale)
 
+    def write_bias(self, proj: str, value: torch.Tensor, expert: int | None = None) -> None:
+        """Store a projection's biases: all experts ([E, out], expert None) or one expert's [out]."""
+        dst = self.bias[proj] if expert is None else self.bias[proj][expert]
+        dst.copy_(value)
+
     def dequantized(self, proj: str) -> torch.Tensor:
         """The projection's weights as floats, [E, out, in] (the stored tensor itself unless quantized)."""
         w = self.tensor(proj)
         return dequantize_rows(w, self.scales[proj]) if self.quantized else w
 
     def host_tensors(self) -> list[torch.Tensor]:
-        """Every tensor that makes up the weights, in streaming order: gate_up, down (+ their scales when int8)."""
-        extra = [self.scales["gate_up_proj"], self.scales["down_proj"]] if self.quantized else []
-        return [self.gate_up, self.down, *extra]
+        """Every tensor that makes up the weights, in streaming order: gate_up, down (+ their scales when int8, + their
+        biases when the block has them)."""
+        out = [self.gate_up, self.down]
+        for extra in (self.scales, self.bias):
+            if extra is not None:
+                out += [extra[p] for p in PROJECTIONS]
+        return out
+
+    def unpack(self, tensors) -> tuple[torch.Tensor, torch.Tensor, dict | None, dict | None]:
+        """(gate_up, down, scales, bias) from a list laid out like :meth:`host_tensors` (e.g. a streamed GPU slot)."""
+        gate_up, down, *rest = tensors
+        scales = dict(zip(PROJECTIONS, rest[:2])) if self.quantized else None
+        bias = dict(zip(PROJECTIONS, rest[-2:])) if self.bias is not None else None
+        return gate_up, down, scales, bias
 
     def replace_host_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Rebind :meth:`host_tensors` (same order, shapes and dtypes) to other storage, e.g. views of a host-shared
         mapping."""
-        self.gate_up, self.down, *scales = tensors
-        if self.quantized:
-            self.scales = dict(zip(PROJECTIONS, scales))
+        self.gate_up, self.down, self.scales, self.bias = self.unpack(tensors)
 
     def pin(self) -> bool:
         """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA."""
@@ -227,40 +247,12 @@ class ExpertLoRA:
         return self._stage
 
 
-def _silu_backward(g: torch.Tensor, grad_act: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(g)
-    return grad_act * s * (1.0 + g * (1.0 - s))
-
-
-def _act_backward(act_fn: nn.Module, g: torch.Tensor, grad_act: torch.Tensor) -> torch.Tensor:
-    """d act(g) / dg · grad_act; closed form for SiLU, autograd for any other elementwise activation."""
-    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
-        return _silu_backward(g, grad_act)
-    with torch.enable_grad():
-        g_ = g.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(act_fn(g_), g_, grad_act)
-    return grad
-
-
 class LoRAFactors(NamedTuple):
     """The factors one compute pass uses: the CPU masters themselves, or their copies on the compute device."""
 
     A: torch.Tensor  # [E, r, in] fp32
     B: torch.Tensor  # [E, out, r] fp32
     scale: float
-
-
-def _gate(act_fn: nn.Module, gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """gu [n, 2I] -> (g, u, h = act(g)·u, act(g)): the gated activation and the pieces its backward needs."""
-    g, u = gu.chunk(2, dim=-1)  # [n, I] each
-    a = act_fn(g)
-    return g, u, a * u, a
-
-
-def _gate_backward(act_fn: nn.Module, gu: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """dL/dgu [n, 2I] from dL/dh [n, I]; the elementwise gate is recomputed from the kept gu (no GEMM)."""
-    g, u, _, a = _gate(act_fn, gu)
-    return torch.cat([_act_backward(act_fn, g, dh * u), dh * a], dim=-1)
 
 
 def _int8pack_ok(w: torch.Tensor) -> bool:
@@ -277,11 +269,13 @@ class _LoopMath:
     slots; ``groups`` lists (expert, row slice) for the experts that have any.
     """
 
-    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
-                 groups: list[tuple[int, slice]], scales: dict[str, torch.Tensor] | None = None):
-        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
+    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], mlp: ExpertMLP,
+                 groups: list[tuple[int, slice]], scales: dict[str, torch.Tensor] | None = None,
+                 bias: dict[str, torch.Tensor] | None = None):
+        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, U, H], [E, H, I]
         self.scales = scales  # int8 weights: per-row bf16 scales [E, out]
-        self.lora, self.act_fn, self.groups = lora, act_fn, groups
+        self.bias = bias  # [E, out] per projection, or None
+        self.lora, self.mlp, self.groups = lora, mlp, groups
         self.act_dtype = torch.float32  # activations kept between the GEMMs
 
     def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -293,6 +287,8 @@ class _LoopMath:
             y = nn.functional.linear(x.to(torch.bfloat16), dequantize_rows(w, self.scales[proj][e])).float()
         else:
             y = nn.functional.linear(x.to(w.dtype), w).float()
+        if self.bias is not None:
+            y = y + self.bias[proj][e].float()
         lo = self.lora.get(proj)
         if lo is not None:
             y = y + lo.scale * ((x @ lo.A[e].T) @ lo.B[e].T)
@@ -304,7 +300,7 @@ class _LoopMath:
         y_out = x.new_empty(x.shape[0], self.w["down_proj"].shape[1])  # [S, H]
         for e, rows in self.groups:
             gu = self._linear("gate_up_proj", x[rows], e)  # [n, 2I]
-            y_out[rows] = self._linear("down_proj", _gate(self.act_fn, gu)[2], e)  # [n, H]
+            y_out[rows] = self._linear("down_proj", self.mlp(gu), e)  # [n, H]
             if keep:
                 gu_out[rows] = gu
         return gu_out, y_out
@@ -330,9 +326,9 @@ class _LoopMath:
         """dy [S, H] = dL/dy per slot -> dx [S, H]; LoRA grads accumulate into `grads`."""
         dx_out = torch.empty_like(x)  # [S, H]
         for e, rows in self.groups:
-            h = _gate(self.act_fn, gu[rows])[2]
+            h = self.mlp(gu[rows])  # [n, I], recomputed from the kept pre-activation
             dh = self._linear_backward("down_proj", dy[rows], h, e, grads)  # [n, I]
-            dgu = _gate_backward(self.act_fn, gu[rows], dh)  # [n, 2I]
+            dgu = self.mlp.backward(gu[rows], dh)  # [n, U]
             dx_out[rows] = self._linear_backward("gate_up_proj", dgu, x[rows], e, grads)
         return dx_out
 
@@ -360,17 +356,20 @@ class _GroupedMath:
     accumulate in fp32; the LoRA master weights stay fp32 on the CPU. For fp32 weights the path is fp32 throughout.
     """
 
-    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], act_fn: nn.Module,
-                 offs: torch.Tensor):
-        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, 2I, H], [E, H, I]
+    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], mlp: ExpertMLP,
+                 offs: torch.Tensor, row_bias: dict[str, torch.Tensor] | None = None):
+        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, U, H], [E, H, I]
         self.dtype = self.act_dtype = w_gu.dtype
-        self.lora, self.act_fn, self.offs = lora, act_fn, offs  # offs: [E] int32 cumulative row ends
+        self.lora, self.mlp, self.offs = lora, mlp, offs  # offs: [E] int32 cumulative row ends
+        self.row_bias = row_bias  # per projection [S, out]: each sorted row's expert bias, or None
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _gmm(a.to(self.dtype), b, self.offs)
 
     def _linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
         y = self._mm(x, self.w[proj].transpose(1, 2))  # [S, out]: per group x W[e]^T
+        if self.row_bias is not None:
+            y = y + self.row_bias[proj]
         lo = self.lora.get(proj)
         if lo is not None:
             xa = self._mm(x, lo.A.transpose(1, 2))  # [S, r]
@@ -380,7 +379,7 @@ class _GroupedMath:
     def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x [S, H] -> (gu [S, 2I] if keep else empty, y [S, H]); the results themselves, never copied."""
         gu = self._linear("gate_up_proj", x)  # [S, 2I]
-        y = self._linear("down_proj", _gate(self.act_fn, gu)[2])  # [S, H]
+        y = self._linear("down_proj", self.mlp(gu))  # [S, H]
         return (gu if keep else gu.new_empty(0, gu.shape[1])), y
 
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, grads: dict) -> torch.Tensor:
@@ -397,8 +396,8 @@ class _GroupedMath:
         return dx
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict) -> torch.Tensor:
-        dh = self._linear_backward("down_proj", dy, _gate(self.act_fn, gu)[2], grads)  # [S, I]
-        dgu = _gate_backward(self.act_fn, gu, dh)  # [S, 2I]
+        dh = self._linear_backward("down_proj", dy, self.mlp(gu), grads)  # [S, I]
+        dgu = self.mlp.backward(gu, dh)  # [S, U]
         del dh
         return self._linear_backward("gate_up_proj", dgu, x, grads)  # [S, H]
 
@@ -530,12 +529,13 @@ class HybridExperts(nn.Module):
     attributes, invisible to ``model.to()``, ``state_dict()`` and PEFT.
     """
 
-    def __init__(self, spec: ExpertsSpec, act_fn: nn.Module, weight_dtype: torch.dtype, source_class: str = "",
+    def __init__(self, spec: ExpertsSpec, mlp: ExpertMLP | nn.Module, weight_dtype: torch.dtype, source_class: str = "",
                  device: str = "cpu"):
         super().__init__()
         self.spec = spec
         self.num_experts = spec.num_experts
-        self.act_fn = act_fn
+        # What the expert computes between its projections; an activation module alone means the plain gated MLP.
+        self.mlp = mlp if isinstance(mlp, ExpertMLP) else ExpertMLP(mlp, spec.gated)
         self.source_class = source_class
         self.weights = ExpertWeights(spec, weight_dtype, device)
         self.lora: dict[str, ExpertLoRA] = {}
@@ -549,9 +549,8 @@ class HybridExperts(nn.Module):
 
     # -- LoRA -------------------------------------------------------------------------------------------------
     def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:
-        s = self.spec
-        in_f, out_f = (s.hidden_dim, 2 * s.intermediate_dim) if proj == "gate_up_proj" else (s.intermediate_dim, s.hidden_dim)
-        lo = ExpertLoRA(s.num_experts, in_f, out_f, rank, alpha)
+        e, out_f, in_f = self.spec.shape(proj)
+        lo = ExpertLoRA(e, in_f, out_f, rank, alpha)
         self.lora[proj] = lo
         return lo
 
@@ -570,36 +569,38 @@ class HybridExperts(nn.Module):
         """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        w_gu, w_d = self.weights_on(streamed)
+        w_gu, w_d, bias = self.weights_on(streamed)
         grouped = streamed and _grouped_ok(w_gu, w_d)  # else the per-expert loop, on the device
         lora = self.lora_on(ids.device, w_gu.dtype if grouped else torch.float32, pad_rank=grouped)
         if grouped:
             # Group ends by binary search in the sorted ids: unlike bincount on CUDA, no host sync.
+            sorted_ids = flat[order]  # [S]
             experts = torch.arange(self.num_experts, device=flat.device)
-            offs = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)  # [E]
-            return order, _GroupedMath(w_gu, w_d, lora, self.act_fn, offs)
+            offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [E]
+            row_bias = None if bias is None else {p: b[sorted_ids].to(w_gu.dtype) for p, b in bias.items()}  # [S, out]
+            return order, _GroupedMath(w_gu, w_d, lora, self.mlp, offs, row_bias)
         groups, start = [], 0
         for e, n in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
             if n:
                 groups.append((e, slice(start, start + n)))
             start += n
         scales = self.weights.scales if w_gu.dtype == torch.int8 else None
-        return order, _LoopMath(w_gu, w_d, lora, self.act_fn, groups, scales)
+        return order, _LoopMath(w_gu, w_d, lora, self.mlp, groups, scales, bias)
 
     def streams(self, hidden: torch.Tensor) -> bool:
         """Whether this call runs on the GPU with the weights streamed in: batches of at least
         ``streamer.min_tokens`` tokens. Smaller ones (decode, short prompts) run on the CPU, next to the weights."""
         return self.streamer is not None and hidden.shape[0] >= self.streamer.min_tokens
 
-    def weights_on(self, streamed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [E, 2I, H], down [E, H, I]): the host tensors, or this layer's streamed slot on the device."""
+    def weights_on(self, streamed: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+        """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
+        device (int8 dequantized there: int8 crossed the bus, half the bytes; the grouped GEMMs want bf16)."""
         if streamed:
-            slot = self.streamer.acquire(self.stream_index)  # the layer's host_tensors(), on the device
-            if self.weights.quantized:  # int8 crossed the bus (half the bytes); the grouped GEMMs want bf16
-                q_gu, q_d, s_gu, s_d = slot
-                return dequantize_rows(q_gu, s_gu), dequantize_rows(q_d, s_d)
-            return slot
-        return self.weights.gate_up, self.weights.down
+            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index))
+            if scales is not None:
+                gate_up, down = dequantize_rows(gate_up, scales["gate_up_proj"]), dequantize_rows(down, scales["down_proj"])
+            return gate_up, down, bias
+        return self.weights.gate_up, self.weights.down, self.weights.bias
 
     def lora_on(self, where: torch.device, dtype: torch.dtype, pad_rank: bool = False) -> dict[str, LoRAFactors]:
         """The LoRA factors on `where` in `dtype`: the fp32 CPU masters themselves, or (autograd-detached) copies.
@@ -620,8 +621,14 @@ class HybridExperts(nn.Module):
             out[p] = LoRAFactors(a, b, lo.scale)
         return out
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        # hidden_states: [T, H] on the model device. Returns [T, H] on the same device and dtype.
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
+        # top_k dispatch: hidden_states [T, H] on the model device -> [T, H] on the same device and dtype.
+        # dense dispatch (Llama-4): routed_in [E·T, H] -> [E·T, H].
+        if self.spec.dispatch == "dense":
+            return self._dense_forward(hidden_states)
+        return self._topk_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _topk_forward(self, hidden_states, top_k_index, top_k_weights):
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
         if (not torch.is_grad_enabled() and not self.streams(hidden_states)
@@ -634,6 +641,24 @@ class HybridExperts(nn.Module):
                                    top_k_weights.to("cpu", torch.float32).contiguous(), out)
             return out.to(hidden_states.device, hidden_states.dtype)
         return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
+
+    def _dense_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
+        """Dense dispatch (Llama-4): routed_in [E·T, H] holds every expert's copy of every token, scaled by its
+        routing weight, zero where the router did not pick the expert; returns each copy's expert output [E·T, H].
+
+        Only the non-zero rows are computed, as one slot each (K = 1, weight 1). That is exact, not an approximation:
+        without expert biases an expert maps a zero row to exactly zero, with a zero gradient (act(0)·0 = 0 and
+        d[act(g)·u] = act'(0)·u·dg + act(0)·du = 0 at g = u = 0), which is what transformers' dense bmm computes."""
+        e, h = self.num_experts, routed_in.shape[-1]
+        rows = routed_in.view(e, -1, h)  # [E, T, H]
+        picked = (rows != 0).any(-1).nonzero()  # [S, 2] (expert, token); a host sync, like the CPU path's copies
+        x = rows[picked[:, 0], picked[:, 1]]  # [S, H]
+        ids = picked[:, :1]  # [S, 1]
+        w = torch.ones(ids.shape, dtype=routed_in.dtype, device=routed_in.device)  # [S, 1]
+        y = self._topk_forward(x, ids, w)  # [S, H]
+        out = routed_in.new_zeros(rows.shape)  # [E, T, H]
+        out = out.index_put((picked[:, 0], picked[:, 1]), y.to(out.dtype))
+        return out.view(-1, h)
 
     @torch.no_grad()
     def infer_cpu(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

@@ -33,7 +33,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -172,20 +171,17 @@ def status() -> str:
     return _state if _enabled else "disabled"
 
 
-def _is_silu(act_fn: nn.Module) -> bool:
-    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
-
-
 # Calls of more tokens than this take torch's GEMMs (oneDNN; AMX on Sapphire Rapids): the kernel is a GEMV at heart,
 # each weight row read once per expert but one dot product per token. Measured crossover: BENCHMARKS.md, session 4.
 MAX_TOKENS = 64
 
 
 def supports(module, tokens: int = 1) -> bool:
-    """Whether :func:`moe_forward` runs this HybridExperts call (SiLU-gated, weights fp32/bf16/int8 in RAM, at most
-    :data:`MAX_TOKENS` tokens)."""
+    """Whether :func:`moe_forward` runs this HybridExperts call (the SiLU-GLU expert without biases, weights
+    fp32/bf16/int8 in RAM, at most :data:`MAX_TOKENS` tokens)."""
     w = module.weights
-    return (tokens <= MAX_TOKENS and available() and _is_silu(module.act_fn) and w.gate_up.dtype in _DTYPES
+    return (tokens <= MAX_TOKENS and available() and module.mlp.is_silu_glu and w.bias is None
+            and w.gate_up.dtype in _DTYPES
             and w.gate_up.device.type == "cpu" and w.gate_up.is_contiguous() and w.down.is_contiguous())
 
 
