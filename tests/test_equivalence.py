@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from hybridmoe.adapters import adapter_state_dict, apply_lora, no_peft_moe_rewrite
+from hybridmoe.adapters import adapter_state_dict, apply_lora, no_peft_moe_rewrite, to_peft_layout
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.loading import load_model
@@ -79,9 +79,10 @@ def _peft_reference(path, hyb_peft, device):
     """Vanilla PEFT on the plain transformers model with the same targets and the same LoRA values."""
     ref = _reference(path, device=device)
     cfg = hyb_peft.get_base_model().hybridmoe.lora_config
-    experts = [n for n, m in hyb_peft.get_base_model().named_modules() if isinstance(m, HybridExperts)]
+    experts = [(n, m) for n, m in hyb_peft.get_base_model().named_modules() if isinstance(m, HybridExperts)]
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=sorted(cfg.target_modules),
-                      target_parameters=[f"{n}.{p}" for n in experts for p in ("gate_up_proj", "down_proj")])
+                      target_parameters=[f"{n}.{m.spec.param_name(p)}" for n, m in experts
+                                         for p in ("gate_up_proj", "down_proj")])
     with no_peft_moe_rewrite():
         ref_peft = get_peft_model(ref, lcfg)
     res = set_peft_model_state_dict(ref_peft, {k: v.to(device) for k, v in adapter_state_dict(hyb_peft).items()})
@@ -101,9 +102,9 @@ def _lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
             continue
         for proj, lo in m.lora.items():
             nest = ".base_layer" if proj == "gate_up_proj" else ""
-            e, r, i = lo.A.shape
-            out[f"base_model.model.{name}{nest}.lora_A.weight"] = lo.A.grad.reshape(e * r, i)
-            out[f"base_model.model.{name}{nest}.lora_B.weight"] = lo.B.grad.permute(1, 2, 0).reshape(-1, r * e)
+            a, b = to_peft_layout(m.spec, lo.A.grad, lo.B.grad)
+            out[f"base_model.model.{name}{nest}.lora_A.weight"] = a
+            out[f"base_model.model.{name}{nest}.lora_B.weight"] = b
     return out
 
 

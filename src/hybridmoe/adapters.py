@@ -58,19 +58,20 @@ class LoraTargets:
     experts: list[str]  # expert projections ("gate_up_proj", "down_proj") on every HybridExperts
 
 
-def moe_blocks_of(model: nn.Module) -> set[str]:
-    """Names of modules that directly contain a HybridExperts child (the MoE blocks)."""
-    return {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, HybridExperts)}
+def moe_blocks_of(model: nn.Module) -> dict[str, int]:
+    """Names of modules that directly contain a HybridExperts child (the MoE blocks) -> their number of experts."""
+    return {n.rpartition(".")[0]: m.num_experts for n, m in model.named_modules() if isinstance(m, HybridExperts)}
 
 
-def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks: set[str]) -> str:
-    """Component of a Linear by structure: inside attention, inside an MoE block (shared expert or its gate), dense."""
+def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks: dict[str, int]) -> str:
+    """Component of a Linear by structure: inside attention, inside an MoE block (shared expert or a gate), dense."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i])
         if parent in moe_blocks:
-            # a 1-wide Linear in the MoE block is a gate (Qwen2-MoE's shared_expert_gate), not an expert
-            return "router" if module.out_features == 1 else "shared_experts"
+            # In the MoE block, a 1-wide Linear is a gate (Qwen2-MoE's shared_expert_gate) and one as wide as the
+            # expert count is the router (Llama-4's router is an nn.Linear); the others belong to shared experts.
+            return "router" if module.out_features in (1, moe_blocks[parent]) else "shared_experts"
         if "Attention" in type(model.get_submodule(parent)).__name__:
             return "self_attn"
     if name.endswith("lm_head") or ".layers." not in f".{name}":
@@ -81,7 +82,10 @@ def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks:
 def resolve_targets(model: nn.Module, lora_target: str | list[str]) -> LoraTargets:
     """`all` = attention + dense MLP + shared experts + routed experts; else leaf names, `experts` = routed experts."""
     moe_blocks = moe_blocks_of(model)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # Plain Linears only: a subclass with its own forward (DeepSeek-V4's grouped o_a_proj, Llama-4's router) does not
+    # compute x W^T, so a Linear LoRA on it would be wrong (PEFT's is a shape error at best).
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward}
     comp = {n: linear_component(model, n, m, moe_blocks) for n, m in linears.items()}
     if isinstance(lora_target, str):
         wanted = [t.strip() for t in lora_target.split(",") if t.strip()]
@@ -138,6 +142,38 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# -- the PEFT layout of one expert projection ----------------------------------------------------------------------
+def to_peft_layout(spec, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our factors A [E, r, in], B [E, out, r] (ΔW[e] = B[e] A[e] on the [out, in] weight) -> PEFT's target_parameters
+    tensors (lora_A [E·r, in'] expert-major, lora_B [out', r·E] rank-major) for the stored parameter.
+
+    PEFT factors the parameter as it sees it: normally the same (in, out) roles; where the block stores [E, in, out]
+    without telling PEFT (`spec.peft_transposed` != `spec.transposed`, Llama-4) PEFT's ΔW is our ΔW^T, so its A and B
+    are our B^T and A^T. Works on gradients as well as weights."""
+    if spec.transposed != spec.peft_transposed:
+        A, B = B.transpose(1, 2), A.transpose(1, 2)
+    e, r, in_f = A.shape
+    return A.reshape(e * r, in_f), B.permute(1, 2, 0).reshape(-1, r * e)
+
+
+def from_peft_layout(spec, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`to_peft_layout`: PEFT's lora_A [E·r, in'], lora_B [out', r·E] -> A [E, r, in],
+    B [E, out, r] in fp32."""
+    e = spec.num_experts
+    r = a.shape[0] // e
+    A = a.float().reshape(e, r, a.shape[1])
+    B = b.float().reshape(b.shape[0], r, e).permute(2, 0, 1)
+    if spec.transposed != spec.peft_transposed:
+        A, B = B.transpose(1, 2), A.transpose(1, 2)
+    return A.contiguous(), B.contiguous()
+
+
+def peft_in_out(spec, proj: str) -> tuple[int, int]:
+    """(in, out) of a projection as PEFT's lora_A/lora_B see it (see :func:`to_peft_layout`)."""
+    _, out_f, in_f = spec.shape(proj)
+    return (out_f, in_f) if spec.transposed != spec.peft_transposed else (in_f, out_f)
+
+
 # -- saving --------------------------------------------------------------------------------------------------------
 def expert_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Routed-expert LoRA in PEFT's target_parameters layout, keyed as vanilla PEFT saves them."""
@@ -149,9 +185,9 @@ def expert_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         nested = len(m.lora) > 1
         for proj, lo in m.lora.items():
             prefix = PEFT_PREFIX + name + (".base_layer" if nested and proj == PROJECTIONS[0] else "")
-            e, r, in_f = lo.A.shape
-            out[f"{prefix}.lora_A.weight"] = lo.A.detach().reshape(e * r, in_f).clone()  # [E·r, in], expert-major
-            out[f"{prefix}.lora_B.weight"] = lo.B.detach().permute(1, 2, 0).reshape(-1, r * e).clone()  # [out, r·E]
+            a, b = to_peft_layout(m.spec, lo.A.detach(), lo.B.detach())
+            out[f"{prefix}.lora_A.weight"] = a.clone()  # [E·r, in], expert-major
+            out[f"{prefix}.lora_B.weight"] = b.clone()  # [out, r·E], rank-major
     return out
 
 
@@ -175,10 +211,11 @@ def adapter_config_dict(model: nn.Module, base_model_name: str | None = None) ->
     for name, m in base.named_modules():
         if isinstance(m, HybridExperts):
             for proj, lo in m.lora.items():
-                expert_params.append(f"{name}.{proj}")
+                param = f"{name}.{m.spec.param_name(proj)}"  # "up_proj" for non-gated experts
+                expert_params.append(param)
                 if lo.rank != cfg.r or lo.alpha != cfg.lora_alpha:  # e.g. a fused per-expert adapter: rank 2r
-                    d["rank_pattern"][f"{name}.{proj}"] = lo.rank
-                    d["alpha_pattern"][f"{name}.{proj}"] = lo.alpha
+                    d["rank_pattern"][param] = lo.rank
+                    d["alpha_pattern"][param] = lo.alpha
     d["target_modules"] = sorted(cfg.target_modules or [])
     d["target_parameters"] = sorted(expert_params) or None
     d["base_model_name_or_path"] = base_model_name
@@ -288,7 +325,7 @@ def _fused_expert_adapters(model, cfg, fused: dict[str, dict[str, dict[str, torc
     for mod, nests in fused.items():
         ex = _experts_module(model, mod)
         s = ex.spec
-        shapes = {p: (s.shape(p)[2], s.shape(p)[1]) for p in PROJECTIONS}  # (in, out)
+        shapes = {p: peft_in_out(s, p) for p in PROJECTIONS}  # (in, out) as PEFT factors them
         for nest, ab in sorted(nests.items(), key=lambda kv: -len(kv[0])):
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}{nest}'")
@@ -302,10 +339,8 @@ def _fused_expert_adapters(model, cfg, fused: dict[str, dict[str, dict[str, torc
                     "is the adapter for another model?"
                 )
             proj = cands[0]
-            r = a.shape[0] // s.num_experts
-            A = a.float().reshape(s.num_experts, r, a.shape[1])
-            B = b.float().reshape(b.shape[0], r, s.num_experts).permute(2, 0, 1)
-            out[(mod, proj)] = _ExpertAdapter(A.contiguous(), B.contiguous(), _alpha_for(cfg, f"{mod}.{proj}"))
+            A, B = from_peft_layout(s, a, b)
+            out[(mod, proj)] = _ExpertAdapter(A, B, _alpha_for(cfg, f"{mod}.{s.param_name(proj)}"))
     return out
 
 
@@ -335,7 +370,7 @@ def _per_expert_adapters(model, cfg, per: dict) -> dict:
             raise AdapterError(f"per-expert adapter for '{mod}' {proj} has in/out {A.shape[2]}/{B.shape[1]}, the model "
                                f"has {want_in}/{want_out}; is the adapter for another model?")
         # Fusing c rank-r LoRAs gives rank c·r; alpha scales with it so alpha/r (the scale) is unchanged.
-        out[(mod, proj)] = _ExpertAdapter(A, B, _alpha_for(cfg, f"{mod}.{proj}") * n_chunks)
+        out[(mod, proj)] = _ExpertAdapter(A, B, _alpha_for(cfg, f"{mod}.{ex.spec.param_name(proj)}") * n_chunks)
     return out
 
 

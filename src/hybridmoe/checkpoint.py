@@ -38,8 +38,13 @@ class ExpertSlice:
 class KeyMapper:
     """Maps checkpoint keys to model names using transformers' conversion table for the model type."""
 
-    def __init__(self, model_type: str):
+    def __init__(self, model_type: str, expected=None):
+        """expected: the model's tensor names, when known. As in transformers' loader, a key that a rename would
+        take away from a name the model has keeps its own name (DeepSeek-V4's ``\\.norm\\.`` -> ``.kv_norm.`` rename
+        must not touch ``model.norm.weight``)."""
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        self.expected = expected
 
         self.renames: list[tuple[re.Pattern, str]] = []
         self.experts: list[tuple[re.Pattern, str, int, int]] = []  # (pattern, target proj, chunk, num_chunks)
@@ -51,6 +56,7 @@ class KeyMapper:
             elif kind == "WeightConverter" and len(rule.target_patterns) == 1:
                 target = rule.target_patterns[0].rsplit(".", 1)[-1]
                 for chunk, src in enumerate(rule.source_patterns):
+                    src = src.replace("\\.", ".")  # some tables write the dots regex-escaped (DeepSeek-V4)
                     # ".experts.*.w1.weight" -> r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.w1\.weight$"
                     head, _, tail = src.partition("*")
                     pat = rf"^(?P<mod>.*{re.escape(head.rstrip('.'))})\.(?P<e>\d+){re.escape(tail)}$"
@@ -59,9 +65,12 @@ class KeyMapper:
         self.fused = re.compile(r"^(?P<mod>.*\.experts)\.(?P<proj>(gate_up_proj|up_proj|down_proj)(_bias)?)$")
 
     def rename(self, key: str) -> str:
+        renamed = key
         for pat, tgt in self.renames:
-            key = pat.sub(tgt, key)
-        return key
+            renamed = pat.sub(tgt, renamed)
+        if self.expected is not None and renamed not in self.expected and key in self.expected:
+            return key
+        return renamed
 
     def expert_slice(self, key: str) -> ExpertSlice | None:
         m = self.fused.match(key)

@@ -328,7 +328,7 @@ def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, 
     # here as everywhere: merging float LoRA deltas into FP8 or packed integers would write garbage.
     check_tensors(ckpt, model, {n for n, m in model.named_modules() if isinstance(m, HybridExperts)})
     deltas = _read_deltas(adapter_path, model)
-    mapper = KeyMapper(model.config.model_type)
+    mapper = KeyMapper(model.config.model_type, set(model.state_dict()))
     del model
     plan = _plan(ckpt, mapper, deltas)
 

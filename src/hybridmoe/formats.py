@@ -113,8 +113,8 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str]) 
 
     model: built on the meta device with its fused experts swapped (names, shapes and buffer dtypes only);
     expert_modules: module names of its routed-expert blocks."""
-    mapper = KeyMapper(model.config.model_type)
     expected = model.state_dict()  # meta tensors: names and dtypes
+    mapper = KeyMapper(model.config.model_type, expected)
     ignored, used = [], []
     for f, keys in ckpt.keys_by_file().items():  # names first: quantization metadata is the clearer diagnosis
         for key in sorted(keys):

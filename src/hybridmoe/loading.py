@@ -173,8 +173,8 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                     load_experts: bool = True) -> None:
     """Read every checkpoint tensor once into its home. load_experts=False skips the routed-expert tensors (another
     rank on this host fills the host-shared copy)."""
-    mapper = KeyMapper(model.config.model_type)
     expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
+    mapper = KeyMapper(model.config.model_type, expected)
     # Before any weight is read: every tensor is in a format we load, and every ignored one is provably unused.
     ignored = check_tensors(ckpt, model, set(experts))
     loaded: set[str] = set()

@@ -46,6 +46,10 @@ class ExpertsSpec:
     # ExpertsInterface signature); "dense" = forward(routed_in [E·T, H]) with every expert's rows, unselected ones zero
     # and the routing weight already folded into the input (Llama-4), returning [E·T, H].
     dispatch: str = "top_k"
+    # Whether PEFT's ParamWrapper sees the stored parameter as [E, in, out] (it reads the block's `is_transposed`).
+    # When that differs from `transposed` (Llama-4 stores [E, in, out] without the flag), PEFT's lora_A/lora_B of
+    # the parameter are this projection's B^T/A^T: the same ΔW, transposed roles (see adapters.peft_expert_layout).
+    peft_transposed: bool = False
 
     @property
     def up_rows(self) -> int:
@@ -110,7 +114,8 @@ def experts_spec(name: str, module: nn.Module) -> ExpertsSpec:
     return ExpertsSpec(num_experts=e, hidden_dim=h, intermediate_dim=i, gated=gated, has_bias=has_bias,
                        transposed=transposed, up_name=up_name,
                        interleaved=gated and not getattr(module, "is_concatenated", True),
-                       dispatch="top_k" if hasattr(module, "has_gate") else "dense")
+                       dispatch="top_k" if hasattr(module, "has_gate") else "dense",
+                       peft_transposed=bool(getattr(module, "is_transposed", False)))
 
 
 def _looks_transposed(module: nn.Module) -> bool:

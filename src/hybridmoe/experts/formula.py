@@ -85,17 +85,18 @@ class ExpertMLP:
         return du
 
 
-@torch.no_grad()
 def reference_moe(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   mlp: ExpertMLP, b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
                   lora: dict | None = None) -> torch.Tensor:
     """The reference: x [T, in] fp32, ids [T, K], w [T, K], float weights [E, out, in] -> out [T, H] fp32.
 
-    One expert and one token at a time, in fp32, written for clarity; lora maps "gate_up_proj"/"down_proj" to
-    (A [E, r, in], B [E, out, r], scale). Every backend is tested against it (tests/test_expert_backends.py)."""
+    One expert and one token at a time, in fp32, written for clarity (and differentiable: the backends' gradients are
+    checked against its autograd); lora maps "gate_up_proj"/"down_proj" to (A [E, r, in], B [E, out, r], scale).
+    Every backend is tested against it (tests/test_expert_backends.py)."""
     lora = lora or {}
-    out = torch.zeros(x.shape[0], w_down.shape[1], dtype=torch.float32)
+    rows = []
     for t in range(x.shape[0]):
+        acc = torch.zeros(w_down.shape[1], dtype=torch.float32)
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
             u = w_up[e].float() @ x[t].float()  # [up_rows]
@@ -111,5 +112,6 @@ def reference_moe(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_up: tor
             if "down_proj" in lora:
                 a, b, s = lora["down_proj"]
                 y = y + s * (b[e] @ (a[e] @ h))
-            out[t] += float(w[t, k]) * y
-    return out
+            acc = acc + w[t, k].float() * y
+        rows.append(acc)
+    return torch.stack(rows)  # [T, H]
