@@ -133,15 +133,13 @@ def main() -> None:
     def hybrid(dtype, kernel_isa, pages="4k", prefetch=0, chunk=2):
         """HybridExperts.infer_cpu: the compiled kernel with the given instruction set, or (None) the torch loop."""
         def call(li, experts, w):
-            old = cpu_kernel.set_enabled(kernel_isa is not None)
+            m = mods[dtype, pages][li]
+            m.settings.cpu_kernel = kernel_isa is not None  # the setting users change: model.hybridmoe.settings
             if kernel_isa is not None:
                 cpu_kernel.set_isa(kernel_isa)
                 cpu_kernel.set_prefetch(prefetch)
                 cpu_kernel.set_chunk(chunk)
-            try:
-                mods[dtype, pages][li].infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
-            finally:
-                cpu_kernel.set_enabled(old)
+            m.infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
             return out.clone()
         return call
 
@@ -207,7 +205,8 @@ def batch_sweep(args, mods, cpu_kernel) -> None:
                       torch.rand(t, args.topk, generator=g)) for _ in range(8)]
             out = torch.empty(t, args.hidden)
             for name, flag in (("kernel", True), ("torch_loop", False)):
-                old = cpu_kernel.set_enabled(flag)
+                for m in mods["bf16", "4k"]:
+                    m.settings.cpu_kernel = flag
                 saved, cpu_kernel.MAX_TOKENS = cpu_kernel.MAX_TOKENS, 1 << 30
                 try:
                     mods["bf16", "4k"][calls[0][0]].infer_cpu(x, calls[0][1], calls[0][2], out)  # warm-up
@@ -216,7 +215,6 @@ def batch_sweep(args, mods, cpu_kernel) -> None:
                         mods["bf16", "4k"][li].infer_cpu(x, ids, w, out)
                     s = (time.perf_counter() - t0) / len(calls)
                 finally:
-                    cpu_kernel.set_enabled(old)
                     cpu_kernel.MAX_TOKENS = saved
                 flops = 2 * t * args.topk * 3 * args.hidden * args.inter
                 print(json.dumps({"bench": "expert_batch", "impl": name, "tokens": t, "ms_per_layer": round(s * 1e3, 2),

@@ -214,28 +214,24 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=
     with CUDA graphs (its first call captures; later ones only replay) with the CPU experts through the torch
     per-expert loop, then through the compiled kernel with each GPU share of the routed experts (None: the default).
     One JSON line each, and after each share where a graph-decoded token's time goes."""
-    import hybridmoe.decode_graph as dg
     from hybridmoe.experts import cpu_kernel
+    from hybridmoe.experts.backends import DEFAULT_GPU_SHARE
     from hybridmoe.generate import generate
 
-    default_share = dict(dg.GPU_SHARE)
+    settings = model.get_base_model().hybridmoe.settings if hasattr(model, "get_base_model") else model.hybridmoe.settings
     expert_dtype = next(m for m in model.modules() if type(m).__name__ == "HybridExperts").weights.gate_up.dtype
     runs = [("dynamic_cache_eager", dict(static_cache=False), True, 0.0),
             ("static_graphs_torch_loop_first_call", {}, False, 0.0), ("static_graphs_torch_loop", {}, False, 0.0)]
     for share in gpu_shares:
-        share = default_share[expert_dtype] if share is None else share
+        share = DEFAULT_GPU_SHARE[expert_dtype] if share is None else share
         runs += [(f"static_graphs_share{share:.2f}_first_call", {}, True, share)]
         runs += [(f"static_graphs_share{share:.2f}", {}, True, share)] * repeats
     tokens = {}
     for name, kw, kernel, share in runs:
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        old = cpu_kernel.set_enabled(kernel)
-        dg.GPU_SHARE = dict.fromkeys(default_share, share)
-        try:
-            res = generate(model, tok, prompt, cfg, **kw)
-        finally:
-            cpu_kernel.set_enabled(old)
+        settings.cpu_kernel, settings.gpu_share = kernel, share  # through the model's settings, as users set them
+        res = generate(model, tok, prompt, cfg, **kw)
         tokens[name] = res.token_ids
         peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
         emit({"bench": f"decode_hybrid_{name}", "adapter": adapter, "mode": res.decode_mode,
@@ -247,7 +243,7 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=
               "same_tokens_as_eager": sum(a == b for a, b in zip(res.token_ids, tokens["dynamic_cache_eager"]))})
         if not name.endswith("first_call") and kw == {}:
             _graph_breakdown(model, steps=16, label=name)
-    dg.GPU_SHARE = default_share
+    settings.cpu_kernel, settings.gpu_share = True, None
 
 
 def _graph_breakdown(model, steps: int, label: str = "") -> None:

@@ -59,13 +59,11 @@ def _both(m, x, ids, w):
     """(kernel output, torch-loop output), both [T, H] fp32."""
     outs = []
     for flag in (True, False):
-        old = cpu_kernel.set_enabled(flag)
-        try:
-            out = torch.empty(x.shape)
-            m.infer_cpu(x, ids, w, out)
-            outs.append(out)
-        finally:
-            cpu_kernel.set_enabled(old)
+        m.settings.cpu_kernel = flag  # the model's setting, read at each call
+        out = torch.empty(x.shape)
+        m.infer_cpu(x, ids, w, out)
+        outs.append(out)
+    m.settings.cpu_kernel = True
     return outs
 
 
@@ -172,7 +170,8 @@ m.weights.write("gate_up_proj", torch.randn(4, 16, 16))
 m.weights.write("down_proj", torch.randn(4, 16, 8))
 out = torch.empty(1, 16)
 m.infer_cpu(torch.randn(1, 16), torch.tensor([[0, 2]]), torch.rand(1, 2), out)
-print(cpu_kernel.status(), bool(torch.isfinite(out).all()))
+from hybridmoe.experts.backends import choose_backend
+print(cpu_kernel.status(), bool(torch.isfinite(out).all()), m.settings.cpu_kernel, choose_backend(m, 1, grad=False))
 """
 
 
@@ -181,14 +180,15 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
     """A host without a C compiler (or with a broken one): the kernel is unavailable, says why, and inference still
     runs through torch; nothing half-built is left in the cache."""
     out = _in_subprocess({"CC": "false", "HYBRIDMOE_CACHE": str(tmp_path)}, _FALLBACK)
-    assert out.startswith("unavailable: ") and out.endswith("True"), out
+    assert out.startswith("unavailable: ") and out.endswith("True True cpu"), out
     assert not list(tmp_path.rglob("*.so"))
 
 
 @pytest.mark.subprocess
 def test_switched_off_by_environment(tmp_path):
+    """HYBRIDMOE_CPU_KERNEL=0 is the default of every model's settings.cpu_kernel: the torch loop runs."""
     out = _in_subprocess({"HYBRIDMOE_CPU_KERNEL": "0", "HYBRIDMOE_CACHE": str(tmp_path)}, _FALLBACK)
-    assert out == "disabled True", out
+    assert out == "ready True False cpu", out
 
 
 @pytest.mark.subprocess

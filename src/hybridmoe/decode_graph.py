@@ -14,7 +14,7 @@ here" (its ``decode_hook``):
     graph N   ... -> final norm -> LM head -> logits
 
 A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. On CUDA a share of
-each token's experts (:data:`GPU_SHARE`) is computed on the GPU instead (:class:`_GpuShare`): after graph i the host
+each token's experts (``model.hybridmoe.settings.gpu_share``, default by weight dtype) is computed on the GPU instead (:class:`_GpuShare`): after graph i the host
 queues the DMA of those experts' weights from their page-locked home and a small captured graph over them, then runs
 the other experts on the CPU while the copy and that graph proceed; graph i+1 adds both parts. The KV cache is a
 transformers :class:`~transformers.StaticCache`: fixed addresses, updated in place by index, and its position counter
@@ -35,7 +35,7 @@ from torch import nn
 
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.cpu_experts import dequantize_rows
-from hybridmoe.generate import _forward_params
+from hybridmoe.forward_args import forward_params
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ __all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for"]
 # max_new_tokens): the cache is allocated for all of them up front (DeepSeek-V2-Lite: ~0.28 MB a position).
 STATIC_CACHE_MAX_TOKENS = 16384
 
-
-# The share of each decode step's routed experts that the GPU computes instead of the CPU (CUDA graph decode), by
-# the experts' weight dtype: their weights cross PCIe by DMA while the CPU reads the others from RAM, so the two
-# memory paths add up. round(K · share) of the top-K experts (V2-Lite, K=6, bf16: 2 of 6). Chosen by
-# `benchmarks/v2lite.py decode --gpu-share ...` on the H200 host (BENCHMARKS.md, session 4).
-GPU_SHARE = {torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6}
 
 
 class _GpuShare:
@@ -207,8 +201,7 @@ class StaticDecoder:
         # The GPU computes this share of each step's routed experts (CUDA only by default; any device when given, which
         # is how the CPU tests check it). Not with LoRA on the routed experts: their factors stay on the CPU.
         if gpu_share is None:
-            dtype = self.experts[0].weights.gate_up.dtype if self.experts else None
-            gpu_share = GPU_SHARE.get(dtype, 0.0) if device.type == "cuda" else 0.0
+            gpu_share = _gpu_share(self.experts, device)
         self.gpu_share = gpu_share
         layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.gate_up.dtype) for m in self.experts}
         if any(m.lora for m in self.experts) or len(layouts) > 1:  # one set of GPU buffers serves every layer
@@ -224,7 +217,7 @@ class StaticDecoder:
         self.mode = "eager"
         self._pool = None
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
-        accepted = _forward_params(model)
+        accepted = forward_params(model)
         self._takes_cache_position = "cache_position" in accepted
         self._takes_logits_to_keep = "logits_to_keep" in accepted
 
@@ -369,6 +362,13 @@ class StaticDecoder:
                 self.cuts[i].compute(self.share)  # graph i+1 starts by copying the result in
 
 
+def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
+    """The model's setting (``model.hybridmoe.settings``), resolved for its expert weight dtype and the device."""
+    if not experts:
+        return 0.0
+    return experts[0].settings.decode_gpu_share(experts[0].weights.gate_up.dtype, device)
+
+
 def _bucket(n: int) -> int:
     """Cache lengths come in multiples of 256, so a chat session reuses one decoder (and its graphs) across turns."""
     return -(-n // 256) * 256
@@ -380,9 +380,10 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
     the active adapter as well."""
     active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
-    expert_lora = any(m.lora for m in model.modules() if isinstance(m, HybridExperts))  # turns the GPU share off
+    experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
+    expert_lora = any(m.lora for m in experts)  # turns the GPU share off
     key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, expert_lora,
-           tuple(GPU_SHARE.values()))
+           _gpu_share(experts, device), bool(experts) and experts[0].settings.cpu_kernel)
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new

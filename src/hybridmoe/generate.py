@@ -15,7 +15,6 @@ attention_mask=...)`` must return ``.logits`` and ``.past_key_values``. The inpu
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from hybridmoe.errors import ConfigError, NonFiniteError
+from hybridmoe.forward_args import forward_params
 
 __all__ = [
     "GenerationResult",
@@ -147,19 +147,6 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward_params(model: torch.nn.Module) -> set[str]:
-    """Named keyword arguments the model's forward accepts, looking through wrappers (PEFT) that take ``**kwargs``."""
-    params = inspect.signature(model.forward).parameters
-    names = set(params)
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    get_base = getattr(model, "get_base_model", None)
-    if takes_kwargs and callable(get_base):
-        base = get_base()
-        if base is not model:
-            names |= _forward_params(base)
-    return names
-
-
 def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """One forward of ``input_ids`` [B, T] after the ``cache``; returns (last logits [B, V] fp32, cache).
@@ -170,7 +157,7 @@ def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, at
     """
     t = input_ids.shape[1]
     past = attention_mask.shape[1] - t
-    accepted = _forward_params(model)
+    accepted = forward_params(model)
     kwargs: dict[str, Any] = {
         "input_ids": input_ids,  # [B, T]
         "past_key_values": cache,

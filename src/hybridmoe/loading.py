@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import CheckpointError, ConfigError
 from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
+from .experts.backends import ExpertSettings
 from .experts.formula import ExpertMLP
 from .experts.streaming import enable_streaming
 from .formats import check_tensors, refuse_quantized_config
@@ -44,6 +45,8 @@ class HybridMeta:
     expert_dtype: torch.dtype
     moe_layers: list[str]  # module names of the HybridExperts blocks
     lora_config: object | None = None  # the peft.LoraConfig of the attached/trained adapter, if any
+    # How the routed experts run (compiled CPU kernel, decode GPU share); shared by every HybridExperts of the model.
+    settings: ExpertSettings = field(default_factory=ExpertSettings)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -94,7 +97,8 @@ def _build_empty(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cpu") -> dict[str, HybridExperts]:
+def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cpu",
+                  settings: ExpertSettings | None = None) -> dict[str, HybridExperts]:
     found = find_fused_experts(model)
     if not found:
         raise CheckpointError(
@@ -105,7 +109,7 @@ def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cp
     for name, old in found:
         spec = experts_spec(name, old)
         mlp = ExpertMLP.from_block(old, spec.gated)
-        new = HybridExperts(spec, mlp, expert_dtype, source_class=type(old).__name__, device=device)
+        new = HybridExperts(spec, mlp, expert_dtype, source_class=type(old).__name__, device=device, settings=settings)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         out[name] = new
@@ -257,11 +261,12 @@ def load_model(
     refuse_quantized_config(ckpt.path)
     config = read_config(path, trust_remote_code=trust_remote_code)
     model = _build_empty(config, dt)
+    settings = ExpertSettings()
     if host_shared is None:
-        experts = _swap_experts(model, edt)
+        experts = _swap_experts(model, edt, settings=settings)
         _stream_weights(model, ckpt, experts, dev, dt, progress)
     else:
-        experts = _swap_experts(model, edt, device="meta")  # storage comes from the host-shared mapping
+        experts = _swap_experts(model, edt, device="meta", settings=settings)  # storage: the host-shared mapping
         with host_shared.hold(experts) as fill:  # local rank 0 fills; the others skip the expert tensors
             _stream_weights(model, ckpt, experts, dev, dt, progress, load_experts=fill)
     # Non-persistent buffers (rotary inv_freq) were built on the CPU; `to` moves them. Experts have no
@@ -269,7 +274,7 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts))
+    model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings)
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back

@@ -131,9 +131,18 @@ def placement_report(model: nn.Module) -> dict:
 def _cpu_kernel_report(experts) -> dict:
     """Whether the compiled CPU kernel runs these experts' inference calls (small batches), and with what."""
     from .experts import cpu_kernel
+    from .experts.backends import choose_backend
 
-    runs = bool(experts) and all(cpu_kernel.supports(m) for m in experts)
-    return {"status": cpu_kernel.status(), "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS}
+    runs = bool(experts) and all(choose_backend(m, 1, grad=False, stream=False) == "kernel" for m in experts)
+    status = cpu_kernel.status()
+    if status == "ready" and experts and not runs:
+        if not all(m.settings.cpu_kernel for m in experts):
+            status = "disabled (settings.cpu_kernel = False)"
+        else:
+            m = experts[0]
+            status = f"it implements SiLU-GLU experts without biases; these are {m.mlp.name}" + (
+                " with biases" if m.weights.bias is not None else "")
+    return {"status": status, "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS}
 
 
 def _gib(n: int) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+import threading
 import weakref
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import cpu_kernel
 from . import watch as _watch
+from .backends import ExpertSettings, choose_backend
 from .discovery import ExpertsSpec
 from .formula import ExpertMLP
 
@@ -339,12 +341,6 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def _grouped_ok(w_gu: torch.Tensor, w_d: torch.Tensor) -> bool:
-    """Grouped GEMMs need every row stride to be a multiple of 16 bytes (true of every released model's dims)."""
-    size = w_gu.element_size()
-    return all(d * size % 16 == 0 for d in (*w_gu.shape[1:], *w_d.shape[1:]))
-
-
 class _GroupedMath:
     """All experts of one layer in a few grouped GEMMs: the streamed (GPU) path, with no per-expert Python loop
     and no host synchronisation (group boundaries stay on the device as cumulative offsets).
@@ -415,18 +411,19 @@ class _ExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, module, *lora_tensors):
+    def forward(ctx, hidden, top_k_index, top_k_weights, module, backend, *lora_tensors):
         # hidden: [T, H] on the model device; top_k_index: [T, K] int; top_k_weights: [T, K] float.
+        # backend: "cpu", "grouped" or "device-loop", from experts.backends.choose_backend.
         device, out_dtype = hidden.device, hidden.dtype
-        streamed = module.streams(hidden)
+        streamed = backend != "cpu"
         where = module.streamer.device if streamed else torch.device("cpu")
         # On the CPU path this is the one device->host copy of the forward: activations and routing, never weights.
         ids = top_k_index.detach().to(where, torch.int64)  # [T, K] int64
         w = top_k_weights.detach().to(where, torch.float32)  # [T, K] fp32
-        ctx.module, ctx.where, ctx.streamed = module, where, streamed
+        ctx.module, ctx.where, ctx.backend = module, where, backend
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         t, k = ids.shape
-        order, math = module.expert_math(ids, streamed)  # order: [S] slot ids sorted by expert
+        order, math = module.expert_math(ids, backend)  # order: [S] slot ids sorted by expert
         x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
         _watch.note(module, _watch.FORWARD_INPUT, x)  # a device-side flag, no host sync (see watch.py)
         x_sorted = x[order // k]  # [S, H]
@@ -448,7 +445,7 @@ class _ExpertsFn(torch.autograd.Function):
         module: HybridExperts = ctx.module
         _watch.note(module, _watch.BACKWARD_OUTPUT_GRAD, grad_out)
         t, k = ids.shape
-        order, math = module.expert_math(ids, ctx.streamed)  # same sort; weights streamed again (a cache hit)
+        order, math = module.expert_math(ids, ctx.backend)  # same sort; weights streamed again (a cache hit)
         tok = order // k
         g_sorted = grad_out.detach().to(ctx.where, x.dtype)[tok]  # [S, H] dL/d(expert output · w), per slot
         grad_w = torch.empty_like(w).view(-1)  # [T*K] fp32
@@ -459,7 +456,7 @@ class _ExpertsFn(torch.autograd.Function):
         # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
         for i, p in enumerate(present):
-            if any(ctx.needs_input_grad[4 + 2 * i : 6 + 2 * i]):
+            if any(ctx.needs_input_grad[5 + 2 * i : 7 + 2 * i]):
                 lora_grads[p] = (torch.zeros_like(math.lora[p].A, dtype=torch.float32),
                                  torch.zeros_like(math.lora[p].B, dtype=torch.float32))
         dx_sorted = math.backward(dy_sorted, x[tok], gu_sorted, lora_grads)  # [S, H]
@@ -470,8 +467,8 @@ class _ExpertsFn(torch.autograd.Function):
             ga, gb = lora_grads.get(p, (None, None))
             lo = module.lora[p]
             r = lo.rank  # drop the rows/columns of a padded rank
-            ga = ga[:, :r] if ctx.needs_input_grad[4 + 2 * i] else None
-            gb = gb[:, :, :r] if ctx.needs_input_grad[5 + 2 * i] else None
+            ga = ga[:, :r] if ctx.needs_input_grad[5 + 2 * i] else None
+            gb = gb[:, :, :r] if ctx.needs_input_grad[6 + 2 * i] else None
             if ctx.where.type == "cuda":
                 # The masters live on the CPU. A synchronous .cpu() here would stall the host once per layer and
                 # keep it from queueing the next layer's weight copy; the gradients go back asynchronously instead
@@ -483,36 +480,47 @@ class _ExpertsFn(torch.autograd.Function):
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         _watch.note(module, _watch.BACKWARD_INPUT_GRAD, grad_hidden)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
-        return (grad_hidden, None, grad_weights, None, *lora_out)
+        return (grad_hidden, None, grad_weights, None, None, *lora_out)
 
 
-_STAGED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}  # id(master) -> (master, stage, ev)
+class _Staged(threading.local):
+    """Expert-LoRA gradients copied device->host during the current backward pass, landed when it ends. Per thread:
+    autograd runs a backward pass (and its end-of-pass callbacks) on the thread that called backward(), so two
+    backward passes on two threads never share a list."""
+
+    def __init__(self):
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}  # id(master) -> ...
+
+
+_STAGED = _Staged()
 
 
 def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
     """Start the device->host copies of one LoRA's gradients (dA, dB) into page-locked buffers."""
+    pending = _STAGED.pending
     for master, stage, g in zip((lo.A, lo.B), lo.grad_stage(), grads):
         if g is None:
             continue
-        if id(master) in _STAGED:  # the same module twice in one backward: land the first before reusing the buffer
+        if id(master) in pending:  # the same module twice in one backward: land the first before reusing the buffer
             _land_staged_grads()
-        if not _STAGED:  # first staged gradient of this backward pass: land them all when it ends
+        if not pending:  # first staged gradient of this backward pass: land them all when it ends
             torch.autograd.Variable._execution_engine.queue_callback(_land_staged_grads)
         stage.copy_(g, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        _STAGED[id(master)] = (master, stage, ev)
+        pending[id(master)] = (master, stage, ev)
 
 
 def _land_staged_grads() -> None:
     """Accumulate the staged gradients into the masters' .grad (run by autograd at the end of the backward)."""
-    for master, stage, ev in _STAGED.values():
+    pending = _STAGED.pending
+    for master, stage, ev in pending.values():
         ev.synchronize()
         if master.grad is None:
             master.grad = stage.clone()
         else:
             master.grad += stage
-    _STAGED.clear()
+    pending.clear()
 
 
 def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
@@ -530,8 +538,9 @@ class HybridExperts(nn.Module):
     """
 
     def __init__(self, spec: ExpertsSpec, mlp: ExpertMLP | nn.Module, weight_dtype: torch.dtype, source_class: str = "",
-                 device: str = "cpu"):
+                 device: str = "cpu", settings: ExpertSettings | None = None):
         super().__init__()
+        self.settings = settings if settings is not None else ExpertSettings()  # the model's, shared by its blocks
         self.spec = spec
         self.num_experts = spec.num_experts
         # What the expert computes between its projections; an activation module alone means the plain gated MLP.
@@ -562,15 +571,16 @@ class HybridExperts(nn.Module):
         return out
 
     # -- compute ----------------------------------------------------------------------------------------------
-    def expert_math(self, ids: torch.Tensor, streamed: bool) -> tuple[torch.Tensor, _LoopMath | _GroupedMath]:
+    def expert_math(self, ids: torch.Tensor, backend: str) -> tuple[torch.Tensor, _LoopMath | _GroupedMath]:
         """Sort the flattened [T*K] (token, k) slots by expert; (order [S], the math over the sorted rows).
 
-        Streamed: grouped GEMMs on the device, group ends as a device tensor (no host sync). CPU: the per-expert loop.
+        "grouped": grouped GEMMs on the device, group ends as a device tensor (no host sync); "cpu" and "device-loop":
+        the per-expert loop over the host weights or the streamed slot.
         """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        w_gu, w_d, bias = self.weights_on(streamed)
-        grouped = streamed and _grouped_ok(w_gu, w_d)  # else the per-expert loop, on the device
+        w_gu, w_d, bias = self.weights_on(backend != "cpu")
+        grouped = backend == "grouped"
         lora = self.lora_on(ids.device, w_gu.dtype if grouped else torch.float32, pad_rank=grouped)
         if grouped:
             # Group ends by binary search in the sorted ids: unlike bincount on CUDA, no host sync.
@@ -587,15 +597,10 @@ class HybridExperts(nn.Module):
         scales = self.weights.scales if w_gu.dtype == torch.int8 else None
         return order, _LoopMath(w_gu, w_d, lora, self.mlp, groups, scales, bias)
 
-    def streams(self, hidden: torch.Tensor) -> bool:
-        """Whether this call runs on the GPU with the weights streamed in: batches of at least
-        ``streamer.min_tokens`` tokens. Smaller ones (decode, short prompts) run on the CPU, next to the weights."""
-        return self.streamer is not None and hidden.shape[0] >= self.streamer.min_tokens
-
-    def weights_on(self, streamed: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    def weights_on(self, on_device: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
         device (int8 dequantized there: int8 crossed the bus, half the bytes; the grouped GEMMs want bf16)."""
-        if streamed:
+        if on_device:
             gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index))
             if scales is not None:
                 gate_up, down = dequantize_rows(gate_up, scales["gate_up_proj"]), dequantize_rows(down, scales["down_proj"])
@@ -631,8 +636,8 @@ class HybridExperts(nn.Module):
     def _topk_forward(self, hidden_states, top_k_index, top_k_weights):
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
-        if (not torch.is_grad_enabled() and not self.streams(hidden_states)
-                and cpu_kernel.supports(self, hidden_states.shape[0])):
+        backend = choose_backend(self, hidden_states.shape[0], grad=torch.is_grad_enabled())
+        if backend == "kernel":
             # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
             # One copy each to the CPU, already in the kernel's dtypes.
             out = torch.empty(hidden_states.shape, dtype=torch.float32)  # [T, H] cpu
@@ -640,7 +645,7 @@ class HybridExperts(nn.Module):
                                    top_k_index.to("cpu", torch.int64).contiguous(),
                                    top_k_weights.to("cpu", torch.float32).contiguous(), out)
             return out.to(hidden_states.device, hidden_states.dtype)
-        return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, *self.lora_tensors())
+        return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, backend, *self.lora_tensors())
 
     def _dense_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
         """Dense dispatch (Llama-4): routed_in [E·T, H] holds every expert's copy of every token, scaled by its
@@ -669,12 +674,12 @@ class HybridExperts(nn.Module):
         contiguous. The same math and rounding as the CPU path of :meth:`forward` (fp32 activations, GEMMs in the
         weight dtype): the compiled kernel (:mod:`hybridmoe.experts.cpu_kernel`) where it runs, else the torch loop.
         """
-        if cpu_kernel.supports(self, hidden.shape[0]):  # the compiled kernel: same rounding, two parallel regions
+        if choose_backend(self, hidden.shape[0], grad=False, stream=False) == "kernel":  # same rounding as the loop
             cpu_kernel.moe_forward(self, hidden.float().contiguous(), top_k_index.contiguous(),
                                    top_k_weights.contiguous(), out)
             return
         t, k = top_k_index.shape
-        order, math = self.expert_math(top_k_index, streamed=False)  # order: [S] slots sorted by expert
+        order, math = self.expert_math(top_k_index, "cpu")  # order: [S] slots sorted by expert
         x_sorted = hidden.float()[order // k]  # [S, H] fp32
         y_sorted = math.forward(x_sorted, keep=False)[1]  # [S, H] fp32
         out.copy_(_unsort_sum(y_sorted * top_k_weights.reshape(-1)[order, None], order, t, k))

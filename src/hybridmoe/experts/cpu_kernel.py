@@ -36,7 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "set_chunk", "set_enabled",
+__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "set_chunk",
            "set_isa", "set_prefetch", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
@@ -46,14 +46,8 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 PREFETCH_BYTES = 4096
 _lib: ctypes.CDLL | None = None
 _state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
-_enabled = os.environ.get("HYBRIDMOE_CPU_KERNEL", "1") not in ("0", "false", "no", "off")
-
-
-def set_enabled(flag: bool) -> bool:
-    """Turn the kernel on or off for this process (benchmarks compare both paths); returns the previous setting."""
-    global _enabled
-    old, _enabled = _enabled, flag
-    return old
+# The default of ExpertSettings.cpu_kernel (per model: model.hybridmoe.settings.cpu_kernel turns it off for one model).
+ENV_ENABLED = os.environ.get("HYBRIDMOE_CPU_KERNEL", "1") not in ("0", "false", "no", "off")
 
 
 def _cache_dir() -> Path:
@@ -158,17 +152,17 @@ def set_isa(name: str) -> str:
 
 
 def available() -> bool:
-    """Whether the kernel is built, loaded and enabled (builds it on the first call)."""
+    """Whether the kernel is built and loaded (builds it on the first call)."""
     if _state == "unloaded":
         _load()
-    return _enabled and _lib is not None
+    return _lib is not None
 
 
 def status() -> str:
-    """"ready", "disabled", or "unavailable: <why>" (after :func:`available` has run)."""
+    """"ready" or "unavailable: <why>"."""
     if _state == "unloaded":
         _load()
-    return _state if _enabled else "disabled"
+    return _state
 
 
 # Calls of more tokens than this take torch's GEMMs (oneDNN; AMX on Sapphire Rapids): the kernel is a GEMV at heart,

@@ -33,10 +33,9 @@ class NonFiniteWatch:
     @classmethod
     def attach(cls, model: nn.Module) -> NonFiniteWatch:
         """Watch every HybridExperts of `model` (a PEFT wrapper or the base model); names as in the base model."""
-        from ..adapters import base_model_of
-        from .cpu_experts import HybridExperts
-
-        found = [(n, m) for n, m in base_model_of(model).named_modules() if isinstance(m, HybridExperts)]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PeftModel
+        # Every module that notes into a watch (HybridExperts) has a `watch` attribute: found without importing it.
+        found = [(n, m) for n, m in base.named_modules() if hasattr(m, "watch") and hasattr(m, "lora")]
         watch = cls({id(m): n for n, m in found})
         for _, m in found:
             m.watch = watch

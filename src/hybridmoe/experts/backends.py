@@ -1,0 +1,69 @@
+"""Which backend computes a routed-experts call: the one place that chooses.
+
+Backends (all tested against :func:`hybridmoe.experts.formula.reference_moe`, tests/test_expert_backends.py):
+
+- ``"kernel"``  the compiled CPU kernel (``moe_cpu.c``): inference, at most ``cpu_kernel.MAX_TOKENS`` tokens, the
+  SiLU-GLU variant without biases, weights bf16/fp32/int8 in RAM;
+- ``"cpu"``     the per-expert torch loop on the CPU, next to the weights (training steps of few tokens, every variant);
+- ``"grouped"`` grouped GEMMs on the compute device over the layer's weights streamed into a GPU slot (batches of at
+  least ``stream_min_tokens``: training, long prefills);
+- ``"device-loop"`` the per-expert loop on the device over the streamed slot, for shapes the grouped GEMM cannot take
+  (rows not a multiple of 16 bytes).
+
+Batch-1 graph decode (:mod:`hybridmoe.decode_graph`) calls :meth:`HybridExperts.infer_cpu`, which asks here too (with
+``stream=False``: between graphs the experts always run on the CPU), and may hand a share of the experts to the GPU
+(:class:`ExpertSettings.gpu_share`).
+
+The settings live on the model (``model.hybridmoe.settings``, shared by its experts blocks), not in module globals:
+two models in one process can differ, and benchmarks change them through the same object users do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+from . import cpu_kernel
+
+# The share of each batch-1 graph-decode step's routed experts that the GPU computes instead of the CPU, by the
+# experts' weight dtype: their weights cross PCIe by DMA while the CPU reads the others from RAM, so the two memory
+# paths add up. round(K · share) of the top-K experts (V2-Lite, K=6, bf16: 2 of 6). Chosen by
+# `benchmarks/v2lite.py decode --gpu-share ...` on the H200 host (BENCHMARKS.md, session 4).
+DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6})
+
+
+@dataclass
+class ExpertSettings:
+    """How a model's routed experts run; one object per model (``model.hybridmoe.settings``), read at each call.
+
+    cpu_kernel: use the compiled CPU kernel where it applies (default from ``HYBRIDMOE_CPU_KERNEL``, else on).
+    gpu_share:  share of batch-1 graph-decode experts computed on the GPU; None = :data:`DEFAULT_GPU_SHARE` by
+                weight dtype on CUDA, 0 elsewhere.
+    """
+
+    cpu_kernel: bool = cpu_kernel.ENV_ENABLED
+    gpu_share: float | None = None
+
+    def decode_gpu_share(self, weight_dtype: torch.dtype | None, device: torch.device) -> float:
+        if self.gpu_share is not None:
+            return self.gpu_share
+        return DEFAULT_GPU_SHARE.get(weight_dtype, 0.0) if device.type == "cuda" else 0.0
+
+
+def choose_backend(module, tokens: int, grad: bool, stream: bool = True) -> str:
+    """The backend for one call of `module` (a HybridExperts) on `tokens` tokens; `grad`: a backward will follow;
+    `stream`: the call may run on the device (False for graph decode's CPU cut)."""
+    if stream and module.streamer is not None and tokens >= module.streamer.min_tokens:
+        return "grouped" if grouped_shapes_ok(module.weights) else "device-loop"
+    if not grad and module.settings.cpu_kernel and cpu_kernel.supports(module, tokens):
+        return "kernel"
+    return "cpu"
+
+
+def grouped_shapes_ok(weights) -> bool:
+    """Grouped GEMMs need every row stride to be a multiple of 16 bytes (true of every released model's dims); int8
+    weights are dequantized to bf16 on the device first."""
+    size = 2 if weights.quantized else weights.gate_up.element_size()
+    return all(d * size % 16 == 0 for d in (*weights.gate_up.shape[1:], *weights.down.shape[1:]))
