@@ -1,0 +1,229 @@
+"""KTransformers adapter bundles load with KT's exact semantics, everywhere an adapter is loaded, or are refused by
+one line naming the file.
+
+KT's semantics (read from kt-kernel: ``python/sft/lora.py`` ``_create_fused_expert_lora_buffers`` /
+``_save_fused_expert_lora``, ``python/sft/artifacts.py`` ``save_kt_adapter_artifacts``, ``python/sft/base.py`` and
+``operators/amx/sft_moe.hpp``):
+
+- scale: ``lora_scaling = lora_alpha / lora_rank``, one rank and alpha per bundle (manifest ``lora``, equal to
+  adapter_config.json's ``r``/``lora_alpha``); B is never pre-scaled.
+- gate and up are two LoRAs with separate A's: gate_out += s·(x gate_a[e]^T) gate_b[e]^T and
+  up_out += s·(x up_a[e]^T) up_b[e]^T, both before the activation; down_out += s·(h down_a[e]^T) down_b[e]^T.
+- layout: gate_lora_a/up_lora_a [E, r, H], gate_lora_b/up_lora_b [E, I, r], down_lora_a [E, r, I],
+  down_lora_b [E, H, r], keyed ``layers.{L}.experts.*``; dtype bf16 (kt-kernel's buffers).
+- on hybridmoe's fused ``gate_up_proj [E, 2I, H]`` (gate rows first), one LoRA with one A cannot hold two A's at
+  rank r; rank 2r with A = [gate_a; up_a], B = [[gate_b, 0], [0, up_b]] and alpha 2·alpha (same scale) gives
+  B @ A = [gate_b @ gate_a; up_b @ up_a] exactly. ``test_kt_semantics_equal_block_layout`` checks that against the
+  formula written out on the weights.
+
+Tolerance (fp32 model, bf16 LoRA values upcast exactly): logits max |Δ| ≤ 1e-5 · max(1, max|ref|).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import hybridmoe
+from hybridmoe.cli import main
+from hybridmoe.inspect import inspect_adapter
+
+from .kt_format import merged_reference, peft_reference, write_kt_bundle, write_manifest
+
+KT_ARCHS = pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe"])  # dense layer 0 + shared experts; plain MoE
+
+
+def _ids(n_vocab=128, seed=0):
+    return torch.randint(4, n_vocab, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, want):
+    return (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, ckpt_dir):
+    """bundles(arch) -> (checkpoint, bundle dir, bundle tensors); one per arch for the module (read-only)."""
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            out = tmp_path_factory.mktemp(f"kt_{arch}")
+            cache[arch] = (ckpt_dir(arch), out, write_kt_bundle(ckpt_dir(arch), out, seed=3))
+        return cache[arch]
+
+    return make
+
+
+@KT_ARCHS
+def test_kt_bundle_logits_equal_peft_reference(arch, bundles):
+    ckpt, adapter, tensors = bundles(arch)
+    ref = peft_reference(ckpt, tensors)
+    model, _ = hybridmoe.load(ckpt, adapter=adapter, device="cpu", dtype="float32", progress=False)
+    x = _ids()
+    with torch.no_grad():
+        want, got = ref(x).logits, model(x).logits
+        base = hybridmoe.load(ckpt, device="cpu", dtype="float32", progress=False)[0](x).logits
+    assert not _close(base, want)  # the adapter (and its routed-expert part) changes the output
+    assert _close(got, want)
+
+
+@KT_ARCHS
+def test_kt_semantics_equal_block_layout(arch, bundles):
+    """The rank-2r block layout the PEFT reference uses is KT's formula, written out on the expert weights."""
+    ckpt, _, tensors = bundles(arch)
+    x = _ids(seed=1)
+    with torch.no_grad():
+        assert _close(peft_reference(ckpt, tensors)(x).logits, merged_reference(ckpt, tensors)(x).logits)
+
+
+def test_routed_expert_part_is_not_dropped(bundles, tmp_path):
+    """Without the fused expert LoRA the model answers differently: the routed-expert part matters in this test."""
+    ckpt, adapter, tensors = bundles("deepseek_v2")
+    zero = {k: torch.zeros_like(v) for k, v in tensors["fused"].items()}
+    x = _ids(seed=2)
+    with torch.no_grad():
+        full = peft_reference(ckpt, tensors)(x).logits
+        no_experts = peft_reference(ckpt, {**tensors, "fused": zero})(x).logits
+    assert not _close(no_experts, full)
+
+
+def test_kt_bundle_export_and_merge(bundles, tmp_path):
+    ckpt, adapter, tensors = bundles("deepseek_v2")
+    from transformers import AutoModelForCausalLM
+
+    from hybridmoe.export import export_merged
+
+    export_merged(ckpt, adapter, tmp_path / "merged")
+    x = _ids(seed=3)
+    with torch.no_grad():
+        want = peft_reference(ckpt, tensors)(x).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(x).logits
+        merged = hybridmoe.load(ckpt, adapter=adapter, device="cpu", dtype="float32", merge=True, progress=False)[0]
+        # merged weights sum x·(W + ΔW) instead of x·W + x·ΔW: fp32 rounding of a different order, as in test_chat
+        assert torch.allclose(exported, want, atol=1e-4, rtol=1e-4), (exported - want).abs().max()
+        assert torch.allclose(merged(x).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_kt_bundle_chat_info_inspect(bundles, capsys):
+    ckpt, adapter, tensors = bundles("deepseek_v2")
+    assert main(["chat", "--model", str(ckpt), "--adapter", str(adapter), "--prompt", "hi", "--temperature", "0",
+                 "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32"]) == 0
+    capsys.readouterr()
+
+    assert main(["info", "--model", str(ckpt), "--adapter", str(adapter), "--device", "cpu", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["lora_targets"]["routed_experts"] == 2 * 2  # 2 MoE layers x (gate_up, down)
+    assert rep["adapter"]["format"] == "kt-bundle" and rep["adapter"]["routed_expert_layers"] == [1, 2]
+
+    report = inspect_adapter(adapter)
+    routed = report["components"]["routed_experts"]
+    assert routed["tensors"] == len(tensors["fused"]) == 12
+    assert routed["params"] == sum(v.numel() for v in tensors["fused"].values())
+    assert report["kt_bundle"]["rank"] == 2 and report["kt_bundle"]["layers"] == [1, 2]
+    assert report["ok"]
+    assert main(["inspect", str(adapter)]) == 0
+    assert "KTransformers bundle" in capsys.readouterr().out
+
+
+def _copy(adapter, dst):
+    shutil.copytree(adapter, dst)
+    return dst
+
+
+def test_inspect_finds_nan_in_routed_expert_part(bundles, tmp_path, capsys):
+    """The seed's NaN diagnosis covers the fused file: a NaN there is named, and chat refuses the bundle."""
+    ckpt, adapter, tensors = bundles("deepseek_v2")
+    bad = _copy(adapter, tmp_path / "nan")
+    from safetensors.torch import save_file
+
+    fused = dict(tensors["fused"])
+    fused["layers.2.experts.up_lora_b"] = fused["layers.2.experts.up_lora_b"].clone()
+    fused["layers.2.experts.up_lora_b"][0, 0, 0] = float("nan")
+    save_file(fused, str(bad / "fused_expert_lora.safetensors"))
+    write_manifest(bad, tensors["rank"], tensors["alpha"], fused)
+    report = inspect_adapter(bad)
+    assert report["nonfinite"] == ["layers.2.experts.up_lora_b"]
+    assert report["components"]["routed_experts"]["nan_tensors"] == 1
+    assert main(["inspect", str(bad)]) == 1
+    assert main(["chat", "--model", str(ckpt), "--adapter", str(bad), "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "routed_experts 1" in err[0]
+
+
+# -- bad input: one line naming the file, non-zero exit, for every entry point ----------------------------------
+def _tamper_hash(d, tensors):
+    raw = bytearray((d / "fused_expert_lora.safetensors").read_bytes())
+    raw[-1] ^= 0x01  # same size, different bytes: a flipped bit in the last tensor's data
+    (d / "fused_expert_lora.safetensors").write_bytes(bytes(raw))
+
+
+def _status_saving(d, tensors):
+    m = json.loads((d / "kt_adapter_manifest.json").read_text())
+    m["status"] = "saving"
+    (d / "kt_adapter_manifest.json").write_text(json.dumps(m))
+
+
+def _rank_differs(d, tensors):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["r"] = 4
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    write_manifest(d, tensors["rank"], tensors["alpha"], tensors["fused"])  # a consistent manifest: only r differs
+
+
+def _wrong_shapes(d, tensors):
+    """A self-consistent bundle whose experts have a different intermediate size than the model's."""
+    from safetensors.torch import save_file
+
+    fused = {}
+    for k, v in tensors["fused"].items():
+        shape = list(v.shape)
+        if k.endswith(("gate_lora_b", "up_lora_b")):
+            shape[1] += 1
+        elif k.endswith("down_lora_a"):
+            shape[2] += 1
+        fused[k] = torch.zeros(shape, dtype=torch.bfloat16)
+    save_file(fused, str(d / "fused_expert_lora.safetensors"))
+    write_manifest(d, tensors["rank"], tensors["alpha"], fused)
+
+
+def _no_manifest(d, tensors):
+    (d / "kt_adapter_manifest.json").unlink()
+
+
+def _no_fused(d, tensors):
+    (d / "fused_expert_lora.safetensors").unlink()
+
+
+BAD = {
+    "hash": (_tamper_hash, "fused_expert_lora.safetensors' does not match its size/sha256"),
+    "status": (_status_saving, "status 'saving', not 'ready'"),
+    "rank": (_rank_differs, "adapter_config.json' says r=4"),
+    "shapes": (_wrong_shapes, "intermediate 24"),
+    "no-manifest": (_no_manifest, "but no kt_adapter_manifest.json"),
+    "no-fused": (_no_fused, "fused_expert_lora.safetensors' is listed in kt_adapter_manifest.json but missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_bundle_one_line(case, bundles, tmp_path, capsys):
+    ckpt, adapter, tensors = bundles("deepseek_v2")
+    bad = _copy(adapter, tmp_path / case)
+    breaker, message = BAD[case]
+    breaker(bad, tensors)
+    commands = [["chat", "--model", str(ckpt), "--adapter", str(bad), "--prompt", "hi", "--device", "cpu"],
+                ["info", "--model", str(ckpt), "--adapter", str(bad), "--device", "cpu"]]
+    if case != "shapes":  # inspect has no model to compare shapes with
+        commands.append(["inspect", str(bad)])
+    for argv in commands:
+        assert main(argv) == 2, argv[0]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hybridmoe: error: "), (argv[0], err)
+        assert message in err[0], (argv[0], err[0])
+    out = tmp_path / "export"
+    assert main(["export", "--model", str(ckpt), "--adapter", str(bad), "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "config.json").exists()
