@@ -215,9 +215,10 @@ def test_bad_bundle_one_line(case, bundles, tmp_path, capsys):
     breaker, message = BAD[case]
     breaker(bad, tensors)
     commands = [["chat", "--model", str(ckpt), "--adapter", str(bad), "--prompt", "hi", "--device", "cpu"],
-                ["info", "--model", str(ckpt), "--adapter", str(bad), "--device", "cpu"]]
+                ["info", "--model", str(ckpt), "--adapter", str(bad), "--device", "cpu", "--json"]]
     if case != "shapes":  # inspect has no model to compare shapes with
         commands.append(["inspect", str(bad)])
+    capsys.readouterr()
     for argv in commands:
         assert main(argv) == 2, argv[0]
         err = capsys.readouterr().err.strip().splitlines()

@@ -51,14 +51,11 @@ _DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F3
 class KTBundle:
     """A validated bundle's routed-expert part."""
 
-    tensors: dict[str, torch.Tensor]  # "layers.{L}.experts.{name}" -> tensor, as stored (bf16 from kt-kernel)
     rank: int  # r, one for every layer and projection
     alpha: float  # scale = alpha / r
+    layers: list[int]  # MoE layers with routed-expert LoRA
     manifest: dict
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted({int(KT_KEY.match(k)["layer"]) for k in self.tensors})
+    tensors: dict[str, torch.Tensor]  # "layers.{L}.experts.{name}" -> tensor as stored (bf16); {} until read
 
 
 def is_kt_bundle(adapter_dir: str | Path) -> bool:
@@ -161,10 +158,18 @@ def _check_fused_layout(path: Path, header: dict[str, tuple[list[int], str]], ra
 
 
 def read_kt_bundle(adapter_dir: str | Path, cfg: dict) -> KTBundle:
-    """Validate a bundle (manifest, hashes, tensor records, shapes, rank/alpha against adapter_config.json) and read
-    its fused expert LoRA."""
+    """Validate a bundle (see :func:`validate_bundle`) and read its fused expert LoRA."""
+    from dataclasses import replace
+
     from safetensors.torch import load_file
 
+    b = validate_bundle(adapter_dir, cfg)
+    return replace(b, tensors=load_file(str(Path(adapter_dir) / FUSED_FILE)))
+
+
+def validate_bundle(adapter_dir: str | Path, cfg: dict) -> KTBundle:
+    """Check a bundle without reading tensor data: manifest version/status, every file's size and sha256, the fused
+    file's tensor records and shapes, and rank/alpha against adapter_config.json (``cfg``)."""
     d = Path(adapter_dir)
     manifest = read_manifest(d)
     _check_artifacts(d, manifest)
@@ -187,7 +192,8 @@ def read_kt_bundle(adapter_dir: str | Path, cfg: dict) -> KTBundle:
     if cfg_alpha is not None and float(cfg_alpha) != alpha:
         raise AdapterError(f"'{d / 'adapter_config.json'}' says lora_alpha={cfg_alpha}, but {MANIFEST} has alpha "
                            f"{alpha}; the files come from different runs: copy the whole bundle of one run")
-    return KTBundle(load_file(str(fused)), rank, alpha, manifest)
+    layers = sorted({int(KT_KEY.match(k)["layer"]) for k in header})
+    return KTBundle(rank, alpha, layers, manifest, {})
 
 
 # -- the math (see the module docstring) --------------------------------------------------------------------------
