@@ -20,7 +20,7 @@ from hybridmoe.experts import HybridExperts
 from hybridmoe.generate import SamplingConfig, generate
 from hybridmoe.loading import load_model
 
-from .kt_format import peft_reference, write_kt_bundle
+from .kt_format import write_kt_bundle
 
 
 def _convert(src, to, out, capsys=None):
@@ -72,11 +72,10 @@ def test_kt_round_trips_and_same_model(kt, tmp_path, monkeypatch):
     tok = hybridmoe.loading.load_tokenizer(ckpt)
     ids = render_prompt(tok, [{"role": "user", "content": "What is 3 plus 3?"}])
     x = torch.tensor([ids])
-    want = peft_reference(ckpt, tensors)
-    with torch.no_grad():
-        ref_logits = want(x).logits
-    replies = []
-    for d in (bundle, peft_dir, per_dir):
+    # the bundle as loaded (equal to vanilla PEFT: tests/test_kt_bundle.py) is the reference
+    ref_logits, reply = _logits_and_reply(ckpt, bundle, ids, x)
+    replies = [reply]
+    for d in (peft_dir, per_dir):
         logits, reply = _logits_and_reply(ckpt, d, ids, x)
         assert (logits - ref_logits).abs().max().item() <= 1e-5 * max(1.0, ref_logits.abs().max().item()), d.name
         replies.append(reply)
