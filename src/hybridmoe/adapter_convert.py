@@ -34,8 +34,16 @@ from pathlib import Path
 
 import torch
 
-from .adapters import (_FUSED_KEY, _PER_EXPERT_KEY, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, _alpha_for,
-                       nonfinite_tensors, read_adapter)
+from .adapters import (
+    _FUSED_KEY,
+    _PER_EXPERT_KEY,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    _alpha_for,
+    nonfinite_tensors,
+    read_adapter,
+)
 from .errors import AdapterError, ConfigError
 from .kt_bundle import KT_KEY, KT_NAMES, MANIFEST, is_kt_bundle, write_kt_bundle
 
@@ -261,11 +269,31 @@ def _to_peft(src: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
     return _finish_patterns(cfg), sd
 
 
+def _filled(parts: dict[str, Factor]) -> dict[str, Factor]:
+    """gate, up and down, a missing one as a zero LoRA (ΔW = 0, exact): gate/up share the other's A, so a joined
+    gate_up keeps its rank; down gets the rank of the others."""
+    out = dict(parts)
+    for p, q in (("gate", "up"), ("up", "gate")):
+        if p not in out and q in out:
+            out[p] = Factor(out[q].A, torch.zeros_like(out[q].B), out[q].alpha)
+    some = out.get("gate") or out.get("down")
+    e, r = some.A.shape[0], some.rank
+    if "gate" in out:
+        h, i = out["gate"].A.shape[2], out["gate"].B.shape[1]
+    else:
+        h, i = out["down"].B.shape[1], out["down"].A.shape[2]
+    z = some.A.new_zeros
+    if "down" not in out:
+        out["down"] = Factor(z(e, r, i), z(e, h, r), some.alpha)
+    if "gate" not in out:
+        out["gate"] = Factor(z(e, r, h), z(e, i, r), some.alpha)
+        out["up"] = Factor(out["gate"].A, z(e, i, r), some.alpha)
+    return out
+
+
 def _join_gate_up(mod: str, parts: dict[str, Factor]) -> Factor:
-    g, u = parts.get("gate"), parts.get("up")
-    if g is None or u is None:
-        raise AdapterError(f"'{mod}' has LoRA on {'gate' if u is None else 'up'}_proj but not on the other; PEFT's "
-                           "fused gate_up_proj LoRA needs both (this layout is not supported)")
+    parts = _filled(parts)  # LoRA on gate_proj alone (per-expert adapters may have it): up gets a zero LoRA
+    g, u = parts["gate"], parts["up"]
     if g.A.shape == u.A.shape and g.scale == u.scale and torch.equal(g.A, u.A):
         return Factor(g.A, torch.cat([g.B, u.B], 1), g.alpha)  # one shared A: rank r, exact
     if g.scale != u.scale:
@@ -302,14 +330,14 @@ def _to_kt(src: Adapter, notes: _Notes) -> tuple[dict, dict[str, torch.Tensor], 
     if not factors:
         raise AdapterError("the adapter has no routed-expert LoRA; a KTransformers bundle would be its PEFT part "
                            "alone: use the adapter as it is")
-    rank, alpha = _uniform(factors, notes)
+    rank, alpha = _uniform([f for parts in src.experts.values() for f in _filled(parts).values()], notes)
     fused: dict[str, torch.Tensor] = {}
     for mod, parts in sorted(src.experts.items()):
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", mod)
-        if m is None or set(parts) != set(PARTS):
-            raise AdapterError(f"'{mod}' is not a layer's routed experts with LoRA on gate, up and down projections; "
-                               "a KTransformers bundle holds exactly those")
-        for part, f in parts.items():
+        if m is None:
+            raise AdapterError(f"'{mod}' has no layer number (…layers.{{L}}…); a KTransformers bundle names experts by "
+                               "layer")
+        for part, f in _filled(parts).items():  # KT always has all six tensors: a projection without LoRA gets zeros
             a, b = _conform(f, rank, alpha / rank)
             fused[f"layers.{m[1]}.experts.{part}_lora_a"] = a
             fused[f"layers.{m[1]}.experts.{part}_lora_b"] = b
@@ -338,10 +366,10 @@ def convert(adapter_dir: str | Path, to: str, output: str | Path, force: bool = 
     if to not in LAYOUTS:
         raise ConfigError(f"--to {to!r} is not a layout; use one of {', '.join(LAYOUTS)}")
     src_dir, out = Path(adapter_dir).expanduser(), Path(output).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force or out.resolve() == src_dir.resolve():
-            raise ConfigError(f"--output '{out}' exists and is not empty; pass a new directory"
-                              + ("" if out.resolve() == src_dir.resolve() else " (or --force to replace it)"))
+    same = out.exists() and out.resolve() == src_dir.resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and (not force or same):
+        raise ConfigError(f"--output '{out}' exists and is not empty; pass a new directory"
+                          + ("" if same else " (or --force to replace it)"))
     src = read_any(src_dir)
     notes = _Notes()
     fused = None

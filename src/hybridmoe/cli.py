@@ -87,7 +87,8 @@ def _adapter_summary(model, adapter_dir: str) -> dict:
 
     layers = sorted(int(m[1]) for name, ex in base_model_of(model).named_modules()
                     if isinstance(ex, HybridExperts) and ex.lora and (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name)))
-    fmt = {"kt": "kt-bundle"}.get(layout_of(adapter_dir), layout_of(adapter_dir))
+    layout = layout_of(adapter_dir)
+    fmt = "kt-bundle" if layout == "kt" else layout
     return {"path": str(adapter_dir), "format": fmt, "routed_expert_layers": layers}
 
 

@@ -10,6 +10,10 @@ Report shape (also the ``--json`` output)::
     {"components": {name: {"tensors", "params", "nan_tensors", "inf_tensors", "min", "max", "mean_abs", "norm"}},
      "nonfinite": [tensor names], "ok": bool}
 
+A KTransformers bundle (:mod:`hybridmoe.kt_bundle`) is checked first (manifest, hashes, tensor records), its
+``fused_expert_lora.safetensors`` tensors are counted under ``routed_experts``, and the report gains
+``"kt_bundle": {"file", "rank", "alpha", "layers", "expert_weight_format"}``.
+
 All six components are always present. Statistics are over finite values only, as floats, and ``None`` when a
 component has no tensors (or no finite values).
 """
