@@ -150,3 +150,9 @@ def test_convert_errors_are_one_line(kt, tmp_path, capsys):
     # --force replaces an existing output as a whole
     assert main(["adapter", "convert", str(bundle), "--to", "peft", "--output", str(tmp_path / "taken"), "--force"]) == 0
     assert not (tmp_path / "taken" / "x").exists() and layout_of(tmp_path / "taken") == "peft"
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["adapter", "convert", "--help"])
+    assert e.value.code == 0 and "--to {peft,per-expert,kt}" in capsys.readouterr().out
