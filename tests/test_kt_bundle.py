@@ -107,6 +107,22 @@ def test_kt_bundle_export_and_merge(bundles, reference_logits, tmp_path):
         assert torch.allclose(merged(x).logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_kt_bundle_served_by_name(bundles, reference_logits):
+    """`serve` loads each adapter into an AdapterSet by name; a KT bundle there answers like the reference."""
+    from hybridmoe.loading import load_model
+    from hybridmoe.serve.adapters import AdapterSet
+
+    ckpt, adapter, _ = bundles("deepseek_v2")
+    adapters = AdapterSet(load_model(ckpt, device="cpu", dtype="float32", progress=False))
+    adapters.load("kt", adapter)
+    want = reference_logits("deepseek_v2")
+    with torch.no_grad():
+        adapters.activate("kt")
+        assert _close(adapters.model(_ids()).logits, want)
+        adapters.activate(None)
+        assert not _close(adapters.model(_ids()).logits, want)
+
+
 def test_kt_bundle_chat_info_inspect(bundles, capsys):
     ckpt, adapter, tensors = bundles("deepseek_v2")
     assert main(["chat", "--model", str(ckpt), "--adapter", str(adapter), "--prompt", "hi", "--temperature", "0",
