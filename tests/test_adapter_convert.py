@@ -156,3 +156,22 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["adapter", "convert", "--help"])
     assert e.value.code == 0 and "--to {peft,per-expert,kt}" in capsys.readouterr().out
+
+
+def test_model_checks_the_result(kt, ckpt_dir, tmp_path, capsys):
+    """--model: the converted adapter passes the loader's checks against the model, or nothing is written."""
+    ckpt, bundle, _ = kt
+    assert main(["adapter", "convert", str(bundle), "--to", "peft", "--output", str(tmp_path / "ok"),
+                 "--model", str(ckpt)]) == 0
+    assert _same(_tensors(tmp_path / "ok"), _tensors(_convert(bundle, "peft", tmp_path / "plain")))
+    capsys.readouterr()
+    # the DeepSeek-V2 bundle (MoE layers 1, 2; 6 experts) against OLMoE (MoE layers 0-2) and DeepSeek-V3 (MoE layers
+    # 1, 2; 8 experts): layers, then shapes, do not fit
+    for arch, message in (("olmoe", "for layers [1, 2], but the model's MoE layers are [0, 1, 2]"),
+                          ("deepseek_v3", "has 8 experts")):
+        out, other = tmp_path / arch, ckpt_dir(arch)
+        capsys.readouterr()
+        assert main(["adapter", "convert", str(bundle), "--to", "kt", "--output", str(out), "--model", str(other)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()

@@ -10,7 +10,10 @@ KT's semantics (read from kt-kernel: ``python/sft/lora.py`` ``_create_fused_expe
 - gate and up are two LoRAs with separate A's: gate_out += s·(x gate_a[e]^T) gate_b[e]^T and
   up_out += s·(x up_a[e]^T) up_b[e]^T, both before the activation; down_out += s·(h down_a[e]^T) down_b[e]^T.
 - layout: gate_lora_a/up_lora_a [E, r, H], gate_lora_b/up_lora_b [E, I, r], down_lora_a [E, r, I],
-  down_lora_b [E, H, r], keyed ``layers.{L}.experts.*``; dtype bf16 (kt-kernel's buffers).
+  down_lora_b [E, H, r] (row-major per expert: the kernel offsets expert e by e·r·H), keyed ``layers.{L}.experts.*``
+  with L the model's layer index.
+- dtype: stored bf16 (kt-kernel's buffers). hybridmoe keeps expert LoRA in fp32 (the upcast is exact) and computes in
+  the model's dtype; kt-kernel computes in bf16 with fp32 accumulation, so bf16 runs differ by rounding only.
 - on hybridmoe's fused ``gate_up_proj [E, 2I, H]`` (gate rows first), one LoRA with one A cannot hold two A's at
   rank r; rank 2r with A = [gate_a; up_a], B = [[gate_b, 0], [0, up_b]] and alpha 2·alpha (same scale) gives
   B @ A = [gate_b @ gate_a; up_b @ up_a] exactly. ``test_kt_bundle_logits_equal_peft_reference`` also checks that

@@ -21,7 +21,8 @@ different scale alpha/r with the ratio folded into B (exact up to one fp32 round
 cast is exact for adapters that came from KT (bf16 values); any other is reported with its largest relative change.
 Expert module paths: read as they are in the adapter; a KT bundle names only layers, and its experts are written
 as ``model.layers.{L}.mlp.experts`` (the path of every architecture KTransformers trains, as in kt-kernel's SGLang
-converter).
+converter), or, with ``--model``, under the model's own experts module names; ``--model`` also checks the result
+against the model the way the loader does.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class Adapter:
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
-def read_any(adapter_dir: str | Path) -> Adapter:
-    """Any of the three layouts (a KT bundle validated in full by read_adapter) into the common form."""
+def read_any(adapter_dir: str | Path, kt_paths: dict[int, str] | None = None) -> Adapter:
+    """Any of the three layouts (a KT bundle validated in full by read_adapter) into the common form. kt_paths:
+    {layer: experts module} for a KT bundle's layers (default ``model.layers.{L}.mlp.experts``)."""
     cfg, sd = read_adapter(adapter_dir)
     bad = nonfinite_tensors(sd)
     if bad:
@@ -108,7 +110,11 @@ def read_any(adapter_dir: str | Path) -> Adapter:
         out.layout, out.manifest = "kt", read_manifest(Path(adapter_dir))
         for layer, t in kt.items():
             alpha = float(cfg["lora_alpha"])  # read_adapter checked it against the manifest
-            out.experts[KT_EXPERTS_PATH.format(layer=layer)] = {
+            if kt_paths is not None and layer not in kt_paths:
+                raise AdapterError(f"'{adapter_dir}' has routed-expert LoRA for layer {layer}, but the model's MoE "
+                                   f"layers are {sorted(kt_paths)}; is the adapter for another model?")
+            path = kt_paths[layer] if kt_paths is not None else KT_EXPERTS_PATH.format(layer=layer)
+            out.experts[path] = {
                 p: Factor(t[f"{p}_lora_a"], t[f"{p}_lora_b"], alpha) for p in PARTS}
     if per:
         out.layout = "per-expert"
@@ -356,9 +362,34 @@ def _to_bf16(key: str, t: torch.Tensor, notes: _Notes) -> torch.Tensor:
     return out
 
 
-def convert(adapter_dir: str | Path, to: str, output: str | Path, force: bool = False) -> Path:
+def _model_experts(model_dir: str | Path):
+    """The model on the meta device (names and shapes, no weights) and {layer: experts module name}."""
+    from .experts import HybridExperts
+    from .export import _meta_model
+
+    meta = _meta_model(Path(model_dir).expanduser())
+    paths = {}
+    for name, m in meta.named_modules():
+        hit = re.search(r"(?:^|\.)layers\.(\d+)\.", name) if isinstance(m, HybridExperts) else None
+        if hit:
+            paths[int(hit[1])] = name
+    return meta, paths
+
+
+def _check_fits(meta, cfg: dict, sd: dict[str, torch.Tensor]) -> None:
+    """The converted adapter passes the loader's own checks against the model (what chat/serve/export would do)."""
+    from .adapters import _check_linear, split_adapter
+
+    linear, _ = split_adapter(meta, cfg, sd)
+    _check_linear(meta, linear)
+
+
+def convert(adapter_dir: str | Path, to: str, output: str | Path, force: bool = False,
+            model: str | Path | None = None) -> Path:
     """Read ``adapter_dir`` in any layout and write it in layout ``to`` to ``output`` (a new directory, made
-    atomically). Returns the output path; approximations, if any, are reported on stderr."""
+    atomically). Returns the output path; approximations, if any, are reported on stderr. ``model`` (a checkpoint
+    directory, optional): a KT bundle's layers take the model's experts module names, and the result is checked
+    against the model before anything is written."""
     from safetensors.torch import save_file
 
     from .io import atomic_replace_dir
@@ -370,7 +401,8 @@ def convert(adapter_dir: str | Path, to: str, output: str | Path, force: bool = 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and (not force or same):
         raise ConfigError(f"--output '{out}' exists and is not empty; pass a new directory"
                           + ("" if same else " (or --force to replace it)"))
-    src = read_any(src_dir)
+    meta, kt_paths = _model_experts(model) if model is not None else (None, None)
+    src = read_any(src_dir, kt_paths)
     notes = _Notes()
     fused = None
     if to == "peft":
@@ -379,6 +411,8 @@ def convert(adapter_dir: str | Path, to: str, output: str | Path, force: bool = 
         cfg, sd = _to_per_expert(src, notes)
     else:
         cfg, sd, fused = _to_kt(src, notes)
+    if meta is not None:
+        _check_fits(meta, cfg, {**sd, **(fused or {})})
     manifest = src.manifest or {}
 
     def write(tmp: Path) -> None:

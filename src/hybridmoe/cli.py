@@ -128,7 +128,7 @@ def _cmd_serve(args) -> int:
 def _cmd_adapter_convert(args) -> int:
     from .adapter_convert import convert
 
-    print(convert(args.input, args.to, args.output, force=args.force))
+    print(convert(args.input, args.to, args.output, force=args.force, model=args.model))
     return 0
 
 
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--to", required=True, choices=["peft", "per-expert", "kt"], help="layout to write")
     ac.add_argument("--output", required=True, help="new adapter directory (written atomically)")
     ac.add_argument("--force", action="store_true", help="replace --output if it exists")
+    ac.add_argument("--model", help="base checkpoint (optional): check the result against it, and name a KT "
+                                    "bundle's experts by the model's modules")
     ac.set_defaults(func=_cmd_adapter_convert)
 
     q = sub.add_parser("quickstart", help="offline demo: build, fine-tune and chat with a small MoE", description="Offline end-to-end demo on any machine.")
