@@ -46,7 +46,7 @@ from .adapters import (
     read_adapter,
 )
 from .errors import AdapterError, ConfigError
-from .kt_bundle import KT_KEY, KT_NAMES, MANIFEST, is_kt_bundle, write_kt_bundle
+from .kt_bundle import KT_KEY, KT_NAMES, MANIFEST, is_kt_bundle, layer_of, write_kt_bundle
 
 LAYOUTS = ("peft", "per-expert", "kt")
 PARTS = ("gate", "up", "down")
@@ -339,14 +339,14 @@ def _to_kt(src: Adapter, notes: _Notes) -> tuple[dict, dict[str, torch.Tensor], 
     rank, alpha = _uniform([f for parts in src.experts.values() for f in _filled(parts).values()], notes)
     fused: dict[str, torch.Tensor] = {}
     for mod, parts in sorted(src.experts.items()):
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.", mod)
-        if m is None:
+        layer = layer_of(mod)
+        if layer is None:
             raise AdapterError(f"'{mod}' has no layer number (…layers.{{L}}…); a KTransformers bundle names experts by "
                                "layer")
         for part, f in _filled(parts).items():  # KT always has all six tensors: a projection without LoRA gets zeros
             a, b = _conform(f, rank, alpha / rank)
-            fused[f"layers.{m[1]}.experts.{part}_lora_a"] = a
-            fused[f"layers.{m[1]}.experts.{part}_lora_b"] = b
+            fused[f"layers.{layer}.experts.{part}_lora_a"] = a
+            fused[f"layers.{layer}.experts.{part}_lora_b"] = b
     assert {k.rsplit(".", 1)[1] for k in fused} == set(KT_NAMES)
     fused = {k: _to_bf16(k, v, notes) for k, v in fused.items()}
     cfg = _base_cfg(src)
@@ -368,11 +368,7 @@ def _model_experts(model_dir: str | Path):
     from .export import _meta_model
 
     meta = _meta_model(Path(model_dir).expanduser())
-    paths = {}
-    for name, m in meta.named_modules():
-        hit = re.search(r"(?:^|\.)layers\.(\d+)\.", name) if isinstance(m, HybridExperts) else None
-        if hit:
-            paths[int(hit[1])] = name
+    paths = {layer_of(n): n for n, m in meta.named_modules() if isinstance(m, HybridExperts) and layer_of(n) is not None}
     return meta, paths
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from .errors import AdapterError, ConfigError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
-from .kt_bundle import FUSED_FILE, KT_KEY, is_kt_bundle, kt_to_gate_up, read_kt_bundle
+from .kt_bundle import FUSED_FILE, KT_KEY, is_kt_bundle, kt_to_gate_up, layer_of, read_kt_bundle
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -394,12 +394,7 @@ def _kt_expert_adapters(model, cfg, kt: dict[int, dict[str, torch.Tensor]]) -> d
     for another model."""
     if not kt:
         return {}
-    by_layer = {}
-    for name, m in model.named_modules():
-        if isinstance(m, HybridExperts):
-            hit = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-            if hit:
-                by_layer[int(hit[1])] = name
+    by_layer = {layer_of(n): n for n, m in model.named_modules() if isinstance(m, HybridExperts) and layer_of(n) is not None}
     if sorted(kt) != sorted(by_layer):
         raise AdapterError(f"the adapter's {FUSED_FILE} has routed-expert LoRA for layers {sorted(kt)}, but the "
                            f"model's MoE layers are {sorted(by_layer)}; is the adapter for another model?")

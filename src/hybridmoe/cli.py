@@ -79,14 +79,13 @@ def _cmd_info(args) -> int:
 def _adapter_summary(model, adapter_dir: str) -> dict:
     """Which layout the adapter came in and which MoE layers got routed-expert LoRA from it (a KT bundle's come
     from fused_expert_lora.safetensors; seeing them here shows they were not dropped)."""
-    import re
-
     from .adapter_convert import layout_of
     from .adapters import base_model_of
     from .experts import HybridExperts
+    from .kt_bundle import layer_of
 
-    layers = sorted(int(m[1]) for name, ex in base_model_of(model).named_modules()
-                    if isinstance(ex, HybridExperts) and ex.lora and (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name)))
+    layers = sorted(layer_of(name) for name, ex in base_model_of(model).named_modules()
+                    if isinstance(ex, HybridExperts) and ex.lora and layer_of(name) is not None)
     layout = layout_of(adapter_dir)
     fmt = "kt-bundle" if layout == "kt" else layout
     return {"path": str(adapter_dir), "format": fmt, "routed_expert_layers": layers}

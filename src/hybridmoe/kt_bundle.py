@@ -58,6 +58,12 @@ class KTBundle:
     tensors: dict[str, torch.Tensor]  # "layers.{L}.experts.{name}" -> tensor as stored (bf16); {} until read
 
 
+def layer_of(module_name: str) -> int | None:
+    """The decoder layer a module belongs to (``…layers.{L}.…``): KT names routed experts by that index alone."""
+    hit = re.search(r"(?:^|\.)layers\.(\d+)\.", module_name)
+    return int(hit[1]) if hit else None
+
+
 def is_kt_bundle(adapter_dir: str | Path) -> bool:
     """True when the directory holds any part of a KT bundle (a partial one too: it must not pass as plain PEFT)."""
     d = Path(adapter_dir)
