@@ -4,11 +4,12 @@ the same model (logits within 1e-5 in fp32, equal greedy replies) whatever the l
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hybridmoe
@@ -66,6 +67,13 @@ def test_kt_round_trips_and_same_model(kt, tmp_path, monkeypatch):
         assert (cfg["r"], cfg["lora_alpha"]) == (tensors["rank"], tensors["alpha"])
     # per-expert -> peft equals KT -> peft
     assert _same(_tensors(_convert(per_dir, "peft", tmp_path / "per_peft")), _tensors(peft_dir))
+    # SGLang's key form (kt-kernel's convert_kt_to_sglang_adapter.py strips "base_model.model.") reads the same
+    sglang = tmp_path / "sglang"
+    sglang.mkdir()
+    save_file({k.removeprefix("base_model.model."): v for k, v in _tensors(per_dir).items()},
+              str(sglang / "adapter_model.safetensors"))
+    shutil.copy(per_dir / "adapter_config.json", sglang / "adapter_config.json")
+    assert _same(_tensors(_convert(sglang, "kt", tmp_path / "sglang_kt")), _tensors(bundle))
 
     # the same model from every layout: logits and greedy replies
     monkeypatch.setattr("hybridmoe.generate.eos_token_ids", lambda *a: set())

@@ -1,4 +1,4 @@
-"""`hybridmoe adapter convert`: move a LoRA adapter between the three layouts MoE tools use, without a model.
+"""`hybridmoe adapter convert`: move a LoRA adapter between the three layouts MoE tools use (no model needed).
 
 Layouts (the Linear LoRA of attention, dense MLPs and shared experts is plain PEFT in all three and is copied):
 
@@ -75,7 +75,7 @@ class Factor:
 @dataclass
 class Adapter:
     cfg: dict  # the source adapter_config.json
-    linear: dict[str, torch.Tensor]  # PEFT keys -> tensors of the Linear LoRA, copied as they are
+    linear: dict[str, torch.Tensor]  # PEFT keys (base_model.model.….lora_A.weight) -> tensors of the Linear LoRA
     experts: dict[str, dict[str, Factor]] = field(default_factory=dict)  # experts module -> {gate, up, down}
     layout: str = "peft"
     manifest: dict | None = None  # a KT source's manifest (expert_weight_format, base)
@@ -101,8 +101,8 @@ def read_any(adapter_dir: str | Path, kt_paths: dict[int, str] | None = None) ->
             per.setdefault(m["mod"], {}).setdefault(_PER_EXPERT_PART[m["proj"]], {}).setdefault(int(m["e"]), {})[m["ab"]] = t
         elif m := _FUSED_KEY.match(_strip(key)):
             fused.setdefault(m["mod"], {}).setdefault(m["nest"], {})[m["ab"]] = t
-        else:
-            linear[key] = t
+        else:  # PEFT's own key form: prefixed, no adapter name (SGLang-style and ".default" keys load the same)
+            linear[PEFT_PREFIX + re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", _strip(key))] = t
     out = Adapter(cfg, linear)
     if kt:
         from .kt_bundle import read_manifest
@@ -184,13 +184,13 @@ def _fused_parts(cfg: dict, mod: str, nests: dict[str, dict[str, torch.Tensor]])
 
 
 def _split_gate_up(A: torch.Tensor, B: torch.Tensor, alpha: float) -> dict[str, Factor]:
-    """gate_up LoRA -> gate and up. A block-diagonal B (rank 2k, zero off-diagonal blocks, both blocks used) splits
-    into two rank-k LoRAs with alpha/2 each (same scale); any other shares A between gate and up."""
+    """gate_up LoRA -> gate and up. A block-diagonal B (rank 2k, zero off-diagonal blocks: what a KT gate/up pair
+    becomes) splits into two rank-k LoRAs with alpha/2 each (same scale; exact, the zero blocks add nothing); any
+    other shares A between gate and up (B of a trained shared-A LoRA is never block-diagonal)."""
     i, r = B.shape[1] // 2, B.shape[2]
     if r % 2 == 0:
         k = r // 2
-        off_zero = not B[:, :i, k:].any() and not B[:, i:, :k].any()
-        if off_zero and B[:, :i, :k].any() and B[:, i:, k:].any():
+        if not B[:, :i, k:].any() and not B[:, i:, :k].any():
             return {"gate": Factor(A[:, :k].contiguous(), B[:, :i, :k].contiguous(), alpha / 2),
                     "up": Factor(A[:, k:].contiguous(), B[:, i:, k:].contiguous(), alpha / 2)}
     return {"gate": Factor(A, B[:, :i].contiguous(), alpha), "up": Factor(A, B[:, i:].contiguous(), alpha)}
