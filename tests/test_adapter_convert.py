@@ -183,3 +183,39 @@ def test_model_checks_the_result(kt, ckpt_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not out.exists()
+
+
+def _delta(f):
+    return f.scale * torch.bmm(f.B.double(), f.A.double())  # ΔW [E, out, in]
+
+
+def test_common_form_keeps_delta_w():
+    """The tensor steps of every conversion keep ΔW: splitting/joining gate_up (shared A and block-diagonal),
+    zero-padding to a common rank (bit-exact), and folding a different scale into B (one rounding)."""
+    from hybridmoe.adapter_convert import Factor, _conform, _join_gate_up, _Notes, _split_gate_up, _uniform
+
+    g = torch.Generator().manual_seed(0)
+    e, h, i = 3, 8, 5
+    shared = Factor(torch.randn(e, 2, h, generator=g), torch.randn(e, 2 * i, 2, generator=g), 3.0)
+    parts = _split_gate_up(shared.A, shared.B, shared.alpha)
+    assert torch.equal(torch.cat([_delta(parts["gate"]), _delta(parts["up"])], 1), _delta(shared))
+    assert torch.equal(_join_gate_up("m", parts).B, shared.B)  # the shared A is recognised: rank stays 2
+
+    gate, up = (Factor(torch.randn(e, 2, h, generator=g), torch.randn(e, i, 2, generator=g), 6.0) for _ in range(2))
+    joined = _join_gate_up("m", {"gate": gate, "up": up})  # separate A's: rank 4, block-diagonal
+    assert joined.rank == 4 and joined.scale == gate.scale
+    assert torch.equal(_delta(joined), torch.cat([_delta(gate), _delta(up)], 1))
+    back = _split_gate_up(joined.A, joined.B, joined.alpha)
+    assert all(torch.equal(back[p].A, f.A) and torch.equal(back[p].B, f.B) and back[p].alpha == f.alpha
+               for p, f in (("gate", gate), ("up", up)))
+
+    notes = _Notes()
+    small = Factor(torch.randn(e, 1, i, generator=g), torch.randn(e, h, 1, generator=g), 5.0)  # rank 1, scale 5
+    rank, alpha = _uniform([gate, up, small], notes)
+    assert (rank, alpha) == (2, 6.0) and len(notes.folded) == 1  # scale 3 kept exact, 5 folded into B
+    a, b = _conform(small, rank, alpha / rank)
+    padded = Factor(a, b, alpha)
+    assert not a[:, 1:].any() and not b[:, :, 1:].any()
+    assert torch.allclose(_delta(padded), _delta(small), rtol=1e-6, atol=0)
+    a, b = _conform(gate, rank, alpha / rank)
+    assert torch.equal(a, gate.A) and torch.equal(b, gate.B)

@@ -77,8 +77,7 @@ class Adapter:
     cfg: dict  # the source adapter_config.json
     linear: dict[str, torch.Tensor]  # PEFT keys (base_model.model.….lora_A.weight) -> tensors of the Linear LoRA
     experts: dict[str, dict[str, Factor]] = field(default_factory=dict)  # experts module -> {gate, up, down}
-    layout: str = "peft"
-    manifest: dict | None = None  # a KT source's manifest (expert_weight_format, base)
+    manifest: dict | None = None  # a KT source's manifest (its expert_weight_format is kept)
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def read_any(adapter_dir: str | Path, kt_paths: dict[int, str] | None = None) ->
     if kt:
         from .kt_bundle import read_manifest
 
-        out.layout, out.manifest = "kt", read_manifest(Path(adapter_dir))
+        out.manifest = read_manifest(Path(adapter_dir))
         for layer, t in kt.items():
             alpha = float(cfg["lora_alpha"])  # read_adapter checked it against the manifest
             if kt_paths is not None and layer not in kt_paths:
@@ -117,7 +116,6 @@ def read_any(adapter_dir: str | Path, kt_paths: dict[int, str] | None = None) ->
             out.experts[path] = {
                 p: Factor(t[f"{p}_lora_a"], t[f"{p}_lora_b"], alpha) for p in PARTS}
     if per:
-        out.layout = "per-expert"
         for mod, parts in per.items():
             out.experts[mod] = {p: _stack_per_expert(cfg, mod, p, es) for p, es in parts.items()}
     for mod, nests in fused.items():
@@ -134,6 +132,10 @@ def _stack_per_expert(cfg: dict, mod: str, part: str, experts: dict[int, dict[st
     for e in range(n):
         if set(experts.get(e, {})) != {"A", "B"}:
             raise AdapterError(f"per-expert adapter lacks lora_A/lora_B of expert {e} {_PART_PROJ[part]} in '{mod}'")
+        if experts[e]["A"].shape != experts[0]["A"].shape or experts[e]["B"].shape != experts[0]["B"].shape:
+            raise AdapterError(f"per-expert adapter: expert {e} {_PART_PROJ[part]} in '{mod}' has lora_A "
+                               f"{tuple(experts[e]['A'].shape)}, expert 0 {tuple(experts[0]['A'].shape)}; every expert "
+                               "must have the same shapes (one rank)")
     a = torch.stack([experts[e]["A"] for e in range(n)])  # [E, r, in]
     b = torch.stack([experts[e]["B"] for e in range(n)])  # [E, out, r]
     return Factor(a, b, _alpha_for(cfg, f"{mod}.0.{_PART_PROJ[part]}"))
