@@ -104,9 +104,12 @@ def read_manifest(adapter_dir: Path) -> dict:
         raise AdapterError(f"'{path}' has no valid 'lora': {{'rank': int, 'alpha': number}} record; the manifest is "
                            "damaged, re-save the adapter with KTransformers")
     artifacts = manifest.get("artifacts")
-    if not isinstance(artifacts, dict) or FUSED_FILE not in artifacts or "adapter_config.json" not in artifacts:
-        raise AdapterError(f"'{path}' does not list {FUSED_FILE} and adapter_config.json in 'artifacts'; the "
-                           "manifest is damaged, re-save the adapter with KTransformers")
+    # the three files hybridmoe reads must all be covered by the hashes (kt-kernel also allows adapter_model.bin as
+    # the PEFT part; hybridmoe does not read pickle, and read_adapter says so)
+    listed = ("adapter_config.json", "adapter_model.safetensors", FUSED_FILE)
+    if not isinstance(artifacts, dict) or not all(n in artifacts for n in listed):
+        raise AdapterError(f"'{path}' does not list {', '.join(listed)} in 'artifacts'; the manifest is damaged or the "
+                           "PEFT part is not safetensors: re-save the adapter with KTransformers")
     return manifest
 
 
