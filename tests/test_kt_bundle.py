@@ -246,3 +246,24 @@ def test_bad_bundle_one_line(case, bundles, tmp_path, capsys):
     assert main(["export", "--model", str(ckpt), "--adapter", str(bad), "--output", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not (out / "config.json").exists()
+
+
+def test_legacy_kt_orig_module_keys(bundles, reference_logits, tmp_path):
+    """Older KTransformers (kt-sft) saved keys through its injected wrappers (`….orig_module.q_proj.orig_module.
+    lora_A.weight`); they load as the plain names, and converting writes the plain names."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt, adapter, _ = bundles("deepseek_v2")
+    peft_dir = tmp_path / "peft"
+    assert main(["adapter", "convert", str(adapter), "--to", "peft", "--output", str(peft_dir)]) == 0
+    legacy = _copy(peft_dir, tmp_path / "legacy")
+    sd = load_file(str(legacy / "adapter_model.safetensors"))
+    renamed = {k.replace("model.model.layers", "model.model.orig_module.layers").replace(".self_attn.", ".self_attn.orig_module.")
+               .replace(".mlp.", ".mlp.orig_module."): v for k, v in sd.items()}
+    assert sum(".orig_module." in k for k in renamed) == len(renamed)
+    save_file(renamed, str(legacy / "adapter_model.safetensors"))
+    model, _ = hybridmoe.load(ckpt, adapter=legacy, device="cpu", dtype="float32", progress=False)
+    with torch.no_grad():
+        assert _close(model(_ids()).logits, reference_logits("deepseek_v2"))
+    assert main(["adapter", "convert", str(legacy), "--to", "peft", "--output", str(tmp_path / "again")]) == 0
+    assert set(load_file(str(tmp_path / "again" / "adapter_model.safetensors"))) == set(sd)

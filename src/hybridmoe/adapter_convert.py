@@ -42,6 +42,7 @@ from .adapters import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     _alpha_for,
+    _strip,
     nonfinite_tensors,
     read_adapter,
 )
@@ -121,10 +122,6 @@ def read_any(adapter_dir: str | Path, kt_paths: dict[int, str] | None = None) ->
     for mod, nests in fused.items():
         out.experts[mod] = _fused_parts(cfg, mod, nests)
     return out
-
-
-def _strip(key: str) -> str:
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
 def _stack_per_expert(cfg: dict, mod: str, part: str, experts: dict[int, dict[str, torch.Tensor]]) -> Factor:

@@ -267,7 +267,10 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
 
 
 def _strip(key: str) -> str:
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    """A saved adapter key without PEFT's prefix and without the ``.orig_module`` segments of older KTransformers
+    (kt-sft injected wrappers around the original modules; kt-kernel's SGLang converter drops them the same way)."""
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return key.replace(".orig_module", "")
 
 
 def _alpha_for(cfg: dict, name: str) -> float:
