@@ -124,7 +124,8 @@ def _check_artifacts(adapter_dir: Path, manifest: dict) -> None:
                                "whole adapter directory again")
         if record.get("size") != f.stat().st_size or record.get("sha256") != sha256_file(f):
             raise AdapterError(f"'{f}' does not match its size/sha256 in {MANIFEST}: the file was changed or "
-                               "truncated after KTransformers saved it; copy the original bundle again")
+                               "truncated after KTransformers saved it (or another adapter was saved over this "
+                               "directory); copy the original bundle again")
 
 
 def _header(path: Path) -> dict[str, tuple[list[int], str]]:
