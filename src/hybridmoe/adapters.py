@@ -32,6 +32,7 @@ from torch import nn
 from .errors import AdapterError, ConfigError, NonFiniteError
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
+from .kt_bundle import FUSED_FILE, KT_KEY, is_kt_bundle, kt_to_gate_up, layer_of, read_kt_bundle
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -288,17 +289,25 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     for key in ("use_dora", "use_rslora"):
         if cfg.get(key):
             raise AdapterError(f"'{cfg_path}' sets {key}=true, which hybridmoe does not implement for routed experts")
+    # A KTransformers bundle keeps the routed-expert LoRA beside the PEFT part: validate it first (hashes cover the
+    # PEFT files too) and never fall back to the PEFT part alone.
+    bundle = read_kt_bundle(d, cfg) if is_kt_bundle(d) else None
     try:
         sd = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"'{w_path}' is not a readable safetensors file ({str(e).splitlines()[0]}); it is truncated or corrupt") from None
+    if bundle is not None:
+        sd.update(bundle.tensors)  # keys "layers.{L}.experts.gate_lora_a" ...: split_adapter maps them
     if not sd:
         raise AdapterError(f"'{w_path}' holds no tensors")
     return cfg, sd
 
 
 def _strip(key: str) -> str:
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    """A saved adapter key without PEFT's prefix and without the ``.orig_module`` segments of older KTransformers
+    (kt-sft injected wrappers around the original modules; kt-kernel's SGLang converter drops them the same way)."""
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return key.replace(".orig_module", "")
 
 
 def _alpha_for(cfg: dict, name: str) -> float:
@@ -392,7 +401,12 @@ def split_adapter(model: nn.Module, cfg: dict, sd: dict[str, torch.Tensor]):
     linear: dict[str, dict[str, torch.Tensor]] = {}
     fused: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     per: dict[tuple[str, str], dict[int, dict[int, dict[str, torch.Tensor]]]] = {}
+    kt: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
+        m = KT_KEY.match(key)
+        if m:  # a KTransformers bundle's fused expert LoRA (validated by read_kt_bundle)
+            kt.setdefault(int(m["layer"]), {})[m["name"]] = t
+            continue
         name = mapper.rename(_strip(key))
         m = _PER_EXPERT_KEY.match(name)
         if m:
@@ -411,7 +425,37 @@ def split_adapter(model: nn.Module, cfg: dict, sd: dict[str, torch.Tensor]):
         linear.setdefault(m["mod"], {})[m["ab"]] = t
     experts = _fused_expert_adapters(model, cfg, fused)
     experts.update(_per_expert_adapters(model, cfg, per))
+    experts.update(_kt_expert_adapters(model, cfg, kt))
     return linear, experts
+
+
+def _kt_expert_adapters(model, cfg, kt: dict[int, dict[str, torch.Tensor]]) -> dict:
+    """KTransformers fused expert LoRA {layer: {name: tensor}} -> _ExpertAdapter per projection (kt_bundle's math).
+
+    Every MoE layer of the model must be covered: kt-kernel saves all of them, so a missing one means the bundle is
+    for another model."""
+    if not kt:
+        return {}
+    by_layer = {layer_of(n): n for n, m in model.named_modules() if isinstance(m, HybridExperts) and layer_of(n) is not None}
+    if sorted(kt) != sorted(by_layer):
+        raise AdapterError(f"the adapter's {FUSED_FILE} has routed-expert LoRA for layers {sorted(kt)}, but the "
+                           f"model's MoE layers are {sorted(by_layer)}; is the adapter for another model?")
+    alpha = float(cfg["lora_alpha"])  # read_kt_bundle checked it equals the manifest's alpha
+    out = {}
+    for layer, t in sorted(kt.items()):
+        mod = by_layer[layer]
+        s = _experts_module(model, mod).spec
+        e, r, h, i = s.num_experts, t["gate_lora_a"].shape[1], s.hidden_dim, s.intermediate_dim
+        if list(t["gate_lora_a"].shape) != [e, r, h] or list(t["down_lora_a"].shape) != [e, r, i]:
+            raise AdapterError(
+                f"the adapter's {FUSED_FILE} layer {layer} has gate_lora_a {list(t['gate_lora_a'].shape)} and "
+                f"down_lora_a {list(t['down_lora_a'].shape)}, but '{mod}' has {e} experts of hidden {h}/intermediate "
+                f"{i} ([E, r, H] and [E, r, I] expected); is the adapter for another model?")
+        f = {k: v.float() for k, v in t.items()}  # bf16 -> fp32 is exact
+        a, b = kt_to_gate_up(f["gate_lora_a"], f["gate_lora_b"], f["up_lora_a"], f["up_lora_b"])
+        out[(mod, "gate_up_proj")] = _ExpertAdapter(a, b, 2 * alpha)  # rank 2r, scale alpha / r
+        out[(mod, "down_proj")] = _ExpertAdapter(f["down_lora_a"].contiguous(), f["down_lora_b"].contiguous(), alpha)
+    return out
 
 
 def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -65,8 +65,30 @@ def _cmd_info(args) -> int:
     if args.adapter:
         model = load_adapter(model, args.adapter)
     rep = placement_report(model)
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    if args.adapter:
+        rep["adapter"] = _adapter_summary(model, args.adapter)
+    text = format_report(rep)
+    if args.adapter:
+        a = rep["adapter"]
+        text += (f"\nadapter: {a['path']} ({a['format']} layout); routed-expert LoRA on MoE layers "
+                 f"{a['routed_expert_layers'] or 'none'}")
+    print(json.dumps(rep, indent=2) if args.json else text)
     return 0 if rep["ok"] else 1
+
+
+def _adapter_summary(model, adapter_dir: str) -> dict:
+    """Which layout the adapter came in and which MoE layers got routed-expert LoRA from it (a KT bundle's come
+    from fused_expert_lora.safetensors; seeing them here shows they were not dropped)."""
+    from .adapter_convert import layout_of
+    from .adapters import base_model_of
+    from .experts import HybridExperts
+    from .kt_bundle import layer_of
+
+    layers = sorted(layer_of(name) for name, ex in base_model_of(model).named_modules()
+                    if isinstance(ex, HybridExperts) and ex.lora and layer_of(name) is not None)
+    layout = layout_of(adapter_dir)
+    fmt = "kt-bundle" if layout == "kt" else layout
+    return {"path": str(adapter_dir), "format": fmt, "routed_expert_layers": layers}
 
 
 def _cmd_inspect(args) -> int:
@@ -100,6 +122,13 @@ def _cmd_serve(args) -> int:
     from .serve.server import run_serve
 
     return run_serve(args)
+
+
+def _cmd_adapter_convert(args) -> int:
+    from .adapter_convert import convert
+
+    print(convert(args.input, args.to, args.output, force=args.force, model=args.model))
+    return 0
 
 
 def _cmd_quickstart(args) -> int:
@@ -202,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (access log at info)")
     s.set_defaults(func=_cmd_serve)
+
+    a = sub.add_parser("adapter", help="adapter tools (convert between layouts)",
+                       description="Adapter tools that need no model.")
+    a_sub = a.add_subparsers(dest="adapter_command", required=True)
+    ac = a_sub.add_parser(
+        "convert", help="convert an adapter between the PEFT, per-expert and KTransformers layouts",
+        description="Convert a LoRA adapter between layouts, exactly: peft (PEFT target_parameters on fused experts, "
+                    "transformers v5), per-expert (experts.{e}.gate_proj...: vLLM/SGLang, PEFT on transformers v4), "
+                    "kt (a KTransformers bundle: fused_expert_lora.safetensors + kt_adapter_manifest.json).")
+    ac.add_argument("input", help="adapter directory in any of the three layouts")
+    ac.add_argument("--to", required=True, choices=["peft", "per-expert", "kt"], help="layout to write")
+    ac.add_argument("--output", required=True, help="new adapter directory (written atomically)")
+    ac.add_argument("--force", action="store_true", help="replace --output if it exists")
+    ac.add_argument("--model", help="base checkpoint (optional): check the result against it, and name a KT "
+                                    "bundle's experts by the model's modules")
+    ac.set_defaults(func=_cmd_adapter_convert)
 
     q = sub.add_parser("quickstart", help="offline demo: build, fine-tune and chat with a small MoE", description="Offline end-to-end demo on any machine.")
     q.add_argument("--output", default="hybridmoe_quickstart", help="work directory (cached between runs)")

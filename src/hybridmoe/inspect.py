@@ -10,6 +10,10 @@ Report shape (also the ``--json`` output)::
     {"components": {name: {"tensors", "params", "nan_tensors", "inf_tensors", "min", "max", "mean_abs", "norm"}},
      "nonfinite": [tensor names], "ok": bool}
 
+A KTransformers bundle (:mod:`hybridmoe.kt_bundle`) is checked first (manifest, hashes, tensor records), its
+``fused_expert_lora.safetensors`` tensors are counted under ``routed_experts``, and the report gains
+``"kt_bundle": {"file", "rank", "alpha", "layers", "expert_weight_format"}``.
+
 All six components are always present. Statistics are over finite values only, as floats, and ``None`` when a
 component has no tensors (or no finite values).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hybridmoe import kt_bundle
 from hybridmoe.components import COMPONENTS, component_of
 from hybridmoe.errors import AdapterError
 
@@ -132,14 +137,36 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
     """
     stats = {component: _ComponentStats() for component in COMPONENTS}
     nonfinite: list[str] = []
-    for name, tensor in _tensors(_adapter_file(adapter_dir)):
-        if stats[component_of(name)].add(tensor):
-            nonfinite.append(name)
-    return {
+    file = _adapter_file(adapter_dir)
+    bundle = _kt_bundle_summary(file.parent)
+    files = [file] + ([file.parent / kt_bundle.FUSED_FILE] if bundle else [])
+    for f in files:
+        # the fused file's keys ("layers.{L}.experts.gate_lora_a") sort into routed_experts by their segments
+        for name, tensor in _tensors(f):
+            if stats[component_of(name)].add(tensor):
+                nonfinite.append(name)
+    report = {
         "components": {component: s.as_dict() for component, s in stats.items()},
         "nonfinite": nonfinite,
         "ok": not nonfinite,
     }
+    if bundle:
+        report["kt_bundle"] = bundle
+    return report
+
+
+def _kt_bundle_summary(adapter_dir: Path) -> dict | None:
+    """A KTransformers bundle's manifest, checked (version, status, hashes, tensor records, rank vs
+    adapter_config.json) before its tensors are counted: a tampered or partial bundle is an error, not a report."""
+    if not kt_bundle.is_kt_bundle(adapter_dir):
+        return None
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    b = kt_bundle.validate_bundle(adapter_dir, cfg if isinstance(cfg, dict) else {})
+    return {"file": kt_bundle.FUSED_FILE, "rank": b.rank, "alpha": b.alpha, "layers": b.layers,
+            "expert_weight_format": b.manifest.get("expert_weight_format")}
 
 
 def _fmt(value: float | None) -> str:
@@ -180,9 +207,17 @@ def verdict(report: dict) -> str:
             f"make the model output NaN: do not use it, retrain or take the last checkpoint that inspects OK")
 
 
+def _bundle_rows(report: dict) -> list[str]:
+    b = report.get("kt_bundle")
+    if not b:
+        return []
+    return [f"KTransformers bundle: manifest verified; {b['file']} holds the routed-expert LoRA of layers "
+            f"{b['layers']} (rank {b['rank']}, alpha {b['alpha']:g}), counted under routed_experts", ""]
+
+
 def format_table(report: dict) -> str:
     """Human-readable report: a per-component table, the first non-finite tensors, and a one-line verdict."""
-    return "\n".join([*_table_rows(report), *_nonfinite_rows(report), "", verdict(report)])
+    return "\n".join([*_bundle_rows(report), *_table_rows(report), *_nonfinite_rows(report), "", verdict(report)])
 
 
 def run_inspect(adapter_dir: str | Path, as_json: bool) -> int:
