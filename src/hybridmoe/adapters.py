@@ -445,6 +445,10 @@ def _kt_expert_adapters(model, cfg, kt: dict[int, dict[str, torch.Tensor]]) -> d
     for layer, t in sorted(kt.items()):
         mod = by_layer[layer]
         s = _experts_module(model, mod).spec
+        if not s.gated or s.interleaved or s.transposed:  # KT's gate/up split is [gate; up] rows of [E, 2I, H]
+            raise AdapterError(f"the adapter is a KTransformers bundle, whose gate/up LoRA is defined for gated experts "
+                               f"with [gate; up] rows, but '{mod}' stores its experts differently; hybridmoe will not "
+                               "guess the mapping")
         e, r, h, i = s.num_experts, t["gate_lora_a"].shape[1], s.hidden_dim, s.intermediate_dim
         if list(t["gate_lora_a"].shape) != [e, r, h] or list(t["down_lora_a"].shape) != [e, r, i]:
             raise AdapterError(

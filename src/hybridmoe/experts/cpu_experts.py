@@ -119,6 +119,28 @@ class ExpertWeights:
         w = self.tensor(proj)
         return dequantize_rows(w, self.scales[proj]) if self.quantized else w
 
+    # -- what the per-expert loop asks of any weights object (the format stays in here) --------------------------
+    def linear(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] fp32 -> x W[e]^T (+ b[e]) [n, out] fp32, in the stored format: int8 with bf16 activations through
+        torch's int8 GEMV (half the bytes), bf16/fp32 through the weight dtype's GEMM (the bf16 cast of x is the only
+        rounding added)."""
+        w = self.tensor(proj)[e]
+        if self.quantized and _int8pack_ok(w):
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w, self.scales[proj][e])
+        else:
+            w = self.matrix(proj, e)
+            y = nn.functional.linear(x.to(w.dtype), w)
+        y = y.float()
+        return y if self.bias is None else y + self.bias[proj][e].float()
+
+    def matrix(self, proj: str, e: int) -> torch.Tensor:
+        """Expert e's [out, in] matrix as floats (bf16 for int8 weights: this expert only, for one GEMM)."""
+        w = self.tensor(proj)[e]
+        return dequantize_rows(w, self.scales[proj][e]) if self.quantized else w
+
+    def out_features(self, proj: str) -> int:
+        return self.tensor(proj).shape[1]
+
     def host_tensors(self) -> list[torch.Tensor]:
         """Every tensor that makes up the weights, in streaming order: gate_up, down (+ their scales when int8, + their
         biases when the block has them)."""
@@ -200,6 +222,26 @@ def pin_host(owner: object, tensors: list[torch.Tensor]) -> bool:
     return True
 
 
+class SlotWeights:
+    """A layer's float weights somewhere else (a streamed GPU slot, dequantized there), with the same loop interface
+    as :class:`ExpertWeights` (``linear``, ``matrix``, ``out_features``)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, bias: dict[str, torch.Tensor] | None):
+        self.w = {"gate_up_proj": gate_up, "down_proj": down}  # [E, U, H], [E, H, I] float
+        self.bias = bias
+
+    def linear(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        w = self.w[proj][e]
+        y = nn.functional.linear(x.to(w.dtype), w).float()
+        return y if self.bias is None else y + self.bias[proj][e].float()
+
+    def matrix(self, proj: str, e: int) -> torch.Tensor:
+        return self.w[proj][e]
+
+    def out_features(self, proj: str) -> int:
+        return self.w[proj].shape[1]
+
+
 def _unregister(ptrs: list[int]) -> None:
     cudart = torch.cuda.cudart()
     for ptr in ptrs:
@@ -271,26 +313,15 @@ class _LoopMath:
     slots; ``groups`` lists (expert, row slice) for the experts that have any.
     """
 
-    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], mlp: ExpertMLP,
-                 groups: list[tuple[int, slice]], scales: dict[str, torch.Tensor] | None = None,
-                 bias: dict[str, torch.Tensor] | None = None):
-        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, U, H], [E, H, I]
-        self.scales = scales  # int8 weights: per-row bf16 scales [E, out]
-        self.bias = bias  # [E, out] per projection, or None
+    def __init__(self, weights: ExpertWeights | SlotWeights, lora: dict[str, LoRAFactors], mlp: ExpertMLP,
+                 groups: list[tuple[int, slice]]):
+        self.weights = weights  # owns the format: linear() and matrix() per expert
         self.lora, self.mlp, self.groups = lora, mlp, groups
         self.act_dtype = torch.float32  # activations kept between the GEMMs
 
     def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
-        # x: [n, in] fp32 -> [n, out] fp32. The bf16 cast (when weights are bf16) is the only rounding we add.
-        w = self.w[proj][e]
-        if self.scales is not None and _int8pack_ok(w):  # int8 weights, bf16 activations: half the bytes
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w, self.scales[proj][e]).float()
-        elif self.scales is not None:
-            y = nn.functional.linear(x.to(torch.bfloat16), dequantize_rows(w, self.scales[proj][e])).float()
-        else:
-            y = nn.functional.linear(x.to(w.dtype), w).float()
-        if self.bias is not None:
-            y = y + self.bias[proj][e].float()
+        # x: [n, in] fp32 -> [n, out] fp32.
+        y = self.weights.linear(proj, e, x)
         lo = self.lora.get(proj)
         if lo is not None:
             y = y + lo.scale * ((x @ lo.A[e].T) @ lo.B[e].T)
@@ -298,8 +329,8 @@ class _LoopMath:
 
     def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x [S, H] fp32 -> (gu [S, 2I] if keep else empty, y [S, H]), both fp32."""
-        gu_out = x.new_empty(x.shape[0] if keep else 0, self.w["gate_up_proj"].shape[1])  # [S, 2I]
-        y_out = x.new_empty(x.shape[0], self.w["down_proj"].shape[1])  # [S, H]
+        gu_out = x.new_empty(x.shape[0] if keep else 0, self.weights.out_features("gate_up_proj"))  # [S, U]
+        y_out = x.new_empty(x.shape[0], self.weights.out_features("down_proj"))  # [S, H]
         for e, rows in self.groups:
             gu = self._linear("gate_up_proj", x[rows], e)  # [n, 2I]
             y_out[rows] = self._linear("down_proj", self.mlp(gu), e)  # [n, H]
@@ -309,9 +340,7 @@ class _LoopMath:
 
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, e: int, grads: dict) -> torch.Tensor:
         """dL/dx for y = x W^T + s·(x A^T) B^T, accumulating the LoRA grads (gA, gB) of `proj` into `grads`."""
-        w = self.w[proj][e]
-        if self.scales is not None:  # int8: this expert's weights in bf16, for this GEMM only
-            w = dequantize_rows(w, self.scales[proj][e])
+        w = self.weights.matrix(proj, e)  # [out, in] float
         dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
         lo = self.lora.get(proj)
         if lo is not None:
@@ -594,8 +623,8 @@ class HybridExperts(nn.Module):
             if n:
                 groups.append((e, slice(start, start + n)))
             start += n
-        scales = self.weights.scales if w_gu.dtype == torch.int8 else None
-        return order, _LoopMath(w_gu, w_d, lora, self.mlp, groups, scales, bias)
+        weights = self.weights if backend == "cpu" else SlotWeights(w_gu, w_d, bias)
+        return order, _LoopMath(weights, lora, self.mlp, groups)
 
     def weights_on(self, on_device: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
