@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, KeyMapper
+from .checkpoint import Checkpoint, KeyMapper, read_tensor
 from .errors import CheckpointError
 
 # safetensors dtype names the loader converts to the compute dtype.
@@ -56,8 +58,7 @@ _FIX = ("hybridmoe reads bf16/fp16/fp32 checkpoints for now: use the model's bf1
         "first (transformers loads it with the quantization config's `dequantize=True`, then `save_pretrained`)")
 
 
-def quantization_method(model_dir: Path) -> str | None:
-    """The ``quant_method`` that config.json declares (``quantization_config`` or ``compression_config``), or None."""
+def _quantization_config(model_dir: Path) -> dict | None:
     try:
         raw = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
@@ -65,20 +66,105 @@ def quantization_method(model_dir: Path) -> str | None:
     for key in ("quantization_config", "compression_config"):
         q = raw.get(key) if isinstance(raw, dict) else None
         if q:
-            method = q.get("quant_method") if isinstance(q, dict) else None
-            return str(method or "unknown")
+            return q if isinstance(q, dict) else {"quant_method": "unknown"}
     return None
 
 
+def quantization_method(model_dir: Path) -> str | None:
+    """The ``quant_method`` that config.json declares (``quantization_config`` or ``compression_config``), or None."""
+    q = _quantization_config(model_dir)
+    return None if q is None else str(q.get("quant_method") or "unknown")
+
+
+@dataclass(frozen=True)
+class Fp8Blocks:
+    """FP8-e4m3 weights with float32 ``weight_scale_inv`` per [block_out, block_in] block (DeepSeek-V3/R1, Kimi-K2,
+    Qwen3-*-FP8, GLM-4.5-FP8): w = fp8 · scale_inv of its block, blocks at the edges cut short (a 576-row weight has
+    5 row blocks of 128). ``block`` None: one scale per tensor. Dequantized as each tensor is read: the GPU side
+    becomes the compute dtype, the routed experts the expert dtype (bf16, or int8 slice by slice)."""
+
+    block: tuple[int, int] | None
+
+    name = "fp8"
+
+
+def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8",)) -> Fp8Blocks | None:
+    """Check 1: the weight format config.json declares. None for plain float checkpoints; a format object for one
+    hybridmoe reads (in `allow`); any other declared quantization is refused with the method named."""
+    q = _quantization_config(model_dir)
+    if q is None:
+        return None
+    method = str(q.get("quant_method") or "unknown")
+    if method == "fp8" and "fp8" in allow:
+        block = q.get("weight_block_size")
+        fmt = q.get("fmt", "e4m3")
+        if fmt != "e4m3" or q.get("activation_scheme", "dynamic") != "dynamic":
+            raise CheckpointError(f"'{model_dir / 'config.json'}' declares FP8 with fmt '{fmt}' and activation_scheme "
+                                  f"'{q.get('activation_scheme')}'; hybridmoe reads e4m3 weights with dynamic "
+                                  f"activations only; {_FIX}")
+        if block is not None and (not isinstance(block, (list, tuple)) or len(block) != 2
+                                  or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"'{model_dir / 'config.json'}' has weight_block_size {block!r}; expected two "
+                                  "positive integers such as [128, 128]")
+        return Fp8Blocks(tuple(block) if block is not None else None)
+    what = _METHODS.get(method, "quantized weights")
+    later = "" if method != "fp8" else " (export writes the base checkpoint's own layout, which for FP8 would mean " \
+        "re-quantizing merged weights: not implemented)"
+    raise CheckpointError(
+        f"'{model_dir / 'config.json'}' declares quantization_config quant_method '{method}' ({what}), which "
+        f"hybridmoe does not load {'here' if method == 'fp8' else 'yet'}{later}; {_FIX}"
+    )
+
+
 def refuse_quantized_config(model_dir: Path) -> None:
-    """Check 1: a checkpoint that declares a quantization method is refused with the method named."""
-    method = quantization_method(model_dir)
-    if method is not None:
-        what = _METHODS.get(method, "quantized weights")
-        raise CheckpointError(
-            f"'{model_dir / 'config.json'}' declares quantization_config quant_method '{method}' ({what}), which "
-            f"hybridmoe does not load yet; {_FIX}"
-        )
+    """Check 1 where no quantized format is read (export): any declared quantization is refused."""
+    checkpoint_format(model_dir, allow=())
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None, key: str,
+                   f: Path) -> torch.Tensor:
+    """w [..., out, in] float8_e4m3fn, scale_inv [..., ceil(out/bo), ceil(in/bi)] (or one scale) -> fp32 w · s."""
+    out_f, in_f = w.shape[-2:]
+    if block is None:
+        if scale_inv.numel() != 1:
+            raise CheckpointError(f"tensor '{key}_scale_inv' in '{f.name}' has shape {tuple(scale_inv.shape)}; a "
+                                  "per-tensor FP8 scale is one number")
+        return w.float() * scale_inv.float().reshape(())
+    bo, bi = block
+    want = (*w.shape[:-2], -(-out_f // bo), -(-in_f // bi))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"tensor '{key}_scale_inv' in '{f.name}' has shape {tuple(scale_inv.shape)}, but weight "
+                              f"{tuple(w.shape)} in blocks of {list(block)} needs {want}; the checkpoint's scales do "
+                              "not match its weights")
+    s = scale_inv.float().repeat_interleave(bo, -2)[..., :out_f, :].repeat_interleave(bi, -1)[..., :in_f]
+    return w.float() * s
+
+
+class WeightReader:
+    """Reads checkpoint tensors as floats, dequantizing the declared format: an FP8 weight is read together with its
+    ``weight_scale_inv`` (from whichever shard holds it) and returned as fp32; the scales themselves are consumed."""
+
+    def __init__(self, ckpt: Checkpoint, fmt: Fp8Blocks | None):
+        self.ckpt, self.fmt = ckpt, fmt
+        self._handles: dict[Path, object] = {}
+
+    def consumed(self, key: str) -> bool:
+        """A scale tensor read as part of its weight (never loaded on its own)."""
+        return (self.fmt is not None and key.endswith("_scale_inv")
+                and key[: -len("_scale_inv")] in self.ckpt.key_to_file)
+
+    def read(self, handle, f: Path, key: str) -> torch.Tensor:
+        t = read_tensor(handle, f, key)
+        if self.fmt is None or t.dtype != torch.float8_e4m3fn:
+            return t
+        skey = key + "_scale_inv"
+        sf = self.ckpt.key_to_file.get(skey)
+        if sf is None:
+            raise CheckpointError(f"tensor '{key}' in '{f.name}' is FP8 but the checkpoint has no '{skey}'; it is "
+                                  "incomplete or not an FP8 block-quantized checkpoint")
+        if sf not in self._handles:
+            self._handles[sf] = handle if sf == f else self.ckpt.open(sf)
+        return dequantize_fp8(t, read_tensor(self._handles[sf], sf, skey), self.fmt.block, key, f)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
@@ -108,16 +194,20 @@ def _provably_unused(model: nn.Module, name: str) -> bool:
     return isinstance(mod, (nn.ModuleList, nn.Sequential)) and head.isdigit() and int(head) >= len(mod)
 
 
-def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str]) -> list[str]:
+def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str], fmt: Fp8Blocks | None = None) -> list[str]:
     """Checks 2 and 3 over every checkpoint tensor's name and header dtype; returns the keys safe to ignore.
 
     model: built on the meta device with its fused experts swapped (names, shapes and buffer dtypes only);
-    expert_modules: module names of its routed-expert blocks."""
+    expert_modules: module names of its routed-expert blocks; fmt: the declared format (FP8 weights and their
+    ``weight_scale_inv`` are then understood)."""
+    reader = WeightReader(ckpt, fmt)
     expected = model.state_dict()  # meta tensors: names and dtypes
     mapper = KeyMapper(model.config.model_type, expected)
     ignored, used = [], []
     for f, keys in ckpt.keys_by_file().items():  # names first: quantization metadata is the clearer diagnosis
         for key in sorted(keys):
+            if reader.consumed(key):
+                continue
             name = mapper.rename(key)
             sl = mapper.expert_slice(name)
             if (sl is not None and sl.module in expert_modules) or name in expected:
@@ -140,6 +230,8 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str]) 
         dtype = dtypes[f][key]
         if dtype in FLOAT_DTYPES:
             continue
+        if fmt is not None and dtype == "F8_E4M3" and key + "_scale_inv" in ckpt.key_to_file:
+            continue  # dequantized as it is read (WeightReader)
         want_int = name in expected and not expected[name].is_floating_point()
         if not (want_int and dtype in _INT_DTYPES):
             raise CheckpointError(

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
+from .checkpoint import Checkpoint, KeyMapper, read_config
 from .errors import CheckpointError, ConfigError
 from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
 from .experts.backends import ExpertSettings
 from .experts.formula import ExpertMLP
 from .experts.streaming import enable_streaming
-from .formats import check_tensors, refuse_quantized_config
+from .formats import WeightReader, check_tensors, checkpoint_format
 from .host_embedding import embeddings_to_host
 
 log = logging.getLogger("hybridmoe")
@@ -47,6 +47,8 @@ class HybridMeta:
     lora_config: object | None = None  # the peft.LoraConfig of the attached/trained adapter, if any
     # How the routed experts run (compiled CPU kernel, decode GPU share); shared by every HybridExperts of the model.
     settings: ExpertSettings = field(default_factory=ExpertSettings)
+    # The checkpoint's weight format as shipped: "float", or e.g. "fp8 [128, 128] blocks (dequantized as loaded)".
+    source_format: str = "float"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -180,20 +182,25 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
     expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
     mapper = KeyMapper(model.config.model_type, expected)
     # Before any weight is read: every tensor is in a format we load, and every ignored one is provably unused.
-    ignored = check_tensors(ckpt, model, set(experts))
+    fmt = checkpoint_format(ckpt.path)
+    ignored = check_tensors(ckpt, model, set(experts), fmt)
+    reader = WeightReader(ckpt, fmt)  # FP8: each weight dequantized with its scales as it is read
     loaded: set[str] = set()
     # `with`: the bar is closed before an error propagates, so the error line is not glued to a half-drawn bar
     with tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for f, keys in ckpt.keys_by_file().items():
             handle = ckpt.open(f)
             for key in sorted(keys):
+                if reader.consumed(key):
+                    bar.update(1)
+                    continue
                 name = mapper.rename(key)
                 sl = mapper.expert_slice(name)
                 if sl is not None and sl.module in experts:
                     if load_experts:
-                        _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
+                        _copy_expert(experts[sl.module], sl, reader.read(handle, f, key), key, f)
                 elif name in expected:
-                    t = read_tensor(handle, f, key)
+                    t = reader.read(handle, f, key)
                     _check_shape(t, tuple(expected[name].shape), key, f)
                     if t.is_floating_point():
                         t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
@@ -258,8 +265,11 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else dt
     ckpt = Checkpoint(path)
-    refuse_quantized_config(ckpt.path)
+    fmt = checkpoint_format(ckpt.path)  # refuses every quantization it does not read
     config = read_config(path, trust_remote_code=trust_remote_code)
+    if fmt is not None:  # dequantized as loaded: the model in memory is a plain float model
+        config.quantization_config = None
+        del config.quantization_config
     model = _build_empty(config, dt)
     settings = ExpertSettings()
     if host_shared is None:
@@ -274,7 +284,9 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings)
+    model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
+                                 source_format="float" if fmt is None else
+                                 f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks (dequantized as loaded)")
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back

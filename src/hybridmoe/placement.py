@@ -114,6 +114,7 @@ def placement_report(model: nn.Module) -> dict:
         "compute_device": str(compute),
         "dtype": str(meta.dtype).replace("torch.", ""),
         "expert_dtype": str(meta.expert_dtype).replace("torch.", ""),
+        "checkpoint_format": getattr(meta, "source_format", "float"),
         "moe_layers": list(experts),
         "dense_mlp_layers": sorted({n.rpartition(".")[0] for n in dense_mlps}),
         "devices": {
@@ -150,7 +151,7 @@ def _gib(n: int) -> str:
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"checkpoint: {rep['checkpoint']}",
+    lines = [f"checkpoint: {rep['checkpoint']} (weights: {rep.get('checkpoint_format', 'float')})",
              f"compute device: {rep['compute_device']} ({rep['dtype']}), routed experts: cpu ({rep['expert_dtype']})",
              f"MoE layers ({len(rep['moe_layers'])}): {', '.join(rep['moe_layers'][:4])}"
              + (" ..." if len(rep["moe_layers"]) > 4 else ""),
