@@ -89,7 +89,7 @@ def _extra_in_used_module(sd: dict) -> dict:
 
 # (id, transform, quantization_config, fragment the one line must contain)
 KINDS = [
-    ("mxfp4", lambda sd: sd, {"quant_method": "mxfp4"}, "quant_method 'mxfp4'"),
+    ("nvfp4", lambda sd: sd, {"quant_method": "nvfp4"}, "quant_method 'nvfp4' (NVFP4 weights)"),
     ("compressed-tensors", lambda sd: sd, {"quant_method": "compressed-tensors", "format": "pack-quantized"},
      "quant_method 'compressed-tensors'"),
     ("gptq", _gptq_packed, {"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method 'gptq'"),
@@ -132,9 +132,9 @@ def _one_line(capsys, argv, fragment):
 
 
 def test_every_command_refuses_an_unimplemented_format(bad_ckpts, tmp_path, capsys, ckpt_dir):
-    """train, chat, info, export and serve all go through the guard (MXFP4 here; FP8 is read by all but export)."""
-    mx = str(bad_ckpts["mxfp4"])
-    frag = "quant_method 'mxfp4'"
+    """train, chat, info, export and serve all go through the guard (NVFP4 here; FP8 is read by all but export)."""
+    mx = str(bad_ckpts["nvfp4"])
+    frag = "quant_method 'nvfp4'"
     _one_line(capsys, ["chat", "--model", mx, "--prompt", "hi", "--device", "cpu"], frag)
     _one_line(capsys, ["info", "--model", mx, "--device", "cpu"], frag)
     cfg = tmp_path / "t.yaml"
@@ -249,3 +249,62 @@ def test_fp8_with_int8_experts_and_bad_scales(tmp_path, ckpt_dir):
     static = _rewrite(ckpt_dir("qwen3_moe"), tmp_path / "static", lambda sd: _fp8_quantize_blocks(sd, 8), qc_static)
     with pytest.raises(CheckpointError, match="activation_scheme 'static'"):
         load_model(static, device="cpu", progress=False)
+
+
+# -- MXFP4 experts (gpt-oss as shipped) ------------------------------------------------------------------------
+_E2M1_POS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, out, in] -> (blocks [E, out, in/32, 16] uint8, scales [E, out, in/32] uint8), round to nearest e2m1 with
+    one power-of-two scale per 32 inputs (OpenAI's layout: low nibble first, sign in the nibble's high bit)."""
+    e, o, i = w.shape
+    g = w.reshape(e, o, i // 32, 32)
+    exp = torch.floor(torch.log2(g.abs().amax(-1).clamp_min(2.0**-100) / 6.0)).clamp(-127, 127)  # [E, out, G]
+    x = g / torch.exp2(exp)[..., None]
+    code = (x.abs()[..., None] - _E2M1_POS).abs().argmin(-1) + 8 * (x < 0).long()  # [E, out, G, 32]
+    code = code.to(torch.uint8)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)  # [E, out, G, 16]
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
+def test_mxfp4_gpt_oss_equals_transformers_dequantized(tmp_path):
+    """gpt-oss with MXFP4 experts, written by the test in the shipped layout, loads (experts dequantized as read;
+    biases, attention and router bf16/fp32 as shipped) and its fp32 logits equal transformers' own dequantized load
+    (Mxfp4Config(dequantize=True)) within 1e-5 relative."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                               sliding_window=8, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+                               pad_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    src = tmp_path / "plain"
+    model.save_pretrained(src)
+
+    def to_mxfp4(sd):
+        out = {}
+        for k, t in sd.items():
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                out[k + "_blocks"], out[k + "_scales"] = _mxfp4_pack(t.transpose(1, 2).float())  # [E, out, in]
+            else:
+                out[k] = t
+        return out
+
+    mx = _rewrite(src, tmp_path / "mxfp4", to_mxfp4, {"quant_method": "mxfp4", "modules_to_not_convert": None})
+    # transformers keeps the dequantized experts in bf16 (exact: e2m1 · 2^k fits); .float() makes the reference fp32.
+    ref = AutoModelForCausalLM.from_pretrained(mx, dtype=torch.float32,
+                                               quantization_config=Mxfp4Config(dequantize=True)).float().eval()
+    hyb = load_model(mx, device="cpu", dtype="float32", progress=False)
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(ids).logits, hyb(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    assert ((plain - want).norm() / want.norm()).item() > 1e-3  # the 4-bit rounding is real and was applied
+    assert "mxfp4" in hyb.hybridmoe.source_format

@@ -88,7 +88,35 @@ class Fp8Blocks:
     name = "fp8"
 
 
-def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8",)) -> Fp8Blocks | None:
+@dataclass(frozen=True)
+class Mxfp4:
+    """MXFP4 routed experts (gpt-oss as shipped): ``{proj}_blocks`` [E, out, in/32, 16] uint8, two e2m1 values per
+    byte (low nibble first), and ``{proj}_scales`` [E, out, in/32] uint8, an e8m0 exponent per 32 inputs:
+    w = e2m1 · 2^(scale - 127). Everything else is plain bf16. Dequantized as each projection is read (experts to
+    bf16 or int8)."""
+
+    name = "mxfp4"
+
+
+# e2m1 code -> value (the sign is the high bit of the nibble)
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> torch.Tensor:
+    """blocks [..., out, G, 16] uint8, scales [..., out, G] uint8 -> fp32 [..., out, G·32] (exact: every e2m1 value
+    times a power of two is an fp32 number)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(f"tensors '{key}_blocks' {tuple(blocks.shape)} {blocks.dtype} and '{key}_scales' "
+                              f"{tuple(scales.shape)} {scales.dtype} in '{f.name}' are not MXFP4 (uint8 [.., G, 16] "
+                              "blocks with uint8 [.., G] exponents)")
+    lut = torch.tensor(_E2M1, dtype=torch.float32)
+    vals = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
+    vals = vals.flatten(-3)  # [..., G·32]: within a byte, the low nibble is the earlier element
+    exp = scales.to(torch.int32) - 127  # [..., G]
+    return torch.ldexp(vals, exp.repeat_interleave(32, dim=-1).float())
+
+
+def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4")) -> Fp8Blocks | Mxfp4 | None:
     """Check 1: the weight format config.json declares. None for plain float checkpoints; a format object for one
     hybridmoe reads (in `allow`); any other declared quantization is refused with the method named."""
     q = _quantization_config(model_dir)
@@ -107,12 +135,15 @@ def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8",)) -> Fp8
             raise CheckpointError(f"'{model_dir / 'config.json'}' has weight_block_size {block!r}; expected two "
                                   "positive integers such as [128, 128]")
         return Fp8Blocks(tuple(block) if block is not None else None)
+    if method == "mxfp4" and "mxfp4" in allow:
+        return Mxfp4()
     what = _METHODS.get(method, "quantized weights")
-    later = "" if method != "fp8" else " (export writes the base checkpoint's own layout, which for FP8 would mean " \
-        "re-quantizing merged weights: not implemented)"
+    readable = method in ("fp8", "mxfp4")
+    later = "" if not readable else (f" (export writes the base checkpoint's own layout, which for {method} would "
+                                     "mean re-quantizing merged weights: not implemented)")
     raise CheckpointError(
         f"'{model_dir / 'config.json'}' declares quantization_config quant_method '{method}' ({what}), which "
-        f"hybridmoe does not load {'here' if method == 'fp8' else 'yet'}{later}; {_FIX}"
+        f"hybridmoe does not load {'here' if readable else 'yet'}{later}; {_FIX}"
     )
 
 
@@ -141,30 +172,51 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 
 class WeightReader:
-    """Reads checkpoint tensors as floats, dequantizing the declared format: an FP8 weight is read together with its
-    ``weight_scale_inv`` (from whichever shard holds it) and returned as fp32; the scales themselves are consumed."""
+    """Reads checkpoint tensors as floats, dequantizing the declared format.
 
-    def __init__(self, ckpt: Checkpoint, fmt: Fp8Blocks | None):
+    FP8: a weight is read together with its ``weight_scale_inv`` (from whichever shard holds it) and returned as
+    fp32; the scales are consumed. MXFP4: ``{proj}_blocks`` + ``{proj}_scales`` are read as the one tensor the model
+    has, ``{proj}``, in the checkpoint's own orientation for that name ([E, in, out] for gpt-oss), as fp32."""
+
+    def __init__(self, ckpt: Checkpoint, fmt: Fp8Blocks | Mxfp4 | None):
         self.ckpt, self.fmt = ckpt, fmt
         self._handles: dict[Path, object] = {}
 
     def consumed(self, key: str) -> bool:
         """A scale tensor read as part of its weight (never loaded on its own)."""
-        return (self.fmt is not None and key.endswith("_scale_inv")
-                and key[: -len("_scale_inv")] in self.ckpt.key_to_file)
+        has = self.ckpt.key_to_file
+        if isinstance(self.fmt, Fp8Blocks):
+            return key.endswith("_scale_inv") and key[: -len("_scale_inv")] in has
+        if isinstance(self.fmt, Mxfp4):
+            return key.endswith("_scales") and key[: -len("_scales")] + "_blocks" in has
+        return False
+
+    def logical(self, key: str) -> str:
+        """The name a checkpoint key stands for (MXFP4 ``{proj}_blocks`` -> ``{proj}``)."""
+        if isinstance(self.fmt, Mxfp4) and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in \
+                self.ckpt.key_to_file:
+            return key[: -len("_blocks")]
+        return key
+
+    def _companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
+        cf = self.ckpt.key_to_file.get(ckey)
+        if cf is None:
+            raise CheckpointError(f"tensor '{key}' in '{f.name}' is {what} but the checkpoint has no '{ckey}'; it is "
+                                  "incomplete")
+        if cf not in self._handles:
+            self._handles[cf] = handle if cf == f else self.ckpt.open(cf)
+        return read_tensor(self._handles[cf], cf, ckey)
 
     def read(self, handle, f: Path, key: str) -> torch.Tensor:
         t = read_tensor(handle, f, key)
-        if self.fmt is None or t.dtype != torch.float8_e4m3fn:
-            return t
-        skey = key + "_scale_inv"
-        sf = self.ckpt.key_to_file.get(skey)
-        if sf is None:
-            raise CheckpointError(f"tensor '{key}' in '{f.name}' is FP8 but the checkpoint has no '{skey}'; it is "
-                                  "incomplete or not an FP8 block-quantized checkpoint")
-        if sf not in self._handles:
-            self._handles[sf] = handle if sf == f else self.ckpt.open(sf)
-        return dequantize_fp8(t, read_tensor(self._handles[sf], sf, skey), self.fmt.block, key, f)
+        if isinstance(self.fmt, Fp8Blocks) and t.dtype == torch.float8_e4m3fn:
+            scale = self._companion(handle, f, key, key + "_scale_inv", "FP8")
+            return dequantize_fp8(t, scale, self.fmt.block, key, f)
+        if isinstance(self.fmt, Mxfp4) and self.logical(key) != key:
+            base = self.logical(key)
+            w = dequantize_mxfp4(t, self._companion(handle, f, key, base + "_scales", "MXFP4"), base, f)  # [E, out, in]
+            return w.transpose(-1, -2)  # the name's own orientation ([E, in, out], as transformers stores gpt-oss)
+        return t
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
@@ -194,7 +246,8 @@ def _provably_unused(model: nn.Module, name: str) -> bool:
     return isinstance(mod, (nn.ModuleList, nn.Sequential)) and head.isdigit() and int(head) >= len(mod)
 
 
-def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str], fmt: Fp8Blocks | None = None) -> list[str]:
+def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str],
+                  fmt: Fp8Blocks | Mxfp4 | None = None) -> list[str]:
     """Checks 2 and 3 over every checkpoint tensor's name and header dtype; returns the keys safe to ignore.
 
     model: built on the meta device with its fused experts swapped (names, shapes and buffer dtypes only);
@@ -208,7 +261,7 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str], 
         for key in sorted(keys):
             if reader.consumed(key):
                 continue
-            name = mapper.rename(key)
+            name = mapper.rename(reader.logical(key))
             sl = mapper.expert_slice(name)
             if (sl is not None and sl.module in expert_modules) or name in expected:
                 used.append((f, key, name))
@@ -232,6 +285,8 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str], 
             continue
         if fmt is not None and dtype == "F8_E4M3" and key + "_scale_inv" in ckpt.key_to_file:
             continue  # dequantized as it is read (WeightReader)
+        if reader.logical(key) != key:
+            continue  # MXFP4 blocks: checked as they are read
         want_int = name in expected and not expected[name].is_floating_point()
         if not (want_int and dtype in _INT_DTYPES):
             raise CheckpointError(

@@ -194,7 +194,7 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                 if reader.consumed(key):
                     bar.update(1)
                     continue
-                name = mapper.rename(key)
+                name = mapper.rename(reader.logical(key))
                 sl = mapper.expert_slice(name)
                 if sl is not None and sl.module in experts:
                     if load_experts:
@@ -285,13 +285,20 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
-                                 source_format="float" if fmt is None else
-                                 f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks (dequantized as loaded)")
+                                 source_format=_describe(fmt))
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back
     _load_generation_config(model, ckpt.path)
     return model
+
+
+def _describe(fmt) -> str:
+    if fmt is None:
+        return "float"
+    if fmt.name == "fp8":
+        return f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks, dequantized as loaded"
+    return f"{fmt.name}, dequantized as loaded"
 
 
 def _setup_streaming(model: nn.Module, experts: dict[str, HybridExperts], dev: torch.device,
