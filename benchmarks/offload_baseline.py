@@ -244,8 +244,8 @@ def train(args) -> None:
 # -- chat --------------------------------------------------------------------------------------------------------
 def chat(args) -> None:
     """Greedy prefill of a random prompt and decode of --new-tokens with the offloaded model (no adapter)."""
-    import hybridmoe.generate as gen
-    from hybridmoe.generate import SamplingConfig, generate
+    import hybridmoe.generation as gen
+    from hybridmoe.generation import SamplingConfig, generate
     from hybridmoe.loading import load_tokenizer
 
     model, info = load_offloaded(args)

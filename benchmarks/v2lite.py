@@ -174,7 +174,7 @@ def chat(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from hybridmoe.adapters import no_peft_moe_rewrite
-    from hybridmoe.generate import SamplingConfig, generate
+    from hybridmoe.generation import SamplingConfig, generate
 
     model, adapter = _bench_adapter(args.dir)
 
@@ -192,7 +192,7 @@ def chat(args) -> None:
     emit({"bench": "equivalence_bf16", "prompt_tokens": args.prompt_len, "rel_err_logits": rel, "top1_agree": top1})
 
     cfg = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)
-    import hybridmoe.generate as gen
+    import hybridmoe.generation as gen
 
     gen.eos_token_ids = lambda *a: set()  # measure a fixed number of tokens
     from hybridmoe.loading import load_tokenizer
@@ -216,7 +216,7 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=
     One JSON line each, and after each share where a graph-decoded token's time goes."""
     from hybridmoe.experts import cpu_kernel
     from hybridmoe.experts.backends import DEFAULT_GPU_SHARE
-    from hybridmoe.generate import generate
+    from hybridmoe.generation import generate
 
     settings = model.get_base_model().hybridmoe.settings if hasattr(model, "get_base_model") else model.hybridmoe.settings
     expert_dtype = next(m for m in model.modules() if type(m).__name__ == "HybridExperts").weights.gate_up.dtype
@@ -291,8 +291,8 @@ def _graph_breakdown(model, steps: int, label: str = "") -> None:
 def decode(args) -> None:
     """Batch-1 greedy decode of the hybrid model without an adapter: eager vs CUDA graphs (no baseline load);
     --expert-dtype int8 for int8 experts."""
-    import hybridmoe.generate as gen
-    from hybridmoe.generate import SamplingConfig
+    import hybridmoe.generation as gen
+    from hybridmoe.generation import SamplingConfig
     from hybridmoe.loading import load_tokenizer
 
     model = _load_hybrid(args.dir, args.expert_dtype).eval()
@@ -303,13 +303,48 @@ def decode(args) -> None:
                    gpu_shares=args.gpu_share, repeats=args.repeats)
 
 
+def api(args) -> None:
+    """The README's Python example as a user runs it (hybridmoe.load, then model.generate with a 1024-token prompt),
+    side by side with transformers' own eager generate on the same model object (the path it replaces), and the
+    `hybridmoe chat --prompt -v` line's numbers through hybridmoe.generate. Greedy, EOS off, --new-tokens tokens."""
+    import time
+
+    import hybridmoe
+    import hybridmoe.generation as gen
+
+    gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens on every path
+    t0 = time.perf_counter()
+    model, tok = hybridmoe.load(args.dir, progress=False)
+    emit({"bench": "api_load", "seconds": round(time.perf_counter() - t0, 1), "peak_host_gib": round(peak_host_gib(), 2)})
+    ids = torch.randint(2, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(model.device)
+    model.generation_config.eos_token_id = None
+    runs = [("readme_model_generate_first_call", model.generate), ("readme_model_generate", model.generate),
+            ("transformers_eager_generate", model._hybridmoe_slow_generate)]
+    outs = {}
+    for name, fn in runs:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        s = time.perf_counter() - t0
+        outs[name] = out[0, ids.shape[1]:].tolist()
+        emit({"bench": f"api_{name}", "prompt_tokens": args.prompt_len, "new_tokens": len(outs[name]),
+              "seconds": round(s, 2), "tok_s_incl_prefill": round(len(outs[name]) / s, 2),
+              })
+    res = hybridmoe.generate(model, tok, ids[0].tolist(), max_new_tokens=args.new_tokens, temperature=0)
+    emit({"bench": "api_hybridmoe_generate", "decode_tok_s": round(res.decode_tokens_per_s, 2),
+          "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1), "mode": res.decode_mode,
+          "same_tokens": sum(a == b for a, b in zip(outs["readme_model_generate"], outs["transformers_eager_generate"]))})
+
+
 def prefill(args) -> None:
     """Prefill of a --prompt-len prompt with --stream-slots N layers of expert weights on the GPU, for each N: four
     prompts in a row (the first is cold; inference keeps the first N-2 layers resident between prompts), tokens/s,
     bytes copied per prompt, peak GPU memory. --expert-dtype int8 for int8 experts."""
-    import hybridmoe.generate as gen
+    import hybridmoe.generation as gen
     from hybridmoe.experts.streaming import enable_streaming
-    from hybridmoe.generate import SamplingConfig, generate
+    from hybridmoe.generation import SamplingConfig, generate
     from hybridmoe.loading import load_tokenizer
 
     model = _load_hybrid(args.dir, args.expert_dtype).eval()
@@ -509,8 +544,8 @@ def profile_decode(args) -> None:
     """torch.profiler over greedy decode steps of the hybrid model (bf16): where a token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    import hybridmoe.generate as gen
-    from hybridmoe.generate import SamplingConfig, generate
+    import hybridmoe.generation as gen
+    from hybridmoe.generation import SamplingConfig, generate
     from hybridmoe.loading import load_tokenizer
 
     model = _load_hybrid(args.dir)
@@ -529,7 +564,7 @@ def profile_decode(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["make", "adapter", "chat", "decode", "prefill", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
+    p.add_argument("mode", choices=["make", "adapter", "chat", "decode", "api", "prefill", "train", "train_baseline", "equiv32", "profile", "profile_decode"])
     p.add_argument("--make-layers", type=int, default=0, help="make: write only this many layers")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--layers", type=int, default=4, help="equiv32: layers kept")
@@ -548,7 +583,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    modes = {"make": make, "adapter": adapter, "chat": chat, "decode": decode, "prefill": prefill, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
+    modes = {"make": make, "adapter": adapter, "chat": chat, "decode": decode, "api": api, "prefill": prefill, "train": train, "train_baseline": train_baseline, "equiv32": equiv32,
              "profile": profile, "profile_decode": profile_decode}
     modes[args.mode](args)
 

@@ -18,7 +18,7 @@ from hybridmoe.adapters import apply_lora, no_peft_moe_rewrite, save_adapter
 from hybridmoe.chat import render_prompt
 from hybridmoe.cli import main
 from hybridmoe.experts import HybridExperts
-from hybridmoe.generate import SamplingConfig, generate
+from hybridmoe.generation import SamplingConfig, generate
 from hybridmoe.loading import load_model
 
 from .kt_format import write_kt_bundle
@@ -76,7 +76,7 @@ def test_kt_round_trips_and_same_model(kt, tmp_path, monkeypatch):
     assert _same(_tensors(_convert(sglang, "kt", tmp_path / "sglang_kt")), _tensors(bundle))
 
     # the same model from every layout: logits and greedy replies
-    monkeypatch.setattr("hybridmoe.generate.eos_token_ids", lambda *a: set())
+    monkeypatch.setattr("hybridmoe.generation.eos_token_ids", lambda *a: set())
     tok = hybridmoe.loading.load_tokenizer(ckpt)
     ids = render_prompt(tok, [{"role": "user", "content": "What is 3 plus 3?"}])
     x = torch.tensor([ids])

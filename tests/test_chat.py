@@ -17,7 +17,7 @@ from hybridmoe.adapters import no_peft_moe_rewrite, save_adapter
 from hybridmoe.chat import render_prompt
 from hybridmoe.cli import main
 from hybridmoe.errors import AdapterError, NonFiniteError
-from hybridmoe.generate import SamplingConfig, generate
+from hybridmoe.generation import SamplingConfig, generate
 from hybridmoe.testing import TINY_ARCHS
 
 from .conftest import DEVICES
@@ -63,7 +63,7 @@ def test_greedy_matches_peft_with_and_without_adapter(arch, device, ckpt_dir, tm
     model, tok = hybridmoe.load(path, adapter=tmp_path / "adapter", device=device, dtype="float32", progress=False)
     ids = render_prompt(tok, [{"role": "user", "content": "Hello there, how are you?"}])
     # eos is disabled on both sides so the comparison covers all 12 tokens
-    monkeypatch.setattr("hybridmoe.generate.eos_token_ids", lambda *a: set())
+    monkeypatch.setattr("hybridmoe.generation.eos_token_ids", lambda *a: set())
     assert _greedy_ours(model, tok, ids, 12) == _greedy_ref(ref, tok, ids, 12)
 
     base, _ = hybridmoe.load(path, device=device, dtype="float32", progress=False)

@@ -18,7 +18,7 @@ from hybridmoe.adapters import apply_lora
 from hybridmoe.decode_graph import StaticDecoder
 from hybridmoe.errors import NonFiniteError
 from hybridmoe.experts import HybridExperts
-from hybridmoe.generate import SamplingConfig, decode_one_token, generate, input_device, prefill
+from hybridmoe.generation import SamplingConfig, decode_one_token, generate, input_device, prefill
 from hybridmoe.testing import TINY_ARCHS
 
 from .conftest import DEVICES

@@ -21,7 +21,7 @@ from hybridmoe.cli import main
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.cpu_experts import dequantize_rows, quantize_rows
 from hybridmoe.experts.streaming import enable_streaming
-from hybridmoe.generate import SamplingConfig, generate
+from hybridmoe.generation import SamplingConfig, generate
 from hybridmoe.testing import TINY_ARCHS
 
 from .helpers import randomize_lora, write_dataset
@@ -163,6 +163,6 @@ def test_int8_on_cuda_both_paths_and_graph_decode(ckpt_dir, monkeypatch):
         ids = torch.arange(5, 5 + n, device="cuda").view(1, n)
         with torch.no_grad():
             assert _rel(q_model(ids).logits, ref(ids).logits) <= 5e-3, n
-    monkeypatch.setattr("hybridmoe.generate.eos_token_ids", lambda *a: set())  # all 6 tokens
+    monkeypatch.setattr("hybridmoe.generation.eos_token_ids", lambda *a: set())  # all 6 tokens
     res = generate(q_model, tok, list(range(5, 25)), SamplingConfig(temperature=0, max_new_tokens=6))
     assert res.decode_mode == "cuda_graphs" and res.new_tokens == 6

@@ -34,7 +34,7 @@ import hybridmoe
 from hybridmoe.adapters import apply_lora, save_adapter
 from hybridmoe.chat import render_prompt, reply
 from hybridmoe.cli import main
-from hybridmoe.generate import SamplingConfig
+from hybridmoe.generation import SamplingConfig
 from hybridmoe.placement import placement_report
 from hybridmoe.serve import build_app, serve_in_thread
 from hybridmoe.serve.engine import Delta, Engine, Failed, Handle, _Request

@@ -17,9 +17,14 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
     bytes per decoded token; LoRA trains on top of them). merge: fold the adapter into the
     weights on both sides (same outputs, faster). stream_min_tokens: prompts of at least this many tokens run the
     experts on the GPU with their weights streamed in (default 64 on CUDA, 0 = CPU only); stream_slots: layers of
-    expert weights the GPU keeps while streaming (>= 2). The returned model's ``generate`` works like a transformers model's.
+    expert weights the GPU keeps while streaming (>= 2).
+
+    The returned model's ``generate`` takes transformers' arguments; one sequence with the common sampling arguments
+    runs hybridmoe's static-cache decoder (CUDA graphs on a GPU, see :mod:`hybridmoe.fast_generate`), anything else
+    transformers' own. :func:`generate` is the same path with streaming text and timings.
     """
     from .adapters import load_adapter, merge_adapter
+    from .fast_generate import install
     from .loading import load_model, load_tokenizer
 
     m = load_model(model, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
@@ -29,7 +34,22 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
         m = load_adapter(m, adapter)
         if merge:
             m = merge_adapter(m)
-    return m, tok
+    return install(m, tok), tok
+
+
+def generate(model, tokenizer, input_ids, cfg=None, **kwargs):
+    """One reply to ``input_ids`` ([T] or [1, T], already chat-templated) on the fast path: returns a
+    :class:`hybridmoe.generation.GenerationResult` (``token_ids``, ``text``, ``stop_reason``, prefill/decode timings).
+
+    cfg: a :class:`hybridmoe.generation.SamplingConfig` (default: temperature 0.7, 256 new tokens), or pass its fields
+    as keywords (``max_new_tokens=64, temperature=0``); ``on_text=print`` streams the reply."""
+    from .generation import SamplingConfig
+    from .generation import generate as _generate
+
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in SamplingConfig.__dataclass_fields__}
+    if fields:
+        cfg = SamplingConfig(**fields) if cfg is None else SamplingConfig(**{**cfg.__dict__, **fields})
+    return _generate(model, tokenizer, input_ids, cfg, **kwargs)
 
 
 def train(config, overrides=None):
@@ -39,4 +59,4 @@ def train(config, overrides=None):
     return _train(config, overrides)
 
 
-__all__ = ["HybridMoEError", "__version__", "load", "train"]
+__all__ = ["HybridMoEError", "__version__", "generate", "load", "train"]

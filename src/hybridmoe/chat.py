@@ -13,7 +13,7 @@ import torch
 
 from .components import count_by_component
 from .errors import DataError, GPUOutOfMemoryError
-from .generate import SamplingConfig, generate
+from .generation import SamplingConfig, generate
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (set the system prompt), /exit"
 
@@ -94,6 +94,8 @@ def run_chat(args) -> int:
     if args.prompt is not None:
         res = reply(model, tok, system + [{"role": "user", "content": args.prompt}], cfg, cuda_graphs=graphs)
         print(res.text)
+        if getattr(args, "verbose", False):
+            print(_timing(res), file=sys.stderr)  # results on stdout, measurements on stderr
         return 0
     return repl(model, tok, cfg, system, cuda_graphs=graphs)
 
@@ -131,5 +133,10 @@ def repl(model, tok, cfg: SamplingConfig, system: list[dict], cuda_graphs: bool 
                     cuda_graphs=cuda_graphs)
         print()
         history.append({"role": "assistant", "content": res.text})
-        print(f"[{res.new_tokens} tokens, prefill {res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s, "
-              f"decode {res.decode_tokens_per_s:.1f} tok/s, stop: {res.stop_reason}]", file=sys.stderr)
+        print(_timing(res), file=sys.stderr)
+
+
+def _timing(res) -> str:
+    return (f"[{res.new_tokens} tokens, prefill {res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s "
+            f"({res.prompt_tokens} tokens), decode {res.decode_tokens_per_s:.1f} tok/s ({res.decode_mode}), "
+            f"stop: {res.stop_reason}]")

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("chat", help="chat with a model (+ adapter)", description="Interactive chat, or one reply with --prompt.")
+    c.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                   help="with --prompt: print prefill and decode tokens/s on stderr (and debug logging)")
     c.add_argument("--model", required=True, help="checkpoint directory")
     c.add_argument("--adapter", help="PEFT adapter directory")
     c.add_argument("--prompt", help="one user message; print only the reply")

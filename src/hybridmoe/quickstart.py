@@ -314,7 +314,7 @@ def answer_all(base_dir: Path, adapter_dir: Path | None, questions: list[str], r
     """Greedy replies to each question (one user turn each), through :func:`hybridmoe.load` and chat's ``reply``."""
     import hybridmoe
     from hybridmoe.chat import reply
-    from hybridmoe.generate import SamplingConfig
+    from hybridmoe.generation import SamplingConfig
 
     model, tokenizer = hybridmoe.load(str(base_dir), adapter=None if adapter_dir is None else str(adapter_dir),
                                       device=device, dtype="float32", progress=False)

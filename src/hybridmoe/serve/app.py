@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from hybridmoe.chat import render_prompt
 from hybridmoe.errors import HybridMoEError
-from hybridmoe.generate import SamplingConfig
+from hybridmoe.generation import SamplingConfig
 
 from . import schemas
 from .engine import Delta, Engine, Failed, Finished

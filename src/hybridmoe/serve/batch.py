@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from hybridmoe.generate import forward_step
+from hybridmoe.generation import forward_step
 
 
 def batchable(cache: Any) -> bool:

@@ -12,7 +12,7 @@ Scheduling, one loop iteration at a time:
    turn, whatever its size. Each batch runs with its adapter active (:class:`~hybridmoe.serve.adapters.AdapterSet`),
    so requests for different adapters are never mixed in one forward.
 
-Per-request state is a :class:`~hybridmoe.generate.TokenStream`, the same sampling / stop / text code as
+Per-request state is a :class:`~hybridmoe.generation.TokenStream`, the same sampling / stop / text code as
 ``hybridmoe chat``. A failure in one sequence (non-finite logits: :class:`~hybridmoe.errors.NonFiniteError`) fails
 that request only. A batched prefill that raises (out of memory, a bug) is retried one request at a time, so it
 fails only the requests that fail alone; an unexpected exception in a decode step fails that batch's requests; the
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybridmoe.errors import NonFiniteError
-from hybridmoe.generate import SamplingConfig, StopReason, TokenStream, input_device
+from hybridmoe.generation import SamplingConfig, StopReason, TokenStream, input_device
 
 from .adapters import AdapterSet
 from .batch import DecodeBatch, batchable

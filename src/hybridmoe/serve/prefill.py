@@ -9,7 +9,7 @@ tokens and the rows join (or become) their adapter's :class:`DecodeBatch` withou
 
 Why: the routed experts' weights are read once per forward, whatever the token count (on a GPU, a prefill of at
 least ``stream_min_tokens`` tokens streams every layer's expert weights from CPU RAM), so N prompts in one forward
-share that cost. With one row there is no padding and the inputs are exactly :func:`hybridmoe.generate.prefill`'s,
+share that cost. With one row there is no padding and the inputs are exactly :func:`hybridmoe.generation.prefill`'s,
 so a request prefilled alone is bit for bit ``hybridmoe chat``'s. In a padded batch the matmuls have other shapes,
 so logits can differ from a lone run by float rounding (~1e-6 in fp32 on the tiny test models).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridmoe.generate import forward_step, input_device
+from hybridmoe.generation import forward_step, input_device
 
 from .batch import DecodeBatch
 

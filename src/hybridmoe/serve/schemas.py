@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hybridmoe.generate import StopReason
+from hybridmoe.generation import StopReason
 
 Strict = Field(strict=True)  # no "1" -> 1, no true -> 1
 

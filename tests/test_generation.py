@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hybridmoe.errors import ConfigError, NonFiniteError
-from hybridmoe.generate import (
+from hybridmoe.generation import (
     IncrementalDecoder,
     SamplingConfig,
     apply_repetition_penalty,
