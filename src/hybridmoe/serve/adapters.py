@@ -31,6 +31,7 @@ class AdapterSet:
         self.expert_lora: dict[str, dict[str, dict]] = {}  # adapter -> experts module name -> {proj: ExpertLoRA}
         self._tuner_layers: list[nn.Module] = []
         self.active: str | None = None  # None = the base model, no LoRA
+        self._zombies: list[str] = []  # unloaded names whose PEFT weights PEFT would not delete (the last adapter)
 
     @property
     def names(self) -> list[str]:
@@ -46,6 +47,25 @@ class AdapterSet:
         self.expert_lora[name] = {n: ex.lora for n, ex in self.experts.items()}
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         self._apply(None)  # PEFT activates layers it just created for `name`; put everything back to the base
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name``: its PEFT LoRA weights are deleted, its expert LoRA dicts dropped."""
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+            if len(self.model.peft_config) == 1:
+                # PEFT cannot leave a PeftModel with no adapter; the last one stays, unreachable, until the next
+                # load_adapter adds another (its layers are disabled whenever the base model or another runs)
+                self._zombies.append(name)
+            else:
+                self.model.delete_adapter(name)
+                for zombie in [z for z in self._zombies if z in self.model.peft_config]:
+                    self.model.delete_adapter(zombie)
+                self._zombies = [z for z in self._zombies if z in self.model.peft_config]
+        del self.expert_lora[name]
+        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self._apply(None)  # delete_adapter activates what is left; put everything back to the base
 
     def activate(self, name: str | None) -> None:
         """Make ``name`` (an adapter, or None for the base model) the one the next forward uses."""
