@@ -91,6 +91,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if kind == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
         return ApiError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
+    if not loc and kind == "value_error":  # a check across parameters (e.g. 'top_logprobs' needs 'logprobs')
+        return ApiError(400, err.get("msg", "").removeprefix("Value error, "), code="invalid_value")
     if not loc or kind == "model_attributes_type":
         return ApiError(400, "the request body must be a JSON object with 'model' and 'messages'")
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
@@ -449,7 +451,7 @@ def _sampling(body: schemas.SamplingParams, max_new: int, logprobs: int | None, 
                              top_k=max(body.top_k, 0), repetition_penalty=body.repetition_penalty, seed=body.seed,
                              stop_strings=tuple(body.stop or ()), min_p=body.min_p,
                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                             logprobs=logprobs, grammar=grammar)
+                             logprobs=logprobs, grammar=grammar, ignore_eos=body.ignore_eos)
     except HybridMoEError as e:  # ranges are checked by the schema; this is a second line of defence
         raise ApiError(400, f"invalid sampling settings: {e}", code="invalid_value") from None
     return [replace(base, seed=None if body.seed is None else (body.seed + i) % 2**64) for i in range(body.n)]

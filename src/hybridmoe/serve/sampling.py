@@ -41,6 +41,7 @@ class ServeSampling(SamplingConfig):
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob and the k most likely
     grammar: Any = None  # an xgrammar CompiledGrammar that every token must follow (None = free text)
+    ignore_eos: bool = False  # EOS ids do not stop the reply (vLLM's extra parameter, for load tests)
 
     def validate(self) -> None:
         super().validate()
@@ -90,6 +91,8 @@ class ServeStream(TokenStream):
             from .constrained import matcher_for
 
             self.matcher, self.bitmask = matcher_for(grammar, sorted(self.eos))
+        if getattr(cfg, "ignore_eos", False):
+            self.eos = set()  # (a grammar still ends the reply when it is complete)
 
     def accept(self, logits: torch.Tensor) -> str:
         cfg = self.cfg

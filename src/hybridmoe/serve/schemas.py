@@ -162,6 +162,7 @@ class SamplingParams(BaseModel):
     top_k: Annotated[int, Strict, Field(ge=-1)] = -1  # -1 (vLLM) or 0: off
     min_p: Annotated[float, Strict, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Strict, Field(gt=0, le=10)] = 1.0
+    ignore_eos: Annotated[bool, Strict] = False  # generate max_tokens whatever the model says (load tests)
 
     @field_validator("stop")
     @classmethod
