@@ -392,6 +392,14 @@ def test_bad_request_gets_4xx(body, status, message, server):
     assert message in err["message"] and err["type"] == "invalid_request_error"
 
 
+def test_runtime_lora_routes_are_off_by_default(server):
+    url, _ = server
+    for route, body in (("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}),
+                        ("/v1/unload_lora_adapter", {"lora_name": "alpha"})):
+        r = httpx.post(url + route, json=body)
+        assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]
+
+
 def test_server_keeps_running_after_bad_requests(server, client):
     url, _ = server
     assert httpx.get(url + "/v1/nothing").status_code == 404
@@ -463,6 +471,19 @@ def test_cli_server_in_subprocess_with_api_key(files):
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in good.models.list()] == [BASE, "alpha"]
         assert _ask(good, "alpha", "hi", max_tokens=3)[2].completion_tokens >= 1
+        # graceful shutdown: Ctrl-C while a stream runs; the stream still finishes, then the server exits
+        stream = iter(good.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=60, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        next(stream)
+        proc.send_signal(signal.SIGINT)
+        rest = list(stream)
+        assert rest[-1].usage.completion_tokens == 60
+        assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+        with pytest.raises(openai.APIConnectionError):  # no new requests once shutting down
+            for _ in range(100):
+                good.models.list()
+                threading.Event().wait(0.05)
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=30)

@@ -476,3 +476,27 @@ def test_chunked_prefill_interleaves_with_running_streams(server, client, refere
     assert got == want
     assert engine.stats["prefill_chunks"] - before["prefill_chunks"] >= len(_chat_ids(tok, long_prompt)) // 24
     assert engine.stats["decode_steps_during_prefill"] > before["decode_steps_during_prefill"]
+
+
+def test_throughput_log_line(server, caplog):
+    """The periodic line like vLLM's: prompt and generation tokens/s over the interval, running and waiting."""
+    from hybridmoe.serve.metrics import log_throughput
+
+    _, app = server
+    metrics = app.state.metrics
+
+    async def run():
+        task = asyncio.create_task(log_throughput(metrics, app.state.engine, 0.05))
+        await asyncio.sleep(0.01)
+        metrics.prefilled(100)
+        for _ in range(20):
+            metrics.token(0.01, first=False)
+        await asyncio.sleep(0.07)
+        task.cancel()
+
+    with caplog.at_level("INFO", logger="hybridmoe.serve"):
+        asyncio.run(run())
+    line = next(r.getMessage() for r in caplog.records if "throughput" in r.getMessage())
+    assert "Avg prompt throughput:" in line and "Avg generation throughput:" in line and "Running: 0 reqs" in line
+    prompt_tps = float(line.split("Avg prompt throughput: ")[1].split(" ")[0])
+    assert 100 / 0.2 < prompt_tps < 100 / 0.04  # 100 tokens within one ~0.05 s interval

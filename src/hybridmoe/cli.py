@@ -93,6 +93,7 @@ def _cmd_serve(args) -> int:
 
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise HybridMoEError(f"`hybridmoe serve` needs the serve extra ({e.name} is missing); "

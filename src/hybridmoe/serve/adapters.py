@@ -29,9 +29,10 @@ class AdapterSet:
         base = base_model_of(model)
         self.experts = {n: m for n, m in base.named_modules() if isinstance(m, HybridExperts)}
         self.expert_lora: dict[str, dict[str, dict]] = {}  # adapter -> experts module name -> {proj: ExpertLoRA}
+        self._peft_name: dict[str, str] = {}  # served name -> its PEFT adapter name (differs after a reload)
         self._tuner_layers: list[nn.Module] = []
         self.active: str | None = None  # None = the base model, no LoRA
-        self._zombies: list[str] = []  # unloaded names whose PEFT weights PEFT would not delete (the last adapter)
+        self._zombies: list[str] = []  # PEFT adapters unloaded while they were PEFT's last one (see unload)
 
     @property
     def names(self) -> list[str]:
@@ -39,33 +40,40 @@ class AdapterSet:
 
     def load(self, name: str, adapter_dir: str | os.PathLike) -> None:
         """Load one adapter under ``name``; raises AdapterError / NonFiniteError (one line) if it does not fit."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+        peft_name, k = name, 1
+        while peft_name in self._peft_configs():  # a zombie of an unloaded adapter holds the name in PEFT
+            peft_name, k = f"{name}~{k}", k + 1
         for ex in self.experts.values():  # load_adapter fills ex.lora; start each adapter from empty dicts
             ex.lora = {}
-        self.model = load_adapter(self.model, adapter_dir, adapter_name=name)
+        self.model = load_adapter(self.model, adapter_dir, adapter_name=peft_name)
         self.expert_lora[name] = {n: ex.lora for n, ex in self.experts.items()}
-        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self._peft_name[name] = peft_name
+        self._bury_zombies()
         self._apply(None)  # PEFT activates layers it just created for `name`; put everything back to the base
 
     def unload(self, name: str) -> None:
         """Forget adapter ``name``: its PEFT LoRA weights are deleted, its expert LoRA dicts dropped."""
-        from peft import PeftModel
+        peft_name = self._peft_name.pop(name)
+        if peft_name in self._peft_configs():
+            # PEFT cannot delete a PeftModel's last adapter (its forward then fails); that one stays, disabled and
+            # unreachable, until a later load adds another
+            self._zombies.append(peft_name)
+            self._bury_zombies()
+        del self.expert_lora[name]
+        self._apply(None)  # delete_adapter activates what is left; put everything back to the base
+
+    def _peft_configs(self) -> dict:
+        return getattr(self.model, "peft_config", None) or {}
+
+    def _bury_zombies(self) -> None:
+        """Delete unloaded PEFT adapters while another one remains; refresh the list of LoRA layers."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
-            if len(self.model.peft_config) == 1:
-                # PEFT cannot leave a PeftModel with no adapter; the last one stays, unreachable, until the next
-                # load_adapter adds another (its layers are disabled whenever the base model or another runs)
-                self._zombies.append(name)
-            else:
-                self.model.delete_adapter(name)
-                for zombie in [z for z in self._zombies if z in self.model.peft_config]:
-                    self.model.delete_adapter(zombie)
-                self._zombies = [z for z in self._zombies if z in self.model.peft_config]
-        del self.expert_lora[name]
+        for z in list(self._zombies):
+            if z in self._peft_configs() and len(self._peft_configs()) > 1:
+                self.model.delete_adapter(z)
+                self._zombies.remove(z)
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        self._apply(None)  # delete_adapter activates what is left; put everything back to the base
 
     def activate(self, name: str | None) -> None:
         """Make ``name`` (an adapter, or None for the base model) the one the next forward uses."""
@@ -76,7 +84,8 @@ class AdapterSet:
         for layer in self._tuner_layers:
             layer.enable_adapters(name is not None)
             if name is not None:
-                layer.set_adapter(name, inference_mode=True)  # inference_mode: no requires_grad on LoRA weights
+                # inference_mode: no requires_grad on LoRA weights
+                layer.set_adapter(self._peft_name[name], inference_mode=True)
         for module_name, ex in self.experts.items():
             # a fresh dict per switch: nothing that later mutates ex.lora can reach the stored adapter's dict
             ex.lora = dict(self.expert_lora[name][module_name]) if name is not None else {}
