@@ -105,7 +105,7 @@ class ServeMetrics:
 async def log_throughput(metrics: ServeMetrics, engine, interval: float) -> None:
     """Every ``interval`` seconds while there was work, one line like vLLM's: prompt and generation tokens/s over the
     interval, running and waiting requests, host (and GPU) memory."""
-    last_t, last_p, last_g = time.monotonic(), 0, 0
+    last_t, last_p, last_g = time.monotonic(), metrics.total_prompt, metrics.total_generated
     while True:
         await asyncio.sleep(interval)
         now = time.monotonic()
