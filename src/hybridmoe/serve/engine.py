@@ -31,52 +31,29 @@ Results go back to the asyncio side through :class:`Handle`: the worker posts ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from hybridmoe.errors import NonFiniteError
-from hybridmoe.generate import SamplingConfig, StopReason, input_device
+from hybridmoe.generate import SamplingConfig, input_device
 
 from .adapters import AdapterSet
 from .batch import DecodeBatch, batchable
+from .events import Delta, Event, Failed, Finished, Handle
 from .prefill import ChunkedPrefill, prefill_batch
-from .sampling import ServeStream, TokenLogprob
+from .sampling import ServeStream
+
+__all__ = ["Delta", "Engine", "Event", "Failed", "Finished", "Handle"]
 
 log = logging.getLogger("hybridmoe.serve")
-
-
-# -- events: worker thread -> request handler ------------------------------------------------------------------------
-@dataclass
-class Delta:
-    text: str
-    index: int = 0  # which of the request's n choices
-    logprobs: list[TokenLogprob] | None = None  # the tokens accepted since the last Delta, when asked for
-
-
-@dataclass
-class Finished:
-    stop_reason: StopReason
-    prompt_tokens: int
-    completion_tokens: int
-    index: int = 0
-
-
-@dataclass
-class Failed:
-    message: str
-    code: str  # "non_finite_logits", "out_of_memory", "internal_error", "shutting_down", "timeout"
-
-
-Event = Delta | Finished | Failed
 
 
 def _out_of_memory(model, tokens: int, max_new_tokens: int) -> Failed:
@@ -87,37 +64,6 @@ def _out_of_memory(model, tokens: int, max_new_tokens: int) -> Failed:
                                "start the server with a lower --max-batch-size")
     log.error("%s", line)
     return Failed(line, "out_of_memory")
-
-
-class Handle:
-    """One submitted request as seen by the asyncio side: an event stream and a cancel switch."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1) -> None:
-        self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self.n = n  # choices: the stream ends after n Finished events (or the first Failed)
-        self.cancelled = threading.Event()  # set by the handler (client gone); the worker drops the request
-
-    def post(self, event: Event) -> None:
-        """Called from the worker thread."""
-        with contextlib.suppress(RuntimeError):  # the event loop is closed (server shut down): nobody listens
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def events(self) -> AsyncIterator[Event]:
-        """The request's events, ending after ``n`` :class:`Finished` (one per choice) or one :class:`Failed`."""
-        left = self.n
-        while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, Failed):
-                return
-            if isinstance(event, Finished):
-                left -= 1
-                if not left:
-                    return
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import schemas
 from .constrained import TOOL_CALL_START, parse_tool_calls
-from .engine import Delta, Failed, Handle
+from .events import Delta, Failed, Handle
 from .sampling import TokenLogprob
 
 
