@@ -500,3 +500,25 @@ def test_throughput_log_line(server, caplog):
     assert "Avg prompt throughput:" in line and "Avg generation throughput:" in line and "Running: 0 reqs" in line
     prompt_tps = float(line.split("Avg prompt throughput: ")[1].split(" ")[0])
     assert 100 / 0.2 < prompt_tps < 100 / 0.04  # 100 tokens within one ~0.05 s interval
+
+
+def test_tokenization_runs_off_the_event_loop(server):
+    """A 630 kB prompt (within a raised limit) is templated and tokenized on a worker thread: /health keeps
+    answering meanwhile, and the request then gets its 400 (it does not fit the context)."""
+    url, app = server
+    app.state.config.max_request_bytes = 4 * 2**20
+    body = {"model": BASE, "messages": [{"role": "user", "content": "The quick brown fox. " * 30_000}]}
+    try:
+        with cf.ThreadPoolExecutor(1) as ex, httpx.Client() as http:
+            _health_ms(http, url)  # connect
+            big = ex.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=120)
+            latencies = []
+            while not big.done():
+                latencies.append(_health_ms(http, url))
+                time.sleep(0.02)
+            r = big.result()
+    finally:
+        app.state.config.max_request_bytes = LIMIT
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert len(latencies) >= 3, latencies  # the request took a while: tokenizing 630 kB
+    assert statistics.median(latencies) < 100, latencies

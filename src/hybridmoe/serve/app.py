@@ -77,7 +77,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.config = cfg  # read per request: tests and embedders may change limits on a running app
-    app.add_middleware(BodyLimitMiddleware, limit=cfg.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: cfg.max_request_bytes)
     if cfg.api_key:  # added last: runs first, so an unauthenticated body is never read
         app.add_middleware(ApiKeyMiddleware, api_key=cfg.api_key)
     created = int(time.time())

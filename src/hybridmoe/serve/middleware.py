@@ -30,9 +30,13 @@ class BodyLimitMiddleware:
     """Answers 413 to a body over ``limit`` bytes: at once from its Content-Length, or as soon as a chunked body
     passes the limit (the rest is never read). Smaller bodies are read here and handed on unchanged."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit) -> None:
         self.app = app
-        self.limit = limit
+        self._limit = limit  # bytes, or a function returning them (read per request: the limit can change)
+
+    @property
+    def limit(self) -> int:
+        return self._limit() if callable(self._limit) else self._limit
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
