@@ -231,11 +231,12 @@ PREFILL_QUESTIONS = ["Hi", "What is two plus two?", "Tell me a long story about 
                      "the sea.", "Why?", "Name three colours, please, and say which one you like best."]
 
 
-def _run_queued(files, jobs, max_tokens):
+def _run_queued(files, jobs, max_tokens, prefill_chunk_tokens=2048):
     """Serve (model, question) ``jobs`` on a fresh engine (base, alpha, broken) with all of them queued before the
     worker starts, so that its first admission sees every one; returns (reply text or Failed per job, engine)."""
     ckpt, adapters = files
-    app = build_app(ckpt, {n: str(adapters[n]) for n in ("alpha", "broken")}, device="cpu", model_name=BASE)
+    app = build_app(ckpt, {n: str(adapters[n]) for n in ("alpha", "broken")}, device="cpu", model_name=BASE,
+                    prefill_chunk_tokens=prefill_chunk_tokens)
     engine = app.state.engine
     cfg = SamplingConfig(temperature=0, max_new_tokens=max_tokens)
 
@@ -288,6 +289,17 @@ def test_batched_prefill_replies_equal_lone_replies(files):
     assert engine.stats["prefills"] == len(jobs)
     assert engine.stats["prefill_batches"] == 4 and engine.stats["max_prefill_batch"] == 4
     assert engine.batchable
+
+
+def test_chunked_batched_prefill_replies_equal_lone_replies(files):
+    """The same left-padded batches prefilled 24 padded tokens at a time (a few columns per forward, the first
+    chunks all padding for the short rows): every reply still equals its lone reply."""
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS]
+    want = _solo_replies(files, jobs, 6)
+    results, engine = _run_queued(files, jobs, 6, prefill_chunk_tokens=24)
+    assert [want[j] for j in jobs] == results
+    assert engine.stats["prefill_batches"] == 2 and engine.stats["max_prefill_batch"] == 4
+    assert engine.stats["prefill_chunks"] > 2 * 4  # many chunks per batch
 
 
 def test_failed_batched_prefill_is_retried_one_request_at_a_time(files, monkeypatch):
