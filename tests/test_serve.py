@@ -440,6 +440,8 @@ def test_cli_errors_exit_2_with_one_line(files, tmp_path, capsys):
         (serve + ["--adapter", f"q={foreign}"], "another model"),
         (serve + ["--adapter", f"a={adapters['alpha']}", "--adapter", f"a={adapters['beta']}"], "used twice"),
         (serve + ["--port", str(busy.getsockname()[1])], "already in use"),
+        (serve + ["--port", "0", "--allow-runtime-lora"], "needs --lora-root"),
+        (serve + ["--port", "0", "--max-request-bytes", "10"], "--max-request-bytes"),
     ]
     try:
         for args, message in cases:
