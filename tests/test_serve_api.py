@@ -324,28 +324,28 @@ def test_load_and_unload_lora_adapter_at_run_time(files, server, client, tmp_pat
     url, app = server
     load = lambda body: httpx.post(url + "/v1/load_lora_adapter", json=body, timeout=120)  # noqa: E731
     unload = lambda body: httpx.post(url + "/v1/unload_lora_adapter", json=body, timeout=120)  # noqa: E731
-    r = load({"lora_name": "gamma", "lora_path": str(loras / "gamma")})
-    assert r.status_code == 200 and "gamma" in r.text, r.text
-    assert [m.id for m in client.models.list()] == [BASE, "alpha", "gamma"]
+    r = load({"lora_name": "org/gamma.v1", "lora_path": str(loras / "gamma")})
+    assert r.status_code == 200 and "org/gamma.v1" in r.text, r.text
+    assert [m.id for m in client.models.list()] == [BASE, "alpha", "org/gamma.v1"]  # a name PEFT could not key
     m, tok = hybridmoe.load(ckpt, adapter=loras / "gamma", device="cpu", progress=False)
     tok.chat_template = TOOL_TEMPLATE
     want = generate(m.eval(), tok, _chat_ids(tok, "Hi there"), SamplingConfig(temperature=0, max_new_tokens=10)).text
-    got = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi there"}],
+    got = client.chat.completions.create(model="org/gamma.v1", messages=[{"role": "user", "content": "Hi there"}],
                                          temperature=0, max_tokens=10).choices[0].message.content
     assert got == want
     # refused: a name in use, one adapter over --max-loras (2), paths outside --lora-root, with or without symlinks
-    assert load({"lora_name": "gamma", "lora_path": "gamma"}).status_code == 400
+    assert load({"lora_name": "org/gamma.v1", "lora_path": "gamma"}).status_code == 400
     assert "--max-loras" in load({"lora_name": "delta", "lora_path": "gamma"}).json()["error"]["message"]
     outside = tmp_path / "outside"
     shutil.copytree(loras / "gamma", outside)
     os.symlink(outside, loras / "link")
-    assert unload({"lora_name": "gamma"}).status_code == 200
+    assert unload({"lora_name": "org/gamma.v1"}).status_code == 200
     for path in (str(outside), "../alpha", "link", str(loras / "link"), "missing"):
         r = load({"lora_name": "delta", "lora_path": path})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
-    assert unload({"lora_name": "gamma"}).status_code == 404
+        client.chat.completions.create(model="org/gamma.v1", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert unload({"lora_name": "org/gamma.v1"}).status_code == 404
     # relative to the root, loaded again under another name: the same replies
     assert load({"lora_name": "delta", "lora_path": "gamma"}).status_code == 200
     assert client.chat.completions.create(model="delta", messages=[{"role": "user", "content": "Hi there"}],

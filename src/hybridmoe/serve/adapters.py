@@ -13,6 +13,7 @@ moves. Layers an adapter does not target have no weights under its name, and PEF
 from __future__ import annotations
 
 import os
+import re
 
 from torch import nn
 
@@ -40,9 +41,12 @@ class AdapterSet:
 
     def load(self, name: str, adapter_dir: str | os.PathLike) -> None:
         """Load one adapter under ``name``; raises AdapterError / NonFiniteError (one line) if it does not fit."""
-        peft_name, k = name, 1
-        while peft_name in self._peft_configs():  # a zombie of an unloaded adapter holds the name in PEFT
-            peft_name, k = f"{name}~{k}", k + 1
+        # PEFT keys modules by adapter name, and torch module names cannot hold "." (served names like
+        # "org/model.v2" can); a zombie of an unloaded adapter may also still hold the name in PEFT
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        peft_name, k = safe, 1
+        while peft_name in self._peft_configs() or peft_name in self._peft_name.values():
+            peft_name, k = f"{safe}-{k}", k + 1
         for ex in self.experts.values():  # load_adapter fills ex.lora; start each adapter from empty dicts
             ex.lora = {}
         self.model = load_adapter(self.model, adapter_dir, adapter_name=peft_name)
