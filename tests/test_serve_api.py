@@ -327,6 +327,7 @@ def test_load_and_unload_lora_adapter_at_run_time(files, server, client, tmp_pat
     r = load({"lora_name": "org/gamma.v1", "lora_path": str(loras / "gamma")})
     assert r.status_code == 200 and "org/gamma.v1" in r.text, r.text
     assert [m.id for m in client.models.list()] == [BASE, "alpha", "org/gamma.v1"]  # a name PEFT could not key
+    assert client.models.retrieve("org/gamma.v1").parent == BASE
     m, tok = hybridmoe.load(ckpt, adapter=loras / "gamma", device="cpu", progress=False)
     tok.chat_template = TOOL_TEMPLATE
     want = generate(m.eval(), tok, _chat_ids(tok, "Hi there"), SamplingConfig(temperature=0, max_new_tokens=10)).text

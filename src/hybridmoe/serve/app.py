@@ -138,7 +138,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
     async def models():
         return {"object": "list", "data": [model_card(n) for n in served()]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")  # adapter names may hold "/" (org/model)
     async def model(name: str):
         resolve(name)
         return model_card(name)
