@@ -523,3 +523,28 @@ def test_tokenization_runs_off_the_event_loop(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert len(latencies) >= 3, latencies  # the request took a while: tokenizing 630 kB
     assert statistics.median(latencies) < 100, latencies
+
+
+def test_graceful_drain_finishes_then_cancels(files):
+    """Engine.drain (what Ctrl-C / SIGTERM start, see server.draining_server): new requests get 503; running ones
+    go on and finish within the grace period; past it, what still runs ends with a "shutting down" error event."""
+    app = build_app(files[0], device="cpu", model_name=BASE, log_stats_interval=0)
+    engine = app.state.engine
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def story(n):
+            return iter(c.chat.completions.create(
+                model=BASE, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=n, temperature=0,
+                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+
+        long, short = story(900), story(6)
+        next(long), next(short)
+        engine.drain(60)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "shutting_down"
+        assert list(short)[-1].usage.completion_tokens == 6  # finished within the grace period
+        engine.drain(0)  # the grace period is over
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(long)

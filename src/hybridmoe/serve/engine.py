@@ -119,6 +119,7 @@ class Engine:
         self._groups: list[_Group] = []
         self._next = 0  # round-robin cursor into _groups
         self._stop = threading.Event()
+        self._drain_deadline: float | None = None  # set by drain(): past it, what still runs fails
         self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
         self.batchable: bool | None = None  # learnt from the first prefilled cache
         # counters for /health and the load benchmark (written by the worker only)
@@ -130,6 +131,12 @@ class Engine:
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def drain(self, grace: float) -> None:
+        """Begin a graceful shutdown: new requests are refused (503 ``shutting_down``); the running and queued ones
+        get ``grace`` seconds to finish, then fail with ``shutting_down`` (a final error event in a stream)."""
+        self._drain_deadline = time.monotonic() + grace
+        self._waiting.put(_Wake())  # an idle worker re-checks the deadline
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -155,7 +162,7 @@ class Engine:
         delivered there). ``timeout`` seconds from now, an unfinished request fails with code ``timeout``."""
         cfgs = cfg if isinstance(cfg, list) else [cfg]
         handle = Handle(asyncio.get_running_loop(), len(cfgs))
-        if not self.alive:
+        if not self.alive or self._drain_deadline is not None:
             handle.post(Failed("the server is shutting down", "shutting_down"))
             return handle
         deadline = time.monotonic() + timeout if timeout else None
@@ -194,7 +201,15 @@ class Engine:
 
     def _iteration(self) -> None:
         self._run_calls()
-        self._admit(block=not self._groups and self._prefilling is None)
+        if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+            self._fail_running("the server is shutting down", "shutting_down")
+            self._fail_waiting("the server is shutting down", "shutting_down")
+            self._drain_deadline = float("inf")  # failed once; new requests are refused by submit()
+        idle = not self._groups and self._prefilling is None
+        wait = None  # idle: wait for work (or a stop/call), but wake in time for a drain deadline
+        if idle and self._drain_deadline is not None and self._drain_deadline != float("inf"):
+            wait = max(self._drain_deadline - time.monotonic(), 0.0)
+        self._admit(block=idle, timeout=wait)
         if self._prefilling is not None:
             self._prefill_chunk()
         if self._groups:
@@ -216,17 +231,18 @@ class Engine:
             else:
                 call.loop.call_soon_threadsafe(_set_result, call.future, result)
 
-    def _admit(self, block: bool) -> None:
-        self._collect(block)
+    def _admit(self, block: bool, timeout: float | None = None) -> None:
+        self._collect(block, timeout)
         while self._pending and self._prefilling is None and self.running < self.max_batch_size:
             self._prefill(self._next_prefill())
 
-    def _collect(self, block: bool) -> None:
-        """Move submitted requests from the queue to ``_pending``; waits for one if ``block`` and none is pending."""
+    def _collect(self, block: bool, timeout: float | None = None) -> None:
+        """Move submitted requests from the queue to ``_pending``; waits for one (at most ``timeout`` s) if ``block``
+        and none is pending."""
         block = block and not self._pending
         while True:
             try:
-                req = self._waiting.get(block=block)
+                req = self._waiting.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return
             if req is None or isinstance(req, _Wake):  # stop() or call() woke us

@@ -156,14 +156,27 @@ def run_serve(args) -> int:
     url_host = f"[{host}]" if ":" in host else host
     print(f"hybridmoe serve: http://{url_host}:{port}/v1 serving {', '.join(app.state.served_models)}",
           file=sys.stderr, flush=True)
-    # on Ctrl-C / SIGTERM uvicorn stops accepting, lets running responses (streams included) finish for up to
-    # --shutdown-timeout seconds, then cancels them (the engine drops their sequences) and stops the engine
+    # on Ctrl-C / SIGTERM: stop accepting; running requests (streams included) get --shutdown-timeout seconds to
+    # finish, then end with a "shutting down" error (a final event in a stream); uvicorn waits a little longer
     config = uvicorn.Config(app, log_level=args.log_level, log_config=_uvicorn_logging(args.log_level),
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
-        uvicorn.Server(config).run(sockets=[sock])
+        draining_server(config, app.state.engine, args.shutdown_timeout).run(sockets=[sock])
     print("hybridmoe serve: stopped", file=sys.stderr)
     return 0
+
+
+def draining_server(config, engine, grace: float):
+    """A uvicorn server that tells the engine when a graceful shutdown begins (:meth:`Engine.drain`): running
+    requests get ``grace`` seconds, then end with a "shutting down" error instead of a cut connection."""
+    import uvicorn  # the serve extra; imported here so that `hybridmoe.serve` imports without it
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            engine.drain(grace)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
 
 
 def _uvicorn_logging(level: str = "info") -> dict:
@@ -187,7 +200,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
     import uvicorn
 
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = draining_server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10),
+                             app.state.engine, grace=5)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hybridmoe-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
