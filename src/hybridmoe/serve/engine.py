@@ -19,7 +19,8 @@ request share one prompt row in the prefill; its KV cache is then copied to ``n`
 
 Per-request state is a :class:`~hybridmoe.serve.sampling.ServeStream`, the same sampling / stop / text code as
 ``hybridmoe chat`` plus the server's extras (penalties, min-p, logprobs, grammars). Work that must not overlap a
-forward (loading or unloading an adapter) is queued with :meth:`Engine.call` and runs between two steps. A failure in one sequence (non-finite logits: :class:`~hybridmoe.errors.NonFiniteError`) fails
+forward (loading or unloading an adapter) is queued with :meth:`Engine.call` and runs between two steps.
+:meth:`Engine.drain` begins a graceful shutdown: new requests are refused, running ones get a grace period. A failure in one sequence (non-finite logits: :class:`~hybridmoe.errors.NonFiniteError`) fails
 that request only. A batched prefill that raises (out of memory, a bug) is retried one request at a time, so it
 fails only the requests that fail alone; an unexpected exception in a decode step fails that batch's requests; the
 loop goes on.
