@@ -352,6 +352,19 @@ def test_prefill_batches_follow_adapter_order_slots_and_token_budget():
     assert not engine._pending
 
 
+def test_choices_of_one_request_count_as_one_prefill_row():
+    """n choices share their prompt (one list object): they fill n slots but one row of the padded-token budget."""
+    engine = Engine(adapters=None, tokenizer=None, max_batch_size=4, max_prefill_tokens=40)
+    engine.batchable = True
+    prompt = [1] * 30
+    handle = Handle(asyncio.new_event_loop(), n=3)
+    siblings = [_Request(prompt, None, SamplingConfig(temperature=0), handle, index=i) for i in range(3)]
+    other = _queued(None, 30)
+    engine._pending.extend([*siblings, other])
+    assert engine._next_prefill() == siblings  # 1 row x 30 tokens; the other prompt would make 2 x 30 > 40
+    assert list(engine._pending) == [other]
+
+
 def test_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     url, engine = server
     before = engine.stats["decoded_tokens"]

@@ -275,12 +275,14 @@ class Engine:
         chosen: list[_Request] = []
         rest: deque[_Request] = deque()
         longest = 0
+        prompts: set[int] = set()  # prefill rows: the choices of one request share theirs
         for req in live:
             width = max(longest, len(req.prompt_ids))
-            fits = not chosen or (len(chosen) < limit and (len(chosen) + 1) * width <= self.max_prefill_tokens
-                                  and not req.solo)
+            rows = len(prompts | {id(req.prompt_ids)})
+            fits = not chosen or (len(chosen) < limit and rows * width <= self.max_prefill_tokens and not req.solo)
             if req.adapter == adapter and fits:
                 chosen.append(req)
+                prompts.add(id(req.prompt_ids))
                 longest = width
             else:
                 rest.append(req)
