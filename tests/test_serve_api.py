@@ -467,7 +467,8 @@ def test_chunked_prefill_interleaves_with_running_streams(server, client, refere
             runner = ex.submit(lambda: list(client.chat.completions.create(
                 model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=200, temperature=0,
                 stream=True)))
-            while engine.running == 0:
+            deadline = time.monotonic() + 60
+            while engine.running == 0 and time.monotonic() < deadline and not runner.done():
                 time.sleep(0.01)
             got = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": long_prompt}],
                                                  temperature=0, max_tokens=8).choices[0].message.content
