@@ -448,6 +448,9 @@ def test_request_timeout(server, client):
     finally:
         app.state.config.request_timeout = 600.0
     assert app.state.engine.stats["timeouts"] >= 1
+    failures = {s.labels["code"]: s.value for f in text_string_to_metric_families(
+        httpx.get(server[0] + "/metrics").text) for s in f.samples if s.name == "hybridmoe:request_failure_total"}
+    assert failures["timeout"] >= 1
     assert client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=2).usage.completion_tokens >= 1
 

@@ -162,7 +162,8 @@ class Engine:
         """Queue a request (one choice per config in ``cfg``); call from a running event loop (its events are
         delivered there). ``timeout`` seconds from now, an unfinished request fails with code ``timeout``."""
         cfgs = cfg if isinstance(cfg, list) else [cfg]
-        handle = Handle(asyncio.get_running_loop(), len(cfgs))
+        metrics = self.metrics
+        handle = Handle(asyncio.get_running_loop(), len(cfgs), metrics.failed if metrics is not None else None)
         if not self.alive or self._drain_deadline is not None:
             handle.post(Failed("the server is shutting down", "shutting_down"))
             return handle

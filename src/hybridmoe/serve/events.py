@@ -45,14 +45,18 @@ Event = Delta | Finished | Failed
 class Handle:
     """One submitted request as seen by the asyncio side: an event stream and a cancel switch."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, on_failure=None) -> None:
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.n = n  # choices: the stream ends after n Finished events (or the first Failed)
         self.cancelled = threading.Event()  # set by the handler (client gone); the worker drops the request
+        self._on_failure = on_failure  # called with the code of the request's first Failed (metrics)
 
     def post(self, event: Event) -> None:
         """Called from the worker thread."""
+        if isinstance(event, Failed) and self._on_failure is not None:
+            self._on_failure(event.code)
+            self._on_failure = None  # one request, one failure (its other choices end with it)
         with contextlib.suppress(RuntimeError):  # the event loop is closed (server shut down): nobody listens
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 

@@ -45,6 +45,8 @@ class ServeMetrics:
         p = "hybridmoe:"
         self.requests = Counter(p + "request_success", "Finished requests by finish reason", ["finished_reason"],
                                 registry=r)
+        self.failures = Counter(p + "request_failure", "Failed requests by error code (timeout, out_of_memory, "
+                                "non_finite_logits, shutting_down, internal_error)", ["code"], registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to the first token", buckets=_TTFT,
@@ -81,6 +83,9 @@ class ServeMetrics:
     def finished(self, reason: str, seconds: float) -> None:
         self.requests.labels(finished_reason={"eos": "stop", "stop_string": "stop"}.get(reason, reason)).inc()
         self.e2e.observe(seconds)
+
+    def failed(self, code: str) -> None:
+        self.failures.labels(code=code).inc()
 
     def watch_experts(self, modules) -> None:
         """Time every forward of ``modules`` (the HybridExperts blocks) into ``hybridmoe:expert_seconds_total``."""
