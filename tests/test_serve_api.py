@@ -17,12 +17,14 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
 
 import hybridmoe
 from hybridmoe.adapters import apply_lora, save_adapter
@@ -247,6 +249,15 @@ def test_response_format_json_schema_and_object(client, model):
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(model=model, messages=msgs, response_format={"type": "json_schema"})
+
+    class Pick(BaseModel):  # the openai client's structured outputs: a strict schema from a pydantic model
+        colour: Literal["red", "green", "blue"]
+        count: int = Field(ge=0, le=99)  # bounded: a random model would otherwise write digits up to max_tokens
+        sure: bool
+
+    parsed = client.chat.completions.parse(model=model, messages=msgs, response_format=Pick, temperature=0,
+                                           max_tokens=60).choices[0].message.parsed
+    assert isinstance(parsed, Pick)
 
 
 def test_tools_required_named_auto_and_streamed(client):
