@@ -130,6 +130,25 @@ def test_completions_prompt_echo_list_stream_and_suffix(client, reference):
         client.completions.create(model=BASE, prompt="def f(", suffix="return 1", max_tokens=4)
 
 
+BAD_COMPLETIONS = [
+    ({"model": BASE, "prompt": {"a": 1}}, "a string, a non-empty list of strings or a non-empty list of token ids"),
+    ({"model": BASE, "prompt": []}, "non-empty list"),
+    ({"model": BASE}, "missing required parameter 'prompt'"),
+    ({"model": BASE, "prompt": "x", "logprobs": 30}, "'logprobs'"),
+    ({"model": BASE, "prompt": "x", "echo": True, "logprobs": 1}, "'echo' with 'logprobs'"),
+    ({"model": BASE, "prompt": ""}, "empty after tokenization"),
+    ({"model": BASE, "prompt": [10**6]}, "below the vocabulary size"),
+    ({"model": BASE, "prompt": "x", "best_of": 3}, "only best_of=1"),
+    ({"model": BASE, "prompt": "word " * 1100}, "context of 1024 tokens"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_COMPLETIONS, ids=range(len(BAD_COMPLETIONS)))
+def test_bad_completions_get_400(server, body, message):
+    r = httpx.post(server[0] + "/v1/completions", json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
 # -- n, logprobs, vLLM's extra sampling parameters -------------------------------------------------------------------
 def test_n_choices_share_one_prefill_and_equal_lone_seeded_runs(server, client, reference):
     _, app = server

@@ -224,6 +224,15 @@ class CompletionRequest(SamplingParams):
     suffix: str | None = None
     best_of: Annotated[int, Strict] | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        ok = isinstance(v, str) or (isinstance(v, list) and v and (
+            all(isinstance(x, str) for x in v) or all(isinstance(x, int) and not isinstance(x, bool) for x in v)))
+        if not ok:
+            raise ValueError("must be a string, a non-empty list of strings or a non-empty list of token ids")
+        return v
+
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, v):
