@@ -402,6 +402,11 @@ BAD_REQUESTS = [
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "needs 'logprobs'"),
     ({"model": BASE, "messages": [{"role": "assistant", "content": None}]}, 400, "'content' is required"),
     ({"model": BASE, "messages": [{"role": "tool", "content": "42"}]}, 400, "tool_call_id"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+      "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400,
+     "does not render the tool calls"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not render tools"),
     ({"model": BASE, "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context of 256 tokens"),
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}, 400, "lower max_tokens"),
 ]

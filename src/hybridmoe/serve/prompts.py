@@ -44,6 +44,9 @@ def render(tokenizer, messages: list[schemas.Message], tools: list[dict] | None,
     if tools and "tools" not in template:
         raise ApiError(400, "this model's chat template does not render tools; start the server with a "
                             "--chat-template that does", param="tools")
+    if any(m.tool_calls for m in messages) and "tool_calls" not in template:  # it would drop them silently
+        raise ApiError(400, "this model's chat template does not render the tool calls of assistant messages; "
+                            "start the server with a --chat-template that does", param="messages")
     try:
         ids = tokenizer.apply_chat_template([m.as_template_message() for m in messages], tools=tools,
                                             add_generation_prompt=generation_prompt, tokenize=True, return_dict=False)
