@@ -110,8 +110,11 @@ def apply_mask(matcher, bitmask: torch.Tensor, scores: torch.Tensor) -> torch.Te
 
     matcher.fill_next_token_bitmask(bitmask)  # [1, ceil(V / 32)] int32 on the CPU, filled by xgrammar
     scores = scores.clone()  # the caller's logits stay raw (logprobs are reported from them)
-    # the mask goes where the logits are: V/32 int32 (19 KB for a 150k vocabulary) per row and step
-    xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device, non_blocking=False))
+    # the mask goes where the logits are: V/32 int32 (19 KB for a 150k vocabulary) per row and step. On a GPU,
+    # plain torch ops rather than xgrammar's default Triton kernel: no JIT compile on the first request, and no
+    # dependence on the Triton build that comes with the installed torch (one row a step: the cost is small)
+    backend = "cpu" if scores.device.type == "cpu" else "torch_native"
+    xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device), backend=backend)
     return scores
 
 
