@@ -582,3 +582,35 @@ def test_graceful_drain_finishes_then_cancels(files):
         engine.drain(0)  # the grace period is over
         with pytest.raises(openai.APIError, match="shutting down"):
             list(long)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_api_features(files):
+    """On the GPU host: the sampling extras, logprobs, grammar masks (plain torch ops on CUDA logits), n choices,
+    chunked prefill and the metrics' GPU gauges with the model on cuda (experts on the CPU)."""
+    ckpt, alpha, _ = files
+    app = build_app(ckpt, {"alpha": str(alpha)}, device="cuda", dtype="float32", model_name=BASE,
+                    chat_template=TOOL_TEMPLATE, prefill_chunk_tokens=16, log_stats_interval=0)
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "Pick a colour, please, and tell me why you like it"}]
+        for model in (BASE, "alpha"):
+            r = c.chat.completions.create(model=model, messages=msgs, temperature=0.8, seed=1, n=2, max_tokens=60,
+                                          response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "pick", "schema": SCHEMA}},
+                                          logprobs=True, top_logprobs=2, presence_penalty=0.5,
+                                          extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1})
+            for choice in r.choices:
+                _check_schema(json.loads(choice.message.content))
+                assert len(choice.logprobs.content) >= 1
+            calls = c.chat.completions.create(model=model, messages=msgs, tools=[WEATHER, ADD], temperature=0,
+                                              tool_choice="required", parallel_tool_calls=False,
+                                              max_tokens=150).choices[0].message.tool_calls
+            assert calls and calls[0].function.name in ("get_weather", "add")
+        comp = c.completions.create(model=BASE, prompt="Hello there", max_tokens=8, temperature=0, logprobs=2)
+        assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens
+        assert app.state.engine.stats["prefill_chunks"] > app.state.engine.stats["prefill_batches"]
+        values = {s.name: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+                  for s in f.samples}
+        assert values["hybridmoe:gpu_memory_allocated_bytes"] > 0
