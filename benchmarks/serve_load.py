@@ -4,6 +4,8 @@
     python benchmarks/serve_load.py --max-batch-size 1               # the same load without batching (baseline)
     python benchmarks/serve_load.py --threads 1                      # 2-core CI machine: leave a core to HTTP
     python benchmarks/serve_load.py --model DIR --device cuda --dtype bfloat16 --max-tokens 64   # a real checkpoint
+    # issue 18's load table: 16 streaming clients x 128 tokens, half with an adapter, then 1 client, then `chat`
+    python benchmarks/serve_load.py --model DIR --adapter a=ADAPTER --device cuda --dtype bfloat16 --issue-table
 
 Starts the real server (uvicorn, in this process, on 127.0.0.1 and a free port), runs the clients with
 `openai.AsyncOpenAI` (greedy, a mix of the base model and two adapters, half the requests streamed), and prints one
@@ -48,25 +50,43 @@ def _tiny_setup(root: Path) -> tuple[Path, dict[str, str]]:
     return ckpt, adapters
 
 
-async def _drive(url: str, models: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+async def _drive(url: str, models: list[str], clients: int, requests: int, max_tokens: int,
+                 stream_all: bool = False, ignore_eos: bool = False) -> dict:
+    """``clients`` concurrent clients, ``requests`` each one after another; client c asks ``models[c % len]``.
+
+    Streamed requests measure time to first token (first content chunk) and inter-token latency (the mean gap
+    between tokens of one request: (last chunk - first chunk) / (tokens - 1)); percentiles are over requests.
+    """
     import openai
 
     prompts = ["Hi!", "What is the capital of France?", "Write a poem about the sea.", "How are you today?"]
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     latencies: list[float] = []
+    ttfts: list[float] = []
+    itls: list[float] = []
     tokens = errors = 0
 
     async def one(model: str, prompt: str, stream: bool) -> None:
         nonlocal tokens, errors
         kw = dict(model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens)
+        if ignore_eos:
+            kw["extra_body"] = {"ignore_eos": True}
         t0 = time.perf_counter()
         try:
             n = 0  # (not `tokens += await ...`: that reads `tokens` before the await and loses updates)
             if stream:
+                first = last = None
                 async for c in await client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                                     **kw):
+                    if c.choices and c.choices[0].delta.content:
+                        last = time.perf_counter()
+                        first = first or last
                     if c.usage is not None:
                         n = c.usage.completion_tokens
+                if first is not None:
+                    ttfts.append(first - t0)
+                    if n > 1 and last > first:
+                        itls.append((last - first) / (n - 1))
             else:
                 n = (await client.chat.completions.create(**kw)).usage.completion_tokens
             tokens += n
@@ -76,17 +96,39 @@ async def _drive(url: str, models: list[str], clients: int, requests: int, max_t
 
     async def worker(c: int) -> None:
         for i in range(requests):
-            await one(models[(c + i) % len(models)], prompts[(c + i) % len(prompts)], stream=(c + i) % 2 == 1)
+            await one(models[c % len(models)], prompts[(c + i) % len(prompts)],
+                      stream=stream_all or (c + i) % 2 == 1)
 
     t0 = time.perf_counter()
     async with client:
         await asyncio.gather(*(worker(c) for c in range(clients)))
     wall = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=100)
+
+    def pct(xs: list[float], q: int) -> float | None:
+        return round(statistics.quantiles(xs, n=100)[q - 1], 4) if len(xs) > 1 else (round(xs[0], 4) if xs else None)
+
     return {"requests": len(latencies), "errors": errors, "wall_s": round(wall, 2),
             "requests_per_s": round(len(latencies) / wall, 2), "completion_tokens": tokens,
-            "completion_tokens_per_s": round(tokens / wall, 1), "latency_p50_s": round(q[49], 3),
-            "latency_p95_s": round(q[94], 3)}
+            "completion_tokens_per_s": round(tokens / wall, 1), "latency_p50_s": pct(latencies, 50),
+            "latency_p95_s": pct(latencies, 95), "ttft_p50_s": pct(ttfts, 50), "ttft_p95_s": pct(ttfts, 95),
+            "itl_p50_s": pct(itls, 50), "itl_p95_s": pct(itls, 95)}
+
+
+def _chat_decode_baseline(app, max_tokens: int) -> float:
+    """Single-user decode tokens/s of `hybridmoe chat`'s path (`generate`, static cache and CUDA graphs where chat
+    uses them) on the server's own model with the base model active: the 1-client target's reference."""
+    from hybridmoe.chat import render_prompt
+    from hybridmoe.generation import SamplingConfig, generate
+
+    engine = app.state.engine
+    engine.adapters.activate(None)
+    ids = render_prompt(engine.tokenizer, [{"role": "user", "content": "Write a poem about the sea."}])
+    best = 0.0
+    for _ in range(2):  # the first run warms up (graph capture, kernel build)
+        res = generate(engine.adapters.model, engine.tokenizer, ids, SamplingConfig(temperature=0,
+                                                                                   max_new_tokens=max_tokens))
+        best = max(best, res.decode_tokens_per_s)
+    return round(best, 1)
 
 
 def main() -> None:
@@ -101,7 +143,14 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--prefill-chunk-tokens", type=int, default=2048)
+    ap.add_argument("--issue-table", action="store_true",
+                    help="16 clients x 1 streamed request x 128 tokens (ignore_eos), half on the first adapter; then 1 "
+                         "client alone; then single-user chat decode on the same model (clients/requests/max-tokens "
+                         "flags set the first run)")
     args = ap.parse_args()
+    if args.issue_table:
+        args.clients, args.requests, args.max_tokens = 16, 1, 128
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -114,10 +163,22 @@ def main() -> None:
         else:
             ckpt, adapters = _tiny_setup(Path(tmp))
         app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
-                        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
+                        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+                        prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0)
+        models = ["base", *list(adapters)[:1]] if args.issue_table else ["base", *adapters]
+        extra = {}
         with serve_in_thread(app) as url:
-            result = asyncio.run(_drive(url, ["base", *adapters], args.clients, args.requests, args.max_tokens))
+            result = asyncio.run(_drive(url, models, args.clients, args.requests, args.max_tokens,
+                                        stream_all=args.issue_table, ignore_eos=args.issue_table))
             stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
+            if args.issue_table:
+                extra["one_client"] = asyncio.run(_drive(url, ["base"], 1, 3, args.max_tokens, stream_all=True,
+                                                         ignore_eos=True))
+        if args.issue_table:  # after the server stopped: the engine thread no longer uses the model
+            extra["chat_decode_tokens_per_s"] = _chat_decode_baseline(app, args.max_tokens)
+            one = extra["one_client"]
+            extra["one_client_vs_chat"] = round(1 / one["itl_p50_s"] / extra["chat_decode_tokens_per_s"], 3) \
+                if one["itl_p50_s"] else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps({
         "bench": "serve_load", "model": "tiny-deepseek-v2 (random)" if not args.model else str(args.model),
@@ -128,6 +189,7 @@ def main() -> None:
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
         "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        **extra,
     }))
 
 

@@ -231,11 +231,12 @@ PREFILL_QUESTIONS = ["Hi", "What is two plus two?", "Tell me a long story about 
                      "the sea.", "Why?", "Name three colours, please, and say which one you like best."]
 
 
-def _run_queued(files, jobs, max_tokens):
+def _run_queued(files, jobs, max_tokens, prefill_chunk_tokens=2048):
     """Serve (model, question) ``jobs`` on a fresh engine (base, alpha, broken) with all of them queued before the
     worker starts, so that its first admission sees every one; returns (reply text or Failed per job, engine)."""
     ckpt, adapters = files
-    app = build_app(ckpt, {n: str(adapters[n]) for n in ("alpha", "broken")}, device="cpu", model_name=BASE)
+    app = build_app(ckpt, {n: str(adapters[n]) for n in ("alpha", "broken")}, device="cpu", model_name=BASE,
+                    prefill_chunk_tokens=prefill_chunk_tokens)
     engine = app.state.engine
     cfg = SamplingConfig(temperature=0, max_new_tokens=max_tokens)
 
@@ -290,6 +291,17 @@ def test_batched_prefill_replies_equal_lone_replies(files):
     assert engine.batchable
 
 
+def test_chunked_batched_prefill_replies_equal_lone_replies(files):
+    """The same left-padded batches prefilled 24 padded tokens at a time (a few columns per forward, the first
+    chunks all padding for the short rows): every reply still equals its lone reply."""
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS]
+    want = _solo_replies(files, jobs, 6)
+    results, engine = _run_queued(files, jobs, 6, prefill_chunk_tokens=24)
+    assert [want[j] for j in jobs] == results
+    assert engine.stats["prefill_batches"] == 2 and engine.stats["max_prefill_batch"] == 4
+    assert engine.stats["prefill_chunks"] > 2 * 4  # many chunks per batch
+
+
 def test_failed_batched_prefill_is_retried_one_request_at_a_time(files, monkeypatch):
     """A batched prefill that runs out of memory is retried request by request: every request is still served,
     with its lone reply (bit for bit: each is then prefilled alone), instead of the whole batch failing."""
@@ -340,6 +352,19 @@ def test_prefill_batches_follow_adapter_order_slots_and_token_budget():
     assert not engine._pending
 
 
+def test_choices_of_one_request_count_as_one_prefill_row():
+    """n choices share their prompt (one list object): they fill n slots but one row of the padded-token budget."""
+    engine = Engine(adapters=None, tokenizer=None, max_batch_size=4, max_prefill_tokens=40)
+    engine.batchable = True
+    prompt = [1] * 30
+    handle = Handle(asyncio.new_event_loop(), n=3)
+    siblings = [_Request(prompt, None, SamplingConfig(temperature=0), handle, index=i) for i in range(3)]
+    other = _queued(None, 30)
+    engine._pending.extend([*siblings, other])
+    assert engine._next_prefill() == siblings  # 1 row x 30 tokens; the other prompt would make 2 x 30 > 40
+    assert list(engine._pending) == [other]
+
+
 def test_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     url, engine = server
     before = engine.stats["decoded_tokens"]
@@ -370,8 +395,18 @@ BAD_REQUESTS = [
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "'seed'"),
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
      "'stop'"),
-    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
-    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unrecognized"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "'n'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "'tool_choice' needs 'tools'"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}, 400, "unrecognized"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "needs 'logprobs'"),
+    ({"model": BASE, "messages": [{"role": "assistant", "content": None}]}, 400, "'content' is required"),
+    ({"model": BASE, "messages": [{"role": "tool", "content": "42"}]}, 400, "tool_call_id"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+      "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400,
+     "does not render the tool calls"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not render tools"),
     ({"model": BASE, "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context of 256 tokens"),
     ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}, 400, "lower max_tokens"),
 ]
@@ -385,6 +420,14 @@ def test_bad_request_gets_4xx(body, status, message, server):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert message in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_runtime_lora_routes_are_off_by_default(server):
+    url, _ = server
+    for route, body in (("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}),
+                        ("/v1/unload_lora_adapter", {"lora_name": "alpha"})):
+        r = httpx.post(url + route, json=body)
+        assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]
 
 
 def test_server_keeps_running_after_bad_requests(server, client):
@@ -415,6 +458,8 @@ def test_cli_errors_exit_2_with_one_line(files, tmp_path, capsys):
         (serve + ["--adapter", f"q={foreign}"], "another model"),
         (serve + ["--adapter", f"a={adapters['alpha']}", "--adapter", f"a={adapters['beta']}"], "used twice"),
         (serve + ["--port", str(busy.getsockname()[1])], "already in use"),
+        (serve + ["--port", "0", "--allow-runtime-lora"], "needs --lora-root"),
+        (serve + ["--port", "0", "--max-request-bytes", "10"], "--max-request-bytes"),
     ]
     try:
         for args, message in cases:
@@ -458,6 +503,19 @@ def test_cli_server_in_subprocess_with_api_key(files):
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in good.models.list()] == [BASE, "alpha"]
         assert _ask(good, "alpha", "hi", max_tokens=3)[2].completion_tokens >= 1
+        # graceful shutdown: Ctrl-C while a stream runs; the stream still finishes, then the server exits
+        stream = iter(good.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=60, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        next(stream)
+        proc.send_signal(signal.SIGINT)
+        rest = list(stream)
+        assert rest[-1].usage.completion_tokens == 60
+        assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+        with pytest.raises(openai.APIConnectionError):  # no new requests once shutting down
+            for _ in range(100):
+                good.models.list()
+                threading.Event().wait(0.05)
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=30)

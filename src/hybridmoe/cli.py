@@ -115,6 +115,7 @@ def _cmd_serve(args) -> int:
 
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise HybridMoEError(f"`hybridmoe serve` needs the serve extra ({e.name} is missing); "
@@ -213,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (several adapters, batched decode)",
-                       description="Serve POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health "
-                                   "for the base model and any number of adapters, switched per request.")
+                       description="Serve the OpenAI API (POST /v1/chat/completions, /v1/completions, GET /v1/models) "
+                                   "plus vLLM's /tokenize, /detokenize and runtime LoRA routes, GET /metrics and "
+                                   "GET /health, for the base model and any number of adapters, switched per request.")
     s.add_argument("--model", required=True, help="checkpoint directory")
     s.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="PEFT adapter served as model NAME (repeatable; DIR alone is named after its folder)")
@@ -224,7 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HYBRIDMOE_API_KEY, if set)")
     s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together at most")
     s.add_argument("--max-prefill-tokens", type=int, default=8192,
-                   help="padded prompt tokens (requests x longest prompt) prefilled in one forward at most")
+                   help="padded prompt tokens (requests x longest prompt) prefilled together at most")
+    s.add_argument("--prefill-chunk-tokens", type=int, default=2048,
+                   help="padded prompt tokens per prefill forward; a longer prefill is chunked, with decode steps of "
+                        "the running requests in between")
+    s.add_argument("--max-loras", type=int, default=8, help="adapters loaded at once at most (--adapter included)")
+    s.add_argument("--allow-runtime-lora", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default)")
+    s.add_argument("--lora-root", help="the directory runtime adapters must be under (needed with --allow-runtime-lora)")
+    s.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                   help="request bodies above this get HTTP 413 (default 4 MiB)")
+    s.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take before it fails with HTTP 504 (0 = no limit)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM, seconds running streams get to finish before they are cancelled")
+    s.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between throughput log lines (0 = off)")
     s.add_argument("--device", choices=["cuda", "cpu"], default=None)
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     _add_expert_dtype(s)

@@ -1,9 +1,14 @@
 """`hybridmoe serve`: an OpenAI-compatible HTTP server for a hybrid model and any number of adapters.
 
-* :mod:`.app` — routes, request schema checks and OpenAI-style errors (FastAPI on uvicorn);
-* :mod:`.engine` — the worker thread that owns the model and schedules prefill and batched decode;
-* :mod:`.batch` — a left-padded KV-cache batch: one forward per decode step for many requests;
-* :mod:`.adapters` — all adapters loaded once, switched per batch without copying weights;
+* :mod:`.app` — routes (FastAPI on uvicorn); :mod:`.schemas` the OpenAI/vLLM request and response shapes;
+  :mod:`.errors` OpenAI-style errors; :mod:`.middleware` API-key auth and the body-size limit;
+* :mod:`.prompts` — requests to prompt ids and sampling configs, off the event loop;
+* :mod:`.replies` — engine events to whole replies and server-sent event streams (tool calls parsed);
+* :mod:`.engine` — the worker thread that owns the model and schedules (chunked) prefill and batched decode;
+  :mod:`.events` what it sends back; :mod:`.prefill` and :mod:`.batch` the left-padded KV-cache batch;
+* :mod:`.sampling` — per-request sampling extras and logprobs; :mod:`.constrained` grammars through xgrammar;
+* :mod:`.adapters` — all adapters loaded once (or at run time), switched per batch without copying weights;
+* :mod:`.metrics` — Prometheus metrics and the throughput log line;
 * :mod:`.server` — the CLI entry point: bind, load, run.
 """
 

@@ -13,6 +13,7 @@ moves. Layers an adapter does not target have no weights under its name, and PEF
 from __future__ import annotations
 
 import os
+import re
 
 from torch import nn
 
@@ -29,8 +30,10 @@ class AdapterSet:
         base = base_model_of(model)
         self.experts = {n: m for n, m in base.named_modules() if isinstance(m, HybridExperts)}
         self.expert_lora: dict[str, dict[str, dict]] = {}  # adapter -> experts module name -> {proj: ExpertLoRA}
+        self._peft_name: dict[str, str] = {}  # served name -> its PEFT adapter name (differs after a reload)
         self._tuner_layers: list[nn.Module] = []
         self.active: str | None = None  # None = the base model, no LoRA
+        self._zombies: list[str] = []  # PEFT adapters unloaded while they were PEFT's last one (see unload)
 
     @property
     def names(self) -> list[str]:
@@ -38,14 +41,43 @@ class AdapterSet:
 
     def load(self, name: str, adapter_dir: str | os.PathLike) -> None:
         """Load one adapter under ``name``; raises AdapterError / NonFiniteError (one line) if it does not fit."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+        # PEFT keys modules by adapter name, and torch module names cannot hold "." (served names like
+        # "org/model.v2" can); a zombie of an unloaded adapter may also still hold the name in PEFT
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        peft_name, k = safe, 1
+        while peft_name in self._peft_configs() or peft_name in self._peft_name.values():
+            peft_name, k = f"{safe}-{k}", k + 1
         for ex in self.experts.values():  # load_adapter fills ex.lora; start each adapter from empty dicts
             ex.lora = {}
-        self.model = load_adapter(self.model, adapter_dir, adapter_name=name)
+        self.model = load_adapter(self.model, adapter_dir, adapter_name=peft_name)
         self.expert_lora[name] = {n: ex.lora for n, ex in self.experts.items()}
-        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self._peft_name[name] = peft_name
+        self._bury_zombies()
         self._apply(None)  # PEFT activates layers it just created for `name`; put everything back to the base
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name``: its PEFT LoRA weights are deleted, its expert LoRA dicts dropped."""
+        peft_name = self._peft_name.pop(name)
+        if peft_name in self._peft_configs():
+            # PEFT cannot delete a PeftModel's last adapter (its forward then fails); that one stays, disabled and
+            # unreachable, until a later load adds another
+            self._zombies.append(peft_name)
+            self._bury_zombies()
+        del self.expert_lora[name]
+        self._apply(None)  # delete_adapter activates what is left; put everything back to the base
+
+    def _peft_configs(self) -> dict:
+        return getattr(self.model, "peft_config", None) or {}
+
+    def _bury_zombies(self) -> None:
+        """Delete unloaded PEFT adapters while another one remains; refresh the list of LoRA layers."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for z in list(self._zombies):
+            if z in self._peft_configs() and len(self._peft_configs()) > 1:
+                self.model.delete_adapter(z)
+                self._zombies.remove(z)
+        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
 
     def activate(self, name: str | None) -> None:
         """Make ``name`` (an adapter, or None for the base model) the one the next forward uses."""
@@ -56,7 +88,8 @@ class AdapterSet:
         for layer in self._tuner_layers:
             layer.enable_adapters(name is not None)
             if name is not None:
-                layer.set_adapter(name, inference_mode=True)  # inference_mode: no requires_grad on LoRA weights
+                # inference_mode: no requires_grad on LoRA weights
+                layer.set_adapter(self._peft_name[name], inference_mode=True)
         for module_name, ex in self.experts.items():
             # a fresh dict per switch: nothing that later mutates ex.lora can reach the stored adapter's dict
             ex.lora = dict(self.expert_lora[name][module_name]) if name is not None else {}

@@ -102,6 +102,15 @@ class DecodeBatch:
             layer.values = layer.values[idx, :, trim:]
         self.mask = self.mask[idx, trim:]
 
+    def select(self, rows: list[int]) -> None:
+        """Keep ``rows`` in that order, repeats allowed: ``n`` choices of one prompt share its prefill this way."""
+        idx = torch.tensor(rows, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx]  # [len(rows), h, W, d]; a copy (advanced indexing)
+            layer.values = layer.values[idx]
+        self.mask = self.mask[idx]
+        self.lengths = [self.lengths[i] for i in rows]
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [B, 1] (row i's next input at position ``lengths[i]``); returns logits [B, V] fp32."""
         b = len(self)

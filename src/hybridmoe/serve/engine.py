@@ -12,8 +12,15 @@ Scheduling, one loop iteration at a time:
    turn, whatever its size. Each batch runs with its adapter active (:class:`~hybridmoe.serve.adapters.AdapterSet`),
    so requests for different adapters are never mixed in one forward.
 
-Per-request state is a :class:`~hybridmoe.generation.TokenStream`, the same sampling / stop / text code as
-``hybridmoe chat``. A failure in one sequence (non-finite logits: :class:`~hybridmoe.errors.NonFiniteError`) fails
+A prompt whose padded prefill is larger than ``prefill_chunk_tokens`` is prefilled in chunks
+(:class:`~hybridmoe.serve.prefill.ChunkedPrefill`), one chunk per loop iteration, with a decode step of the running
+requests after each chunk: a long prompt does not stall the streams already running. The ``n`` choices of one
+request share one prompt row in the prefill; its KV cache is then copied to ``n`` decode rows.
+
+Per-request state is a :class:`~hybridmoe.serve.sampling.ServeStream`, the same sampling / stop / text code as
+``hybridmoe chat`` plus the server's extras (penalties, min-p, logprobs, grammars). Work that must not overlap a
+forward (loading or unloading an adapter) is queued with :meth:`Engine.call` and runs between two steps.
+:meth:`Engine.drain` begins a graceful shutdown: new requests are refused, running ones get a grace period. A failure in one sequence (non-finite logits: :class:`~hybridmoe.errors.NonFiniteError`) fails
 that request only. A batched prefill that raises (out of memory, a bug) is retried one request at a time, so it
 fails only the requests that fail alone; an unexpected exception in a decode step fails that batch's requests; the
 loop goes on.
@@ -25,47 +32,29 @@ Results go back to the asyncio side through :class:`Handle`: the worker posts ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from hybridmoe.errors import NonFiniteError
-from hybridmoe.generation import SamplingConfig, StopReason, TokenStream, input_device
+from hybridmoe.generation import SamplingConfig, input_device
 
 from .adapters import AdapterSet
 from .batch import DecodeBatch, batchable
-from .prefill import prefill_batch
+from .events import Delta, Event, Failed, Finished, Handle
+from .prefill import ChunkedPrefill, prefill_batch
+from .sampling import ServeStream
+
+__all__ = ["Delta", "Engine", "Event", "Failed", "Finished", "Handle"]
 
 log = logging.getLogger("hybridmoe.serve")
-
-
-# -- events: worker thread -> request handler ------------------------------------------------------------------------
-@dataclass
-class Delta:
-    text: str
-
-
-@dataclass
-class Finished:
-    stop_reason: StopReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Failed:
-    message: str
-    code: str  # "non_finite_logits", "out_of_memory", "internal_error", "shutting_down"
-
-
-Event = Delta | Finished | Failed
 
 
 def _out_of_memory(model, tokens: int, max_new_tokens: int) -> Failed:
@@ -78,38 +67,31 @@ def _out_of_memory(model, tokens: int, max_new_tokens: int) -> Failed:
     return Failed(line, "out_of_memory")
 
 
-class Handle:
-    """One submitted request as seen by the asyncio side: an event stream and a cancel switch."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = threading.Event()  # set by the handler (client gone); the worker drops the request
-
-    def post(self, event: Event) -> None:
-        """Called from the worker thread."""
-        with contextlib.suppress(RuntimeError):  # the event loop is closed (server shut down): nobody listens
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def events(self) -> AsyncIterator[Event]:
-        """The request's events, ending with one :class:`Finished` or :class:`Failed`."""
-        while True:
-            event = await self._events.get()
-            yield event
-            if not isinstance(event, Delta):
-                return
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
 @dataclass
 class _Request:
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the n choices of a request share this list object (and so one prefill row)
     adapter: str | None  # None = the base model
     cfg: SamplingConfig
     handle: Handle
-    stream: TokenStream | None = None  # set at prefill
+    stream: ServeStream | None = None  # set at prefill
+    index: int = 0  # choice index within the request
+    deadline: float | None = None  # time.monotonic() after which the request fails with "timeout"
+    arrival: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None  # for the time-to-first-token and inter-token-latency metrics
+    solo: bool = False  # prefill alone (a batched prefill with it failed)
+
+
+@dataclass
+class _Call:
+    """A function to run on the worker between two steps (it owns the model); the result goes to ``future``."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class _Wake:
+    """Put on the queue to wake an idle worker for a :class:`_Call`."""
 
 
 @dataclass
@@ -123,25 +105,39 @@ class Engine:
     """Owns the model on a worker thread; :meth:`submit` is safe to call from the event loop."""
 
     def __init__(self, adapters: AdapterSet, tokenizer, max_batch_size: int = 16,
-                 max_prefill_tokens: int = 8192) -> None:
+                 max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = None) -> None:
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens  # padded tokens (rows x longest prompt) per batched prefill
-        self._waiting: queue.Queue[_Request | None] = queue.Queue()  # None wakes the worker to stop
+        # padded tokens per prefill forward; a larger prefill is chunked, with decode steps in between
+        self.prefill_chunk_tokens = prefill_chunk_tokens or max_prefill_tokens
+        self.metrics = None  # a ServeMetrics (set by the app): told about tokens and finished requests
+        self._waiting: queue.Queue[_Request | list[_Request] | _Wake | None] = queue.Queue()  # None: stop
         self._pending: deque[_Request] = deque()  # taken off the queue by the worker, not yet prefilled (FIFO)
+        self._prefilling: tuple[list[_Request], list[int], ChunkedPrefill] | None = None  # a chunked prefill under way
+        self._calls: queue.Queue[_Call] = queue.Queue()
         self._groups: list[_Group] = []
         self._next = 0  # round-robin cursor into _groups
         self._stop = threading.Event()
+        self._drain_deadline: float | None = None  # set by drain(): past it, what still runs fails
         self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
         self.batchable: bool | None = None  # learnt from the first prefilled cache
         # counters for /health and the load benchmark (written by the worker only)
-        self.stats = {"prefills": 0, "prefill_batches": 0, "max_prefill_batch": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
-                      "max_batch": 0}
+        self.stats = {"prefills": 0, "prefill_batches": 0, "max_prefill_batch": 0, "prefill_chunks": 0,
+                      "prefill_s": 0.0, "prefill_tokens": 0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
+                      "max_batch": 0, "timeouts": 0,
+                      "decode_steps_during_prefill": 0}  # decode steps run between two chunks of a prefill
 
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def drain(self, grace: float) -> None:
+        """Begin a graceful shutdown: new requests are refused (503 ``shutting_down``); the running and queued ones
+        get ``grace`` seconds to finish, then fail with ``shutting_down`` (a final error event in a stream)."""
+        self._drain_deadline = time.monotonic() + grace
+        self._waiting.put(_Wake())  # an idle worker re-checks the deadline
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -154,20 +150,44 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(len(g.requests) for g in self._groups)
+        prefilling = len(self._prefilling[0]) if self._prefilling else 0
+        return sum(len(g.requests) for g in self._groups) + prefilling
 
     @property
     def waiting(self) -> int:
         return self._waiting.qsize() + len(self._pending)
 
-    def submit(self, prompt_ids: list[int], adapter: str | None, cfg: SamplingConfig) -> Handle:
-        """Queue a request; call from a running event loop (its events are delivered there)."""
-        handle = Handle(asyncio.get_running_loop())
-        if not self.alive:
+    def submit(self, prompt_ids: list[int], adapter: str | None, cfg: SamplingConfig | list[SamplingConfig],
+               timeout: float | None = None) -> Handle:
+        """Queue a request (one choice per config in ``cfg``); call from a running event loop (its events are
+        delivered there). ``timeout`` seconds from now, an unfinished request fails with code ``timeout``."""
+        cfgs = cfg if isinstance(cfg, list) else [cfg]
+        metrics = self.metrics
+        handle = Handle(asyncio.get_running_loop(), len(cfgs), metrics.failed if metrics is not None else None)
+        if not self.alive or self._drain_deadline is not None:
             handle.post(Failed("the server is shutting down", "shutting_down"))
             return handle
-        self._waiting.put(_Request(prompt_ids, adapter, cfg, handle))
+        deadline = time.monotonic() + timeout if timeout else None
+        self._waiting.put([_Request(prompt_ids, adapter, c, handle, index=i, deadline=deadline)
+                           for i, c in enumerate(cfgs)])
         return handle
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the worker thread between two steps and return its result (or raise its exception)."""
+        loop = asyncio.get_running_loop()
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        call = _Call(fn, loop, loop.create_future())
+        self._calls.put(call)
+        self._waiting.put(_Wake())
+        return await call.future
+
+    def requests_for(self, adapter: str) -> int:
+        """Requests of ``adapter`` waiting or running. Call on the worker (from a :meth:`call`)."""
+        self._collect(block=False)
+        prefilling = self._prefilling[0] if self._prefilling else []
+        reqs = [*self._pending, *prefilling, *(r for g in self._groups for r in g.requests)]
+        return sum(r.adapter == adapter and not r.handle.cancelled.is_set() for r in reqs)
 
     # -- the worker --------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -182,47 +202,88 @@ class Engine:
         self._fail_waiting("the server is shutting down", "shutting_down")
 
     def _iteration(self) -> None:
-        self._admit(block=not self._groups)
+        self._run_calls()
+        if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+            self._fail_running("the server is shutting down", "shutting_down")
+            self._fail_waiting("the server is shutting down", "shutting_down")
+            self._drain_deadline = float("inf")  # failed once; new requests are refused by submit()
+        idle = not self._groups and self._prefilling is None
+        wait = None  # idle: wait for work (or a stop/call), but wake in time for a drain deadline
+        if idle and self._drain_deadline is not None and self._drain_deadline != float("inf"):
+            wait = max(self._drain_deadline - time.monotonic(), 0.0)
+        self._admit(block=idle, timeout=wait)
+        if self._prefilling is not None:
+            self._prefill_chunk()
         if self._groups:
             i = self._next % len(self._groups)
             group = self._groups[i]
             self._decode(group)
             self._next = i + 1 if group in self._groups else i  # a finished group's turn passes on
 
-    def _admit(self, block: bool) -> None:
-        self._collect(block)
-        while self._pending and self.running < self.max_batch_size:
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = call.fn()
+            except Exception as e:
+                call.loop.call_soon_threadsafe(_set_exception, call.future, e)
+            else:
+                call.loop.call_soon_threadsafe(_set_result, call.future, result)
+
+    def _admit(self, block: bool, timeout: float | None = None) -> None:
+        self._collect(block, timeout)
+        while self._pending and self._prefilling is None and self.running < self.max_batch_size:
             self._prefill(self._next_prefill())
 
-    def _collect(self, block: bool) -> None:
-        """Move submitted requests from the queue to ``_pending``; waits for one if ``block`` and none is pending."""
+    def _collect(self, block: bool, timeout: float | None = None) -> None:
+        """Move submitted requests from the queue to ``_pending``; waits for one (at most ``timeout`` s) if ``block``
+        and none is pending."""
         block = block and not self._pending
         while True:
             try:
-                req = self._waiting.get(block=block)
+                req = self._waiting.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return
-            if req is None:  # stop() woke us
+            if req is None or isinstance(req, _Wake):  # stop() or call() woke us
                 return
             block = False
-            self._pending.append(req)
+            self._pending.extend(req if isinstance(req, list) else [req])
 
     def _next_prefill(self) -> list[_Request]:
         """Take the next prefill batch off ``_pending``: the oldest request and the following ones of its adapter, in
         order, within the free slots and the padded-token budget. Cancelled requests are dropped on the way."""
         room = self.max_batch_size - self.running
         limit = room if self.batchable else 1  # until the first cache shows that padding works: one at a time
-        adapter = self._pending[0].adapter
-        chosen: list[_Request] = []
-        rest: deque[_Request] = deque()
-        longest = 0
+        now = time.monotonic()
+        live = deque()
         for req in self._pending:
             if req.handle.cancelled.is_set():
                 continue
+            if req.deadline is not None and now > req.deadline:
+                self._time_out(req)
+                continue
+            live.append(req)
+        if not live:
+            self._pending = live
+            return []
+        adapter = live[0].adapter
+        if live[0].solo:
+            self._pending = deque(list(live)[1:])
+            return [live[0]]
+        chosen: list[_Request] = []
+        rest: deque[_Request] = deque()
+        longest = 0
+        prompts: set[int] = set()  # prefill rows: the choices of one request share theirs
+        for req in live:
             width = max(longest, len(req.prompt_ids))
-            fits = not chosen or (len(chosen) < limit and (len(chosen) + 1) * width <= self.max_prefill_tokens)
+            rows = len(prompts | {id(req.prompt_ids)})
+            fits = not chosen or (len(chosen) < limit and rows * width <= self.max_prefill_tokens and not req.solo)
             if req.adapter == adapter and fits:
                 chosen.append(req)
+                prompts.add(id(req.prompt_ids))
                 longest = width
             else:
                 rest.append(req)
@@ -230,32 +291,84 @@ class Engine:
         return chosen
 
     def _prefill(self, reqs: list[_Request]) -> None:
-        """Prefill ``reqs`` (one adapter) in one forward; sample their first tokens; the unfinished ones join a batch."""
+        """Start prefilling ``reqs`` (one adapter): prompts shared by several choices once. A prefill within
+        ``prefill_chunk_tokens`` runs here in one forward; a larger one runs chunk by chunk (:meth:`_prefill_chunk`)."""
         if not reqs:
             return
-        model = self.adapters.model
+        rows: list[int] = []  # reqs[i] is prefill row rows[i]
+        unique: dict[int, int] = {}  # id(prompt list) -> row
+        for req in reqs:
+            rows.append(unique.setdefault(id(req.prompt_ids), len(unique)))
+        prompts = [r.prompt_ids for r in {id(r.prompt_ids): r for r in reqs}.values()]  # in row order
         t0 = time.perf_counter()
         try:
             self.adapters.activate(reqs[0].adapter)
-            device = input_device(model)
+            device = input_device(self.adapters.model)
             for req in reqs:
                 prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)  # [1, T]
-                req.stream = TokenStream(model, self.tokenizer, prompt, req.cfg, diagnose=_diagnosis(req.adapter))
-            logits, batch = prefill_batch(model, [r.prompt_ids for r in reqs], capacity=len(reqs))  # [N, V]
-        except Exception as e:
-            if len(reqs) > 1:  # isolate the failure: each request alone fails or succeeds on its own
-                log.warning("a batched prefill of %d requests failed (%s: %s); prefilling them one at a time",
-                            len(reqs), type(e).__name__, e)
-                for req in reqs:
-                    self._prefill([req])
+                req.stream = ServeStream(self.adapters.model, self.tokenizer, prompt, req.cfg,
+                                         diagnose=_diagnosis(req.adapter))
+            padded = len(prompts) * max(len(p) for p in prompts)
+            if padded <= self.prefill_chunk_tokens:
+                logits, batch = prefill_batch(self.adapters.model, prompts, capacity=len(prompts))  # [U, V]
+            else:
+                # chunk by chunk from the next loop iteration on, a decode step after each chunk
+                self._prefilling = (reqs, rows, ChunkedPrefill(self.adapters.model, prompts, len(prompts)))
+                self.stats["prefill_s"] += time.perf_counter() - t0
                 return
-            self._fail_prefill(reqs[0], e)
+        except Exception as e:
+            self._prefill_failed(reqs, e)
             return
+        self.stats["prefill_chunks"] += 1
+        self._prefilled(reqs, rows, logits, batch, t0)
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the prefill under way; the last chunk hands its rows to a decode group."""
+        reqs, rows, job = self._prefilling
+        t0 = time.perf_counter()
+        try:
+            self.adapters.activate(reqs[0].adapter)  # a decode step in between may have switched it
+            done = job.step(self.prefill_chunk_tokens)
+        except Exception as e:
+            self._prefilling = None
+            self._prefill_failed(reqs, e)
+            return
+        self.stats["prefill_chunks"] += 1
+        if done is None:
+            self.stats["prefill_s"] += time.perf_counter() - t0
+            return
+        self._prefilling = None
+        self._prefilled(reqs, rows, *done, t0)
+
+    def _prefill_failed(self, reqs: list[_Request], e: Exception) -> None:
+        """A prefill raised: requests that were batched go back to the queue's front to be prefilled alone, so each
+        fails or succeeds on its own; a lone request fails."""
+        if len(reqs) > 1 and not isinstance(e, NonFiniteError):
+            log.warning("a batched prefill of %d requests failed (%s: %s); prefilling them one at a time",
+                        len(reqs), type(e).__name__, e)
+            for req in reversed(reqs):
+                req.solo = True
+                self._pending.appendleft(req)
+            return
+        for req in reqs:
+            self._fail_prefill(req, e)
+
+    def _prefilled(self, reqs: list[_Request], rows: list[int], logits: torch.Tensor, batch: DecodeBatch,
+                   t0: float) -> None:
+        """Sample the first tokens of ``reqs`` from the prefill's ``logits`` [U, V]; the unfinished rows join a group."""
+        if rows != list(range(len(rows))):  # choices of one prompt: copy its row (cache and logits) to each
+            batch.select(rows)
+            logits = logits[rows]  # [N, V]
+        batch.capacity = len(reqs)
         done = self._accept(reqs, logits)
         self.stats["prefills"] += len(reqs)
         self.stats["prefill_batches"] += 1
+        prompt_tokens = sum(len(p) for p in {id(r.prompt_ids): r.prompt_ids for r in reqs}.values())  # shared: once
+        self.stats["prefill_tokens"] += prompt_tokens
         self.stats["max_prefill_batch"] = max(self.stats["max_prefill_batch"], len(reqs))
         self.stats["prefill_s"] += time.perf_counter() - t0  # accept() synced on every row's token
+        if self.metrics is not None:
+            self.metrics.prefilled(prompt_tokens)
         if len(done) == len(reqs):
             return
         if self.batchable is None:
@@ -295,7 +408,14 @@ class Engine:
         self._groups.append(_Group(adapter, batch, list(reqs)))
 
     def _decode(self, group: _Group) -> None:
-        cancelled = [i for i, r in enumerate(group.requests) if r.handle.cancelled.is_set()]
+        now = time.monotonic()
+        cancelled = []
+        for i, r in enumerate(group.requests):
+            if r.handle.cancelled.is_set():
+                cancelled.append(i)
+            elif r.deadline is not None and now > r.deadline:
+                self._time_out(r)
+                cancelled.append(i)
         self._drop(group, cancelled)
         if not group.requests:
             return
@@ -319,6 +439,7 @@ class Engine:
             return
         done = self._accept(group.requests, logits)
         self.stats["decode_steps"] += 1
+        self.stats["decode_steps_during_prefill"] += self._prefilling is not None
         self.stats["decode_s"] += time.perf_counter() - t0  # accept() synced on every row's token
         self.stats["decoded_tokens"] += len(group.requests)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group.requests))
@@ -337,31 +458,61 @@ class Engine:
         that are done (finished, or failed on non-finite logits: that request alone). accept() syncs (.item())."""
         done = []
         for i, req in enumerate(reqs):
+            if req.handle.cancelled.is_set():  # a sibling choice failed, or the client left during the prefill
+                done.append(i)
+                continue
             try:
                 self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]
             except NonFiniteError as e:
                 req.handle.post(Failed(str(e), "non_finite_logits"))
+                req.handle.cancel()  # the request's other choices stop too
                 done.append(i)
                 continue
+            except Exception as e:  # a bug (e.g. in a grammar): this request fails, the batch goes on
+                log.exception("sampling failed")
+                req.handle.post(Failed(f"internal error while sampling: {type(e).__name__}: {e}", "internal_error"))
+                req.handle.cancel()
+                done.append(i)
+                continue
+            now = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.token(now - (req.last_token_at or req.arrival), first=req.last_token_at is None)
+            req.last_token_at = now
             if req.stream.stop_reason is not None:
                 self._finish(req)
                 done.append(i)
         return done
 
     def _emit(self, req: _Request, delta: str) -> None:
-        if delta:
-            req.handle.post(Delta(delta))
+        stream = req.stream
+        logprobs = None
+        if stream.logprobs:  # every accepted token reaches the client with its logprob, even with no new text
+            logprobs, stream.logprobs = stream.logprobs, []
+        if delta or logprobs:
+            req.handle.post(Delta(delta, req.index, logprobs))
 
     def _finish(self, req: _Request) -> None:
         self._emit(req, req.stream.flush())
         s = req.stream
-        req.handle.post(Finished(s.stop_reason, s.n_prompt, len(s.token_ids)))
+        req.handle.post(Finished(s.stop_reason, s.n_prompt, len(s.token_ids), req.index))
+        if self.metrics is not None:
+            self.metrics.finished(s.stop_reason, time.monotonic() - req.arrival)
+
+    def _time_out(self, req: _Request) -> None:
+        self.stats["timeouts"] += 1
+        req.handle.post(Failed("the request took longer than the server's --request-timeout; ask for fewer "
+                               "max_tokens or retry when the server is less busy", "timeout"))
+        req.handle.cancel()  # its other choices stop too
 
     def _fail_running(self, message: str, code: str) -> None:
         for g in self._groups:
             for r in g.requests:
                 r.handle.post(Failed(message, code))
         self._groups = []
+        if self._prefilling is not None:
+            for r in self._prefilling[0]:
+                r.handle.post(Failed(message, code))
+            self._prefilling = None
 
     def _fail_waiting(self, message: str, code: str) -> None:
         while self._pending:
@@ -370,9 +521,25 @@ class Engine:
             try:
                 req = self._waiting.get_nowait()
             except queue.Empty:
+                break
+            for r in req if isinstance(req, list) else [req] if isinstance(req, _Request) else []:
+                r.handle.post(Failed(message, code))
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
                 return
-            if req is not None:
-                req.handle.post(Failed(message, code))
+            call.loop.call_soon_threadsafe(_set_exception, call.future, RuntimeError(message))
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _diagnosis(adapter: str | None):

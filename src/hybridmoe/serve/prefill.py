@@ -58,3 +58,44 @@ def prefill_batch(model: torch.nn.Module, prompts: list[list[int]], capacity: in
     batch = DecodeBatch(model, capacity)
     batch.extend(cache, mask, [len(p) for p in prompts])
     return logits, batch
+
+
+class ChunkedPrefill:
+    """A batched prefill run a few columns at a time, so that decode steps of running requests go in between.
+
+    The left-padded inputs of :func:`padded_inputs` are cut along the sequence: chunk ``[a, b)`` feeds
+    ``ids[:, a:b]`` with the mask of columns ``[0, b)`` and positions ``[:, a:b]`` after the cache of columns
+    ``[0, a)``. Every query token sees the same keys as in one whole forward (causal attention), so the result is
+    that forward's up to float rounding (other matmul shapes). Only the last chunk's logits are kept.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], capacity: int) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.prompts = prompts
+        self.capacity = capacity
+        device = input_device(model)
+        self.ids, self.mask, self.positions = (t.to(device) for t in padded_inputs(prompts))  # [N, W] each
+        self.cache = DynamicCache(config=model.config)
+        self.done = 0  # columns already in the cache
+        self.chunks = 0
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def step(self, max_tokens: int) -> tuple[torch.Tensor, DecodeBatch] | None:
+        """Run the next chunk of at most ``max_tokens`` padded tokens (rows x columns, at least one column).
+        Returns (first-token logits [N, V], the filled DecodeBatch) after the last chunk, else None."""
+        n = self.ids.shape[0]
+        end = min(self.width, self.done + max(1, max_tokens // n))
+        logits, self.cache = forward_step(self.model, self.ids[:, self.done:end], self.cache, self.mask[:, :end],
+                                          self.positions[:, self.done:end])  # [N, V]
+        self.done = end
+        self.chunks += 1
+        if end < self.width:
+            return None
+        batch = DecodeBatch(self.model, self.capacity)
+        batch.extend(self.cache, self.mask, [len(p) for p in self.prompts])
+        return logits, batch

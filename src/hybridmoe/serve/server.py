@@ -76,9 +76,14 @@ def _is_loopback(host: str) -> bool:
 
 def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = None, *, device=None, dtype=None,
               expert_dtype=None, chat_template: str | None = None, model_name: str | None = None, api_key: str | None = None,
-              max_batch_size: int = 16, max_prefill_tokens: int = 8192, progress: bool = False, stream_slots: int = 2):
+              max_batch_size: int = 16, max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = 2048,
+              progress: bool = False, stream_slots: int = 2, max_loras: int = 8, allow_runtime_lora: bool = False,
+              lora_root: str | os.PathLike | None = None, max_request_bytes: int = 4 * 2**20,
+              request_timeout: float | None = 600.0, log_stats_interval: float = 10.0):
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
-    the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model."""
+    the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model.
+    ``allow_runtime_lora`` turns on /v1/load_lora_adapter and /v1/unload_lora_adapter for directories under
+    ``lora_root``; ``max_loras`` caps the adapters loaded at once (``adapters`` included)."""
     from hybridmoe.loading import load_model, load_tokenizer
 
     from .adapters import AdapterSet
@@ -89,6 +94,20 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
         raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
     if max_prefill_tokens < 1:
         raise ConfigError(f"--max-prefill-tokens must be >= 1, got {max_prefill_tokens}")
+    if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+        raise ConfigError(f"--prefill-chunk-tokens must be >= 1, got {prefill_chunk_tokens}")
+    if max_request_bytes < 1024:
+        raise ConfigError(f"--max-request-bytes must be at least 1024, got {max_request_bytes}")
+    if request_timeout is not None and request_timeout < 0:
+        raise ConfigError(f"--request-timeout must be >= 0 seconds (0 = none), got {request_timeout}")
+    if max_loras < len(adapters or {}):
+        raise ConfigError(f"--max-loras is {max_loras} but {len(adapters)} --adapter flags were given; raise "
+                          "--max-loras")
+    if allow_runtime_lora:
+        if lora_root is None:
+            raise ConfigError("--allow-runtime-lora needs --lora-root DIR: adapters load only from under it")
+        if not Path(lora_root).is_dir():
+            raise ConfigError(f"--lora-root '{lora_root}' is not a directory")
     base_name = model_name or Path(model_dir).resolve().name
     adapters = dict(adapters or {})
     model = load_model(model_dir, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
@@ -101,7 +120,12 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
         aset.load(name, path)
     aset.model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    app = create_app(Engine(aset, tokenizer, max_batch_size, max_prefill_tokens), tokenizer, ServeConfig(base_name, context, api_key))
+    engine = Engine(aset, tokenizer, max_batch_size, max_prefill_tokens, prefill_chunk_tokens)
+    cfg = ServeConfig(base_name, context, api_key, max_request_bytes=max_request_bytes,
+                      request_timeout=request_timeout or None, allow_runtime_lora=allow_runtime_lora,
+                      lora_root=None if lora_root is None else str(lora_root), max_loras=max_loras,
+                      log_stats_interval=log_stats_interval)
+    app = create_app(engine, tokenizer, cfg)
     app.state.served_models = [base_name, *aset.names]
     return app
 
@@ -117,8 +141,11 @@ def run_serve(args) -> int:
         app = build_app(args.model, adapters, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                         chat_template=args.chat_template,
                         model_name=args.model_name, api_key=api_key, max_batch_size=args.max_batch_size,
-                        max_prefill_tokens=args.max_prefill_tokens, stream_slots=args.stream_slots,
-                        progress=True)
+                        max_prefill_tokens=args.max_prefill_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                        stream_slots=args.stream_slots, max_loras=args.max_loras,
+                        allow_runtime_lora=args.allow_runtime_lora, lora_root=args.lora_root,
+                        max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
+                        log_stats_interval=args.log_stats_interval, progress=True)
     except BaseException:
         sock.close()
         raise
@@ -129,15 +156,30 @@ def run_serve(args) -> int:
     url_host = f"[{host}]" if ":" in host else host
     print(f"hybridmoe serve: http://{url_host}:{port}/v1 serving {', '.join(app.state.served_models)}",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, log_config=_uvicorn_logging(),
-                            timeout_graceful_shutdown=5)
+    # on Ctrl-C / SIGTERM: stop accepting; running requests (streams included) get --shutdown-timeout seconds to
+    # finish, then end with a "shutting down" error (a final event in a stream); uvicorn waits a little longer
+    config = uvicorn.Config(app, log_level=args.log_level, log_config=_uvicorn_logging(args.log_level),
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it
-        uvicorn.Server(config).run(sockets=[sock])
+        draining_server(config, app.state.engine, args.shutdown_timeout).run(sockets=[sock])
     print("hybridmoe serve: stopped", file=sys.stderr)
     return 0
 
 
-def _uvicorn_logging() -> dict:
+def draining_server(config, engine, grace: float):
+    """A uvicorn server that tells the engine when a graceful shutdown begins (:meth:`Engine.drain`): running
+    requests get ``grace`` seconds, then end with a "shutting down" error instead of a cut connection."""
+    import uvicorn  # the serve extra; imported here so that `hybridmoe.serve` imports without it
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            engine.drain(grace)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
+
+
+def _uvicorn_logging(level: str = "info") -> dict:
     """uvicorn's own log config with the access log on stderr too (logs go to stderr, like every command)."""
     import copy
 
@@ -145,6 +187,9 @@ def _uvicorn_logging() -> dict:
 
     cfg = copy.deepcopy(LOGGING_CONFIG)
     cfg["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    # hybridmoe.serve's own lines (throughput every --log-stats-interval s, adapter loads) go with uvicorn's
+    cfg["loggers"]["hybridmoe.serve"] = {"handlers": ["default"], "level": level.upper(),
+                                     "propagate": False}
     return cfg
 
 
@@ -155,7 +200,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
     import uvicorn
 
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = draining_server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10),
+                             app.state.engine, grace=5)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hybridmoe-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
