@@ -158,6 +158,15 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
     # Before any weight is read: every tensor is in a format we load, and every ignored one is provably unused.
     ignored = check_tensors(ckpt, model, set(experts))
     loaded: set[str] = set()
+    parts: dict[str, dict[int, torch.Tensor]] = {}  # concatenated tensors waiting for their other parts
+
+    def place(name: str, t: torch.Tensor, key: str, f: Path) -> None:
+        _check_shape(t, tuple(expected[name].shape), key, f)
+        if t.is_floating_point():
+            t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+        _set_tensor(model, name, t.to(device))
+        loaded.add(name)
+
     # `with`: the bar is closed before an error propagates, so the error line is not glued to a half-drawn bar
     with tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for f, keys in ckpt.keys_by_file().items():
@@ -165,16 +174,20 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
             for key in sorted(keys):
                 name = mapper.rename(key)
                 sl = mapper.expert_slice(name)
+                part = mapper.concat_part(name)
                 if sl is not None and sl.module in experts:
                     if load_experts:
                         _copy_expert(experts[sl.module], sl, read_tensor(handle, f, key), key, f)
                 elif name in expected:
-                    t = read_tensor(handle, f, key)
-                    _check_shape(t, tuple(expected[name].shape), key, f)
-                    if t.is_floating_point():
-                        t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
-                    _set_tensor(model, name, t.to(device))
-                    loaded.add(name)
+                    place(name, read_tensor(handle, f, key), key, f)
+                elif part is not None and part.target in expected:
+                    # Held until all parts are read (they may sit in different shards); these are small tensors
+                    # (convolution kernels), never experts.
+                    got = parts.setdefault(part.target, {})
+                    got[part.index] = read_tensor(handle, f, key)
+                    if len(got) == part.count:
+                        place(part.target, torch.cat([got[i] for i in range(part.count)], part.dim), key, f)
+                        del parts[part.target]
                 bar.update(1)
             del handle
     if ignored:
