@@ -58,19 +58,21 @@ class LoraTargets:
     experts: list[str]  # expert projections ("gate_up_proj", "down_proj") on every HybridExperts
 
 
-def moe_blocks_of(model: nn.Module) -> set[str]:
-    """Names of modules that directly contain a HybridExperts child (the MoE blocks)."""
-    return {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, HybridExperts)}
+def moe_blocks_of(model: nn.Module) -> dict[str, int]:
+    """{name: number of routed experts} of the modules that directly contain a HybridExperts child (the MoE blocks)."""
+    return {n.rpartition(".")[0]: m.spec.num_experts for n, m in model.named_modules() if isinstance(m, HybridExperts)}
 
 
-def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks: set[str]) -> str:
-    """Component of a Linear by structure: inside attention, inside an MoE block (shared expert or its gate), dense."""
+def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks: dict[str, int]) -> str:
+    """Component of a Linear by structure: inside attention, inside an MoE block (shared expert or a gate), dense."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i])
         if parent in moe_blocks:
-            # a 1-wide Linear in the MoE block is a gate (Qwen2-MoE's shared_expert_gate), not an expert
-            return "router" if module.out_features == 1 else "shared_experts"
+            # A Linear in the MoE block with one output per expert is its router (Phi-MoE's and Llama 4's routers
+            # are nn.Linear subclasses, Jamba's, AFMoE's and HunYuan's plain Linears); a 1-wide one gates the shared
+            # expert (Qwen2-MoE's shared_expert_gate). Neither is an expert.
+            return "router" if module.out_features in (1, moe_blocks[parent]) else "shared_experts"
         if "Attention" in type(model.get_submodule(parent)).__name__:
             return "self_attn"
     if name.endswith("lm_head") or ".layers." not in f".{name}":
