@@ -51,6 +51,24 @@ def no_peft_moe_rewrite():
         conv.convert_peft_config_for_transformers = saved
 
 
+@contextlib.contextmanager
+def no_peft_key_conversion():
+    """Disable PEFT's transformers-v5 key conversion of adapter state dicts for the duration of the block.
+
+    Our keys are already model names (split_adapter mapped them with checkpoint.KeyMapper), and PEFT 0.21 would
+    rename them again with transformers' unescaped regexes: Laguna's `mlp.shared_expert.` turns
+    `shared_experts.down_proj` into `shared_experts..down_proj`, and that LoRA would be lost."""
+    import peft.utils.transformers_weight_conversion as conv
+
+    saved = conv.convert_peft_adapter_state_dict_for_transformers
+    conv.convert_peft_adapter_state_dict_for_transformers = lambda model, peft_config, adapter_state_dict, **kw: (
+        adapter_state_dict)
+    try:
+        yield
+    finally:
+        conv.convert_peft_adapter_state_dict_for_transformers = saved
+
+
 # -- choosing targets --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoraTargets:
@@ -437,7 +455,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
             else:
                 peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
         lin_sd = {f"{PEFT_PREFIX}{mod}.lora_{k}.weight": v for mod, ab in linear.items() for k, v in ab.items()}
-        res = set_peft_model_state_dict(peft_model, lin_sd, adapter_name=adapter_name)
+        with no_peft_key_conversion():
+            res = set_peft_model_state_dict(peft_model, lin_sd, adapter_name=adapter_name)
         # other adapters' weights are "missing" from this state dict too; only this adapter's must be present
         missing_lora = [k for k in res.missing_keys if re.search(rf"\.lora_[AB]\.{re.escape(adapter_name)}\.", k)]
         if res.unexpected_keys or missing_lora:

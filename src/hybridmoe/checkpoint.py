@@ -46,6 +46,15 @@ class ConcatPart:
     dim: int
 
 
+def _literal_dots(pattern: str) -> str:
+    """Escape the dots of a conversion-table pattern that are meant as dots (all but `.*`, `.+`, `.?`, `.{`).
+
+    transformers compiles the patterns as regexes and only ever meets hub-layout keys. We also map keys that are
+    already in the v5 layout (a v5 save, an adapter), where an unescaped dot matching any character renames twice:
+    Laguna's `mlp.shared_expert.` matches `mlp.shared_experts` and makes `shared_experts..down_proj`."""
+    return re.sub(r"(?<!\\)\.(?![*+?{])", r"\\.", pattern)
+
+
 class KeyMapper:
     """Maps checkpoint keys to model names using transformers' conversion table for the model type."""
 
@@ -59,14 +68,14 @@ class KeyMapper:
             kind = type(rule).__name__
             if kind == "WeightRenaming":
                 for src, tgt in zip(rule.source_patterns, rule.target_patterns):
-                    self.renames.append((re.compile(src), tgt))
+                    self.renames.append((re.compile(_literal_dots(src)), tgt))
             elif kind == "WeightConverter" and not any("*" in src for src in rule.source_patterns):
                 # Several whole tensors (no per-expert `*`) concatenated into one; other operations are not
                 # mapped, so their tensors are refused by name (formats.check_tensors), never loaded wrongly.
                 ops = [type(op).__name__ for op in rule.operations]
                 if ops == ["Concatenate"] and len(rule.target_patterns) == 1:
                     for i, src in enumerate(rule.source_patterns):
-                        self.concats.append((re.compile(src), rule.target_patterns[0], i, len(rule.source_patterns),
+                        self.concats.append((re.compile(_literal_dots(src)), rule.target_patterns[0], i, len(rule.source_patterns),
                                              rule.operations[0].dim))
             elif kind == "WeightConverter" and len(rule.target_patterns) == 1:
                 target = rule.target_patterns[0].rsplit(".", 1)[-1]

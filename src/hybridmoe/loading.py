@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, KeyMapper, read_config, read_tensor
 from .errors import CheckpointError, ConfigError
-from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
+from .experts import HybridExperts, experts_spec, find_fused_experts
 from .experts.streaming import enable_streaming
 from .formats import check_tensors, refuse_quantized_config
 from .host_embedding import embeddings_to_host
@@ -79,6 +79,13 @@ def resolve_expert_dtype(dtype: str | torch.dtype | None, device: torch.device) 
         raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32 or int8") from None
 
 
+def _supported() -> str:
+    """The architectures tests/test_architectures.py runs against transformers (imported only for an error line)."""
+    from .testing.zoo import SUPPORTED_ARCHITECTURES
+
+    return ", ".join(SUPPORTED_ARCHITECTURES)
+
+
 def _build_empty(config, dtype: torch.dtype) -> nn.Module:
     """The model with parameters on the meta device and real (cpu) non-persistent buffers such as rotary inv_freq."""
     from accelerate import init_empty_weights
@@ -87,7 +94,7 @@ def _build_empty(config, dtype: torch.dtype) -> nn.Module:
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise CheckpointError(
             f"model_type '{config.model_type}' has no causal-LM class in transformers; "
-            f"supported MoE architectures: {', '.join(TESTED_ARCHITECTURES)}"
+            f"supported MoE architectures: {_supported()}"
         )
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -98,7 +105,7 @@ def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cp
     if not found:
         raise CheckpointError(
             f"model_type '{model.config.model_type}' has no routed experts (not a transformers-v5 MoE model); "
-            f"supported architectures: {', '.join(TESTED_ARCHITECTURES)}"
+            f"supported architectures: {_supported()}"
         )
     out = {}
     for name, old in found:
