@@ -2,7 +2,7 @@
 
 The list was made by scanning ``transformers/models/*/modeling_*.py`` for experts classes decorated with
 ``use_experts_implementation`` (or holding 3-D ``gate_up_proj``/``down_proj`` parameters, like llama4's) whose model
-has an ``AutoModelForCausalLM`` class; see notes/arch-zoo.md for the scan and what it left out (and why).
+has an ``AutoModelForCausalLM`` class: :func:`scan_fused_moe_archs`, which a test keeps equal to ZOO_ARCHS.
 
 Conventions are those of :mod:`hybridmoe.testing.tiny`: H=32, I=24 (expert), 40 (dense), 36 (shared), so H != I and
 2I != H; more experts than top-k; a dense first layer and shared experts where the architecture has them; hybrid
@@ -12,6 +12,7 @@ layer-type lists shrunk to the layer count.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -174,3 +175,36 @@ def save_zoo_model(arch: str, path: str | Path, seed: int = 0, dtype=torch.float
                    tokenizer=None, **overrides):
     """Random-init a tiny model of zoo architecture `arch` and `save_pretrained` it (weights ~ N(0, init_std))."""
     return save_random_model(zoo_config(arch, **overrides), path, seed, dtype, init_std, tokenizer)
+
+
+# A fused experts class: transformers' decorator, or 3-D expert weights registered as parameters (llama4, longcat).
+_FUSED_EXPERTS = re.compile(
+    r"@use_experts_implementation"
+    r"|self\.(?:gate_up_proj|up_proj|down_proj) = nn\.Parameter\(\s*torch\.\w+\(\s*\(?\s*self\.\w*experts"
+)
+
+
+def scan_fused_moe_archs() -> list[str]:
+    """The model types of the installed transformers whose causal LM has fused 3-D routed experts.
+
+    Reads ``transformers/models/*/modeling_*.py``: the file defining each ``AutoModelForCausalLM`` class must hold a
+    fused experts class. A composite (multimodal) config is skipped: its text model type is listed on its own
+    (``qwen3_5_moe_text`` for ``qwen3_5_moe``). ZOO_ARCHS is this list (tests/test_architectures.py checks it)."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    fused: dict[str, bool] = {}  # class name -> does its modeling file hold fused experts
+    for f in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+        src = f.read_text()
+        has = bool(_FUSED_EXPERTS.search(src))
+        for cls in re.findall(r"^class (\w+)\(", src, re.M):
+            fused.setdefault(cls, has)
+    found = []
+    for model_type, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        if not fused.get(cls, False):
+            continue
+        config = AutoConfig.for_model(model_type)
+        if config.get_text_config() is config:
+            found.append(model_type)
+    return sorted(found)
