@@ -7,13 +7,22 @@ from pathlib import Path
 
 import torch
 
+from hybridmoe.adapters import to_peft_layout
 from hybridmoe.experts import HybridExperts
 from hybridmoe.testing import build_tokenizer, save_tiny_model
+from hybridmoe.testing.zoo import save_zoo_model
 
 
 def make_checkpoint(arch: str, path: Path, **overrides) -> Path:
     tok = build_tokenizer()
     save_tiny_model(arch, path, tokenizer=tok, vocab_size=len(tok), **overrides)
+    return path
+
+
+def make_zoo_checkpoint(arch: str, path: Path, **overrides) -> Path:
+    """A tiny random model of zoo architecture `arch` with the test tokenizer (vocab = the tokenizer's size)."""
+    tok = build_tokenizer()
+    save_zoo_model(arch, path, tokenizer=tok, vocab_size=len(tok), **overrides)
     return path
 
 
@@ -41,3 +50,71 @@ def randomize_lora(model, seed: int, scale: float = 0.1) -> None:
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+# -- references: plain transformers + vanilla PEFT ----------------------------------------------------------------
+def reference_model(path, dtype=torch.float32, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a - b‖ / ‖b‖ (b is the reference)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def peft_reference(path, hyb_peft, device="cpu"):
+    """Vanilla PEFT on the plain transformers model with the same targets and the same LoRA values as `hyb_peft`
+    (routed experts through PEFT's ``target_parameters``)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hybridmoe.adapters import adapter_state_dict, no_peft_moe_rewrite
+
+    ref = reference_model(path, device=device)
+    cfg = hyb_peft.get_base_model().hybridmoe.lora_config
+    experts = [(n, m) for n, m in hyb_peft.get_base_model().named_modules() if isinstance(m, HybridExperts)]
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=sorted(cfg.target_modules),
+                      target_parameters=[f"{n}.{m.spec.param_name(p)}" for n, m in experts
+                                         for p in ("gate_up_proj", "down_proj")])
+    with no_peft_moe_rewrite():
+        ref_peft = get_peft_model(ref, lcfg)
+    # Copied by name rather than through set_peft_model_state_dict: PEFT 0.21 re-applies transformers' checkpoint
+    # renames to keys already in the v5 layout, and Laguna's `mlp.shared_expert.` -> `mlp.shared_experts.` (an
+    # unescaped regex) turns `shared_experts.down_proj` into `shared_experts..down_proj`. The key sets must be equal.
+    params = {n.replace(".default", ""): p for n, p in ref_peft.named_parameters() if "lora_" in n}
+    sd = adapter_state_dict(hyb_peft)
+    assert set(sd) == set(params), set(sd) ^ set(params)
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
+    return ref_peft
+
+
+def assert_grads_match(got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor | None], tol: float):
+    """Same LoRA tensors, each gradient within `tol` relative error; a LoRA that gets no gradient in the reference
+    (a mamba dt_proj whose weight is read directly, a sparse-attention indexer behind a top-k) gets none here."""
+    assert set(got) == set(want)
+    for k in want:
+        if want[k] is None:
+            assert got[k] is None, k
+        else:
+            assert rel_err(got[k].cpu(), want[k].cpu()) <= tol, k
+
+
+def lora_grads_peft(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
+    """Our gradients, laid out like PEFT's parameters (expert LoRA converted to target_parameters layout)."""
+    out = {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+    for name, m in model.get_base_model().named_modules():
+        if not isinstance(m, HybridExperts):
+            continue
+        for proj, lo in m.lora.items():
+            nest = ".base_layer" if proj == "gate_up_proj" else ""
+            a, b = to_peft_layout(m.spec, lo.A.grad, lo.B.grad)  # PEFT's factor roles for this parameter
+            out[f"base_model.model.{name}{nest}.lora_A.weight"] = a
+            out[f"base_model.model.{name}{nest}.lora_B.weight"] = b
+    return out

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.utils import set_peft_model_state_dict
-from transformers import AutoModelForCausalLM
 
-from hybridmoe.adapters import adapter_state_dict, apply_lora, no_peft_moe_rewrite, to_peft_layout
+from hybridmoe.adapters import apply_lora
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.loading import load_model
@@ -22,7 +19,7 @@ from hybridmoe.placement import placement_report
 from hybridmoe.testing import TINY_ARCHS
 
 from .conftest import DEVICES
-from .helpers import randomize_lora
+from .helpers import lora_grads_hybrid, lora_grads_peft, peft_reference, randomize_lora, reference_model, rel_err
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
 # "cpu-experts": every batch runs the experts on the CPU; "streamed": every batch runs them on `device` from the
@@ -38,21 +35,12 @@ def _load(path, device, mode, dtype="float32"):
     return m
 
 
-def _reference(path, dtype=torch.float32, device="cpu"):
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return ref.eval()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
 @MODES
 @DEVICES
 @ARCHS
 def test_logits_match_transformers_fp32(arch, device, mode, tiny_ckpt):
     path = tiny_ckpt(arch)
-    ref = _reference(path, device=device)
+    ref = reference_model(path, device=device)
     hyb = _load(path, device, mode)
     rep = placement_report(hyb)
     assert rep["ok"], rep["problems"]
@@ -66,46 +54,13 @@ def test_logits_match_transformers_fp32(arch, device, mode, tiny_ckpt):
 @ARCHS
 def test_logits_bf16_within_tolerance(arch, tiny_ckpt):
     path = tiny_ckpt(arch)
-    ref32, ref16 = _reference(path), _reference(path, torch.bfloat16)
+    ref32, ref16 = reference_model(path), reference_model(path, torch.bfloat16)
     hyb = load_model(path, device="cpu", dtype="bfloat16", expert_dtype="bfloat16", progress=False)
     assert all(m.weights.gate_up.dtype == torch.bfloat16 for m in hyb.modules() if isinstance(m, HybridExperts))
     ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want, theirs, got = ref32(ids).logits, ref16(ids).logits.float(), hyb(ids).logits.float()
-    assert _rel(got, want) <= 1.5 * _rel(theirs, want) + 1e-3
-
-
-def _peft_reference(path, hyb_peft, device):
-    """Vanilla PEFT on the plain transformers model with the same targets and the same LoRA values."""
-    ref = _reference(path, device=device)
-    cfg = hyb_peft.get_base_model().hybridmoe.lora_config
-    experts = [(n, m) for n, m in hyb_peft.get_base_model().named_modules() if isinstance(m, HybridExperts)]
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=sorted(cfg.target_modules),
-                      target_parameters=[f"{n}.{m.spec.param_name(p)}" for n, m in experts
-                                         for p in ("gate_up_proj", "down_proj")])
-    with no_peft_moe_rewrite():
-        ref_peft = get_peft_model(ref, lcfg)
-    res = set_peft_model_state_dict(ref_peft, {k: v.to(device) for k, v in adapter_state_dict(hyb_peft).items()})
-    assert not res.unexpected_keys
-    return ref_peft
-
-
-def _lora_grads_peft(model) -> dict[str, torch.Tensor]:
-    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
-
-
-def _lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
-    """Our gradients, laid out like PEFT's parameters (expert LoRA converted to target_parameters layout)."""
-    out = {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
-    for name, m in model.get_base_model().named_modules():
-        if not isinstance(m, HybridExperts):
-            continue
-        for proj, lo in m.lora.items():
-            nest = ".base_layer" if proj == "gate_up_proj" else ""
-            a, b = to_peft_layout(m.spec, lo.A.grad, lo.B.grad)
-            out[f"base_model.model.{name}{nest}.lora_A.weight"] = a
-            out[f"base_model.model.{name}{nest}.lora_B.weight"] = b
-    return out
+    assert rel_err(got, want) <= 1.5 * rel_err(theirs, want) + 1e-3
 
 
 @MODES
@@ -115,7 +70,7 @@ def test_lora_gradients_match_peft(arch, device, mode, tiny_ckpt):
     path = tiny_ckpt(arch)
     hyb = apply_lora(_load(path, device, mode), "all", rank=4, alpha=8, seed=3)
     randomize_lora(hyb, seed=4)
-    ref = _peft_reference(path, hyb, device)
+    ref = peft_reference(path, hyb, device)
 
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 128, (2, 9), generator=g).to(device)
@@ -128,11 +83,11 @@ def test_lora_gradients_match_peft(arch, device, mode, tiny_ckpt):
         losses.append(out.loss.detach())
         embeds.append(x.grad)
     assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    assert _rel(embeds[1], embeds[0]) <= 1e-5
+    assert rel_err(embeds[1], embeds[0]) <= 1e-5
 
-    want, got = _lora_grads_peft(ref), _lora_grads_hybrid(hyb)
+    want, got = lora_grads_peft(ref), lora_grads_hybrid(hyb)
     assert set(want) == set(got)
     assert any(".experts." in k for k in want)  # routed-expert LoRA is part of the comparison
     for k in want:
         assert got[k].device.type == ("cpu" if ".experts." in k else device)  # expert LoRA grads stay on the CPU
-        assert _rel(got[k].cpu(), want[k].cpu()) <= 1e-5, k
+        assert rel_err(got[k].cpu(), want[k].cpu()) <= 1e-5, k

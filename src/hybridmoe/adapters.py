@@ -52,6 +52,24 @@ def no_peft_moe_rewrite():
         conv.convert_peft_config_for_transformers = saved
 
 
+@contextlib.contextmanager
+def no_peft_key_conversion():
+    """Disable PEFT's transformers-v5 key conversion of adapter state dicts for the duration of the block.
+
+    Our keys are already model names (split_adapter mapped them with checkpoint.KeyMapper), and PEFT 0.21 would
+    rename them again with transformers' unescaped regexes: Laguna's `mlp.shared_expert.` turns
+    `shared_experts.down_proj` into `shared_experts..down_proj`, and that LoRA would be lost."""
+    import peft.utils.transformers_weight_conversion as conv
+
+    saved = conv.convert_peft_adapter_state_dict_for_transformers
+    conv.convert_peft_adapter_state_dict_for_transformers = lambda model, peft_config, adapter_state_dict, **kw: (
+        adapter_state_dict)
+    try:
+        yield
+    finally:
+        conv.convert_peft_adapter_state_dict_for_transformers = saved
+
+
 # -- choosing targets --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoraTargets:
@@ -60,8 +78,8 @@ class LoraTargets:
 
 
 def moe_blocks_of(model: nn.Module) -> dict[str, int]:
-    """Names of modules that directly contain a HybridExperts child (the MoE blocks) -> their number of experts."""
-    return {n.rpartition(".")[0]: m.num_experts for n, m in model.named_modules() if isinstance(m, HybridExperts)}
+    """{name: number of routed experts} of the modules that directly contain a HybridExperts child (the MoE blocks)."""
+    return {n.rpartition(".")[0]: m.spec.num_experts for n, m in model.named_modules() if isinstance(m, HybridExperts)}
 
 
 def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks: dict[str, int]) -> str:
@@ -70,11 +88,15 @@ def linear_component(model: nn.Module, name: str, module: nn.Linear, moe_blocks:
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i])
         if parent in moe_blocks:
-            # In the MoE block, a 1-wide Linear is a gate (Qwen2-MoE's shared_expert_gate) and one as wide as the
-            # expert count is the router (Llama-4's router is an nn.Linear); the others belong to shared experts.
+            # A Linear in the MoE block with one output per expert is its router (Phi-MoE's and Llama 4's routers
+            # are nn.Linear subclasses, Jamba's, AFMoE's and HunYuan's plain Linears); a 1-wide one gates the shared
+            # expert (Qwen2-MoE's shared_expert_gate). Neither is an expert.
             return "router" if module.out_features in (1, moe_blocks[parent]) else "shared_experts"
-        if "Attention" in type(model.get_submodule(parent)).__name__:
+        kind = type(model.get_submodule(parent)).__name__
+        if "Attention" in kind:
             return "self_attn"
+        if "Mamba" in kind:  # a state-space mixer's projections: PEFT refuses LoRA on them (in_proj/out_proj/conv1d)
+            return "other"
     if name.endswith("lm_head") or ".layers." not in f".{name}":
         return "other"
     return "dense_mlp"
@@ -522,7 +544,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
             else:
                 peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
         lin_sd = {f"{PEFT_PREFIX}{mod}.lora_{k}.weight": v for mod, ab in linear.items() for k, v in ab.items()}
-        res = set_peft_model_state_dict(peft_model, lin_sd, adapter_name=adapter_name)
+        with no_peft_key_conversion():
+            res = set_peft_model_state_dict(peft_model, lin_sd, adapter_name=adapter_name)
         # other adapters' weights are "missing" from this state dict too; only this adapter's must be present
         missing_lora = [k for k in res.missing_keys if re.search(rf"\.lora_[AB]\.{re.escape(adapter_name)}\.", k)]
         if res.unexpected_keys or missing_lora:

@@ -35,6 +35,26 @@ class ExpertSlice:
     num_chunks: int
 
 
+@dataclass(frozen=True)
+class ConcatPart:
+    """A checkpoint tensor that is one part of a model tensor transformers builds by concatenating several
+    (Kimi-Linear's ``q_conv1d/k_conv1d/v_conv1d.weight`` -> ``conv1d.weight`` along dim 0)."""
+
+    target: str  # the model tensor, e.g. "model.layers.0.self_attn.conv1d.weight"
+    index: int  # position of this part in the concatenation
+    count: int
+    dim: int
+
+
+def _literal_dots(pattern: str) -> str:
+    """Escape the dots of a conversion-table pattern that are meant as dots (all but `.*`, `.+`, `.?`, `.{`).
+
+    transformers compiles the patterns as regexes and only ever meets hub-layout keys. We also map keys that are
+    already in the v5 layout (a v5 save, an adapter), where an unescaped dot matching any character renames twice:
+    Laguna's `mlp.shared_expert.` matches `mlp.shared_experts` and makes `shared_experts..down_proj`."""
+    return re.sub(r"(?<!\\)\.(?![*+?{])", r"\\.", pattern)
+
+
 class KeyMapper:
     """Maps checkpoint keys to model names using transformers' conversion table for the model type."""
 
@@ -48,17 +68,26 @@ class KeyMapper:
 
         self.renames: list[tuple[re.Pattern, str]] = []
         self.experts: list[tuple[re.Pattern, str, int, int]] = []  # (pattern, target proj, chunk, num_chunks)
+        self.concats: list[tuple[re.Pattern, str, int, int, int]] = []  # (pattern, target, index, count, dim)
         for rule in get_checkpoint_conversion_mapping(model_type) or []:
             kind = type(rule).__name__
             if kind == "WeightRenaming":
                 for src, tgt in zip(rule.source_patterns, rule.target_patterns):
-                    self.renames.append((re.compile(src), tgt))
+                    self.renames.append((re.compile(_literal_dots(src)), tgt))
+            elif kind == "WeightConverter" and not any("*" in src for src in rule.source_patterns):
+                # Several whole tensors (no per-expert `*`) concatenated into one; other operations are not
+                # mapped, so their tensors are refused by name (formats.check_tensors), never loaded wrongly.
+                ops = [type(op).__name__ for op in rule.operations]
+                if ops == ["Concatenate"] and len(rule.target_patterns) == 1:
+                    for i, src in enumerate(rule.source_patterns):
+                        self.concats.append((re.compile(_literal_dots(src)), rule.target_patterns[0], i, len(rule.source_patterns),
+                                             rule.operations[0].dim))
             elif kind == "WeightConverter" and len(rule.target_patterns) == 1:
                 target = rule.target_patterns[0].rsplit(".", 1)[-1]
                 for chunk, src in enumerate(rule.source_patterns):
-                    src = src.replace("\\.", ".")  # some tables write the dots regex-escaped (DeepSeek-V4)
-                    # ".experts.*.w1.weight" -> r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.w1\.weight$"
-                    head, _, tail = src.partition("*")
+                    # ".experts.*.w1.weight" -> r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.w1\.weight$". Some tables
+                    # write their dots regex-escaped (Kimi-Linear's r"\.experts.*.w1.weight"): unescape them first.
+                    head, _, tail = src.replace("\\.", ".").partition("*")
                     pat = rf"^(?P<mod>.*{re.escape(head.rstrip('.'))})\.(?P<e>\d+){re.escape(tail)}$"
                     self.experts.append((re.compile(pat), target, chunk, len(rule.source_patterns)))
         # Fused v5 names need no rule but are expert tensors all the same.
@@ -71,6 +100,14 @@ class KeyMapper:
         if self.expected is not None and renamed not in self.expected and key in self.expected:
             return key
         return renamed
+
+    def concat_part(self, key: str) -> ConcatPart | None:
+        """The model tensor this (renamed) key is one concatenated part of, if any."""
+        for pat, tgt, index, count, dim in self.concats:
+            target, n = pat.subn(tgt, key, count=1)
+            if n:
+                return ConcatPart(target, index, count, dim)
+        return None
 
     def expert_slice(self, key: str) -> ExpertSlice | None:
         m = self.fused.match(key)

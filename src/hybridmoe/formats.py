@@ -266,6 +266,10 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str],
             if (sl is not None and sl.module in expert_modules) or name in expected:
                 used.append((f, key, name))
                 continue
+            part = mapper.concat_part(name)
+            if part is not None and part.target in expected:
+                used.append((f, key, part.target))
+                continue
             leaf = name.rsplit(".", 1)[-1]
             if _QUANT_LEAF.search(leaf):
                 raise CheckpointError(

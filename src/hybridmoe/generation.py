@@ -509,7 +509,10 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
             def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
                 return dec.step(token, position)
         else:
-            cache = DynamicCache(config=model.config)
+            # As model.generate: a model with a cache class of its own (MiniMax's linear attention) builds it itself
+            # when given None; forward_step takes the cache back from its output.
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            cache = DynamicCache(config=model.config) if base._supports_default_dynamic_cache() else None
             logits, cache = prefill(model, prompt, cache)  # [1, V]
 
             def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, KeyMapper, read_config
 from .errors import CheckpointError, ConfigError
-from .experts import TESTED_ARCHITECTURES, HybridExperts, experts_spec, find_fused_experts
+from .experts import HybridExperts, experts_spec, find_fused_experts
 from .experts.backends import ExpertSettings
 from .experts.formula import ExpertMLP
 from .experts.streaming import enable_streaming
@@ -85,6 +85,13 @@ def resolve_expert_dtype(dtype: str | torch.dtype | None, device: torch.device) 
         raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32 or int8") from None
 
 
+def _supported() -> str:
+    """The architectures tests/test_architectures.py runs against transformers (imported only for an error line)."""
+    from .testing.zoo import SUPPORTED_ARCHITECTURES
+
+    return ", ".join(SUPPORTED_ARCHITECTURES)
+
+
 def _build_empty(config, dtype: torch.dtype) -> nn.Module:
     """The model with parameters on the meta device and real (cpu) non-persistent buffers such as rotary inv_freq."""
     from accelerate import init_empty_weights
@@ -93,7 +100,7 @@ def _build_empty(config, dtype: torch.dtype) -> nn.Module:
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise CheckpointError(
             f"model_type '{config.model_type}' has no causal-LM class in transformers; "
-            f"supported MoE architectures: {', '.join(TESTED_ARCHITECTURES)}"
+            f"supported MoE architectures: {_supported()}"
         )
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -105,7 +112,7 @@ def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cp
     if not found:
         raise CheckpointError(
             f"model_type '{model.config.model_type}' has no routed experts (not a transformers-v5 MoE model); "
-            f"supported architectures: {', '.join(TESTED_ARCHITECTURES)}"
+            f"supported architectures: {_supported()}"
         )
     out = {}
     for name, old in found:
@@ -186,6 +193,15 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
     ignored = check_tensors(ckpt, model, set(experts), fmt)
     reader = WeightReader(ckpt, fmt)  # FP8: each weight dequantized with its scales as it is read
     loaded: set[str] = set()
+    parts: dict[str, dict[int, torch.Tensor]] = {}  # concatenated tensors waiting for their other parts
+
+    def place(name: str, t: torch.Tensor, key: str, f: Path) -> None:
+        _check_shape(t, tuple(expected[name].shape), key, f)
+        if t.is_floating_point():
+            t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+        _set_tensor(model, name, t.to(device))
+        loaded.add(name)
+
     # `with`: the bar is closed before an error propagates, so the error line is not glued to a half-drawn bar
     with tqdm(total=len(ckpt.key_to_file), desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for f, keys in ckpt.keys_by_file().items():
@@ -196,16 +212,20 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                     continue
                 name = mapper.rename(reader.logical(key))
                 sl = mapper.expert_slice(name)
+                part = mapper.concat_part(name)
                 if sl is not None and sl.module in experts:
                     if load_experts:
                         _copy_expert(experts[sl.module], sl, reader.read(handle, f, key), key, f)
                 elif name in expected:
-                    t = reader.read(handle, f, key)
-                    _check_shape(t, tuple(expected[name].shape), key, f)
-                    if t.is_floating_point():
-                        t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
-                    _set_tensor(model, name, t.to(device))
-                    loaded.add(name)
+                    place(name, reader.read(handle, f, key), key, f)
+                elif part is not None and part.target in expected:
+                    # Held until all parts are read (they may sit in different shards); these are small tensors
+                    # (convolution kernels), never experts.
+                    got = parts.setdefault(part.target, {})
+                    got[part.index] = reader.read(handle, f, key)
+                    if len(got) == part.count:
+                        place(part.target, torch.cat([got[i] for i in range(part.count)], part.dim), key, f)
+                        del parts[part.target]
                 bar.update(1)
             del handle
     if ignored:

@@ -24,9 +24,12 @@ CHUNK_TOKENS = 256  # rows of logits alive at once: 256 × 102400 × 4 B = 0.1 G
 
 
 def chunked_loss_supported(model: nn.Module) -> bool:
-    cfg = base_model_of(model).config.get_text_config()
+    base = base_model_of(model)
+    cfg = base.config.get_text_config()
     plain_head = not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    return plain_head and not getattr(cfg, "output_router_logits", False)
+    # The decoder must be a separate module returning hidden states (Llama-4's get_decoder() is the LM itself).
+    has_decoder = base.get_decoder() is not base
+    return plain_head and has_decoder and not getattr(cfg, "output_router_logits", False)
 
 
 def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,7 @@ def _cpu_kernel_report(experts) -> dict:
         if not all(m.settings.cpu_kernel for m in experts):
             status = "disabled (settings.cpu_kernel = False)"
         else:
-            m = experts[0]
+            m = next(iter(experts))
             status = f"it implements SiLU-GLU experts without biases; these are {m.mlp.name}" + (
                 " with biases" if m.weights.bias is not None else "")
     return {"status": status, "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS}

@@ -1,10 +1,9 @@
 """Routed experts on the CPU: discovery by structure, CPU home of the weights, exact forward/backward."""
 
 from .cpu_experts import ExpertLoRA, ExpertWeights, HybridExperts
-from .discovery import TESTED_ARCHITECTURES, ExpertsSpec, experts_spec, find_fused_experts, is_fused_experts
+from .discovery import ExpertsSpec, experts_spec, find_fused_experts, is_fused_experts
 
 __all__ = [
-    "TESTED_ARCHITECTURES",
     "ExpertLoRA",
     "ExpertWeights",
     "ExpertsSpec",

@@ -22,9 +22,6 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-# Architectures whose forward and gradients are tested against transformers in CI (tests/test_equivalence.py).
-TESTED_ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
-
 
 @dataclass(frozen=True)
 class ExpertsSpec:
@@ -81,8 +78,18 @@ def _up_name(module: nn.Module) -> str | None:
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers-v5 fused experts block: a 3-D input projection and ``down_proj``, with the layout flags
     that ``use_experts_implementation`` sets, or (Llama-4) the same parameters under a dense per-expert forward."""
-    return _up_name(module) is not None and _is_3d_param(module, "down_proj") and not any(
-        isinstance(c, nn.Linear) for c in module.children())
+    if _up_name(module) is None or not _is_3d_param(module, "down_proj"):
+        return False
+    if hasattr(module, "has_gate"):  # dispatched through ExpertsInterface: the flags describe it
+        return True
+    # Without the flags, only the plain pair (Llama-4's experts): a block with more 3-D weights (Inkling's shared
+    # experts: gate_proj, up_proj, down_proj, run on every token) is some other computation, left to transformers.
+    return set(module._parameters) == {"gate_up_proj", "down_proj"} and not any(True for _ in module.children()
+                                                                               if not _is_activation(_))
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return not any(True for _ in m.parameters())
 
 
 def experts_spec(name: str, module: nn.Module) -> ExpertsSpec:

@@ -45,9 +45,14 @@ def tiny_config(arch: str, **overrides):
 def save_tiny_model(arch: str, path: str | Path, seed: int = 0, dtype=torch.float32, init_std: float = 0.1,
                     tokenizer=None, max_shard_size: str | None = None, **overrides):
     """Random-init a tiny model of `arch` and `save_pretrained` it (transformers' own hub key layout)."""
+    return save_random_model(tiny_config(arch, **overrides), path, seed, dtype, init_std, tokenizer, max_shard_size)
+
+
+def save_random_model(config, path: str | Path, seed: int = 0, dtype=torch.float32, init_std: float = 0.1,
+                      tokenizer=None, max_shard_size: str | None = None):
+    """Build `config`'s causal LM with every weight ~ N(0, init_std) and `save_pretrained` it (with `tokenizer`)."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, **overrides)
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
