@@ -450,7 +450,11 @@ class TokenStream:
         length = self.length
         next_id = sample(logits, self.cfg, self.generator, self.seq[:, :length])  # [1]
         token = int(next_id.item())  # host sync: the token is needed for EOS, text and the next step
-        self.seq[0, length] = token
+        return self._take(token, next_id, step)
+
+    def _take(self, token: int, next_id: torch.Tensor, step: int) -> str:
+        """Record the sampled ``token`` (``next_id`` [1] on the device) and update the stop state."""
+        self.seq[0, self.length] = token
         self.token_ids.append(token)
         self.last_id = next_id
         if token in self.eos:
@@ -459,9 +463,15 @@ class TokenStream:
         delta = self.text.add(token)
         if self.text.stopped:
             self.stop_reason = "stop_string"
+        elif self._complete():
+            self.stop_reason = "eos"
         elif step == self.cfg.max_new_tokens:
             self.stop_reason = "length"
         return delta
+
+    def _complete(self) -> bool:
+        """Whether the reply is complete without an EOS token (the server's grammars); never here."""
+        return False
 
     def flush(self) -> str:
         """The text held back so far (a possible stop-string prefix, trailing U+FFFD); call once when stopped."""

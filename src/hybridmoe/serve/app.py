@@ -267,27 +267,3 @@ def _lora_path(cfg: ServeConfig, given: str) -> str:
         raise ApiError(400, f"lora_path '{given}' is not a directory under --lora-root", param="lora_path",
                        code="lora_path_not_found")
     return str(path)
-
-
-def _sse(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _runtime_lora_allowed(cfg: ServeConfig) -> None:
-    if not cfg.allow_runtime_lora:
-        raise ApiError(403, "loading and unloading adapters at run time is off; start the server with "
-                            "--allow-runtime-lora --lora-root DIR", code="runtime_lora_disabled")
-
-
-def _lora_path(cfg: ServeConfig, given: str) -> str:
-    """``given`` (absolute, or relative to --lora-root) resolved, symlinks included; a 400 unless it is a directory
-    under --lora-root."""
-    root = Path(cfg.lora_root).resolve()
-    path = (root / given).resolve()  # an absolute `given` replaces root; `..` and symlinks are resolved here
-    if not path.is_relative_to(root):
-        raise ApiError(400, f"lora_path '{given}' is outside the server's --lora-root; adapters load only from "
-                            "directories under it", param="lora_path", code="lora_path_forbidden")
-    if not path.is_dir():
-        raise ApiError(400, f"lora_path '{given}' is not a directory under --lora-root", param="lora_path",
-                       code="lora_path_not_found")
-    return str(path)

@@ -132,22 +132,9 @@ class ServeStream(TokenStream):
             raise NonFiniteError("sampling probabilities are not a distribution (every token was masked out)")
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(-1).to(scores.device)
 
-    def _take(self, token: int, next_id: torch.Tensor, step: int) -> str:
-        """Record ``token`` and update the stop state, as ``TokenStream.accept`` does after sampling."""
-        self.seq[0, self.length] = token
-        self.token_ids.append(token)
-        self.last_id = next_id
-        if token in self.eos:
-            self.stop_reason = "eos"
-            return ""
-        delta = self.text.add(token)
-        if self.text.stopped:
-            self.stop_reason = "stop_string"
-        elif self.matcher is not None and self.matcher.is_terminated():
-            self.stop_reason = "eos"  # the grammar is complete and allows nothing more (no stop token in it)
-        elif step == self.cfg.max_new_tokens:
-            self.stop_reason = "length"
-        return delta
+    def _complete(self) -> bool:
+        # the grammar is complete and allows nothing more (no stop token in it): the reply ends as at an EOS
+        return self.matcher is not None and self.matcher.is_terminated()
 
 
 def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
