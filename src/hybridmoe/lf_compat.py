@@ -210,12 +210,13 @@ def classify(data: dict[str, Any], fields: Iterable[str]) -> tuple[dict[str, Any
             unknown.append(key)
     if unknown:
         known = sorted(known_keys(fields))
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        noun = "key" if len(unknown) == 1 else f"{len(unknown)} keys"
-        raise ConfigError(f"unknown config {noun}: {', '.join(hints)}")
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        if len(unknown) == 1:
+            (key,) = unknown
+            hint = f"; did you mean '{close[key][0]}'?" if close[key] else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        hints = [f"'{k}'" + (f" (did you mean '{close[k][0]}'?)" if close[k] else "") for k in unknown]
+        raise ConfigError(f"unknown config keys: {', '.join(hints)}")
     return kwargs, warnings
 
 
