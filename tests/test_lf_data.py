@@ -268,3 +268,15 @@ def test_cache_hit_overwrite_and_key(tok, tmp_path, monkeypatch):
         tokenize_cache.tokenize_cached(_convs(7), tok, opts)
     with pytest.raises(AssertionError, match="tokenized again"):
         tokenize_cache.tokenize_cached(convs, tok, TokenizeOptions(9))
+
+
+def test_eval_keys_without_an_eval_set_are_an_error(tmp_path, tok):
+    from hybridmoe.config import TrainConfig
+    from hybridmoe.train_data import build_datasets
+
+    _dir(tmp_path)
+    for key in ({"do_eval": True}, {"eval_strategy": "steps"}):
+        cfg = TrainConfig(model_name_or_path="m", dataset="identity", output_dir="o", dataset_dir=str(tmp_path / "data"),
+                          **key).validate()
+        with pytest.raises(ConfigError, match="needs an eval set: set val_size"):
+            build_datasets(cfg, tok)

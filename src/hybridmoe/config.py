@@ -221,6 +221,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict | list[str] | None = None) -> TrainConfig:
     if isinstance(source, TrainConfig):
         data = source.to_dict()
+        extra = dict(source.extra)
     elif isinstance(source, dict):
         data = dict(source)
     else:
@@ -245,6 +246,8 @@ def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict 
             log.warning(line)
     kwargs = {key: _coerce(key, value, str(_FIELDS[key].type)) for key, value in raw.items()}
     cfg = TrainConfig(**kwargs)
-    if not isinstance(source, (dict, TrainConfig)):
+    if isinstance(source, TrainConfig):
+        cfg.extra.update(extra)
+    elif not isinstance(source, dict):
         cfg.extra["config_dir"] = str(Path(source).resolve().parent)  # relative dataset_dir may sit beside it
     return cfg.validate()

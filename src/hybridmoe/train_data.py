@@ -77,6 +77,9 @@ def build_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
         held = load_datasets(cfg.eval_dataset, dataset_dir, cfg.max_samples, cfg.seed, cfg.mix_strategy)
     elif cfg.val_size > 0:
         train, held = split_eval(train, cfg.val_size, cfg.seed)
+    if not held and (cfg.do_eval or cfg.eval_strategy in ("steps", "epoch")):
+        key = "do_eval: true" if cfg.do_eval else f"eval_strategy: {cfg.eval_strategy}"
+        raise ConfigError(f"{key} needs an eval set: set val_size (e.g. 0.1) or eval_dataset")
     train_set = tokenized(train, tokenizer, options, cfg, cfg.dataset)
     eval_set = tokenized(held, tokenizer, options, cfg, cfg.eval_dataset or "val_size split") if held else None
     return Datasets(train_set, eval_set)

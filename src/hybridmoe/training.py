@@ -385,7 +385,7 @@ class _Evaluator:
         if setup.eval_dataset is None or self.strategy == "no" or cfg.do_eval is False:
             self.strategy = "no"
         self.every = cfg.eval_steps or cfg.logging_steps
-        self.epoch = 0
+        self.epoch = setup.state.epoch  # a resumed run evaluates at the next epoch boundary, not at once
 
     def maybe(self, st: LoopState, bar, final: bool) -> None:
         if self.strategy == "no":
