@@ -32,7 +32,7 @@ class TrainConfig:
     chat_template: str | None = None  # a Jinja template (file or string) for tokenizers that lack one
     # -- LoRA ------------------------------------------------------------------------------------------------------
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: float | None = None  # default 2 x lora_rank, as LLaMA-Factory
     lora_dropout: float = 0.0  # applies to the Linear LoRA on the compute device; routed-expert LoRA has none
     lora_target: str = "all"  # "all" or a comma list of Linear names; "experts" = routed experts
     # -- optimisation ----------------------------------------------------------------------------------------------
@@ -140,12 +140,15 @@ class TrainConfig:
             raise ConfigError(f"expert_grad_reduce '{self.expert_grad_reduce}' is not one of auto, gloo")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
-        self._validate_data_and_eval()
+        self._validate_llamafactory_keys()
         return self
 
-    def _validate_data_and_eval(self) -> None:
-        """The keys LLaMA-Factory users bring: data mixing, templates, evaluation, reporting."""
+    def _validate_llamafactory_keys(self) -> None:
+        """The keys LLaMA-Factory users bring: LoRA alpha, data mixing, templates, evaluation, reporting."""
         from .templates import check_template_name
+
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
 
         if self.template is not None:
             check_template_name(self.template)
