@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hybridmoe
+from hybridmoe import reporting
 from hybridmoe.cli import main
 from hybridmoe.data import SFTDataset, load_records
 from hybridmoe.evaluate import eval_loss
@@ -86,18 +87,30 @@ def test_val_size_eval_tensorboard_and_plots(ckpt_dir, tmp_path, capsys):
     assert res["eval_perplexity"] == pytest.approx(math.exp(res["eval_loss"]))
 
 
-def test_report_to_none_writes_nothing_extra_and_missing_wandb_is_one_line(ckpt_dir, tmp_path, caplog):
+def test_report_to_none_writes_nothing_extra_and_missing_wandb_is_one_line(ckpt_dir, tmp_path, caplog, monkeypatch):
     data = write_dataset(tmp_path / "d.jsonl", n=4)
     hybridmoe.train(_cfg(ckpt_dir("qwen3_moe"), data, tmp_path / "a", max_steps=1, report_to="none"))
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "hybridmoe_train.yaml",
         "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl"]
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed: the missing-package line cannot be shown")
+    real = reporting._installed
+    monkeypatch.setattr(reporting, "_installed", lambda m: m != "wandb" and real(m))  # as without wandb
     with caplog.at_level(logging.WARNING, logger="hybridmoe"):
         hybridmoe.train(_cfg(ckpt_dir("qwen3_moe"), data, tmp_path / "b", max_steps=1, report_to="wandb"))
     lines = [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()]
     assert lines == ["report_to wandb: wandb is not installed (pip install wandb); nothing is sent to wandb"]
+    assert not (tmp_path / "b" / "wandb").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb")
+def test_report_to_wandb_offline(ckpt_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    hybridmoe.train(_cfg(ckpt_dir("qwen3_moe"), write_dataset(tmp_path / "d.jsonl", n=4), out, max_steps=2,
+                         report_to="wandb"))
+    (run,) = (out / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb")) and (run / "files").is_dir()
 
 
 def test_report_to_parsing_and_smoothing(caplog):
