@@ -87,19 +87,21 @@ def test_val_size_eval_tensorboard_and_plots(ckpt_dir, tmp_path, capsys):
     assert res["eval_perplexity"] == pytest.approx(math.exp(res["eval_loss"]))
 
 
-def test_report_to_none_writes_nothing_extra_and_missing_wandb_is_one_line(ckpt_dir, tmp_path, caplog, monkeypatch):
-    data = write_dataset(tmp_path / "d.jsonl", n=4)
-    hybridmoe.train(_cfg(ckpt_dir("qwen3_moe"), data, tmp_path / "a", max_steps=1, report_to="none"))
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "hybridmoe_train.yaml",
-        "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl"]
+def test_missing_tracker_is_one_line_and_none_writes_nothing(tmp_path, caplog, monkeypatch):
     real = reporting._installed
-    monkeypatch.setattr(reporting, "_installed", lambda m: m != "wandb" and real(m))  # as without wandb
+    monkeypatch.setattr(reporting, "_installed", lambda m: m not in ("wandb", "tensorboard") and real(m))
     with caplog.at_level(logging.WARNING, logger="hybridmoe"):
-        hybridmoe.train(_cfg(ckpt_dir("qwen3_moe"), data, tmp_path / "b", max_steps=1, report_to="wandb"))
-    lines = [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()]
-    assert lines == ["report_to wandb: wandb is not installed (pip install wandb); nothing is sent to wandb"]
-    assert not (tmp_path / "b" / "wandb").exists()
+        rep = reporting.Reporter(tmp_path / "trainer_log.jsonl", "wandb,tensorboard", tmp_path / "runs", {})
+        rep.log({"step": 1, "loss": 2.0})
+        rep.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "report_to wandb: wandb is not installed (pip install wandb); nothing is sent to wandb",
+        "report_to tensorboard: the tensorboard package is not installed (pip install 'hybridmoe[tensorboard]'); no "
+        "event files are written"]
+    rep = reporting.Reporter(tmp_path / "none.jsonl", "none", tmp_path / "runs", {})
+    rep.log({"step": 1, "loss": 2.0})
+    rep.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["none.jsonl", "trainer_log.jsonl"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb")

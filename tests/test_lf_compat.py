@@ -273,18 +273,21 @@ def _example(case, tmp_path, monkeypatch):
     return tmp_path / out
 
 
-# A run of these YAMLs is 3 steps of 8 micro-batches in bf16 (their settings): ~20 s each on 2 idle cores. Two run
-# to the end here (one per architecture, one of them tool calling); the other two, whose YAMLs differ from these in
-# the template name and output_dir only, are read and their data tokenized (all four ran to the end in development).
+# A run of these YAMLs is 3 steps of 8 micro-batches in bf16 (their settings). Gradient checkpointing (on by default)
+# makes a tiny model's CPU steps ~4x slower, so CI adds `disable_gradient_checkpointing=true` on the command line:
+# the YAML stays as it is, and the key is one of LLaMA-Factory's. Two run to the end here (one per architecture, one
+# with tool calls); the other two, whose YAMLs differ from these in the template name and output_dir only, are read
+# and their data tokenized. All four ran to the end without the override in development (notes/issue-17.md).
 @pytest.mark.parametrize("case", ["deepseek_v2_kt", "glaive_toolcall"])
 def test_llamafactory_example_runs_unchanged(case, tmp_path, monkeypatch, caplog):
     out = _example(case, tmp_path, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="hybridmoe"):
-        assert main(["train", "train.yaml"]) == 0
+        assert main(["train", "train.yaml", "disable_gradient_checkpointing=true"]) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     log = read_log(out)
     assert log[-1]["step"] == 3  # 4 records, 8 micro-batches a step: 1 step an epoch, 3 epochs
     assert (out / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "runs").exists() and not (out / "wandb").exists()  # report_to: none
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "disagrees" not in warned  # template and tokenizer agree (or the template supplied the chat format)
     for key in ("dataloader_num_workers", "save_only_model") + (("use_kt",) if "kt" in case else ()):
