@@ -313,8 +313,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 st.consecutive_skipped += 1
                 if main:
                     reporter.log({"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
-                                           "skipped": True, "nonfinite_grad_components": bad,
-                                           "nonfinite_at": where, "skipped_steps": st.skipped})
+                                  "skipped": True, "nonfinite_grad_components": bad,
+                                  "nonfinite_at": where, "skipped_steps": st.skipped})
                     log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s, first in the "
                                 "routed experts at %s); skipped", st.step, loss_v, gnorm_v, bad,
                                 where[0] if where else "none (finite there on this rank)")
