@@ -7,10 +7,11 @@ SHA-256 of everything that decides the ids: the conversations, the tokenizer (vo
 template) and the tokenize options. A second run with the same data loads it in well under a second;
 ``overwrite_cache: true`` re-tokenizes.
 
-Why not ``datasets.map(num_proc=N)``: benchmarks/tokenize_workers.py, 4000 conversations on the 2-core development VM
-(heavily shared, load ~8): this pool 1463 records/s with 1 process, 878 with 2; datasets.map 552 with 1, 703 with 2
-(its Arrow round trip costs more than the rendering), identical ids; a cache hit 0.23 s. A plain pool is faster and
-needs no Arrow dependency. The many-core measurement is for the GPU host (same script, --workers 1 4 8 16).
+Why not ``datasets.map(num_proc=N)``: benchmarks/tokenize_workers.py, 4000 conversations on the shared 2-core
+development VM (load ~3): in one process 4066 records/s here against 961 for datasets.map (its Arrow round trip costs
+more than the rendering); with 2 processes 1084 against 1161 (no free core on that VM: neither gains); identical
+ids; a cache hit 0.19 s. A plain pool is as fast or faster and needs no Arrow dependency. The many-core measurement
+is for the GPU host (same script, --workers 1 4 8 16).
 """
 
 from __future__ import annotations
