@@ -132,6 +132,12 @@ def _cmd_adapter_convert(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
+
+
 def _cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
@@ -266,6 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--model", help="base checkpoint (optional): check the result against it, and name a KT "
                                     "bundle's experts by the model's modules")
     ac.set_defaults(func=_cmd_adapter_convert)
+
+    v = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a dataset",
+                       description="Mean cross-entropy over the assistant tokens of a dataset, and its perplexity; "
+                                   "printed, and written as JSON to --output.")
+    v.add_argument("--model", required=True, help="checkpoint directory")
+    v.add_argument("--adapter", help="PEFT adapter directory")
+    v.add_argument("--dataset", required=True,
+                   help="comma list of dataset_info.json names or .json/.jsonl files (as the training key)")
+    v.add_argument("--dataset-dir", default="data", help="folder with dataset_info.json (default: data)")
+    v.add_argument("--template", help="LLaMA-Factory template name (checked against the tokenizer's template)")
+    v.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
+    v.add_argument("--cutoff-len", type=int, default=2048, help="tokens per example (longer ones are truncated)")
+    v.add_argument("--max-samples", type=int, default=None, help="first N records of each dataset")
+    v.add_argument("--batch-size", type=int, default=1)
+    v.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    v.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    _add_expert_dtype(v)
+    v.add_argument("--output", default="eval_results.json", help="JSON results file (default: eval_results.json)")
+    v.set_defaults(func=_cmd_eval)
 
     q = sub.add_parser("quickstart", help="offline demo: build, fine-tune and chat with a small MoE", description="Offline end-to-end demo on any machine.")
     q.add_argument("--output", default="hybridmoe_quickstart", help="work directory (cached between runs)")

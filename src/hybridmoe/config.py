@@ -6,7 +6,7 @@ Errors name the key and what would fix it; an unknown key names the closest vali
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +15,24 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .lf_compat import classify
+
+log = logging.getLogger("hybridmoe")
 
 
 @dataclass
 class TrainConfig:
     # -- what to train on -----------------------------------------------------------------------------------------
     model_name_or_path: str = ""  # checkpoint directory (config.json + *.safetensors + tokenizer)
-    dataset: str = ""  # .json/.jsonl: OpenAI `messages`, ShareGPT `conversations` or alpaca records
+    # comma list of dataset_info.json names or .json/.jsonl paths (OpenAI `messages`, ShareGPT `conversations`
+    # or alpaca records); see dataset_info.py
+    dataset: str = ""
     output_dir: str = ""  # the adapter, trainer_log.jsonl and checkpoint-N/ go here
     cutoff_len: int = 1024  # tokens per example; longer ones are truncated (beginning kept)
     chat_template: str | None = None  # a Jinja template (file or string) for tokenizers that lack one
     # -- LoRA ------------------------------------------------------------------------------------------------------
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: float | None = None  # default 2 x lora_rank, as LLaMA-Factory
     lora_dropout: float = 0.0  # applies to the Linear LoRA on the compute device; routed-expert LoRA has none
     lora_target: str = "all"  # "all" or a comma list of Linear names; "experts" = routed experts
     # -- optimisation ----------------------------------------------------------------------------------------------
@@ -66,15 +71,41 @@ class TrainConfig:
     ddp_timeout: int = 1800  # seconds any collective may wait for the other ranks before the job stops with an error
     expert_shm_dir: str = "/dev/shm"  # tmpfs holding the routed experts once per host, shared by the host's ranks
     expert_grad_reduce: str = "auto"  # auto: via the GPU (NCCL) when training on cuda, else gloo; gloo: always gloo
+    # -- data, as LLaMA-Factory reads it (dataset_info.py, templates.py, tokenize_cache.py) -------------------------
+    dataset_dir: str = "data"  # where dataset_info.json resolves `dataset` / `eval_dataset` names
+    eval_dataset: str | None = None  # comma list like `dataset`; evaluated during training (see eval_steps)
+    max_samples: int | None = None  # first N records of each dataset
+    mix_strategy: str = "concat"  # several datasets are concatenated (then shuffled by the loop)
+    # a LLaMA-Factory template name (qwen3, llama3, deepseek, ...): checked against the tokenizer's own chat template
+    # (which wins; a mismatch warns); supplies a chat template when the tokenizer has none
+    template: str | None = None
+    default_system: str | None = None  # system prompt for records without one
+    enable_thinking: bool | None = None  # passed to the chat template (Qwen3); qwen3_nothink sets false
+    train_on_prompt: bool = False  # supervise the prompt tokens too
+    mask_history: bool = False  # supervise only the last assistant turn of each conversation
+    preprocessing_num_workers: int | None = None  # tokenizer processes (large datasets only; capped at the cores)
+    overwrite_cache: bool = False  # re-tokenize even when the content-hash cache has this dataset
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    val_size: float = 0.0  # < 1: fraction of the training records held out for eval; >= 1: that many records
+    eval_strategy: str | None = None  # steps | epoch | no (default: steps when there is an eval set)
+    eval_steps: int | None = None  # default: logging_steps
+    per_device_eval_batch_size: int = 1
+    do_eval: bool | None = None  # false: no eval even with an eval set
+    # -- observability ---------------------------------------------------------------------------------------------
+    plot_loss: bool = False  # training_loss.png (+ training_eval_loss.png) in output_dir, needs matplotlib
+    report_to: str | list | None = None  # none | tensorboard | wandb | all (a comma list or YAML list)
+    logging_dir: str | None = None  # tensorboard event files (default: output_dir/runs)
+    disable_tqdm: bool = False  # same as progress: false
+    # -- optimizer (transformers' names) ---------------------------------------------------------------------------
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     # -- accepted for LLaMA-Factory YAMLs; checked, otherwise without effect -----------------------------------------
     stage: str = "sft"
     do_train: bool = True
     finetuning_type: str = "lora"
-    template: str | None = None  # the tokenizer's own chat template is used (see chat_template)
     bf16: bool | None = None  # true -> dtype bfloat16
-    overwrite_output_dir: bool = True
-    plot_loss: bool = False
-    report_to: str | None = None
+    overwrite_output_dir: bool = True  # false: refuse to train into an output_dir that holds an adapter
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -109,7 +140,40 @@ class TrainConfig:
             raise ConfigError(f"expert_grad_reduce '{self.expert_grad_reduce}' is not one of auto, gloo")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
+        self._validate_llamafactory_keys()
         return self
+
+    def _validate_llamafactory_keys(self) -> None:
+        """The keys LLaMA-Factory users bring: LoRA alpha, data mixing, templates, evaluation, reporting."""
+        from .templates import check_template_name
+
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+
+        if self.template is not None:
+            check_template_name(self.template)
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples must be >= 1 (or left out), got {self.max_samples}")
+        if self.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
+            raise ConfigError(f"mix_strategy '{self.mix_strategy}' is not one of concat, interleave_under, "
+                              "interleave_over, interleave_once")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise ConfigError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
+        if self.val_size < 0:
+            raise ConfigError(f"val_size must be >= 0, got {self.val_size}")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ConfigError(f"val_size {self.val_size}: use a fraction < 1 or a whole number of records")
+        if self.eval_strategy not in (None, "no", "steps", "epoch"):
+            raise ConfigError(f"eval_strategy '{self.eval_strategy}' is not one of no, steps, epoch")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ConfigError(f"eval_steps must be >= 1, got {self.eval_steps}")
+        if self.per_device_eval_batch_size < 1:
+            raise ConfigError(f"per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
+        if self.disable_tqdm:
+            self.progress = False
+        from .reporting import parse_report_to
+
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,7 +202,7 @@ def _coerce(key: str, value: Any, field_type: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if t.startswith("str") and not isinstance(value, (str, bool)):
-        if isinstance(value, (list, tuple)) and key == "lora_target":
+        if isinstance(value, (list, tuple)) and key in ("lora_target", "report_to", "dataset", "eval_dataset"):
             return ",".join(map(str, value))
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     return value
@@ -160,6 +224,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict | list[str] | None = None) -> TrainConfig:
     if isinstance(source, TrainConfig):
         data = source.to_dict()
+        extra = dict(source.extra)
     elif isinstance(source, dict):
         data = dict(source)
     else:
@@ -177,11 +242,15 @@ def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict 
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     data.update(overrides or {})
-    kwargs = {}
-    for key, value in data.items():
-        if key not in _FIELDS:
-            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
-        kwargs[key] = _coerce(key, value, str(_FIELDS[key].type))
-    return TrainConfig(**kwargs).validate()
+    # LLaMA-Factory's keys: implemented ones become fields; the others warn once each (lf_compat.py)
+    raw, warnings = classify(data, _FIELDS)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank parses the config; rank 0 tells
+        for line in warnings:
+            log.warning(line)
+    kwargs = {key: _coerce(key, value, str(_FIELDS[key].type)) for key, value in raw.items()}
+    cfg = TrainConfig(**kwargs)
+    if isinstance(source, TrainConfig):
+        cfg.extra.update(extra)
+    elif not isinstance(source, dict):
+        cfg.extra["config_dir"] = str(Path(source).resolve().parent)  # relative dataset_dir may sit beside it
+    return cfg.validate()

@@ -14,6 +14,28 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask. Read from /proc where it is shown (no change to process state); elsewhere set and restored
+    at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600 (private while half-written); what gets published must have the
+    permissions any file the user creates has, or a server running as another user (a vLLM container) cannot read
+    the adapter."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:
@@ -61,6 +83,7 @@ def atomic_replace_dir(final: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=str(final.parent)))
     try:
         write(tmp)
+        _as_umask(tmp, directory=True)  # this directory becomes `final`
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as fh:
@@ -88,6 +111,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        _as_umask(Path(tmp), directory=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import resource
@@ -37,8 +36,9 @@ from . import distributed
 from .adapters import apply_lora, load_adapter, save_adapter
 from .components import count_by_component
 from .config import TrainConfig, load_config
-from .data import IGNORE_INDEX, SFTDataset, batches, collate, load_records
+from .data import IGNORE_INDEX, batches, collate
 from .errors import ConfigError, GPUOutOfMemoryError, NonFiniteError
+from .evaluate import eval_loss
 from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
 from .experts.streaming import model_streamer
@@ -46,6 +46,8 @@ from .experts.watch import NonFiniteWatch
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
 from .memory import card_usage, estimate_memory, format_oom
+from .reporting import Reporter, plot_loss
+from .train_data import build_datasets
 from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
 
 log = logging.getLogger("hybridmoe")
@@ -148,12 +150,18 @@ class _Setup:
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
         resume = self._resume_dir(out)
+        if resume is None:
+            _check_overwrite(out, cfg)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
-        self.dataset = SFTDataset(load_records(cfg.dataset), self.tokenizer, cfg.cutoff_len)
-        s = self.dataset.summary()
-        distributed.print_main(ctx, f"[hybridmoe] dataset {cfg.dataset}: {s['examples']} examples, {s['tokens']} "
-                               f"tokens ({s['supervised_tokens']} supervised), {s['truncated']} truncated, "
-                               f"{s['dropped']} dropped")
+        data = build_datasets(cfg, self.tokenizer)
+        self.dataset, self.eval_dataset = data.train, data.eval
+        for name, ds in ((cfg.dataset, self.dataset), (cfg.eval_dataset or "val_size split", self.eval_dataset)):
+            if ds is None:
+                continue
+            s = ds.summary()
+            distributed.print_main(ctx, f"[hybridmoe] dataset {name}: {s['examples']} examples, {s['tokens']} "
+                                   f"tokens ({s['supervised_tokens']} supervised), {s['truncated']} truncated, "
+                                   f"{s['dropped']} dropped")
         # Several ranks on this host: the routed experts are held once per host (see distributed.HostSharedExperts).
         shared = distributed.HostSharedExperts(ctx, cfg.expert_shm_dir) if ctx.local_world_size > 1 else None
         base = load_model(cfg.model_name_or_path, device=ctx.device or cfg.device, dtype=cfg.dtype,
@@ -178,7 +186,7 @@ class _Setup:
         self.expert_params = [p for p in params if id(p) not in param_ids]
         self.total_steps = _total_steps(cfg, len(self.dataset), ctx.world_size)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), eps=1e-8, fused=True)
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.state = LoopState()
         if resume is not None:
@@ -266,6 +274,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     log_path = out / "trainer_log.jsonl"
     if main and st.step == 0 and log_path.exists():
         log_path.unlink()
+    reporter = Reporter(log_path, cfg.report_to, Path(cfg.logging_dir or out / "runs"), cfg.to_dict()) if main else None
+    evaluator = _Evaluator(setup, reporter)
     pad_id = setup.tokenizer.pad_token_id
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
@@ -302,9 +312,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 st.skipped += 1
                 st.consecutive_skipped += 1
                 if main:
-                    _append_log(log_path, {"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
-                                           "skipped": True, "nonfinite_grad_components": bad,
-                                           "nonfinite_at": where, "skipped_steps": st.skipped})
+                    reporter.log({"step": st.step, "loss": loss_v if math.isfinite(loss_v) else None,
+                                  "skipped": True, "nonfinite_grad_components": bad,
+                                  "nonfinite_at": where, "skipped_steps": st.skipped})
                     log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s, components=%s, first in the "
                                 "routed experts at %s); skipped", st.step, loss_v, gnorm_v, bad,
                                 where[0] if where else "none (finite there on this rank)")
@@ -334,9 +344,12 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                        "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]), "skipped_steps": st.skipped,
                        **_memory(setup.device, ctx)}
                 if main:
-                    _append_log(log_path, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    reporter.log(rec)
+                evaluator.postfix.update(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                         tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(evaluator.postfix)
                 window.update(loss=0.0, n=0, tokens=0, t=now)
+            evaluator.maybe(st, bar, final=st.step == setup.total_steps)
             bar.update(1)
             if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < setup.total_steps:
                 _checkpoint(out / f"checkpoint-{st.step}", setup)
@@ -346,6 +359,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     distributed.check_consistent(params, ctx, "final LoRA weights")
     if main:
         _save_final(out, model, setup.tokenizer, cfg)
+        reporter.close()
+        if cfg.plot_loss:
+            plot_loss(out)
     ctx.barrier("saving the adapter")
     seconds = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated(setup.device) if setup.device.type == "cuda" else 0
@@ -355,6 +371,44 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
         ctx, f"[hybridmoe] done: {st.step} steps ({st.skipped} skipped), final loss {last_loss:.4f}, {seconds:.1f}s, "
         f"peak GPU {peak_gpu / 2**30:.2f} GiB, peak host RSS {peak_host / 2**30:.2f} GiB (rank 0); adapter in {out}")
     return result
+
+
+class _Evaluator:
+    """Eval loss on the held-out set every eval_steps (or each epoch), and after the last step; into
+    trainer_log.jsonl, the trackers and the progress bar."""
+
+    def __init__(self, setup: _Setup, reporter: Reporter | None):
+        cfg = setup.cfg
+        self.setup, self.reporter = setup, reporter
+        self.postfix: dict[str, str] = {}
+        self.strategy = cfg.eval_strategy or "steps"
+        if setup.eval_dataset is None or self.strategy == "no" or cfg.do_eval is False:
+            self.strategy = "no"
+        self.every = cfg.eval_steps or cfg.logging_steps
+        self.epoch = setup.state.epoch  # a resumed run evaluates at the next epoch boundary, not at once
+
+    def maybe(self, st: LoopState, bar, final: bool) -> None:
+        if self.strategy == "no":
+            return
+        due = st.step % self.every == 0 if self.strategy == "steps" else st.epoch > self.epoch
+        self.epoch = st.epoch
+        if not (due or final):
+            return
+        s, ctx = self.setup, self.setup.ctx
+        # the same eval batches on every rank count (each takes every N-th), so all ranks must call this together
+        rec = {"step": st.step, **eval_loss(s.model, s.eval_dataset, s.cfg.per_device_eval_batch_size, s.device,
+                                            s.tokenizer.pad_token_id, ctx)}
+        if self.reporter is not None:
+            self.reporter.log(rec)
+        self.postfix["eval_loss"] = f"{rec['eval_loss']:.4f}"
+        bar.set_postfix(self.postfix)
+
+
+def _check_overwrite(out: Path, cfg: TrainConfig) -> None:
+    """overwrite_output_dir: false keeps an adapter that is already in output_dir."""
+    if not cfg.overwrite_output_dir and (out / "adapter_config.json").exists():
+        raise ConfigError(f"output_dir '{out}' already holds an adapter and overwrite_output_dir is false; choose "
+                          "another output_dir, set overwrite_output_dir: true, or resume_from_checkpoint")
 
 
 class _OOMReport:
@@ -502,11 +556,6 @@ def _rss_bytes() -> int:
             return int(fh.read().split()[1]) * resource.getpagesize()
     except OSError:  # not Linux: fall back to the peak
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _append_log(path: Path, rec: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(rec) + "\n")
 
 
 def _save_final(out: Path, model, tokenizer, cfg: TrainConfig) -> None:
