@@ -209,3 +209,21 @@ def test_inference_after_training_steps_serves_the_right_layers(deep_ckpt):
         assert torch.allclose(loss, loss_cpu, rtol=1e-6, atol=0)
         with torch.inference_mode():
             assert _rel(model(input_ids=ids).logits, logits_cpu) <= 1e-6
+
+
+def test_slots_first_filled_in_inference_mode_serve_later_training(deep_ckpt):
+    """Slots first allocated under torch.inference_mode (a prefill, the server, hybridmoe's generate) are inference
+    tensors; a training step or a plain no_grad forward afterwards (transformers' generate) gets new ones, not
+    "Inplace update to inference tensor outside InferenceMode" (seen on the GPU host, run S5-2)."""
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    randomize_lora(model, seed=2)
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    model.train()
+    loss_cpu, _ = _step(model, ids)
+    enable_streaming(model, "cpu", min_tokens=8, slots=2)
+    with torch.inference_mode():
+        model(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)
+    loss, _ = _step(model, ids)
+    assert torch.allclose(loss, loss_cpu, rtol=1e-6, atol=0)

@@ -121,7 +121,11 @@ class ExpertStreamer:
         """Copy layer idx into the slot :meth:`_victim` picks."""
         slot = self._victim(idx, keep)
         host = self.layers[idx].host_tensors()
-        if [(t.shape, t.dtype) for t in slot.tensors] != [(t.shape, t.dtype) for t in host]:
+        # Slots allocated under torch.inference_mode (a prefill, the server) are inference tensors, which may not be
+        # written outside it (a training step or transformers' generate after a hybridmoe one): allocate anew then.
+        stale = not torch.is_inference_mode_enabled() and any(t.is_inference() for t in slot.tensors)
+        if stale or [(t.shape, t.dtype) for t in slot.tensors] != [(t.shape, t.dtype) for t in host]:
+            slot.tensors = []  # the old buffers go before the new ones are allocated (GPU memory)
             slot.tensors = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host]
         slot.layer = idx
         self.stats.bytes += self.layers[idx].nbytes
