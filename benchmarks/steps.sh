@@ -14,9 +14,8 @@ step() {
 # gguf for its baseline) into /tmp/pydeps, on PYTHONPATH. A no-op without .wheels/.
 install_wheels() {
   [ -d .wheels ] || return 0
-  {
-    pip install -q --no-index --find-links .wheels fastapi uvicorn openai httpx --target /tmp/pydeps
-    pip install -q --no-index --find-links .wheels --no-deps --target /tmp/pydeps kt-kernel==0.6.1 gguf
-  } > "$OUT/pip.log" 2>&1
+  # Every wheel there, without resolving (they were downloaded for this host's Python, deps included; xgrammar's
+  # torch/transformers/triton are the host's own).
+  python -m pip install -q --no-index --no-deps --target /tmp/pydeps .wheels/*.whl > "$OUT/pip.log" 2>&1
   export PYTHONPATH=$PYTHONPATH:/tmp/pydeps
 }
