@@ -17,5 +17,5 @@ install_wheels() {
   # Every wheel there, without resolving (they were downloaded for this host's Python, deps included; xgrammar's
   # torch/transformers/triton are the host's own).
   python -m pip install -q --no-index --no-deps --target /tmp/pydeps .wheels/*.whl > "$OUT/pip.log" 2>&1
-  export PYTHONPATH=$PYTHONPATH:/tmp/pydeps
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/pydeps
 }
