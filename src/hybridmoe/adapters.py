@@ -251,13 +251,32 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     for key in ("use_dora", "use_rslora"):
         if cfg.get(key):
             raise AdapterError(f"'{cfg_path}' sets {key}=true, which hybridmoe does not implement for routed experts")
+    _check_config_values(cfg, cfg_path)
     try:
         sd = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"'{w_path}' is not a readable safetensors file ({str(e).splitlines()[0]}); it is truncated or corrupt") from None
     if not sd:
         raise AdapterError(f"'{w_path}' holds no tensors")
+    for k, t in sd.items():  # an integer or bool "LoRA" would be cast and silently change the output
+        if not t.is_floating_point():
+            raise AdapterError(f"adapter tensor '{k}' in '{w_path}' is {str(t.dtype).removeprefix('torch.')}; LoRA "
+                               "weights must be floating point (float32/bfloat16/float16); the file is not a LoRA adapter")
     return cfg, sd
+
+
+def _check_config_values(cfg: dict, cfg_path: Path) -> None:
+    """The LoRA settings hybridmoe reads from adapter_config.json have the types and ranges PEFT gives them."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    checks = {"r": lambda v: number(v) and v >= 1 and int(v) == v, "lora_alpha": number,
+              "lora_dropout": lambda v: number(v) and 0 <= v < 1,
+              "rank_pattern": lambda v: isinstance(v, dict) and all(number(x) and x >= 1 for x in v.values()),
+              "alpha_pattern": lambda v: isinstance(v, dict) and all(number(x) for x in v.values())}
+    for key, ok in checks.items():
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            raise AdapterError(f"'{cfg_path}' has {key}={cfg[key]!r}, which is not a valid LoRA setting; re-save the adapter")
 
 
 def _strip(key: str) -> str:
@@ -396,13 +415,15 @@ def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) 
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False,
-                 adapter_name: str = "default"):
+                 adapter_name: str = "default", lora_dropout: float | None = None):
     """Attach a PEFT adapter to a hybrid model: Linear LoRA via PEFT on the compute device, expert LoRA on the CPU.
 
     Never merges into offloaded weights, never wraps expert weights, never rewrites adapter_config.json. When
     ``model`` is already a PeftModel, the Linear LoRA is added to it as the named adapter ``adapter_name`` (PEFT's
     ``add_adapter``; the active adapter is not changed). The routed-expert LoRA always replaces the entries of
     ``HybridExperts.lora`` it covers; the server keeps one such dict per adapter and swaps them.
+    lora_dropout: the Linear LoRA's dropout (a resumed training run passes its config's); default: the adapter's
+    ``adapter_config.json`` value (it only acts in train mode).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.utils import set_peft_model_state_dict
@@ -421,9 +442,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     linear, experts = split_adapter(base, cfg, sd)
     _check_linear(base, linear)
     r_default = int(cfg.get("r", 8))
-    rank_pattern = {f"^{re.escape(mod)}$": int(ab["A"].shape[0]) for mod, ab in linear.items()}
-    alpha_pattern = {f"^{re.escape(mod)}$": _alpha_for(cfg, mod) for mod in linear}
-    lcfg = LoraConfig(r=r_default, lora_alpha=float(cfg.get("lora_alpha", r_default)), lora_dropout=0.0,
+    alpha_default = float(cfg.get("lora_alpha", r_default))
+    # Patterns only where a module differs from the defaults: a resumed run re-saves the config it started with.
+    rank_pattern = {f"^{re.escape(mod)}$": int(ab["A"].shape[0]) for mod, ab in linear.items()
+                    if int(ab["A"].shape[0]) != r_default}
+    alpha_pattern = {f"^{re.escape(mod)}$": _alpha_for(cfg, mod) for mod in linear if _alpha_for(cfg, mod) != alpha_default}
+    dropout = float(cfg.get("lora_dropout") or 0.0) if lora_dropout is None else lora_dropout
+    lcfg = LoraConfig(r=r_default, lora_alpha=alpha_default, lora_dropout=dropout,
                       target_modules=sorted(linear) or [], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       bias="none", inference_mode=not trainable)
     base.hybridmoe.lora_config = lcfg

@@ -34,3 +34,8 @@ class NonFiniteError(HybridMoEError):
 
 class GPUOutOfMemoryError(HybridMoEError):
     """The GPU ran out of memory; the message estimates what fits and names the setting to change."""
+
+
+class FileSystemError(HybridMoEError):
+    """Reading or writing a path failed in the filesystem (disk full, read-only, permission, path is a file, ...);
+    the message names the path, the errno's meaning and the fix. Nothing half-written is left behind."""

@@ -132,7 +132,11 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
     """
     stats = {component: _ComponentStats() for component in COMPONENTS}
     nonfinite: list[str] = []
-    for name, tensor in _tensors(_adapter_file(adapter_dir)):
+    file = _adapter_file(adapter_dir)
+    for name, tensor in _tensors(file):
+        if not tensor.is_floating_point():  # not a LoRA weight: chat and export refuse it too, so no "OK" for it
+            raise AdapterError(f"adapter tensor '{name}' in {file} is {str(tensor.dtype).removeprefix('torch.')}; "
+                               "LoRA weights must be floating point: the file is not a LoRA adapter")
         if stats[component_of(name)].add(tensor):
             nonfinite.append(name)
     return {
