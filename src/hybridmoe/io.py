@@ -51,6 +51,8 @@ def fs_error(exc: BaseException, what: str, path: str | os.PathLike) -> FileSyst
     meaning = os.strerror(code) if code else " ".join(str(exc).split())
     name = f" [{errno.errorcode.get(code, code)}]" if code else ""
     where = getattr(exc, "filename", None) or path
+    if Path(where).name.startswith(".tmp-"):  # our own temp sibling: name what the user asked to write
+        where = path
     advice = _ADVICE.get(code, "check the path")
     return FileSystemError(f"{what} '{where}': {meaning}{name}; {advice}")
 
