@@ -198,7 +198,8 @@ def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict 
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # yaml's messages span lines
+            raise ConfigError(f"{where}: malformed YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the YAML must be a mapping of config keys, got {type(data).__name__}")
     if isinstance(overrides, list):
