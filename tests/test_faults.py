@@ -367,3 +367,9 @@ def test_interrupted_save_folders_are_cleaned_and_a_half_replaced_checkpoint_res
     assert checkpoint_problem(out / "checkpoint-2") is None
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
 
+
+
+def test_resume_with_other_lora_settings_is_refused(trained, tmp_path):
+    model, data, out = trained
+    with pytest.raises(ConfigError, match=r"other LoRA settings \(lora_rank 4 -> 8\)"):
+        hybridmoe.train(_cfg(model, data, tmp_path / "o", lora_rank=8, resume_from_checkpoint=str(out / "checkpoint-2")))

@@ -221,3 +221,79 @@ def test_fuzz_chat_request(body):
         return
     assert all(isinstance(m.as_template_message()["content"], str) for m in req.messages)
     assert req.max_new_tokens is None or req.max_new_tokens >= 1
+
+
+@pytest.fixture(scope="module")
+def real_adapters(meta_model, tmp_path_factory):
+    """Two valid adapters of the fuzzed model to mutate: hybridmoe's own (fused expert layout) and one in the
+    per-expert layout (PEFT on transformers v4, KTransformers)."""
+    from hybridmoe.adapters import adapter_config_dict, adapter_state_dict, apply_lora
+    from hybridmoe.loading import load_model
+
+    from .helpers import randomize_lora
+
+    ckpt = make_checkpoint("qwen3_moe", tmp_path_factory.mktemp("fuzz_real") / "m")
+    model = apply_lora(load_model(ckpt, device="cpu", progress=False), "all", rank=2, alpha=4, seed=0)
+    randomize_lora(model, seed=1)
+    fused = (adapter_config_dict(model), adapter_state_dict(model))
+    cfg = model.config
+    shapes = {"gate_proj": (cfg.hidden_size, cfg.moe_intermediate_size), "up_proj": (cfg.hidden_size, cfg.moe_intermediate_size),
+              "down_proj": (cfg.moe_intermediate_size, cfg.hidden_size)}
+    per = {f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj}.lora_{ab}.weight":
+           torch.ones((2, i) if ab == "A" else (o, 2))
+           for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)
+           for proj, (i, o) in shapes.items() for ab in "AB"}
+    return [fused, ({"peft_type": "LORA", "r": 2, "lora_alpha": 4}, per)]
+
+
+_MUTATE = {"drop": lambda t: None, "int": lambda t: t.to(torch.int32), "bool": lambda t: t.bool(),
+           "half": lambda t: t.half(), "nan": lambda t: t * float("nan"), "transpose": lambda t: t.mT.contiguous(),
+           "flat": lambda t: t.reshape(-1), "rows": lambda t: t[:1].clone(),
+           "scalar": lambda t: t.reshape(-1)[:1].reshape(()).clone(), "wider": lambda t: torch.cat([t, t], -1)}
+
+
+def _mutate(t: torch.Tensor, how: str) -> torch.Tensor | None:
+    try:
+        return _MUTATE[how](t)
+    except (RuntimeError, IndexError):  # not applicable to this tensor's shape (the test's own limit)
+        return t
+
+
+MUTATIONS = ["drop", "int", "bool", "half", "nan", "transpose", "flat", "rows", "scalar", "wider", "rename"]
+
+
+def test_fuzz_mutated_real_adapters(tmp_path, meta_model, real_adapters):
+    from hybridmoe.export import _read_deltas
+
+    model = meta_model[0]
+
+    @fuzz(120)
+    @given(which=st.integers(0, 1), edits=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(MUTATIONS)),
+                                                    min_size=1, max_size=3),
+           config=st.dictionaries(st.sampled_from(["r", "lora_alpha", "lora_dropout", "alpha_pattern"]), json_values,
+                                  max_size=1))
+    def check(which, edits, config):
+        cfg, sd = real_adapters[which]
+        sd, keys = dict(sd), sorted(sd)
+        for i, how in edits:
+            key = keys[i % len(keys)]
+            if key not in sd:
+                continue
+            if how == "rename":
+                sd[key.replace("layers.", "layers.9", 1)] = sd.pop(key)
+            else:
+                t = _mutate(sd.pop(key), how)
+                if t is not None:
+                    sd[key] = t
+        if not sd:
+            return
+        d = tmp_path / "a"
+        d.mkdir(exist_ok=True)
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "adapter_model.safetensors"))
+        try:
+            _read_deltas(d, model)
+        except (AdapterError, NonFiniteError) as e:
+            _one_line(e)
+
+    check()

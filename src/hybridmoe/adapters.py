@@ -312,9 +312,12 @@ def _fused_expert_adapters(model, cfg, fused: dict[str, dict[str, dict[str, torc
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}{nest}'")
             a, b = ab["A"], ab["B"]
+            if a.dim() != 2 or b.dim() != 2:
+                raise AdapterError(f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B "
+                                   f"{tuple(b.shape)}; routed-expert LoRA weights are 2-D ([E·r, in], [out, E·r])")
             # The projection follows from the shapes alone: (in, out) = (H, 2I) or (I, H) cannot both fit.
             cands = [p for p, (i, o) in shapes.items() if a.shape[1] == i and b.shape[0] == o]
-            if not cands or a.shape[0] % s.num_experts or a.shape[0] != b.shape[1]:
+            if not cands or a.shape[0] % s.num_experts or a.shape[0] != b.shape[1] or a.shape[0] == 0:
                 raise AdapterError(
                     f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, which "
                     f"do not fit {s.num_experts} experts of hidden {s.hidden_dim}/intermediate {s.intermediate_dim}; "
@@ -341,10 +344,18 @@ def _per_expert_adapters(model, cfg, per: dict) -> dict:
                 ab = chunks.get(c, {}).get(e)
                 if ab is None or set(ab) != {"A", "B"}:
                     raise AdapterError(f"per-expert adapter lacks lora_A/lora_B of expert {e} ({proj} part {c}) in '{mod}'")
-                a_parts.append(ab["A"].float())
-                b_parts.append(ab["B"].float())
+                a, b = ab["A"], ab["B"]
+                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+                    raise AdapterError(f"per-expert adapter for '{mod}' expert {e} ({proj} part {c}) has shapes "
+                                       f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, which are not a LoRA pair")
+                a_parts.append(a.float())
+                b_parts.append(b.float())
+            if len({a.shape[1] for a in a_parts}) != 1:
+                raise AdapterError(f"per-expert adapter for '{mod}' expert {e}: {proj} parts differ in input size")
             As.append(torch.cat(a_parts, 0))  # [c·r, in]
             Bs.append(torch.block_diag(*b_parts))  # [out, c·r]: gate rows see only gate's A, up rows only up's
+        if len({t.shape for t in As}) != 1 or len({t.shape for t in Bs}) != 1:
+            raise AdapterError(f"per-expert adapter for '{mod}' {proj}: the experts' LoRA shapes differ")
         A, B = torch.stack(As), torch.stack(Bs)
         want_in = ex.spec.hidden_dim if proj == "gate_up_proj" else ex.spec.intermediate_dim
         want_out = 2 * ex.spec.intermediate_dim if proj == "gate_up_proj" else ex.spec.hidden_dim
@@ -407,7 +418,10 @@ def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) 
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}'")
         a, b = ab["A"], ab["B"]
-        if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1]:
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterError(f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B "
+                               f"{tuple(b.shape)}; Linear LoRA weights are 2-D matrices")
+        if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise AdapterError(
                 f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; the model's "
                 f"layer is {m.in_features}->{m.out_features}; is the adapter for another model?"

@@ -207,6 +207,8 @@ def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict 
     data.update(overrides or {})
     kwargs = {}
     for key, value in data.items():
+        if not isinstance(key, str):  # YAML allows `0: x` or `null: x` as keys
+            raise ConfigError(f"config key {key!r} is not a name; config keys are strings such as 'learning_rate'")
         if key not in _FIELDS:
             close = difflib.get_close_matches(key, list(_FIELDS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""

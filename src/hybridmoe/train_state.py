@@ -116,6 +116,15 @@ def _restore(path, state: dict, tensors: dict, opt, sched, state_cls, rank: int 
     return state_cls(**state["loop"])
 
 
+def saved_config(path: Path) -> dict:
+    """The training config a checkpoint was saved with ({} when it predates this record or is unreadable)."""
+    try:
+        cfg = json.loads((Path(path) / STATE_JSON).read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def _step_of(p: Path) -> int:
     m = re.fullmatch(r"checkpoint-(\d+)", p.name)
     return int(m.group(1)) if m else -1

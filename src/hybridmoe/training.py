@@ -55,6 +55,7 @@ from .train_state import (
     load_train_state,
     prune_checkpoints,
     save_checkpoint,
+    saved_config,
 )
 
 log = logging.getLogger("hybridmoe")
@@ -161,6 +162,8 @@ class _Setup:
         if ctx.is_main:
             _prepare_output_dir(out)
         self.resume = resume = self._resume_dir(out)
+        if resume is not None:
+            _check_resume_config(resume, cfg, ctx)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
         self.dataset = SFTDataset(load_records(cfg.dataset), self.tokenizer, cfg.cutoff_len)
         s = self.dataset.summary()
@@ -525,6 +528,27 @@ def _rss_bytes() -> int:
 def _append_log(path: Path, rec: dict) -> None:
     with fs_errors("cannot append to the training log", path), open(path, "a") as fh:
         fh.write(json.dumps(rec) + "\n")
+
+
+# Settings a resumed run must share with its checkpoint: the LoRA's shape (else the weights and optimizer state do
+# not fit), and those that change the numbers (else the run is not the one the checkpoint continues; allowed, with a
+# warning). max_steps, save_steps, logging and placement may change freely.
+_RESUME_MUST_MATCH = ("lora_rank", "lora_alpha", "lora_target")
+_RESUME_SHOULD_MATCH = ("lora_dropout", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_ratio",
+                        "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
+                        "seed", "dataset", "expert_dtype", "max_grad_norm")
+
+
+def _check_resume_config(resume: Path, cfg: TrainConfig, ctx) -> None:
+    saved = saved_config(resume)
+    changed = [k for k in _RESUME_MUST_MATCH + _RESUME_SHOULD_MATCH if k in saved and saved[k] != getattr(cfg, k)]
+    diff = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+    if any(k in _RESUME_MUST_MATCH for k in changed):
+        raise ConfigError(f"checkpoint '{resume}' was trained with other LoRA settings ({diff}); resume with the "
+                          "checkpoint's lora_rank, lora_alpha and lora_target")
+    if changed and ctx.is_main:
+        log.warning("resuming %s with changed settings (%s): the run will differ from an uninterrupted one",
+                    resume, diff)
 
 
 def _prepare_output_dir(out: Path) -> None:
