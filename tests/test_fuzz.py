@@ -47,7 +47,7 @@ BASE = dict(model_name_or_path="m", dataset="d.jsonl", output_dir="o")
 config_keys = st.sampled_from(sorted(_FIELDS)) | st.text(max_size=12)
 
 
-@fuzz(150)
+@fuzz(80)
 @given(extra=st.dictionaries(config_keys, json_values, max_size=4), keep_base=st.booleans())
 def test_fuzz_config_dict(extra, keep_base):
     try:
@@ -174,7 +174,7 @@ def test_fuzz_adapter_against_the_model(tmp_path, meta_model):
 
     model, linear, experts = meta_model
 
-    @fuzz(120)
+    @fuzz(60)
     @given(adapter=adapters(linear, experts))
     def check(adapter):
         config, tensors = adapter
@@ -200,7 +200,7 @@ request_keys = st.sampled_from(["temperature", "top_p", "max_tokens", "max_compl
                                 "logprobs", "user", "tools"])
 
 
-@fuzz(200)
+@fuzz(100)
 @given(body=st.fixed_dictionaries({"model": texts | json_values, "messages": messages | json_values})
        .flatmap(lambda b: st.dictionaries(request_keys, json_values, max_size=3).map(lambda x: {**b, **x}))
        | json_values)
@@ -267,7 +267,7 @@ def test_fuzz_mutated_real_adapters(tmp_path, meta_model, real_adapters):
 
     model = meta_model[0]
 
-    @fuzz(120)
+    @fuzz(60)
     @given(which=st.integers(0, 1), edits=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(MUTATIONS)),
                                                     min_size=1, max_size=3),
            config=st.dictionaries(st.sampled_from(["r", "lora_alpha", "lora_dropout", "alpha_pattern"]), json_values,
