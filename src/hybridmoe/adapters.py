@@ -274,8 +274,9 @@ def _check_config_values(cfg: dict, cfg_path: Path) -> None:
               "lora_dropout": lambda v: number(v) and 0 <= v < 1,
               "rank_pattern": lambda v: isinstance(v, dict) and all(number(x) and x >= 1 for x in v.values()),
               "alpha_pattern": lambda v: isinstance(v, dict) and all(number(x) for x in v.values())}
+    nullable = ("lora_dropout", "rank_pattern", "alpha_pattern")  # r and lora_alpha: a number when given
     for key, ok in checks.items():
-        if cfg.get(key) is not None and not ok(cfg[key]):
+        if key in cfg and not (cfg[key] is None and key in nullable) and not ok(cfg[key]):
             raise AdapterError(f"'{cfg_path}' has {key}={cfg[key]!r}, which is not a valid LoRA setting; re-save the adapter")
 
 
