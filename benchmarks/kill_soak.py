@@ -75,7 +75,7 @@ def main() -> None:
             resume = any(out.glob("checkpoint-*"))
             cfg_path.write_text(json.dumps({**cfg, "output_dir": str(out), "resume_from_checkpoint": resume}))
             left = sum(kills.values()) < args.kills
-            mid_save = rng.randint(1, 3) if left and rng.random() < 0.3 else None
+            mid_save = rng.randint(1, 2) if left and rng.random() < 0.4 else None
             before = _lines(out / RUNNING) if resume else 0
             proc = subprocess.Popen(_child(cfg_path, mid_save), stderr=subprocess.PIPE, text=True)
             attempts += 1
