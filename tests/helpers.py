@@ -48,8 +48,10 @@ def randomize_lora(model, seed: int, scale: float = 0.1) -> None:
                     lo.B.copy_(torch.randn(lo.B.shape, generator=g) * scale)
 
 
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+def read_log(out: Path, running: bool = False) -> list[dict]:
+    """trainer_log.jsonl: the history of the adapter in `out`; running=True: the log of a run that did not finish."""
+    name = "trainer_log.running.jsonl" if running else "trainer_log.jsonl"
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 # -- references: plain transformers + vanilla PEFT ----------------------------------------------------------------

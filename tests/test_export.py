@@ -16,7 +16,7 @@ import hybridmoe
 from hybridmoe.adapters import ADAPTER_WEIGHTS, apply_lora, save_adapter
 from hybridmoe.checkpoint import INDEX_NAME
 from hybridmoe.errors import AdapterError, CheckpointError, NonFiniteError
-from hybridmoe.export import export_merged
+from hybridmoe.export import EXPORT_MARKER, export_merged
 from hybridmoe.loading import load_model
 from hybridmoe.testing import build_tokenizer, save_tiny_model
 
@@ -114,7 +114,7 @@ def test_layout_dtypes_and_files_equal_base(exported):
         assert b["metadata"]["total_size"] == nbytes
     else:
         assert not (out / INDEX_NAME).exists()
-    side = sorted(p.name for p in base.iterdir() if not p.name.endswith(".safetensors"))
+    side = sorted([EXPORT_MARKER] + [p.name for p in base.iterdir() if not p.name.endswith(".safetensors")])
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".safetensors")) == side
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes()

@@ -311,6 +311,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     for key in ("use_dora", "use_rslora"):
         if cfg.get(key):
             raise AdapterError(f"'{cfg_path}' sets {key}=true, which hybridmoe does not implement for routed experts")
+    _check_config_values(cfg, cfg_path)
     # A KTransformers bundle keeps the routed-expert LoRA beside the PEFT part: validate it first (hashes cover the
     # PEFT files too) and never fall back to the PEFT part alone.
     bundle = read_kt_bundle(d, cfg) if is_kt_bundle(d) else None
@@ -322,7 +323,26 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
         sd.update(bundle.tensors)  # keys "layers.{L}.experts.gate_lora_a" ...: split_adapter maps them
     if not sd:
         raise AdapterError(f"'{w_path}' holds no tensors")
+    for k, t in sd.items():  # an integer or bool "LoRA" would be cast and silently change the output
+        if not t.is_floating_point():
+            raise AdapterError(f"adapter tensor '{k}' in '{w_path}' is {str(t.dtype).removeprefix('torch.')}; LoRA "
+                               "weights must be floating point (float32/bfloat16/float16); the file is not a LoRA adapter")
     return cfg, sd
+
+
+def _check_config_values(cfg: dict, cfg_path: Path) -> None:
+    """The LoRA settings hybridmoe reads from adapter_config.json have the types and ranges PEFT gives them."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    checks = {"r": lambda v: number(v) and v >= 1 and int(v) == v, "lora_alpha": number,
+              "lora_dropout": lambda v: number(v) and 0 <= v < 1,
+              "rank_pattern": lambda v: isinstance(v, dict) and all(number(x) and x >= 1 for x in v.values()),
+              "alpha_pattern": lambda v: isinstance(v, dict) and all(number(x) for x in v.values())}
+    nullable = ("lora_dropout", "rank_pattern", "alpha_pattern")  # r and lora_alpha: a number when given
+    for key, ok in checks.items():
+        if key in cfg and not (cfg[key] is None and key in nullable) and not ok(cfg[key]):
+            raise AdapterError(f"'{cfg_path}' has {key}={cfg[key]!r}, which is not a valid LoRA setting; re-save the adapter")
 
 
 def _strip(key: str) -> str:
@@ -361,9 +381,12 @@ def _fused_expert_adapters(model, cfg, fused: dict[str, dict[str, dict[str, torc
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}{nest}'")
             a, b = ab["A"], ab["B"]
+            if a.dim() != 2 or b.dim() != 2:
+                raise AdapterError(f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B "
+                                   f"{tuple(b.shape)}; routed-expert LoRA weights are 2-D ([E·r, in], [out, E·r])")
             # The projection follows from the shapes alone: (in, out) = (H, 2I) or (I, H) cannot both fit.
             cands = [p for p, (i, o) in shapes.items() if a.shape[1] == i and b.shape[0] == o]
-            if not cands or a.shape[0] % s.num_experts or a.shape[0] != b.shape[1]:
+            if not cands or a.shape[0] % s.num_experts or a.shape[0] != b.shape[1] or a.shape[0] == 0:
                 raise AdapterError(
                     f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, which "
                     f"do not fit {s.num_experts} experts of hidden {s.hidden_dim}/intermediate {s.intermediate_dim}; "
@@ -388,10 +411,18 @@ def _per_expert_adapters(model, cfg, per: dict) -> dict:
                 ab = chunks.get(c, {}).get(e)
                 if ab is None or set(ab) != {"A", "B"}:
                     raise AdapterError(f"per-expert adapter lacks lora_A/lora_B of expert {e} ({proj} part {c}) in '{mod}'")
-                a_parts.append(ab["A"].float())
-                b_parts.append(ab["B"].float())
+                a, b = ab["A"], ab["B"]
+                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+                    raise AdapterError(f"per-expert adapter for '{mod}' expert {e} ({proj} part {c}) has shapes "
+                                       f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, which are not a LoRA pair")
+                a_parts.append(a.float())
+                b_parts.append(b.float())
+            if len({a.shape[1] for a in a_parts}) != 1:
+                raise AdapterError(f"per-expert adapter for '{mod}' expert {e}: {proj} parts differ in input size")
             As.append(torch.cat(a_parts, 0))  # [c·r, in]
             Bs.append(torch.block_diag(*b_parts))  # [out, c·r]: gate rows see only gate's A, up rows only up's
+        if len({t.shape for t in As}) != 1 or len({t.shape for t in Bs}) != 1:
+            raise AdapterError(f"per-expert adapter for '{mod}' {proj}: the experts' LoRA shapes differ")
         A, B = torch.stack(As), torch.stack(Bs)
         if proj == "gate_up_proj" and ex.spec.interleaved:  # rows [g0, u0, g1, u1, ...] (gpt-oss), not [g; u]
             i = ex.spec.intermediate_dim
@@ -497,7 +528,10 @@ def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) 
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter has lora_{''.join(ab)} but not its pair for '{mod}'")
         a, b = ab["A"], ab["B"]
-        if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1]:
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterError(f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B "
+                               f"{tuple(b.shape)}; Linear LoRA weights are 2-D matrices")
+        if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise AdapterError(
                 f"adapter tensors for '{mod}' have shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; the model's "
                 f"layer is {m.in_features}->{m.out_features}; is the adapter for another model?"
@@ -505,13 +539,15 @@ def _check_linear(model: nn.Module, linear: dict[str, dict[str, torch.Tensor]]) 
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False,
-                 adapter_name: str = "default"):
+                 adapter_name: str = "default", lora_dropout: float | None = None):
     """Attach a PEFT adapter to a hybrid model: Linear LoRA via PEFT on the compute device, expert LoRA on the CPU.
 
     Never merges into offloaded weights, never wraps expert weights, never rewrites adapter_config.json. When
     ``model`` is already a PeftModel, the Linear LoRA is added to it as the named adapter ``adapter_name`` (PEFT's
     ``add_adapter``; the active adapter is not changed). The routed-expert LoRA always replaces the entries of
     ``HybridExperts.lora`` it covers; the server keeps one such dict per adapter and swaps them.
+    lora_dropout: the Linear LoRA's dropout (a resumed training run passes its config's); default: the adapter's
+    ``adapter_config.json`` value (it only acts in train mode).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.utils import set_peft_model_state_dict
@@ -530,9 +566,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     linear, experts = split_adapter(base, cfg, sd)
     _check_linear(base, linear)
     r_default = int(cfg.get("r", 8))
-    rank_pattern = {f"^{re.escape(mod)}$": int(ab["A"].shape[0]) for mod, ab in linear.items()}
-    alpha_pattern = {f"^{re.escape(mod)}$": _alpha_for(cfg, mod) for mod in linear}
-    lcfg = LoraConfig(r=r_default, lora_alpha=float(cfg.get("lora_alpha", r_default)), lora_dropout=0.0,
+    alpha_default = float(cfg.get("lora_alpha", r_default))
+    # Patterns only where a module differs from the defaults: a resumed run re-saves the config it started with.
+    rank_pattern = {f"^{re.escape(mod)}$": int(ab["A"].shape[0]) for mod, ab in linear.items()
+                    if int(ab["A"].shape[0]) != r_default}
+    alpha_pattern = {f"^{re.escape(mod)}$": _alpha_for(cfg, mod) for mod in linear if _alpha_for(cfg, mod) != alpha_default}
+    dropout = float(cfg.get("lora_dropout") or 0.0) if lora_dropout is None else lora_dropout
+    lcfg = LoraConfig(r=r_default, lora_alpha=alpha_default, lora_dropout=dropout,
                       target_modules=sorted(linear) or [], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       bias="none", inference_mode=not trainable)
     base.hybridmoe.lora_config = lcfg

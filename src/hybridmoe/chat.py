@@ -44,11 +44,11 @@ def _load(args):
     from .adapters import load_adapter, merge_adapter
     from .loading import load_model, load_tokenizer
 
+    tok = load_tokenizer(args.model, args.chat_template)  # first: a bad --chat-template is named before the slow load
     model = load_model(args.model, device=args.device, dtype=args.dtype, progress=args.prompt is None,
                        expert_dtype=getattr(args, "expert_dtype", None),
                        stream_min_tokens=getattr(args, "stream_min_tokens", None),
                        stream_slots=getattr(args, "stream_slots", 2))
-    tok = load_tokenizer(args.model, args.chat_template)
     if args.adapter:
         model = load_adapter(model, args.adapter)
         if args.merge:

@@ -9,6 +9,7 @@ hub layout ``experts.{e}.gate_proj/up_proj/down_proj.weight`` (or ``w1/w3/w2``) 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -123,6 +124,12 @@ class KeyMapper:
 def _check_dir(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
+        try:
+            os.stat(p)
+        except OSError as e:  # exists() is False for any error: a symlink loop or no permission is not "missing"
+            if e.errno not in (None, errno.ENOENT):
+                raise CheckpointError(f"model directory '{p}' cannot be opened: {os.strerror(e.errno)}; pass a "
+                                      "directory holding config.json and *.safetensors") from None
         raise CheckpointError(f"model directory '{p}' does not exist; pass a directory holding config.json and *.safetensors")
     if not p.is_dir():
         raise CheckpointError(f"model path '{p}' is not a directory; pass a directory holding config.json and *.safetensors")

@@ -106,7 +106,7 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_merged
 
-    print(export_merged(args.model, args.adapter, args.output))
+    print(export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite))
     return 0
 
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--adapter", required=True)
     e.add_argument("--output", required=True)
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output folder that is not a previous export")
     e.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (several adapters, batched decode)",
@@ -315,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hybridmoe: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a filesystem fault no inner layer put into words (e.g. a path removed while in use)
+        from .io import fs_error
+
+        print(f"hybridmoe: error: {_rank_prefix()}{fs_error(e, 'cannot access', '?')}", file=sys.stderr)
+        return 2
     except _oom_types():  # outside a step or a reply (those raise GPUOutOfMemoryError): loading the model
         print(f"hybridmoe: error: {_rank_prefix()}{_load_oom_line()}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,15 +114,8 @@ class TrainConfig:
         for key in ("model_name_or_path", "dataset", "output_dir"):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required")
-        positive = ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
-                    "logging_steps", "max_consecutive_skipped")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for key, interval in RANGES.items():
+            _check_range(key, getattr(self, key), interval)
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
@@ -130,12 +124,6 @@ class TrainConfig:
             raise ConfigError(f"hybridmoe trains stage=sft with finetuning_type=lora, got {self.stage}/{self.finetuning_type}")
         if self.bf16 and self.dtype is None:
             self.dtype = "bfloat16"
-        if self.stream_min_tokens is not None and self.stream_min_tokens < 0:
-            raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {self.stream_min_tokens}")
-        if self.stream_slots < 2:
-            raise ConfigError(f"stream_slots must be >= 2 (one layer computing, one arriving), got {self.stream_slots}")
-        if self.ddp_timeout < 1:
-            raise ConfigError(f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
         if self.expert_grad_reduce not in ("auto", "gloo"):
             raise ConfigError(f"expert_grad_reduce '{self.expert_grad_reduce}' is not one of auto, gloo")
         if self.save_steps < 0 or self.save_total_limit < 1:
@@ -182,6 +170,47 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+
+# The valid range of every numeric key, in interval notation ("[" includes the bound, "(" excludes it). A value
+# must also be finite (NaN compares false with everything, so it would slip through a plain comparison).
+RANGES: dict[str, str] = {
+    "cutoff_len": "[1, inf)",
+    "lora_rank": "[1, inf)",
+    "lora_alpha": "(0, inf)",
+    "lora_dropout": "[0, 1)",
+    "learning_rate": "(0, inf)",
+    "num_train_epochs": "[0, inf)",  # 0 only with max_steps > 0
+    "max_steps": "[-1, inf)",  # <= 0: num_train_epochs decides
+    "per_device_train_batch_size": "[1, inf)",
+    "gradient_accumulation_steps": "[1, inf)",
+    "max_grad_norm": "[0, inf)",  # 0: no clipping
+    "weight_decay": "[0, inf)",
+    "warmup_ratio": "[0, 1]",
+    "warmup_steps": "[0, inf)",
+    "seed": "[0, 18446744073709551615]",  # torch.manual_seed takes 64-bit seeds
+    "logging_steps": "[1, inf)",
+    "save_steps": "[0, inf)",  # 0: only the final adapter
+    "save_total_limit": "[1, inf)",
+    "max_consecutive_skipped": "[1, inf)",
+    "stream_min_tokens": "[0, inf)",  # 0 keeps the experts on the CPU
+    "stream_slots": "[2, inf)",  # one layer computing, one arriving
+    "ddp_timeout": "[1, inf)",  # seconds
+}
+
+
+def _bound(text: str) -> float | int:
+    return int(text) if text.lstrip("-").isdigit() else float(text)  # exact for 64-bit integers
+
+
+def _check_range(key: str, value, interval: str) -> None:
+    if value is None:  # an optional key left unset
+        return
+    lo, hi = (_bound(x.strip()) for x in interval[1:-1].split(","))
+    finite = isinstance(value, int) or math.isfinite(value)  # (an int may be too large for a float)
+    ok = finite and (lo <= value if interval[0] == "[" else lo < value) and (
+        value <= hi if interval[-1] == "]" else value < hi)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be in {interval}, got {value}")
 
 
 def _coerce(key: str, value: Any, field_type: str) -> Any:
@@ -236,13 +265,17 @@ def load_config(source: str | os.PathLike | dict | TrainConfig, overrides: dict 
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # yaml's messages span lines
+            raise ConfigError(f"{where}: malformed YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the YAML must be a mapping of config keys, got {type(data).__name__}")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     data.update(overrides or {})
     # LLaMA-Factory's keys: implemented ones become fields; the others warn once each (lf_compat.py)
+    for key in data:
+        if not isinstance(key, str):  # YAML allows `0: x` or `null: x` as keys
+            raise ConfigError(f"config key {key!r} is not a name; config keys are strings such as 'learning_rate'")
     raw, warnings = classify(data, _FIELDS)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank parses the config; rank 0 tells
         for line in warnings:

@@ -48,6 +48,8 @@ log = logging.getLogger("hybridmoe")
 # any tool that prefers that format.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 _SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
+# Written into every export: it marks a folder that a later export may replace without --overwrite.
+EXPORT_MARKER = "hybridmoe_export.json"
 _COPYTREE_IGNORE = shutil.ignore_patterns(".*", *_SKIP_NAMES, *(f"*{suffix}" for suffix in _SKIP_SUFFIXES))
 
 
@@ -294,8 +296,9 @@ def _is_within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _check_paths(model_dir: Path, adapter_dir: Path, output_dir: Path) -> None:
-    """Refuse outputs that would overwrite, contain or sit inside the inputs, and non-checkpoint directories."""
+def _check_paths(model_dir: Path, adapter_dir: Path, output_dir: Path, overwrite: bool = False) -> None:
+    """Refuse outputs that would overwrite, contain or sit inside the inputs, and non-empty folders that are not a
+    previous export (another model's folder, say) unless `overwrite`."""
     if _is_within(output_dir, model_dir) or _is_within(model_dir, output_dir):
         raise CheckpointError(f"output directory '{output_dir}' must not be, contain or be inside the model directory "
                               f"'{model_dir}'; pass a new directory")
@@ -305,13 +308,14 @@ def _check_paths(model_dir: Path, adapter_dir: Path, output_dir: Path) -> None:
     if output_dir.exists():
         if not output_dir.is_dir():
             raise CheckpointError(f"output path '{output_dir}' exists and is not a directory; pass a new directory")
-        if any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
-            raise CheckpointError(f"output directory '{output_dir}' is not empty and holds no checkpoint; it would be "
-                                  "replaced, so pass a new or empty directory")
+        if not overwrite and any(output_dir.iterdir()) and not (output_dir / EXPORT_MARKER).is_file():
+            raise CheckpointError(f"output directory '{output_dir}' is not empty and is not a previous export (no "
+                                  f"{EXPORT_MARKER}); it would be replaced: pass a new or empty directory, or "
+                                  "--overwrite to replace it")
 
 
 def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, overwrite: bool = False) -> Path:
     """Merge the adapter in `adapter_dir` into the checkpoint in `model_dir` and write it to `output_dir`.
 
     The output has the base checkpoint's shard file names, tensor names, dtypes and index, with config, generation
@@ -321,7 +325,7 @@ def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, 
     model_path = Path(model_dir).expanduser().resolve()
     adapter_path = Path(adapter_dir).expanduser().resolve()
     out_path = Path(output_dir).expanduser().resolve()
-    _check_paths(model_path, adapter_path, out_path)
+    _check_paths(model_path, adapter_path, out_path, overwrite)
     ckpt = Checkpoint(model_path)
     model = _meta_model(model_path)
     # The export copies tensors it does not merge, but a checkpoint whose format we do not understand is refused
@@ -341,6 +345,8 @@ def export_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, 
         if (model_path / INDEX_NAME).is_file():
             _write_index(ckpt, tmp, plan, total)
         _copy_side_files(model_path, tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_by": "hybridmoe export", "model": str(model_path),
+                                                     "adapter": str(adapter_path)}, indent=2) + "\n")
 
     atomic_replace_dir(out_path, write)
     n_merged = sum(t is not None for keys in plan.values() for t in keys.values())

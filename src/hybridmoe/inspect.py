@@ -143,6 +143,9 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
     for f in files:
         # the fused file's keys ("layers.{L}.experts.gate_lora_a") sort into routed_experts by their segments
         for name, tensor in _tensors(f):
+            if not tensor.is_floating_point():  # not a LoRA weight: chat and export refuse it too, so no "OK"
+                raise AdapterError(f"adapter tensor '{name}' in {f} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                   "LoRA weights must be floating point: the file is not a LoRA adapter")
             if stats[component_of(name)].add(tensor):
                 nonfinite.append(name)
     report = {

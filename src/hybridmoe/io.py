@@ -7,11 +7,69 @@ POSIX within one filesystem). A crash, SIGKILL or full disk mid-write leaves the
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from .errors import FileSystemError
+
+# What to do about each filesystem errno a user can cause; the line names the path and the errno's meaning too.
+_ADVICE = {
+    errno.ENOSPC: "free space on that filesystem or choose another directory",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another directory",
+    errno.EFBIG: "the file-size limit was reached (ulimit -f): raise it or choose another directory",
+    errno.EROFS: "the filesystem is read-only: choose a writable directory",
+    errno.EACCES: "check the permissions or choose another directory",
+    errno.EPERM: "check the permissions or choose another directory",
+    errno.EEXIST: "a file is in the way of a directory: remove it or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EISDIR: "the path is a directory, not a file",
+    errno.ENOENT: "the path (or its folder) does not exist or was removed while in use",
+    errno.ELOOP: "the path is a loop of symbolic links",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EIO: "the device reported an I/O error: check the disk",
+}
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an I/O error
+
+
+def errno_of(exc: BaseException) -> int | None:
+    """The errno of an OSError, or of a safetensors error that wraps one (its text ends in "(os error N)")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    m = _OS_ERROR_IN_TEXT.search(str(exc))
+    return int(m.group(1)) if m else None
+
+
+def fs_error(exc: BaseException, what: str, path: str | os.PathLike) -> FileSystemError:
+    """One line for a failed filesystem operation: what, the path, the errno's meaning and the fix."""
+    code = errno_of(exc)
+    meaning = os.strerror(code) if code else " ".join(str(exc).split())
+    name = f" [{errno.errorcode.get(code, code)}]" if code else ""
+    where = getattr(exc, "filename", None) or path
+    if Path(where).name.startswith(".tmp-"):  # our own temp sibling: name what the user asked to write
+        where = path
+    advice = _ADVICE.get(code, "check the path")
+    return FileSystemError(f"{what} '{where}': {meaning}{name}; {advice}")
+
+
+@contextlib.contextmanager
+def fs_errors(what: str, path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError (or a safetensors I/O error) inside the block into one FileSystemError line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as e:
+        raise fs_error(e, what, path) from None
+    except SafetensorError as e:
+        if errno_of(e) is None:
+            raise
+        raise fs_error(e, what, path) from None
 
 
 def _umask() -> int:
@@ -45,8 +103,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _cleanup_stale(parent: Path, stem: str) -> None:
-    for p in parent.glob(f".tmp-{stem}-*"):
+    recover_interrupted(parent, stem)
+
+
+def _recover_one(parent: Path, p: Path) -> None:
+    m = re.fullmatch(r"\.tmp-(.+)-old", p.name)
+    if m and p.is_dir() and not (parent / m.group(1)).exists():
+        os.replace(p, parent / m.group(1))  # killed between the two renames of atomic_replace_dir: put it back
+    elif p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def recover_interrupted(parent: Path, stem: str | None = None) -> list[str]:
+    """Undo what killed writes (of `stem`, or of anything) left in `parent`: a directory renamed aside
+    (``.tmp-NAME-old``) whose replacement never arrived is put back, every other ``.tmp-*`` entry is removed.
+    Returns the names found."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    found = sorted(parent.glob(f".tmp-{stem}-*" if stem else ".tmp-*"))
+    for p in found:
+        _recover_one(parent, p)
+    return [p.name for p in found]
 
 
 def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterable[str] | None = None) -> Path:
@@ -56,6 +136,11 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterab
     old weights); None publishes every file ``write`` made, in the order it wrote them.
     """
     out_dir = Path(out_dir)
+    with fs_errors("cannot write", out_dir):
+        return _atomic_write_dir(out_dir, write, names)
+
+
+def _atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterable[str] | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(out_dir.parent, out_dir.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=str(out_dir.parent)))
@@ -78,6 +163,11 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], names: Iterab
 def atomic_replace_dir(final: Path, write: Callable[[Path], None]) -> Path:
     """Build a whole directory in a temp sibling, then rename it to `final` (replacing an older one)."""
     final = Path(final)
+    with fs_errors("cannot write", final):
+        return _atomic_replace_dir(final, write)
+
+
+def _atomic_replace_dir(final: Path, write: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=str(final.parent)))
@@ -104,15 +194,16 @@ def atomic_replace_dir(final: Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _as_umask(Path(tmp), directory=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with fs_errors("cannot write", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=str(path.parent))
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _as_umask(Path(tmp), directory=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

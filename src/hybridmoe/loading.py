@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, KeyMapper, read_config
+from .checkpoint import Checkpoint, KeyMapper, _check_dir, read_config
 from .errors import CheckpointError, ConfigError
 from .experts import HybridExperts, experts_spec, find_fused_experts
 from .experts.backends import ExpertSettings
@@ -347,6 +347,11 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
             log.warning("ignoring unreadable %s: %s", path / "generation_config.json", str(e).splitlines()[0])
 
 
+# A folder without any of these has no tokenizer (transformers would build a 1-token one from config.json alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer.tiktoken")
+
+
 def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None, trust_remote_code: bool = False):
     """The checkpoint's tokenizer; a chat template file or string may be given when it has none.
 
@@ -354,14 +359,54 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None, tr
     that ships tokenizer code instead of refusing it."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
+    p = _check_dir(path)  # a local folder: a missing one is named, never looked up as a hub repo id
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"'{p}' has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer "
+                              "files of the base model into it")
     try:
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load a tokenizer from '{p}': {str(e).splitlines()[0]}") from None
-    if chat_template is not None:
-        tpl = Path(chat_template)
-        tok.chat_template = tpl.read_text() if tpl.is_file() else chat_template
+    if len(tok) < 2:
+        raise CheckpointError(f"the tokenizer in '{p}' has {len(tok)} token(s); its files are incomplete: copy the "
+                              "tokenizer files of the base model into it")
+    if template is not None:
+        tok.chat_template = template
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template given as text or as a file. The rule: text with Jinja markup ("{%" or "{{") is the template
+    itself; anything else must name a readable file (so a mistyped path is an error, never a template). Either way
+    the template must parse."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .io import fs_error
+
+    if "{%" in value or "{{" in value:
+        text, where = value, "the chat template text"
+    else:
+        f = Path(value).expanduser()
+        where = f"chat template file '{f}'"
+        if f.is_dir():
+            raise ConfigError(f"{where} is a directory; pass a .jinja file or the template text itself")
+        if not f.is_file():
+            raise ConfigError(f"{where} does not exist; pass a .jinja file or the template text itself (text is "
+                              "taken as a template only when it holds Jinja markup such as {{ or {%)")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except OSError as e:
+            raise fs_error(e, "cannot read the chat template", f) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where} is not UTF-8 text") from None
+        if not text.strip():
+            raise ConfigError(f"{where} is empty")
+    try:
+        ImmutableSandboxedEnvironment().parse(text)  # what transformers renders it with
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"{where} is not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    return text

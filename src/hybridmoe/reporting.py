@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io import fs_errors
 
 log = logging.getLogger("hybridmoe")
 
@@ -87,7 +88,8 @@ class Reporter:
         return wandb.init(dir=str(output_dir), config=run_config, project=os.environ.get("WANDB_PROJECT", "hybridmoe"))
 
     def log(self, rec: dict[str, Any]) -> None:
-        with open(self.log_path, "a") as fh:
+        # a full disk or a vanished output_dir: one line naming the file (io.fs_errors), not a traceback
+        with fs_errors("cannot append to the training log", self.log_path), open(self.log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         step = rec["step"]
         scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -43,14 +45,27 @@ from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
 from .experts.streaming import model_streamer
 from .experts.watch import NonFiniteWatch
+from .io import fs_errors, recover_interrupted
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
 from .memory import card_usage, estimate_memory, format_oom
 from .reporting import Reporter, plot_loss
 from .train_data import build_datasets
-from .train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_checkpoint
+from .train_state import (
+    LOG_NAME,
+    checkpoint_problem,
+    latest_checkpoint,
+    load_train_state,
+    prune_checkpoints,
+    save_checkpoint,
+    saved_config,
+)
 
 log = logging.getLogger("hybridmoe")
+
+# The log of the run in progress. trainer_log.jsonl is the history of the adapter beside it: it is published with
+# the final adapter (and kept in each checkpoint-N up to step N), so a failed or killed run never replaces it.
+RUNNING_LOG = "trainer_log.running.jsonl"
 
 
 @dataclass
@@ -148,10 +163,12 @@ class _Setup:
         self.cfg, self.ctx = cfg, ctx
         out = Path(cfg.output_dir)
         if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        resume = self._resume_dir(out)
+            _prepare_output_dir(out)
+        self.resume = resume = self._resume_dir(out)
         if resume is None:
             _check_overwrite(out, cfg)
+        else:
+            _check_resume_config(resume, cfg, ctx)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
         data = build_datasets(cfg, self.tokenizer)
         self.dataset, self.eval_dataset = data.train, data.eval
@@ -170,8 +187,8 @@ class _Setup:
                           stream_min_tokens=cfg.stream_min_tokens, stream_slots=cfg.stream_slots)
         self.device = base.hybridmoe.device
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-        if resume is not None:
-            self.model = load_adapter(base, resume, trainable=True)
+        if resume is not None:  # the LoRA settings of this config (dropout included), the weights of the checkpoint
+            self.model = load_adapter(base, resume, trainable=True, lora_dropout=cfg.lora_dropout)
         else:
             self.model = apply_lora(base, cfg.lora_target, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
         if cfg.gradient_checkpointing:
@@ -209,6 +226,10 @@ class _Setup:
         p = Path(r)
         if not (p / "trainer_state.json").is_file():
             raise ConfigError(f"resume_from_checkpoint '{p}' is not a checkpoint directory (no trainer_state.json)")
+        problem = checkpoint_problem(p)
+        if problem is not None:
+            raise ConfigError(f"checkpoint '{p}' is damaged: {problem}; resume from an earlier checkpoint "
+                              "(resume_from_checkpoint: true picks the newest intact one)")
         return p
 
 
@@ -271,9 +292,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     via = distributed.expert_grad_device(ctx, cfg.expert_grad_reduce)
     main = ctx.is_main  # only rank 0 writes files, logs and draws the progress bar
     out = Path(cfg.output_dir)
-    log_path = out / "trainer_log.jsonl"
-    if main and st.step == 0 and log_path.exists():
-        log_path.unlink()
+    log_path = out / RUNNING_LOG  # published as trainer_log.jsonl with the final adapter (and each checkpoint)
+    if main:
+        _start_log(log_path, setup.resume, st.step)
     reporter = Reporter(log_path, cfg.report_to, Path(cfg.logging_dir or out / "runs"), cfg.to_dict()) if main else None
     evaluator = _Evaluator(setup, reporter)
     pad_id = setup.tokenizer.pad_token_id
@@ -471,7 +492,8 @@ def _checkpoint(path: Path, setup: _Setup) -> Path:
     moments = [t for s in setup.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     distributed.check_consistent([p for _, p in setup.named] + moments, ctx, "LoRA weights and optimizer state")
     if ctx.is_main:
-        save_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, setup.state, setup.cfg, rng=rng)
+        save_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, setup.state, setup.cfg, rng=rng,
+                        log_file=path.parent / RUNNING_LOG)
         prune_checkpoints(path.parent, setup.cfg.save_total_limit)
     ctx.barrier("saving a checkpoint")
     return path
@@ -558,12 +580,72 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# Settings a resumed run must share with its checkpoint: the LoRA's shape (else the weights and optimizer state do
+# not fit), and those that change the numbers (else the run is not the one the checkpoint continues; allowed, with a
+# warning). max_steps, save_steps, logging and placement may change freely.
+_RESUME_MUST_MATCH = ("lora_rank", "lora_alpha", "lora_target")
+_RESUME_SHOULD_MATCH = ("lora_dropout", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_ratio",
+                        "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
+                        "seed", "dataset", "expert_dtype", "max_grad_norm")
+
+
+def _check_resume_config(resume: Path, cfg: TrainConfig, ctx) -> None:
+    saved = saved_config(resume)
+    changed = [k for k in _RESUME_MUST_MATCH + _RESUME_SHOULD_MATCH if k in saved and saved[k] != getattr(cfg, k)]
+    diff = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+    if any(k in _RESUME_MUST_MATCH for k in changed):
+        raise ConfigError(f"checkpoint '{resume}' was trained with other LoRA settings ({diff}); resume with the "
+                          "checkpoint's lora_rank, lora_alpha and lora_target")
+    if changed and ctx.is_main:
+        log.warning("resuming %s with changed settings (%s): the run will differ from an uninterrupted one",
+                    resume, diff)
+
+
+def _prepare_output_dir(out: Path) -> None:
+    """Create output_dir, and clean up after a killed run: temp folders of interrupted saves are removed (a
+    checkpoint renamed aside mid-replace is put back)."""
+    with fs_errors("cannot create output_dir", out):
+        out.mkdir(parents=True, exist_ok=True)
+        found = recover_interrupted(out) + recover_interrupted(out.parent, out.name)
+    if found:
+        log.info("cleaned up %d temp folder(s) of interrupted saves in %s", len(found), out)
+
+
+def _start_log(path: Path, resume: Path | None, step: int) -> None:
+    """The running log starts empty, or, on resume, as the history up to the resumed step: the checkpoint's own
+    copy when it has one, else this run's running log cut at that step (the killed attempt's later lines go)."""
+    with fs_errors("cannot write the training log", path):
+        if resume is None:
+            path.unlink(missing_ok=True)
+            return
+        kept = resume / LOG_NAME
+        lines = kept.read_text().splitlines() if kept.is_file() else (
+            path.read_text().splitlines() if path.is_file() else [])
+        lines = [line for line in lines if _step_of_line(line) <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _step_of_line(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line of a killed run: dropped
+
+
 def _save_final(out: Path, model, tokenizer, cfg: TrainConfig) -> None:
+    running = out / RUNNING_LOG
+
     def extra(tmp: Path) -> None:  # tokenizer files may be binary (sentencepiece): saved as they are
         tokenizer.save_pretrained(str(tmp))
         (tmp / "hybridmoe_train.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # published with the adapter whose history it is (empty rather than an older run's beside this adapter)
+        if running.is_file():
+            shutil.copyfile(running, tmp / LOG_NAME)
+        else:
+            (tmp / LOG_NAME).write_text("")
 
     save_adapter(model, out, base_model_name=cfg.model_name_or_path, write_extra=extra)
+    running.unlink(missing_ok=True)
 
 
 __all__ = ["TrainResult", "named_trainable", "train"]
