@@ -126,8 +126,6 @@ class TrainConfig:
             self.dtype = "bfloat16"
         if self.expert_grad_reduce not in ("auto", "gloo"):
             raise ConfigError(f"expert_grad_reduce '{self.expert_grad_reduce}' is not one of auto, gloo")
-        if self.save_steps < 0 or self.save_total_limit < 1:
-            raise ConfigError("save_steps must be >= 0 and save_total_limit >= 1")
         self._validate_llamafactory_keys()
         return self
 
@@ -140,23 +138,13 @@ class TrainConfig:
 
         if self.template is not None:
             check_template_name(self.template)
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"max_samples must be >= 1 (or left out), got {self.max_samples}")
         if self.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
             raise ConfigError(f"mix_strategy '{self.mix_strategy}' is not one of concat, interleave_under, "
                               "interleave_over, interleave_once")
-        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
-            raise ConfigError(f"preprocessing_num_workers must be >= 1, got {self.preprocessing_num_workers}")
-        if self.val_size < 0:
-            raise ConfigError(f"val_size must be >= 0, got {self.val_size}")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ConfigError(f"val_size {self.val_size}: use a fraction < 1 or a whole number of records")
         if self.eval_strategy not in (None, "no", "steps", "epoch"):
             raise ConfigError(f"eval_strategy '{self.eval_strategy}' is not one of no, steps, epoch")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise ConfigError(f"eval_steps must be >= 1, got {self.eval_steps}")
-        if self.per_device_eval_batch_size < 1:
-            raise ConfigError(f"per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
         if self.disable_tqdm:
             self.progress = False
         from .reporting import parse_report_to
@@ -195,6 +183,15 @@ RANGES: dict[str, str] = {
     "stream_min_tokens": "[0, inf)",  # 0 keeps the experts on the CPU
     "stream_slots": "[2, inf)",  # one layer computing, one arriving
     "ddp_timeout": "[1, inf)",  # seconds
+    # LLaMA-Factory's keys (lf_compat.py)
+    "adam_beta1": "[0, 1)",
+    "adam_beta2": "[0, 1)",
+    "adam_epsilon": "(0, inf)",
+    "max_samples": "[1, inf)",  # per dataset; unset: all
+    "preprocessing_num_workers": "[1, inf)",
+    "val_size": "[0, inf)",  # a fraction < 1, or a whole number of records (checked below)
+    "eval_steps": "[1, inf)",
+    "per_device_eval_batch_size": "[1, inf)",
 }
 
 
