@@ -208,7 +208,7 @@ def test_fuzz_chat_request(body):
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
-    from hybridmoe.serve.app import _validation_error
+    from hybridmoe.serve.errors import validation_error
     from hybridmoe.serve.schemas import ChatCompletionRequest
 
     try:
@@ -216,7 +216,7 @@ def test_fuzz_chat_request(body):
     except ValidationError as e:
         # as FastAPI hands it to the app: the body's errors, located under "body"
         errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
-        api = _validation_error(RequestValidationError(errors))
+        api = validation_error(RequestValidationError(errors))
         assert api.status == 400 and api.message and "\n" not in api.message, api.message
         return
     assert all(isinstance(m.as_template_message()["content"], str) for m in req.messages)
