@@ -149,3 +149,11 @@ def test_readme_names_the_supported_architectures():
 def test_zoo_is_every_fused_moe_architecture_of_transformers():
     """A transformers upgrade that adds (or drops) a fused-experts causal LM shows here, to be added to the zoo."""
     assert set(scan_fused_moe_archs()) == set(ZOO_ARCHS)
+
+
+def test_an_unsupported_block_says_what_it_lacks(zoo_ckpt):
+    """LongCat-Flash's experts block routes to identity ("zero") experts that have no weights: refused with one line
+    that says so, not computed on."""
+    with pytest.raises(CheckpointError, match=r'identity \("zero"\) experts with no weights') as e:
+        load_model(zoo_ckpt("longcat_flash"), device="cpu", progress=False)
+    assert "\n" not in str(e.value)

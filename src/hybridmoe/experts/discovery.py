@@ -108,6 +108,11 @@ def experts_spec(name: str, module: nn.Module) -> ExpertsSpec:
         up, down = (up[0], up[2], up[1]), (down[0], down[2], down[1])
     e, up_rows, h = up
     e2, h2, i = down
+    if e > e2 and h == h2:
+        raise CheckpointError(
+            f"experts block '{name}' ({type(module).__name__}) has {e} experts in {up_name} but {e2} in down_proj: "
+            f"{e - e2} of them are identity (\"zero\") experts with no weights, which hybridmoe does not implement"
+        )
     if e != e2 or h != h2 or up_rows != (2 * i if gated else i):
         raise CheckpointError(
             f"experts block '{name}' has inconsistent shapes {up_name} {tuple(module._parameters[up_name].shape)} and "

@@ -150,8 +150,7 @@ ZOO_ARCHS = tuple(_ZOO_KW)
 # to edit when an expert variant lands: tests/test_architectures.py marks these xfail, and everything else in the zoo
 # is SUPPORTED_ARCHITECTURES, which errors and README name.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "longcat_flash": "expert variant: LongcatFlashExperts is not behind use_experts_implementation and has zero "
-                     "(identity) experts",
+    "longcat_flash": "expert variant: identity (\"zero\") experts, which have gate_up_proj rows but no down_proj",
 }
 
 # What hybridmoe supports = what tests/test_architectures.py runs and passes against transformers + PEFT.
