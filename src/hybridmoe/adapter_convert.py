@@ -42,6 +42,7 @@ from .adapters import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     _alpha_for,
+    _pattern_value,
     _strip,
     nonfinite_tensors,
     read_adapter,
@@ -139,14 +140,7 @@ def _stack_per_expert(cfg: dict, mod: str, part: str, experts: dict[int, dict[st
 
 
 def _rank_for(cfg: dict, name: str) -> int:
-    from peft.utils.other import get_pattern_key
-
-    pattern = cfg.get("rank_pattern") or {}
-    if pattern:
-        key = get_pattern_key(list(pattern), name)
-        if key in pattern and re.search(rf"(^|\.)({key})$", name):
-            return int(pattern[key])
-    return int(cfg.get("r", 8))
+    return int(_pattern_value(cfg, "rank_pattern", name, cfg.get("r", 8)))
 
 
 def _fused_parts(cfg: dict, mod: str, nests: dict[str, dict[str, torch.Tensor]]) -> dict[str, Factor]:

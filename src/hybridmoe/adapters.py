@@ -352,15 +352,20 @@ def _strip(key: str) -> str:
     return key.replace(".orig_module", "")
 
 
-def _alpha_for(cfg: dict, name: str) -> float:
+def _pattern_value(cfg: dict, pattern_key: str, name: str, default):
+    """`name`'s entry in the adapter config's ``rank_pattern`` / ``alpha_pattern`` (PEFT's matching), or `default`."""
     from peft.utils.other import get_pattern_key
 
-    pattern = cfg.get("alpha_pattern") or {}
+    pattern = cfg.get(pattern_key) or {}
     if pattern:
         key = get_pattern_key(list(pattern), name)
         if key in pattern and re.search(rf"(^|\.)({key})$", name):
-            return float(pattern[key])
-    return float(cfg.get("lora_alpha", cfg.get("r", 8)))
+            return pattern[key]
+    return default
+
+
+def _alpha_for(cfg: dict, name: str) -> float:
+    return float(_pattern_value(cfg, "alpha_pattern", name, cfg.get("lora_alpha", cfg.get("r", 8))))
 
 
 @dataclass
