@@ -70,12 +70,6 @@ def _quantization_config(model_dir: Path) -> dict | None:
     return None
 
 
-def quantization_method(model_dir: Path) -> str | None:
-    """The ``quant_method`` that config.json declares (``quantization_config`` or ``compression_config``), or None."""
-    q = _quantization_config(model_dir)
-    return None if q is None else str(q.get("quant_method") or "unknown")
-
-
 @dataclass(frozen=True)
 class Fp8Blocks:
     """FP8-e4m3 weights with float32 ``weight_scale_inv`` per [block_out, block_in] block (DeepSeek-V3/R1, Kimi-K2,

@@ -183,13 +183,13 @@ def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: 
 
 
 def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool,
-                    load_experts: bool = True) -> None:
-    """Read every checkpoint tensor once into its home. load_experts=False skips the routed-expert tensors (another
-    rank on this host fills the host-shared copy)."""
+                    fmt=None, load_experts: bool = True) -> None:
+    """Read every checkpoint tensor once into its home. fmt: the checkpoint's declared format
+    (:func:`~hybridmoe.formats.checkpoint_format`); load_experts=False skips the routed-expert tensors (another rank
+    on this host fills the host-shared copy)."""
     expected = {k: v for k, v in model.state_dict().items()}  # meta tensors: names and shapes only
     mapper = KeyMapper(model.config.model_type, expected)
     # Before any weight is read: every tensor is in a format we load, and every ignored one is provably unused.
-    fmt = checkpoint_format(ckpt.path)
     ignored = check_tensors(ckpt, model, set(experts), fmt)
     reader = WeightReader(ckpt, fmt)  # FP8: each weight dequantized with its scales as it is read
     loaded: set[str] = set()
@@ -294,11 +294,11 @@ def load_model(
     settings = ExpertSettings()
     if host_shared is None:
         experts = _swap_experts(model, edt, settings=settings)
-        _stream_weights(model, ckpt, experts, dev, dt, progress)
+        _stream_weights(model, ckpt, experts, dev, dt, progress, fmt)
     else:
         experts = _swap_experts(model, edt, device="meta", settings=settings)  # storage: the host-shared mapping
         with host_shared.hold(experts) as fill:  # local rank 0 fills; the others skip the expert tensors
-            _stream_weights(model, ckpt, experts, dev, dt, progress, load_experts=fill)
+            _stream_weights(model, ckpt, experts, dev, dt, progress, fmt, load_experts=fill)
     # Non-persistent buffers (rotary inv_freq) were built on the CPU; `to` moves them. Experts have no
     # parameters or buffers, so this cannot touch them.
     model.to(dev)
