@@ -30,6 +30,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, KeyMapper, read_tensor
 from .errors import CheckpointError
+from .experts.packed import PackedFormat, mxfp4_scales
 
 # safetensors dtype names the loader converts to the compute dtype.
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -96,13 +97,18 @@ class Mxfp4:
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> torch.Tensor:
-    """blocks [..., out, G, 16] uint8, scales [..., out, G] uint8 -> fp32 [..., out, G·32] (exact: every e2m1 value
-    times a power of two is an fp32 number)."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+def _check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> None:
+    if (blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape
+            or blocks.shape[-1] != 16):
         raise CheckpointError(f"tensors '{key}_blocks' {tuple(blocks.shape)} {blocks.dtype} and '{key}_scales' "
                               f"{tuple(scales.shape)} {scales.dtype} in '{f.name}' are not MXFP4 (uint8 [.., G, 16] "
                               "blocks with uint8 [.., G] exponents)")
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> torch.Tensor:
+    """blocks [..., out, G, 16] uint8, scales [..., out, G] uint8 -> fp32 [..., out, G·32] (exact: every e2m1 value
+    times a power of two is an fp32 number)."""
+    _check_mxfp4(blocks, scales, key, f)
     lut = torch.tensor(_E2M1, dtype=torch.float32)
     vals = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
     vals = vals.flatten(-3)  # [..., G·32]: within a byte, the low nibble is the earlier element
@@ -191,6 +197,21 @@ class WeightReader:
                 self.ckpt.key_to_file:
             return key[: -len("_blocks")]
         return key
+
+    def packed_format(self, key: str) -> PackedFormat | None:
+        """The 4-bit format `key` is stored in, when :meth:`read_packed` can hand it over as is (MXFP4 blocks)."""
+        if isinstance(self.fmt, Mxfp4) and self.logical(key) != key:
+            return PackedFormat("mxfp4", 32)
+        return None
+
+    def read_packed(self, handle, f: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales bf16
+        [..., out, in/group]); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks are that layout byte for byte)."""
+        blocks = read_tensor(handle, f, key)  # [..., out, G, 16] uint8
+        base = self.logical(key)
+        exps = self._companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
+        _check_mxfp4(blocks, exps, base, f)
+        return blocks.flatten(-2), mxfp4_scales(exps)
 
     def _companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
         cf = self.ckpt.key_to_file.get(ckey)
