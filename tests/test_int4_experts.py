@@ -19,11 +19,19 @@ import torch
 from torch import nn
 
 import hybridmoe
-from hybridmoe.adapters import apply_lora, merge_adapter
+from hybridmoe.adapters import merge_adapter
 from hybridmoe.cli import main
 from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
-from hybridmoe.experts.packed import (INT4_GROUP, PackedFormat, dequantize_packed, int4_group_for, pack_nibbles,
-                                      quantize_int4, quantize_mxfp4, unpack_nibbles)
+from hybridmoe.experts.packed import (
+    INT4_GROUP,
+    PackedFormat,
+    dequantize_packed,
+    int4_group_for,
+    pack_nibbles,
+    quantize_int4,
+    quantize_mxfp4,
+    unpack_nibbles,
+)
 from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.generation import SamplingConfig, generate
 
