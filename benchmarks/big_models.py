@@ -109,8 +109,15 @@ def build(args):
     """The hybrid model, assembled in place; returns (model, tokenizer)."""
     from hybridmoe.experts.backends import ExpertSettings
     from hybridmoe.host_embedding import embeddings_to_host
-    from hybridmoe.loading import (HybridMeta, _block_format, _build_empty, _set_tensor, _setup_streaming,
-                                   _swap_experts, resolve_expert_dtype)
+    from hybridmoe.loading import (
+        HybridMeta,
+        _block_format,
+        _build_empty,
+        _set_tensor,
+        _setup_streaming,
+        _swap_experts,
+        resolve_expert_dtype,
+    )
     from hybridmoe.testing import build_tokenizer
 
     dev = torch.device(args.device)
