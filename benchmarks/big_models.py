@@ -80,18 +80,26 @@ def _config(args):
     return AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
 
 
-def _fill_experts(ex, block: torch.Tensor) -> None:
-    """Random-looking weights in the experts' own format, written in place (no float copy)."""
+def _random_block(dtype: torch.dtype, nbytes: int = 64 << 20) -> torch.Tensor:
+    """nbytes of random values of `dtype` (floats N(0, 0.02); codes uniform), as uint8."""
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        n = nbytes // torch.finfo(dtype).bits * 8
+        return (torch.randn(n, generator=g) * 0.02).to(dtype).view(torch.uint8)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+
+
+def _fill_experts(ex) -> None:
+    """Random-looking weights in the experts' own format, written in place (no float copy): a random 64 MiB block
+    tiled over each tensor (a memcpy, so a 60 GB model builds in seconds)."""
     w = ex.weights
     for proj in ("gate_up_proj", "down_proj"):
         t = w.tensor(proj)
-        flat = t.view(-1).view(torch.uint8) if t.dtype in (torch.uint8, torch.int8) else None
-        if flat is not None:  # codes: the random block tiled over the tensor
-            for s in range(0, flat.numel(), block.numel()):
-                n = min(block.numel(), flat.numel() - s)
-                flat[s:s + n].copy_(block[:n])
-        else:
-            t.normal_(0, 0.02)
+        block = _random_block(t.dtype)
+        flat = t.view(-1).view(torch.uint8)
+        for s in range(0, flat.numel(), block.numel()):
+            n = min(block.numel(), flat.numel() - s)
+            flat[s:s + n].copy_(block[:n])
         if w.scales is not None:
             peak = 6.0 if w.packed is not None and w.packed.kind == "mxfp4" else (8.0 if w.packed else 127.0)
             scale = 0.05 / peak
@@ -128,10 +136,8 @@ def build(args):
     settings = ExpertSettings()
     fmt = resolve_expert_dtype(args.format, dev)
     experts = _swap_experts(model, fmt, settings=settings)
-    g = torch.Generator().manual_seed(0)
-    block = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, generator=g)
     for ex in experts.values():
-        _fill_experts(ex, block)
+        _fill_experts(ex)
     expert_bytes = sum(ex.weights.nbytes for ex in experts.values())
     expert_params = sum(ex.spec.num_experts * (ex.spec.shape("gate_up_proj")[1] * ex.spec.shape("gate_up_proj")[2]
                                                + ex.spec.shape("down_proj")[1] * ex.spec.shape("down_proj")[2])
