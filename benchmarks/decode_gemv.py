@@ -216,10 +216,11 @@ def _per_expert(fn, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _read_bandwidth(threads: int, gib: float = 2.0) -> float:
-    """Host memory read bandwidth, GB/s: the best of 5 sums over `gib` GiB of int32 with `threads` threads (the sum is
-    far cheaper than the reads; the buffer is 10x any L3)."""
+    """Host memory read bandwidth, GB/s: the best of 5 sums over `gib` GiB of fp32 with `threads` threads (torch's
+    vectorized, parallel reduction: far cheaper than the reads; an int32 sum is not vectorized and measures ~1/20 of
+    it); the buffer is 10x any L3."""
     torch.set_num_threads(threads)
-    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.int32)
+    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
