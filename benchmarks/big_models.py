@@ -181,11 +181,13 @@ def decode(model, tok, args) -> None:
 
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.decode_prompt,), generator=torch.Generator().manual_seed(1))
-    for i in range(2):  # the first call captures the graphs
+    runs = [(None, 0), (None, 1)] + [(share, 1) for share in args.gpu_shares]  # the first call captures the graphs
+    for share, i in runs:
+        model.hybridmoe.settings.gpu_share = share  # None: the default for the experts' format
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
-        emit({"bench": "decode", "model": args.model, "format": args.format, "call": i,
+        emit({"bench": "decode", "model": args.model, "format": args.format, "call": i, "gpu_share": share,
               "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
@@ -248,6 +250,7 @@ def main() -> None:
     p.add_argument("--stream-slots", type=int, default=2)
     p.add_argument("--decode-prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--gpu-shares", type=float, nargs="*", default=[], help="decode: also these GPU shares")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)

@@ -3,7 +3,8 @@
 #   PART=a: pytest -m gpu for the 4-bit paths; the decode kernel's int4 groups against the measured read bandwidth
 #           (AVX-512 and AVX2); V2-Lite built in place in bf16, int8 and int4, side by side in one run: build,
 #           batch-1 decode, 1024-token prefill, LoRA training 4 x 1024 (benchmarks/big_models.py)
-#   PART=b: gpt-oss-120b with MXFP4 experts as shipped, GLM-4.5-Air with int4 experts (big_models.py)
+#   PART=b: the kernel's 4-row int4 GEMV and the bit-built GPU dequantization re-measured (gemv, V2-Lite int4 with
+#           GPU shares); gpt-oss-120b with MXFP4 experts as shipped, GLM-4.5-Air with int4 experts (big_models.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -18,9 +19,12 @@ if [ "${PART:-a}" = a ]; then
     step v2lite_$f 110 $NOW python benchmarks/big_models.py --model v2-lite --format $f --steps 4 --prompt-len 1024 \
       --decode-prompt 1024 --new-tokens 32
   done
-else
-  step gptoss_mxfp4 280 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3 \
+elif [ "${PART}" = b ]; then
+  step gemv 70 $NOW python benchmarks/decode_gemv.py --layers 4 --calls 200 --int4-groups 64 128 32
+  step v2lite_int4 90 $NOW python benchmarks/big_models.py --model v2-lite --format int4 --steps 3 --prompt-len 1024 \
+    --decode-prompt 1024 --new-tokens 32 --gpu-shares 0 0.17 0.34
+  step gptoss_mxfp4 220 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3 \
     --prompt-len 1024 --new-tokens 32
-  step glm_air_int4 280 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
+  step glm_air_int4 200 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
     --prompt-len 1024 --new-tokens 32
 fi
