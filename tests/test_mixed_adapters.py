@@ -20,6 +20,7 @@ import hybridmoe
 from hybridmoe.adapters import apply_lora, base_model_of, save_adapter
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.row_lora import RowLoRA
+from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.serve.adapters import AdapterSet
 from hybridmoe.serve.prefill import prefill_batch
 
@@ -62,21 +63,28 @@ def _run(aset: AdapterSet, prompts: list[list[int]], rows: list[str | None]) -> 
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("arch,kernel", [("deepseek_v2", True), ("deepseek_v2", False), ("qwen2_moe", True),
-                                         ("llama4_text", True)])
-def test_mixed_batch_rows_equal_lone_rows(tmp_path, arch, kernel):
-    """base + alpha + beta in one batch == each alone, prefill and decode. deepseek_v2 twice: the compiled CPU kernel and the
-    torch per-expert loop (kernel off). qwen2_moe: its shared expert and shared-expert gate see [B·T, H] inputs
-    (our hook repeats each row's adapter name per token). llama4_text: dense expert dispatch; its chunked attention
-    is not left-padding safe (the server serves it one row per batch), so its prompts here have equal lengths."""
+@pytest.mark.parametrize("arch,experts", [("deepseek_v2", "kernel"), ("deepseek_v2", "loop"),
+                                          ("deepseek_v2", "streamed"), ("qwen2_moe", "kernel"),
+                                          ("llama4_text", "kernel")])
+def test_mixed_batch_rows_equal_lone_rows(tmp_path, arch, experts):
+    """base + alpha + beta in one batch == each alone, prefill and decode. deepseek_v2 three times: the compiled CPU
+    kernel, the torch per-expert loop (kernel off), and the streamed path (here onto the CPU: a 27-token prefill
+    streams, its three 9-token adapter groups alone would not; each group still runs streamed, the later ones from
+    the slot cache). qwen2_moe: its shared expert and shared-expert gate see [B·T, H] inputs (our hook repeats each
+    row's adapter name per token). llama4_text: dense expert dispatch; its chunked attention is not left-padding
+    safe (the server serves it one row per batch), so its prompts here have equal lengths."""
     aset = _adapter_set(tmp_path, arch)
-    base_model_of(aset.model).hybridmoe.settings.cpu_kernel = kernel  # shared by the model's experts blocks
+    base = base_model_of(aset.model)
+    base.hybridmoe.settings.cpu_kernel = experts != "loop"  # shared by the model's experts blocks
+    streamer = enable_streaming(base, "cpu", min_tokens=12) if experts == "streamed" else None
     if arch == "llama4_text":
         prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38], [46, 26, 43, 38, 32]]
     else:
         prompts = [[3, 14, 15, 92, 65, 35, 89], [79, 32, 38], [46, 26, 43, 38, 32, 79, 50, 28, 84]]
     rows = [None, "alpha", "beta"]
     mixed = _run(aset, prompts, rows)
+    if streamer is not None:  # the prefill: every layer acquired once per adapter group, copied once
+        assert streamer.stats.hits + streamer.stats.copies == 3 * len(aset.experts)
     for i, (prompt, adapter) in enumerate(zip(prompts, rows)):
         alone = _run(aset, [prompt], [adapter])[0]
         err = (mixed[i] - alone).abs().max().item()

@@ -670,13 +670,21 @@ class HybridExperts(nn.Module):
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
         if self.row_lora is not None:  # rows of several adapters: the call below once per adapter's tokens
-            groups = self.row_lora.token_groups(hidden_states.shape[0]) if token_groups is None else token_groups
-            return self.row_lora.run(self, hidden_states, top_k_index, top_k_weights, groups, self._one_lora_forward)
+            t = hidden_states.shape[0]
+            groups = self.row_lora.token_groups(t) if token_groups is None else token_groups
+            return self.row_lora.run(self, hidden_states, top_k_index, top_k_weights, groups,
+                                     lambda h, i, w: self._one_lora_forward(h, i, w, whole=t))
         return self._one_lora_forward(hidden_states, top_k_index, top_k_weights)
 
-    def _one_lora_forward(self, hidden_states, top_k_index, top_k_weights):
-        """[T, H] -> [T, H]: every token with ``self.lora``."""
-        backend = choose_backend(self, hidden_states.shape[0], grad=torch.is_grad_enabled())
+    def _one_lora_forward(self, hidden_states, top_k_index, top_k_weights, whole: int | None = None):
+        """[T, H] -> [T, H]: every token with ``self.lora``. ``whole``: the tokens of the whole call when this is one
+        adapter's part of it; if the whole call streams the layer's weights to the device, so does each part (the
+        later parts find them in the slot cache), rather than small parts falling back to the CPU."""
+        grad = torch.is_grad_enabled()
+        backend = choose_backend(self, hidden_states.shape[0], grad=grad)
+        if whole is not None and backend in ("kernel", "cpu"):
+            streamed = choose_backend(self, whole, grad=grad)
+            backend = streamed if streamed in ("grouped", "device-loop") else backend
         if backend == "kernel":
             # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
             # One copy each to the CPU, already in the kernel's dtypes.
