@@ -33,6 +33,26 @@ TARGETS = {"deepseek_v2": ("all", "q_proj,kv_b_proj,experts"), "qwen2_moe": ("al
 FED = [7, 42, 99]  # tokens fed after the prefill, the same for every run (no sampling: greedy ties cannot diverge)
 
 
+@pytest.fixture(scope="module")
+def adapter_sets(tmp_path_factory):
+    """arch -> its AdapterSet, built once per module (tests reset what they change: kernel switch, streaming)."""
+    built: dict[str, AdapterSet] = {}
+
+    def get(arch: str) -> AdapterSet:
+        if arch not in built:
+            built[arch] = _adapter_set(tmp_path_factory.mktemp(arch), arch)
+        return built[arch]
+
+    # One torch thread: the tiny model's ops are too small to split, and on a busy 2-core CI machine two OpenMP
+    # threads make each forward many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield get
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _adapter_set(root, arch: str) -> AdapterSet:
     """The tiny `arch` model with adapters `alpha` and `beta` loaded (random non-zero LoRA B everywhere)."""
     make = make_zoo_checkpoint if arch == "llama4_text" else make_checkpoint
@@ -66,17 +86,25 @@ def _run(aset: AdapterSet, prompts: list[list[int]], rows: list[str | None]) -> 
 @pytest.mark.parametrize("arch,experts", [("deepseek_v2", "kernel"), ("deepseek_v2", "loop"),
                                           ("deepseek_v2", "streamed"), ("qwen2_moe", "kernel"),
                                           ("llama4_text", "kernel")])
-def test_mixed_batch_rows_equal_lone_rows(tmp_path, arch, experts):
+def test_mixed_batch_rows_equal_lone_rows(adapter_sets, arch, experts):
     """base + alpha + beta in one batch == each alone, prefill and decode. deepseek_v2 three times: the compiled CPU
     kernel, the torch per-expert loop (kernel off), and the streamed path (here onto the CPU: a 27-token prefill
     streams, its three 9-token adapter groups alone would not; each group still runs streamed, the later ones from
     the slot cache). qwen2_moe: its shared expert and shared-expert gate see [B·T, H] inputs (our hook repeats each
     row's adapter name per token). llama4_text: dense expert dispatch; its chunked attention is not left-padding
     safe (the server serves it one row per batch), so its prompts here have equal lengths."""
-    aset = _adapter_set(tmp_path, arch)
+    aset = adapter_sets(arch)
     base = base_model_of(aset.model)
     base.hybridmoe.settings.cpu_kernel = experts != "loop"  # shared by the model's experts blocks
     streamer = enable_streaming(base, "cpu", min_tokens=12) if experts == "streamed" else None
+    try:
+        _check_mixed_equals_lone(aset, arch, streamer)
+    finally:
+        base.hybridmoe.settings.cpu_kernel = True
+        enable_streaming(base, "cpu", min_tokens=0)  # off
+
+
+def _check_mixed_equals_lone(aset: AdapterSet, arch: str, streamer) -> None:
     if arch == "llama4_text":
         prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38], [46, 26, 43, 38, 32]]
     else:
@@ -100,10 +128,10 @@ def test_mixed_batch_rows_equal_lone_rows(tmp_path, arch, experts):
     assert aset._row_names is None and all(ex.row_lora is None for ex in aset.experts.values())
 
 
-def test_row_lora_groups_tokens_and_is_inference_only(tmp_path):
+def test_row_lora_groups_tokens_and_is_inference_only(adapter_sets):
     """RowLoRA: rows with the same LoRA objects (or none) share a group; tokens of a flattened [B·T] batch map to
     their row; a forward with gradients is refused (autograd's backward would read the wrong LoRA)."""
-    aset = _adapter_set(tmp_path, "deepseek_v2")
+    aset = adapter_sets("deepseek_v2")
     name, ex = next(iter(aset.experts.items()))
     a, b = aset.expert_lora["alpha"][name], aset.expert_lora["beta"][name]
     rl = RowLoRA([{}, a, dict(a), b, {}])  # a copy of a's dict holds the same LoRA objects: the same group
@@ -111,34 +139,41 @@ def test_row_lora_groups_tokens_and_is_inference_only(tmp_path):
     assert rl.token_groups(10).tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 0, 0]
     with pytest.raises(RuntimeError, match="row-major"):
         rl.token_groups(7)
-    ex.row_lora = rl
+    aset.use([None])
     x = torch.randn(5, ex.spec.hidden_dim, requires_grad=True)
     ids = torch.zeros(5, 2, dtype=torch.long)
     ids[:, 1] = 1
-    with pytest.raises(RuntimeError, match="inference only"):
-        ex(x, ids, torch.full((5, 2), 0.5))
-    assert ex.lora is not a and ex.lora is not b  # nothing swapped in was left behind
-    ex.row_lora = None
+    ex.row_lora = rl
+    try:
+        with pytest.raises(RuntimeError, match="inference only"):
+            ex(x, ids, torch.full((5, 2), 0.5))
+        assert ex.lora == {}  # nothing swapped in was left behind
+    finally:
+        ex.row_lora = None
 
 
-def test_row_lora_on_experts_block_equals_group_alone(tmp_path):
+def test_row_lora_on_experts_block_equals_group_alone(adapter_sets):
     """One experts block, straight: tokens of three groups in one call == each group's tokens called alone with its
     LoRA (bit for bit: each group runs the same call on the same rows)."""
-    aset = _adapter_set(tmp_path, "deepseek_v2")
+    aset = adapter_sets("deepseek_v2")
     name, ex = next(iter(aset.experts.items()))
     loras = [{}, aset.expert_lora["alpha"][name], aset.expert_lora["beta"][name]]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, ex.spec.hidden_dim, generator=g)
     ids = torch.randint(0, ex.num_experts, (6, 2), generator=g)
     w = torch.rand(6, 2, generator=g)
-    with torch.inference_mode():
-        ex.row_lora = RowLoRA(loras)  # 3 rows x 2 tokens
-        got = ex(x, ids, w)
-        ex.row_lora = None
-        for r, lora in enumerate(loras):
-            ex.lora = lora
-            want = ex(x[2 * r : 2 * r + 2], ids[2 * r : 2 * r + 2], w[2 * r : 2 * r + 2])
-            assert torch.equal(got[2 * r : 2 * r + 2], want)
-        ex.lora = loras[1]
-        assert not torch.equal(ex(x[:2], ids[:2], w[:2]), got[:2])  # the LoRA matters for these tokens
+    aset.use([None])
+    try:
+        with torch.inference_mode():
+            ex.row_lora = RowLoRA(loras)  # 3 rows x 2 tokens
+            got = ex(x, ids, w)
+            ex.row_lora = None
+            for r, lora in enumerate(loras):
+                ex.lora = lora
+                want = ex(x[2 * r : 2 * r + 2], ids[2 * r : 2 * r + 2], w[2 * r : 2 * r + 2])
+                assert torch.equal(got[2 * r : 2 * r + 2], want)
+            ex.lora = loras[1]
+            assert not torch.equal(ex(x[:2], ids[:2], w[:2]), got[:2])  # the LoRA matters for these tokens
+    finally:
+        ex.lora, ex.row_lora = {}, None  # the base model, as aset.use([None]) left it
     assert isinstance(ex, HybridExperts)
