@@ -670,10 +670,8 @@ class HybridExperts(nn.Module):
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
         if self.row_lora is not None:  # rows of several adapters: the call below once per adapter's tokens
-            t = hidden_states.shape[0]
-            groups = self.row_lora.token_groups(t) if token_groups is None else token_groups
-            return self.row_lora.run(self, hidden_states, top_k_index, top_k_weights, groups,
-                                     lambda h, i, w: self._one_lora_forward(h, i, w, whole=t))
+            return self.row_lora.forward(self, hidden_states, top_k_index, top_k_weights, token_groups,
+                                         self._one_lora_forward)
         return self._one_lora_forward(hidden_states, top_k_index, top_k_weights)
 
     def _one_lora_forward(self, hidden_states, top_k_index, top_k_weights, whole: int | None = None):

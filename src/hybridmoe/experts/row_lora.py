@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from .backends import choose_backend
+
 
 class RowLoRA:
     """The expert LoRA of each row of a batch of ``B`` sequences, for one experts block.
@@ -43,7 +45,10 @@ class RowLoRA:
                 self.loras.append(lora)
             groups.append(keys.index(key))
         self.row_group = torch.tensor(groups, dtype=torch.long)  # [B] cpu
-        self._tokens: dict[int, torch.Tensor] = {}  # token count -> [T] group per token (prefill chunks repeat)
+        self._tokens: dict[int, torch.Tensor] = {}  # token count -> [T] group per token
+        # (token count, device) -> the parts of a call: (group's LoRA dict, its token indices); every layer of a
+        # forward asks for the same ones
+        self._parts: dict[tuple[int, torch.device], list[tuple[dict, torch.Tensor]]] = {}
 
     @property
     def rows(self) -> int:
@@ -59,29 +64,45 @@ class RowLoRA:
             out = self._tokens[tokens] = self.row_group.repeat_interleave(tokens // self.rows)
         return out
 
-    def run(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-            groups: torch.Tensor, compute: Callable) -> torch.Tensor:
-        """``compute(hidden, top_k_index, top_k_weights)`` [n, H] once per group of ``groups`` (the group of each
-        row of ``hidden``, int64 CPU), with ``module.lora`` set to that group's dict; the results in row order."""
+    def split(self, groups: torch.Tensor, device: torch.device) -> list[tuple[dict, torch.Tensor]]:
+        """(LoRA dict, indices on ``device``) per group present in ``groups`` (the group of each row, int64 CPU)."""
+        return [(self.loras[g], (groups == g).nonzero().flatten().to(device)) for g in groups.unique().tolist()]
+
+    def forward(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                groups: torch.Tensor | None, compute: Callable) -> torch.Tensor:
+        """The experts call ``compute(hidden, top_k_index, top_k_weights, whole=T)`` -> [n, H] once per group, with
+        ``module.lora`` set to the group's dict; the results in row order, on ``hidden``'s device.
+
+        ``groups``: the group of each row of ``hidden`` (int64 CPU); None: rows are the tokens of the flattened batch.
+        Where the whole call would compute on the CPU (the kernel or the torch loop), the activations cross to the
+        CPU once for all groups, not once per group; where it streams the weights, everything stays on the device.
+        """
         if torch.is_grad_enabled():
             raise RuntimeError("per-row expert LoRA (HybridExperts.row_lora) is for inference only; clear it before "
                                "a forward with gradients")
-        present = groups.unique().tolist()
-        if not present:  # no tokens (a dense-dispatch layer where no expert was picked)
-            return compute(hidden, top_k_index, top_k_weights)
+        t, device = hidden.shape[0], hidden.device
+        where = device
+        if device.type != "cpu" and choose_backend(module, t, grad=False) in ("kernel", "cpu"):
+            where = torch.device("cpu")
+            hidden, top_k_index, top_k_weights = (x.to(where) for x in (hidden, top_k_index, top_k_weights))
+        if groups is not None:
+            parts = self.split(groups, where)
+        else:
+            parts = self._parts.get((t, where))
+            if parts is None:
+                parts = self._parts[(t, where)] = self.split(self.token_groups(t), where)
         saved = module.lora
         try:
-            if len(present) == 1:  # every token in one group (e.g. adapters without expert LoRA): no gather
-                module.lora = self.loras[present[0]]
-                return compute(hidden, top_k_index, top_k_weights)
+            if len(parts) <= 1:  # one group (e.g. adapters without expert LoRA), or no tokens: no gather
+                module.lora = parts[0][0] if parts else saved
+                return compute(hidden, top_k_index, top_k_weights, whole=t).to(device)
             out = None
-            for g in present:
-                idx = (groups == g).nonzero().flatten().to(hidden.device)  # [n]
-                module.lora = self.loras[g]
-                y = compute(hidden[idx], top_k_index[idx], top_k_weights[idx])  # [n, H]
+            for lora, idx in parts:
+                module.lora = lora
+                y = compute(hidden[idx], top_k_index[idx], top_k_weights[idx], whole=t)  # [n, H]
                 if out is None:
-                    out = y.new_empty(hidden.shape[0], y.shape[1])  # [T, H]
+                    out = y.new_empty(t, y.shape[1])  # [T, H]
                 out[idx] = y
-            return out
+            return out.to(device)
         finally:
             module.lora = saved
