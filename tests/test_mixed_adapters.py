@@ -21,6 +21,7 @@ from hybridmoe.adapters import apply_lora, base_model_of, save_adapter
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.row_lora import RowLoRA
 from hybridmoe.experts.streaming import enable_streaming
+from hybridmoe.generation import input_device
 from hybridmoe.serve.adapters import AdapterSet
 from hybridmoe.serve.prefill import prefill_batch
 
@@ -53,8 +54,9 @@ def adapter_sets(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def _adapter_set(root, arch: str) -> AdapterSet:
-    """The tiny `arch` model with adapters `alpha` and `beta` loaded (random non-zero LoRA B everywhere)."""
+def _adapter_set(root, arch: str, **load) -> AdapterSet:
+    """The tiny `arch` model with adapters `alpha` and `beta` loaded (random non-zero LoRA B everywhere); ``load``:
+    extra arguments of the served model's hybridmoe.load (device, dtype, streaming)."""
     make = make_zoo_checkpoint if arch == "llama4_text" else make_checkpoint
     ckpt = make(arch, root / "base")
     for seed, (name, target) in enumerate(zip(("alpha", "beta"), TARGETS[arch]), start=1):
@@ -62,7 +64,7 @@ def _adapter_set(root, arch: str) -> AdapterSet:
         peft_model = apply_lora(model, target, rank=4, alpha=8, seed=seed)
         randomize_lora(peft_model, seed, 0.2)
         save_adapter(peft_model, root / name)
-    model, _ = hybridmoe.load(ckpt, device="cpu", progress=False)
+    model, _ = hybridmoe.load(ckpt, progress=False, **{"device": "cpu", **load})
     aset = AdapterSet(model)
     aset.load("alpha", root / "alpha")
     aset.load("beta", root / "beta")
@@ -79,8 +81,8 @@ def _run(aset: AdapterSet, prompts: list[list[int]], rows: list[str | None]) -> 
         out = [logits]
         for t in FED:
             aset.use(rows)
-            out.append(batch.step(torch.full((len(prompts), 1), t, dtype=torch.long)))
-    return torch.stack(out, dim=1)
+            out.append(batch.step(torch.full((len(prompts), 1), t, dtype=torch.long, device=input_device(aset.model))))
+    return torch.stack(out, dim=1).cpu()
 
 
 @pytest.mark.parametrize("arch,experts", [("deepseek_v2", "kernel"), ("deepseek_v2", "loop"),
@@ -102,6 +104,19 @@ def test_mixed_batch_rows_equal_lone_rows(adapter_sets, arch, experts):
     finally:
         base.hybridmoe.settings.cpu_kernel = True
         enable_streaming(base, "cpu", min_tokens=0)  # off
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stream_min_tokens", [0, 12])
+def test_mixed_batch_on_cuda(tmp_path, stream_min_tokens):
+    """On the GPU host, fp32: the model on cuda with its experts on the CPU (their activations cross to the CPU once
+    per layer for all adapter groups), or streamed to the GPU from 12 tokens on (the 27-token prefill's groups then
+    run grouped GEMMs on the GPU, the decode steps' on the CPU)."""
+    aset = _adapter_set(tmp_path, "deepseek_v2", device="cuda", dtype="float32", stream_min_tokens=stream_min_tokens)
+    streamer = next(iter(aset.experts.values())).streamer
+    assert (streamer is not None) == bool(stream_min_tokens)
+    _check_mixed_equals_lone(aset, "deepseek_v2", streamer)
 
 
 def _check_mixed_equals_lone(aset: AdapterSet, arch: str, streamer) -> None:
