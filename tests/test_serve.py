@@ -299,14 +299,16 @@ def test_batched_prefill_replies_equal_lone_replies(files):
 
 
 def test_chunked_batched_prefill_replies_equal_lone_replies(files):
-    """The same left-padded batches prefilled 24 padded tokens at a time (a few columns per forward, the first
-    chunks all padding for the short rows): every reply still equals its lone reply."""
-    jobs = [("alpha", q) for q in PREFILL_QUESTIONS]
+    """Left-padded batches prefilled 24 padded tokens at a time (a few columns per forward, the first chunks all
+    padding for the short rows), `alpha` and base-model rows in the same chunks: every reply still equals its lone
+    reply."""
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS[:3]] + [(BASE, q) for q in PREFILL_QUESTIONS[3:]]
     want = _solo_replies(files, jobs, 6)
     results, engine = _run_queued(files, jobs, 6, prefill_chunk_tokens=24)
     assert [want[j] for j in jobs] == results
     assert engine.stats["prefill_batches"] == 2 and engine.stats["max_prefill_batch"] == 4
     assert engine.stats["prefill_chunks"] > 2 * 4  # many chunks per batch
+    assert engine.stats["mixed_prefill_chunks"] == engine.stats["prefill_chunks"] - 1  # all but the lone first
 
 
 def test_failed_batched_prefill_is_retried_one_request_at_a_time(files, monkeypatch):

@@ -304,7 +304,6 @@ class Engine:
         prompts = [r.prompt_ids for r in {id(r.prompt_ids): r for r in reqs}.values()]  # in row order
         t0 = time.perf_counter()
         try:
-            self._use_adapters(_row_adapters(reqs, rows), prefill=True)
             device = input_device(self.adapters.model)
             for req in reqs:
                 prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)  # [1, T]
@@ -312,6 +311,7 @@ class Engine:
                                          diagnose=_diagnosis(req.adapter))
             padded = len(prompts) * max(len(p) for p in prompts)
             if padded <= self.prefill_chunk_tokens:
+                self._use_adapters(_row_adapters(reqs, rows), prefill=True)
                 logits, batch = prefill_batch(self.adapters.model, prompts, capacity=len(prompts))  # [U, V]
             else:
                 # chunk by chunk from the next loop iteration on, a decode step after each chunk
@@ -448,7 +448,8 @@ class Engine:
         self._drop(group, done)
 
     def _use_adapters(self, rows: list[str | None], prefill: bool) -> None:
-        """Set the adapter of each row of the next forward; count the forwards that mix adapters."""
+        """Set the adapter of each row of the next forward (call right before it: it counts the forwards that mix
+        adapters)."""
         self.adapters.use(rows)
         if len(set(rows)) > 1:
             self.stats["mixed_prefill_chunks" if prefill else "mixed_decode_steps"] += 1
