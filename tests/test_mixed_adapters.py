@@ -2,8 +2,9 @@
 
 A mixed batch (base row + adapter `alpha` row + adapter `beta` row; both adapters with attention LoRA and routed-expert LoRA,
 random non-zero B) must give each row the logits it gets when it runs alone with its adapter, through a batched
-prefill and decode steps fed the same tokens. The Linear LoRA runs PEFT's per-row ``adapter_names`` path and the
-routed experts one call per adapter group (hybridmoe.experts.row_lora).
+prefill and decode steps fed the same tokens. The Linear LoRA adds each adapter's LoRA on its rows
+(hybridmoe.serve.mixed_lora; checked against PEFT's own ``adapter_names`` path too) and the routed experts run one
+call per adapter group (hybridmoe.experts.row_lora).
 
 Tolerance: fp32 throughout; a batched forward has other matmul shapes than a lone one (and left padding), so rows
 may differ from their lone runs by float rounding. Seen here: ≤ 1e-6 absolute on logits of magnitude ~2; asserted
@@ -23,7 +24,7 @@ from hybridmoe.experts.row_lora import RowLoRA
 from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.generation import input_device
 from hybridmoe.serve.adapters import AdapterSet
-from hybridmoe.serve.prefill import prefill_batch
+from hybridmoe.serve.prefill import padded_inputs, prefill_batch
 
 from .helpers import make_checkpoint, make_zoo_checkpoint, randomize_lora
 
@@ -140,7 +141,33 @@ def _check_mixed_equals_lone(aset: AdapterSet, arch: str, streamer) -> None:
         assert (got - want).abs().max().item() <= ATOL
     # back to one adapter for every row: the plain paths, no per-row state left behind
     aset.use(["alpha", "alpha"])
-    assert aset._row_names is None and all(ex.row_lora is None for ex in aset.experts.values())
+    assert aset._rows is None and all(ex.row_lora is None for ex in aset.experts.values())
+
+
+def test_mixed_linear_lora_equals_peft_adapter_names(adapter_sets):
+    """Our per-row Linear LoRA (hybridmoe.serve.mixed_lora: base layer + each adapter's LoRA where its rows are) ==
+    PEFT's own mixed-batch path (``adapter_names``, ``_mixed_batch_forward``) on the whole model, with the same
+    per-row expert LoRA: deepseek_v2, whose LoRA layers all see [B, T, ...] inputs (PEFT's path needs one name per
+    input row), three left-padded rows. The two differ only in matmul shapes (PEFT gathers each adapter's rows)."""
+    aset = adapter_sets("deepseek_v2")
+    ids, mask, positions = padded_inputs([[3, 14, 15, 92, 65, 35, 89], [79, 32, 38], [46, 26, 43, 38, 32, 79, 50]])
+    rows = [None, "alpha", "beta"]
+    try:
+        with torch.inference_mode():
+            aset.use(rows)
+            ours = aset.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # [3, W, V]
+            row_lora = {n: ex.row_lora for n, ex in aset.experts.items()}
+            aset.activate("alpha")  # PEFT's path needs every LoRA layer enabled; our hooks are off outside use()
+            for n, ex in aset.experts.items():
+                ex.row_lora = row_lora[n]
+            names = ["__base__", aset._peft_name["alpha"], aset._peft_name["beta"]]
+            ref = aset.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=names).logits
+    finally:
+        aset.use([None])
+    real = mask.bool()  # padding slots compute garbage in both; compare the real tokens
+    err = (ours[real] - ref[real]).abs().max().item()
+    assert err <= ATOL, err
+    assert (ours[1][real[1]] - ours[0][real[1]]).abs().max().item() > 100 * ATOL  # (rows differ: LoRA matters)
 
 
 def test_row_lora_groups_tokens_and_is_inference_only(adapter_sets):

@@ -10,17 +10,13 @@ Every adapter is loaded once, with :func:`hybridmoe.adapters.load_adapter` under
 * every row the same: :meth:`AdapterSet.activate` points every PEFT LoRA layer at that adapter (or disables LoRA,
   for the base model) and sets each ``HybridExperts.lora`` to its dict: PEFT's and the experts' plain paths, so a
   batch of one adapter computes exactly what it did before mixed batches existed;
-* rows of different adapters: every LoRA layer gets PEFT's per-row ``adapter_names`` (``"__base__"`` for base
-  rows; PEFT's ``_mixed_batch_forward`` adds each adapter's LoRA to its rows only), passed by a forward pre-hook of
-  ours on each layer, and each ``HybridExperts.row_lora`` says which expert LoRA each row uses
-  (:mod:`hybridmoe.experts.row_lora`).
+* rows of different adapters: every PEFT LoRA layer runs its base layer and a forward hook of ours adds each
+  adapter's LoRA on that adapter's rows (:mod:`hybridmoe.serve.mixed_lora`; PEFT's own ``adapter_names`` path
+  computes the same and is the tests' reference), and each ``HybridExperts.row_lora`` says which expert LoRA each
+  row uses (:mod:`hybridmoe.experts.row_lora`).
 
 A switch is one Python pass over the LoRA layers; no tensor moves. Layers an adapter does not target have no weights
-under its name, and PEFT skips them.
-
-Why our own hook and not ``PeftModel.forward(adapter_names=...)``: PEFT checks that a layer's input has one row per
-name, but MoE blocks (Qwen2-MoE's shared expert and its gate, routers) flatten ``[B, T, H]`` to ``[B·T, H]`` before
-their Linears; our hook repeats each row's name ``T`` times for such an input (row-major, as the flatten is).
+under its name, and are skipped.
 """
 
 from __future__ import annotations
@@ -28,11 +24,14 @@ from __future__ import annotations
 import os
 import re
 
+import torch
 from torch import nn
 
 from hybridmoe.adapters import base_model_of, load_adapter
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.row_lora import RowLoRA
+
+from .mixed_lora import RowAdapters, is_lora_linear
 
 
 class AdapterSet:
@@ -46,11 +45,10 @@ class AdapterSet:
         self.expert_lora: dict[str, dict[str, dict]] = {}  # adapter -> experts module name -> {proj: ExpertLoRA}
         self._peft_name: dict[str, str] = {}  # served name -> its PEFT adapter name (differs after a reload)
         self._tuner_layers: list[nn.Module] = []
-        self._hooks: list = []  # our forward pre-hooks on the PEFT LoRA layers (per-row adapter names)
+        self._hooks: list = []  # our forward hooks on the PEFT LoRA layers (per-row LoRA in mixed batches)
         # None = the base model, no LoRA; a tuple = one name per batch row (a mixed batch)
         self.active: str | tuple[str | None, ...] | None = None
-        self._row_names: list[str] | None = None  # PEFT adapter name per row while a mixed batch is active
-        self._expanded: dict[int, list[str]] = {}  # input rows -> _row_names repeated per token (flattened inputs)
+        self._rows: RowAdapters | None = None  # while a mixed batch is active: each row's PEFT adapter
         self._zombies: list[str] = []  # PEFT adapters unloaded while they were PEFT's last one (see unload)
 
     @property
@@ -98,24 +96,14 @@ class AdapterSet:
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         for h in self._hooks:
             h.remove()
-        self._hooks = [layer.register_forward_pre_hook(self._row_names_hook, with_kwargs=True)
-                       for layer in self._tuner_layers]
+        self._hooks = [layer.register_forward_hook(self._mixed_lora_hook, with_kwargs=True)
+                       for layer in self._tuner_layers if is_lora_linear(layer)]
 
-    def _row_names_hook(self, layer: nn.Module, args: tuple, kwargs: dict):
-        """Pass the mixed batch's per-row adapter names to a PEFT LoRA layer (nothing outside a mixed batch)."""
-        names = self._row_names
-        if names is None:
+    def _mixed_lora_hook(self, layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor):
+        """In a mixed batch, add each row's adapter LoRA to a LoRA Linear's base output (nothing otherwise)."""
+        if self._rows is None:
             return None
-        x = args[0] if args else kwargs["x"]
-        n = x.shape[0]  # [B, T, ...] or flattened [B·T, ...]
-        if n != len(names):
-            expanded = self._expanded.get(n)
-            if expanded is None:
-                if n % len(names):
-                    raise RuntimeError(f"a LoRA layer got {n} input rows for a batch of {len(names)}")
-                expanded = self._expanded[n] = [name for name in names for _ in range(n // len(names))]
-            names = expanded
-        return args, {**kwargs, "adapter_names": names}
+        return self._rows.add_lora(layer, args[0] if args else kwargs["x"], out)
 
     def activate(self, name: str | None) -> None:
         """Make ``name`` (an adapter, or None for the base model) the one the next forward uses."""
@@ -131,15 +119,16 @@ class AdapterSet:
         key = tuple(rows)
         if key == self.active:
             return
-        self._apply(next(r for r in rows if r is not None))  # every LoRA layer on (PEFT's mixed path needs that)
-        self._row_names = [self._peft_name[r] if r is not None else "__base__" for r in rows]
-        self._expanded = {}
+        if len(self._hooks) != len(self._tuner_layers):
+            raise RuntimeError("mixed-adapter batches support LoRA on Linear layers only")
+        self._apply(None)  # every LoRA layer computes its base layer only; the hooks add the rows' LoRA
+        self._rows = RowAdapters([self._peft_name[r] if r is not None else None for r in rows])
         for module_name, ex in self.experts.items():
             ex.row_lora = RowLoRA([self.expert_lora[r][module_name] if r is not None else {} for r in rows])
         self.active = key
 
     def _apply(self, name: str | None) -> None:
-        self._row_names = None
+        self._rows = None
         for ex in self.experts.values():
             ex.row_lora = None
         for layer in self._tuner_layers:
