@@ -1,8 +1,8 @@
 """Per-row routed-expert LoRA: rows of one inference batch that use different adapters (or none).
 
 The server decodes requests of several adapters, and of the base model, in one forward (``hybridmoe.serve``). The
-Linear LoRA layers handle such a batch through PEFT's ``adapter_names``; for the routed experts, whose LoRA is the
-``HybridExperts.lora`` dict (one adapter for every token), the server sets ``HybridExperts.row_lora`` to a
+Linear LoRA layers add each row's adapter LoRA (``hybridmoe.serve.mixed_lora``); for the routed experts, whose LoRA
+is the ``HybridExperts.lora`` dict (one adapter for every token), the server sets ``HybridExperts.row_lora`` to a
 :class:`RowLoRA` for the forward: which LoRA dict each batch row uses.
 
 The experts block then runs its usual computation once per group of tokens that share a LoRA (base rows with none),

@@ -8,9 +8,9 @@ Scheduling, one loop iteration at a time:
    prompt goes alone). Prefill samples every row's first token; the rows that are not finished then join the running
    :class:`~hybridmoe.serve.batch.DecodeBatch` (or become it if there is none).
 2. **Decode.** One decode step of the running batch. Its rows may use different adapters and the base model: each
-   forward runs row i with its request's adapter (:meth:`~hybridmoe.serve.adapters.AdapterSet.use`: PEFT's per-row
-   ``adapter_names`` for the Linear LoRA, per-row expert LoRA in the routed experts), so every request gets a token
-   per step whatever the mix. Only a model whose KV cache cannot be padded (sliding-window or static layers) keeps
+   forward runs row i with its request's adapter (:meth:`~hybridmoe.serve.adapters.AdapterSet.use`: per-row Linear
+   LoRA, :mod:`~hybridmoe.serve.mixed_lora`; per-row expert LoRA in the routed experts), so every request gets a
+   token per step whatever the mix. Only a model whose KV cache cannot be padded (sliding-window or static layers) keeps
    one batch of one row per request; those batches take turns, one step each.
 
 A prompt whose padded prefill is larger than ``prefill_chunk_tokens`` is prefilled in chunks
