@@ -1,8 +1,8 @@
 """Rows of different adapters, and base-model rows, in ONE forward (the server's mixed batches).
 
-A mixed batch (base row + adapter `alpha` row + adapter `beta` row; both adapters with attention LoRA and routed-expert LoRA,
-random non-zero B) must give each row the logits it gets when it runs alone with its adapter, through a batched
-prefill and decode steps fed the same tokens. The Linear LoRA adds each adapter's LoRA on its rows
+A mixed batch (base row + adapter `alpha` row + adapter `beta` row; both adapters with attention LoRA and
+routed-expert LoRA, random non-zero B) must give each row the logits it gets when it runs alone with its adapter,
+through a batched prefill and decode steps fed the same tokens. The Linear LoRA adds each adapter's LoRA on its rows
 (hybridmoe.serve.mixed_lora; checked against PEFT's own ``adapter_names`` path too) and the routed experts run one
 call per adapter group (hybridmoe.experts.row_lora).
 
@@ -29,7 +29,8 @@ from hybridmoe.serve.prefill import padded_inputs, prefill_batch
 from .helpers import make_checkpoint, make_zoo_checkpoint, randomize_lora
 
 ATOL = 1e-5
-# alpha: every Linear and the routed experts; beta: two attention projections (MLA's, or q/v elsewhere) and the routed experts
+# alpha: every Linear and the routed experts; beta: two attention projections (MLA's, or q/v elsewhere) and the
+# routed experts
 TARGETS = {"deepseek_v2": ("all", "q_proj,kv_b_proj,experts"), "qwen2_moe": ("all", "q_proj,v_proj,experts"),
            "llama4_text": ("all", "q_proj,v_proj,experts")}
 FED = [7, 42, 99]  # tokens fed after the prefill, the same for every run (no sampling: greedy ties cannot diverge)
