@@ -29,6 +29,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import hybridmoe
 from hybridmoe.adapters import apply_lora, save_adapter
@@ -200,9 +201,10 @@ def _solo_replies(files, pairs, max_tokens):
 
 
 def test_concurrent_requests_for_different_adapters(files, server, client):
-    """Requests for three models at once are decoded in batches (one per adapter) and each reply equals its
-    lone reply; a broken adapter fails its own requests (streaming and not) and nothing else."""
-    _, engine = server
+    """Requests for three models at once (and two for a broken adapter) are decoded in shared batches, adapters
+    mixed in one forward (the engine's stats and /metrics count those steps), and each reply equals its lone reply;
+    the broken adapter fails its own requests (streaming and not) and nothing else."""
+    url, engine = server
     pairs = [(m, f"Question number {i}: what is {i} plus {i}?") for i in range(3) for m in (BASE, "alpha", "beta")]
     want = _solo_replies(files, pairs, 24)
     before = dict(engine.stats)
@@ -224,6 +226,10 @@ def test_concurrent_requests_for_different_adapters(files, server, client):
     assert plain.body["code"] == "non_finite_logits" and "adapter 'broken'" in plain.body["message"]
     assert isinstance(streamed, openai.APIError) and "non-finite" in streamed.message
     assert engine.stats["max_batch"] > 1 and engine.stats["decode_steps"] > before["decode_steps"]
+    assert engine.stats["mixed_decode_steps"] > before["mixed_decode_steps"]
+    mixed = {s.labels["phase"]: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+             for s in f.samples if s.name == "hybridmoe:mixed_adapter_forwards_total"}
+    assert mixed["decode"] >= engine.stats["mixed_decode_steps"] - before["mixed_decode_steps"]
     assert _ask(client, BASE, pairs[0][1], max_tokens=24)[0] == want[pairs[0]]  # still serving
 
 
@@ -269,12 +275,12 @@ def _run_queued(files, jobs, max_tokens, prefill_chunk_tokens=2048):
 
 
 def test_batched_prefill_replies_equal_lone_replies(files):
-    """Requests waiting together are prefilled in left-padded batches of one adapter: after the first request
+    """Requests waiting together are prefilled in left-padded batches, adapters mixed: after the first request
     (prefilled alone while the engine learns that the cache can be padded), the four other `alpha` prompts, of four
-    different lengths, go in ONE forward, the two `broken` ones in another and the two base-model ones in a third.
+    different lengths, the two `broken` ones and the two base-model ones go in ONE forward, and decode together.
     Each greedy reply equals its lone reply (a padded row's logits differ from a lone run by fp32 rounding, ~1e-6,
     see hybridmoe.serve.prefill; the prompts are fixed, so the same choices are checked every run), and the broken
-    adapter's NaN logits fail its own two requests only."""
+    adapter's NaN logits fail its own two requests only, though its rows shared forwards with the others."""
     jobs = [("alpha", q) for q in PREFILL_QUESTIONS] + [("broken", "hi"), ("broken", "Why is the sky blue?")]
     jobs += [(BASE, PREFILL_QUESTIONS[1]), (BASE, PREFILL_QUESTIONS[2])]
     want = _solo_replies(files, [j for j in jobs if j[0] != "broken"], 10)
@@ -287,19 +293,22 @@ def test_batched_prefill_replies_equal_lone_replies(files):
         else:
             assert got == want[job], job
     assert engine.stats["prefills"] == len(jobs)
-    assert engine.stats["prefill_batches"] == 4 and engine.stats["max_prefill_batch"] == 4
+    assert engine.stats["prefill_batches"] == 2 and engine.stats["max_prefill_batch"] == 8
+    assert engine.stats["mixed_prefill_chunks"] == 1 and engine.stats["mixed_decode_steps"] > 0
     assert engine.batchable
 
 
 def test_chunked_batched_prefill_replies_equal_lone_replies(files):
-    """The same left-padded batches prefilled 24 padded tokens at a time (a few columns per forward, the first
-    chunks all padding for the short rows): every reply still equals its lone reply."""
-    jobs = [("alpha", q) for q in PREFILL_QUESTIONS]
+    """Left-padded batches prefilled 24 padded tokens at a time (a few columns per forward, the first chunks all
+    padding for the short rows), `alpha` and base-model rows in the same chunks: every reply still equals its lone
+    reply."""
+    jobs = [("alpha", q) for q in PREFILL_QUESTIONS[:3]] + [(BASE, q) for q in PREFILL_QUESTIONS[3:]]
     want = _solo_replies(files, jobs, 6)
     results, engine = _run_queued(files, jobs, 6, prefill_chunk_tokens=24)
     assert [want[j] for j in jobs] == results
     assert engine.stats["prefill_batches"] == 2 and engine.stats["max_prefill_batch"] == 4
     assert engine.stats["prefill_chunks"] > 2 * 4  # many chunks per batch
+    assert engine.stats["mixed_prefill_chunks"] == engine.stats["prefill_chunks"] - 1  # all but the lone first
 
 
 def test_failed_batched_prefill_is_retried_one_request_at_a_time(files, monkeypatch):
@@ -332,23 +341,22 @@ def _queued(adapter, n_tokens, cancelled=False):
     return req
 
 
-def test_prefill_batches_follow_adapter_order_slots_and_token_budget():
-    """The scheduler alone (no model): the oldest waiting request picks the adapter, later ones of that adapter
-    follow in order while they fit the free slots and the padded-token budget (rows x longest prompt); the rest
-    keep their order; cancelled requests are dropped; until the cache is known to be batchable, one at a time."""
+def test_prefill_batches_follow_arrival_order_slots_and_token_budget():
+    """The scheduler alone (no model): waiting requests of any adapter (the base model included) join a prefill
+    batch in arrival order while they fit the free slots and the padded-token budget (rows x longest prompt); the
+    rest keep their order; cancelled requests are dropped; until the cache is known to be batchable, one at a time."""
     engine = Engine(adapters=None, tokenizer=None, max_batch_size=4, max_prefill_tokens=40)
     reqs = [_queued("a", 5), _queued("b", 3), _queued("a", 10), _queued("a", 2, cancelled=True), _queued("a", 30),
-            _queued("a", 4), _queued(None, 8), _queued("a", 1), _queued("a", 1)]
+            _queued("a", 4), _queued(None, 8), _queued("b", 1), _queued("a", 1)]
     engine._pending.extend(reqs)
     assert engine._next_prefill() == [reqs[0]]  # batchable not known yet
     engine.batchable = True
-    assert engine._next_prefill() == [reqs[1]]  # b is now the oldest
-    # a: 10 (1 x 10), then 30 would make 2 x 30 > 40, 4 -> 2 x 10, 1 -> 3 x 10, 1 -> 4 x 10: the 4 slots are full
-    assert engine._next_prefill() == [reqs[2], reqs[5], reqs[7], reqs[8]]
-    assert list(engine._pending) == [reqs[4], reqs[6]]
-    assert engine._next_prefill() == [reqs[4]]  # 30 tokens: within the budget alone
+    # b 3 (1 x 3), a 10 (2 x 10), a 30 would make 3 x 30 > 40, a 4 (3 x 10), base 8 (4 x 10): the 4 slots are full
+    assert engine._next_prefill() == [reqs[1], reqs[2], reqs[5], reqs[6]]
+    assert list(engine._pending) == [reqs[4], reqs[7], reqs[8]]
     engine.max_prefill_tokens = 5
-    assert engine._next_prefill() == [reqs[6]]  # a prompt over the budget still goes, alone
+    assert engine._next_prefill() == [reqs[4]]  # a prompt over the budget still goes, alone
+    assert engine._next_prefill() == [reqs[7], reqs[8]]  # 2 x 1
     assert not engine._pending
 
 

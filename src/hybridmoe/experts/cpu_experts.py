@@ -38,6 +38,7 @@ from .backends import ExpertSettings, choose_backend
 from .discovery import ExpertsSpec
 from .formula import ExpertMLP
 from .packed import PackedFormat, dequantize_packed, quantize_int4, quantize_mxfp4
+from .row_lora import RowLoRA
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -660,6 +661,9 @@ class HybridExperts(nn.Module):
         # Set by hybridmoe.decode_graph while it runs a decode step: the call is handed to it (the step is cut into
         # CUDA graphs at this layer's routed experts), instead of running here.
         self.decode_hook = None
+        # Set by the server for one inference forward whose batch rows use different adapters (or none): each row's
+        # expert LoRA (hybridmoe.experts.row_lora). None: every token uses self.lora.
+        self.row_lora: RowLoRA | None = None
 
     # -- LoRA -------------------------------------------------------------------------------------------------
     def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:
@@ -740,10 +744,23 @@ class HybridExperts(nn.Module):
             return self._dense_forward(hidden_states)
         return self._topk_forward(hidden_states, top_k_index, top_k_weights)
 
-    def _topk_forward(self, hidden_states, top_k_index, top_k_weights):
+    def _topk_forward(self, hidden_states, top_k_index, top_k_weights, token_groups=None):
         if self.decode_hook is not None:
             return self.decode_hook(self, hidden_states, top_k_index, top_k_weights)
-        backend = choose_backend(self, hidden_states.shape[0], grad=torch.is_grad_enabled())
+        if self.row_lora is not None:  # rows of several adapters: the call below once per adapter's tokens
+            return self.row_lora.forward(self, hidden_states, top_k_index, top_k_weights, token_groups,
+                                         self._one_lora_forward)
+        return self._one_lora_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _one_lora_forward(self, hidden_states, top_k_index, top_k_weights, whole: int | None = None):
+        """[T, H] -> [T, H]: every token with ``self.lora``. ``whole``: the tokens of the whole call when this is one
+        adapter's part of it; if the whole call streams the layer's weights to the device, so does each part (the
+        later parts find them in the slot cache), rather than small parts falling back to the CPU."""
+        grad = torch.is_grad_enabled()
+        backend = choose_backend(self, hidden_states.shape[0], grad=grad)
+        if whole is not None and backend in ("kernel", "cpu"):
+            streamed = choose_backend(self, whole, grad=grad)
+            backend = streamed if streamed in ("grouped", "device-loop") else backend
         if backend == "kernel":
             # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
             # One copy each to the CPU, already in the kernel's dtypes.
@@ -767,7 +784,10 @@ class HybridExperts(nn.Module):
         x = rows[picked[:, 0], picked[:, 1]]  # [S, H]
         ids = picked[:, :1]  # [S, 1]
         w = torch.ones(ids.shape, dtype=routed_in.dtype, device=routed_in.device)  # [S, 1]
-        y = self._topk_forward(x, ids, w)  # [S, H]
+        groups = None  # per-row LoRA: the group of each picked (expert, token) is its token's
+        if self.row_lora is not None:
+            groups = self.row_lora.token_groups(rows.shape[1])[picked[:, 1].cpu()]  # [S]
+        y = self._topk_forward(x, ids, w, groups)  # [S, H]
         out = routed_in.new_zeros(rows.shape)  # [E, T, H]
         out = out.index_put((picked[:, 0], picked[:, 1]), y.to(out.dtype))
         return out.view(-1, h)

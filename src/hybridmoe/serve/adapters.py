@@ -1,13 +1,22 @@
-"""Several LoRA adapters on one base model, switched per decode batch without reloading or copying weights.
+"""Several LoRA adapters on one base model, chosen per batch row without reloading or copying weights.
 
 Every adapter is loaded once, with :func:`hybridmoe.adapters.load_adapter` under its own name:
 
 * its Linear LoRA (attention, dense MLPs, shared experts) becomes a named PEFT adapter on the compute device;
 * its routed-expert LoRA is one ``{projection: ExpertLoRA}`` dict per ``HybridExperts`` block, in CPU RAM.
 
-:meth:`AdapterSet.activate` points every PEFT LoRA layer at one adapter (or disables LoRA, for the base model) and
-sets each ``HybridExperts.lora`` to that adapter's dict. A switch is one Python pass over the LoRA layers; no tensor
-moves. Layers an adapter does not target have no weights under its name, and PEFT skips them.
+:meth:`AdapterSet.use` gives the next forward one adapter (or the base model) per batch row:
+
+* every row the same: :meth:`AdapterSet.activate` points every PEFT LoRA layer at that adapter (or disables LoRA,
+  for the base model) and sets each ``HybridExperts.lora`` to its dict: PEFT's and the experts' plain paths, so a
+  batch of one adapter computes exactly what it did before mixed batches existed;
+* rows of different adapters: every PEFT LoRA layer runs its base layer and a forward hook of ours adds each
+  adapter's LoRA on that adapter's rows (:mod:`hybridmoe.serve.mixed_lora`; PEFT's own ``adapter_names`` path
+  computes the same and is the tests' reference), and each ``HybridExperts.row_lora`` says which expert LoRA each
+  row uses (:mod:`hybridmoe.experts.row_lora`).
+
+A switch is one Python pass over the LoRA layers; no tensor moves. Layers an adapter does not target have no weights
+under its name, and are skipped.
 """
 
 from __future__ import annotations
@@ -15,10 +24,14 @@ from __future__ import annotations
 import os
 import re
 
+import torch
 from torch import nn
 
 from hybridmoe.adapters import base_model_of, load_adapter
 from hybridmoe.experts import HybridExperts
+from hybridmoe.experts.row_lora import RowLoRA
+
+from .mixed_lora import RowAdapters, is_lora_linear
 
 
 class AdapterSet:
@@ -32,7 +45,10 @@ class AdapterSet:
         self.expert_lora: dict[str, dict[str, dict]] = {}  # adapter -> experts module name -> {proj: ExpertLoRA}
         self._peft_name: dict[str, str] = {}  # served name -> its PEFT adapter name (differs after a reload)
         self._tuner_layers: list[nn.Module] = []
-        self.active: str | None = None  # None = the base model, no LoRA
+        self._hooks: list = []  # our forward hooks on the PEFT LoRA layers (per-row LoRA in mixed batches)
+        # None = the base model, no LoRA; a tuple = one name per batch row (a mixed batch)
+        self.active: str | tuple[str | None, ...] | None = None
+        self._rows: RowAdapters | None = None  # while a mixed batch is active: each row's PEFT adapter
         self._zombies: list[str] = []  # PEFT adapters unloaded while they were PEFT's last one (see unload)
 
     @property
@@ -78,13 +94,43 @@ class AdapterSet:
                 self.model.delete_adapter(z)
                 self._zombies.remove(z)
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for h in self._hooks:
+            h.remove()
+        self._hooks = [layer.register_forward_hook(self._mixed_lora_hook, with_kwargs=True)
+                       for layer in self._tuner_layers if is_lora_linear(layer)]
+
+    def _mixed_lora_hook(self, layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor):
+        """In a mixed batch, add each row's adapter LoRA to a LoRA Linear's base output (nothing otherwise)."""
+        if self._rows is None:
+            return None
+        return self._rows.add_lora(layer, args[0] if args else kwargs["x"], out)
 
     def activate(self, name: str | None) -> None:
         """Make ``name`` (an adapter, or None for the base model) the one the next forward uses."""
         if name != self.active:
             self._apply(name)
 
+    def use(self, rows: list[str | None]) -> None:
+        """Make the next forward run batch row i with adapter ``rows[i]`` (None: the base model)."""
+        first = rows[0]
+        if all(r == first for r in rows):
+            self.activate(first)
+            return
+        key = tuple(rows)
+        if key == self.active:
+            return
+        if len(self._hooks) != len(self._tuner_layers):
+            raise RuntimeError("mixed-adapter batches support LoRA on Linear layers only")
+        self._apply(None)  # every LoRA layer computes its base layer only; the hooks add the rows' LoRA
+        self._rows = RowAdapters([self._peft_name[r] if r is not None else None for r in rows])
+        for module_name, ex in self.experts.items():
+            ex.row_lora = RowLoRA([self.expert_lora[r][module_name] if r is not None else {} for r in rows])
+        self.active = key
+
     def _apply(self, name: str | None) -> None:
+        self._rows = None
+        for ex in self.experts.values():
+            ex.row_lora = None
         for layer in self._tuner_layers:
             layer.enable_adapters(name is not None)
             if name is not None:

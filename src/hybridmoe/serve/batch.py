@@ -1,11 +1,12 @@
 """Batched decode across requests: one left-padded KV cache, one forward per step for the whole batch.
 
-Requests are prefilled in left-padded batches of one adapter (:mod:`hybridmoe.serve.prefill`), whose caches join
-a :class:`DecodeBatch`. The batch keeps every layer's keys/values as one tensor ``[B, heads, W, d]`` whose rows are
-**left-padded** to the common width ``W``, plus a 0/1 mask ``[B, W]`` of the real slots. A decode step feeds one
-token per row at column ``W`` with the mask (padding is never attended to) and each row's own position id (its
-real length), so every row computes the same function as it would alone. With one row there is no padding and the
-inputs are exactly those of the batch-1 path, so a lone request decodes bit for bit like ``hybridmoe chat``.
+Requests are prefilled in left-padded batches (:mod:`hybridmoe.serve.prefill`), whose caches join a
+:class:`DecodeBatch`; its rows may use different adapters (:meth:`hybridmoe.serve.adapters.AdapterSet.use`). The
+batch keeps every layer's keys/values as one tensor ``[B, heads, W, d]`` whose rows are **left-padded** to the
+common width ``W``, plus a 0/1 mask ``[B, W]`` of the real slots. A decode step feeds one token per row at column
+``W`` with the mask (padding is never attended to) and each row's own position id (its real length), so every row
+computes the same function as it would alone. With one row there is no padding and the inputs are exactly those of
+the batch-1 path, so a lone request decodes bit for bit like ``hybridmoe chat``.
 
 Why padding and not per-request caches: the routed experts on the CPU are the cost of a decode step, and a batched
 forward reads each active expert's weights once for all rows (and the GPU side runs one kernel per op instead of
@@ -46,7 +47,7 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class DecodeBatch:
-    """Sequences that decode together (same adapter); rows are in the order they were added."""
+    """Sequences that decode together (any adapters); rows are in the order they were added."""
 
     def __init__(self, model: torch.nn.Module, capacity: int) -> None:
         self.model = model  # the forward target (a PeftModel when adapters carry Linear LoRA)

@@ -3,14 +3,15 @@
 Scheduling, one loop iteration at a time:
 
 1. **Admit.** While fewer than ``max_batch_size`` sequences are running, waiting requests are prefilled in
-   batches of one adapter (:func:`~hybridmoe.serve.prefill.prefill_batch`, one left-padded forward): the oldest
-   waiting request and the next waiting ones of the same adapter, in arrival order, up to the free slots and
-   ``max_prefill_tokens`` padded tokens (a longer prompt goes alone). Adapters are served in the order their oldest
-   request arrived. Prefill samples every row's first token; the rows that are not finished then join
-   the :class:`~hybridmoe.serve.batch.DecodeBatch` of their adapter (or become it if there is none).
-2. **Decode.** One decode step of one batch, taking the batches round-robin: every adapter group gets a step in
-   turn, whatever its size. Each batch runs with its adapter active (:class:`~hybridmoe.serve.adapters.AdapterSet`),
-   so requests for different adapters are never mixed in one forward.
+   batches (:func:`~hybridmoe.serve.prefill.prefill_batch`, one left-padded forward): the waiting requests in
+   arrival order, whatever their adapters, up to the free slots and ``max_prefill_tokens`` padded tokens (a longer
+   prompt goes alone). Prefill samples every row's first token; the rows that are not finished then join the running
+   :class:`~hybridmoe.serve.batch.DecodeBatch` (or become it if there is none).
+2. **Decode.** One decode step of the running batch. Its rows may use different adapters and the base model: each
+   forward runs row i with its request's adapter (:meth:`~hybridmoe.serve.adapters.AdapterSet.use`: per-row Linear
+   LoRA, :mod:`~hybridmoe.serve.mixed_lora`; per-row expert LoRA in the routed experts), so every request gets a
+   token per step whatever the mix. Only a model whose KV cache cannot be padded (sliding-window or static layers) keeps
+   one batch of one row per request; those batches take turns, one step each.
 
 A prompt whose padded prefill is larger than ``prefill_chunk_tokens`` is prefilled in chunks
 (:class:`~hybridmoe.serve.prefill.ChunkedPrefill`), one chunk per loop iteration, with a decode step of the running
@@ -96,9 +97,8 @@ class _Wake:
 
 @dataclass
 class _Group:
-    adapter: str | None
     batch: DecodeBatch
-    requests: list[_Request] = field(default_factory=list)  # row i of the batch is requests[i]
+    requests: list[_Request] = field(default_factory=list)  # row i of the batch is requests[i], with its adapter
 
 
 class Engine:
@@ -127,7 +127,9 @@ class Engine:
         self.stats = {"prefills": 0, "prefill_batches": 0, "max_prefill_batch": 0, "prefill_chunks": 0,
                       "prefill_s": 0.0, "prefill_tokens": 0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
                       "max_batch": 0, "timeouts": 0,
-                      "decode_steps_during_prefill": 0}  # decode steps run between two chunks of a prefill
+                      "decode_steps_during_prefill": 0,  # decode steps run between two chunks of a prefill
+                      # forwards whose rows used more than one adapter (the base model counts as one)
+                      "mixed_decode_steps": 0, "mixed_prefill_chunks": 0}
 
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -253,8 +255,9 @@ class Engine:
             self._pending.extend(req if isinstance(req, list) else [req])
 
     def _next_prefill(self) -> list[_Request]:
-        """Take the next prefill batch off ``_pending``: the oldest request and the following ones of its adapter, in
-        order, within the free slots and the padded-token budget. Cancelled requests are dropped on the way."""
+        """Take the next prefill batch off ``_pending``: the oldest request and the following ones, in order and
+        whatever their adapters, within the free slots and the padded-token budget. Cancelled requests are dropped on
+        the way."""
         room = self.max_batch_size - self.running
         limit = room if self.batchable else 1  # until the first cache shows that padding works: one at a time
         now = time.monotonic()
@@ -269,7 +272,6 @@ class Engine:
         if not live:
             self._pending = live
             return []
-        adapter = live[0].adapter
         if live[0].solo:
             self._pending = deque(list(live)[1:])
             return [live[0]]
@@ -281,7 +283,7 @@ class Engine:
             width = max(longest, len(req.prompt_ids))
             rows = len(prompts | {id(req.prompt_ids)})
             fits = not chosen or (len(chosen) < limit and rows * width <= self.max_prefill_tokens and not req.solo)
-            if req.adapter == adapter and fits:
+            if fits:
                 chosen.append(req)
                 prompts.add(id(req.prompt_ids))
                 longest = width
@@ -291,7 +293,7 @@ class Engine:
         return chosen
 
     def _prefill(self, reqs: list[_Request]) -> None:
-        """Start prefilling ``reqs`` (one adapter): prompts shared by several choices once. A prefill within
+        """Start prefilling ``reqs`` (any adapters): prompts shared by several choices once. A prefill within
         ``prefill_chunk_tokens`` runs here in one forward; a larger one runs chunk by chunk (:meth:`_prefill_chunk`)."""
         if not reqs:
             return
@@ -302,7 +304,6 @@ class Engine:
         prompts = [r.prompt_ids for r in {id(r.prompt_ids): r for r in reqs}.values()]  # in row order
         t0 = time.perf_counter()
         try:
-            self.adapters.activate(reqs[0].adapter)
             device = input_device(self.adapters.model)
             for req in reqs:
                 prompt = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)  # [1, T]
@@ -310,6 +311,7 @@ class Engine:
                                          diagnose=_diagnosis(req.adapter))
             padded = len(prompts) * max(len(p) for p in prompts)
             if padded <= self.prefill_chunk_tokens:
+                self._use_adapters(_row_adapters(reqs, rows), prefill=True)
                 logits, batch = prefill_batch(self.adapters.model, prompts, capacity=len(prompts))  # [U, V]
             else:
                 # chunk by chunk from the next loop iteration on, a decode step after each chunk
@@ -327,7 +329,7 @@ class Engine:
         reqs, rows, job = self._prefilling
         t0 = time.perf_counter()
         try:
-            self.adapters.activate(reqs[0].adapter)  # a decode step in between may have switched it
+            self._use_adapters(_row_adapters(reqs, rows), prefill=True)  # a decode step in between switched them
             done = job.step(self.prefill_chunk_tokens)
         except Exception as e:
             self._prefilling = None
@@ -376,7 +378,7 @@ class Engine:
             if not self.batchable:
                 log.warning("this model's KV cache is not a plain DynamicCache; serving requests one at a time")
         batch.remove(done)
-        self._join(reqs[0].adapter, batch, [r for i, r in enumerate(reqs) if i not in set(done)])
+        self._join(batch, [r for i, r in enumerate(reqs) if i not in set(done)])
 
     def _fail_prefill(self, req: _Request, e: Exception) -> None:
         """A prefill of ``req`` alone raised ``e``: that request fails, the server goes on."""
@@ -388,11 +390,11 @@ class Engine:
             log.error("prefill failed", exc_info=e)
             req.handle.post(Failed(f"internal error during prefill: {type(e).__name__}: {e}", "internal_error"))
 
-    def _join(self, adapter: str | None, batch: DecodeBatch, reqs: list[_Request]) -> None:
-        """Add the prefilled ``batch`` (row i is ``reqs[i]``) to a decode group of ``adapter`` with room for all of
-        its rows, or make it a new group."""
+    def _join(self, batch: DecodeBatch, reqs: list[_Request]) -> None:
+        """Add the prefilled ``batch`` (row i is ``reqs[i]``) to a decode group with room for all of its rows (any
+        adapters), or make it a new group."""
         for group in self._groups:
-            if group.adapter != adapter or len(group.requests) + len(reqs) > group.batch.capacity:
+            if len(group.requests) + len(reqs) > group.batch.capacity:
                 continue
             try:
                 group.batch.join(batch)
@@ -405,7 +407,7 @@ class Engine:
             group.requests.extend(reqs)
             return
         batch.capacity = self.max_batch_size if self.batchable else 1
-        self._groups.append(_Group(adapter, batch, list(reqs)))
+        self._groups.append(_Group(batch, list(reqs)))
 
     def _decode(self, group: _Group) -> None:
         now = time.monotonic()
@@ -419,7 +421,7 @@ class Engine:
         self._drop(group, cancelled)
         if not group.requests:
             return
-        self.adapters.activate(group.adapter)
+        self._use_adapters([r.adapter for r in group.requests], prefill=False)
         t0 = time.perf_counter()
         tokens = torch.stack([r.stream.last_id for r in group.requests])  # [B, 1] int64, compute device
         try:
@@ -444,6 +446,15 @@ class Engine:
         self.stats["decoded_tokens"] += len(group.requests)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group.requests))
         self._drop(group, done)
+
+    def _use_adapters(self, rows: list[str | None], prefill: bool) -> None:
+        """Set the adapter of each row of the next forward (call right before it: it counts the forwards that mix
+        adapters)."""
+        self.adapters.use(rows)
+        if len(set(rows)) > 1:
+            self.stats["mixed_prefill_chunks" if prefill else "mixed_decode_steps"] += 1
+            if self.metrics is not None:
+                self.metrics.mixed_forward("prefill" if prefill else "decode")
 
     def _drop(self, group: _Group, rows: list[int]) -> None:
         """Remove ``rows`` from the group's batch; an empty group leaves the round-robin."""
@@ -540,6 +551,14 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _row_adapters(reqs: list[_Request], rows: list[int]) -> list[str | None]:
+    """The adapter of each prefill row (``reqs[i]`` is row ``rows[i]``; choices sharing a row share its adapter)."""
+    out: list[str | None] = [None] * (max(rows) + 1)
+    for req, row in zip(reqs, rows):
+        out[row] = req.adapter
+    return out
 
 
 def _diagnosis(adapter: str | None):

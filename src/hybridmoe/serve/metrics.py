@@ -55,6 +55,9 @@ class ServeMetrics:
                              buckets=_ITL, registry=r)
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "Time from arrival to the last token", buckets=_E2E,
                              registry=r)
+        self.mixed_forwards = Counter(p + "mixed_adapter_forwards", "Forwards (decode steps, prefill chunks) whose "
+                                      "batch rows used more than one adapter (the base model counts as one)",
+                                      ["phase"], registry=r)
         self.expert_seconds = Counter(p + "expert_seconds", "Wall time in the routed-expert blocks (CPU)", registry=r)
         Gauge(p + "num_requests_running", "Requests prefilling or decoding", registry=r).set_function(
             lambda: engine.running)
@@ -79,6 +82,10 @@ class ServeMetrics:
         self.generation_tokens.inc()
         self.total_generated += 1
         (self.ttft if first else self.itl).observe(seconds)
+
+    def mixed_forward(self, phase: str) -> None:
+        """One forward ran rows of several adapters together; ``phase`` is "decode" or "prefill"."""
+        self.mixed_forwards.labels(phase=phase).inc()
 
     def finished(self, reason: str, seconds: float) -> None:
         self.requests.labels(finished_reason={"eos": "stop", "stop_string": "stop"}.get(reason, reason)).inc()

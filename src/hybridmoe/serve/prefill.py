@@ -1,11 +1,11 @@
-"""Batched prefill: the prompts of several requests (one adapter) in one left-padded forward.
+"""Batched prefill: the prompts of several requests (any adapters, one per row) in one left-padded forward.
 
 Rows are **left-padded** to the longest prompt, exactly the layout of a :class:`~hybridmoe.serve.batch.DecodeBatch`:
 input ids ``[N, W]``, a 0/1 mask ``[N, W]`` of the real tokens and position ids ``[N, W]`` that count only real
 tokens (row i's prompt sits at positions ``0 .. T_i - 1``, as it would alone). Padding is never attended to, so each
 row computes the function of its lone prefill; the last column is every row's last prompt token, so the logits of
 that column are each row's first-token logits. The filled cache *is* a decode batch: the engine samples the first
-tokens and the rows join (or become) their adapter's :class:`DecodeBatch` without any copy.
+tokens and the rows join (or become) the running :class:`DecodeBatch` without any copy.
 
 Why: the routed experts' weights are read once per forward, whatever the token count (on a GPU, a prefill of at
 least ``stream_min_tokens`` tokens streams every layer's expert weights from CPU RAM), so N prompts in one forward
