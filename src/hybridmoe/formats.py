@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, KeyMapper, read_tensor
+from .compressed import PACKED, CompressedTensors, PackedWeight, dequantize_int, parse_config, read_packed
 from .errors import CheckpointError
 
 # safetensors dtype names the loader converts to the compute dtype.
@@ -110,7 +111,10 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Pa
     return torch.ldexp(vals, exp.repeat_interleave(32, dim=-1).float())
 
 
-def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4")) -> Fp8Blocks | Mxfp4 | None:
+Format = Fp8Blocks | Mxfp4 | CompressedTensors
+
+
+def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4", "compressed-tensors")) -> Format | None:
     """Check 1: the weight format config.json declares. None for plain float checkpoints; a format object for one
     hybridmoe reads (in `allow`); any other declared quantization is refused with the method named."""
     q = _quantization_config(model_dir)
@@ -131,8 +135,10 @@ def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4")
         return Fp8Blocks(tuple(block) if block is not None else None)
     if method == "mxfp4" and "mxfp4" in allow:
         return Mxfp4()
+    if method == "compressed-tensors" and method in allow:
+        return parse_config(q, model_dir / "config.json")
     what = _METHODS.get(method, "quantized weights")
-    readable = method in ("fp8", "mxfp4")
+    readable = method in ("fp8", "mxfp4", "compressed-tensors")
     later = "" if not readable else (f" (export writes the base checkpoint's own layout, which for {method} would "
                                      "mean re-quantizing merged weights: not implemented)")
     raise CheckpointError(
@@ -172,7 +178,7 @@ class WeightReader:
     fp32; the scales are consumed. MXFP4: ``{proj}_blocks`` + ``{proj}_scales`` are read as the one tensor the model
     has, ``{proj}``, in the checkpoint's own orientation for that name ([E, in, out] for gpt-oss), as fp32."""
 
-    def __init__(self, ckpt: Checkpoint, fmt: Fp8Blocks | Mxfp4 | None):
+    def __init__(self, ckpt: Checkpoint, fmt: Format | None):
         self.ckpt, self.fmt = ckpt, fmt
         self._handles: dict[Path, object] = {}
 
@@ -183,6 +189,11 @@ class WeightReader:
             return key.endswith("_scale_inv") and key[: -len("_scale_inv")] in has
         if isinstance(self.fmt, Mxfp4):
             return key.endswith("_scales") and key[: -len("_scales")] + "_blocks" in has
+        if isinstance(self.fmt, CompressedTensors):  # scales of a packed or int8 weight, shapes of a packed one
+            base = key[: -len("weight_scale")] if key.endswith(".weight_scale") else None
+            if base is not None and (base + "weight_packed" in has or base + "weight" in has):
+                return True
+            return key.endswith(".weight_shape") and key[: -len("shape")] + "packed" in has
         return False
 
     def logical(self, key: str) -> str:
@@ -190,6 +201,8 @@ class WeightReader:
         if isinstance(self.fmt, Mxfp4) and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in \
                 self.ckpt.key_to_file:
             return key[: -len("_blocks")]
+        if isinstance(self.fmt, CompressedTensors) and key.endswith(".weight_packed"):
+            return key[: -len("_packed")]
         return key
 
     def _companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
@@ -201,8 +214,12 @@ class WeightReader:
             self._handles[cf] = handle if cf == f else self.ckpt.open(cf)
         return read_tensor(self._handles[cf], cf, ckey)
 
-    def read(self, handle, f: Path, key: str) -> torch.Tensor:
+    def read(self, handle, f: Path, key: str, packed_ok: bool = False) -> torch.Tensor | PackedWeight:
+        """The weight `key` stands for, as fp32 when it was quantized; packed_ok: a pack-quantized int4 weight comes
+        back as stored (:class:`~hybridmoe.compressed.PackedWeight`), for routed experts that may keep it."""
         t = read_tensor(handle, f, key)
+        if isinstance(self.fmt, CompressedTensors):
+            return self._read_compressed(handle, f, key, t, packed_ok)
         if isinstance(self.fmt, Fp8Blocks) and t.dtype == torch.float8_e4m3fn:
             scale = self._companion(handle, f, key, key + "_scale_inv", "FP8")
             return dequantize_fp8(t, scale, self.fmt.block, key, f)
@@ -210,6 +227,27 @@ class WeightReader:
             base = self.logical(key)
             w = dequantize_mxfp4(t, self._companion(handle, f, key, base + "_scales", "MXFP4"), base, f)  # [E, out, in]
             return w.transpose(-1, -2)  # the name's own orientation ([E, in, out], as transformers stores gpt-oss)
+        return t
+
+    def _read_compressed(self, handle, f: Path, key: str, t: torch.Tensor, packed_ok: bool):
+        if key.endswith(".weight_packed"):
+            module = key[: -len(".weight_packed")]
+            s = self.fmt.scheme(module, key, f)
+            if s.fmt != PACKED:
+                raise CheckpointError(f"tensor '{key}' in '{f.name}' is pack-quantized, but the config group for "
+                                      f"'{module}' declares format '{s.fmt}'; the checkpoint does not match its config")
+            shape = self._companion(handle, f, key, module + ".weight_shape", "pack-quantized")
+            scale = self._companion(handle, f, key, module + ".weight_scale", "pack-quantized")
+            w = read_packed(t, shape, scale, s, key, f)
+            return w if packed_ok else w.dequantize()
+        if not t.is_floating_point() and key.endswith(".weight") and key + "_scale" in self.ckpt.key_to_file:
+            module = key[: -len(".weight")]
+            s = self.fmt.scheme(module, key, f)
+            if s.fmt == PACKED or t.dtype != torch.int8:
+                raise CheckpointError(f"tensor '{key}' in '{f.name}' is {t.dtype}, but the config group for "
+                                      f"'{module}' declares {s.fmt} int{s.bits}; the checkpoint does not match its "
+                                      "config")
+            return dequantize_int(t, self._companion(handle, f, key, key + "_scale", "int-quantized"), s, key, f)
         return t
 
 
@@ -241,7 +279,7 @@ def _provably_unused(model: nn.Module, name: str) -> bool:
 
 
 def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str],
-                  fmt: Fp8Blocks | Mxfp4 | None = None) -> list[str]:
+                  fmt: Format | None = None) -> list[str]:
     """Checks 2 and 3 over every checkpoint tensor's name and header dtype; returns the keys safe to ignore.
 
     model: built on the meta device with its fused experts swapped (names, shapes and buffer dtypes only);
@@ -279,6 +317,11 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str],
     dtypes = {f: ckpt.dtypes(f) for f in ckpt.files}
     for f, key, name in used:
         dtype = dtypes[f][key]
+        if isinstance(fmt, CompressedTensors) and key.endswith(".weight") and key + "_scale" in ckpt.key_to_file:
+            if dtype != "I8":  # a float weight beside a scale would be computed on with its scale ignored
+                raise CheckpointError(f"tensor '{key}' in '{f.name}' is stored as {dtype} beside a weight_scale; "
+                                      "compressed-tensors int-quantized weights are I8")
+            continue  # dequantized as it is read
         if dtype in FLOAT_DTYPES:
             continue
         if fmt is not None and dtype == "F8_E4M3" and key + "_scale_inv" in ckpt.key_to_file:

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, KeyMapper, _check_dir, read_config
+from .compressed import PackedWeight
 from .errors import CheckpointError, ConfigError
 from .experts import HybridExperts, experts_spec, find_fused_experts
 from .experts.backends import ExpertSettings
@@ -161,6 +162,8 @@ def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: 
                               f"'{spec.up_name}' and 'down_proj'")
     full = weights.bias[proj] if bias else weights.tensor(proj)  # [E, out] or [E, out, in] cpu
     mark = weights.loaded[f"{proj}_bias" if bias else proj]  # [E, 2]
+    if isinstance(tensor, PackedWeight) and (sl.expert is None or spec.transposed):
+        tensor = tensor.dequantize()  # only per-expert [out, in] slices can be copied in as stored
     if spec.transposed and not bias:
         tensor = tensor.transpose(-1, -2)
     if sl.expert is None:
@@ -171,13 +174,16 @@ def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: 
     if not 0 <= sl.expert < full.shape[0]:
         raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {full.shape[0]} experts")
     rows = full.shape[1] // sl.num_chunks
-    _check_shape(tensor, (rows, *full.shape[2:]), key, f)
+    _check_shape(tensor, (rows, weights.in_features(proj) if hasattr(weights, "in_features") else full.shape[2]), key, f)
     # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home (int8
     # weights are quantized slice by slice, so a bf16 copy of the whole model never exists).
+    span_rows = slice(sl.chunk * rows, (sl.chunk + 1) * rows)
     if bias:
-        weights.bias[proj][sl.expert, sl.chunk * rows:(sl.chunk + 1) * rows].copy_(tensor)
-    else:
-        weights.write(proj, tensor, expert=sl.expert, rows=slice(sl.chunk * rows, (sl.chunk + 1) * rows))
+        weights.bias[proj][sl.expert, span_rows].copy_(tensor)
+    elif not (isinstance(tensor, PackedWeight) and tensor.store(weights, proj, sl.expert, span_rows)):
+        # int4 codes of another group or expert dtype: dequantized (one expert's slice) and stored as the experts keep it
+        weights.write(proj, tensor.dequantize() if isinstance(tensor, PackedWeight) else tensor, expert=sl.expert,
+                      rows=span_rows)
     span = mark.shape[1] // sl.num_chunks
     mark[sl.expert, sl.chunk * span:(sl.chunk + 1) * span] = True
 
@@ -215,7 +221,7 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                 part = mapper.concat_part(name)
                 if sl is not None and sl.module in experts:
                     if load_experts:
-                        _copy_expert(experts[sl.module], sl, reader.read(handle, f, key), key, f)
+                        _copy_expert(experts[sl.module], sl, reader.read(handle, f, key, packed_ok=True), key, f)
                 elif name in expected:
                     place(name, reader.read(handle, f, key), key, f)
                 elif part is not None and part.target in expected:
@@ -318,6 +324,8 @@ def _describe(fmt) -> str:
         return "float"
     if fmt.name == "fp8":
         return f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks, dequantized as loaded"
+    if fmt.name == "compressed-tensors":  # routed experts copied in as stored when they are int4 of the same group
+        return f"{fmt}, dequantized as loaded unless the experts are int4 of the same group"
     return f"{fmt.name}, dequantized as loaded"
 
 
