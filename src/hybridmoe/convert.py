@@ -1,0 +1,306 @@
+"""`hybridmoe convert`: a checkpoint with its routed experts quantized ahead of time, so each start skips it.
+
+Reads any checkpoint hybridmoe loads (bf16/fp16/fp32, FP8 block-scaled, MXFP4, compressed-tensors) and writes a
+standard safetensors checkpoint in the hub's per-expert key layout:
+
+- routed experts in compressed-tensors form: int4 ``pack-quantized`` (``weight_packed`` int32 [out, in/8],
+  ``weight_scale`` bf16 [out, in/G], ``weight_shape``; G = the group hybridmoe's int4 experts use) or int8
+  ``int-quantized`` per output channel (``weight`` int8, ``weight_scale`` bf16 [out, 1]);
+- everything else as stored when it is a plain float tensor, bf16 when it was quantized in the input (dequantized);
+- config.json with a matching ``quantization_config`` (one config group whose ``re:`` target names the expert
+  projections), and the tokenizer, generation config and other side files copied.
+
+The expert slices are quantized one expert at a time by the functions the loader itself uses (``quantize_rows``, and
+``quantize_int4`` for int4), from the very tensors the loader would quantize, and the loader reads them back as they
+are (int4 of the same group is copied in, int8 dequantizes and re-quantizes to the same bits): loading the output
+gives bit-identical expert weights to loading the input with the same ``expert_dtype``.
+
+Streaming: one input shard is open at a time and output shards are written as they fill (``max_shard_size``), so host
+memory holds about one output shard plus one tensor. The output is built in a temporary sibling directory and renamed
+into place at the end; an interrupted run leaves nothing half-written under the output's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config
+from .compressed import PackedWeight
+from .errors import CheckpointError, ConfigError
+from .experts.cpu_experts import quantize_rows
+from .export import _copy_side_files, _is_within
+from .formats import FLOAT_DTYPES, WeightReader, check_tensors, checkpoint_format
+from .io import atomic_replace_dir
+from .loading import _build_empty, _swap_experts
+
+log = logging.getLogger("hybridmoe")
+
+EXPERT_DTYPES = ("int4", "int8")
+DEFAULT_MAX_SHARD = 4 << 30  # bytes of tensors per output shard
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the routed experts become: int8 per output channel, or int4 in groups of `group` inputs."""
+
+    kind: str  # "int4" | "int8"
+    group: int | None = None
+
+    def quantize(self, w: torch.Tensor, base: str) -> dict[str, torch.Tensor]:
+        """One expert's [out, in] float matrix -> its compressed-tensors tensors under module name `base`."""
+        if self.kind == "int8":
+            q, scale = quantize_rows(w)  # the loader's int8: one bf16 scale per output row
+            return {f"{base}.weight": q, f"{base}.weight_scale": scale.unsqueeze(-1)}
+        from .experts.packed import quantize_int4
+
+        codes, scales = quantize_int4(w, self.group)  # the loader's int4: codes uint8 [out, in/2]
+        return self.packed(codes, scales, base)
+
+    def packed(self, codes: torch.Tensor, scales: torch.Tensor, base: str) -> dict[str, torch.Tensor]:
+        """int4 codes as pack-quantized: the same bytes viewed as little-endian int32, eight values per word."""
+        out, half = codes.shape
+        return {f"{base}.weight_packed": codes.contiguous().view(torch.int32),
+                f"{base}.weight_scale": scales.to(torch.bfloat16).contiguous(),
+                f"{base}.weight_shape": torch.tensor([out, 2 * half], dtype=torch.int64)}
+
+    def quantization_config(self, targets: list[str]) -> dict:
+        fmt = "pack-quantized" if self.kind == "int4" else "int-quantized"
+        weights = {"num_bits": 4 if self.kind == "int4" else 8, "type": "int", "symmetric": True,
+                   "strategy": "group" if self.kind == "int4" else "channel", "group_size": self.group,
+                   "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
+                   "observer_kwargs": {}}
+        return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
+                                              "output_activations": None, "format": fmt}},
+                "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
+
+
+def _target(kind: str, experts) -> Target:
+    if kind not in EXPERT_DTYPES:
+        raise ConfigError(f"--expert-dtype '{kind}' is not supported by convert; use int4 or int8")
+    if kind == "int8":
+        return Target("int8")
+    from .experts.packed import int4_group_for
+
+    dims = tuple(ex.spec.shape(p)[2] for ex in experts.values() for p in ("gate_up_proj", "down_proj"))
+    group = int4_group_for(dims)
+    if group is None:
+        raise ConfigError(f"the experts' input dimensions {sorted(set(dims))} are not multiples of 32, which int4 "
+                          "needs; use --expert-dtype int8")
+    return Target("int4", group)
+
+
+class _ShardWriter:
+    """Output shards filled in key order and written as they reach `max_bytes`; the index at the end."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        self.root, self.max_bytes = root, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []  # (temporary name, keys)
+        self.total = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if key in self.pending or any(key in keys for _, keys in self.files[-1:]):
+            raise CheckpointError(f"two checkpoint tensors would be written as '{key}'; the checkpoint holds a "
+                                  "tensor twice (e.g. fused and per-expert)")
+        n = t.numel() * t.element_size()
+        if self.pending and self.size + n > self.max_bytes:
+            self.flush()
+        self.pending[key] = t.contiguous()
+        self.size += n
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.root / name), metadata={"format": "pt"})
+        self.files.append((name, sorted(self.pending)))
+        self.total += self.size
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards as transformers does and write the index (for more than one shard); returns the count."""
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (tmp, keys) in enumerate(self.files, 1):
+            name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.root / tmp, self.root / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return n
+
+
+def _per_expert_names(model_type: str) -> dict[tuple[str, int], str]:
+    """{(fused projection, chunk): per-expert suffix} from transformers' conversion table, e.g. ("gate_up_proj", 1)
+    -> ".up_proj.weight": how the hub names one expert's slice of a fused tensor."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    out = {}
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        if type(rule).__name__ != "WeightConverter" or len(rule.target_patterns) != 1:
+            continue
+        target = rule.target_patterns[0].rsplit(".", 1)[-1]
+        for chunk, src in enumerate(rule.source_patterns):
+            if "*" in src:
+                out[(target, chunk)] = src.replace("\\.", ".").partition("*")[2]
+    return out
+
+
+class _Converter:
+    def __init__(self, ckpt: Checkpoint, fmt, model, experts: dict, target: Target, writer: _ShardWriter):
+        self.ckpt, self.target, self.writer = ckpt, target, writer
+        self.reader = WeightReader(ckpt, fmt)
+        self.mapper = KeyMapper(model.config.model_type, model.state_dict())
+        self.experts = experts
+        self.model_type = model.config.model_type
+        self.split = _per_expert_names(self.model_type)
+        self._dtypes: dict[Path, dict[str, str]] = {}
+        self.modules: set[str] = set()  # per-expert Linear names written quantized (for the config's target)
+
+    def tensor(self, handle, f: Path, key: str) -> None:
+        logical = self.reader.logical(key)
+        sl = self.mapper.expert_slice(self.mapper.rename(logical))
+        if sl is None or sl.module not in self.experts:
+            t = self.reader.read(handle, f, key)
+            if self._stored(f)[key] not in FLOAT_DTYPES and t.is_floating_point():
+                t = t.to(torch.bfloat16)  # quantized in the input (FP8, int4, int8), dequantized as read
+            self.writer.add(logical, t)  # plain float tensors (and integer buffers) as stored
+            return
+        spec = self.experts[sl.module].spec
+        t = self.reader.read(handle, f, key, packed_ok=True)
+        if sl.proj.endswith("_bias"):
+            t = t.dequantize() if isinstance(t, PackedWeight) else t
+            if sl.expert is None:
+                self._split_fused(sl, t, bias=True)
+            else:
+                self.writer.add(logical, t)
+            return
+        if isinstance(t, PackedWeight) and (sl.expert is None or spec.transposed):
+            t = t.dequantize()
+        if spec.transposed:
+            t = t.transpose(-1, -2)  # [.., out, in], as the loader stores it
+        if sl.expert is None:
+            self._split_fused(sl, t, bias=False)
+            return
+        if not logical.endswith(".weight"):
+            raise CheckpointError(f"tensor '{key}' in '{f.name}' is one expert's weight whose name does not end in "
+                                  "'.weight'; convert writes per-expert Linear weights only")
+        self._expert(logical[: -len(".weight")], t)
+
+    def _stored(self, f: Path) -> dict[str, str]:
+        if f not in self._dtypes:
+            self._dtypes = {f: self.ckpt.dtypes(f)}  # the open shard's header only
+        return self._dtypes[f]
+
+    def _expert(self, base: str, t) -> None:
+        """One expert's [out, in] slice, quantized as the loader would quantize it (or copied as stored when the
+        loader would copy it: int4 of the target's group with bf16 scales)."""
+        if isinstance(t, PackedWeight):
+            exact = torch.equal(t.scales.to(torch.bfloat16).to(t.scales.dtype), t.scales)
+            if self.target.kind == "int4" and t.group == self.target.group and exact:
+                self._add(base, self.target.packed(t.codes, t.scales, base))
+                return
+            t = t.dequantize()
+        self._add(base, self.target.quantize(t, base))
+
+    def _add(self, base: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.modules.add(base)
+        for k, v in tensors.items():
+            self.writer.add(k, v)
+
+    def _split_fused(self, sl, t: torch.Tensor, bias: bool) -> None:
+        """A fused [E, out, (in)] tensor as per-expert hub tensors, one expert at a time (gate rows, then up rows)."""
+        spec = self.experts[sl.module].spec
+        proj = sl.proj[: -len("_bias")] if bias else sl.proj
+        chunks = [self.split.get((proj, c)) for c in range(2 if proj == "gate_up_proj" else 1)]
+        if None in chunks or spec.interleaved:
+            raise CheckpointError(
+                f"the routed experts of '{sl.module}' are stored fused ('{sl.proj}' [E, ...]) and transformers has no "
+                f"per-expert layout for model_type '{self.model_type}' that compressed-tensors could describe; convert "
+                "writes per-expert Linear weights only (load this checkpoint directly instead)")
+        rows = t.shape[1] // len(chunks)
+        for e in range(t.shape[0]):
+            for c, suffix in enumerate(chunks):
+                part = t[e, c * rows:(c + 1) * rows]  # [rows, in] (bias: [rows])
+                name = f"{sl.module}.{e}{suffix}"  # e.g. model.layers.1.mlp.experts.3.up_proj.weight
+                if bias:
+                    self.writer.add(name[: -len("weight")] + "bias", part.clone())
+                else:
+                    self._expert(name[: -len(".weight")], part)
+
+    def targets(self) -> list[str]:
+        """One ``re:`` target naming every expert projection written, as compressed-tensors matches module names."""
+        parents = sorted({re.escape(".".join(m.rsplit(".", 2)[0].split(".")[-2:])) for m in self.modules})
+        leaves = sorted({re.escape(m.rsplit(".", 1)[1]) for m in self.modules})
+        return [rf"re:.*({'|'.join(parents)})\.[0-9]+\.({'|'.join(leaves)})$"]
+
+
+def _check_paths(model_dir: Path, output_dir: Path, overwrite: bool) -> None:
+    if _is_within(output_dir, model_dir) or _is_within(model_dir, output_dir):
+        raise CheckpointError(f"output directory '{output_dir}' must not be, contain or be inside the model directory "
+                              f"'{model_dir}'; pass a new directory")
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise CheckpointError(f"output path '{output_dir}' exists and is not a directory; pass a new directory")
+        if any(output_dir.iterdir()) and not overwrite:
+            raise CheckpointError(f"output directory '{output_dir}' is not empty; pass a new or empty directory, or "
+                                  "--overwrite to replace it")
+
+
+def convert_checkpoint(model_dir: str | os.PathLike, output_dir: str | os.PathLike, expert_dtype: str,
+                       overwrite: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD, progress: bool = True,
+                       trust_remote_code: bool = False) -> Path:
+    """Write `model_dir` with its routed experts as compressed-tensors `expert_dtype` ("int4"/"int8") to
+    `output_dir` (see the module docstring). Every input problem is raised before anything is written."""
+    if max_shard_size <= 0:
+        raise ConfigError(f"max_shard_size must be positive, got {max_shard_size} bytes")
+    model_path = Path(model_dir).expanduser().resolve()
+    out_path = Path(output_dir).expanduser().resolve()
+    ckpt = Checkpoint(model_path)
+    _check_paths(model_path, out_path, overwrite)
+    fmt = checkpoint_format(ckpt.path)
+    config = read_config(model_path, trust_remote_code=trust_remote_code)
+    if fmt is not None:
+        del config.quantization_config
+    model = _build_empty(config, torch.bfloat16)
+    experts = _swap_experts(model, torch.bfloat16, device="meta")  # specs and names only: no expert memory
+    target = _target(expert_dtype, experts)
+    ignored = set(check_tensors(ckpt, model, set(experts), fmt))  # the whole input, before a byte is written
+
+    def write(tmp: Path) -> None:
+        writer = _ShardWriter(tmp, max_shard_size)
+        conv = _Converter(ckpt, fmt, model, experts, target, writer)
+        with tqdm(total=len(ckpt.key_to_file), desc="Converting", unit="tensor", disable=not progress,
+                  file=sys.stderr) as bar:
+            for f, keys in ckpt.keys_by_file().items():  # one input shard open at a time
+                handle = ckpt.open(f)
+                for key in sorted(keys):
+                    if not conv.reader.consumed(key) and key not in ignored:
+                        conv.tensor(handle, f, key)
+                    bar.update(1)
+                del handle
+        n = writer.finish()
+        _copy_side_files(model_path, tmp)
+        raw = json.loads((model_path / "config.json").read_text())
+        raw.pop("compression_config", None)
+        raw["quantization_config"] = target.quantization_config(conv.targets())
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        log.info("wrote %d shard(s): %d expert matrices as %s%s; %d tensor(s) the model does not use left out",
+                 n, len(conv.modules), target.kind, f" (group {target.group})" if target.group else "", len(ignored))
+
+    atomic_replace_dir(out_path, write)
+    return out_path
