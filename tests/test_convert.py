@@ -1,0 +1,187 @@
+"""`hybridmoe convert`: the converted checkpoint loads bit-identical routed experts to the original loaded with the
+same expert_dtype (torch.equal on every ExpertWeights tensor) and identical logits; it is streamed, sharded and
+written atomically; user errors are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hybridmoe.cli import main
+from hybridmoe.convert import convert_checkpoint
+from hybridmoe.errors import CheckpointError
+from hybridmoe.loading import load_model
+
+from .helpers import make_checkpoint, rel_err
+
+TINY = dict(hidden_size=64, moe_intermediate_size=32)  # expert inputs 64 and 32: int4 groups fit
+IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory):
+    """Tiny bf16 checkpoints saved in several shards (as a large release is)."""
+    root = tmp_path_factory.mktemp("conv")
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            cache[arch] = make_checkpoint(arch, root / arch, dtype=torch.bfloat16, max_shard_size="40KB", **TINY)
+        return cache[arch]
+
+    return make
+
+
+def rewrite(src, dst, transform, quant_config):
+    """Copy checkpoint `src` (any sharding) to `dst` as one model.safetensors passed through transform(dict), with
+    `quant_config` declared in config.json."""
+    shutil.copytree(src, dst)
+    sd = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(transform(sd), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant_config}))
+    return dst
+
+
+def assert_same_experts(a, b):
+    for name in a.hybridmoe.moe_layers:
+        wa, wb = a.get_submodule(name).weights, b.get_submodule(name).weights
+        ta, tb = wa.host_tensors(), wb.host_tensors()
+        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb)), name
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_convert_int8_loads_bit_identical(arch, bf16, tmp_path):
+    src = bf16(arch)
+    out = convert_checkpoint(src, tmp_path / "int8", "int8", max_shard_size=50_000, progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in names and "tokenizer.json" in names and "generation_config.json" in names
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "int-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    a = load_model(src, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    b = load_model(out, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    assert_same_experts(a, b)
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
+    # What is on disk: int8 experts with bf16 per-row scales, everything else as stored (bf16).
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.1.mlp.experts.3.down_proj.weight"
+    with safe_open(str(out / index[key]), "pt") as h:
+        assert h.get_tensor(key).dtype == torch.int8
+    with safe_open(str(out / index[key + "_scale"]), "pt") as h:
+        assert h.get_tensor(key + "_scale").shape == (64, 1)
+    with safe_open(str(out / index["model.layers.1.self_attn.o_proj.weight"]), "pt") as h:
+        assert h.get_tensor("model.layers.1.self_attn.o_proj.weight").dtype == torch.bfloat16
+
+
+def test_convert_from_fp8_and_compressed(bf16, tmp_path):
+    """An FP8 block-scaled input: experts dequantized as read, then quantized exactly as the loader quantizes them;
+    converting the converted checkpoint again changes nothing."""
+    from .test_formats import _fp8_quantize_blocks
+
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+    fp8 = rewrite(bf16("qwen3_moe"), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(
+        {k: v.float() for k, v in sd.items()}, 8), qc)
+    out = convert_checkpoint(fp8, tmp_path / "int8", "int8", progress=False)
+    a = load_model(fp8, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    b = load_model(out, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    assert_same_experts(a, b)
+    with torch.no_grad():  # attention dequantized to bf16 on disk: close, not equal
+        assert rel_err(b(IDS).logits, a(IDS).logits) < 1e-2
+    again = convert_checkpoint(out, tmp_path / "again", "int8", progress=False)
+    assert_same_experts(b, load_model(again, device="cpu", dtype="float32", expert_dtype="int8", progress=False))
+
+
+def test_failure_leaves_nothing(bf16, tmp_path):
+    """A tensor found broken only as it is read (a scale grid that does not fit): one line, no output directory, no
+    temporary left beside it."""
+    from .test_formats import _fp8_quantize_blocks
+
+    def bad(sd):
+        sd = _fp8_quantize_blocks({k: v.float() for k, v in sd.items()}, 8)
+        k = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"
+        sd[k] = sd[k][:, :1].contiguous()
+        return sd
+
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
+    broken = rewrite(bf16("qwen3_moe"), tmp_path / "broken", bad, qc)
+    with pytest.raises(CheckpointError, match="experts.5.up_proj.weight_scale_inv' in 'model.safetensors' has shape"):
+        convert_checkpoint(broken, tmp_path / "out" / "int8", "int8", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def _one_line(capsys, argv, fragment):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hybridmoe: error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert fragment in errors[0], errors[0]
+
+
+def test_cli(bf16, tmp_path, capsys):
+    src = str(bf16("qwen3_moe"))
+    out = tmp_path / "out"
+    assert main(["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    _one_line(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out)],
+              "is not empty; pass a new or empty directory, or --overwrite")
+    before = (out / "config.json").stat().st_mtime_ns
+    assert main(["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").stat().st_mtime_ns != before
+    _one_line(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", f"{src}/sub"],
+              "must not be, contain or be inside the model directory")
+    _one_line(capsys, ["convert", "--model", str(tmp_path / "nope"), "--expert-dtype", "int8", "--output",
+                       str(tmp_path / "o2")], "does not exist")
+    _one_line(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", str(tmp_path / "o3"),
+                       "--max-shard-size", "0"], "max_shard_size must be positive")
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import re, sys, torch
+    from pathlib import Path
+    from hybridmoe.convert import convert_checkpoint
+
+    def kib(field):
+        return int(re.search(rf"{field}:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
+
+    torch.set_num_threads(1)  # memory is measured here, not speed: no thread pool spinning on a busy CI host
+    src, out, shard = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    convert_checkpoint(src, out / "warm", "int8", max_shard_size=shard, progress=False)  # imports, model classes
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) restarts from the current RSS
+    base = kib("VmRSS")
+    convert_checkpoint(src, out / "measured", "int8", max_shard_size=shard, progress=False)
+    print((kib("VmHWM") - base) * 1024)
+""")
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc/self/clear_refs")
+def test_peak_rss_about_one_shard(tmp_path):
+    """Converting a 26 MB checkpoint (2 MB shards) with 2 MB output shards grows the peak RSS by a few shards, far
+    from the checkpoint's size: one input shard, one output shard and one tensor's temporaries are held, never the
+    model. (The first conversion in the process pays for imports and model classes; the second is measured.)"""
+    from hybridmoe.testing import save_tiny_model
+
+    src = tmp_path / "src"
+    save_tiny_model("qwen3_moe", src, dtype=torch.bfloat16, max_shard_size="2MB", hidden_size=256,
+                    moe_intermediate_size=512, num_experts=16, num_hidden_layers=2)
+    total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(src), str(tmp_path), str(2 << 20)],
+                         capture_output=True, text=True, check=True)
+    grew = int(run.stdout.split()[-1])
+    print(f"peak RSS grew {grew / 2**20:.1f} MiB converting {total / 2**20:.1f} MiB")
+    assert total > 24e6 and grew < 0.4 * total, (grew, total)
