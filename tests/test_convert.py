@@ -87,7 +87,7 @@ def test_convert_int8_loads_bit_identical(arch, bf16, tmp_path):
         assert h.get_tensor("model.layers.1.self_attn.o_proj.weight").dtype == torch.bfloat16
 
 
-def test_convert_from_fp8_and_compressed(bf16, tmp_path):
+def test_convert_from_fp8(bf16, tmp_path):
     """An FP8 block-scaled input: experts dequantized as read, then quantized exactly as the loader quantizes them;
     converting the converted checkpoint again changes nothing."""
     from .test_formats import _fp8_quantize_blocks
@@ -103,6 +103,23 @@ def test_convert_from_fp8_and_compressed(bf16, tmp_path):
         assert rel_err(b(IDS).logits, a(IDS).logits) < 1e-2
     again = convert_checkpoint(out, tmp_path / "again", "int8", progress=False)
     assert_same_experts(b, load_model(again, device="cpu", dtype="float32", expert_dtype="int8", progress=False))
+
+
+def test_convert_from_compressed_int4(bf16, tmp_path):
+    """A compressed-tensors int4 input (written by the library): int8 experts from its dequantized weights, exactly
+    as the loader makes them."""
+    pytest.importorskip("compressed_tensors")
+    from .test_formats_ct import EXPERTS_RE, ct_config, is_expert, to_compressed
+
+    qc = ct_config("pack-quantized", 4, "group", 32, [EXPERTS_RE], ["lm_head"])
+    ct = rewrite(bf16("deepseek_v3"), tmp_path / "ct", lambda sd: to_compressed(
+        sd, is_expert, "pack-quantized", 4, "group", 32, torch.bfloat16), qc)
+    out = convert_checkpoint(ct, tmp_path / "int8", "int8", progress=False)
+    a = load_model(ct, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    b = load_model(out, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
+    assert_same_experts(a, b)
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
 
 
 def test_failure_leaves_nothing(bf16, tmp_path):
