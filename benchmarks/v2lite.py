@@ -215,15 +215,15 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=
     per-expert loop, then through the compiled kernel with each GPU share of the routed experts (None: the default).
     One JSON line each, and after each share where a graph-decoded token's time goes."""
     from hybridmoe.experts import cpu_kernel
-    from hybridmoe.experts.backends import DEFAULT_GPU_SHARE
+    from hybridmoe.experts.backends import DEFAULT_GPU_SHARE, format_key
     from hybridmoe.generation import generate
 
     settings = model.get_base_model().hybridmoe.settings if hasattr(model, "get_base_model") else model.hybridmoe.settings
-    expert_dtype = next(m for m in model.modules() if type(m).__name__ == "HybridExperts").weights.gate_up.dtype
+    expert_fmt = format_key(next(m for m in model.modules() if type(m).__name__ == "HybridExperts").weights.fmt)
     runs = [("dynamic_cache_eager", dict(static_cache=False), True, 0.0),
             ("static_graphs_torch_loop_first_call", {}, False, 0.0), ("static_graphs_torch_loop", {}, False, 0.0)]
     for share in gpu_shares:
-        share = DEFAULT_GPU_SHARE[expert_dtype] if share is None else share
+        share = DEFAULT_GPU_SHARE[expert_fmt] if share is None else share
         runs += [(f"static_graphs_share{share:.2f}_first_call", {}, True, share)]
         runs += [(f"static_graphs_share{share:.2f}", {}, True, share)] * repeats
     tokens = {}

@@ -202,3 +202,26 @@ def test_peak_rss_about_one_shard(tmp_path):
     grew = int(run.stdout.split()[-1])
     print(f"peak RSS grew {grew / 2**20:.1f} MiB converting {total / 2**20:.1f} MiB")
     assert total > 24e6 and grew < 0.4 * total, (grew, total)
+
+
+def test_convert_int4_loads_bit_identical_and_reads_in_transformers(bf16, tmp_path):
+    """int4: the loader's group, the loader's quantize_int4; the output loads to the same codes and scales as the bf16
+    input does, and transformers' own compressed-tensors reader takes it (its dequantization runs in the scales'
+    bf16, hence the tolerance)."""
+    pytest.importorskip("hybridmoe.experts.packed")
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    src = bf16("qwen3_moe")
+    out = convert_checkpoint(src, tmp_path / "int4", "int4", progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    a = load_model(src, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
+    b = load_model(out, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
+    assert_same_experts(a, b)
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
+        exact = load_model(out, device="cpu", dtype="float32", expert_dtype="float32", progress=False)(IDS).logits
+        ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(
+            dequantize=True)).eval()(IDS).logits
+    assert rel_err(exact, ref) <= 1e-2

@@ -242,3 +242,27 @@ def test_bad_input_one_line(case, base, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(path, device="cpu", progress=False)
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_int4_experts_copied_as_stored(base, tmp_path):
+    """With int4 experts of the checkpoint's group, the codes and scales land in RAM byte for byte as the library
+    packed them (no float copy, no re-quantization), and the model computes what the dequantized load computes."""
+    packed = pytest.importorskip("hybridmoe.experts.packed")
+    from hybridmoe.experts.packed import PackedFormat
+
+    qc = ct_config("pack-quantized", 4, "group", 32, [EXPERTS_RE], ["lm_head"])
+    path = rewrite(base("deepseek_v3"), tmp_path / "ct", _ct4, qc)
+    sd = load_file(str(path / "model.safetensors"))
+    hyb = load_model(path, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
+    w = hyb.get_submodule("model.layers.1.mlp.experts").weights
+    assert w.packed == PackedFormat("int4", 32)
+    for e in (0, 5):
+        for proj, rows, names in (("gate_up_proj", 32, ("gate_proj", "up_proj")), ("down_proj", 64, ("down_proj",))):
+            for c, name in enumerate(names):
+                k = f"model.layers.1.mlp.experts.{e}.{name}.weight_"
+                assert torch.equal(w.tensor(proj)[e, c * rows:(c + 1) * rows], sd[k + "packed"].view(torch.uint8))
+                assert torch.equal(w.scales[proj][e, c * rows:(c + 1) * rows], sd[k + "scale"])
+    fp32 = load_model(path, device="cpu", dtype="float32", expert_dtype="float32", progress=False)
+    with torch.no_grad():
+        assert rel_err(hyb(IDS).logits, fp32(IDS).logits) <= 1e-2  # the int4 kernel rounds activations to bf16
+    assert packed.INT4_GROUP % 32 == 0

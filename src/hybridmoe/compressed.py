@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .experts.packed import INT4_GROUP, PackedFormat
 
 METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -70,6 +71,29 @@ class CompressedTensors:
             return self.schemes[0]
         raise CheckpointError(f"tensor '{key}' in '{f.name}' is quantized, but no config group of the "
                               "quantization_config targets its module; the checkpoint does not match its config.json")
+
+    def experts_scheme(self) -> IntScheme:
+        """The group that quantizes the routed experts: the one whose ``re:`` target names experts, else the first
+        (transformers' rule, ``get_experts_scheme``)."""
+        named = [s for s in self.schemes if any(t.startswith("re:") and "experts" in t for t in s.targets)]
+        return (named or list(self.schemes))[0]
+
+    def compact(self) -> torch.dtype | PackedFormat:
+        """How the routed experts are held when the user names no expert dtype: compact, as shipped where the format
+        is hybridmoe's own (int4 in groups of a multiple of 32), else int4 / int8 quantized from the weights."""
+        s = self.experts_scheme()
+        if s.bits == 8:
+            return torch.int8
+        return PackedFormat("int4", s.group if self.ships_group(s) else INT4_GROUP)
+
+    @staticmethod
+    def ships_group(s: IntScheme) -> bool:
+        return s.fmt == PACKED and s.strategy == "group" and s.group % 32 == 0
+
+    def ships(self, experts) -> bool:
+        """Whether experts held in `experts` format are the checkpoint's own int4 bytes."""
+        return isinstance(experts, PackedFormat) and experts.kind == "int4" and any(
+            self.ships_group(s) and s.group == experts.group for s in self.schemes)
 
     def __str__(self) -> str:
         parts = sorted({f"int{s.bits} {s.fmt} " + (f"group {s.group}" if s.strategy == "group" else s.strategy)
@@ -141,18 +165,6 @@ class PackedWeight:
         c = torch.stack(((self.codes & 15), (self.codes >> 4)), dim=-1).flatten(-2).float() - 8  # [out, in]
         out, n = c.shape
         return (c.view(out, n // self.group, self.group) * self.scales.float().unsqueeze(-1)).view(out, n)
-
-    def store(self, weights, proj: str, expert: int, rows: slice) -> bool:
-        """Copy into `weights` (an :class:`~hybridmoe.experts.cpu_experts.ExpertWeights`) as they are, when it holds
-        int4 of this group and the scales are bf16 values; False (nothing written) otherwise."""
-        fmt = getattr(weights, "packed", None)
-        if fmt is None or fmt.kind != "int4" or fmt.group != self.group:
-            return False
-        scales = self.scales.to(torch.bfloat16)
-        if not torch.equal(scales.to(self.scales.dtype), self.scales):
-            return False  # fp16/fp32 scales bf16 cannot hold: dequantized and re-quantized instead
-        weights.write_packed(proj, self.codes, scales, expert=expert, rows=rows)
-        return True
 
 
 def _scale_group(scale: torch.Tensor, out: int, n: int, s: IntScheme, skey: str, f: Path) -> int:

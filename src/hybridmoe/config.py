@@ -58,8 +58,9 @@ class TrainConfig:
     # -- placement -------------------------------------------------------------------------------------------------
     device: str | None = None  # cuda | cpu (default: cuda when available)
     dtype: str | None = None  # bfloat16 | float32 for the compute-device weights
-    # bfloat16 | float32 for the CPU expert weights (default: dtype); int8: quantized per output row at load, half
-    # the host RAM; the LoRA trains on top of the int8 base weights (QLoRA-style)
+    # bfloat16 | float32 for the CPU expert weights (default: dtype; MXFP4 checkpoints stay MXFP4, FP8 ones become
+    # int8); int8: quantized per output row at load, half the host RAM; int4: group-wise, a quarter; the LoRA trains
+    # on top of the quantized base weights (QLoRA-style)
     expert_dtype: str | None = None
     # Batches of >= this many tokens run the routed experts on the GPU, their weights streamed from CPU RAM layer by
     # layer (default on CUDA: 64; 0 = always on the CPU). GPU memory: + two layers of expert weights.

@@ -35,13 +35,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config
-from .compressed import PackedWeight
 from .errors import CheckpointError, ConfigError
 from .experts.cpu_experts import quantize_rows
+from .experts.packed import quantize_int4
 from .export import _copy_side_files, _is_within
 from .formats import FLOAT_DTYPES, WeightReader, check_tensors, checkpoint_format
 from .io import atomic_replace_dir
-from .loading import _build_empty, _swap_experts
+from .loading import _build_empty, _swap_experts, resolve_expert_dtype
 
 log = logging.getLogger("hybridmoe")
 
@@ -61,8 +61,6 @@ class Target:
         if self.kind == "int8":
             q, scale = quantize_rows(w)  # the loader's int8: one bf16 scale per output row
             return {f"{base}.weight": q, f"{base}.weight_scale": scale.unsqueeze(-1)}
-        from .experts.packed import quantize_int4
-
         codes, scales = quantize_int4(w, self.group)  # the loader's int4: codes uint8 [out, in/2]
         return self.packed(codes, scales, base)
 
@@ -85,19 +83,15 @@ class Target:
                 "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
 
 
-def _target(kind: str, experts) -> Target:
-    if kind not in EXPERT_DTYPES:
-        raise ConfigError(f"--expert-dtype '{kind}' is not supported by convert; use int4 or int8")
+def _target(kind: str, experts: dict) -> Target:
+    """The loader's format for `kind`: the int4 group is the one each block gets at load (``_block_format``)."""
     if kind == "int8":
         return Target("int8")
-    from .experts.packed import int4_group_for
-
-    dims = tuple(ex.spec.shape(p)[2] for ex in experts.values() for p in ("gate_up_proj", "down_proj"))
-    group = int4_group_for(dims)
-    if group is None:
-        raise ConfigError(f"the experts' input dimensions {sorted(set(dims))} are not multiples of 32, which int4 "
-                          "needs; use --expert-dtype int8")
-    return Target("int4", group)
+    groups = {ex.weights.packed.group for ex in experts.values()}
+    if len(groups) != 1:
+        raise ConfigError(f"the experts blocks get different int4 groups {sorted(groups)} (their input dims differ); "
+                          "convert writes one group size: use --expert-dtype int8")
+    return Target("int4", groups.pop())
 
 
 class _ShardWriter:
@@ -181,41 +175,34 @@ class _Converter:
             self.writer.add(logical, t)  # plain float tensors (and integer buffers) as stored
             return
         spec = self.experts[sl.module].spec
-        t = self.reader.read(handle, f, key, packed_ok=True)
         if sl.proj.endswith("_bias"):
-            t = t.dequantize() if isinstance(t, PackedWeight) else t
+            t = self.reader.read(handle, f, key)
             if sl.expert is None:
                 self._split_fused(sl, t, bias=True)
             else:
                 self.writer.add(logical, t)
             return
-        if isinstance(t, PackedWeight) and (sl.expert is None or spec.transposed):
-            t = t.dequantize()
+        if not logical.endswith(".weight") and sl.expert is not None:
+            raise CheckpointError(f"tensor '{key}' in '{f.name}' is one expert's weight whose name does not end in "
+                                  "'.weight'; convert writes per-expert Linear weights only")
+        fmt = self.experts[sl.module].weights.packed
+        if fmt is not None and sl.expert is not None and self.reader.packed_format(key) == fmt:
+            # what the loader copies in as stored (``loading._as_shipped``) is copied out as stored
+            codes, scales = self.reader.read_packed(handle, f, key)
+            self._add(logical[: -len(".weight")], self.target.packed(codes, scales, logical[: -len(".weight")]))
+            return
+        t = self.reader.read(handle, f, key)
         if spec.transposed:
             t = t.transpose(-1, -2)  # [.., out, in], as the loader stores it
         if sl.expert is None:
             self._split_fused(sl, t, bias=False)
-            return
-        if not logical.endswith(".weight"):
-            raise CheckpointError(f"tensor '{key}' in '{f.name}' is one expert's weight whose name does not end in "
-                                  "'.weight'; convert writes per-expert Linear weights only")
-        self._expert(logical[: -len(".weight")], t)
+        else:
+            self._add(logical[: -len(".weight")], self.target.quantize(t, logical[: -len(".weight")]))
 
     def _stored(self, f: Path) -> dict[str, str]:
         if f not in self._dtypes:
             self._dtypes = {f: self.ckpt.dtypes(f)}  # the open shard's header only
         return self._dtypes[f]
-
-    def _expert(self, base: str, t) -> None:
-        """One expert's [out, in] slice, quantized as the loader would quantize it (or copied as stored when the
-        loader would copy it: int4 of the target's group with bf16 scales)."""
-        if isinstance(t, PackedWeight):
-            exact = torch.equal(t.scales.to(torch.bfloat16).to(t.scales.dtype), t.scales)
-            if self.target.kind == "int4" and t.group == self.target.group and exact:
-                self._add(base, self.target.packed(t.codes, t.scales, base))
-                return
-            t = t.dequantize()
-        self._add(base, self.target.quantize(t, base))
 
     def _add(self, base: str, tensors: dict[str, torch.Tensor]) -> None:
         self.modules.add(base)
@@ -240,7 +227,7 @@ class _Converter:
                 if bias:
                     self.writer.add(name[: -len("weight")] + "bias", part.clone())
                 else:
-                    self._expert(name[: -len(".weight")], part)
+                    self._add(name[: -len(".weight")], self.target.quantize(part, name[: -len(".weight")]))
 
     def targets(self) -> list[str]:
         """One ``re:`` target naming every expert projection written, as compressed-tensors matches module names."""
@@ -276,8 +263,12 @@ def convert_checkpoint(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     config = read_config(model_path, trust_remote_code=trust_remote_code)
     if fmt is not None:
         del config.quantization_config
+    if expert_dtype not in EXPERT_DTYPES:
+        raise ConfigError(f"expert dtype '{expert_dtype}' is not one convert writes; use int4 or int8")
     model = _build_empty(config, torch.bfloat16)
-    experts = _swap_experts(model, torch.bfloat16, device="meta")  # specs and names only: no expert memory
+    # The experts blocks as the loader makes them for this expert dtype (int4: each block's group), on the meta
+    # device: specs, names and formats only, no expert memory.
+    experts = _swap_experts(model, resolve_expert_dtype(expert_dtype, torch.device("cpu")), device="meta")
     target = _target(expert_dtype, experts)
     ignored = set(check_tensors(ckpt, model, set(experts), fmt))  # the whole input, before a byte is written
 

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from hybridmoe.experts import HybridExperts
-from hybridmoe.experts.cpu_experts import dequantize_rows
 from hybridmoe.forward_args import forward_params
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,8 @@ class _GpuShare:
     and routing weights of the current cut (:meth:`stage`, queued before the cut), the weights of its ``n`` experts
     (:meth:`load`: page-locked host -> device DMA, queued by the host once it knows the ids), and their weighted sum
     ``y`` [1, H] fp32 (:meth:`compute`, captured once as its own CUDA graph), which the next graph adds to the CPU's
-    part. The math is the streamed path's: GEMMs in the weight dtype (int8 dequantized on the device), fp32 sum.
+    part. The math is the streamed path's: GEMMs in the weight dtype (int8 and 4-bit dequantized on the device to
+    bf16), fp32 sum.
     """
 
     def __init__(self, module: HybridExperts, hidden: torch.Tensor, k: int, n: int):
@@ -62,7 +62,8 @@ class _GpuShare:
         self.n, self.k, self.mlp = n, k, module.mlp
         self.gate_up = torch.empty((n, *w.gate_up.shape[1:]), dtype=w.gate_up.dtype, device=dev)  # [n, 2I, H]
         self.down = torch.empty((n, *w.down.shape[1:]), dtype=w.down.dtype, device=dev)  # [n, H, I]
-        self.scales = None  # int8: [n, 2I], [n, H] bf16
+        self.weights = w  # owns the format: to_float dequantizes the buffers below
+        self.scales = None  # int8: [n, 2I], [n, H] bf16; 4-bit: [n, 2I, H/group], [n, H, I/group]
         if w.quantized:
             self.scales = [torch.empty((n, *w.scales[p].shape[1:]), dtype=torch.bfloat16, device=dev)
                            for p in ("gate_up_proj", "down_proj")]
@@ -92,7 +93,8 @@ class _GpuShare:
             return
         gate_up, down = self.gate_up, self.down
         if self.scales is not None:
-            gate_up, down = dequantize_rows(gate_up, self.scales[0]), dequantize_rows(down, self.scales[1])
+            gate_up = self.weights.to_float("gate_up_proj", gate_up, self.scales[0])
+            down = self.weights.to_float("down_proj", down, self.scales[1])
         x = self.x.to(gate_up.dtype)  # [1, H]
         acc = torch.zeros_like(self.y)
         for s in range(self.n):
@@ -203,7 +205,7 @@ class StaticDecoder:
         if gpu_share is None:
             gpu_share = _gpu_share(self.experts, device)
         self.gpu_share = gpu_share
-        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.gate_up.dtype) for m in self.experts}
+        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in self.experts}
         if any(m.lora for m in self.experts) or len(layouts) > 1:  # one set of GPU buffers serves every layer
             self.gpu_share = 0.0
         self.share: _GpuShare | None = None
@@ -366,7 +368,7 @@ def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
     """The model's setting (``model.hybridmoe.settings``), resolved for its expert weight dtype and the device."""
     if not experts:
         return 0.0
-    return experts[0].settings.decode_gpu_share(experts[0].weights.gate_up.dtype, device)
+    return experts[0].settings.decode_gpu_share(experts[0].weights.fmt, device)
 
 
 def _bucket(n: int) -> int:

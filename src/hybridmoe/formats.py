@@ -31,6 +31,7 @@ from torch import nn
 from .checkpoint import Checkpoint, KeyMapper, read_tensor
 from .compressed import PACKED, CompressedTensors, PackedWeight, dequantize_int, parse_config, read_packed
 from .errors import CheckpointError
+from .experts.packed import PackedFormat, mxfp4_scales
 
 # safetensors dtype names the loader converts to the compute dtype.
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -97,13 +98,18 @@ class Mxfp4:
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> torch.Tensor:
-    """blocks [..., out, G, 16] uint8, scales [..., out, G] uint8 -> fp32 [..., out, G·32] (exact: every e2m1 value
-    times a power of two is an fp32 number)."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+def _check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> None:
+    if (blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape
+            or blocks.shape[-1] != 16):
         raise CheckpointError(f"tensors '{key}_blocks' {tuple(blocks.shape)} {blocks.dtype} and '{key}_scales' "
                               f"{tuple(scales.shape)} {scales.dtype} in '{f.name}' are not MXFP4 (uint8 [.., G, 16] "
                               "blocks with uint8 [.., G] exponents)")
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> torch.Tensor:
+    """blocks [..., out, G, 16] uint8, scales [..., out, G] uint8 -> fp32 [..., out, G·32] (exact: every e2m1 value
+    times a power of two is an fp32 number)."""
+    _check_mxfp4(blocks, scales, key, f)
     lut = torch.tensor(_E2M1, dtype=torch.float32)
     vals = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
     vals = vals.flatten(-3)  # [..., G·32]: within a byte, the low nibble is the earlier element
@@ -181,6 +187,7 @@ class WeightReader:
     def __init__(self, ckpt: Checkpoint, fmt: Format | None):
         self.ckpt, self.fmt = ckpt, fmt
         self._handles: dict[Path, object] = {}
+        self._dtypes: dict[Path, dict[str, str]] = {}
 
     def consumed(self, key: str) -> bool:
         """A scale tensor read as part of its weight (never loaded on its own)."""
@@ -205,6 +212,41 @@ class WeightReader:
             return key[: -len("_packed")]
         return key
 
+    def packed_format(self, key: str) -> PackedFormat | None:
+        """The 4-bit format `key` is stored in, when :meth:`read_packed` can hand it over as is (MXFP4 blocks;
+        compressed-tensors int4 in groups of a multiple of 32 with bf16 scales), from names and headers alone."""
+        if isinstance(self.fmt, Mxfp4) and self.logical(key) != key:
+            return PackedFormat("mxfp4", 32)
+        if isinstance(self.fmt, CompressedTensors) and key.endswith(".weight_packed"):
+            f = self.ckpt.key_to_file[key]
+            s = self.fmt.scheme(key[: -len(".weight_packed")], key, f)
+            scale = key[: -len("packed")] + "scale"
+            if s.fmt != PACKED or s.strategy != "group" or s.group % 32 or scale not in self.ckpt.key_to_file:
+                return None
+            if self._dtype(scale) != "BF16":
+                return None  # fp16/fp32 scales: dequantized, then held as the experts are
+            return PackedFormat("int4", s.group)
+        return None
+
+    def _dtype(self, key: str) -> str:
+        f = self.ckpt.key_to_file[key]
+        if f not in self._dtypes:
+            self._dtypes[f] = self.ckpt.dtypes(f)  # one header parse per shard
+        return self._dtypes[f][key]
+
+    def read_packed(self, handle, f: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales bf16
+        [..., out, in/group]); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that
+        layout byte for byte)."""
+        if isinstance(self.fmt, CompressedTensors):
+            w = self._read_compressed(handle, f, key, read_tensor(handle, f, key))
+            return w.codes, w.scales.to(torch.bfloat16)  # bf16 already (packed_format checked the header)
+        blocks = read_tensor(handle, f, key)  # [..., out, G, 16] uint8
+        base = self.logical(key)
+        exps = self._companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
+        _check_mxfp4(blocks, exps, base, f)
+        return blocks.flatten(-2), mxfp4_scales(exps)
+
     def _companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
         cf = self.ckpt.key_to_file.get(ckey)
         if cf is None:
@@ -214,12 +256,12 @@ class WeightReader:
             self._handles[cf] = handle if cf == f else self.ckpt.open(cf)
         return read_tensor(self._handles[cf], cf, ckey)
 
-    def read(self, handle, f: Path, key: str, packed_ok: bool = False) -> torch.Tensor | PackedWeight:
-        """The weight `key` stands for, as fp32 when it was quantized; packed_ok: a pack-quantized int4 weight comes
-        back as stored (:class:`~hybridmoe.compressed.PackedWeight`), for routed experts that may keep it."""
+    def read(self, handle, f: Path, key: str) -> torch.Tensor:
+        """The weight `key` stands for, as fp32 when it was quantized."""
         t = read_tensor(handle, f, key)
         if isinstance(self.fmt, CompressedTensors):
-            return self._read_compressed(handle, f, key, t, packed_ok)
+            w = self._read_compressed(handle, f, key, t)
+            return w.dequantize() if isinstance(w, PackedWeight) else w
         if isinstance(self.fmt, Fp8Blocks) and t.dtype == torch.float8_e4m3fn:
             scale = self._companion(handle, f, key, key + "_scale_inv", "FP8")
             return dequantize_fp8(t, scale, self.fmt.block, key, f)
@@ -229,7 +271,9 @@ class WeightReader:
             return w.transpose(-1, -2)  # the name's own orientation ([E, in, out], as transformers stores gpt-oss)
         return t
 
-    def _read_compressed(self, handle, f: Path, key: str, t: torch.Tensor, packed_ok: bool):
+    def _read_compressed(self, handle, f: Path, key: str, t: torch.Tensor) -> torch.Tensor | PackedWeight:
+        """A pack-quantized weight as stored (:class:`~hybridmoe.compressed.PackedWeight`), an int-quantized one as
+        fp32, anything else as it is."""
         if key.endswith(".weight_packed"):
             module = key[: -len(".weight_packed")]
             s = self.fmt.scheme(module, key, f)
@@ -238,8 +282,7 @@ class WeightReader:
                                       f"'{module}' declares format '{s.fmt}'; the checkpoint does not match its config")
             shape = self._companion(handle, f, key, module + ".weight_shape", "pack-quantized")
             scale = self._companion(handle, f, key, module + ".weight_scale", "pack-quantized")
-            w = read_packed(t, shape, scale, s, key, f)
-            return w if packed_ok else w.dequantize()
+            return read_packed(t, shape, scale, s, key, f)
         if not t.is_floating_point() and key.endswith(".weight") and key + "_scale" in self.ckpt.key_to_file:
             module = key[: -len(".weight")]
             s = self.fmt.scheme(module, key, f)

@@ -18,11 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, KeyMapper, _check_dir, read_config
-from .compressed import PackedWeight
 from .errors import CheckpointError, ConfigError
 from .experts import HybridExperts, experts_spec, find_fused_experts
 from .experts.backends import ExpertSettings
+from .experts.cpu_experts import ExpertFormat
 from .experts.formula import ExpertMLP
+from .experts.packed import INT4_GROUP, PackedFormat, int4_group_for
 from .experts.streaming import enable_streaming
 from .formats import WeightReader, check_tensors, checkpoint_format
 from .host_embedding import embeddings_to_host
@@ -43,13 +44,19 @@ class HybridMeta:
     checkpoint: str
     device: torch.device
     dtype: torch.dtype
-    expert_dtype: torch.dtype
+    expert_dtype: ExpertFormat  # bf16 / fp32 / int8, or a 4-bit PackedFormat (int4, mxfp4)
     moe_layers: list[str]  # module names of the HybridExperts blocks
     lora_config: object | None = None  # the peft.LoraConfig of the attached/trained adapter, if any
     # How the routed experts run (compiled CPU kernel, decode GPU share); shared by every HybridExperts of the model.
     settings: ExpertSettings = field(default_factory=ExpertSettings)
     # The checkpoint's weight format as shipped: "float", or e.g. "fp8 [128, 128] blocks (dequantized as loaded)".
     source_format: str = "float"
+
+    @property
+    def expert_format(self) -> str:
+        """How the routed experts are held in RAM, e.g. "bfloat16", "int8", "int4 (group 64)", "mxfp4"."""
+        fmt = self.expert_dtype
+        return str(fmt) if isinstance(fmt, PackedFormat) else str(fmt).replace("torch.", "")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -76,14 +83,32 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def resolve_expert_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Like :func:`resolve_dtype`, plus int8: routed-expert weights quantized per output row at load."""
+def resolve_expert_dtype(dtype: str | ExpertFormat | None, device: torch.device) -> ExpertFormat:
+    """Like :func:`resolve_dtype`, plus int8 (quantized per output row at load) and int4 (group-wise at load; the
+    group is :data:`~hybridmoe.experts.packed.INT4_GROUP`, or the largest that divides the expert dims, see
+    :func:`_swap_experts`). A :class:`PackedFormat` passes through (the Python API can ask for a group size)."""
+    if isinstance(dtype, PackedFormat):
+        return dtype
     if dtype in ("int8", torch.int8):
         return torch.int8
+    if dtype == "int4":
+        return PackedFormat("int4", INT4_GROUP)
     try:
         return resolve_dtype(dtype, device)
     except ConfigError:
-        raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32 or int8") from None
+        raise ConfigError(f"expert_dtype '{dtype}' is not supported; use bfloat16, float32, int8 or int4") from None
+
+
+def default_expert_format(fmt, dtype: torch.dtype) -> ExpertFormat:
+    """The experts' format when the user names none: compact where the checkpoint is (MXFP4 stays MXFP4; FP8 becomes
+    int8, the same bytes: a bf16 copy of an FP8 model would not fit the RAM it was shipped for), else `dtype`."""
+    if fmt is not None and fmt.name == "mxfp4":
+        return PackedFormat("mxfp4", 32)
+    if fmt is not None and fmt.name == "fp8":
+        return torch.int8
+    if fmt is not None and fmt.name == "compressed-tensors":
+        return fmt.compact()  # int4 as shipped, or int8
+    return dtype
 
 
 def _supported() -> str:
@@ -107,7 +132,7 @@ def _build_empty(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cpu",
+def _swap_experts(model: nn.Module, expert_dtype: ExpertFormat, device: str = "cpu",
                   settings: ExpertSettings | None = None) -> dict[str, HybridExperts]:
     found = find_fused_experts(model)
     if not found:
@@ -119,11 +144,28 @@ def _swap_experts(model: nn.Module, expert_dtype: torch.dtype, device: str = "cp
     for name, old in found:
         spec = experts_spec(name, old)
         mlp = ExpertMLP.from_block(old, spec.gated)
-        new = HybridExperts(spec, mlp, expert_dtype, source_class=type(old).__name__, device=device, settings=settings)
+        fmt = _block_format(expert_dtype, spec, name)
+        new = HybridExperts(spec, mlp, fmt, source_class=type(old).__name__, device=device, settings=settings)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         out[name] = new
     return out
+
+
+def _block_format(fmt: ExpertFormat, spec, name: str) -> ExpertFormat:
+    """`fmt` for one experts block: a 4-bit group that does not divide the block's input dims is replaced by the
+    largest of 128 / 64 / 32 that does (int4), or refused."""
+    if not isinstance(fmt, PackedFormat):
+        return fmt
+    dims = (spec.shape("gate_up_proj")[2], spec.shape("down_proj")[2])
+    if all(fmt.fits(d) for d in dims):
+        return fmt
+    group = int4_group_for(dims) if fmt.kind == "int4" else None
+    if group is None:
+        raise ConfigError(f"expert_dtype {fmt} needs the expert input dims of '{name}' {list(dims)} to be multiples of "
+                          f"{fmt.group if fmt.kind == 'mxfp4' else 32}; use expert_dtype int8 or bfloat16")
+    log.info("int4 experts of '%s': group %d (the default %d does not divide %s)", name, group, fmt.group, list(dims))
+    return PackedFormat("int4", group)
 
 
 def _keep_fp32(model: nn.Module, name: str) -> bool:
@@ -147,9 +189,11 @@ def _check_shape(tensor: torch.Tensor, want: tuple, key: str, f: Path) -> None:
         raise CheckpointError(f"tensor '{key}' in '{f.name}' has shape {tuple(tensor.shape)}, the config expects {want}")
 
 
-def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: Path) -> None:
+def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: Path,
+                 scales: torch.Tensor | None = None) -> None:
     """One checkpoint tensor of the routed experts into its CPU home: a whole fused projection or bias, or one
-    expert's slice of one; transposed ([E, in, out]) checkpoints are turned to [E, out, in] on the way."""
+    expert's slice of one; transposed ([E, in, out]) checkpoints are turned to [E, out, in] on the way. With
+    `scales`, `tensor` is 4-bit codes already in the experts' format, in [.., out, in/2] orientation, stored as is."""
     weights, spec = experts.weights, experts.spec
     bias = sl.proj.endswith("_bias")
     proj = sl.proj[: -len("_bias")] if bias else sl.proj
@@ -160,32 +204,43 @@ def _copy_expert(experts: HybridExperts, sl, tensor: torch.Tensor, key: str, f: 
     if proj not in weights.loaded:
         raise CheckpointError(f"tensor '{key}' in '{f.name}' is a '{sl.proj}' of '{sl.module}', which has "
                               f"'{spec.up_name}' and 'down_proj'")
-    full = weights.bias[proj] if bias else weights.tensor(proj)  # [E, out] or [E, out, in] cpu
+    full = weights.bias[proj] if bias else weights.tensor(proj)  # [E, out] or [E, out, in] cpu (packed: in/2)
     mark = weights.loaded[f"{proj}_bias" if bias else proj]  # [E, 2]
-    if isinstance(tensor, PackedWeight) and (sl.expert is None or spec.transposed):
-        tensor = tensor.dequantize()  # only per-expert [out, in] slices can be copied in as stored
-    if spec.transposed and not bias:
+    if spec.transposed and not bias and scales is None:
         tensor = tensor.transpose(-1, -2)
+    if scales is None and not bias and weights.packed is not None:
+        full = full.new_empty((*full.shape[:2], 2 * full.shape[2]), device="meta")  # shape check on the float view
+    rows_of = full.shape[1] // sl.num_chunks
     if sl.expert is None:
         _check_shape(tensor, tuple(full.shape), key, f)
-        weights.write_bias(proj, tensor) if bias else weights.write(proj, tensor)
+        if bias:
+            weights.write_bias(proj, tensor)
+        elif scales is not None:
+            weights.write_packed(proj, tensor, scales)
+        else:
+            weights.write(proj, tensor)
         mark[:] = True
         return
     if not 0 <= sl.expert < full.shape[0]:
         raise CheckpointError(f"tensor '{key}' in '{f.name}' is expert {sl.expert}, but the config has {full.shape[0]} experts")
-    rows = full.shape[1] // sl.num_chunks
-    _check_shape(tensor, (rows, weights.in_features(proj) if hasattr(weights, "in_features") else full.shape[2]), key, f)
-    # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home (int8
+    _check_shape(tensor, (rows_of, *full.shape[2:]), key, f)
+    # One expert slice at a time: host memory holds at most one checkpoint tensor beside the final home (int8/int4
     # weights are quantized slice by slice, so a bf16 copy of the whole model never exists).
-    span_rows = slice(sl.chunk * rows, (sl.chunk + 1) * rows)
+    rows = slice(sl.chunk * rows_of, (sl.chunk + 1) * rows_of)
     if bias:
-        weights.bias[proj][sl.expert, span_rows].copy_(tensor)
-    elif not (isinstance(tensor, PackedWeight) and tensor.store(weights, proj, sl.expert, span_rows)):
-        # int4 codes of another group or expert dtype: dequantized (one expert's slice) and stored as the experts keep it
-        weights.write(proj, tensor.dequantize() if isinstance(tensor, PackedWeight) else tensor, expert=sl.expert,
-                      rows=span_rows)
+        weights.bias[proj][sl.expert, rows].copy_(tensor)
+    elif scales is not None:
+        weights.write_packed(proj, tensor, scales, expert=sl.expert, rows=rows)
+    else:
+        weights.write(proj, tensor, expert=sl.expert, rows=rows)
     span = mark.shape[1] // sl.num_chunks
     mark[sl.expert, sl.chunk * span:(sl.chunk + 1) * span] = True
+
+
+def _as_shipped(reader: WeightReader, key: str, experts: HybridExperts) -> bool:
+    """Whether checkpoint tensor `key` is 4-bit in exactly the experts' format (then no float copy is made)."""
+    fmt = reader.packed_format(key)
+    return fmt is not None and fmt == experts.weights.packed
 
 
 def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], device, dtype, progress: bool,
@@ -220,8 +275,12 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                 sl = mapper.expert_slice(name)
                 part = mapper.concat_part(name)
                 if sl is not None and sl.module in experts:
-                    if load_experts:
-                        _copy_expert(experts[sl.module], sl, reader.read(handle, f, key, packed_ok=True), key, f)
+                    if not load_experts:
+                        pass
+                    elif _as_shipped(reader, key, experts[sl.module]):  # 4-bit codes stored as they are
+                        _copy_expert(experts[sl.module], sl, *reader.read_packed(handle, f, key), key, f)
+                    else:
+                        _copy_expert(experts[sl.module], sl, reader.read(handle, f, key), key, f)
                 elif name in expected:
                     place(name, reader.read(handle, f, key), key, f)
                 elif part is not None and part.target in expected:
@@ -279,7 +338,8 @@ def load_model(
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
 
     dtype: of the compute-device weights (default bf16 on CUDA, fp32 on CPU); expert_dtype: of the CPU expert
-    weights (default: same as dtype; "int8" quantizes them per output row as they load: half the host RAM).
+    weights (default: same as dtype, but MXFP4 checkpoints stay MXFP4 and FP8 ones become int8; "int8" quantizes
+    them per output row as they load: half the host RAM of bf16; "int4" group-wise: a quarter).
     stream_min_tokens: batches of at least this many tokens run the experts on the GPU with their weights streamed in
     (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
     stream_slots: how many layers of expert weights the GPU keeps (>= 2; more = fewer copies, more GPU memory).
@@ -289,9 +349,9 @@ def load_model(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else dt
     ckpt = Checkpoint(path)
     fmt = checkpoint_format(ckpt.path)  # refuses every quantization it does not read
+    edt = resolve_expert_dtype(expert_dtype, dev) if expert_dtype is not None else default_expert_format(fmt, dt)
     config = read_config(path, trust_remote_code=trust_remote_code)
     if fmt is not None:  # dequantized as loaded: the model in memory is a plain float model
         config.quantization_config = None
@@ -311,7 +371,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
-                                 source_format=_describe(fmt))
+                                 source_format=_describe(fmt, edt))
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back
@@ -319,14 +379,20 @@ def load_model(
     return model
 
 
-def _describe(fmt) -> str:
+def _describe(fmt, experts: ExpertFormat) -> str:
+    """The checkpoint's format as shipped and what became of it, for ``info``."""
+    kept = str(experts) if isinstance(experts, PackedFormat) else str(experts).replace("torch.", "")
     if fmt is None:
         return "float"
     if fmt.name == "fp8":
-        return f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks, dequantized as loaded"
-    if fmt.name == "compressed-tensors":  # routed experts copied in as stored when they are int4 of the same group
-        return f"{fmt}, dequantized as loaded unless the experts are int4 of the same group"
-    return f"{fmt.name}, dequantized as loaded"
+        return (f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks: routed experts held as {kept}, the "
+                "rest dequantized as loaded")
+    if fmt.name == "compressed-tensors":  # int4 of the checkpoint's group: its codes and scales, byte for byte
+        how = "kept as shipped" if fmt.ships(experts) else f"held as {kept}"
+        return f"{fmt}: routed experts {how}, the rest dequantized as loaded"
+    if isinstance(experts, PackedFormat) and experts.kind == fmt.name:
+        return f"{fmt.name}: routed experts kept as shipped, the rest as loaded"
+    return f"{fmt.name}: routed experts held as {kept}, the rest as loaded"
 
 
 def _setup_streaming(model: nn.Module, experts: dict[str, HybridExperts], dev: torch.device,

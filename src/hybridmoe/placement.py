@@ -113,7 +113,7 @@ def placement_report(model: nn.Module) -> dict:
         "checkpoint": meta.checkpoint,
         "compute_device": str(compute),
         "dtype": str(meta.dtype).replace("torch.", ""),
-        "expert_dtype": str(meta.expert_dtype).replace("torch.", ""),
+        "expert_dtype": meta.expert_format,
         "checkpoint_format": getattr(meta, "source_format", "float"),
         "moe_layers": list(experts),
         "dense_mlp_layers": sorted({n.rpartition(".")[0] for n in dense_mlps}),

@@ -3,7 +3,7 @@
 Backends (all tested against :func:`hybridmoe.experts.formula.reference_moe`, tests/test_expert_backends.py):
 
 - ``"kernel"``  the compiled CPU kernel (``moe_cpu.c``): inference, at most ``cpu_kernel.MAX_TOKENS`` tokens, the
-  SiLU-GLU variant without biases, weights bf16/fp32/int8 in RAM;
+  SiLU-GLU variant without biases, weights bf16/fp32/int8/int4/MXFP4 in RAM;
 - ``"cpu"``     the per-expert torch loop on the CPU, next to the weights (training steps of few tokens, every variant);
 - ``"grouped"`` grouped GEMMs on the compute device over the layer's weights streamed into a GPU slot (batches of at
   least ``stream_min_tokens``: training, long prefills);
@@ -28,10 +28,17 @@ import torch
 from . import cpu_kernel
 
 # The share of each batch-1 graph-decode step's routed experts that the GPU computes instead of the CPU, by the
-# experts' weight dtype: their weights cross PCIe by DMA while the CPU reads the others from RAM, so the two memory
-# paths add up. round(K · share) of the top-K experts (V2-Lite, K=6, bf16: 2 of 6). Chosen by
-# `benchmarks/v2lite.py decode --gpu-share ...` on the H200 host (BENCHMARKS.md, session 4).
-DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6})
+# experts' format (ExpertWeights.fmt: a torch dtype, or "int4" / "mxfp4" for 4-bit): their weights cross PCIe by DMA
+# while the CPU reads the others from RAM, so the two memory paths add up. round(K · share) of the top-K experts
+# (V2-Lite, K=6, bf16: 2 of 6). Chosen by `benchmarks/v2lite.py decode --gpu-share ...` on the H200 host
+# (BENCHMARKS.md, sessions 4 and 6).
+DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6,
+                                      "int4": 1 / 6, "mxfp4": 1 / 6})
+
+
+def format_key(fmt) -> torch.dtype | str:
+    """The key of a weights format in per-format tables: the torch dtype, or the 4-bit kind ("int4", "mxfp4")."""
+    return getattr(fmt, "kind", fmt)
 
 
 @dataclass
@@ -40,16 +47,17 @@ class ExpertSettings:
 
     cpu_kernel: use the compiled CPU kernel where it applies (default from ``HYBRIDMOE_CPU_KERNEL``, else on).
     gpu_share:  share of batch-1 graph-decode experts computed on the GPU; None = :data:`DEFAULT_GPU_SHARE` by
-                weight dtype on CUDA, 0 elsewhere.
+                weight format on CUDA, 0 elsewhere.
     """
 
     cpu_kernel: bool = cpu_kernel.ENV_ENABLED
     gpu_share: float | None = None
 
-    def decode_gpu_share(self, weight_dtype: torch.dtype | None, device: torch.device) -> float:
+    def decode_gpu_share(self, weight_format, device: torch.device) -> float:
+        """weight_format: ExpertWeights.fmt (a torch dtype or a PackedFormat)."""
         if self.gpu_share is not None:
             return self.gpu_share
-        return DEFAULT_GPU_SHARE.get(weight_dtype, 0.0) if device.type == "cuda" else 0.0
+        return DEFAULT_GPU_SHARE.get(format_key(weight_format), 0.0) if device.type == "cuda" else 0.0
 
 
 def choose_backend(module, tokens: int, grad: bool, stream: bool = True) -> str:
@@ -64,6 +72,7 @@ def choose_backend(module, tokens: int, grad: bool, stream: bool = True) -> str:
 
 def grouped_shapes_ok(weights) -> bool:
     """Grouped GEMMs need every row stride to be a multiple of 16 bytes (true of every released model's dims); int8
-    weights are dequantized to bf16 on the device first."""
+    and 4-bit weights are dequantized to bf16 on the device first."""
     size = 2 if weights.quantized else weights.gate_up.element_size()
-    return all(d * size % 16 == 0 for d in (*weights.gate_up.shape[1:], *weights.down.shape[1:]))
+    dims = [f(p) for p in ("gate_up_proj", "down_proj") for f in (weights.out_features, weights.in_features)]
+    return all(d * size % 16 == 0 for d in dims)

@@ -37,6 +37,7 @@ from . import watch as _watch
 from .backends import ExpertSettings, choose_backend
 from .discovery import ExpertsSpec
 from .formula import ExpertMLP
+from .packed import PackedFormat, dequantize_packed, quantize_int4, quantize_mxfp4
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -55,6 +56,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(torch.bfloat16) * scale.unsqueeze(-1)
 
 
+ExpertFormat = torch.dtype | PackedFormat  # how routed-expert weights are held in RAM
+
+
 class ExpertWeights:
     """The CPU home of one layer's routed-expert weights, in the canonical fused layout [E, out, in].
 
@@ -62,26 +66,42 @@ class ExpertWeights:
              interleaved, which the gate function knows), U = I up rows for non-gated ones
     down:    [E, H, I]
     bias:    None, or {"gate_up_proj": [E, U], "down_proj": [E, H]} (fp32 unless the weights are bf16/fp32)
-    dtype is bf16 or fp32; never a zero-size placeholder. With dtype int8 the weights are quantized per output row as
-    they are loaded, and ``scales`` holds bf16 [E, U] and [E, H]: w ≈ q · scale.
+    ``fmt`` is bf16 or fp32; int8, quantized per output row as the weights load (``scales`` bf16 [E, U], [E, H]:
+    w ≈ q · scale); or a 4-bit :class:`~hybridmoe.experts.packed.PackedFormat` (int4 quantized group-wise as they
+    load, or MXFP4 as shipped): gate_up / down then hold uint8 codes [E, U, H/2], [E, H, I/2] and ``scales`` bf16
+    [E, U, H/group], [E, H, I/group]. Never a zero-size placeholder.
     """
 
-    def __init__(self, spec: ExpertsSpec, dtype: torch.dtype, device: str = "cpu"):
+    def __init__(self, spec: ExpertsSpec, fmt: ExpertFormat, device: str = "cpu"):
         e = spec.num_experts
+        self.fmt = fmt
+        self.packed: PackedFormat | None = fmt if isinstance(fmt, PackedFormat) else None
         # Uninitialised on purpose: the loader fills every expert slice and checks that it did (see `loaded`).
         # device="meta" only for shape bookkeeping (export plans its merge without reserving host memory).
-        self.gate_up = torch.empty(spec.shape("gate_up_proj"), dtype=dtype, device=device)  # [E, U, H] cpu
-        self.down = torch.empty(spec.shape("down_proj"), dtype=dtype, device=device)  # [E, H, I] cpu
+        shapes = {p: spec.shape(p) for p in PROJECTIONS}  # [E, out, in] each
+        if self.packed is not None:
+            for p, (_, _, n) in shapes.items():
+                if not self.packed.fits(n):
+                    raise ValueError(f"{self.packed} needs input dims divisible by {self.packed.group}; {p} has {n}")
+            store = {p: (*s[:2], s[2] // 2) for p, s in shapes.items()}
+            dtype = torch.uint8
+        else:
+            store, dtype = shapes, fmt
+        self.gate_up = torch.empty(store["gate_up_proj"], dtype=dtype, device=device)  # [E, U, H] (packed: H/2)
+        self.down = torch.empty(store["down_proj"], dtype=dtype, device=device)  # [E, H, I] (packed: I/2)
         for t in (self.gate_up, self.down):  # before the loader's first touch, which is when pages are chosen
             advise_huge_pages(t)
         self.scales: dict[str, torch.Tensor] | None = None
         if dtype == torch.int8:
-            self.scales = {p: torch.ones(spec.shape(p)[:2], dtype=torch.bfloat16, device=device)  # [E, out]
-                           for p in PROJECTIONS}
+            self.scales = {p: torch.ones(s[:2], dtype=torch.bfloat16, device=device) for p, s in shapes.items()}
+        elif self.packed is not None:
+            g = self.packed.group
+            self.scales = {p: torch.ones((*s[:2], s[2] // g), dtype=torch.bfloat16, device=device)
+                           for p, s in shapes.items()}  # [E, out, in/group]
         self.bias: dict[str, torch.Tensor] | None = None
         if spec.has_bias:
             bias_dtype = dtype if dtype.is_floating_point else torch.float32
-            self.bias = {p: torch.zeros(spec.shape(p)[:2], dtype=bias_dtype, device=device) for p in PROJECTIONS}
+            self.bias = {p: torch.zeros(s[:2], dtype=bias_dtype, device=device) for p, s in shapes.items()}
         # Per (projection, expert, row-half) coverage, so a partially loaded checkpoint is caught, not computed on.
         self.loaded: dict[str, torch.Tensor] = {p: torch.zeros(e, 2, dtype=torch.bool) for p in PROJECTIONS}
         if spec.has_bias:
@@ -94,9 +114,14 @@ class ExpertWeights:
     def quantized(self) -> bool:
         return self.scales is not None
 
+    @property
+    def format_name(self) -> str:
+        """"bfloat16", "float32", "int8", "int4 (group 64)" or "mxfp4": for info and logs."""
+        return str(self.packed) if self.packed is not None else str(self.fmt).replace("torch.", "")
+
     def write(self, proj: str, value: torch.Tensor, expert: int | None = None, rows: slice = slice(None)) -> None:
         """Store float weights: the whole projection ([E, out, in], expert None) or rows of one expert; quantized on
-        the way in when the weights are int8."""
+        the way in when the weights are int8 or 4-bit."""
         dst = self.tensor(proj) if expert is None else self.tensor(proj)[expert, rows]
         if not self.quantized:
             dst.copy_(value)
@@ -105,9 +130,27 @@ class ExpertWeights:
             for e in range(value.shape[0]):
                 self.write(proj, value[e], expert=e)
             return
-        q, scale = quantize_rows(value)
+        if self.packed is None:
+            q, scale = quantize_rows(value)
+        elif self.packed.kind == "int4":
+            q, scale = quantize_int4(value, self.packed.group)
+        else:
+            q, scale = quantize_mxfp4(value)
         dst.copy_(q)
         self.scales[proj][expert, rows].copy_(scale)
+
+    def write_packed(self, proj: str, codes: torch.Tensor, scales: torch.Tensor, expert: int | None = None,
+                     rows: slice = slice(None)) -> None:
+        """Store 4-bit weights already in this object's format (a checkpoint's MXFP4 or int4, byte for byte): codes
+        uint8 [E, out, in/2] / scales [E, out, in/group] for the whole projection (expert None), or one expert's
+        rows [out', in/2] / [out', in/group]."""
+        dst = self.tensor(proj) if expert is None else self.tensor(proj)[expert, rows]
+        sdst = self.scales[proj] if expert is None else self.scales[proj][expert, rows]
+        if codes.shape != dst.shape or scales.shape != sdst.shape:
+            raise ValueError(f"{proj}: packed codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not fit "
+                             f"{tuple(dst.shape)} / {tuple(sdst.shape)}")
+        dst.copy_(codes)
+        sdst.copy_(scales)
 
     def write_bias(self, proj: str, value: torch.Tensor, expert: int | None = None) -> None:
         """Store a projection's biases: all experts ([E, out], expert None) or one expert's [out]."""
@@ -115,17 +158,33 @@ class ExpertWeights:
         dst.copy_(value)
 
     def dequantized(self, proj: str) -> torch.Tensor:
-        """The projection's weights as floats, [E, out, in] (the stored tensor itself unless quantized)."""
+        """The projection's weights as floats, [E, out, in] (the stored tensor itself unless quantized; 4-bit: fp32)."""
         w = self.tensor(proj)
+        if self.packed is not None:
+            return dequantize_packed(w, self.scales[proj], self.packed)
         return dequantize_rows(w, self.scales[proj]) if self.quantized else w
+
+    def to_float(self, proj: str, w: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights stored in this object's format, anywhere (a GPU slot, a GPU share buffer), as floats [n, out, in]:
+        the tensor itself for bf16/fp32; int8 and 4-bit dequantized where they are, in `dtype` (into `out`)."""
+        if self.packed is not None:
+            return dequantize_packed(w, scales, self.packed, dtype, out=out)
+        if scales is not None:
+            w = dequantize_rows(w, scales)
+            return w if out is None else out.copy_(w)
+        return w
 
     # -- what the per-expert loop asks of any weights object (the format stays in here) --------------------------
     def linear(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] fp32 -> x W[e]^T (+ b[e]) [n, out] fp32, in the stored format: int8 with bf16 activations through
-        torch's int8 GEMV (half the bytes), bf16/fp32 through the weight dtype's GEMM (the bf16 cast of x is the only
-        rounding added)."""
+        torch's int8 GEMV (half the bytes); 4-bit as the kernel computes it (bf16-rounded activations times the
+        exact fp32 weights, output rounded to bf16); bf16/fp32 through the weight dtype's GEMM (the bf16 cast of x is
+        the only rounding added)."""
         w = self.tensor(proj)[e]
-        if self.quantized and _int8pack_ok(w):
+        if self.packed is not None:
+            y = nn.functional.linear(x.to(torch.bfloat16).float(), self.matrix(proj, e)).to(torch.bfloat16)
+        elif self.quantized and _int8pack_ok(w):
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w, self.scales[proj][e])
         else:
             w = self.matrix(proj, e)
@@ -134,16 +193,22 @@ class ExpertWeights:
         return y if self.bias is None else y + self.bias[proj][e].float()
 
     def matrix(self, proj: str, e: int) -> torch.Tensor:
-        """Expert e's [out, in] matrix as floats (bf16 for int8 weights: this expert only, for one GEMM)."""
+        """Expert e's [out, in] matrix as floats (this expert only, for one GEMM): int8 as bf16, 4-bit as fp32 (exact)."""
         w = self.tensor(proj)[e]
+        if self.packed is not None:
+            return dequantize_packed(w, self.scales[proj][e], self.packed)
         return dequantize_rows(w, self.scales[proj][e]) if self.quantized else w
 
     def out_features(self, proj: str) -> int:
         return self.tensor(proj).shape[1]
 
+    def in_features(self, proj: str) -> int:
+        n = self.tensor(proj).shape[2]
+        return 2 * n if self.packed is not None else n
+
     def host_tensors(self) -> list[torch.Tensor]:
-        """Every tensor that makes up the weights, in streaming order: gate_up, down (+ their scales when int8, + their
-        biases when the block has them)."""
+        """Every tensor that makes up the weights, in streaming order: gate_up, down (+ their scales when int8 or
+        4-bit, + their biases when the block has them)."""
         out = [self.gate_up, self.down]
         for extra in (self.scales, self.bias):
             if extra is not None:
@@ -628,11 +693,13 @@ class HybridExperts(nn.Module):
 
     def weights_on(self, on_device: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
-        device (int8 dequantized there: int8 crossed the bus, half the bytes; the grouped GEMMs want bf16)."""
+        device (int8 and 4-bit dequantized there to bf16: the compact format crossed the bus, a half or a quarter of
+        the bytes; the grouped GEMMs want bf16)."""
         if on_device:
             gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index))
             if scales is not None:
-                gate_up, down = dequantize_rows(gate_up, scales["gate_up_proj"]), dequantize_rows(down, scales["down_proj"])
+                gate_up = self.weights.to_float("gate_up_proj", gate_up, scales["gate_up_proj"])
+                down = self.weights.to_float("down_proj", down, scales["down_proj"])
             return gate_up, down, bias
         return self.weights.gate_up, self.weights.down, self.weights.bias
 
@@ -725,6 +792,6 @@ class HybridExperts(nn.Module):
         s = self.spec
         return (
             f"experts={s.num_experts}, hidden={s.hidden_dim}, intermediate={s.intermediate_dim}, "
-            f"dtype={self.weights.gate_up.dtype}, device=cpu, streamed={self.streamer is not None}, lora={sorted(self.lora)}"
+            f"format={self.weights.format_name}, device=cpu, streamed={self.streamer is not None}, lora={sorted(self.lora)}"
         )
 

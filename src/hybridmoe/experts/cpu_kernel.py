@@ -40,11 +40,12 @@ __all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "i
            "set_isa", "set_prefetch", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: 4-bit codes
 # Software prefetch distance of the weight rows (bytes ahead; HYBRIDMOE_CPU_PREFETCH overrides), chosen by
 # benchmarks/decode_gemv.py --prefetch (BENCHMARKS.md).
 PREFETCH_BYTES = 4096
 _lib: ctypes.CDLL | None = None
+_tables: dict[str, torch.Tensor] = {}  # 4-bit value tables handed to the kernel, kept alive here
 _state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
 # The default of ExpertSettings.cpu_kernel (per model: model.hybridmoe.settings.cpu_kernel turns it off for one model).
 ENV_ENABLED = os.environ.get("HYBRIDMOE_CPU_KERNEL", "1") not in ("0", "false", "no", "off")
@@ -110,7 +111,7 @@ def _load() -> None:
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = ctypes.c_int
-        lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p,
+        lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p, p, i64,
                                        i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
@@ -172,7 +173,7 @@ MAX_TOKENS = 64
 
 def supports(module, tokens: int = 1) -> bool:
     """Whether :func:`moe_forward` runs this HybridExperts call (the SiLU-GLU expert without biases, weights
-    fp32/bf16/int8 in RAM, at most :data:`MAX_TOKENS` tokens)."""
+    fp32/bf16/int8/4-bit in RAM, at most :data:`MAX_TOKENS` tokens)."""
     w = module.weights
     return (tokens <= MAX_TOKENS and available() and module.mlp.is_silu_glu and w.bias is None
             and w.gate_up.dtype in _DTYPES
@@ -197,6 +198,12 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
         raise ValueError(f"moe_forward: shapes x {tuple(x.shape)}, ids {tuple(ids.shape)}, w {tuple(w.shape)}, "
                          f"out {tuple(out.shape)} do not fit [T, {spec.hidden_dim}], [T, K], [T, K], [T, {spec.hidden_dim}]")
     scales = weights.scales or {}
+    table, group = None, 0
+    if weights.packed is not None:
+        group = weights.packed.group
+        if weights.packed.kind != "int4":  # int4's values (c - 8) are computed, not looked up
+            table = _tables.setdefault(weights.packed.kind,
+                                       torch.tensor(weights.packed.values, dtype=torch.float32))  # [16]
     lora = []
     for proj in ("gate_up_proj", "down_proj"):
         lo = module.lora.get(proj)
@@ -210,10 +217,12 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
     rc = _lib.hm_moe_forward(
         t_, k, spec.num_experts, spec.hidden_dim, spec.intermediate_dim, x.data_ptr(), ids.data_ptr(),
         w.data_ptr(), _DTYPES[weights.gate_up.dtype], weights.gate_up.data_ptr(), _ptr(scales.get("gate_up_proj")),
-        weights.down.data_ptr(), _ptr(scales.get("down_proj")), *lora, out.data_ptr(), torch.get_num_threads())
+        weights.down.data_ptr(), _ptr(scales.get("down_proj")), _ptr(table), group, *lora, out.data_ptr(), torch.get_num_threads())
     if rc == 1:
         raise ValueError(f"moe_forward: an expert id is outside [0, {spec.num_experts})")
     if rc == 2:
         raise MemoryError("moe_forward: out of host memory for the kernel's buffers")
+    if rc == 4:
+        raise ValueError(f"moe_forward: 4-bit group {group} does not fit the dims {spec.hidden_dim}, {spec.intermediate_dim}")
     if rc:
         raise RuntimeError(f"moe_forward: the kernel returned {rc} (no instruction set selected)")

@@ -15,10 +15,12 @@
  * a bf16 GEMM are rounded to bf16 (round to nearest even), GEMMs accumulate in fp32 and their bf16 outputs are
  * rounded to bf16, everything else (LoRA, activation, the weighted sum over top-k) is fp32. int8 weights are
  * per-row symmetric (w = q * scale, bf16 scales), applied to bf16-rounded activations, as torch._weight_int8pack_mm.
- * Only the summation order differs.
+ * 4-bit weights (int4, MXFP4; hybridmoe/experts/packed.py) are codes c with a 16-entry value table and a bf16 scale
+ * per group of inputs: y = sum over groups of scale_g * sum_i VALUES[c_i] * x_i, x bf16-rounded, output rounded to
+ * bf16 (the torch path: the exact fp32 weights against bf16-rounded x). Only the summation order differs.
  *
- * Weights: fp32, bf16 or int8, in transformers' fused layout: gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up),
- * down [E, H, I]. Expert LoRA (optional, fp32): A_gu [E, r, H], B_gu [E, 2I, r], A_d [E, r, I], B_d [E, H, r].
+ * Weights: fp32, bf16, int8 or 4-bit, in transformers' fused layout: gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I)
+ * up), down [E, H, I]; 4-bit rows are in/2 bytes, byte j = element 2j (low nibble) and 2j+1 (high nibble). Expert LoRA (optional, fp32): A_gu [E, r, H], B_gu [E, 2I, r], A_d [E, r, I], B_d [E, H, r].
  *
  * Built by hybridmoe.experts.cpu_kernel with the system C compiler; the OpenMP symbols are left undefined and bind
  * to the OpenMP runtime torch has already loaded, so the two share one thread pool. The dot products come in two
@@ -34,7 +36,7 @@
 #define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define TGT256 __attribute__((target("avx2,fma")))
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_P4 = 3 };
 enum { ROWS_PER_ITEM = 16 }; /* weight rows per work item (a 16 x 2048 bf16 block is 64 KB) */
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -188,10 +190,94 @@ TGT256 static float dot_f32_256(const void *wv, const uint16_t *xb, const float 
     return hsum256(_mm256_add_ps(acc0, acc1)) + tail;
 }
 
+
+/* ---- 4-bit rows: codes against activations permuted per block of 32 ------------------------------------------
+ * A 32-input block is 16 bytes; byte j holds inputs 2j (low nibble) and 2j+1 (high). The activations come permuted
+ * the same way once per vector (permute_p4: the block's 16 even inputs, then its 16 odd ones), so the low nibbles
+ * of 16 consecutive bytes meet 16 consecutive activations. Values: int4 (table NULL) c - 8; else table[c] (MXFP4).
+ * Per group: sum of values * x in fp32, then times the group's bf16 scale. */
+
+typedef float (*dot4_fn)(const uint8_t *w, const float *xp, int64_t n, const uint16_t *scale, int64_t group,
+                         const float *table);
+
+static inline int64_t p4_pos(int64_t i) { /* where input i sits in the permuted activations */
+    const int64_t r = i & 31;
+    return (i & ~(int64_t)31) + ((r & 1) ? 16 + (r >> 1) : (r >> 1));
+}
+
+static void permute_p4(const float *x, float *xp, int64_t n) {
+    for (int64_t i = 0; i < n; i++) xp[p4_pos(i)] = x[i];
+}
+
+TGT512 static float dot_p4_512(const uint8_t *w, const float *xp, int64_t n, const uint16_t *scale, int64_t group,
+                               const float *table) {
+    const __m512i low = _mm512_set1_epi32(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    const __m512 tab = table ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (int64_t b = g0; b < g0 + group; b += 32) {
+            PREFETCH(w + b / 2, 16);
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + b / 2)));
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+            __m512 flo, fhi;
+            if (table) {
+                flo = _mm512_permutexvar_ps(lo, tab);
+                fhi = _mm512_permutexvar_ps(hi, tab);
+            } else {
+                flo = _mm512_sub_ps(_mm512_cvtepi32_ps(lo), eight);
+                fhi = _mm512_sub_ps(_mm512_cvtepi32_ps(hi), eight);
+            }
+            s0 = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xp + b), s0);
+            s1 = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xp + b + 16), s1);
+        }
+        acc = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(bf16_to_f32(scale[g0 / group])), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+TGT256 static inline __m256 lut16_256(__m256i idx, __m256 tlo, __m256 thi) { /* table[idx], idx in [0, 16) */
+    __m256 a = _mm256_permutevar8x32_ps(tlo, idx), b = _mm256_permutevar8x32_ps(thi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))); /* bit 3 picks the half */
+}
+
+TGT256 static float dot_p4_256(const uint8_t *w, const float *xp, int64_t n, const uint16_t *scale, int64_t group,
+                               const float *table) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256 eight = _mm256_set1_ps(8.f);
+    const __m256 tlo = table ? _mm256_loadu_ps(table) : _mm256_setzero_ps();
+    const __m256 thi = table ? _mm256_loadu_ps(table + 8) : _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (int64_t b = g0; b < g0 + group; b += 32) {
+            PREFETCH(w + b / 2, 16);
+            for (int h = 0; h < 2; h++) { /* bytes [8h, 8h + 8) of the block: inputs 16h .. 16h + 15 */
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + b / 2 + 8 * h)));
+                __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi32(v, 4);
+                __m256 flo, fhi;
+                if (table) {
+                    flo = lut16_256(lo, tlo, thi);
+                    fhi = lut16_256(hi, tlo, thi);
+                } else {
+                    flo = _mm256_sub_ps(_mm256_cvtepi32_ps(lo), eight);
+                    fhi = _mm256_sub_ps(_mm256_cvtepi32_ps(hi), eight);
+                }
+                s0 = _mm256_fmadd_ps(flo, _mm256_loadu_ps(xp + b + 8 * h), s0);
+                s1 = _mm256_fmadd_ps(fhi, _mm256_loadu_ps(xp + b + 16 + 8 * h), s1);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(bf16_to_f32(scale[g0 / group])), acc);
+    }
+    return hsum256(acc);
+}
+
 /* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
 static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
+static dot4_fn dot4 = NULL;
 
 /* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
  * hm_set_isa(level) picks a lower one (tests run both); returns the level in use. */
@@ -208,6 +294,7 @@ int hm_set_isa(int level) {
     int best = hm_isa();
     if (level > best) level = best;
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
+    dot4 = level == 2 ? dot_p4_512 : level == 1 ? dot_p4_256 : NULL;
     return level;
 }
 
@@ -216,9 +303,11 @@ int hm_isa_in_use(void) { return dots == DOTS_512 ? 2 : dots == DOTS_256 ? 1 : 0
 /* ---- one projection: its weights, the activations in the form its dot product takes, and its LoRA ----------- */
 
 typedef struct {
-    int dtype;               /* W_F32, W_BF16, W_I8 */
-    const void *w;           /* [E, out, in] */
-    const uint16_t *scale;   /* int8: bf16 [E, out] */
+    int dtype;               /* W_F32, W_BF16, W_I8, W_P4 */
+    const void *w;           /* [E, out, in] (4-bit: [E, out, in/2] bytes) */
+    const uint16_t *scale;   /* int8: bf16 [E, out]; 4-bit: bf16 [E, out, in/group] */
+    const float *table;      /* 4-bit: the 16 values of the codes, NULL for int4 (c - 8) */
+    int64_t group;           /* 4-bit: inputs per scale */
     int64_t out, in;
     const float *lora_a;     /* [E, r, in] or NULL */
     const float *lora_b;     /* [E, out, r] */
@@ -227,13 +316,18 @@ typedef struct {
 } Proj;
 
 /* One output of a projection for one slot: base GEMM (rounded as torch rounds its output) + LoRA.
- * xf: the input row in fp32 (bf16-rounded unless the weights are fp32); xb: the same row in bf16; xa: this slot's
- * A·x (r values, from the unrounded fp32 row). */
+ * xf: the input row in fp32 (bf16-rounded unless the weights are fp32; 4-bit: also permuted, see permute_p4); xb:
+ * the same row in bf16; xa: this slot's A·x (r values, from the unrounded fp32 row). */
 static float proj_row(const Proj *p, int64_t e, int64_t row, const float *xf, const uint16_t *xb,
                       const float *xa) {
     const int64_t idx = e * p->out + row;
     static const size_t elem[3] = {4, 2, 1};
-    float y = dots[p->dtype]((const char *)p->w + (size_t)idx * p->in * elem[p->dtype], xb, xf, p->in);
+    float y;
+    if (p->dtype == W_P4)
+        y = dot4((const uint8_t *)p->w + (size_t)idx * (p->in / 2), xf, p->in, p->scale + idx * (p->in / p->group),
+                 p->group, p->table);
+    else
+        y = dots[p->dtype]((const char *)p->w + (size_t)idx * p->in * elem[p->dtype], xb, xf, p->in);
     if (p->dtype == W_I8) y *= bf16_to_f32(p->scale[idx]);
     if (p->dtype != W_F32) y = bf16_to_f32(f32_to_bf16(y)); /* torch's bf16 GEMM output */
     if (p->lora_a) {
@@ -283,7 +377,7 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
             float h = gv / (1.f + expf(-gv)) * uv; /* silu(gate) * up, fp32 */
             L->hf[p * I + j] = h;
             L->hb[p * I + j] = f32_to_bf16(h);
-            if (L->hr != L->hf) L->hr[p * I + j] = bf16_to_f32(L->hb[p * I + j]);
+            if (L->hr != L->hf) L->hr[p * I + (L->dn.dtype == W_P4 ? p4_pos(j) : j)] = bf16_to_f32(L->hb[p * I + j]);
         }
     }
 }
@@ -305,14 +399,15 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
 }
 
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
- * 2 if memory ran out, 3 if hm_set_isa found no instruction set. x [T, H] fp32, ids [T, K] int64, topw [T, K]
- * fp32, out [T, H] fp32. */
+ * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
+ * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only. */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
-                   const uint16_t *s_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
+                   const uint16_t *s_d, const float *table, int64_t group, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
                    int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
     const int64_t S = T * K;
     if (!dots) return 3;
+    if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
     for (int64_t s = 0; s < S; s++)
         if (ids[s] < 0 || ids[s] >= E) return 1;
 
@@ -350,8 +445,20 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         xb[v] = f32_to_bf16(x[v]);
         xf[v] = dtype == W_F32 ? x[v] : bf16_to_f32(xb[v]);
     }
-    const Layer L = {{dtype, w_gu, s_gu, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
-                     {dtype, w_d, s_d, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
+    if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
+        float *row = malloc((size_t)H * sizeof(float));
+        if (!row) {
+            rc = 2;
+            goto done;
+        }
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(row, xf + t * H, (size_t)H * sizeof(float));
+            permute_p4(row, xf + t * H, H);
+        }
+        free(row);
+    }
+    const Layer L = {{dtype, w_gu, s_gu, table, group, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
+                     {dtype, w_d, s_d, table, group, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
                      K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb};
     const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     const int chunk = sched_chunk;

@@ -1,0 +1,163 @@
+"""4-bit routed-expert weights: int4 (quantized by hybridmoe) and MXFP4 (gpt-oss as shipped), one layout for both.
+
+A 4-bit weight matrix [out, in] is two tensors:
+
+  codes  uint8 [out, in/2]      byte j of a row holds element 2j in its low nibble and element 2j+1 in its high one
+  scales bf16  [out, in/group]  one scale per `group` consecutive inputs of a row: w[o, i] = VALUES[code] · scale[o, i // group]
+
+and a 16-entry value table per kind:
+
+  int4   VALUES[c] = c - 8                  symmetric, q ∈ [-8, 7] (compressed-tensors' pack-quantized int4 is this
+                                            byte layout: 8 values per little-endian int32, lowest bits first, offset 8)
+  mxfp4  VALUES[c] = e2m1(c)                ±{0, 0.5, 1, 1.5, 2, 3, 4, 6} (OCP microscaling FP4; gpt-oss's
+                                            ``*_blocks``, byte for byte), group 32, scales 2^(e - 127) from the e8m0
+                                            exponents (exact in bf16)
+
+Every VALUES[c] · scale is exact in fp32 (at most 3 significant bits times bf16's 8), so :func:`dequantize_packed`
+to fp32 is the format's exact meaning; the CPU kernel computes Σ_groups scale · Σ_i VALUES[c_i] · x_i, equal to it up
+to summation order.
+
+Group size. int4's default :data:`INT4_GROUP` = 64 inputs per scale (0.25 bits a weight for the scales), chosen by
+``benchmarks/int4_groups.py`` (BENCHMARKS.md, session 6): logit error and greedy agreement at 32 / 64 / 128 against
+bf16 on the V2-Lite shape, and the kernel's decode speed. A group must divide the input dimension and be a multiple
+of 32 (the kernel's block); :func:`int4_group_for` picks the largest of 128 / 64 / 32 that divides where the default
+does not (gpt-oss's 2880 = 45 · 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "int4_group_for", "mxfp4_scales",
+           "pack_nibbles", "quantize_int4", "quantize_mxfp4", "value_table", "unpack_nibbles"]
+
+INT4_GROUP = 64
+BLOCK = 32  # the kernel's unit: 16 bytes of codes
+
+INT4_VALUES = tuple(float(c - 8) for c in range(16))
+MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class PackedFormat:
+    """A 4-bit expert weight format: `kind` "int4" or "mxfp4", `group` inputs per scale."""
+
+    kind: str
+    group: int
+
+    def __post_init__(self):
+        if self.kind not in ("int4", "mxfp4"):
+            raise ValueError(f"unknown 4-bit format '{self.kind}' (int4 or mxfp4)")
+        if self.group <= 0 or self.group % BLOCK:
+            raise ValueError(f"a 4-bit group must be a positive multiple of {BLOCK}, got {self.group}")
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        return INT4_VALUES if self.kind == "int4" else MXFP4_VALUES
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "mxfp4" else f"int4 (group {self.group})"
+
+    def fits(self, in_features: int) -> bool:
+        return in_features % self.group == 0
+
+
+def int4_group_for(in_dims: tuple[int, ...], group: int | None = None) -> int | None:
+    """The int4 group size for expert matrices with these input dims: `group` (default :data:`INT4_GROUP`) if it
+    divides all of them, else the largest of 128 / 64 / 32 that does; None if none does (int4 cannot hold them)."""
+    for g in ((group,) if group else (INT4_GROUP, 128, 64, 32)):
+        if all(d % g == 0 for d in in_dims):
+            return g
+    return None
+
+
+def pack_nibbles(c: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [..., n] (each < 16) -> packed uint8 [..., n/2] (element 2j low nibble, 2j+1 high)."""
+    c = c.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [..., n/2] -> codes int32 [..., n] (each < 16; int32 so they can index a table), on p's device."""
+    lo = (p & 15).to(torch.int32)
+    hi = (p >> 4).to(torch.int32)
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric group-wise int4: w [..., out, in] float -> (codes uint8 [..., out, in/2], scales bf16
+    [..., out, in/group]).
+
+    Per group the scale maps the largest magnitude to 8 (the value of largest magnitude gets -8 when it is negative,
+    and +8 clamps to 7 otherwise: llama.cpp's Q4_0 rule, which uses all 16 levels), rounded to bf16 before dividing so
+    the codes match the stored scale. Works on one fp32 copy of `w`; callers pass one expert at a time."""
+    *lead, out, n = w.shape
+    if n % group:
+        raise ValueError(f"int4 group {group} does not divide the input dimension {n}")
+    g = w.float().reshape(*lead, out, n // group, group)  # [..., out, G, group] fp32
+    idx = g.abs().argmax(-1, keepdim=True)
+    peak = g.gather(-1, idx)  # signed value of largest magnitude [..., out, G, 1]
+    scale = (peak / -8).to(torch.bfloat16)  # negative peak -> positive scale, and vice versa
+    s = scale.float()
+    s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero group: codes 8 (= 0) under any scale
+    q = torch.round(g / s).clamp_(-8, 7) + 8  # [..., out, G, group] in [0, 15]
+    codes = pack_nibbles(q.reshape(*lead, out, n).to(torch.uint8))
+    return codes, scale.squeeze(-1)
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def value_table(fmt: PackedFormat, device: torch.device) -> torch.Tensor:
+    """The format's 16 values as an fp32 tensor on `device`, made once (a CUDA graph may capture its use, not its
+    creation: that would be a host->device copy)."""
+    key = (fmt.kind, torch.device(device))
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(fmt.values, dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedFormat,
+                      dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes uint8 [..., out, in/2], scales bf16 [..., out, in/group] -> [..., out, in] in `dtype` (exact in fp32;
+    bf16 rounds each weight once), into `out` if given. On the tensors' device (the streamed path dequantizes on the
+    GPU), in chunks of rows so the temporaries stay ~100 MB whatever the layer's size."""
+    *lead, rows, half = codes.shape
+    n = 2 * half
+    if out is None:
+        out = torch.empty(*lead, rows, n, dtype=dtype, device=codes.device)
+    table = value_table(fmt, codes.device)
+    flat_c, flat_s, flat_o = codes.reshape(-1, half), scales.reshape(-1, n // fmt.group), out.view(-1, n)
+    step = max(1, (1 << 23) // n)  # rows per chunk: 8M weights -> 32 MB of int32 codes, 32 MB of fp32 values
+    for r in range(0, flat_c.shape[0], step):
+        c = unpack_nibbles(flat_c[r:r + step])  # [m, in] int32
+        v = table[c].view(c.shape[0], -1, fmt.group) * flat_s[r:r + step].float().unsqueeze(-1)  # [m, G, group]
+        flat_o[r:r + step] = v.view(c.shape[0], n)
+    return out
+
+
+def mxfp4_scales(exponents: torch.Tensor) -> torch.Tensor:
+    """MXFP4 e8m0 exponents uint8 [...] -> bf16 scales 2^(e - 127) [...] (exact: bf16 has fp32's exponent range;
+    e = 0 is 2^-127, a bf16 subnormal)."""
+    return torch.exp2(exponents.float() - 127).to(torch.bfloat16)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP MXFP4: w [..., out, in] float -> (codes uint8 [..., out, in/2], scales bf16 [..., out, in/32]).
+
+    Per block of 32 inputs the shared scale is 2^(floor(log2 amax) - 2) (the largest magnitude lands in [4, 8) and
+    clamps to e2m1's 6), each weight rounds to the nearest e2m1 magnitude (a tie to the smaller). Used where float
+    weights must go back into MXFP4 weights (an adapter merged with ``--merge``)."""
+    *lead, out, n = w.shape
+    g = w.float().reshape(*lead, out, n // 32, 32)  # [..., out, G, 32]
+    amax = g.abs().amax(-1, keepdim=True)
+    exp = torch.floor(torch.log2(amax.clamp_min(2.0 ** -125))) - 2
+    scale = torch.exp2(exp.clamp(-127, 127))  # [..., out, G, 1], a power of two (exact in bf16)
+    mags = torch.tensor(MXFP4_VALUES[:8], dtype=torch.float32, device=w.device)  # [8] increasing
+    a = (g / scale).abs().clamp_max(6.0)
+    mid = (mags[1:] + mags[:-1]) / 2  # [7] midpoints between consecutive levels
+    idx = torch.bucketize(a, mid, right=False)  # [..., 32] in 0..7: the nearest level (a tie: the lower one)
+    codes = idx + 8 * (g < 0).to(idx.dtype)
+    return pack_nibbles(codes.reshape(*lead, out, n)), scale.squeeze(-1).to(torch.bfloat16)
