@@ -124,7 +124,7 @@ def test_all_linear_equals_reference(fmt, bits, strategy, group, base, tmp_path)
     qc = ct_config(fmt, bits, strategy, group, ["Linear"], ["lm_head", r"re:.*mlp\.gate$"])
     path = rewrite(src, tmp_path / "ct", lambda sd: to_compressed(sd, is_linear, fmt, bits, strategy, group,
                                                                      torch.float32), qc)
-    hyb = load_model(path, device="cpu", dtype="float32", progress=False)
+    hyb = load_model(path, device="cpu", dtype="float32", expert_dtype="float32", progress=False)
     if fmt == "pack-quantized":
         ref = transformers_dequantized(path)
     else:
@@ -172,7 +172,7 @@ def test_kimi_layout_int4_experts_bf16_scales(base, tmp_path):
                                                                      torch.bfloat16), qc)
     ref_dir = rewrite(src, tmp_path / "ref", lambda sd: library_dequantized(load_file(str(path / "model.safetensors")), qc))
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    hyb = load_model(path, device="cpu", dtype="float32", progress=False)
+    hyb = load_model(path, device="cpu", dtype="float32", expert_dtype="float32", progress=False)
     int8 = load_model(path, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
     with torch.no_grad():
         want, got, got8 = ref(IDS).logits, hyb(IDS).logits, int8(IDS).logits

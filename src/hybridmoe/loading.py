@@ -278,7 +278,8 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                     if not load_experts:
                         pass
                     elif _as_shipped(reader, key, experts[sl.module]):  # 4-bit codes stored as they are
-                        _copy_expert(experts[sl.module], sl, *reader.read_packed(handle, f, key), key, f)
+                        codes, scales = reader.read_packed(handle, f, key)
+                        _copy_expert(experts[sl.module], sl, codes, key, f, scales=scales)
                     else:
                         _copy_expert(experts[sl.module], sl, reader.read(handle, f, key), key, f)
                 elif name in expected:
