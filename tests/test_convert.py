@@ -42,7 +42,7 @@ def bf16(tmp_path_factory):
 
 def rewrite(src, dst, transform, quant_config):
     """Copy checkpoint `src` (any sharding) to `dst` as one model.safetensors passed through transform(dict), with
-    `quant_config` declared in config.json."""
+    `quant_config` (if any) declared in config.json."""
     shutil.copytree(src, dst)
     sd = {}
     for f in sorted(dst.glob("*.safetensors")):
@@ -50,8 +50,9 @@ def rewrite(src, dst, transform, quant_config):
         f.unlink()
     (dst / "model.safetensors.index.json").unlink(missing_ok=True)
     save_file(transform(sd), str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant_config}))
+    if quant_config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant_config}))
     return dst
 
 
@@ -225,3 +226,44 @@ def test_convert_int4_loads_bit_identical_and_reads_in_transformers(bf16, tmp_pa
         ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(
             dequantize=True)).eval()(IDS).logits
     assert rel_err(exact, ref) <= 1e-2
+
+
+def _fused(sd: dict) -> dict:
+    """The transformers-v5 layout: per-expert hub tensors stacked into gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
+    out, parts = {}, {}
+    for k, t in sd.items():
+        head, sep, tail = k.partition(".mlp.experts.")
+        if not sep:
+            out[k] = t
+            continue
+        e, proj, _ = tail.split(".")
+        parts.setdefault(head, {}).setdefault(proj, {})[int(e)] = t
+    for head, p in parts.items():
+        n = len(p["down_proj"])
+        out[f"{head}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([p["gate_proj"][e], p["up_proj"][e]])
+                                                              for e in range(n)])
+        out[f"{head}.mlp.experts.down_proj"] = torch.stack([p["down_proj"][e] for e in range(n)])
+    return out
+
+
+def test_convert_fused_source_and_refusal(bf16, tmp_path, capsys):
+    """Fused [E, ...] expert tensors (a v5 save) are written in the hub's per-expert layout, one expert at a time,
+    and load to the same int4 codes; a model whose experts have no per-expert layout (gpt-oss) is refused up front."""
+    pytest.importorskip("hybridmoe.experts.packed")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fused = rewrite(bf16("qwen3_moe"), tmp_path / "fused", _fused, None)
+    out = convert_checkpoint(fused, tmp_path / "int4", "int4", progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as h:
+        assert "model.layers.2.mlp.experts.5.up_proj.weight_packed" in set(h.keys())
+    a = load_model(fused, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
+    b = load_model(out, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
+    assert_same_experts(a, b)
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, layer_types=["full_attention"])
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt_oss")
+    _one_line(capsys, ["convert", "--model", str(tmp_path / "gpt_oss"), "--expert-dtype", "int4", "--output",
+                       str(tmp_path / "g4")], "has no per-expert layout for model_type 'gpt_oss'")
+    assert not (tmp_path / "g4").exists()

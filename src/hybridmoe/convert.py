@@ -155,8 +155,9 @@ def _per_expert_names(model_type: str) -> dict[tuple[str, int], str]:
 
 
 class _Converter:
-    def __init__(self, ckpt: Checkpoint, fmt, model, experts: dict, target: Target, writer: _ShardWriter):
-        self.ckpt, self.target, self.writer = ckpt, target, writer
+    def __init__(self, ckpt: Checkpoint, fmt, model, experts: dict, target: Target):
+        self.ckpt, self.target = ckpt, target
+        self.writer: _ShardWriter | None = None  # set when the output directory exists
         self.reader = WeightReader(ckpt, fmt)
         self.mapper = KeyMapper(model.config.model_type, model.state_dict())
         self.experts = experts
@@ -164,6 +165,19 @@ class _Converter:
         self.split = _per_expert_names(self.model_type)
         self._dtypes: dict[Path, dict[str, str]] = {}
         self.modules: set[str] = set()  # per-expert Linear names written quantized (for the config's target)
+
+    def check_layout(self, key: str) -> None:
+        """Before anything is written: a fused expert tensor must have a per-expert layout to be written in."""
+        sl = self.mapper.expert_slice(self.mapper.rename(self.reader.logical(key)))
+        if sl is None or sl.module not in self.experts or sl.expert is not None:
+            return
+        proj = sl.proj[: -len("_bias")] if sl.proj.endswith("_bias") else sl.proj
+        chunks = [self.split.get((proj, c)) for c in range(2 if proj == "gate_up_proj" else 1)]
+        if None in chunks or self.experts[sl.module].spec.interleaved:
+            raise CheckpointError(
+                f"the routed experts of '{sl.module}' are stored fused ('{key}' [E, ...]) and transformers has no "
+                f"per-expert layout for model_type '{self.model_type}' that compressed-tensors could describe; "
+                "convert writes per-expert Linear weights only (load this checkpoint directly instead)")
 
     def tensor(self, handle, f: Path, key: str) -> None:
         logical = self.reader.logical(key)
@@ -211,14 +225,8 @@ class _Converter:
 
     def _split_fused(self, sl, t: torch.Tensor, bias: bool) -> None:
         """A fused [E, out, (in)] tensor as per-expert hub tensors, one expert at a time (gate rows, then up rows)."""
-        spec = self.experts[sl.module].spec
         proj = sl.proj[: -len("_bias")] if bias else sl.proj
-        chunks = [self.split.get((proj, c)) for c in range(2 if proj == "gate_up_proj" else 1)]
-        if None in chunks or spec.interleaved:
-            raise CheckpointError(
-                f"the routed experts of '{sl.module}' are stored fused ('{sl.proj}' [E, ...]) and transformers has no "
-                f"per-expert layout for model_type '{self.model_type}' that compressed-tensors could describe; convert "
-                "writes per-expert Linear weights only (load this checkpoint directly instead)")
+        chunks = [self.split[(proj, c)] for c in range(2 if proj == "gate_up_proj" else 1)]  # checked up front
         rows = t.shape[1] // len(chunks)
         for e in range(t.shape[0]):
             for c, suffix in enumerate(chunks):
@@ -272,9 +280,12 @@ def convert_checkpoint(model_dir: str | os.PathLike, output_dir: str | os.PathLi
     target = _target(expert_dtype, experts)
     ignored = set(check_tensors(ckpt, model, set(experts), fmt))  # the whole input, before a byte is written
 
+    conv = _Converter(ckpt, fmt, model, experts, target)
+    for key in ckpt.key_to_file:
+        conv.check_layout(key)
+
     def write(tmp: Path) -> None:
-        writer = _ShardWriter(tmp, max_shard_size)
-        conv = _Converter(ckpt, fmt, model, experts, target, writer)
+        writer = conv.writer = _ShardWriter(tmp, max_shard_size)
         with tqdm(total=len(ckpt.key_to_file), desc="Converting", unit="tensor", disable=not progress,
                   file=sys.stderr) as bar:
             for f, keys in ckpt.keys_by_file().items():  # one input shard open at a time

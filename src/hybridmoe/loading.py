@@ -389,7 +389,8 @@ def _describe(fmt, experts: ExpertFormat) -> str:
         return (f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks: routed experts held as {kept}, the "
                 "rest dequantized as loaded")
     if fmt.name == "compressed-tensors":  # int4 of the checkpoint's group: its codes and scales, byte for byte
-        how = "kept as shipped" if fmt.ships(experts) else f"held as {kept}"
+        how = (f"held as {kept}, the checkpoint's codes and scales copied as shipped where its scales are bf16"
+               if fmt.ships(experts) else f"held as {kept}")
         return f"{fmt}: routed experts {how}, the rest dequantized as loaded"
     if isinstance(experts, PackedFormat) and experts.kind == fmt.name:
         return f"{fmt.name}: routed experts kept as shipped, the rest as loaded"
