@@ -214,7 +214,7 @@ def test_convert_int4_loads_bit_identical_and_reads_in_transformers(bf16, tmp_pa
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     src = bf16("qwen3_moe")
-    out = convert_checkpoint(src, tmp_path / "int4", "int4", progress=False)
+    out = convert_checkpoint(src, tmp_path / "int4", "int4", max_shard_size=30_000, progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
     a = load_model(src, device="cpu", dtype="float32", expert_dtype="int4", progress=False)

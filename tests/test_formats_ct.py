@@ -25,6 +25,8 @@ ct = pytest.importorskip("compressed_tensors")
 
 TINY = dict(hidden_size=64, moe_intermediate_size=32)  # every Linear input a multiple of 32: int4 groups of 32 fit
 EXPERTS_RE = r"re:.*mlp\.experts\.[0-9]+\.(down|gate|up)_proj$"
+# Kimi-K2-Thinking's config.json: `Linear` targets, everything but the routed experts ignored.
+KIMI_IGNORE = ["lm_head", r"re:.*self_attn.*", r"re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
 IDS = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
@@ -160,14 +162,13 @@ def library_dequantized(sd: dict, qc: dict) -> dict:
 
 
 def test_kimi_layout_int4_experts_bf16_scales(base, tmp_path):
-    """Kimi-K2-Thinking's layout on deepseek_v3: routed experts int4 (groups of 32, bf16 scales, a `re:` target),
-    everything else float (dense layer, shared experts, attention, router): the fp32 logits equal the library's own
+    """Kimi-K2-Thinking's layout on deepseek_v3 (its quantization_config: `Linear` targets, routed experts only through
+    its `ignore` list): routed experts int4 (groups of 32, bf16 scales), everything else float (dense layer, shared experts, attention, router): the fp32 logits equal the library's own
     fp32 dequantization loaded by transformers, within 1e-5 relative; int8 experts from it stay close."""
     from transformers import AutoModelForCausalLM
 
     src = base("deepseek_v3")
-    qc = ct_config("pack-quantized", 4, "group", 32, [EXPERTS_RE], ["lm_head", r"re:.*self_attn.*",
-                                                                      r"re:.*shared_experts.*"])
+    qc = ct_config("pack-quantized", 4, "group", 32, ["Linear"], KIMI_IGNORE)
     path = rewrite(src, tmp_path / "ct", lambda sd: to_compressed(sd, is_expert, "pack-quantized", 4, "group", 32,
                                                                      torch.bfloat16), qc)
     ref_dir = rewrite(src, tmp_path / "ref", lambda sd: library_dequantized(load_file(str(path / "model.safetensors")), qc))
@@ -246,13 +247,22 @@ def test_bad_input_one_line(case, base, tmp_path):
 
 def test_int4_experts_copied_as_stored(base, tmp_path):
     """With int4 experts of the checkpoint's group, the codes and scales land in RAM byte for byte as the library
-    packed them (no float copy, no re-quantization), and the model computes what the dequantized load computes."""
+    packed them (no float copy, no re-quantization; their scales and shapes read from another shard), and the model
+    computes what the dequantized load computes."""
     packed = pytest.importorskip("hybridmoe.experts.packed")
     from hybridmoe.experts.packed import PackedFormat
 
     qc = ct_config("pack-quantized", 4, "group", 32, [EXPERTS_RE], ["lm_head"])
     path = rewrite(base("deepseek_v3"), tmp_path / "ct", _ct4, qc)
     sd = load_file(str(path / "model.safetensors"))
+    # Two shards, the codes in one and their scales and shapes in the other (a sharded release splits anywhere).
+    (path / "model.safetensors").unlink()
+    shards = {"a.safetensors": {k: v for k, v in sd.items() if k.endswith("packed")},
+              "b.safetensors": {k: v for k, v in sd.items() if not k.endswith("packed")}}
+    for name, part in shards.items():
+        save_file(part, str(path / name), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in shards.items() for k in part}}))
     hyb = load_model(path, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
     w = hyb.get_submodule("model.layers.1.mlp.experts").weights
     assert w.packed == PackedFormat("int4", 32)
