@@ -14,7 +14,7 @@ In both, w = q · scale (symmetric: no zero point). Every other variant is refus
 weights (zero points), quantized activations or KV cache, float or other bit widths, block / token strategies,
 activation reordering (``g_idx``), sparsity or transforms, and other formats. Which config group describes a module
 follows compressed-tensors' own matching: a ``re:`` target is matched against the module's name as stored, any other
-target is a module name or a class name (every quantized tensor here is a Linear's weight).
+target is a module name or a class name (every quantized tensor here is a Linear's weight, so ``Linear`` matches).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class IntScheme:
             if t.startswith("re:"):
                 if re.match(t[3:], module):
                     return True
-            elif t == module or "." not in t:  # a module name, or a class name ("Linear"): every weight here is one
+            elif t == module or t.endswith("Linear"):  # a module name, or a Linear class: every weight here is one
                 return True
         return False
 
