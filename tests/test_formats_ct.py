@@ -141,17 +141,17 @@ def test_all_linear_equals_reference(fmt, bits, strategy, group, base, tmp_path)
     assert "compressed-tensors" in hyb.hybridmoe.source_format
 
 
-def library_dequantized(sd: dict, qc: dict) -> dict:
-    """The plain checkpoint a compressed-tensors one means (one config group): the library's unpack_from_int32 +
-    dequantize, in fp32."""
+def library_dequantized(sd: dict, qc: dict, group_of=lambda key: "group_0") -> dict:
+    """The plain checkpoint a compressed-tensors one means: the library's unpack_from_int32 + dequantize, in fp32, with
+    the arguments of config group group_of(key)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 
-    args = QuantizationArgs(**qc["config_groups"]["group_0"]["weights"])
     out = {k: t for k, t in sd.items() if not k.endswith(("weight_packed", "weight_scale", "weight_shape"))}
     for k in sd:
         if k.endswith(".weight_scale"):
+            args = QuantizationArgs(**qc["config_groups"][group_of(k)]["weights"])
             base = k[: -len("scale")]
             if base + "packed" in sd:
                 q = unpack_from_int32(sd[base + "packed"], args.num_bits, torch.Size(sd[base + "shape"].tolist()))
@@ -179,6 +179,32 @@ def test_kimi_layout_int4_experts_bf16_scales(base, tmp_path):
         want, got, got8 = ref(IDS).logits, hyb(IDS).logits, int8(IDS).logits
     assert rel_err(got, want) <= 1e-5
     assert rel_err(got8, want) <= 0.05  # int8 of the dequantized int4: one more (small) rounding
+
+
+def test_mixed_config_groups(base, tmp_path):
+    """`format: mixed`: attention int8 per channel (int-quantized) and routed experts int4 in groups of 32
+    (pack-quantized), each module decoded with its own config group's arguments."""
+    from transformers import AutoModelForCausalLM
+
+    attn = ct_config("int-quantized", 8, "channel", None, [r"re:.*self_attn\.(q|k|v|o)_proj$"], [])
+    experts = ct_config("pack-quantized", 4, "group", 32, [EXPERTS_RE], [])
+    qc = {**experts, "format": "mixed", "ignore": ["lm_head"],
+          "config_groups": {"attention": attn["config_groups"]["group_0"], "experts": experts["config_groups"]["group_0"]}}
+
+    def mixed(sd):
+        sd = to_compressed(sd, lambda k: "self_attn" in k and "norm" not in k, "int-quantized", 8, "channel", None,
+                           torch.float32)
+        return to_compressed(sd, is_expert, "pack-quantized", 4, "group", 32, torch.bfloat16)
+
+    src = base("qwen3_moe")
+    path = rewrite(src, tmp_path / "ct", mixed, qc)
+    ref_dir = rewrite(src, tmp_path / "ref", lambda sd: library_dequantized(
+        load_file(str(path / "model.safetensors")), qc, lambda k: "attention" if "self_attn" in k else "experts"))
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    hyb = load_model(path, device="cpu", dtype="float32", expert_dtype="float32", progress=False)
+    with torch.no_grad():
+        assert rel_err(hyb(IDS).logits, ref(IDS).logits) <= 1e-5
+    assert "int4 pack-quantized group 32, int8 int-quantized channel" in hyb.hybridmoe.source_format
 
 
 # -- bad input: one line naming the tensor, file or setting -----------------------------------------------------
