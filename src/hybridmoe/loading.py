@@ -372,7 +372,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
-                                 source_format=_describe(fmt, edt))
+                                 source_format=_describe(fmt, next(iter(experts.values())).weights.fmt))  # as held
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back
