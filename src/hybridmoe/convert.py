@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import INDEX_NAME, Checkpoint, KeyMapper, read_config
@@ -94,34 +93,59 @@ def _target(kind: str, experts: dict) -> Target:
     return Target("int4", groups.pop())
 
 
+# safetensors dtype names (the format's own spelling) of what convert writes or reads
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+_COPY_CHUNK = 64 << 20
+
+
 class _ShardWriter:
-    """Output shards filled in key order and written as they reach `max_bytes`; the index at the end."""
+    """Output shards written tensor by tensor: each tensor's bytes go straight to a spool file as they are made, so
+    host memory never holds more than the tensor being written. When a shard reaches `max_bytes`, its safetensors
+    header (now known) is written and the spooled bytes are copied behind it; the index comes at the end."""
 
     def __init__(self, root: Path, max_bytes: int):
         self.root, self.max_bytes = root, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.spool = None  # the open spool file of the shard being filled
+        self.header: dict[str, dict] = {}
         self.size = 0
         self.files: list[tuple[str, list[str]]] = []  # (temporary name, keys)
+        self.keys: set[str] = set()
         self.total = 0
 
     def add(self, key: str, t: torch.Tensor) -> None:
-        if key in self.pending or any(key in keys for _, keys in self.files[-1:]):
+        if key in self.keys:
             raise CheckpointError(f"two checkpoint tensors would be written as '{key}'; the checkpoint holds a "
                                   "tensor twice (e.g. fused and per-expert)")
         n = t.numel() * t.element_size()
-        if self.pending and self.size + n > self.max_bytes:
+        if self.header and self.size + n > self.max_bytes:
             self.flush()
-        self.pending[key] = t.contiguous()
+        if self.spool is None:
+            self.spool = open(self.root / f"part-{len(self.files) + 1:05d}.spool", "wb")  # noqa: SIM115 - closed in flush
+        self.spool.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)  # the tensor's bytes, no copy
+        self.header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size,
+                                                                                                    self.size + n]}
+        self.keys.add(key)
         self.size += n
 
     def flush(self) -> None:
-        if not self.pending:
+        if self.spool is None:
             return
-        name = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.root / name), metadata={"format": "pt"})
-        self.files.append((name, sorted(self.pending)))
+        self.spool.close()
+        spool = Path(self.spool.name)
+        name = spool.with_suffix(".safetensors").name
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.root / name, "wb") as out, open(spool, "rb") as src:
+            out.write(len(head).to_bytes(8, "little") + head)
+            while chunk := src.read(_COPY_CHUNK):
+                out.write(chunk)
+        spool.unlink()
+        self.files.append((name, sorted(self.header)))
         self.total += self.size
-        self.pending, self.size = {}, 0
+        self.spool, self.header, self.size = None, {}, 0
 
     def finish(self) -> int:
         """Name the shards as transformers does and write the index (for more than one shard); returns the count."""
@@ -136,6 +160,43 @@ class _ShardWriter:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return n
+
+
+class _ShardReader:
+    """One input shard read tensor by tensor with plain file reads instead of a memory map: a mapped shard's pages
+    stay in the process's resident set once touched (a 5 GB shard read through counts 5 GB), a read tensor is freed
+    when it is done. The ``get_tensor``/``keys`` of a safetensors handle, for :class:`WeightReader`."""
+
+    def __init__(self, f: Path):
+        self.f = f
+        try:
+            self.fh = open(f, "rb")  # noqa: SIM115 - closed by close()
+            n = int.from_bytes(self.fh.read(8), "little")
+            header = json.loads(self.fh.read(n))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"'{f}' is not a readable safetensors file ({e}); it is truncated or corrupt, copy "
+                                  "it again") from None
+        header.pop("__metadata__", None)
+        self.header, self.data_start = header, 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        meta = self.header[key]
+        start, end = meta["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self.fh.seek(self.data_start + start)
+        if self.fh.readinto(buf.numpy().data) != end - start:
+            raise CheckpointError(f"'{self.f}' ends inside tensor '{key}'; the file is truncated, copy it again")
+        dtype = _TORCH_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"tensor '{key}' in '{self.f.name}' has dtype {meta['dtype']}, which convert "
+                                  "does not read")
+        return buf.view(dtype).reshape(meta["shape"])
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _per_expert_names(model_type: str) -> dict[tuple[str, int], str]:
@@ -289,12 +350,13 @@ def convert_checkpoint(model_dir: str | os.PathLike, output_dir: str | os.PathLi
         with tqdm(total=len(ckpt.key_to_file), desc="Converting", unit="tensor", disable=not progress,
                   file=sys.stderr) as bar:
             for f, keys in ckpt.keys_by_file().items():  # one input shard open at a time
-                handle = ckpt.open(f)
+                ckpt.open(f)  # checks the shard holds what the index lists
+                handle = _ShardReader(f)
                 for key in sorted(keys):
                     if not conv.reader.consumed(key) and key not in ignored:
                         conv.tensor(handle, f, key)
                     bar.update(1)
-                del handle
+                handle.close()
         n = writer.finish()
         _copy_side_files(model_path, tmp)
         raw = json.loads((model_path / "config.json").read_text())
