@@ -101,7 +101,7 @@ _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"
               torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-_COPY_CHUNK = 64 << 20
+_COPY_CHUNK = 8 << 20
 
 
 class _ShardWriter:
@@ -143,8 +143,8 @@ class _ShardWriter:
         head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         with open(self.root / name, "wb") as out, open(spool, "rb") as src:
             out.write(len(head).to_bytes(8, "little") + head)
-            while chunk := src.read(_COPY_CHUNK):
-                out.write(chunk)
+            out.flush()
+            _copy_file(src, out, self.size)
         spool.unlink()
         self.files.append((name, sorted(self.header)))
         self.total += self.size
@@ -163,6 +163,25 @@ class _ShardWriter:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return n
+
+
+def _copy_file(src, dst, n: int) -> None:
+    """Append `n` bytes of `src` to `dst` inside the kernel where it can (no user-space buffer), else in chunks."""
+    offset = 0
+    try:
+        while offset < n:
+            sent = os.sendfile(dst.fileno(), src.fileno(), offset, min(n - offset, _COPY_CHUNK))
+            if sent == 0:
+                break
+            offset += sent
+    except (AttributeError, OSError):
+        src.seek(offset)
+        dst.seek(0, os.SEEK_END)
+        while chunk := src.read(_COPY_CHUNK):
+            dst.write(chunk)
+        return
+    if offset != n:
+        raise CheckpointError(f"the spooled output '{src.name}' is shorter than what was written to it; is the disk full?")
 
 
 class _ShardReader:
