@@ -108,7 +108,7 @@ def test_convert_from_fp8(bf16, tmp_path):
 
 def test_convert_from_compressed_int4(bf16, tmp_path):
     """A compressed-tensors int4 input (written by the library): int8 experts from its dequantized weights, exactly
-    as the loader makes them."""
+    as the loader makes them; int4 experts of its own group copied through as stored."""
     pytest.importorskip("compressed_tensors")
     from .test_formats_ct import EXPERTS_RE, ct_config, is_expert, to_compressed
 
@@ -121,6 +121,11 @@ def test_convert_from_compressed_int4(bf16, tmp_path):
     assert_same_experts(a, b)
     with torch.no_grad():
         assert torch.equal(a(IDS).logits, b(IDS).logits)
+    # int4 of the input's group: the codes and scales are copied through, byte for byte.
+    out4 = convert_checkpoint(ct, tmp_path / "int4", "int4", progress=False)
+    with safe_open(str(ct / "model.safetensors"), "pt") as h, safe_open(str(out4 / "model.safetensors"), "pt") as g:
+        keys = [k for k in h.keys() if k.endswith(("weight_packed", "weight_scale"))]  # noqa: SIM118 - a handle
+        assert keys and all(torch.equal(h.get_tensor(k), g.get_tensor(k)) for k in keys)
 
 
 def test_failure_leaves_nothing(bf16, tmp_path):
