@@ -56,8 +56,9 @@ _QUANT_LEAF = re.compile(
     r"|^(qweight|qzeros|scales|g_idx|SCB|absmax|quant_map|nested_absmax|nested_quant_map|weight_format|"
     r"quant_state\..*|input_scale|weight_scale)$"
 )
-_FIX = ("hybridmoe reads bf16/fp16/fp32 checkpoints for now: use the model's bf16 release, or convert it to bf16 "
-        "first (transformers loads it with the quantization config's `dequantize=True`, then `save_pretrained`)")
+_FIX = ("hybridmoe reads bf16/fp16/fp32, FP8 block-scaled, MXFP4 and compressed-tensors int4/int8 checkpoints: use "
+        "such a release of the model, or convert it to bf16 first (transformers loads it with the quantization "
+        "config's `dequantize=True`, then `save_pretrained`)")
 
 
 def _quantization_config(model_dir: Path) -> dict | None:
