@@ -14,10 +14,12 @@ Strategies, one JSON line each (ms per layer, GB/s of weights read, relative err
                  accuracy cost shows in rel_err);
 - hybrid_torch_loop: HybridExperts.infer_cpu with the compiled kernel off (the whole torch call: sort, per-expert
                  loop, combine) on the same bf16 weights;
-- kernel_{bf16,int8}_{isa}_{pages}_pf{N}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c: two
-                 parallel regions a layer): each instruction set the CPU has, the weights on 4 KiB or 2 MiB pages,
-                 software prefetch N bytes ahead.
-The limit is the host's memory bandwidth (--limit-gbps, ~100 GB/s on the GPU host's Xeon).
+- kernel_{bf16,int8,int4gG}_{isa}_{pages}_pf{N}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c:
+                 two parallel regions a layer): each instruction set the CPU has, the weights on 4 KiB or 2 MiB pages,
+                 software prefetch N bytes ahead; int4 with each group size of --int4-groups (GB/s counts the bytes
+                 of int4 codes and their bf16 scales actually read).
+The limit is the host's memory bandwidth: measured here by a read-only sweep over 2 GiB with every thread
+(`memory_read` line; --limit-gbps overrides), and each line gives its fraction of it.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def main() -> None:
     p.add_argument("--inter", type=int, default=1408)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    p.add_argument("--limit-gbps", type=float, default=100.0)
+    p.add_argument("--limit-gbps", type=float, default=None, help="host read bandwidth (default: measured here)")
+    p.add_argument("--int4-groups", type=int, nargs="*", default=[64], help="int4 group sizes to compare")
     p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
                    help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
@@ -123,8 +126,16 @@ def main() -> None:
         advise_huge_pages(c)
         return c.copy_(t)
 
+    from hybridmoe.experts.packed import PackedFormat, quantize_int4
+
+    int4_layers = {}  # group -> [((codes, scales) gate_up, (codes, scales) down)] per layer
+    for grp in args.int4_groups:
+        int4_layers[grp] = [(_per_expert(quantize_int4, gu, grp), _per_expert(quantize_int4, d, grp)) for gu, d in layers]
     mods = {}
     for pages in args.pages:
+        for grp, ql in int4_layers.items():
+            mods[f"int4g{grp}", pages] = [module(PackedFormat("int4", grp), [on_pages(t, pages) for t in (c1, c2, s1, s2)])
+                                          for (c1, s1), (c2, s2) in ql]
         mods["bf16", pages] = [module(torch.bfloat16, [on_pages(t, pages) for t in (gu, d)]) for gu, d in layers]
         mods["int8", pages] = [module(torch.int8, [on_pages(t, pages) for t in (qgu, qd, sgu, sd)])
                                for (qgu, sgu), (qd, sd) in qlayers]
@@ -147,12 +158,12 @@ def main() -> None:
     if cpu_kernel.available():
         best = cpu_kernel.isa()
         for isa in cpu_kernel.isas():  # every instruction set at the first page size and prefetch distance
-            for dt in ("bf16", "int8"):
+            for dt in ("bf16", "int8", *(f"int4g{grp}" for grp in args.int4_groups)):
                 hybrid_calls[f"kernel_{dt}_{isa}_{args.pages[0]}_pf{args.prefetch[0]}"] = hybrid(
                     dt, isa, args.pages[0], args.prefetch[0])
         for pages in args.pages:  # the best one at every page size and prefetch distance
             for pf in args.prefetch:
-                for dt in ("bf16", "int8"):
+                for dt in ("bf16", "int8", *(f"int4g{grp}" for grp in args.int4_groups)):
                     hybrid_calls.setdefault(f"kernel_{dt}_{best}_{pages}_pf{pf}", hybrid(dt, best, pages, pf))
         for chunk in args.chunk:  # OpenMP scheduling, at the first page size and prefetch distance
             for dt in ("bf16", "int8"):
@@ -162,6 +173,7 @@ def main() -> None:
         cpu_kernel.set_chunk(2)
 
     strategies = _strategies(layers, qlayers)
+    limit = args.limit_gbps or _read_bandwidth(max(args.threads))
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -181,9 +193,13 @@ def main() -> None:
                 want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
                 got = layer_call(li, ex, w)
                 nbytes = bytes_bf16 // 2 if "int8" in name else bytes_bf16
+                if "int4g" in name:  # codes (half a byte a weight) + one bf16 scale per group
+                    grp = int(name.split("int4g")[1].split("_")[0])
+                    nbytes = bytes_bf16 // 4 + bytes_bf16 // grp
                 print(json.dumps({
                     "bench": "decode_gemv", "strategy": name, "threads": threads, "ms_per_layer": round(s * 1e3, 3),
-                    "GBps": round(nbytes / s / 1e9, 1), "limit_GBps": args.limit_gbps,
+                    "GBps": round(nbytes / s / 1e9, 1), "limit_GBps": round(limit, 1),
+                    "of_limit": round(nbytes / s / 1e9 / limit, 3),
                     "tok_s_if_26_layers": round(1 / (26 * s), 1),
                     "rel_err_vs_fp32": float((got - want).norm() / want.norm()),
                     "experts": args.experts, "topk": args.topk, "hidden": args.hidden, "inter": args.inter,
@@ -191,6 +207,27 @@ def main() -> None:
                     "torch": torch.__version__}), flush=True)
     if args.batch_tokens and "4k" in args.pages:
         batch_sweep(args, mods, cpu_kernel)
+
+
+def _per_expert(fn, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn (a quantizer) applied one expert at a time: [E, out, in] -> (codes [E, ...], scales [E, ...])."""
+    parts = [fn(w[e], group) for e in range(w.shape[0])]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def _read_bandwidth(threads: int, gib: float = 2.0) -> float:
+    """Host memory read bandwidth, GB/s: the best of 5 sums over `gib` GiB of int32 with `threads` threads (the sum is
+    far cheaper than the reads; the buffer is 10x any L3)."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.int32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    gbps = buf.nbytes / best / 1e9
+    print(json.dumps({"bench": "memory_read", "threads": threads, "GBps": round(gbps, 1), "GiB": gib}), flush=True)
+    return gbps
 
 
 def batch_sweep(args, mods, cpu_kernel) -> None:

@@ -574,7 +574,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--expert-dtype", choices=["bfloat16", "int8"], default=None, help="decode, train: routed-expert dtype")
+    p.add_argument("--expert-dtype", choices=["bfloat16", "int8", "int4"], default=None, help="decode, train: routed-expert dtype")
     p.add_argument("--repeats", type=int, default=1, help="decode: replay-only runs per GPU share")
     p.add_argument("--stream-slots", type=int, nargs="+", default=[2], help="prefill: GPU slots of expert weights")
     p.add_argument("--gpu-share", type=float, nargs="+", default=[None],

@@ -139,8 +139,18 @@ def test_inference_paths_match_reference(variant):
         out = torch.empty(4, H)
         m.infer_cpu(x, ids, w, out)
     assert _rel(got, want) <= TOLERANCE["cpu-loop", torch.bfloat16] and _rel(out, want) <= TOLERANCE["cpu-loop", torch.bfloat16]
-    # The compiled kernel runs exactly the variants it implements and no other.
-    assert cpu_kernel.supports(m) == (cpu_kernel.available() and variant in ("qwen3_moe",))
+    # The compiled kernel runs exactly the variants it implements (SiLU-GLU; gpt-oss's clamped SwiGLU on interleaved
+    # rows with biases) and no other; where it runs, it equals the torch loop to summation order.
+    assert cpu_kernel.supports(m) == (cpu_kernel.available() and variant in ("qwen3_moe", "gpt_oss"))
+    if cpu_kernel.supports(m):
+        for dtype in (torch.bfloat16, torch.int8):
+            m = _module(variant, dtype)
+            kernel, loop = torch.empty(4, H), torch.empty(4, H)
+            m.infer_cpu(x, ids, w, kernel)
+            m.settings.cpu_kernel = False
+            m.infer_cpu(x, ids, w, loop)
+            # int8 at these sizes (not multiples of 64): the torch loop rounds the dequantized weights to bf16
+            assert _rel(kernel, loop) <= (2e-3 if dtype == torch.bfloat16 else 1e-2), dtype
 
 
 def test_dense_dispatch_equals_top_k():

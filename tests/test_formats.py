@@ -218,10 +218,13 @@ def test_fp8_block_checkpoint_equals_transformers_dequantized(arch, tmp_path, ck
     ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     ref = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32,
                                                quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
-    hyb = load_model(fp8, device="cpu", dtype="float32", progress=False)
+    hyb = load_model(fp8, device="cpu", dtype="float32", expert_dtype="float32", progress=False)
     with torch.no_grad():
         want, got = ref(ids).logits, hyb(ids).logits
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    # Without an expert_dtype the experts stay compact: int8 (the FP8 bytes), stated in info's checkpoint_format.
+    compact = load_model(fp8, device="cpu", dtype="float32", progress=False)
+    assert compact.hybridmoe.expert_format == "int8" and "experts held as int8" in compact.hybridmoe.source_format
     # The plain checkpoint gives visibly different logits: the FP8 rounding is real, and it was not skipped.
     with torch.no_grad():
         plain = load_model(ckpt_dir(arch), device="cpu", dtype="float32", progress=False)(ids).logits
@@ -300,11 +303,21 @@ def test_mxfp4_gpt_oss_equals_transformers_dequantized(tmp_path):
     # transformers keeps the dequantized experts in bf16 (exact: e2m1 · 2^k fits); .float() makes the reference fp32.
     ref = AutoModelForCausalLM.from_pretrained(mx, dtype=torch.float32,
                                                quantization_config=Mxfp4Config(dequantize=True)).float().eval()
-    hyb = load_model(mx, device="cpu", dtype="float32", progress=False)
+    hyb = load_model(mx, device="cpu", dtype="float32", expert_dtype="float32", progress=False)
     ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = ref(ids).logits, hyb(ids).logits
         plain = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
     assert ((plain - want).norm() / want.norm()).item() > 1e-3  # the 4-bit rounding is real and was applied
-    assert "mxfp4" in hyb.hybridmoe.source_format
+    # By default the experts stay MXFP4 in RAM, byte for byte the shipped blocks (no float copy), and compute within
+    # the bf16 rounding of the expert GEMMs' inputs and outputs.
+    kept = load_model(mx, device="cpu", dtype="float32", progress=False)
+    assert kept.hybridmoe.expert_format == "mxfp4" and "kept as shipped" in kept.hybridmoe.source_format
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(mx / "model.safetensors"))
+    ex = kept.model.layers[0].mlp.experts.weights
+    assert torch.equal(ex.gate_up, shipped["model.layers.0.mlp.experts.gate_up_proj_blocks"].flatten(-2))
+    with torch.no_grad():
+        assert ((kept(ids).logits - want).norm() / want.norm()).item() <= 1e-2

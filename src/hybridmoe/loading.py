@@ -93,6 +93,8 @@ def resolve_expert_dtype(dtype: str | ExpertFormat | None, device: torch.device)
         return torch.int8
     if dtype == "int4":
         return PackedFormat("int4", INT4_GROUP)
+    if dtype == "mxfp4":  # quantized to MXFP4 as they load (an MXFP4 checkpoint is kept as is by default anyway)
+        return PackedFormat("mxfp4", 32)
     try:
         return resolve_dtype(dtype, device)
     except ConfigError:

@@ -156,6 +156,16 @@ class ExpertWeights:
         """Store a projection's biases: all experts ([E, out], expert None) or one expert's [out]."""
         dst = self.bias[proj] if expert is None else self.bias[proj][expert]
         dst.copy_(value)
+        self._bias_f32 = None
+
+    def bias_f32(self) -> dict[str, torch.Tensor]:
+        """The biases as contiguous fp32 (the compiled kernel's form): the stored tensors when they are fp32, else
+        copies made once (invalidated by :meth:`write_bias`); {} without biases."""
+        if self.bias is None:
+            return {}
+        if getattr(self, "_bias_f32", None) is None:
+            self._bias_f32 = {p: b.float().contiguous() for p, b in self.bias.items()}
+        return self._bias_f32
 
     def dequantized(self, proj: str) -> torch.Tensor:
         """The projection's weights as floats, [E, out, in] (the stored tensor itself unless quantized; 4-bit: fp32)."""
@@ -226,6 +236,7 @@ class ExpertWeights:
         """Rebind :meth:`host_tensors` (same order, shapes and dtypes) to other storage, e.g. views of a host-shared
         mapping."""
         self.gate_up, self.down, self.scales, self.bias = self.unpack(tensors)
+        self._bias_f32 = None
 
     def pin(self) -> bool:
         """Page-lock the host tensors in place, so streaming them to the GPU is a full-speed asynchronous DMA."""

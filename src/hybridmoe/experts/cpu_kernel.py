@@ -112,6 +112,7 @@ def _load() -> None:
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = ctypes.c_int
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p, p, i64,
+                                       ctypes.c_int, f32, f32, p, p,
                                        i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
@@ -172,10 +173,11 @@ MAX_TOKENS = 64
 
 
 def supports(module, tokens: int = 1) -> bool:
-    """Whether :func:`moe_forward` runs this HybridExperts call (the SiLU-GLU expert without biases, weights
-    fp32/bf16/int8/4-bit in RAM, at most :data:`MAX_TOKENS` tokens)."""
+    """Whether :func:`moe_forward` runs this HybridExperts call (a gate the kernel has, see
+    :attr:`ExpertMLP.kernel_gate`: SiLU-GLU or gpt-oss's; weights fp32/bf16/int8/4-bit in RAM, at most
+    :data:`MAX_TOKENS` tokens)."""
     w = module.weights
-    return (tokens <= MAX_TOKENS and available() and module.mlp.is_silu_glu and w.bias is None
+    return (tokens <= MAX_TOKENS and available() and module.mlp.kernel_gate is not None
             and w.gate_up.dtype in _DTYPES
             and w.gate_up.device.type == "cpu" and w.gate_up.is_contiguous() and w.down.is_contiguous())
 
@@ -204,6 +206,8 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
         if weights.packed.kind != "int4":  # int4's values (c - 8) are computed, not looked up
             table = _tables.setdefault(weights.packed.kind,
                                        torch.tensor(weights.packed.values, dtype=torch.float32))  # [16]
+    act, alpha, limit = module.mlp.kernel_gate
+    bias = weights.bias_f32()  # fp32 copies of the biases, made once ({} without biases)
     lora = []
     for proj in ("gate_up_proj", "down_proj"):
         lo = module.lora.get(proj)
@@ -217,7 +221,8 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
     rc = _lib.hm_moe_forward(
         t_, k, spec.num_experts, spec.hidden_dim, spec.intermediate_dim, x.data_ptr(), ids.data_ptr(),
         w.data_ptr(), _DTYPES[weights.gate_up.dtype], weights.gate_up.data_ptr(), _ptr(scales.get("gate_up_proj")),
-        weights.down.data_ptr(), _ptr(scales.get("down_proj")), _ptr(table), group, *lora, out.data_ptr(), torch.get_num_threads())
+        weights.down.data_ptr(), _ptr(scales.get("down_proj")), _ptr(table), group, act, alpha, limit,
+        _ptr(bias.get("gate_up_proj")), _ptr(bias.get("down_proj")), *lora, out.data_ptr(), torch.get_num_threads())
     if rc == 1:
         raise ValueError(f"moe_forward: an expert id is outside [0, {spec.num_experts})")
     if rc == 2:

@@ -14,7 +14,7 @@ transformers computes it and the transformers module (and its weights) can be dr
 
 Backends (the per-expert CPU loop, the grouped GEMMs on the GPU, the compiled CPU kernel, the decode GPU share) take
 an :class:`ExpertMLP` for everything between the two projections; only the compiled kernel has its own copy of the
-math, for the one variant it implements (:attr:`ExpertMLP.is_silu_glu`: concatenated gate/up, SiLU, no bias).
+math, for the two gates it implements (:attr:`ExpertMLP.kernel_gate`: SiLU-GLU, and gpt-oss's clamped SwiGLU).
 """
 
 from __future__ import annotations
@@ -55,6 +55,20 @@ class ExpertMLP:
     def is_silu_glu(self) -> bool:
         """The variant the compiled CPU kernel implements: default gate (concatenated rows) with SiLU."""
         return self.gated and self.gate_fn is None and _is_silu(self.act_fn)
+
+    @property
+    def kernel_gate(self) -> tuple[int, float, float] | None:
+        """(act, alpha, limit) for the compiled CPU kernel's gates (moe_cpu.c ``Layer.act``), None where it has none:
+        0 = SiLU-GLU; 1 = gpt-oss's clamped SwiGLU on interleaved rows (its own ``_apply_gate``, recognised by
+        identity, with the block's alpha and limit)."""
+        if self.is_silu_glu:
+            return 0, 0.0, 0.0
+        fn = getattr(self.gate_fn, "__func__", None)
+        if fn is not None and fn.__qualname__ == "GptOssExperts._apply_gate" and \
+                fn.__module__ == "transformers.models.gpt_oss.modeling_gpt_oss":
+            ns = self.gate_fn.__self__
+            return 1, float(ns.alpha), float(ns.limit)
+        return None
 
     @property
     def name(self) -> str:

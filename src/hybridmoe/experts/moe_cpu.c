@@ -19,8 +19,10 @@
  * per group of inputs: y = sum over groups of scale_g * sum_i VALUES[c_i] * x_i, x bf16-rounded, output rounded to
  * bf16 (the torch path: the exact fp32 weights against bf16-rounded x). Only the summation order differs.
  *
+ * Two gates: SiLU-GLU (most models) and gpt-oss's clamped SwiGLU on interleaved gate/up rows, with or without biases.
+ *
  * Weights: fp32, bf16, int8 or 4-bit, in transformers' fused layout: gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I)
- * up), down [E, H, I]; 4-bit rows are in/2 bytes, byte j = element 2j (low nibble) and 2j+1 (high nibble). Expert LoRA (optional, fp32): A_gu [E, r, H], B_gu [E, 2I, r], A_d [E, r, I], B_d [E, H, r].
+ * up; gpt-oss: interleaved), down [E, H, I]; 4-bit rows are in/2 bytes, byte j = element 2j (low nibble) and 2j+1 (high nibble). Expert LoRA (optional, fp32): A_gu [E, r, H], B_gu [E, 2I, r], A_d [E, r, I], B_d [E, H, r].
  *
  * Built by hybridmoe.experts.cpu_kernel with the system C compiler; the OpenMP symbols are left undefined and bind
  * to the OpenMP runtime torch has already loaded, so the two share one thread pool. The dot products come in two
@@ -354,8 +356,15 @@ static int sched_chunk = 2;
 void hm_set_chunk(int chunk) { sched_chunk = chunk > 0 ? chunk : 0; }
 
 /* Everything the two regions share: the projections, the sorted slots and the per-slot buffers. */
+enum { ACT_SILU_GLU = 0, ACT_GPTOSS = 1 };
+
 typedef struct {
     Proj gu, dn;
+    int act;                  /* ACT_SILU_GLU: rows [0, I) gate, [I, 2I) up, h = silu(g) * u;
+                                 ACT_GPTOSS: rows 2j gate, 2j+1 up, g = min(g, limit), u = clamp(u, -limit, limit),
+                                 h = (u + 1) * g * sigmoid(alpha * g)  (gpt-oss's clamped SwiGLU) */
+    float alpha, limit;
+    const float *b_gu, *b_d;  /* fp32 biases [E, 2I], [E, H], or NULL */
     int64_t K, H, I;
     const int64_t *ids, *order, *gexp, *gstart; /* order [S]: slots sorted by expert; group g = [gstart[g], gstart[g+1]) */
     const float *topw, *xf;                      /* [T, K], [T, H] */
@@ -372,9 +381,21 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
         const float *xf = L->xf + t * L->H, *xa = L->xa + p * L->gu.r;
         const uint16_t *xb = L->xb + t * L->H;
         for (int64_t j = j0; j < j1; j++) {
-            float gv = proj_row(&L->gu, e, j, xf, xb, xa);
-            float uv = proj_row(&L->gu, e, I + j, xf, xb, xa);
-            float h = gv / (1.f + expf(-gv)) * uv; /* silu(gate) * up, fp32 */
+            const int64_t rg = L->act == ACT_GPTOSS ? 2 * j : j, ru = L->act == ACT_GPTOSS ? 2 * j + 1 : I + j;
+            float gv = proj_row(&L->gu, e, rg, xf, xb, xa);
+            float uv = proj_row(&L->gu, e, ru, xf, xb, xa);
+            float h;
+            if (L->b_gu) {
+                gv += L->b_gu[e * 2 * I + rg];
+                uv += L->b_gu[e * 2 * I + ru];
+            }
+            if (L->act == ACT_GPTOSS) {
+                gv = gv < L->limit ? gv : L->limit;
+                uv = uv < -L->limit ? -L->limit : (uv > L->limit ? L->limit : uv);
+                h = (uv + 1.f) * (gv / (1.f + expf(-L->alpha * gv)));
+            } else {
+                h = gv / (1.f + expf(-gv)) * uv; /* silu(gate) * up, fp32 */
+            }
             L->hf[p * I + j] = h;
             L->hb[p * I + j] = f32_to_bf16(h);
             if (L->hr != L->hf) L->hr[p * I + (L->dn.dtype == W_P4 ? p4_pos(j) : j)] = bf16_to_f32(L->hb[p * I + j]);
@@ -392,18 +413,23 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
         for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
             const int64_t s = L->order[p];
             float *o = L->out + (s / L->K) * H;
-            for (int64_t i = i0; i < i1; i++)
-                o[i] += L->topw[s] * proj_row(&L->dn, e, i, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r);
+            for (int64_t i = i0; i < i1; i++) {
+                float y = proj_row(&L->dn, e, i, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r);
+                if (L->b_d) y += L->b_d[e * H + i];
+                o[i] += L->topw[s] * y;
+            }
         }
     }
 }
 
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
- * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only. */
+ * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; act, alpha, limit: the
+ * expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or NULL, added after the GEMM's rounding (as torch). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
-                   const uint16_t *s_d, const float *table, int64_t group, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
+                   const uint16_t *s_d, const float *table, int64_t group, int act, float alpha, float limit,
+                   const float *bias_gu, const float *bias_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
                    int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
     const int64_t S = T * K;
     if (!dots) return 3;
@@ -459,6 +485,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     }
     const Layer L = {{dtype, w_gu, s_gu, table, group, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
                      {dtype, w_d, s_d, table, group, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
+                     act, alpha, limit, bias_gu, bias_d,
                      K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb};
     const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     const int chunk = sched_chunk;

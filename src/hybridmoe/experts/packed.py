@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "int4_group_for", "mxfp4_scales",
-           "pack_nibbles", "quantize_int4", "quantize_mxfp4", "value_table", "unpack_nibbles"]
+           "pack_nibbles", "quantize_int4", "quantize_mxfp4", "unpack_nibbles"]
 
 INT4_GROUP = 64
 BLOCK = 32  # the kernel's unit: 16 bytes of codes
@@ -107,35 +107,44 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     return codes, scale.squeeze(-1)
 
 
-_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def value_table(fmt: PackedFormat, device: torch.device) -> torch.Tensor:
-    """The format's 16 values as an fp32 tensor on `device`, made once (a CUDA graph may capture its use, not its
-    creation: that would be a host->device copy)."""
-    key = (fmt.kind, torch.device(device))
-    if key not in _TABLES:
-        _TABLES[key] = torch.tensor(fmt.values, dtype=torch.float32, device=device)
-    return _TABLES[key]
-
-
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedFormat,
                       dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """codes uint8 [..., out, in/2], scales bf16 [..., out, in/group] -> [..., out, in] in `dtype` (exact in fp32;
-    bf16 rounds each weight once), into `out` if given. On the tensors' device (the streamed path dequantizes on the
-    GPU), in chunks of rows so the temporaries stay ~100 MB whatever the layer's size."""
+    bf16 rounds each weight once, as fp32 math then a cast would), into `out` if given.
+
+    On the tensors' device: the streamed path dequantizes a whole layer on the GPU per pass, so this is written for
+    bandwidth: no index tensors or table gathers, every temporary 1-2 bytes a weight, in chunks of rows so the
+    temporaries stay ~200 MB whatever the layer's size. Values come from the code's bits: int4 is c - 8 (exact in
+    bf16); an e2m1 code becomes the bf16 with its sign, exponent and mantissa bits (exact)."""
     *lead, rows, half = codes.shape
     n = 2 * half
     if out is None:
         out = torch.empty(*lead, rows, n, dtype=dtype, device=codes.device)
-    table = value_table(fmt, codes.device)
+    # bf16 math is exact here (a value has <= 3 significant bits, a scale 8: the product rounds once, to `dtype`);
+    # fp32 out: compute in fp32 (exact)
+    work = torch.float32 if dtype == torch.float32 else torch.bfloat16
     flat_c, flat_s, flat_o = codes.reshape(-1, half), scales.reshape(-1, n // fmt.group), out.view(-1, n)
-    step = max(1, (1 << 23) // n)  # rows per chunk: 8M weights -> 32 MB of int32 codes, 32 MB of fp32 values
+    step = max(1, (1 << 26) // n)  # rows per chunk: 64M weights
     for r in range(0, flat_c.shape[0], step):
-        c = unpack_nibbles(flat_c[r:r + step])  # [m, in] int32
-        v = table[c].view(c.shape[0], -1, fmt.group) * flat_s[r:r + step].float().unsqueeze(-1)  # [m, G, group]
-        flat_o[r:r + step] = v.view(c.shape[0], n)
+        c = flat_c[r:r + step]
+        m = c.shape[0]
+        nib = torch.stack((c & 15, c >> 4), dim=-1).view(m, n)  # [m, in] uint8 codes
+        v = _values(nib, fmt, work)  # [m, in]
+        v = v.view(m, n // fmt.group, fmt.group) * flat_s[r:r + step].to(work).unsqueeze(-1)
+        flat_o[r:r + step] = v.view(m, n)
     return out
+
+
+def _values(nib: torch.Tensor, fmt: PackedFormat, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 codes (< 16) -> their values in `dtype`, elementwise (no gather)."""
+    if fmt.kind == "int4":
+        return nib.to(dtype) - 8
+    # e2m1: s eem -> (-1)^s · (e == 0 ? m/2 : 2^(e-1) · (1 + m/2)), built as bf16 bits: sign << 15, the exponent
+    # e - 1 + 127 = e + 126 (e > 0) << 7, the mantissa's top bit m << 6; e == 0, m == 1 is 0.5 = 0x3F00.
+    x = nib.to(torch.int16)
+    sign, e, m = (x >> 3) << 15, (x >> 1) & 3, x & 1
+    bits = torch.where(e > 0, ((e + 126) << 7) | (m << 6), m * 0x3F00) | sign
+    return bits.view(torch.bfloat16).to(dtype)
 
 
 def mxfp4_scales(exponents: torch.Tensor) -> torch.Tensor:

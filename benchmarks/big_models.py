@@ -1,0 +1,267 @@
+"""100B-class MoE models on one GPU host, built in place (random, in the target format): one JSON line per measure.
+
+    python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4        # MXFP4 experts as shipped
+    python benchmarks/big_models.py --model glm-4.5-air --format int4          # int4 experts
+    python benchmarks/big_models.py --model gpt-oss-120b --layers 2 --device cpu --tiny   # check the script anywhere
+
+The GPU host's 64 GiB disk cannot hold these checkpoints, so the model is assembled the way ``load_model`` assembles
+it (meta model, fused experts swapped for HybridExperts in the target format, every other weight on the compute
+device, streaming and page-locking as configured), with random values: expert codes from a random 64 MiB block
+tiled over each layer (decode and training speed do not depend on the values), scales that give weights of ~0.02,
+other weights N(0, 0.02), routers wide enough that every expert gets tokens. The reading path itself is measured by
+``benchmarks/accuracy.py`` / the format tests on checkpoints written in each format.
+
+Measures (each a JSON line): ``build`` (seconds, host RSS, expert GiB against the format's nominal size, GPU),
+``decode`` (batch 1, CUDA graphs + CPU kernel + GPU share: ``hybridmoe.generate``), ``prefill`` (a --prompt-len
+prompt), ``train`` (LoRA r=8 on every target, routed experts included, --batch x --seq, gradient checkpointing, AdamW:
+the trainer's math without its data pipeline; tok/s of the median step, peak GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+
+MODELS = {
+    # transformers model_type, config overrides; dims from the released configs
+    "gpt-oss-120b": ("gpt_oss", dict(num_hidden_layers=36, num_local_experts=128, num_experts_per_tok=4,
+                                     hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                                     num_key_value_heads=8, head_dim=64, vocab_size=201088, sliding_window=128)),
+    # transformers' default glm4_moe config is GLM-4.5-Air: 46 layers, 128 experts top-8, hidden 4096
+    "glm-4.5-air": ("glm4_moe", {}),
+    "v2-lite": ("deepseek_v2", dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                                    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                                    num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+                                    num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+                                    q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                    topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0)),
+}
+TINY = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, vocab_size=512, num_local_experts=8, n_routed_experts=8,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def host_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def peak_host_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _config(args):
+    from transformers import AutoConfig
+
+    model_type, kw = MODELS[args.model]
+    kw = dict(kw)
+    if args.layers:
+        kw["num_hidden_layers"] = args.layers
+        if model_type == "gpt_oss":
+            kw["layer_types"] = ["sliding_attention", "full_attention"] * (args.layers // 2) + \
+                ["sliding_attention"] * (args.layers % 2)
+    if args.tiny:
+        probe = AutoConfig.for_model(model_type)
+        kw.update({k: v for k, v in TINY.items() if hasattr(probe, k)})
+        if model_type == "deepseek_v2":  # MLA: one KV head per query head
+            kw["num_key_value_heads"] = kw["num_attention_heads"]
+    return AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+
+
+def _random_block(dtype: torch.dtype, nbytes: int = 64 << 20) -> torch.Tensor:
+    """nbytes of random values of `dtype` (floats N(0, 0.02); codes uniform), as uint8."""
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        n = nbytes // torch.finfo(dtype).bits * 8
+        return (torch.randn(n, generator=g) * 0.02).to(dtype).view(torch.uint8)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+
+
+def _fill_experts(ex) -> None:
+    """Random-looking weights in the experts' own format, written in place (no float copy): a random 64 MiB block
+    tiled over each tensor (a memcpy, so a 60 GB model builds in seconds)."""
+    w = ex.weights
+    for proj in ("gate_up_proj", "down_proj"):
+        t = w.tensor(proj)
+        block = _random_block(t.dtype)
+        flat = t.view(-1).view(torch.uint8)
+        for s in range(0, flat.numel(), block.numel()):
+            n = min(block.numel(), flat.numel() - s)
+            flat[s:s + n].copy_(block[:n])
+        if w.scales is not None:
+            peak = 6.0 if w.packed is not None and w.packed.kind == "mxfp4" else (8.0 if w.packed else 127.0)
+            scale = 0.05 / peak
+            if w.packed is not None and w.packed.kind == "mxfp4":
+                scale = 2.0 ** round(torch.log2(torch.tensor(scale)).item())  # a power of two, as e8m0
+            w.scales[proj].fill_(scale)
+        if w.bias is not None:
+            w.bias[proj].zero_()
+        w.loaded[proj][:] = True
+        if w.bias is not None:
+            w.loaded[f"{proj}_bias"][:] = True
+
+
+def build(args):
+    """The hybrid model, assembled in place; returns (model, tokenizer)."""
+    from hybridmoe.experts.backends import ExpertSettings
+    from hybridmoe.host_embedding import embeddings_to_host
+    from hybridmoe.loading import (
+        HybridMeta,
+        _block_format,
+        _build_empty,
+        _set_tensor,
+        _setup_streaming,
+        _swap_experts,
+        resolve_expert_dtype,
+    )
+    from hybridmoe.testing import build_tokenizer
+
+    dev = torch.device(args.device)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    config = _config(args)
+    t0 = time.perf_counter()
+    model = _build_empty(config, dt)
+    settings = ExpertSettings()
+    fmt = resolve_expert_dtype(args.format, dev)
+    experts = _swap_experts(model, fmt, settings=settings)
+    for ex in experts.values():
+        _fill_experts(ex)
+    expert_bytes = sum(ex.weights.nbytes for ex in experts.values())
+    expert_params = sum(ex.spec.num_experts * (ex.spec.shape("gate_up_proj")[1] * ex.spec.shape("gate_up_proj")[2]
+                                               + ex.spec.shape("down_proj")[1] * ex.spec.shape("down_proj")[2])
+                        for ex in experts.values())
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name, p in list(model.named_parameters()):
+        if p.device.type != "meta":
+            continue
+        if "norm" in name or name.endswith("sinks"):
+            t = torch.ones(p.shape, dtype=dt, device=dev)
+        else:
+            std = 0.5 if (".gate." in name or ".router." in name) and not name.endswith("bias") else 0.02
+            t = (torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32) * std).to(dt)
+            if name.endswith("e_score_correction_bias"):
+                t = torch.zeros(p.shape, dtype=torch.float32, device=dev)
+        _set_tensor(model, name, t)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    model.hybridmoe = HybridMeta(f"built in place: {args.model}", dev, dt, fmt, list(experts), settings=settings,
+                                 source_format=f"random, {args.format}")
+    _setup_streaming(model, experts, dev, None, args.stream_slots)
+    if dev.type == "cuda" and embeddings_to_host(model, dev):
+        torch.cuda.empty_cache()
+    nominal = {"bfloat16": 2.0, "int8": 1.0, "int4": 0.5, "mxfp4": 0.5}[args.format]
+    emit({"bench": "build", "model": args.model, "format": args.format,
+          "expert_format": str(_block_format(fmt, next(iter(experts.values())).spec, "")),
+          "layers": config.num_hidden_layers, "seconds": round(time.perf_counter() - t0, 1),
+          "expert_params_B": round(expert_params / 1e9, 2), "expert_gib": round(expert_bytes / 2**30, 2),
+          "expert_gib_at_nominal_bits": round(expert_params * nominal / 2**30, 2),
+          "bf16_expert_gib": round(expert_params * 2 / 2**30, 2),
+          "host_rss_gib": round(host_rss_gib(), 2), "peak_host_gib": round(peak_host_gib(), 2),
+          "gpu_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if dev.type == "cuda" else 0.0,
+          "machine": platform.processor() or platform.machine(), "torch": torch.__version__})
+    return model, build_tokenizer()
+
+
+def decode(model, tok, args) -> None:
+    import hybridmoe
+    import hybridmoe.generation as gen
+
+    gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
+    prompt = torch.randint(2, model.config.vocab_size, (args.decode_prompt,), generator=torch.Generator().manual_seed(1))
+    for i in range(2):  # the first call captures the graphs
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
+        emit({"bench": "decode", "model": args.model, "format": args.format, "call": i,
+              "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
+              "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
+              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
+              "host_rss_gib": round(host_rss_gib(), 2)})
+
+
+def prefill(model, tok, args) -> None:
+    import hybridmoe
+
+    prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(2))
+    for i in range(3):
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
+        emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i,
+              "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
+              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0})
+
+
+def train(model, args) -> None:
+    from hybridmoe.adapters import apply_lora
+    from hybridmoe.training import named_trainable
+
+    peft_model = apply_lora(model, "all", rank=8, alpha=16, seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    params = [p for _, p in named_trainable(peft_model)]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    dev = model.hybridmoe.device
+    g = torch.Generator().manual_seed(3)
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.steps):
+        ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+        t0 = time.perf_counter()
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        emit({"bench": "train_step", "model": args.model, "step": step, "seconds": round(times[-1], 2),
+              "loss": round(loss.item(), 4)})
+    med = sorted(times[1:] or times)[len(times[1:] or times) // 2]
+    emit({"bench": "train", "model": args.model, "format": args.format, "batch": args.batch, "seq": args.seq,
+          "tokens_per_s": round(args.batch * args.seq / med, 1), "steps": args.steps,
+          "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else 0,
+          "host_rss_gib": round(host_rss_gib(), 2), "peak_host_gib": round(peak_host_gib(), 2)})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--format", choices=["bfloat16", "int8", "int4", "mxfp4"], required=True)
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (default: the model's)")
+    p.add_argument("--tiny", action="store_true", help="small widths: check the script without a GPU host")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--stream-slots", type=int, default=2)
+    p.add_argument("--decode-prompt", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill", "train"])
+    args = p.parse_args()
+    model, tok = build(args)
+    if "decode" not in args.skip:
+        decode(model, tok, args)
+    if "prefill" not in args.skip:
+        prefill(model, tok, args)
+    if args.steps and "train" not in args.skip:
+        train(model, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 6, issue 16 (int4 / MXFP4 experts) on the GPU host, in two parts of < 10 minutes:
+#   PART=a: pytest -m gpu for the 4-bit paths; the decode kernel's int4 groups against the measured read bandwidth
+#           (AVX-512 and AVX2); V2-Lite built in place in bf16, int8 and int4, side by side in one run: build,
+#           batch-1 decode, 1024-token prefill, LoRA training 4 x 1024 (benchmarks/big_models.py)
+#   PART=b: gpt-oss-120b with MXFP4 experts as shipped, GLM-4.5-Air with int4 experts (big_models.py)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+{ nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
+NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
+if [ "${PART:-a}" = a ]; then
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_experts.py \
+    tests/test_expert_backends.py tests/test_cpu_kernel.py tests/test_formats.py tests/test_int8_experts.py
+  step gemv 100 $NOW python benchmarks/decode_gemv.py --layers 4 --calls 200 --int4-groups 32 64 128
+  for f in int4 int8 bfloat16; do
+    step v2lite_$f 110 $NOW python benchmarks/big_models.py --model v2-lite --format $f --steps 4 --prompt-len 1024 \
+      --decode-prompt 1024 --new-tokens 32
+  done
+else
+  step gptoss_mxfp4 280 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3 \
+    --prompt-len 1024 --new-tokens 32
+  step glm_air_int4 280 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
+    --prompt-len 1024 --new-tokens 32
+fi
