@@ -275,11 +275,93 @@ TGT256 static float dot_p4_256(const uint8_t *w, const float *xp, int64_t n, con
     return hsum256(acc);
 }
 
+/* Four consecutive rows at once (rows `wstride` bytes apart, their scales `sstride` apart): the activations are
+ * loaded once for the four, and the four rows' accumulators are independent dependency chains, which a single row
+ * (a few hundred bytes at these widths) cannot fill. out[r] = the row's dot product, scales applied. */
+typedef void (*dot4x4_fn)(const uint8_t *w, int64_t wstride, const float *xp, int64_t n, const uint16_t *scale,
+                          int64_t sstride, int64_t group, const float *table, float *out);
+
+TGT512 static void dot_p4x4_512(const uint8_t *w, int64_t wstride, const float *xp, int64_t n,
+                                const uint16_t *scale, int64_t sstride, int64_t group, const float *table,
+                                float *out) {
+    const __m512i low = _mm512_set1_epi32(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    const __m512 tab = table ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        __m512 s0[4], s1[4];
+        for (int r = 0; r < 4; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+        for (int64_t b = g0; b < g0 + group; b += 32) {
+            const __m512 x0 = _mm512_loadu_ps(xp + b), x1 = _mm512_loadu_ps(xp + b + 16);
+            for (int r = 0; r < 4; r++) {
+                const uint8_t *wr = w + r * wstride + b / 2;
+                PREFETCH(wr, 16);
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wr));
+                __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+                __m512 flo, fhi;
+                if (table) {
+                    flo = _mm512_permutexvar_ps(lo, tab);
+                    fhi = _mm512_permutexvar_ps(hi, tab);
+                } else {
+                    flo = _mm512_sub_ps(_mm512_cvtepi32_ps(lo), eight);
+                    fhi = _mm512_sub_ps(_mm512_cvtepi32_ps(hi), eight);
+                }
+                s0[r] = _mm512_fmadd_ps(flo, x0, s0[r]);
+                s1[r] = _mm512_fmadd_ps(fhi, x1, s1[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(s0[r], s1[r]),
+                                     _mm512_set1_ps(bf16_to_f32(scale[r * sstride + g0 / group])), acc[r]);
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+TGT256 static void dot_p4x4_256(const uint8_t *w, int64_t wstride, const float *xp, int64_t n,
+                                const uint16_t *scale, int64_t sstride, int64_t group, const float *table,
+                                float *out) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256 eight = _mm256_set1_ps(8.f);
+    const __m256 tlo = table ? _mm256_loadu_ps(table) : _mm256_setzero_ps();
+    const __m256 thi = table ? _mm256_loadu_ps(table + 8) : _mm256_setzero_ps();
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        __m256 s0[4], s1[4];
+        for (int r = 0; r < 4; r++) s0[r] = s1[r] = _mm256_setzero_ps();
+        for (int64_t b = g0; b < g0 + group; b += 32) {
+            for (int h = 0; h < 2; h++) { /* bytes [8h, 8h + 8) of the block: inputs 16h .. 16h + 15 */
+                const __m256 x0 = _mm256_loadu_ps(xp + b + 8 * h), x1 = _mm256_loadu_ps(xp + b + 16 + 8 * h);
+                for (int r = 0; r < 4; r++) {
+                    const uint8_t *wr = w + r * wstride + b / 2 + 8 * h;
+                    if (!h) PREFETCH(wr, 16);
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)wr));
+                    __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi32(v, 4);
+                    __m256 flo, fhi;
+                    if (table) {
+                        flo = lut16_256(lo, tlo, thi);
+                        fhi = lut16_256(hi, tlo, thi);
+                    } else {
+                        flo = _mm256_sub_ps(_mm256_cvtepi32_ps(lo), eight);
+                        fhi = _mm256_sub_ps(_mm256_cvtepi32_ps(hi), eight);
+                    }
+                    s0[r] = _mm256_fmadd_ps(flo, x0, s0[r]);
+                    s1[r] = _mm256_fmadd_ps(fhi, x1, s1[r]);
+                }
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(s0[r], s1[r]),
+                                     _mm256_set1_ps(bf16_to_f32(scale[r * sstride + g0 / group])), acc[r]);
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]);
+}
+
 /* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
 static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
 static dot4_fn dot4 = NULL;
+static dot4x4_fn dot4x4 = NULL;
 
 /* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
  * hm_set_isa(level) picks a lower one (tests run both); returns the level in use. */
@@ -297,6 +379,7 @@ int hm_set_isa(int level) {
     if (level > best) level = best;
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
     dot4 = level == 2 ? dot_p4_512 : level == 1 ? dot_p4_256 : NULL;
+    dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
     return level;
 }
 
@@ -317,19 +400,9 @@ typedef struct {
     float lora_scale;
 } Proj;
 
-/* One output of a projection for one slot: base GEMM (rounded as torch rounds its output) + LoRA.
- * xf: the input row in fp32 (bf16-rounded unless the weights are fp32; 4-bit: also permuted, see permute_p4); xb:
- * the same row in bf16; xa: this slot's A·x (r values, from the unrounded fp32 row). */
-static float proj_row(const Proj *p, int64_t e, int64_t row, const float *xf, const uint16_t *xb,
-                      const float *xa) {
-    const int64_t idx = e * p->out + row;
-    static const size_t elem[3] = {4, 2, 1};
-    float y;
-    if (p->dtype == W_P4)
-        y = dot4((const uint8_t *)p->w + (size_t)idx * (p->in / 2), xf, p->in, p->scale + idx * (p->in / p->group),
-                 p->group, p->table);
-    else
-        y = dots[p->dtype]((const char *)p->w + (size_t)idx * p->in * elem[p->dtype], xb, xf, p->in);
+/* The rest of one output after its base dot product y: int8 scale, torch's rounding of a bf16 GEMM's output, LoRA.
+ * xa: this slot's A·x (r values, from the unrounded fp32 row). */
+static inline float finish_row(const Proj *p, int64_t idx, float y, const float *xa) {
     if (p->dtype == W_I8) y *= bf16_to_f32(p->scale[idx]);
     if (p->dtype != W_F32) y = bf16_to_f32(f32_to_bf16(y)); /* torch's bf16 GEMM output */
     if (p->lora_a) {
@@ -339,6 +412,30 @@ static float proj_row(const Proj *p, int64_t e, int64_t row, const float *xf, co
         y += p->lora_scale * d;
     }
     return y;
+}
+
+/* Outputs [row0, row0 + n) of a projection for one slot (base GEMM rounded as torch rounds its output, + LoRA) into
+ * y[0 .. n). xf: the input row in fp32 (bf16-rounded unless the weights are fp32; 4-bit: also permuted, see
+ * permute_p4); xb: the same row in bf16; xa: this slot's A·x. 4-bit rows go four at a time (dot4x4). */
+static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const float *xf, const uint16_t *xb,
+                      const float *xa, float *y) {
+    static const size_t elem[3] = {4, 2, 1};
+    const int64_t idx0 = e * p->out + row0;
+    int64_t k = 0;
+    if (p->dtype == W_P4) {
+        const int64_t wstride = p->in / 2, sstride = p->in / p->group;
+        const uint8_t *w = (const uint8_t *)p->w;
+        for (; k + 4 <= n; k += 4)
+            dot4x4(w + (size_t)(idx0 + k) * wstride, wstride, xf, p->in, p->scale + (idx0 + k) * sstride, sstride,
+                   p->group, p->table, y + k);
+        for (; k < n; k++)
+            y[k] = dot4(w + (size_t)(idx0 + k) * wstride, xf, p->in, p->scale + (idx0 + k) * sstride, p->group,
+                        p->table);
+    } else {
+        for (; k < n; k++)
+            y[k] = dots[p->dtype]((const char *)p->w + (size_t)(idx0 + k) * p->in * elem[p->dtype], xb, xf, p->in);
+    }
+    for (k = 0; k < n; k++) y[k] = finish_row(p, idx0 + k, y[k], xa);
 }
 
 /* xa[q] = A[e, q] . x for q < r (the LoRA's down-projection of one slot's input). */
@@ -380,10 +477,18 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
         const int64_t t = L->order[p] / L->K;
         const float *xf = L->xf + t * L->H, *xa = L->xa + p * L->gu.r;
         const uint16_t *xb = L->xb + t * L->H;
+        float gbuf[2 * ROWS_PER_ITEM], ubuf[ROWS_PER_ITEM];
+        const int64_t n = j1 - j0;
+        if (L->act == ACT_GPTOSS) { /* rows 2j (gate) and 2j+1 (up): one run of 2n rows */
+            proj_rows(&L->gu, e, 2 * j0, 2 * n, xf, xb, xa, gbuf);
+        } else {
+            proj_rows(&L->gu, e, j0, n, xf, xb, xa, gbuf);
+            proj_rows(&L->gu, e, I + j0, n, xf, xb, xa, ubuf);
+        }
         for (int64_t j = j0; j < j1; j++) {
             const int64_t rg = L->act == ACT_GPTOSS ? 2 * j : j, ru = L->act == ACT_GPTOSS ? 2 * j + 1 : I + j;
-            float gv = proj_row(&L->gu, e, rg, xf, xb, xa);
-            float uv = proj_row(&L->gu, e, ru, xf, xb, xa);
+            float gv = L->act == ACT_GPTOSS ? gbuf[2 * (j - j0)] : gbuf[j - j0];
+            float uv = L->act == ACT_GPTOSS ? gbuf[2 * (j - j0) + 1] : ubuf[j - j0];
             float h;
             if (L->b_gu) {
                 gv += L->b_gu[e * 2 * I + rg];
@@ -413,8 +518,10 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
         for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
             const int64_t s = L->order[p];
             float *o = L->out + (s / L->K) * H;
+            float ybuf[ROWS_PER_ITEM];
+            proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r, ybuf);
             for (int64_t i = i0; i < i1; i++) {
-                float y = proj_row(&L->dn, e, i, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r);
+                float y = ybuf[i - i0];
                 if (L->b_d) y += L->b_d[e * H + i];
                 o[i] += L->topw[s] * y;
             }
