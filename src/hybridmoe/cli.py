@@ -110,6 +110,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    print(convert_checkpoint(args.model, args.output, args.expert_dtype, overwrite=args.overwrite,
+                             max_shard_size=int(args.max_shard_size * (1 << 30))))
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from .errors import HybridMoEError
 
@@ -220,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --output folder that is not a previous export")
     e.set_defaults(func=_cmd_export)
+
+    cv = sub.add_parser("convert", help="write a checkpoint with int4/int8 routed experts (loads without re-quantizing)",
+                        description="Read any checkpoint hybridmoe loads (bf16/fp32, FP8, MXFP4, compressed-tensors) and "
+                                    "write it with the routed experts as compressed-tensors int4 (pack-quantized) or "
+                                    "int8 (int-quantized), everything else float, shard by shard.")
+    cv.add_argument("--model", required=True, help="checkpoint directory")
+    cv.add_argument("--expert-dtype", required=True, choices=["int4", "int8"])
+    cv.add_argument("--output", required=True, help="new checkpoint directory (written atomically)")
+    cv.add_argument("--max-shard-size", type=float, default=4.0, help="GiB of tensors per output shard (default 4)")
+    cv.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    cv.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (several adapters, batched decode)",
                        description="Serve the OpenAI API (POST /v1/chat/completions, /v1/completions, GET /v1/models) "

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, KeyMapper, read_tensor
+from .compressed import PACKED, CompressedTensors, PackedWeight, dequantize_int, parse_config, read_packed
 from .errors import CheckpointError
 from .experts.packed import PackedFormat, mxfp4_scales
 
@@ -55,8 +56,9 @@ _QUANT_LEAF = re.compile(
     r"|^(qweight|qzeros|scales|g_idx|SCB|absmax|quant_map|nested_absmax|nested_quant_map|weight_format|"
     r"quant_state\..*|input_scale|weight_scale)$"
 )
-_FIX = ("hybridmoe reads bf16/fp16/fp32 checkpoints for now: use the model's bf16 release, or convert it to bf16 "
-        "first (transformers loads it with the quantization config's `dequantize=True`, then `save_pretrained`)")
+_FIX = ("hybridmoe reads bf16/fp16/fp32, FP8 block-scaled, MXFP4 and compressed-tensors int4/int8 checkpoints: use "
+        "such a release of the model, or convert it to bf16 first (transformers loads it with the quantization "
+        "config's `dequantize=True`, then `save_pretrained`)")
 
 
 def _quantization_config(model_dir: Path) -> dict | None:
@@ -116,7 +118,10 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Pa
     return torch.ldexp(vals, exp.repeat_interleave(32, dim=-1).float())
 
 
-def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4")) -> Fp8Blocks | Mxfp4 | None:
+Format = Fp8Blocks | Mxfp4 | CompressedTensors
+
+
+def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4", "compressed-tensors")) -> Format | None:
     """Check 1: the weight format config.json declares. None for plain float checkpoints; a format object for one
     hybridmoe reads (in `allow`); any other declared quantization is refused with the method named."""
     q = _quantization_config(model_dir)
@@ -137,8 +142,10 @@ def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4")
         return Fp8Blocks(tuple(block) if block is not None else None)
     if method == "mxfp4" and "mxfp4" in allow:
         return Mxfp4()
+    if method == "compressed-tensors" and method in allow:
+        return parse_config(q, model_dir / "config.json")
     what = _METHODS.get(method, "quantized weights")
-    readable = method in ("fp8", "mxfp4")
+    readable = method in ("fp8", "mxfp4", "compressed-tensors")
     later = "" if not readable else (f" (export writes the base checkpoint's own layout, which for {method} would "
                                      "mean re-quantizing merged weights: not implemented)")
     raise CheckpointError(
@@ -178,9 +185,10 @@ class WeightReader:
     fp32; the scales are consumed. MXFP4: ``{proj}_blocks`` + ``{proj}_scales`` are read as the one tensor the model
     has, ``{proj}``, in the checkpoint's own orientation for that name ([E, in, out] for gpt-oss), as fp32."""
 
-    def __init__(self, ckpt: Checkpoint, fmt: Fp8Blocks | Mxfp4 | None):
+    def __init__(self, ckpt: Checkpoint, fmt: Format | None):
         self.ckpt, self.fmt = ckpt, fmt
         self._handles: dict[Path, object] = {}
+        self._dtypes: dict[Path, dict[str, str]] = {}
 
     def consumed(self, key: str) -> bool:
         """A scale tensor read as part of its weight (never loaded on its own)."""
@@ -189,6 +197,11 @@ class WeightReader:
             return key.endswith("_scale_inv") and key[: -len("_scale_inv")] in has
         if isinstance(self.fmt, Mxfp4):
             return key.endswith("_scales") and key[: -len("_scales")] + "_blocks" in has
+        if isinstance(self.fmt, CompressedTensors):  # scales of a packed or int8 weight, shapes of a packed one
+            base = key[: -len("weight_scale")] if key.endswith(".weight_scale") else None
+            if base is not None and (base + "weight_packed" in has or base + "weight" in has):
+                return True
+            return key.endswith(".weight_shape") and key[: -len("shape")] + "packed" in has
         return False
 
     def logical(self, key: str) -> str:
@@ -196,17 +209,39 @@ class WeightReader:
         if isinstance(self.fmt, Mxfp4) and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in \
                 self.ckpt.key_to_file:
             return key[: -len("_blocks")]
+        if isinstance(self.fmt, CompressedTensors) and key.endswith(".weight_packed"):
+            return key[: -len("_packed")]
         return key
 
     def packed_format(self, key: str) -> PackedFormat | None:
-        """The 4-bit format `key` is stored in, when :meth:`read_packed` can hand it over as is (MXFP4 blocks)."""
+        """The 4-bit format `key` is stored in, when :meth:`read_packed` can hand it over as is (MXFP4 blocks;
+        compressed-tensors int4 in groups of a multiple of 32 with bf16 scales), from names and headers alone."""
         if isinstance(self.fmt, Mxfp4) and self.logical(key) != key:
             return PackedFormat("mxfp4", 32)
+        if isinstance(self.fmt, CompressedTensors) and key.endswith(".weight_packed"):
+            f = self.ckpt.key_to_file[key]
+            s = self.fmt.scheme(key[: -len(".weight_packed")], key, f)
+            scale = key[: -len("packed")] + "scale"
+            if s.fmt != PACKED or s.strategy != "group" or s.group % 32 or scale not in self.ckpt.key_to_file:
+                return None
+            if self._dtype(scale) != "BF16":
+                return None  # fp16/fp32 scales: dequantized, then held as the experts are
+            return PackedFormat("int4", s.group)
         return None
+
+    def _dtype(self, key: str) -> str:
+        f = self.ckpt.key_to_file[key]
+        if f not in self._dtypes:
+            self._dtypes[f] = self.ckpt.dtypes(f)  # one header parse per shard
+        return self._dtypes[f][key]
 
     def read_packed(self, handle, f: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales bf16
-        [..., out, in/group]); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks are that layout byte for byte)."""
+        [..., out, in/group]); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that
+        layout byte for byte)."""
+        if isinstance(self.fmt, CompressedTensors):
+            w = self._read_compressed(handle, f, key, read_tensor(handle, f, key))
+            return w.codes, w.scales.to(torch.bfloat16)  # bf16 already (packed_format checked the header)
         blocks = read_tensor(handle, f, key)  # [..., out, G, 16] uint8
         base = self.logical(key)
         exps = self._companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
@@ -223,7 +258,11 @@ class WeightReader:
         return read_tensor(self._handles[cf], cf, ckey)
 
     def read(self, handle, f: Path, key: str) -> torch.Tensor:
+        """The weight `key` stands for, as fp32 when it was quantized."""
         t = read_tensor(handle, f, key)
+        if isinstance(self.fmt, CompressedTensors):
+            w = self._read_compressed(handle, f, key, t)
+            return w.dequantize() if isinstance(w, PackedWeight) else w
         if isinstance(self.fmt, Fp8Blocks) and t.dtype == torch.float8_e4m3fn:
             scale = self._companion(handle, f, key, key + "_scale_inv", "FP8")
             return dequantize_fp8(t, scale, self.fmt.block, key, f)
@@ -231,6 +270,28 @@ class WeightReader:
             base = self.logical(key)
             w = dequantize_mxfp4(t, self._companion(handle, f, key, base + "_scales", "MXFP4"), base, f)  # [E, out, in]
             return w.transpose(-1, -2)  # the name's own orientation ([E, in, out], as transformers stores gpt-oss)
+        return t
+
+    def _read_compressed(self, handle, f: Path, key: str, t: torch.Tensor) -> torch.Tensor | PackedWeight:
+        """A pack-quantized weight as stored (:class:`~hybridmoe.compressed.PackedWeight`), an int-quantized one as
+        fp32, anything else as it is."""
+        if key.endswith(".weight_packed"):
+            module = key[: -len(".weight_packed")]
+            s = self.fmt.scheme(module, key, f)
+            if s.fmt != PACKED:
+                raise CheckpointError(f"tensor '{key}' in '{f.name}' is pack-quantized, but the config group for "
+                                      f"'{module}' declares format '{s.fmt}'; the checkpoint does not match its config")
+            shape = self._companion(handle, f, key, module + ".weight_shape", "pack-quantized")
+            scale = self._companion(handle, f, key, module + ".weight_scale", "pack-quantized")
+            return read_packed(t, shape, scale, s, key, f)
+        if not t.is_floating_point() and key.endswith(".weight") and key + "_scale" in self.ckpt.key_to_file:
+            module = key[: -len(".weight")]
+            s = self.fmt.scheme(module, key, f)
+            if s.fmt == PACKED or t.dtype != torch.int8:
+                raise CheckpointError(f"tensor '{key}' in '{f.name}' is {t.dtype}, but the config group for "
+                                      f"'{module}' declares {s.fmt} int{s.bits}; the checkpoint does not match its "
+                                      "config")
+            return dequantize_int(t, self._companion(handle, f, key, key + "_scale", "int-quantized"), s, key, f)
         return t
 
 
@@ -262,7 +323,7 @@ def _provably_unused(model: nn.Module, name: str) -> bool:
 
 
 def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str],
-                  fmt: Fp8Blocks | Mxfp4 | None = None) -> list[str]:
+                  fmt: Format | None = None) -> list[str]:
     """Checks 2 and 3 over every checkpoint tensor's name and header dtype; returns the keys safe to ignore.
 
     model: built on the meta device with its fused experts swapped (names, shapes and buffer dtypes only);
@@ -300,6 +361,11 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module, expert_modules: set[str],
     dtypes = {f: ckpt.dtypes(f) for f in ckpt.files}
     for f, key, name in used:
         dtype = dtypes[f][key]
+        if isinstance(fmt, CompressedTensors) and key.endswith(".weight") and key + "_scale" in ckpt.key_to_file:
+            if dtype != "I8":  # a float weight beside a scale would be computed on with its scale ignored
+                raise CheckpointError(f"tensor '{key}' in '{f.name}' is stored as {dtype} beside a weight_scale; "
+                                      "compressed-tensors int-quantized weights are I8")
+            continue  # dequantized as it is read
         if dtype in FLOAT_DTYPES:
             continue
         if fmt is not None and dtype == "F8_E4M3" and key + "_scale_inv" in ckpt.key_to_file:

@@ -108,6 +108,8 @@ def default_expert_format(fmt, dtype: torch.dtype) -> ExpertFormat:
         return PackedFormat("mxfp4", 32)
     if fmt is not None and fmt.name == "fp8":
         return torch.int8
+    if fmt is not None and fmt.name == "compressed-tensors":
+        return fmt.compact()  # int4 as shipped, or int8
     return dtype
 
 
@@ -372,7 +374,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
-                                 source_format=_describe(fmt, edt))
+                                 source_format=_describe(fmt, next(iter(experts.values())).weights.fmt))  # as held
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back
@@ -388,6 +390,10 @@ def _describe(fmt, experts: ExpertFormat) -> str:
     if fmt.name == "fp8":
         return (f"fp8 {list(fmt.block) if fmt.block else 'per-tensor'} blocks: routed experts held as {kept}, the "
                 "rest dequantized as loaded")
+    if fmt.name == "compressed-tensors":  # int4 of the checkpoint's group: its codes and scales, byte for byte
+        how = (f"held as {kept}, the checkpoint's codes and scales copied as shipped where its scales are bf16"
+               if fmt.ships(experts) else f"held as {kept}")
+        return f"{fmt}: routed experts {how}, the rest dequantized as loaded"
     if isinstance(experts, PackedFormat) and experts.kind == fmt.name:
         return f"{fmt.name}: routed experts kept as shipped, the rest as loaded"
     return f"{fmt.name}: routed experts held as {kept}, the rest as loaded"
