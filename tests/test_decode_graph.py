@@ -87,6 +87,33 @@ def test_gpu_share_of_the_experts_matches_dynamic_cache(arch, share, device, ckp
     assert dec.mode == ("cuda_graphs" if device == "cuda" else "eager")
 
 
+@DEVICES
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_gpt_oss_biases_sinks_and_sliding_window_decode(share, device, tmp_path):
+    """gpt-oss: expert biases and its clamped SwiGLU (the kernel on the CPU, the share on the device), attention
+    sinks, sliding-window layers in the static cache: the same logits as transformers' dynamic cache."""
+    from .helpers import make_zoo_checkpoint
+
+    path = make_zoo_checkpoint("gpt_oss", tmp_path / "gpt_oss")
+    model, _ = hybridmoe.load(path, device=device, dtype="float32", progress=False)
+    model.eval()
+    dev = input_device(model)
+    prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
+    with torch.inference_mode():
+        want, cache = prefill(model, prompt, DynamicCache(config=model.config))
+    dec = StaticDecoder(model, 64, dev, gpu_share=share)
+    dec.prefill(prompt)
+    token = want.argmax(-1)
+    for pos in range(20, 26):
+        with torch.inference_mode():
+            want, cache = decode_one_token(model, token.view(1, 1), cache, pos)
+        got = dec.step(token, pos)
+        assert _rel(got, want) < 1e-5, (pos, dec.mode)
+        token = want.argmax(-1)
+    assert dec.mode == ("cuda_graphs" if device == "cuda" else "eager")
+    assert (dec.share.n if dec.share is not None else 0) == round(dec.cuts[0].ids.shape[1] * share)
+
+
 def test_gpu_share_is_off_with_expert_lora(ckpt_dir):
     model, _ = _adapted(ckpt_dir("deepseek_v2"), "cpu")
     dec = StaticDecoder(model, 64, torch.device("cpu"), gpu_share=0.5)

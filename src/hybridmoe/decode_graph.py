@@ -67,6 +67,10 @@ class _GpuShare:
         if w.quantized:
             self.scales = [torch.empty((n, *w.scales[p].shape[1:]), dtype=torch.bfloat16, device=dev)
                            for p in ("gate_up_proj", "down_proj")]
+        self.bias = None  # experts with biases (gpt-oss): [n, 2I], [n, H] fp32
+        if w.bias is not None:
+            self.bias = [torch.empty((n, *w.bias[p].shape[1:]), dtype=torch.float32, device=dev)
+                         for p in ("gate_up_proj", "down_proj")]
         self.x = torch.empty(1, hidden.shape[-1], dtype=hidden.dtype, device=dev)  # [1, H]
         self.w = torch.empty(1, k, dtype=torch.float32, device=dev)  # [1, K]
         self.y = torch.zeros(1, hidden.shape[-1], dtype=torch.float32, device=dev)  # [1, H]
@@ -85,6 +89,10 @@ class _GpuShare:
             if self.scales is not None:
                 self.scales[0][s].copy_(w.scales["gate_up_proj"][e], non_blocking=True)
                 self.scales[1][s].copy_(w.scales["down_proj"][e], non_blocking=True)
+            if self.bias is not None:  # the fp32 copies the kernel uses, page-locked with the weights
+                bias = w.bias_f32()
+                self.bias[0][s].copy_(bias["gate_up_proj"][e], non_blocking=True)
+                self.bias[1][s].copy_(bias["down_proj"][e], non_blocking=True)
 
     def compute(self) -> None:
         """y = Σ_s w[K-n+s] · Expert_s(x) over the loaded experts; replays the captured graph when there is one."""
@@ -98,8 +106,13 @@ class _GpuShare:
         x = self.x.to(gate_up.dtype)  # [1, H]
         acc = torch.zeros_like(self.y)
         for s in range(self.n):
-            h = self.mlp((x @ gate_up[s].T).float()).to(down.dtype)  # [1, I]
-            acc += self.w[:, self.k - self.n + s, None] * (h @ down[s].T).float()  # [1, H]
+            u = (x @ gate_up[s].T).float()  # [1, 2I]
+            if self.bias is not None:
+                u = u + self.bias[0][s]
+            y = (self.mlp(u).to(down.dtype) @ down[s].T).float()  # [1, H]
+            if self.bias is not None:
+                y = y + self.bias[1][s]
+            acc += self.w[:, self.k - self.n + s, None] * y
         self.y.copy_(acc)
 
     def capture(self, stream: torch.cuda.Stream) -> None:
@@ -248,8 +261,8 @@ class StaticDecoder:
         # On CUDA the weights must be page-locked (they are whenever streaming is on), or the copies would stall the
         # host instead of overlapping the CPU's experts.
         pinned = hidden.device.type != "cuda" or module.weights.gate_up.is_pinned()
-        # Expert biases would have to cross too: blocks with them (gpt-oss) compute every expert on the CPU.
-        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned and module.weights.bias is None:
+        # Expert biases (gpt-oss) cross with their experts' weights (_GpuShare.load).
+        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned:
             self.share = _GpuShare(module, hidden, k, n)
 
     def reset(self) -> None:
@@ -347,6 +360,7 @@ class StaticDecoder:
             self.mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
             log.warning("decode runs without CUDA graphs: capturing the decode step failed (%s: %s)",
                         type(e).__name__, e)
+            log.debug("where the capture failed", exc_info=True)
         except BaseException:  # Ctrl-C mid-capture: no half-captured chain is kept
             self.graphs, self.logits = None, None
             raise
