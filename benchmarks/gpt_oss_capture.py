@@ -11,8 +11,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
-
 import hybridmoe
 import hybridmoe.generation as gen
 from hybridmoe.testing import build_tokenizer
