@@ -181,3 +181,22 @@ def test_a_step_at_the_wrong_position_is_refused(ckpt_dir):
         dec.step(logits.argmax(-1), 11)
     dec.step(logits.argmax(-1), 10)
     assert dec.length == 11
+
+
+def test_capturable_eager_mask_equals_transformers_and_is_restored():
+    """The eager-attention mask used while a decode step is captured (a fill instead of a host->device scalar copy)
+    is transformers' own, value for value, for causal and sliding-window masks; the override ends with the capture."""
+    from transformers import masking_utils as mu
+
+    from hybridmoe.decode_graph import _eager_mask, capturable_eager_mask
+
+    for kw in (dict(batch_size=1, q_length=1, kv_length=64, q_offset=20), dict(batch_size=2, q_length=5, kv_length=16)):
+        for fn in (mu.causal_mask_function, mu.sliding_window_causal_mask_function(8)):
+            for dtype in (torch.float32, torch.bfloat16):
+                want = mu.eager_mask(mask_function=fn, dtype=dtype, **kw)
+                assert torch.equal(_eager_mask(mask_function=fn, dtype=dtype, **kw), want)
+    masks = mu.ALL_MASK_ATTENTION_FUNCTIONS
+    with capturable_eager_mask():
+        assert masks["eager"] is _eager_mask
+    assert masks["eager"] is mu.eager_mask and "eager" not in masks._local_mapping
+

@@ -28,6 +28,7 @@ how the CPU tests check it.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -335,6 +336,10 @@ class StaticDecoder:
         g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
 
     def _capture(self) -> None:
+        with capturable_eager_mask():
+            self._capture_chain()
+
+    def _capture_chain(self) -> None:
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
         stream = self._stream
@@ -376,6 +381,38 @@ class StaticDecoder:
             if i < len(self.cuts):
                 stream.synchronize()  # the hidden states and routing of cut i are in host memory now
                 self.cuts[i].compute(self.share)  # graph i+1 starts by copying the result in
+
+
+def _eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
+    """transformers' ``eager_mask`` (the float mask of eager attention: 0 where attended, the dtype's min elsewhere)
+    built with a fill instead of ``torch.tensor(0.0, device=...)``, whose host->device copy CUDA-graph capture
+    refuses. The same values; used while a decode step is captured."""
+    from transformers import masking_utils
+
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = masking_utils.sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)  # bool, True = attend
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+@contextmanager
+def capturable_eager_mask():
+    """While capturing: eager attention's mask (gpt-oss, whose attention sinks need eager attention) through
+    :func:`_eager_mask`. transformers looks the mask function up per call, by attention implementation."""
+    from transformers import masking_utils
+
+    masks = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    had_local = "eager" in masks._local_mapping
+    previous = masks._local_mapping.get("eager")
+    masks["eager"] = _eager_mask
+    try:
+        yield
+    finally:
+        if had_local:
+            masks["eager"] = previous
+        else:
+            del masks["eager"]
 
 
 def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
