@@ -10,6 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
+install_wheels  # the serve extra + openai for the serving GPU tests (carried as .wheels/)
 { nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
 NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
 if [ "${PART:-a}" = a ]; then
@@ -30,7 +31,6 @@ elif [ "${PART}" = b ]; then
     --prompt-len 1024 --new-tokens 32
 else  # PART=c: after merging the session's branches: gpt-oss's graph capture (traceback at DEBUG), every GPU test,
       # the decode GEMVs again (run b's int8 line halved against run a's: noise or not)
-  install_wheels
   step gpt_oss_capture 90 $NOW python benchmarks/gpt_oss_capture.py
   step pytest_gpu_all 330 $NOW python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_distributed.py -x
   step gemv 70 $NOW python benchmarks/decode_gemv.py --layers 4 --calls 200 --int4-groups 64
