@@ -185,9 +185,11 @@ def test_interleave_seed_max_samples_and_a_single_dataset(tmp_path):
     ({"mix_strategy": "interleave_over", "interleave_probs": "0.5,0.6"}, "sum to 1.1, not 1"),
     ({"mix_strategy": "interleave_over", "interleave_probs": "0.5,x"}, "not a comma list of numbers"),
     ({"mix_strategy": "interleave_under", "interleave_probs": "1.5,-0.5"}, "negative"),
-    ({"mix_strategy": "interleave_under", "interleave_probs": [0.5, 0.5], "eval_dataset": "c"}, None),
+    ({"mix_strategy": "interleave_under", "interleave_probs": [0.5, 0.5], "eval_dataset": "c, d"}, None),
     ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5", "eval_dataset": "c,d,e"},
      "but eval_dataset names 3"),
+    ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5", "eval_dataset": "c"},  # LF checks it too
+     "but eval_dataset names 1"),
 ])
 def test_interleave_probs_checked(cfg, match):
     from hybridmoe.config import load_config
@@ -195,6 +197,8 @@ def test_interleave_probs_checked(cfg, match):
     base = {"model_name_or_path": "m", "dataset": "a, b", "output_dir": "o"}
     if match is None:
         assert load_config({**base, **cfg}).interleave_probabilities() == [0.5, 0.5]
+        one = {**base, "dataset": "a", "mix_strategy": "interleave_over", "interleave_probs": 1.0}
+        assert load_config(one).interleave_probabilities() == [1.0]
         return
     with pytest.raises(ConfigError, match=match):
         load_config({**base, **cfg})

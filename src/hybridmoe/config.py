@@ -186,7 +186,7 @@ class TrainConfig:
         probs = self.interleave_probabilities()
         for key in ("dataset", "eval_dataset"):
             names = split_names(getattr(self, key))
-            if len(names) > 1:
+            if names:
                 check_probs(probs, len(names), key)
 
     def interleave_probabilities(self) -> list[float] | None:
@@ -279,6 +279,8 @@ def _coerce(key: str, value: Any, field_type: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
+    if key == "interleave_probs" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `interleave_probs: 1.0` for a single dataset
     if t.startswith("str") and not isinstance(value, (str, bool)):
         if isinstance(value, (list, tuple)) and key in ("lora_target", "report_to", "dataset", "eval_dataset",
                                                         "interleave_probs"):

@@ -26,8 +26,9 @@ _BLOCK = 1000  # draws per rng.choice call (as datasets; the stream of draws doe
 def check_probs(probs: Sequence[float], n_datasets: int, key: str) -> None:
     """Raise a ConfigError unless `probs` is a probability per dataset of `key`, summing to 1."""
     if len(probs) != n_datasets:
-        raise ConfigError(f"interleave_probs has {len(probs)} values but {key} names {n_datasets} datasets; give "
-                          "one probability per dataset, in the same order")
+        raise ConfigError(f"interleave_probs has {len(probs)} values but {key} names {n_datasets} "
+                          f"dataset{'s' if n_datasets != 1 else ''}; give one probability per dataset, in the same "
+                          "order")
     if any(p < 0 for p in probs):
         raise ConfigError(f"interleave_probs {list(probs)} has a negative value; probabilities are >= 0")
     # numpy's own tolerance in Generator.choice (sqrt of float64 eps): a sum it would refuse is refused here first
