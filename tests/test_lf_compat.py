@@ -16,7 +16,7 @@ from hybridmoe.cli import main
 from hybridmoe.config import TrainConfig, load_config
 from hybridmoe.errors import ConfigError
 
-from .helpers import make_checkpoint, read_log
+from .helpers import make_checkpoint, read_log, write_dataset
 
 # Every key of LLaMA-Factory's training argument set (ModelArguments, DataArguments, TrainingArguments,
 # FinetuningArguments, GeneratingArguments of src/llamafactory/hparams/*.py, 2026-08, with transformers 5.17's
@@ -87,6 +87,11 @@ def test_refused_keys(key, value, ok):
     ({"eval_strategy": "sometimes"}, "eval_strategy"),
     ({"val_size": 2.5}, "val_size"),
     ({"max_samples": 0}, "max_samples"),
+    ({"eval_steps": 2.5}, "'eval_steps' is 2.5: give a whole number of steps, or a fraction below 1"),
+    ({"logging_steps": 0}, "logging_steps"),
+    ({"save_strategy": "best"}, "save_strategy 'best' saves on a best metric"),
+    ({"save_strategy": "always"}, "save_strategy 'always' is not one of no, steps, epoch"),
+    ({"logging_strategy": "often"}, "logging_strategy"),
 ])
 def test_bad_values(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -337,3 +342,52 @@ def test_llamafactory_example_reads_unchanged(case, tmp_path, monkeypatch, caplo
     assert (cfg.gradient_accumulation_steps, cfg.dtype, cfg.plot_loss, cfg.report_to) == (8, "bfloat16", True, "none")
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "disagrees" not in warned and "'dataloader_num_workers' has no effect here" in warned
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logging/eval/save_steps as a fraction of the total steps; logging/eval/save_strategy steps | epoch | no
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_step_keys_as_fractions_follow_transformers():
+    """transformers' TrainerState.compute_steps: below 1, ceil(fraction x total steps); eval_steps defaults to
+    logging_steps (inheriting a fraction); whole floats become ints."""
+    from hybridmoe.training import _log_due, _save_due, every_steps
+
+    cfg = load_config({**BASE, "logging_steps": 0.1, "save_steps": 500.0, "eval_steps": 0.25})
+    assert (cfg.logging_steps, cfg.save_steps, cfg.eval_steps) == (0.1, 500, 0.25)
+    assert type(cfg.save_steps) is int
+    assert [every_steps(0.1, t) for t in (1, 9, 10, 11, 1000)] == [1, 1, 1, 2, 100]
+    assert every_steps(0.25, 10) == 3 and every_steps(7, 10) == 7 and every_steps(0, 10) == 0
+    assert not any(_log_due("no", s, 1, True, 4) for s in range(1, 5))
+    assert [s for s in range(1, 9) if _log_due("epoch", s, 1, s % 3 == 0, 8)] == [3, 6, 8]  # + the last step
+    assert not any(_save_due("no", s, 1, True) for s in range(1, 5))
+    assert [s for s in range(1, 9) if _save_due("steps", s, 3, False)] == [3, 6]
+    assert not any(_save_due("steps", s, 0, True) for s in range(1, 9))
+
+
+def _run_schedule(ckpt_dir, tmp_path, name, **keys):
+    """8 train records, 4 a step: 2 steps an epoch, 2 epochs = 4 steps."""
+    from hybridmoe import train
+
+    out = tmp_path / name
+    data = write_dataset(tmp_path / "d.jsonl", n=10)
+    train({"model_name_or_path": str(ckpt_dir("qwen3_moe")), "dataset": str(data), "output_dir": str(out),
+           "num_train_epochs": 2, "per_device_train_batch_size": 4,
+           "val_size": 2, "per_device_eval_batch_size": 2, "device": "cpu", "dtype": "float32", "progress": False,
+           "lora_rank": 2, "disable_gradient_checkpointing": True, "save_total_limit": 5, **keys})
+    log = read_log(out)
+    return ([r["step"] for r in log if "loss" in r], [r["step"] for r in log if "eval_loss" in r],
+            sorted(p.name for p in out.glob("checkpoint-*")))
+
+
+def test_fractions_and_epoch_strategies_in_a_run(ckpt_dir, tmp_path):
+    # fractions of the 4 steps: logging 0.5 -> every 2, eval 0.25 -> every step, save 0.5 -> every 2 (the last
+    # step's result is the adapter, not a checkpoint)
+    assert _run_schedule(ckpt_dir, tmp_path, "frac", logging_steps=0.5, eval_steps=0.25, save_steps=0.5) == (
+        [2, 4], [1, 2, 3, 4], ["checkpoint-2"])
+    # epoch: at the step that ends each epoch (2 and 4), whatever the *_steps say; the last step is the adapter
+    assert _run_schedule(ckpt_dir, tmp_path, "epoch", logging_strategy="epoch", logging_steps=1,
+                         eval_strategy="epoch", eval_steps=1, save_strategy="epoch", save_steps=1) == (
+        [2, 4], [2, 4], ["checkpoint-2"])
+    # (strategy "no" is checked on _log_due/_save_due above)

@@ -119,6 +119,101 @@ def test_max_samples_per_dataset_and_num_samples(tmp_path):
     assert five == load_datasets("five", data, seed=3)
 
 
+# -- mix_strategy: interleave_* (LLaMA-Factory hands these to datasets.interleave_datasets) -----------------------------
+
+
+def _sources(tmp_path, lengths):
+    """Alpaca files a.json, b.json, ... with records 'a0', 'a1', ...; their dataset_info.json."""
+    data = tmp_path / "mix"
+    data.mkdir()
+    names = [chr(ord("a") + i) for i in range(len(lengths))]
+    for name, n in zip(names, lengths):
+        (data / f"{name}.json").write_text(json.dumps([{"instruction": f"{name}{k}", "output": "ok"}
+                                                        for k in range(n)]))
+    (data / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in names}))
+    return data, names
+
+
+@pytest.mark.parametrize("probs", [None, [0.2, 0.5, 0.3], [0.0, 0.6, 0.4]])
+@pytest.mark.parametrize("strategy", ["interleave_under", "interleave_over", "interleave_once"])
+def test_interleave_is_datasets_interleave_datasets_record_for_record(tmp_path, strategy, probs):
+    """The records and their order equal datasets.interleave_datasets' with LLaMA-Factory's stopping_strategy,
+    probabilities and seed (datasets is not a dependency: the reference is only here)."""
+    datasets = pytest.importorskip("datasets")
+    if probs and probs[0] == 0 and strategy != "interleave_under":
+        pytest.skip("probability 0 cannot exhaust a dataset: refused (test_interleave_probs_checked)")
+    data, names = _sources(tmp_path, [3, 17, 8])
+    stopping = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
+                "interleave_once": "all_exhausted_without_replacement"}[strategy]
+    for seed in (42, 7):
+        got = [c[0]["content"] for c in load_datasets(", ".join(names), data, seed=seed, mix_strategy=strategy,
+                                                       interleave_probs=probs)]
+        parts = [datasets.Dataset.from_json(str(data / f"{n}.json")) for n in names]
+        ref = datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=stopping)
+        assert got == ref["instruction"], (seed, got)
+    if strategy == "interleave_once":
+        assert sorted(got) == sorted(f"{n}{k}" for n, m in zip(names, [3, 17, 8]) for k in range(m))
+
+
+@pytest.mark.parametrize("strategy", ["interleave_under", "interleave_over", "interleave_once"])
+def test_interleave_order_over_many_draws(strategy):
+    """Thousands of draws (several of numpy's blocks), a rare source: the same (source, index) order as datasets."""
+    datasets = pytest.importorskip("datasets")
+    from hybridmoe.mixing import STOPPING, interleave_order
+
+    lengths, probs = [40, 1500, 25], [0.02, 0.9, 0.08]
+    parts = [datasets.Dataset.from_dict({"s": [s] * n, "i": list(range(n))}) for s, n in enumerate(lengths)]
+    ref = datasets.interleave_datasets(parts, probabilities=probs, seed=3, stopping_strategy=STOPPING[strategy])
+    assert interleave_order(lengths, strategy, probs, seed=3) == list(zip(ref["s"], ref["i"]))
+
+
+def test_interleave_seed_max_samples_and_a_single_dataset(tmp_path):
+    data, names = _sources(tmp_path, [30, 30])
+    spec = "a, b"
+    one = load_datasets(spec, data, seed=1, mix_strategy="interleave_over", interleave_probs=[0.5, 0.5])
+    assert one == load_datasets(spec, data, seed=1, mix_strategy="interleave_over", interleave_probs=[0.5, 0.5])
+    assert one != load_datasets(spec, data, seed=2, mix_strategy="interleave_over", interleave_probs=[0.5, 0.5])
+    # max_samples cuts each dataset first, as LLaMA-Factory's loader does before merging
+    under = load_datasets(spec, data, max_samples=4, mix_strategy="interleave_under")
+    assert [c[0]["content"] for c in under] == ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3"]
+    assert load_datasets("a", data, mix_strategy="interleave_under") == load_datasets("a", data)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"interleave_probs": "0.5,0.5"}, "interleave_probs is only used with mix_strategy interleave_under"),
+    ({"mix_strategy": "interleave_over", "interleave_probs": "0.5,0.3,0.2"}, "has 3 values but dataset names 2"),
+    ({"mix_strategy": "interleave_over", "interleave_probs": "0.5,0.6"}, "sum to 1.1, not 1"),
+    ({"mix_strategy": "interleave_over", "interleave_probs": "0.5,x"}, "not a comma list of numbers"),
+    ({"mix_strategy": "interleave_under", "interleave_probs": "1.5,-0.5"}, "negative"),
+    ({"mix_strategy": "interleave_under", "interleave_probs": [0.5, 0.5], "eval_dataset": "c, d"}, None),
+    ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5", "eval_dataset": "c,d,e"},
+     "but eval_dataset names 3"),
+    ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5", "eval_dataset": "c"},  # LF checks it too
+     "but eval_dataset names 1"),
+])
+def test_interleave_probs_checked(cfg, match):
+    from hybridmoe.config import load_config
+
+    base = {"model_name_or_path": "m", "dataset": "a, b", "output_dir": "o"}
+    if match is None:
+        assert load_config({**base, **cfg}).interleave_probabilities() == [0.5, 0.5]
+        one = {**base, "dataset": "a", "mix_strategy": "interleave_over", "interleave_probs": 1.0}
+        assert load_config(one).interleave_probabilities() == [1.0]
+        return
+    with pytest.raises(ConfigError, match=match):
+        load_config({**base, **cfg})
+
+
+def test_interleave_refuses_what_datasets_cannot_do(tmp_path):
+    data, names = _sources(tmp_path, [3, 5])
+    with pytest.raises(ConfigError, match="dataset #1 has interleave_probs 0"):
+        load_datasets("a, b", data, mix_strategy="interleave_over", interleave_probs=[0.0, 1.0])
+    from hybridmoe.mixing import interleave_order
+
+    with pytest.raises(ConfigError, match="dataset #2 of the list has no records"):
+        interleave_order([3, 0], "interleave_under")
+
+
 def test_val_size_split():
     convs = [[{"role": "user", "content": str(i)}] for i in range(10)]
     train, held = split_eval(convs, 0.2, seed=1)

@@ -50,8 +50,11 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     # -- bookkeeping -----------------------------------------------------------------------------------------------
-    logging_steps: int = 10
-    save_steps: int = 0  # 0: only the final adapter
+    # logging/save/eval_steps: a step count, or below 1 a fraction of the total steps (rounded up), as transformers
+    logging_steps: int | float = 10
+    logging_strategy: str = "steps"  # steps | epoch (a record at each epoch's end) | no (no loss records)
+    save_steps: int | float = 0  # 0: only the final adapter
+    save_strategy: str = "steps"  # steps (every save_steps) | epoch (a checkpoint at each epoch's end) | no
     save_total_limit: int = 2  # checkpoint-N directories kept
     resume_from_checkpoint: str | bool | None = None  # a checkpoint-N dir, or true for the latest in output_dir
     max_consecutive_skipped: int = 5  # stop with a diagnosis after this many non-finite steps in a row
@@ -77,7 +80,11 @@ class TrainConfig:
     dataset_dir: str = "data"  # where dataset_info.json resolves `dataset` / `eval_dataset` names
     eval_dataset: str | None = None  # comma list like `dataset`; evaluated during training (see eval_steps)
     max_samples: int | None = None  # first N records of each dataset
-    mix_strategy: str = "concat"  # several datasets are concatenated (then shuffled by the loop)
+    # several datasets: concat (then shuffled by the loop), or interleaved as LLaMA-Factory does (mixing.py):
+    # interleave_under (stop when one runs out), interleave_over (until every one has given all its records,
+    # restarting those that ran out), interleave_once (every record once)
+    mix_strategy: str = "concat"
+    interleave_probs: str | None = None  # "0.5,0.3,0.2": draw each next record's dataset with these (seeded)
     # a LLaMA-Factory template name (qwen3, llama3, deepseek, ...): checked against the tokenizer's own chat template
     # (which wins; a mismatch warns); supplies a chat template when the tokenizer has none
     template: str | None = None
@@ -90,7 +97,7 @@ class TrainConfig:
     # -- evaluation ------------------------------------------------------------------------------------------------
     val_size: float = 0.0  # < 1: fraction of the training records held out for eval; >= 1: that many records
     eval_strategy: str | None = None  # steps | epoch | no (default: steps when there is an eval set)
-    eval_steps: int | None = None  # default: logging_steps
+    eval_steps: int | float | None = None  # default: logging_steps
     per_device_eval_batch_size: int = 1
     do_eval: bool | None = None  # false: no eval even with an eval set
     # -- observability ---------------------------------------------------------------------------------------------
@@ -142,15 +149,56 @@ class TrainConfig:
         if self.mix_strategy not in ("concat", "interleave_under", "interleave_over", "interleave_once"):
             raise ConfigError(f"mix_strategy '{self.mix_strategy}' is not one of concat, interleave_under, "
                               "interleave_over, interleave_once")
+        if self.interleave_probs is not None:
+            self._validate_interleave_probs()
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ConfigError(f"val_size {self.val_size}: use a fraction < 1 or a whole number of records")
         if self.eval_strategy not in (None, "no", "steps", "epoch"):
             raise ConfigError(f"eval_strategy '{self.eval_strategy}' is not one of no, steps, epoch")
+        if self.logging_strategy not in ("no", "steps", "epoch"):
+            raise ConfigError(f"logging_strategy '{self.logging_strategy}' is not one of no, steps, epoch")
+        if self.save_strategy == "best":
+            raise ConfigError("save_strategy 'best' saves on a best metric (metric_for_best_model), which hybridmoe "
+                              "does not track; use save_strategy: steps or epoch and pick a checkpoint by the eval "
+                              "loss in trainer_log.jsonl")
+        if self.save_strategy not in ("no", "steps", "epoch"):
+            raise ConfigError(f"save_strategy '{self.save_strategy}' is not one of no, steps, epoch")
+        for key in ("logging_steps", "save_steps", "eval_steps"):
+            value = getattr(self, key)
+            if value is not None and value >= 1:
+                if value != int(value):
+                    raise ConfigError(f"config key '{key}' is {value}: give a whole number of steps, or a fraction "
+                                      "below 1 of the total steps")
+                setattr(self, key, int(value))
         if self.disable_tqdm:
             self.progress = False
         from .reporting import parse_report_to
 
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
+
+    def _validate_interleave_probs(self) -> None:
+        """As LLaMA-Factory: only for interleaving; one probability per dataset of `dataset` and `eval_dataset`."""
+        from .dataset_info import split_names
+        from .mixing import check_probs
+
+        if self.mix_strategy == "concat":
+            raise ConfigError("interleave_probs is only used with mix_strategy interleave_under, interleave_over or "
+                              "interleave_once; set one of them, or remove interleave_probs")
+        probs = self.interleave_probabilities()
+        for key in ("dataset", "eval_dataset"):
+            names = split_names(getattr(self, key))
+            if names:
+                check_probs(probs, len(names), key)
+
+    def interleave_probabilities(self) -> list[float] | None:
+        if self.interleave_probs is None:
+            return None
+        items = [x.strip() for x in str(self.interleave_probs).split(",") if x.strip()]
+        try:
+            return [float(x) for x in items]
+        except ValueError:
+            raise ConfigError(f"interleave_probs '{self.interleave_probs}' is not a comma list of numbers "
+                              "(e.g. 0.7,0.3)") from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -177,7 +225,7 @@ RANGES: dict[str, str] = {
     "warmup_ratio": "[0, 1]",
     "warmup_steps": "[0, inf)",
     "seed": "[0, 18446744073709551615]",  # torch.manual_seed takes 64-bit seeds
-    "logging_steps": "[1, inf)",
+    "logging_steps": "(0, inf)",  # below 1: a fraction of the total steps
     "save_steps": "[0, inf)",  # 0: only the final adapter
     "save_total_limit": "[1, inf)",
     "max_consecutive_skipped": "[1, inf)",
@@ -191,7 +239,7 @@ RANGES: dict[str, str] = {
     "max_samples": "[1, inf)",  # per dataset; unset: all
     "preprocessing_num_workers": "[1, inf)",
     "val_size": "[0, inf)",  # a fraction < 1, or a whole number of records (checked below)
-    "eval_steps": "[1, inf)",
+    "eval_steps": "(0, inf)",
     "per_device_eval_batch_size": "[1, inf)",
 }
 
@@ -220,6 +268,10 @@ def _coerce(key: str, value: Any, field_type: str) -> Any:
         raise ConfigError(f"config key '{key}' may not be null")
     if t.startswith("bool") and not isinstance(value, bool) and "str" not in t:
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if t.startswith("int|float"):  # a step count or a fraction of the total steps (checked in validate)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return value
     if t.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
@@ -228,8 +280,11 @@ def _coerce(key: str, value: Any, field_type: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
+    if key == "interleave_probs" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `interleave_probs: 1.0` for a single dataset
     if t.startswith("str") and not isinstance(value, (str, bool)):
-        if isinstance(value, (list, tuple)) and key in ("lora_target", "report_to", "dataset", "eval_dataset"):
+        if isinstance(value, (list, tuple)) and key in ("lora_target", "report_to", "dataset", "eval_dataset",
+                                                        "interleave_probs"):
             return ",".join(map(str, value))
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     return value

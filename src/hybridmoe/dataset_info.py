@@ -28,6 +28,7 @@ from typing import Any
 
 from .data import EXTENSIONS, Conversation, RecordError, _normalize, _optional_str, _tools, _turns, load_records
 from .errors import DataError
+from .mixing import check_probs, interleave
 
 log = logging.getLogger("hybridmoe")
 
@@ -220,12 +221,14 @@ def load_source(source: DatasetSource, max_samples: int | None, seed: int) -> li
 
 
 def load_datasets(spec: str, dataset_dir: Path, max_samples: int | None = None, seed: int = 42,
-                  mix_strategy: str = "concat") -> list[Conversation]:
-    """All conversations of `spec`, the sources concatenated in order (the training loop shuffles them)."""
-    if mix_strategy != "concat":
-        log.warning("mix_strategy '%s' is not implemented: the datasets are concatenated (and shuffled together)",
-                    mix_strategy)
-    out: list[Conversation] = []
-    for source in resolve(spec, dataset_dir):
-        out += load_source(source, max_samples, seed)
+                  mix_strategy: str = "concat", interleave_probs: list[float] | None = None) -> list[Conversation]:
+    """All conversations of `spec`: the sources concatenated in order (the training loop shuffles them), or
+    interleaved as LLaMA-Factory does (`mix_strategy: interleave_under|over|once`, :mod:`hybridmoe.mixing`)."""
+    sources = [load_source(source, max_samples, seed) for source in resolve(spec, dataset_dir)]
+    if len(sources) == 1 or mix_strategy == "concat":  # LLaMA-Factory returns a single dataset as it is, too
+        return [c for records in sources for c in records]
+    if interleave_probs is not None:
+        check_probs(interleave_probs, len(sources), f"'{spec}'")
+    out = interleave(sources, mix_strategy, interleave_probs, seed)
+    log.info("mix_strategy %s: %s records -> %d", mix_strategy, " + ".join(str(len(r)) for r in sources), len(out))
     return out

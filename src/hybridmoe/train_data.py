@@ -69,12 +69,14 @@ def tokenized(conversations: list[Conversation], tokenizer, options: TokenizeOpt
 def build_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
     dataset_dir = find_dataset_dir(cfg.dataset_dir, cfg.extra.get("config_dir"))
     options = tokenize_options(cfg, tokenizer)
-    train = load_datasets(cfg.dataset, dataset_dir, cfg.max_samples, cfg.seed, cfg.mix_strategy)
+    probs = cfg.interleave_probabilities()
+    train = load_datasets(cfg.dataset, dataset_dir, cfg.max_samples, cfg.seed, cfg.mix_strategy, probs)
     held: list[Conversation] = []
     if cfg.eval_dataset:
         if cfg.val_size:
             log.warning("val_size %s is not used: eval_dataset '%s' is the eval set", cfg.val_size, cfg.eval_dataset)
-        held = load_datasets(cfg.eval_dataset, dataset_dir, cfg.max_samples, cfg.seed, cfg.mix_strategy)
+        held = load_datasets(cfg.eval_dataset, dataset_dir, cfg.max_samples, cfg.seed, cfg.mix_strategy,
+                             probs)
     elif cfg.val_size > 0:
         train, held = split_eval(train, cfg.val_size, cfg.seed)
     if not held and (cfg.do_eval or cfg.eval_strategy in ("steps", "epoch")):

@@ -131,6 +131,19 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return batches(range(n), batch_size, seed, epoch)  # one shuffle per epoch, not per micro-batch
 
 
+def every_steps(value: int | float, total_steps: int) -> int:
+    """logging/save/eval_steps as a step count: below 1 a fraction of the total steps, rounded up (transformers'
+    TrainerState.compute_steps); 0 stays 0 (save_steps: no checkpoints)."""
+    return math.ceil(total_steps * value) if 0 < value < 1 else int(value)
+
+
+def _epochs_done(dataset, cfg: TrainConfig, state: LoopState) -> int:
+    """Epochs whose last micro-batch has been taken (the loop moves to the next epoch only when it needs a batch,
+    so a step that ends an epoch leaves batch_in_epoch at the epoch's batch count)."""
+    n_batches = math.ceil(len(dataset) / cfg.per_device_train_batch_size)
+    return state.epoch + (state.batch_in_epoch >= n_batches)
+
+
 def _next_batch(dataset, cfg: TrainConfig, state: LoopState) -> list[int]:
     """The micro-batch at the current data position; advances (epoch, batch_in_epoch). Deterministic for resume."""
     epoch_batches = _epoch_batches(len(dataset), cfg.per_device_train_batch_size, cfg.seed, state.epoch)
@@ -202,6 +215,8 @@ class _Setup:
         param_ids = {id(p) for p in self.model.parameters()}
         self.expert_params = [p for p in params if id(p) not in param_ids]
         self.total_steps = _total_steps(cfg, len(self.dataset), ctx.world_size)
+        self.logging_every = every_steps(cfg.logging_steps, self.total_steps)
+        self.save_every = every_steps(cfg.save_steps, self.total_steps)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
@@ -305,6 +320,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.perf_counter()}
     losses: list[float] = []
     last_loss = float("nan")
+    epochs_done = _epochs_done(setup.dataset, cfg, st)  # a resumed run counts from its checkpoint
     bar = tqdm(total=setup.total_steps, initial=st.step, desc="Training", unit="step",
                disable=not (cfg.progress and main))
     # Where a NaN/Inf first appears in the routed experts: flags queued on the device, read only for a skipped step.
@@ -353,12 +369,16 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
             sched.step()
             opt.zero_grad(set_to_none=True)
             st.consecutive_skipped = 0
+            # An epoch ended with this step (logging/eval/save_strategy: epoch). A skipped step defers it to the
+            # next step taken, as it defers everything else.
+            epoch_ended = _epochs_done(setup.dataset, cfg, st) > epochs_done
+            epochs_done = _epochs_done(setup.dataset, cfg, st)
             last_loss = loss_v
             losses.append(loss_v)
             window["loss"] += loss_v
             window["n"] += 1
             window["tokens"] += sum(len(setup.dataset[i]["input_ids"]) for idx in every for i in idx)
-            if st.step % cfg.logging_steps == 0 or st.step == setup.total_steps:
+            if _log_due(cfg.logging_strategy, st.step, setup.logging_every, epoch_ended, setup.total_steps):
                 now = time.perf_counter()
                 rec = {"step": st.step, "loss": window["loss"] / max(1, window["n"]),
                        "lr": sched.get_last_lr()[0], "grad_norm": gnorm_v, "epoch": st.epoch,
@@ -370,10 +390,10 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                                          tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.set_postfix(evaluator.postfix)
                 window.update(loss=0.0, n=0, tokens=0, t=now)
-            evaluator.maybe(st, bar, final=st.step == setup.total_steps)
+            evaluator.maybe(st, bar, final=st.step == setup.total_steps, epoch_ended=epoch_ended)
             bar.update(1)
-            if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < setup.total_steps:
-                _checkpoint(out / f"checkpoint-{st.step}", setup)
+            if st.step < setup.total_steps and _save_due(cfg.save_strategy, st.step, setup.save_every, epoch_ended):
+                _checkpoint(out / f"checkpoint-{st.step}", setup)  # (the last step's result is the adapter itself)
             _stop_if_asked(stop_now, bar, out, setup)
     bar.close()
 
@@ -394,6 +414,20 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
     return result
 
 
+def _log_due(strategy: str, step: int, every: int, epoch_ended: bool, total_steps: int) -> bool:
+    """logging_strategy: a loss record every `every` steps or at each epoch's end, and after the last step."""
+    if strategy == "no":
+        return False
+    return (step % every == 0 if strategy == "steps" else epoch_ended) or step == total_steps
+
+
+def _save_due(strategy: str, step: int, every: int, epoch_ended: bool) -> bool:
+    """save_strategy: a checkpoint every `every` steps (0: none) or at each epoch's end."""
+    if strategy == "steps":
+        return every > 0 and step % every == 0
+    return strategy == "epoch" and epoch_ended
+
+
 class _Evaluator:
     """Eval loss on the held-out set every eval_steps (or each epoch), and after the last step; into
     trainer_log.jsonl, the trackers and the progress bar."""
@@ -405,14 +439,13 @@ class _Evaluator:
         self.strategy = cfg.eval_strategy or "steps"
         if setup.eval_dataset is None or self.strategy == "no" or cfg.do_eval is False:
             self.strategy = "no"
-        self.every = cfg.eval_steps or cfg.logging_steps
-        self.epoch = setup.state.epoch  # a resumed run evaluates at the next epoch boundary, not at once
+        # default logging_steps, as transformers; a fraction of the total steps is resolved after inheriting it
+        self.every = every_steps(cfg.eval_steps or cfg.logging_steps, setup.total_steps)
 
-    def maybe(self, st: LoopState, bar, final: bool) -> None:
+    def maybe(self, st: LoopState, bar, final: bool, epoch_ended: bool) -> None:
         if self.strategy == "no":
             return
-        due = st.step % self.every == 0 if self.strategy == "steps" else st.epoch > self.epoch
-        self.epoch = st.epoch
+        due = st.step % self.every == 0 if self.strategy == "steps" else epoch_ended
         if not (due or final):
             return
         s, ctx = self.setup, self.setup.ctx
@@ -582,11 +615,11 @@ def _rss_bytes() -> int:
 
 # Settings a resumed run must share with its checkpoint: the LoRA's shape (else the weights and optimizer state do
 # not fit), and those that change the numbers (else the run is not the one the checkpoint continues; allowed, with a
-# warning). max_steps, save_steps, logging and placement may change freely.
+# warning). max_steps, save_steps/save_strategy, logging and placement may change freely.
 _RESUME_MUST_MATCH = ("lora_rank", "lora_alpha", "lora_target")
 _RESUME_SHOULD_MATCH = ("lora_dropout", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_ratio",
                         "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len",
-                        "seed", "dataset", "expert_dtype", "max_grad_norm")
+                        "seed", "dataset", "expert_dtype", "max_grad_norm", "mix_strategy", "interleave_probs")
 
 
 def _check_resume_config(resume: Path, cfg: TrainConfig, ctx) -> None:
