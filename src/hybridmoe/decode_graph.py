@@ -403,8 +403,8 @@ def capturable_eager_mask():
     from transformers import masking_utils
 
     masks = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
-    had_local = "eager" in masks._local_mapping
-    previous = masks._local_mapping.get("eager")
+    local = getattr(masks, "_local_mapping", {})  # overrides of the global table (transformers 5.x)
+    had_local, previous = "eager" in local, local.get("eager")
     masks["eager"] = _eager_mask
     try:
         yield
