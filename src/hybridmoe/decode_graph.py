@@ -210,6 +210,7 @@ class StaticDecoder:
 
         self.model, self.max_len, self.device, self.key = model, max_len, device, key
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        _full_length_sliding_layers(self.cache, max_len)
         self.experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
         self.embed = model.get_input_embeddings()
         self.use_graphs = use_graphs and device.type == "cuda"
@@ -381,6 +382,21 @@ class StaticDecoder:
             if i < len(self.cuts):
                 stream.synchronize()  # the hidden states and routing of cut i are in host memory now
                 self.cuts[i].compute(self.share)  # graph i+1 starts by copying the result in
+
+
+def _full_length_sliding_layers(cache, max_len: int) -> None:
+    """Replace the cache's sliding-window layers (gpt-oss, Mixtral-style configs) by full-length static layers.
+
+    transformers' ``StaticSlidingWindowLayer`` keeps a Python counter and branches on it (filling, then rolling its
+    buffer once full): a captured CUDA graph would freeze whichever branch ran at capture, and replay it wrongly once
+    the window fills. A full-length layer writes each position at its own index, like every other layer, and the
+    sliding-window mask (built from absolute positions, inside the graph) does the windowing: the same attention, at
+    the memory of a full-length cache for those layers."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is StaticSlidingWindowLayer:
+            cache.layers[i] = StaticLayer(max_cache_len=max_len)
 
 
 def _eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
