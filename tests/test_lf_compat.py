@@ -60,6 +60,17 @@ def test_implemented_keys_take_effect():
     assert cfg.report_to == "tensorboard" and cfg.adam_beta2 == 0.95
 
 
+def test_yaml_exponent_floats_without_a_dot(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; LLaMA-Factory's configs use it: it is a number here too, and a
+    word is still an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d.jsonl\noutput_dir: o\nlearning_rate: 1e-4\nweight_decay: 5e-2\n")
+    cfg = load_config(str(path))
+    assert cfg.learning_rate == 1e-4 and cfg.weight_decay == 0.05
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config({**BASE, "learning_rate": "fast"})
+
+
 def test_unknown_keys_reported_at_once_with_closest_match():
     with pytest.raises(ConfigError) as info:
         load_config({**BASE, "learning_rat": 1e-4, "lora_rnak": 8, "xyzzy_plugh": 1})

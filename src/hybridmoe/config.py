@@ -277,6 +277,11 @@ def _coerce(key: str, value: Any, field_type: str) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if t.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; LLaMA-Factory's configs take it
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)

@@ -165,7 +165,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exp = torch.floor(torch.log2(amax.clamp_min(2.0 ** -125))) - 2
     scale = torch.exp2(exp.clamp(-127, 127))  # [..., out, G, 1], a power of two (exact in bf16)
     mags = torch.tensor(MXFP4_VALUES[:8], dtype=torch.float32, device=w.device)  # [8] increasing
-    a = (g / scale).abs().clamp_max(6.0)
+    a = (g / scale).abs().clamp_max(6.0).contiguous()
     mid = (mags[1:] + mags[:-1]) / 2  # [7] midpoints between consecutive levels
     idx = torch.bucketize(a, mid, right=False)  # [..., 32] in 0..7: the nearest level (a tie: the lower one)
     codes = idx + 8 * (g < 0).to(idx.dtype)
