@@ -3,6 +3,7 @@
 #   PART=a: pytest -m gpu for the 4-bit paths; the decode kernel's int4 groups against the measured read bandwidth
 #           (AVX-512 and AVX2); V2-Lite built in place in bf16, int8 and int4, side by side in one run: build,
 #           batch-1 decode, 1024-token prefill, LoRA training 4 x 1024 (benchmarks/big_models.py)
+#   PART=g: decode GEMVs after 64-row work items for 4-bit weights
 #   PART=f: issue 18's serving load table on V2-Lite (benchmarks/serve_load.py --issue-table)
 #   PART=e: gpt-oss graphs with full-length sliding layers, decode GPU tests, accuracy.py at the V2-Lite shape
 #   PART=d: gpt-oss decode graphs (eager-mask fix), pytest -m gpu, gpt-oss-120b decode with GPU shares
@@ -37,6 +38,8 @@ elif [ "${PART}" = d ]; then  # after the eager-mask fix: gpt-oss graphs, every 
   step pytest_gpu_all 330 $NOW python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_distributed.py
   step gptoss_decode 150 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 0 \
     --skip prefill --new-tokens 32 --gpu-shares 0 0.25 0.5
+elif [ "${PART}" = g ]; then  # 64-row work items for 4-bit weights
+  step gemv 80 $NOW python benchmarks/decode_gemv.py --layers 4 --calls 200 --int4-groups 64
 elif [ "${PART}" = f ]; then  # issue 18's load table on V2-Lite (mixed adapters in one batch), against one chat
   step make 170 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
   step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
