@@ -39,10 +39,7 @@
 #define TGT256 __attribute__((target("avx2,fma")))
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_P4 = 3 };
-/* Weight rows per work item: 16 (a 16 x 2048 bf16 block is 64 KB), 64 for 4-bit weights, whose rows are a quarter
- * of the bytes: an item is then as many bytes of one contiguous stream as a bf16 one (the prefetchers ramp up once
- * per item, and the scheduling cost is per item). */
-enum { ROWS_PER_ITEM = 16, ROWS_PER_ITEM_P4 = 64, MAX_ROWS_PER_ITEM = 64 };
+enum { ROWS_PER_ITEM = 16 }; /* weight rows per work item (a 16 x 2048 bf16 block is 64 KB) */
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -465,7 +462,6 @@ typedef struct {
                                  h = (u + 1) * g * sigmoid(alpha * g)  (gpt-oss's clamped SwiGLU) */
     float alpha, limit;
     const float *b_gu, *b_d;  /* fp32 biases [E, 2I], [E, H], or NULL */
-    int64_t rows;             /* weight rows per work item: ROWS_PER_ITEM, or ROWS_PER_ITEM_P4 for 4-bit weights */
     int64_t K, H, I;
     const int64_t *ids, *order, *gexp, *gstart; /* order [S]: slots sorted by expert; group g = [gstart[g], gstart[g+1]) */
     const float *topw, *xf;                      /* [T, K], [T, H] */
@@ -474,14 +470,14 @@ typedef struct {
     uint16_t *hb;                                /* [S, I] */
 } Layer;
 
-/* Region 1, one work item: rows [j0, j0 + L->rows) of gate and up for every slot of group g, and h there. */
+/* Region 1, one work item: rows [j0, j0 + ROWS_PER_ITEM) of gate and up for every slot of group g, and h there. */
 static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
-    const int64_t j1 = j0 + L->rows < L->I ? j0 + L->rows : L->I, e = L->gexp[g], I = L->I;
+    const int64_t j1 = j0 + ROWS_PER_ITEM < L->I ? j0 + ROWS_PER_ITEM : L->I, e = L->gexp[g], I = L->I;
     for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
         const int64_t t = L->order[p] / L->K;
         const float *xf = L->xf + t * L->H, *xa = L->xa + p * L->gu.r;
         const uint16_t *xb = L->xb + t * L->H;
-        float gbuf[2 * MAX_ROWS_PER_ITEM], ubuf[MAX_ROWS_PER_ITEM];
+        float gbuf[2 * ROWS_PER_ITEM], ubuf[ROWS_PER_ITEM];
         const int64_t n = j1 - j0;
         if (L->act == ACT_GPTOSS) { /* rows 2j (gate) and 2j+1 (up): one run of 2n rows */
             proj_rows(&L->gu, e, 2 * j0, 2 * n, xf, xb, xa, gbuf);
@@ -512,9 +508,9 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
     }
 }
 
-/* Region 2, one work item: output rows [i0, i0 + L->rows) of every token, summed over its slots. */
+/* Region 2, one work item: output rows [i0, i0 + ROWS_PER_ITEM) of every token, summed over its slots. */
 static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
-    const int64_t i1 = i0 + L->rows < L->H ? i0 + L->rows : L->H, H = L->H, I = L->I;
+    const int64_t i1 = i0 + ROWS_PER_ITEM < L->H ? i0 + ROWS_PER_ITEM : L->H, H = L->H, I = L->I;
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = i0; i < i1; i++) L->out[t * H + i] = 0.f;
     for (int64_t g = 0; g < ngroups; g++) {
@@ -522,7 +518,7 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
         for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
             const int64_t s = L->order[p];
             float *o = L->out + (s / L->K) * H;
-            float ybuf[MAX_ROWS_PER_ITEM];
+            float ybuf[ROWS_PER_ITEM];
             proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r, ybuf);
             for (int64_t i = i0; i < i1; i++) {
                 float y = ybuf[i - i0];
@@ -596,9 +592,9 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     }
     const Layer L = {{dtype, w_gu, s_gu, table, group, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
                      {dtype, w_d, s_d, table, group, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
-                     act, alpha, limit, bias_gu, bias_d, dtype == W_P4 ? ROWS_PER_ITEM_P4 : ROWS_PER_ITEM,
+                     act, alpha, limit, bias_gu, bias_d,
                      K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb};
-    const int64_t R = L.rows, jblocks = (I + R - 1) / R, iblocks = (H + R - 1) / R;
+    const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     const int chunk = sched_chunk;
 
     /* Region 1: the LoRA inputs of gate_up (from the unrounded x), then gate/up/h for every (group, block of j). */
@@ -611,11 +607,11 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         if (chunk) {
 #pragma omp for schedule(dynamic, chunk)
             for (int64_t item = 0; item < ngroups * jblocks; item++)
-                gate_up_item(&L, item / jblocks, (item % jblocks) * R);
+                gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
         } else {
 #pragma omp for schedule(static)
             for (int64_t item = 0; item < ngroups * jblocks; item++)
-                gate_up_item(&L, item / jblocks, (item % jblocks) * R);
+                gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
         }
     }
     /* Region 2: the LoRA inputs of down, then every block of output rows i over all groups. */
@@ -627,10 +623,10 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         }
         if (chunk) {
 #pragma omp for schedule(dynamic, chunk)
-            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * R);
+            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
         } else {
 #pragma omp for schedule(static)
-            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * R);
+            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
         }
     }
 done:
