@@ -3,7 +3,7 @@
 #   PART=a: pytest -m gpu for the 4-bit paths; the decode kernel's int4 groups against the measured read bandwidth
 #           (AVX-512 and AVX2); V2-Lite built in place in bf16, int8 and int4, side by side in one run: build,
 #           batch-1 decode, 1024-token prefill, LoRA training 4 x 1024 (benchmarks/big_models.py)
-#   PART=g: decode GEMVs after 64-row work items for 4-bit weights
+#   PART=g: decode GEMVs with 64-row work items for 4-bit weights (measured no faster; reverted after the run)
 #   PART=f: issue 18's serving load table on V2-Lite (benchmarks/serve_load.py --issue-table)
 #   PART=e: gpt-oss graphs with full-length sliding layers, decode GPU tests, accuracy.py at the V2-Lite shape
 #   PART=d: gpt-oss decode graphs (eager-mask fix), pytest -m gpu, gpt-oss-120b decode with GPU shares
