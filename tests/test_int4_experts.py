@@ -55,8 +55,11 @@ def ckpt(tmp_path_factory):
 
     def make(arch):
         if arch not in cache:
-            kw = {k: v for k, v in DIMS.items() if arch != "mixtral" or k != "moe_intermediate_size"}
-            cache[arch] = make_checkpoint(arch, root / arch, **kw)
+            base, _, variant = arch.partition(":")  # "qwen3_moe:g64": expert dims that take int4's default group
+            kw = {k: v for k, v in DIMS.items() if base != "mixtral" or k != "moe_intermediate_size"}
+            if variant == "g64":
+                kw.update(moe_intermediate_size=128)
+            cache[arch] = make_checkpoint(base, root / arch.replace(":", "_"), **kw)
         return cache[arch]
 
     return make
@@ -145,7 +148,9 @@ def test_kernel_and_loop_match_fp32_math(fmt, shape, t, k):
         m.settings.cpu_kernel = flag
         outs[flag] = torch.empty(t, h)
         m.infer_cpu(x, ids, w, outs[flag])
-    assert _rel(outs[False], want) <= 1e-2  # bf16 rounding of the GEMM inputs and outputs
+    # bf16 rounding of the GEMM inputs and outputs; int4 in groups of 64: int8 activations per group (measured up to
+    # 1.4% on these random layers, whose h has heavy tails)
+    assert _rel(outs[False], want) <= (3e-2 if fmt.int8_activations else 1e-2)
     if cpu_kernel.available():
         for isa in cpu_kernel.isas():  # every instruction set this CPU has
             old = cpu_kernel.set_isa(isa)
@@ -183,12 +188,14 @@ def test_streamed_and_cpu_gradients_match_fp32_math(fmt):
 
 
 # -- through the loader and the user entry points -----------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "mixtral", "qwen3_moe:g64"])
 def test_int4_model_equals_its_dequantized_weights(arch, ckpt):
     path = ckpt(arch)
     q_model, _ = hybridmoe.load(path, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
     ref, _ = hybridmoe.load(path, device="cpu", dtype="float32", progress=False)
     assert q_model.hybridmoe.expert_format.startswith("int4")
+    if arch.endswith(":g64"):  # the default group: int8 activations on the CPU path (kernel and torch loop)
+        assert all(m.weights.packed.group == 64 and m.weights.packed.int8_activations for m in _experts(q_model))
     for mq, mr in zip(_experts(q_model), _experts(ref)):
         assert mq.weights.packed is not None and mq.weights.gate_up.dtype == torch.uint8
         assert mq.weights.nbytes < 0.15 * mr.weights.nbytes  # 4 bits + bf16 scales against fp32
@@ -202,7 +209,9 @@ def test_int4_model_equals_its_dequantized_weights(arch, ckpt):
     w = torch.rand(40, 2, generator=g)
     with torch.no_grad():
         want = mr(x, ids, w)
-        assert _rel(mq(x, ids, w), want) <= 1e-2  # bf16 rounding of the GEMM inputs and outputs
+        # bf16 rounding of the GEMM inputs and outputs; group 64: int8 activations on the CPU path
+        tol = 3e-2 if mq.weights.packed.int8_activations else 1e-2
+        assert _rel(mq(x, ids, w), want) <= tol
         enable_streaming(mq, "cpu", min_tokens=8)
         assert _rel(mq(x, ids, w), want) <= 1e-2  # dequantized to bf16 in the slot, bf16 activations
         enable_streaming(mq, "cpu", min_tokens=0)

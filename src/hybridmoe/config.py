@@ -5,6 +5,7 @@ Errors name the key and what would fix it; an unknown key names the closest vali
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -278,10 +279,8 @@ def _coerce(key: str, value: Any, field_type: str) -> Any:
         return value
     if t.startswith("float"):
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; LLaMA-Factory's configs take it
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)

@@ -356,12 +356,108 @@ TGT256 static void dot_p4x4_256(const uint8_t *w, int64_t wstride, const float *
     for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]);
 }
 
+/* ---- int4 rows against int8 activations (llama.cpp's Q4_0 x Q8_0): integer dot products ----------------------
+ * For int4 weights whose group is a multiple of 64, the activations are quantized once per vector to int8 with one
+ * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the permuted order of the
+ * codes (p4_pos), and each group's sum of c * q is an exact int32 from integer multiply-adds (AVX-512 VNNI dpbusd:
+ * 64 per instruction; AVX2 maddubs + madd), which the nibbles feed directly (no conversion to floats). With
+ * w = (c - 8) * sw and x ~ q * sx:  row . x = sum_g sw_g sx_g (sum c q - 8 sum q). The torch path quantizes its
+ * activations the same way (ExpertWeights.linear), so the two agree to fp32 summation order. Four rows at a time,
+ * given as row pointers (a tail repeats its last row). */
+
+typedef struct {
+    const int8_t *q;    /* [n] activations, int8, in the codes' permuted order */
+    const float *s;     /* [n / group] their scales */
+    const float *sum;   /* [n / group] sum of q over each group (exact in fp32) */
+} QAct;
+
+typedef void (*dotq_fn)(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                        int64_t group, float *out);
+
+static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum) {
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        float amax = 0.f;
+        for (int64_t i = g0; i < g0 + group; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        const float sc = amax / 127.f;
+        int32_t tot = 0;
+        for (int64_t i = g0; i < g0 + group; i++) {
+            int32_t v = sc > 0.f ? (int32_t)nearbyintf(x[i] / sc) : 0;
+            v = v > 127 ? 127 : (v < -127 ? -127 : v);
+            q[p4_pos(i)] = (int8_t)v;
+            tot += v;
+        }
+        s[g0 / group] = sc;
+        sum[g0 / group] = (float)tot;
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+static void dot_q4x4_vnni(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                          int64_t group, float *out) {
+    const __m256i low = _mm256_set1_epi8(15);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        __m512i isum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                           _mm512_setzero_si512()};
+        for (int64_t b = g0; b < g0 + group; b += 64) { /* two 32-input blocks: 32 bytes of codes, 64 of q */
+            const __m512i xv = _mm512_loadu_si512(a->q + b);
+            for (int r = 0; r < 4; r++) {
+                PREFETCH(w[r] + b / 2, 32);
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
+                const __m256i lo = _mm256_and_si256(c, low), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+                /* [lo block 0 | hi block 0 | lo block 1 | hi block 1]: the order of the permuted activations */
+                const __m512i cv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
+                                                      _mm256_permute2x128_si256(lo, hi, 0x31), 1);
+                isum[r] = _mm512_dpbusd_epi32(isum[r], cv, xv);
+            }
+        }
+        const int64_t g = g0 / group;
+        for (int r = 0; r < 4; r++) {
+            const float f = bf16_to_f32(scale[r][g]) * a->s[g];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_set1_ps(f), acc[r]);
+            corr[r] += f * a->sum[g];
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - 8.f * corr[r];
+}
+
+TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                                int64_t group, float *out) {
+    const __m128i low = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t g0 = 0; g0 < n; g0 += group) {
+        __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                           _mm256_setzero_si256()};
+        for (int64_t b = g0; b < g0 + group; b += 32) { /* one 32-input block: 16 bytes of codes, 32 of q */
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + b));
+            for (int r = 0; r < 4; r++) {
+                PREFETCH(w[r] + b / 2, 16);
+                const __m128i c = _mm_loadu_si128((const __m128i *)(w[r] + b / 2));
+                const __m128i lo = _mm_and_si128(c, low), hi = _mm_and_si128(_mm_srli_epi16(c, 4), low);
+                const __m256i p16 = _mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), xv); /* |pair| <= 2 * 15 * 127 */
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p16, ones));
+            }
+        }
+        const int64_t g = g0 / group;
+        for (int r = 0; r < 4; r++) {
+            const float f = bf16_to_f32(scale[r][g]) * a->s[g];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(f), acc[r]);
+            corr[r] += f * a->sum[g];
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]) - 8.f * corr[r];
+}
+
 /* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
 static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
 static dot4_fn dot4 = NULL;
 static dot4x4_fn dot4x4 = NULL;
+static dotq_fn dotq = NULL; /* int4 x int8 activations: VNNI where the CPU has it, else AVX2 */
 
 /* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
  * hm_set_isa(level) picks a lower one (tests run both); returns the level in use. */
@@ -380,6 +476,7 @@ int hm_set_isa(int level) {
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
     dot4 = level == 2 ? dot_p4_512 : level == 1 ? dot_p4_256 : NULL;
     dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
+    dotq = level == 2 && __builtin_cpu_supports("avx512vnni") ? dot_q4x4_vnni : level >= 1 ? dot_q4x4_256 : NULL;
     return level;
 }
 
@@ -393,6 +490,7 @@ typedef struct {
     const uint16_t *scale;   /* int8: bf16 [E, out]; 4-bit: bf16 [E, out, in/group] */
     const float *table;      /* 4-bit: the 16 values of the codes, NULL for int4 (c - 8) */
     int64_t group;           /* 4-bit: inputs per scale */
+    int qact;                /* int4 with a group of a multiple of 64: int8 activations, integer dots (dotq) */
     int64_t out, in;
     const float *lora_a;     /* [E, r, in] or NULL */
     const float *lora_b;     /* [E, out, r] */
@@ -418,11 +516,25 @@ static inline float finish_row(const Proj *p, int64_t idx, float y, const float 
  * y[0 .. n). xf: the input row in fp32 (bf16-rounded unless the weights are fp32; 4-bit: also permuted, see
  * permute_p4); xb: the same row in bf16; xa: this slot's A·x. 4-bit rows go four at a time (dot4x4). */
 static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const float *xf, const uint16_t *xb,
-                      const float *xa, float *y) {
+                      const QAct *qa, const float *xa, float *y) {
     static const size_t elem[3] = {4, 2, 1};
     const int64_t idx0 = e * p->out + row0;
     int64_t k = 0;
-    if (p->dtype == W_P4) {
+    if (p->qact) {
+        const int64_t wstride = p->in / 2, sstride = p->in / p->group;
+        for (; k < n; k += 4) {
+            const uint8_t *w[4];
+            const uint16_t *sc[4];
+            float o[4];
+            for (int r = 0; r < 4; r++) { /* a tail repeats its last row */
+                const int64_t row = idx0 + (k + r < n ? k + r : n - 1);
+                w[r] = (const uint8_t *)p->w + (size_t)row * wstride;
+                sc[r] = p->scale + row * sstride;
+            }
+            dotq(w, sc, qa, p->in, p->group, o);
+            for (int r = 0; r < 4 && k + r < n; r++) y[k + r] = o[r];
+        }
+    } else if (p->dtype == W_P4) {
         const int64_t wstride = p->in / 2, sstride = p->in / p->group;
         const uint8_t *w = (const uint8_t *)p->w;
         for (; k + 4 <= n; k += 4)
@@ -468,6 +580,9 @@ typedef struct {
     const uint16_t *xb;                          /* [T, H] */
     float *hf, *hr, *xa, *ha, *out;              /* [S, I], [S, I], [S, r_gu], [S, r_d], [T, H] */
     uint16_t *hb;                                /* [S, I] */
+    int8_t *xq, *hq;                             /* int8 activations (Proj.qact): [T, H], [S, I] */
+    float *xqs, *hqs;                            /* their scales [T, H / group], [S, I / group] */
+    float *xqsum, *hqsum;                        /* their per-group sums, same shapes */
 } Layer;
 
 /* Region 1, one work item: rows [j0, j0 + ROWS_PER_ITEM) of gate and up for every slot of group g, and h there. */
@@ -477,13 +592,15 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
         const int64_t t = L->order[p] / L->K;
         const float *xf = L->xf + t * L->H, *xa = L->xa + p * L->gu.r;
         const uint16_t *xb = L->xb + t * L->H;
+        const int64_t gs = L->gu.qact ? L->H / L->gu.group : 0;
+        const QAct qa = {L->xq + t * L->H * (L->gu.qact != 0), L->xqs + t * gs, L->xqsum + t * gs};
         float gbuf[2 * ROWS_PER_ITEM], ubuf[ROWS_PER_ITEM];
         const int64_t n = j1 - j0;
         if (L->act == ACT_GPTOSS) { /* rows 2j (gate) and 2j+1 (up): one run of 2n rows */
-            proj_rows(&L->gu, e, 2 * j0, 2 * n, xf, xb, xa, gbuf);
+            proj_rows(&L->gu, e, 2 * j0, 2 * n, xf, xb, &qa, xa, gbuf);
         } else {
-            proj_rows(&L->gu, e, j0, n, xf, xb, xa, gbuf);
-            proj_rows(&L->gu, e, I + j0, n, xf, xb, xa, ubuf);
+            proj_rows(&L->gu, e, j0, n, xf, xb, &qa, xa, gbuf);
+            proj_rows(&L->gu, e, I + j0, n, xf, xb, &qa, xa, ubuf);
         }
         for (int64_t j = j0; j < j1; j++) {
             const int64_t rg = L->act == ACT_GPTOSS ? 2 * j : j, ru = L->act == ACT_GPTOSS ? 2 * j + 1 : I + j;
@@ -519,7 +636,9 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
             const int64_t s = L->order[p];
             float *o = L->out + (s / L->K) * H;
             float ybuf[ROWS_PER_ITEM];
-            proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, L->ha + p * L->dn.r, ybuf);
+            const int64_t gs = L->dn.qact ? I / L->dn.group : 0;
+            const QAct qa = {L->hq + p * I * (L->dn.qact != 0), L->hqs + p * gs, L->hqsum + p * gs};
+            proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, &qa, L->ha + p * L->dn.r, ybuf);
             for (int64_t i = i0; i < i1; i++) {
                 float y = ybuf[i - i0];
                 if (L->b_d) y += L->b_d[e * H + i];
@@ -555,8 +674,17 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     float *hr = dtype == W_F32 ? hf : malloc(((size_t)S * I + 1) * sizeof(float)); /* [S, I] h bf16-rounded */
     float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
     float *ha = malloc(((size_t)S * r_d + 1) * sizeof(float));   /* [S, r_d] */
+    /* int8 activations for int4 weights with groups of a multiple of 64 (see dotq); one byte each otherwise */
+    const int qact = dtype == W_P4 && !table && group % 64 == 0 && dotq != NULL;
+    const int64_t nq = qact ? 1 : 0, gq = qact ? group : 1;
+    int8_t *xq = malloc((size_t)(nq * T * H) + 1), *hq = malloc((size_t)(nq * S * I) + 1);
+    float *xqs = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));
+    float *xqsum = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));
+    float *hqs = malloc(((size_t)(nq * S * I / gq) + 1) * sizeof(float));
+    float *hqsum = malloc(((size_t)(nq * S * I / gq) + 1) * sizeof(float));
     int rc = 0;
-    if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !hb || !hr || !xa || !ha) {
+    if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !hb || !hr || !xa || !ha || !xq || !hq || !xqs ||
+        !xqsum || !hqs || !hqsum) {
         rc = 2;
         goto done;
     }
@@ -578,7 +706,10 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         xb[v] = f32_to_bf16(x[v]);
         xf[v] = dtype == W_F32 ? x[v] : bf16_to_f32(xb[v]);
     }
-    if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
+    if (qact) /* from the unrounded input: the torch path quantizes the fp32 x it is given */
+        for (int64_t t = 0; t < T; t++)
+            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group));
+    else if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
         float *row = malloc((size_t)H * sizeof(float));
         if (!row) {
             rc = 2;
@@ -590,10 +721,11 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         }
         free(row);
     }
-    const Layer L = {{dtype, w_gu, s_gu, table, group, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
-                     {dtype, w_d, s_d, table, group, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
+    const Layer L = {{dtype, w_gu, s_gu, table, group, qact, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
+                     {dtype, w_d, s_d, table, group, qact, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
                      act, alpha, limit, bias_gu, bias_d,
-                     K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb};
+                     K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb,
+                     xq, hq, xqs, hqs, xqsum, hqsum};
     const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     const int chunk = sched_chunk;
 
@@ -621,6 +753,11 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < S; p++) lora_in(&L.dn, ids[order[p]], hf + p * I, ha + p * r_d);
         }
+        if (qact) { /* h of every slot to int8, from its fp32 value (as the torch path) */
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < S; p++)
+                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group));
+        }
         if (chunk) {
 #pragma omp for schedule(dynamic, chunk)
             for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
@@ -632,5 +769,6 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
 done:
     if (hr != hf) free(hr);
     free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(hb), free(xa), free(ha);
+    free(xq), free(hq), free(xqs), free(xqsum), free(hqs), free(hqsum);
     return rc;
 }

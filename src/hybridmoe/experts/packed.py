@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "int4_group_for", "mxfp4_scales",
-           "pack_nibbles", "quantize_int4", "quantize_mxfp4", "unpack_nibbles"]
+           "pack_nibbles", "quantize_activations", "quantize_int4", "quantize_mxfp4", "unpack_nibbles"]
 
 INT4_GROUP = 64
 BLOCK = 32  # the kernel's unit: 16 bytes of codes
@@ -62,6 +62,13 @@ class PackedFormat:
 
     def fits(self, in_features: int) -> bool:
         return in_features % self.group == 0
+
+    @property
+    def int8_activations(self) -> bool:
+        """int4 with groups of a multiple of 64 computes on the CPU against int8 activations (one fp32 scale per
+        weight group: :func:`quantize_activations`), with integer dot products in the kernel (llama.cpp's Q4_0 x
+        Q8_0); the torch path quantizes the same way, so the two agree. On the GPU activations stay bf16."""
+        return self.kind == "int4" and self.group % 64 == 0
 
 
 def int4_group_for(in_dims: tuple[int, ...], group: int | None = None) -> int | None:
@@ -145,6 +152,16 @@ def _values(nib: torch.Tensor, fmt: PackedFormat, dtype: torch.dtype) -> torch.T
     sign, e, m = (x >> 3) << 15, (x >> 1) & 3, x & 1
     bits = torch.where(e > 0, ((e + 126) << 7) | (m << 6), m * 0x3F00) | sign
     return bits.view(torch.bfloat16).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [n, in] fp32 -> the values int8 activations stand for, fp32: per group of `group` inputs s = amax / 127,
+    q = round(x / s) (ties to even), returned as q · s. The CPU kernel's quant_act, in torch (the same fp32 ops)."""
+    n, k = x.shape
+    g = x.float().reshape(n, k // group, group)
+    s = g.abs().amax(-1, keepdim=True) / 127  # [n, G, 1] fp32
+    q = torch.where(s > 0, torch.round(g / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(g))
+    return (q.clamp_(-127, 127) * s).reshape(n, k)
 
 
 def mxfp4_scales(exponents: torch.Tensor) -> torch.Tensor:
