@@ -180,7 +180,9 @@ def test_streamed_and_cpu_gradients_match_fp32_math(fmt):
         return [x.grad, w.grad] + [t.grad.clone() for lo in mod.lora.values() for t in (lo.A, lo.B)]
 
     want = run(ref)
-    for streamed, tol in ((False, 1e-2), (True, 3e-2)):  # streamed: bf16 activations between the GEMMs
+    # CPU: int8 activations at group 64 (measured 0.6-1.1%); streamed: bf16 activations between the GEMMs
+    cpu_tol = 3e-2 if fmt.int8_activations else 1e-2
+    for streamed, tol in ((False, cpu_tol), (True, 3e-2)):
         if streamed:
             enable_streaming(m, "cpu", 1)
         for a, b in zip(run(m), want):

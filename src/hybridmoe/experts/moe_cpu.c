@@ -199,8 +199,6 @@ TGT256 static float dot_f32_256(const void *wv, const uint16_t *xb, const float 
  * of 16 consecutive bytes meet 16 consecutive activations. Values: int4 (table NULL) c - 8; else table[c] (MXFP4).
  * Per group: sum of values * x in fp32, then times the group's bf16 scale. */
 
-typedef float (*dot4_fn)(const uint8_t *w, const float *xp, int64_t n, const uint16_t *scale, int64_t group,
-                         const float *table);
 
 static inline int64_t p4_pos(int64_t i) { /* where input i sits in the permuted activations */
     const int64_t r = i & 31;
@@ -211,79 +209,19 @@ static void permute_p4(const float *x, float *xp, int64_t n) {
     for (int64_t i = 0; i < n; i++) xp[p4_pos(i)] = x[i];
 }
 
-TGT512 static float dot_p4_512(const uint8_t *w, const float *xp, int64_t n, const uint16_t *scale, int64_t group,
-                               const float *table) {
-    const __m512i low = _mm512_set1_epi32(15);
-    const __m512 eight = _mm512_set1_ps(8.f);
-    const __m512 tab = table ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t g0 = 0; g0 < n; g0 += group) {
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-        for (int64_t b = g0; b < g0 + group; b += 32) {
-            PREFETCH(w + b / 2, 16);
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + b / 2)));
-            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
-            __m512 flo, fhi;
-            if (table) {
-                flo = _mm512_permutexvar_ps(lo, tab);
-                fhi = _mm512_permutexvar_ps(hi, tab);
-            } else {
-                flo = _mm512_sub_ps(_mm512_cvtepi32_ps(lo), eight);
-                fhi = _mm512_sub_ps(_mm512_cvtepi32_ps(hi), eight);
-            }
-            s0 = _mm512_fmadd_ps(flo, _mm512_loadu_ps(xp + b), s0);
-            s1 = _mm512_fmadd_ps(fhi, _mm512_loadu_ps(xp + b + 16), s1);
-        }
-        acc = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(bf16_to_f32(scale[g0 / group])), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 TGT256 static inline __m256 lut16_256(__m256i idx, __m256 tlo, __m256 thi) { /* table[idx], idx in [0, 16) */
     __m256 a = _mm256_permutevar8x32_ps(tlo, idx), b = _mm256_permutevar8x32_ps(thi, idx);
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))); /* bit 3 picks the half */
 }
 
-TGT256 static float dot_p4_256(const uint8_t *w, const float *xp, int64_t n, const uint16_t *scale, int64_t group,
-                               const float *table) {
-    const __m256i low = _mm256_set1_epi32(15);
-    const __m256 eight = _mm256_set1_ps(8.f);
-    const __m256 tlo = table ? _mm256_loadu_ps(table) : _mm256_setzero_ps();
-    const __m256 thi = table ? _mm256_loadu_ps(table + 8) : _mm256_setzero_ps();
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < n; g0 += group) {
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        for (int64_t b = g0; b < g0 + group; b += 32) {
-            PREFETCH(w + b / 2, 16);
-            for (int h = 0; h < 2; h++) { /* bytes [8h, 8h + 8) of the block: inputs 16h .. 16h + 15 */
-                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + b / 2 + 8 * h)));
-                __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi32(v, 4);
-                __m256 flo, fhi;
-                if (table) {
-                    flo = lut16_256(lo, tlo, thi);
-                    fhi = lut16_256(hi, tlo, thi);
-                } else {
-                    flo = _mm256_sub_ps(_mm256_cvtepi32_ps(lo), eight);
-                    fhi = _mm256_sub_ps(_mm256_cvtepi32_ps(hi), eight);
-                }
-                s0 = _mm256_fmadd_ps(flo, _mm256_loadu_ps(xp + b + 8 * h), s0);
-                s1 = _mm256_fmadd_ps(fhi, _mm256_loadu_ps(xp + b + 16 + 8 * h), s1);
-            }
-        }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(bf16_to_f32(scale[g0 / group])), acc);
-    }
-    return hsum256(acc);
-}
+/* Four rows at once (given as row pointers; a tail repeats its last row): the activations are loaded once for the
+ * four, and the four rows' accumulators are independent dependency chains, which a single row (a few hundred bytes at
+ * these widths) cannot fill. out[r] = the row's dot product, scales applied. */
+typedef void (*dot4x4_fn)(const uint8_t *const *w, const uint16_t *const *scale, const float *xp, int64_t n,
+                          int64_t group, const float *table, float *out);
 
-/* Four consecutive rows at once (rows `wstride` bytes apart, their scales `sstride` apart): the activations are
- * loaded once for the four, and the four rows' accumulators are independent dependency chains, which a single row
- * (a few hundred bytes at these widths) cannot fill. out[r] = the row's dot product, scales applied. */
-typedef void (*dot4x4_fn)(const uint8_t *w, int64_t wstride, const float *xp, int64_t n, const uint16_t *scale,
-                          int64_t sstride, int64_t group, const float *table, float *out);
-
-TGT512 static void dot_p4x4_512(const uint8_t *w, int64_t wstride, const float *xp, int64_t n,
-                                const uint16_t *scale, int64_t sstride, int64_t group, const float *table,
-                                float *out) {
+TGT512 static void dot_p4x4_512(const uint8_t *const *w, const uint16_t *const *scale, const float *xp, int64_t n,
+                                int64_t group, const float *table, float *out) {
     const __m512i low = _mm512_set1_epi32(15);
     const __m512 eight = _mm512_set1_ps(8.f);
     const __m512 tab = table ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
@@ -294,7 +232,7 @@ TGT512 static void dot_p4x4_512(const uint8_t *w, int64_t wstride, const float *
         for (int64_t b = g0; b < g0 + group; b += 32) {
             const __m512 x0 = _mm512_loadu_ps(xp + b), x1 = _mm512_loadu_ps(xp + b + 16);
             for (int r = 0; r < 4; r++) {
-                const uint8_t *wr = w + r * wstride + b / 2;
+                const uint8_t *wr = w[r] + b / 2;
                 PREFETCH(wr, 16);
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wr));
                 __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
@@ -312,14 +250,13 @@ TGT512 static void dot_p4x4_512(const uint8_t *w, int64_t wstride, const float *
         }
         for (int r = 0; r < 4; r++)
             acc[r] = _mm512_fmadd_ps(_mm512_add_ps(s0[r], s1[r]),
-                                     _mm512_set1_ps(bf16_to_f32(scale[r * sstride + g0 / group])), acc[r]);
+                                     _mm512_set1_ps(bf16_to_f32(scale[r][g0 / group])), acc[r]);
     }
     for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-TGT256 static void dot_p4x4_256(const uint8_t *w, int64_t wstride, const float *xp, int64_t n,
-                                const uint16_t *scale, int64_t sstride, int64_t group, const float *table,
-                                float *out) {
+TGT256 static void dot_p4x4_256(const uint8_t *const *w, const uint16_t *const *scale, const float *xp, int64_t n,
+                                int64_t group, const float *table, float *out) {
     const __m256i low = _mm256_set1_epi32(15);
     const __m256 eight = _mm256_set1_ps(8.f);
     const __m256 tlo = table ? _mm256_loadu_ps(table) : _mm256_setzero_ps();
@@ -332,7 +269,7 @@ TGT256 static void dot_p4x4_256(const uint8_t *w, int64_t wstride, const float *
             for (int h = 0; h < 2; h++) { /* bytes [8h, 8h + 8) of the block: inputs 16h .. 16h + 15 */
                 const __m256 x0 = _mm256_loadu_ps(xp + b + 8 * h), x1 = _mm256_loadu_ps(xp + b + 16 + 8 * h);
                 for (int r = 0; r < 4; r++) {
-                    const uint8_t *wr = w + r * wstride + b / 2 + 8 * h;
+                    const uint8_t *wr = w[r] + b / 2 + 8 * h;
                     if (!h) PREFETCH(wr, 16);
                     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)wr));
                     __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi32(v, 4);
@@ -351,7 +288,7 @@ TGT256 static void dot_p4x4_256(const uint8_t *w, int64_t wstride, const float *
         }
         for (int r = 0; r < 4; r++)
             acc[r] = _mm256_fmadd_ps(_mm256_add_ps(s0[r], s1[r]),
-                                     _mm256_set1_ps(bf16_to_f32(scale[r * sstride + g0 / group])), acc[r]);
+                                     _mm256_set1_ps(bf16_to_f32(scale[r][g0 / group])), acc[r]);
     }
     for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]);
 }
@@ -455,7 +392,6 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
 static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
-static dot4_fn dot4 = NULL;
 static dot4x4_fn dot4x4 = NULL;
 static dotq_fn dotq = NULL; /* int4 x int8 activations: VNNI where the CPU has it, else AVX2 */
 
@@ -474,7 +410,6 @@ int hm_set_isa(int level) {
     int best = hm_isa();
     if (level > best) level = best;
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
-    dot4 = level == 2 ? dot_p4_512 : level == 1 ? dot_p4_256 : NULL;
     dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
     dotq = level == 2 && __builtin_cpu_supports("avx512vnni") ? dot_q4x4_vnni : level >= 1 ? dot_q4x4_256 : NULL;
     return level;
@@ -520,29 +455,23 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
     static const size_t elem[3] = {4, 2, 1};
     const int64_t idx0 = e * p->out + row0;
     int64_t k = 0;
-    if (p->qact) {
+    if (p->dtype == W_P4) { /* four rows at a time (a tail repeats its last row): integer or fp32 dots */
         const int64_t wstride = p->in / 2, sstride = p->in / p->group;
         for (; k < n; k += 4) {
             const uint8_t *w[4];
             const uint16_t *sc[4];
             float o[4];
-            for (int r = 0; r < 4; r++) { /* a tail repeats its last row */
+            for (int r = 0; r < 4; r++) {
                 const int64_t row = idx0 + (k + r < n ? k + r : n - 1);
                 w[r] = (const uint8_t *)p->w + (size_t)row * wstride;
                 sc[r] = p->scale + row * sstride;
             }
-            dotq(w, sc, qa, p->in, p->group, o);
+            if (p->qact)
+                dotq(w, sc, qa, p->in, p->group, o);
+            else
+                dot4x4(w, sc, xf, p->in, p->group, p->table, o);
             for (int r = 0; r < 4 && k + r < n; r++) y[k + r] = o[r];
         }
-    } else if (p->dtype == W_P4) {
-        const int64_t wstride = p->in / 2, sstride = p->in / p->group;
-        const uint8_t *w = (const uint8_t *)p->w;
-        for (; k + 4 <= n; k += 4)
-            dot4x4(w + (size_t)(idx0 + k) * wstride, wstride, xf, p->in, p->scale + (idx0 + k) * sstride, sstride,
-                   p->group, p->table, y + k);
-        for (; k < n; k++)
-            y[k] = dot4(w + (size_t)(idx0 + k) * wstride, xf, p->in, p->scale + (idx0 + k) * sstride, p->group,
-                        p->table);
     } else {
         for (; k < n; k++)
             y[k] = dots[p->dtype]((const char *)p->w + (size_t)(idx0 + k) * p->in * elem[p->dtype], xb, xf, p->in);
