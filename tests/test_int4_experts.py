@@ -255,6 +255,11 @@ def test_int4_adapter_training_merge_and_chat(ckpt, tmp_path):
     assert res.new_tokens >= 1
 
 
+def test_info_names_the_expert_format(ckpt, capsys):
+    assert main(["info", "--model", str(ckpt("qwen3_moe:g64")), "--device", "cpu", "--expert-dtype", "int4"]) == 0
+    assert "routed experts: cpu (int4 (group 64))" in capsys.readouterr().out
+
+
 def test_chat_cli_with_int4_experts(ckpt, capsys):
     rc = main(["chat", "--model", str(ckpt("deepseek_v2")), "--prompt", "hi", "--device", "cpu", "--expert-dtype",
                "int4", "--temperature", "0", "--max-new-tokens", "4"])

@@ -61,7 +61,8 @@ def _cmd_info(args) -> int:
     from .loading import load_model
     from .placement import format_report, placement_report
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                       progress=not args.json)
     if args.adapter:
         model = load_adapter(model, args.adapter)
     rep = placement_report(model)
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--adapter")
     f.add_argument("--device", choices=["cuda", "cpu"], default=None)
     f.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    _add_expert_dtype(f)
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_cmd_info)
 
