@@ -3,6 +3,7 @@
 #   PART=a: pytest -m gpu for the 4-bit paths; the decode kernel's int4 groups against the measured read bandwidth
 #           (AVX-512 and AVX2); V2-Lite built in place in bf16, int8 and int4, side by side in one run: build,
 #           batch-1 decode, 1024-token prefill, LoRA training 4 x 1024 (benchmarks/big_models.py)
+#   PART=i: (not run yet) the kernel's AVX-512 4-bit paths through the CPU tests on the Xeon, and the GPU tests
 #   PART=h: decode GEMVs and V2-Lite int4 decode with int8-activation integer dots (VNNI)
 #   PART=g: decode GEMVs with 64-row work items for 4-bit weights (measured no faster; reverted after the run)
 #   PART=f: issue 18's serving load table on V2-Lite (benchmarks/serve_load.py --issue-table)
@@ -39,6 +40,11 @@ elif [ "${PART}" = d ]; then  # after the eager-mask fix: gpt-oss graphs, every 
   step pytest_gpu_all 330 $NOW python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_distributed.py
   step gptoss_decode 150 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 0 \
     --skip prefill --new-tokens 32 --gpu-shares 0 0.25 0.5
+elif [ "${PART}" = i ]; then  # next session first: the CPU kernel's AVX-512 paths (CPU tests on the Xeon) + GPU tests
+  step cpu_tests_avx512 200 $NOW python -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_cpu_kernel.py \
+    tests/test_int4_experts.py tests/test_expert_backends.py tests/test_formats.py
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_experts.py \
+    tests/test_decode_graph.py tests/test_mixed_adapters.py tests/test_int8_experts.py
 elif [ "${PART}" = h ]; then  # int8-activation integer dots for int4 (VNNI)
   step gemv 80 $NOW python benchmarks/decode_gemv.py --layers 4 --calls 200 --int4-groups 64
   step v2lite_int4 80 $NOW python benchmarks/big_models.py --model v2-lite --format int4 --steps 0 --skip prefill \
