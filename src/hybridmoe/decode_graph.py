@@ -102,8 +102,7 @@ class _GpuShare:
             return
         gate_up, down = self.gate_up, self.down
         if self.scales is not None:
-            gate_up = self.weights.to_float("gate_up_proj", gate_up, self.scales[0])
-            down = self.weights.to_float("down_proj", down, self.scales[1])
+            gate_up, down = self.weights.to_float(gate_up, self.scales[0]), self.weights.to_float(down, self.scales[1])
         x = self.x.to(gate_up.dtype)  # [1, H]
         acc = torch.zeros_like(self.y)
         for s in range(self.n):

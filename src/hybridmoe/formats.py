@@ -31,7 +31,7 @@ from torch import nn
 from .checkpoint import Checkpoint, KeyMapper, read_tensor
 from .compressed import PACKED, CompressedTensors, PackedWeight, dequantize_int, parse_config, read_packed
 from .errors import CheckpointError
-from .experts.packed import PackedFormat, mxfp4_scales
+from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales
 
 # safetensors dtype names the loader converts to the compute dtype.
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -95,27 +95,12 @@ class Mxfp4:
     name = "mxfp4"
 
 
-# e2m1 code -> value (the sign is the high bit of the nibble)
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
 def _check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> None:
     if (blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape
             or blocks.shape[-1] != 16):
         raise CheckpointError(f"tensors '{key}_blocks' {tuple(blocks.shape)} {blocks.dtype} and '{key}_scales' "
                               f"{tuple(scales.shape)} {scales.dtype} in '{f.name}' are not MXFP4 (uint8 [.., G, 16] "
                               "blocks with uint8 [.., G] exponents)")
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) -> torch.Tensor:
-    """blocks [..., out, G, 16] uint8, scales [..., out, G] uint8 -> fp32 [..., out, G·32] (exact: every e2m1 value
-    times a power of two is an fp32 number)."""
-    _check_mxfp4(blocks, scales, key, f)
-    lut = torch.tensor(_E2M1, dtype=torch.float32)
-    vals = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
-    vals = vals.flatten(-3)  # [..., G·32]: within a byte, the low nibble is the earlier element
-    exp = scales.to(torch.int32) - 127  # [..., G]
-    return torch.ldexp(vals, exp.repeat_interleave(32, dim=-1).float())
 
 
 Format = Fp8Blocks | Mxfp4 | CompressedTensors
@@ -235,14 +220,15 @@ class WeightReader:
             self._dtypes[f] = self.ckpt.dtypes(f)  # one header parse per shard
         return self._dtypes[f][key]
 
-    def read_packed(self, handle, f: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_packed(self, handle, f: Path, key: str, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales bf16
         [..., out, in/group]); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that
-        layout byte for byte)."""
+        layout byte for byte). `t`: the tensor of `key`, if the caller has read it already."""
+        t = read_tensor(handle, f, key) if t is None else t
         if isinstance(self.fmt, CompressedTensors):
-            w = self._read_compressed(handle, f, key, read_tensor(handle, f, key))
+            w = self._read_compressed(handle, f, key, t)
             return w.codes, w.scales.to(torch.bfloat16)  # bf16 already (packed_format checked the header)
-        blocks = read_tensor(handle, f, key)  # [..., out, G, 16] uint8
+        blocks = t  # [..., out, G, 16] uint8
         base = self.logical(key)
         exps = self._companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
         _check_mxfp4(blocks, exps, base, f)
@@ -267,8 +253,7 @@ class WeightReader:
             scale = self._companion(handle, f, key, key + "_scale_inv", "FP8")
             return dequantize_fp8(t, scale, self.fmt.block, key, f)
         if isinstance(self.fmt, Mxfp4) and self.logical(key) != key:
-            base = self.logical(key)
-            w = dequantize_mxfp4(t, self._companion(handle, f, key, base + "_scales", "MXFP4"), base, f)  # [E, out, in]
+            w = dequantize_packed(*self.read_packed(handle, f, key, t), PackedFormat("mxfp4", 32))  # [E, out, in] fp32
             return w.transpose(-1, -2)  # the name's own orientation ([E, in, out], as transformers stores gpt-oss)
         return t
 

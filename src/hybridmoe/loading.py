@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, KeyMapper, _check_dir, read_config
 from .errors import CheckpointError, ConfigError
 from .experts import HybridExperts, experts_spec, find_fused_experts
 from .experts.backends import ExpertSettings
-from .experts.cpu_experts import ExpertFormat
+from .experts.cpu_experts import ExpertFormat, format_name
 from .experts.formula import ExpertMLP
 from .experts.packed import INT4_GROUP, PackedFormat, int4_group_for
 from .experts.streaming import enable_streaming
@@ -55,8 +55,7 @@ class HybridMeta:
     @property
     def expert_format(self) -> str:
         """How the routed experts are held in RAM, e.g. "bfloat16", "int8", "int4 (group 64)", "mxfp4"."""
-        fmt = self.expert_dtype
-        return str(fmt) if isinstance(fmt, PackedFormat) else str(fmt).replace("torch.", "")
+        return format_name(self.expert_dtype)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -277,12 +276,10 @@ def _stream_weights(model, ckpt: Checkpoint, experts: dict[str, HybridExperts], 
                 sl = mapper.expert_slice(name)
                 part = mapper.concat_part(name)
                 if sl is not None and sl.module in experts:
-                    if not load_experts:
-                        pass
-                    elif _as_shipped(reader, key, experts[sl.module]):  # 4-bit codes stored as they are
+                    if load_experts and _as_shipped(reader, key, experts[sl.module]):  # 4-bit codes stored as is
                         codes, scales = reader.read_packed(handle, f, key)
                         _copy_expert(experts[sl.module], sl, codes, key, f, scales=scales)
-                    else:
+                    elif load_experts:
                         _copy_expert(experts[sl.module], sl, reader.read(handle, f, key), key, f)
                 elif name in expected:
                     place(name, reader.read(handle, f, key), key, f)
@@ -384,7 +381,7 @@ def load_model(
 
 def _describe(fmt, experts: ExpertFormat) -> str:
     """The checkpoint's format as shipped and what became of it, for ``info``."""
-    kept = str(experts) if isinstance(experts, PackedFormat) else str(experts).replace("torch.", "")
+    kept = format_name(experts)
     if fmt is None:
         return "float"
     if fmt.name == "fp8":

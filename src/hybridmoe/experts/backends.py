@@ -3,7 +3,7 @@
 Backends (all tested against :func:`hybridmoe.experts.formula.reference_moe`, tests/test_expert_backends.py):
 
 - ``"kernel"``  the compiled CPU kernel (``moe_cpu.c``): inference, at most ``cpu_kernel.MAX_TOKENS`` tokens, the
-  SiLU-GLU variant without biases, weights bf16/fp32/int8/int4/MXFP4 in RAM;
+  SiLU-GLU and gpt-oss's clamped SwiGLU (with biases), weights bf16/fp32/int8/int4/MXFP4 in RAM;
 - ``"cpu"``     the per-expert torch loop on the CPU, next to the weights (training steps of few tokens, every variant);
 - ``"grouped"`` grouped GEMMs on the compute device over the layer's weights streamed into a GPU slot (batches of at
   least ``stream_min_tokens``: training, long prefills);

@@ -60,6 +60,11 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 ExpertFormat = torch.dtype | PackedFormat  # how routed-expert weights are held in RAM
 
 
+def format_name(fmt: ExpertFormat) -> str:
+    """"bfloat16", "float32", "int8", "int4 (group 64)" or "mxfp4": for info and logs."""
+    return str(fmt) if isinstance(fmt, PackedFormat) else str(fmt).replace("torch.", "")
+
+
 class ExpertWeights:
     """The CPU home of one layer's routed-expert weights, in the canonical fused layout [E, out, in].
 
@@ -117,8 +122,7 @@ class ExpertWeights:
 
     @property
     def format_name(self) -> str:
-        """"bfloat16", "float32", "int8", "int4 (group 64)" or "mxfp4": for info and logs."""
-        return str(self.packed) if self.packed is not None else str(self.fmt).replace("torch.", "")
+        return format_name(self.fmt)
 
     def write(self, proj: str, value: torch.Tensor, expert: int | None = None, rows: slice = slice(None)) -> None:
         """Store float weights: the whole projection ([E, out, in], expert None) or rows of one expert; quantized on
@@ -175,16 +179,12 @@ class ExpertWeights:
             return dequantize_packed(w, self.scales[proj], self.packed)
         return dequantize_rows(w, self.scales[proj]) if self.quantized else w
 
-    def to_float(self, proj: str, w: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+    def to_float(self, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """Weights stored in this object's format, anywhere (a GPU slot, a GPU share buffer), as floats [n, out, in]:
-        the tensor itself for bf16/fp32; int8 and 4-bit dequantized where they are, in `dtype` (into `out`)."""
+        the tensor itself for bf16/fp32; int8 and 4-bit dequantized to bf16 where they are."""
         if self.packed is not None:
-            return dequantize_packed(w, scales, self.packed, dtype, out=out)
-        if scales is not None:
-            w = dequantize_rows(w, scales)
-            return w if out is None else out.copy_(w)
-        return w
+            return dequantize_packed(w, scales, self.packed, torch.bfloat16)
+        return w if scales is None else dequantize_rows(w, scales)
 
     # -- what the per-expert loop asks of any weights object (the format stays in here) --------------------------
     def linear(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -716,8 +716,8 @@ class HybridExperts(nn.Module):
         if on_device:
             gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index))
             if scales is not None:
-                gate_up = self.weights.to_float("gate_up_proj", gate_up, scales["gate_up_proj"])
-                down = self.weights.to_float("down_proj", down, scales["down_proj"])
+                gate_up = self.weights.to_float(gate_up, scales["gate_up_proj"])
+                down = self.weights.to_float(down, scales["down_proj"])
             return gate_up, down, bias
         return self.weights.gate_up, self.weights.down, self.weights.bias
 

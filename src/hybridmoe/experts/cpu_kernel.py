@@ -112,7 +112,7 @@ def _load() -> None:
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = ctypes.c_int
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p, p, i64,
-                                       ctypes.c_int, f32, f32, p, p,
+                                       ctypes.c_int, ctypes.c_int, f32, f32, p, p,
                                        i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
@@ -200,12 +200,13 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
         raise ValueError(f"moe_forward: shapes x {tuple(x.shape)}, ids {tuple(ids.shape)}, w {tuple(w.shape)}, "
                          f"out {tuple(out.shape)} do not fit [T, {spec.hidden_dim}], [T, K], [T, K], [T, {spec.hidden_dim}]")
     scales = weights.scales or {}
-    table, group = None, 0
+    table, group, qact = None, 0, 0
     if weights.packed is not None:
-        group = weights.packed.group
+        group, qact = weights.packed.group, int(weights.packed.int8_activations)  # the torch path's rule too
         if weights.packed.kind != "int4":  # int4's values (c - 8) are computed, not looked up
-            table = _tables.setdefault(weights.packed.kind,
-                                       torch.tensor(weights.packed.values, dtype=torch.float32))  # [16]
+            if weights.packed.kind not in _tables:
+                _tables[weights.packed.kind] = torch.tensor(weights.packed.values, dtype=torch.float32)  # [16]
+            table = _tables[weights.packed.kind]
     act, alpha, limit = module.mlp.kernel_gate
     bias = weights.bias_f32()  # fp32 copies of the biases, made once ({} without biases)
     lora = []
@@ -221,13 +222,14 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
     rc = _lib.hm_moe_forward(
         t_, k, spec.num_experts, spec.hidden_dim, spec.intermediate_dim, x.data_ptr(), ids.data_ptr(),
         w.data_ptr(), _DTYPES[weights.gate_up.dtype], weights.gate_up.data_ptr(), _ptr(scales.get("gate_up_proj")),
-        weights.down.data_ptr(), _ptr(scales.get("down_proj")), _ptr(table), group, act, alpha, limit,
+        weights.down.data_ptr(), _ptr(scales.get("down_proj")), _ptr(table), group, qact, act, alpha, limit,
         _ptr(bias.get("gate_up_proj")), _ptr(bias.get("down_proj")), *lora, out.data_ptr(), torch.get_num_threads())
     if rc == 1:
         raise ValueError(f"moe_forward: an expert id is outside [0, {spec.num_experts})")
     if rc == 2:
         raise MemoryError("moe_forward: out of host memory for the kernel's buffers")
     if rc == 4:
-        raise ValueError(f"moe_forward: 4-bit group {group} does not fit the dims {spec.hidden_dim}, {spec.intermediate_dim}")
+        raise ValueError(f"moe_forward: 4-bit group {group} does not fit the dims {spec.hidden_dim}, "
+                         f"{spec.intermediate_dim} (or int8 activations asked for other than int4 in groups of 64k)")
     if rc:
         raise RuntimeError(f"moe_forward: the kernel returned {rc} (no instruction set selected)")

@@ -579,16 +579,18 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
 
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
- * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; act, alpha, limit: the
+ * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: int4 against int8
+ * activations (see dotq; 4 if the weights are not int4 in groups of a multiple of 64); act, alpha, limit: the
  * expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or NULL, added after the GEMM's rounding (as torch). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
-                   const uint16_t *s_d, const float *table, int64_t group, int act, float alpha, float limit,
+                   const uint16_t *s_d, const float *table, int64_t group, int qact, int act, float alpha, float limit,
                    const float *bias_gu, const float *bias_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
                    int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
     const int64_t S = T * K;
     if (!dots) return 3;
     if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
+    if (qact && (dtype != W_P4 || table || group % 64)) return 4; /* int8 activations: int4 in groups of 64k only */
     for (int64_t s = 0; s < S; s++)
         if (ids[s] < 0 || ids[s] >= E) return 1;
 
@@ -603,8 +605,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     float *hr = dtype == W_F32 ? hf : malloc(((size_t)S * I + 1) * sizeof(float)); /* [S, I] h bf16-rounded */
     float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
     float *ha = malloc(((size_t)S * r_d + 1) * sizeof(float));   /* [S, r_d] */
-    /* int8 activations for int4 weights with groups of a multiple of 64 (see dotq); one byte each otherwise */
-    const int qact = dtype == W_P4 && !table && group % 64 == 0 && dotq != NULL;
+    /* int8 activations (qact: the caller's choice, PackedFormat.int8_activations; see dotq); one byte otherwise */
     const int64_t nq = qact ? 1 : 0, gq = qact ? group : 1;
     int8_t *xq = malloc((size_t)(nq * T * H) + 1), *hq = malloc((size_t)(nq * S * I) + 1);
     float *xqs = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));

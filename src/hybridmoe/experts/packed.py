@@ -87,10 +87,8 @@ def pack_nibbles(c: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    """packed uint8 [..., n/2] -> codes int32 [..., n] (each < 16; int32 so they can index a table), on p's device."""
-    lo = (p & 15).to(torch.int32)
-    hi = (p >> 4).to(torch.int32)
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
+    """packed uint8 [..., n/2] -> codes uint8 [..., n] (each < 16), on p's device."""
+    return torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +113,9 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 
 
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedFormat,
-                      dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes uint8 [..., out, in/2], scales bf16 [..., out, in/group] -> [..., out, in] in `dtype` (exact in fp32;
-    bf16 rounds each weight once, as fp32 math then a cast would), into `out` if given.
+    bf16 rounds each weight once, as fp32 math then a cast would).
 
     On the tensors' device: the streamed path dequantizes a whole layer on the GPU per pass, so this is written for
     bandwidth: no index tensors or table gathers, every temporary 1-2 bytes a weight, in chunks of rows so the
@@ -125,18 +123,15 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedForm
     bf16); an e2m1 code becomes the bf16 with its sign, exponent and mantissa bits (exact)."""
     *lead, rows, half = codes.shape
     n = 2 * half
-    if out is None:
-        out = torch.empty(*lead, rows, n, dtype=dtype, device=codes.device)
+    out = torch.empty(*lead, rows, n, dtype=dtype, device=codes.device)
     # bf16 math is exact here (a value has <= 3 significant bits, a scale 8: the product rounds once, to `dtype`);
     # fp32 out: compute in fp32 (exact)
     work = torch.float32 if dtype == torch.float32 else torch.bfloat16
     flat_c, flat_s, flat_o = codes.reshape(-1, half), scales.reshape(-1, n // fmt.group), out.view(-1, n)
     step = max(1, (1 << 26) // n)  # rows per chunk: 64M weights
     for r in range(0, flat_c.shape[0], step):
-        c = flat_c[r:r + step]
-        m = c.shape[0]
-        nib = torch.stack((c & 15, c >> 4), dim=-1).view(m, n)  # [m, in] uint8 codes
-        v = _values(nib, fmt, work)  # [m, in]
+        m = flat_c[r:r + step].shape[0]
+        v = _values(unpack_nibbles(flat_c[r:r + step]), fmt, work)  # [m, in]
         v = v.view(m, n // fmt.group, fmt.group) * flat_s[r:r + step].to(work).unsqueeze(-1)
         flat_o[r:r + step] = v.view(m, n)
     return out
