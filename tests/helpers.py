@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from hybridmoe.adapters import to_peft_layout
 from hybridmoe.experts import HybridExperts
@@ -24,6 +26,36 @@ def make_zoo_checkpoint(arch: str, path: Path, **overrides) -> Path:
     tok = build_tokenizer()
     save_zoo_model(arch, path, tokenizer=tok, vocab_size=len(tok), **overrides)
     return path
+
+
+def rewrite_checkpoint(src: Path, dst: Path, transform, quant_config: dict | None = None) -> Path:
+    """Copy checkpoint `src` (any sharding) to `dst` as one model.safetensors passed through transform(dict) -> dict,
+    with `quant_config` (if any) declared in config.json."""
+    shutil.copytree(src, dst)
+    sd = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(transform(sd), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if quant_config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant_config}))
+    return dst
+
+
+def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
+    """`hybridmoe argv` fails as the CLI contract says: exit 2, exactly one `hybridmoe: error:` line naming every
+    fragment, no traceback."""
+    from hybridmoe.cli import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hybridmoe: error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in errors[0], errors[0]
 
 
 def write_dataset(path: Path, n: int = 16) -> Path:

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hybridmoe.cli import build_parser, main
+from hybridmoe.cli import build_parser
 
-from .helpers import make_checkpoint, write_dataset
-
-
-def _one_line_error(capsys, argv, *fragments):
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("hybridmoe: error:")]
-    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
-    for f in fragments:
-        assert f in errors[0], errors[0]
+from .helpers import make_checkpoint, one_line_error, write_dataset
 
 
 @pytest.mark.parametrize("cmd", ["train", "chat", "inspect", "info", "export", "quickstart"])
@@ -33,23 +23,23 @@ def test_train_config_errors(tmp_path, capsys):
 
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(base + "lora_rank: [8\n")
-    _one_line_error(capsys, ["train", str(bad_yaml)], "bad.yaml:", "malformed YAML")
+    one_line_error(capsys, ["train", str(bad_yaml)], "bad.yaml:", "malformed YAML")
 
     cfg = tmp_path / "ok.yaml"
     cfg.write_text(base + "device: cpu\nmax_steps: 1\nprogress: false\n")
-    _one_line_error(capsys, ["train", str(cfg), "lora_rnk=4"], "unknown config key 'lora_rnk'", "lora_rank")
-    _one_line_error(capsys, ["train", str(cfg), "max_steps=ten"], "'max_steps' must be an integer")
-    _one_line_error(capsys, ["train", str(tmp_path / "nope.yaml")], "does not exist")
-    _one_line_error(capsys, ["train", str(cfg), f"dataset={tmp_path / 'missing.jsonl'}"], "missing.jsonl")
+    one_line_error(capsys, ["train", str(cfg), "lora_rnk=4"], "unknown config key 'lora_rnk'", "lora_rank")
+    one_line_error(capsys, ["train", str(cfg), "max_steps=ten"], "'max_steps' must be an integer")
+    one_line_error(capsys, ["train", str(tmp_path / "nope.yaml")], "does not exist")
+    one_line_error(capsys, ["train", str(cfg), f"dataset={tmp_path / 'missing.jsonl'}"], "missing.jsonl")
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
-    _one_line_error(capsys, ["train", str(cfg), f"dataset={broken}"], "broken.jsonl:2")
-    _one_line_error(capsys, ["train", str(cfg), "cutoff_len=2"], "cutoff_len 2 is too small")
+    one_line_error(capsys, ["train", str(cfg), f"dataset={broken}"], "broken.jsonl:2")
+    one_line_error(capsys, ["train", str(cfg), "cutoff_len=2"], "cutoff_len 2 is too small")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_chat_flag_errors(tmp_path, capsys):
     model = make_checkpoint("qwen3_moe", tmp_path / "m")
-    _one_line_error(capsys, ["chat", "--model", str(model), "--prompt", "hi", "--top-p", "1.5"], "--top-p")
-    _one_line_error(capsys, ["chat", "--model", str(tmp_path / "nope"), "--prompt", "hi"], "does not exist")
+    one_line_error(capsys, ["chat", "--model", str(model), "--prompt", "hi", "--top-p", "1.5"], "--top-p")
+    one_line_error(capsys, ["chat", "--model", str(tmp_path / "nope"), "--prompt", "hi"], "does not exist")

@@ -5,7 +5,6 @@ written atomically; user errors are one line."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,14 +12,13 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from hybridmoe.cli import main
 from hybridmoe.convert import convert_checkpoint
 from hybridmoe.errors import CheckpointError
 from hybridmoe.loading import load_model
 
-from .helpers import make_checkpoint, rel_err
+from .helpers import make_checkpoint, one_line_error, rel_err, rewrite_checkpoint
 
 TINY = dict(hidden_size=64, moe_intermediate_size=32)  # expert inputs 64 and 32: int4 groups fit
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -39,21 +37,6 @@ def bf16(tmp_path_factory):
 
     return make
 
-
-def rewrite(src, dst, transform, quant_config):
-    """Copy checkpoint `src` (any sharding) to `dst` as one model.safetensors passed through transform(dict), with
-    `quant_config` (if any) declared in config.json."""
-    shutil.copytree(src, dst)
-    sd = {}
-    for f in sorted(dst.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-        f.unlink()
-    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
-    save_file(transform(sd), str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if quant_config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant_config}))
-    return dst
 
 
 def assert_same_experts(a, b):
@@ -94,7 +77,7 @@ def test_convert_from_fp8(bf16, tmp_path):
     from .test_formats import _fp8_quantize_blocks
 
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
-    fp8 = rewrite(bf16("qwen3_moe"), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(
+    fp8 = rewrite_checkpoint(bf16("qwen3_moe"), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(
         {k: v.float() for k, v in sd.items()}, 8), qc)
     out = convert_checkpoint(fp8, tmp_path / "int8", "int8", progress=False)
     a = load_model(fp8, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
@@ -113,7 +96,7 @@ def test_convert_from_compressed_int4(bf16, tmp_path):
     from .test_formats_ct import EXPERTS_RE, ct_config, is_expert, to_compressed
 
     qc = ct_config("pack-quantized", 4, "group", 32, [EXPERTS_RE], ["lm_head"])
-    ct = rewrite(bf16("deepseek_v3"), tmp_path / "ct", lambda sd: to_compressed(
+    ct = rewrite_checkpoint(bf16("deepseek_v3"), tmp_path / "ct", lambda sd: to_compressed(
         sd, is_expert, "pack-quantized", 4, "group", 32, torch.bfloat16), qc)
     out = convert_checkpoint(ct, tmp_path / "int8", "int8", progress=False)
     a = load_model(ct, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
@@ -140,19 +123,11 @@ def test_failure_leaves_nothing(bf16, tmp_path):
         return sd
 
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
-    broken = rewrite(bf16("qwen3_moe"), tmp_path / "broken", bad, qc)
+    broken = rewrite_checkpoint(bf16("qwen3_moe"), tmp_path / "broken", bad, qc)
     with pytest.raises(CheckpointError, match="experts.5.up_proj.weight_scale_inv' in 'model.safetensors' has shape"):
         convert_checkpoint(broken, tmp_path / "out" / "int8", "int8", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
 
-
-def _one_line(capsys, argv, fragment):
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("hybridmoe: error:")]
-    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert fragment in errors[0], errors[0]
 
 
 def test_cli(bf16, tmp_path, capsys):
@@ -160,16 +135,16 @@ def test_cli(bf16, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    _one_line(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out)],
+    one_line_error(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out)],
               "is not empty; pass a new or empty directory, or --overwrite")
     before = (out / "config.json").stat().st_mtime_ns
     assert main(["convert", "--model", src, "--expert-dtype", "int8", "--output", str(out), "--overwrite"]) == 0
     assert (out / "config.json").stat().st_mtime_ns != before
-    _one_line(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", f"{src}/sub"],
+    one_line_error(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", f"{src}/sub"],
               "must not be, contain or be inside the model directory")
-    _one_line(capsys, ["convert", "--model", str(tmp_path / "nope"), "--expert-dtype", "int8", "--output",
+    one_line_error(capsys, ["convert", "--model", str(tmp_path / "nope"), "--expert-dtype", "int8", "--output",
                        str(tmp_path / "o2")], "does not exist")
-    _one_line(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", str(tmp_path / "o3"),
+    one_line_error(capsys, ["convert", "--model", src, "--expert-dtype", "int8", "--output", str(tmp_path / "o3"),
                        "--max-shard-size", "0"], "max_shard_size must be positive")
 
 
@@ -256,7 +231,7 @@ def test_convert_fused_source_and_refusal(bf16, tmp_path, capsys):
     and load to the same int4 codes; a model whose experts have no per-expert layout (gpt-oss) is refused up front."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fused = rewrite(bf16("qwen3_moe"), tmp_path / "fused", _fused, None)
+    fused = rewrite_checkpoint(bf16("qwen3_moe"), tmp_path / "fused", _fused, None)
     out = convert_checkpoint(fused, tmp_path / "int4", "int4", progress=False)
     with safe_open(str(out / "model.safetensors"), "pt") as h:
         assert "model.layers.2.mlp.experts.5.up_proj.weight_packed" in set(h.keys())
@@ -268,6 +243,6 @@ def test_convert_fused_source_and_refusal(bf16, tmp_path, capsys):
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                num_experts_per_tok=2, layer_types=["full_attention"])
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt_oss")
-    _one_line(capsys, ["convert", "--model", str(tmp_path / "gpt_oss"), "--expert-dtype", "int4", "--output",
+    one_line_error(capsys, ["convert", "--model", str(tmp_path / "gpt_oss"), "--expert-dtype", "int4", "--output",
                        str(tmp_path / "g4")], "has no per-expert layout for model_type 'gpt_oss'")
     assert not (tmp_path / "g4").exists()

@@ -9,30 +9,16 @@ tensor, exit 2, no traceback, for every command that loads a model.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hybridmoe.cli import main
 from hybridmoe.errors import CheckpointError
 from hybridmoe.loading import load_model
 
-from .helpers import make_checkpoint, write_dataset
-
-
-def _rewrite(src, dst, transform, quant_config=None):
-    """Copy checkpoint `src` to `dst`, passing its tensors through transform(dict) -> dict; optionally declare a
-    quantization_config in config.json."""
-    shutil.copytree(src, dst)
-    f = dst / "model.safetensors"
-    save_file(transform(load_file(str(f))), str(f), metadata={"format": "pt"})
-    if quant_config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["quantization_config"] = quant_config
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+from .helpers import make_checkpoint, one_line_error, rewrite_checkpoint, write_dataset
 
 
 def _is_linear_weight(k: str, t: torch.Tensor) -> bool:
@@ -108,8 +94,8 @@ KINDS = [
 def bad_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
     base = make_checkpoint("qwen3_moe", root / "base")
-    out = {kid: _rewrite(base, root / kid, tf, qc) for kid, tf, qc, _ in KINDS}
-    out["fp8-block"] = _rewrite(base, root / "fp8-block", _fp8_blockwise,
+    out = {kid: rewrite_checkpoint(base, root / kid, tf, qc) for kid, tf, qc, _ in KINDS}
+    out["fp8-block"] = rewrite_checkpoint(base, root / "fp8-block", _fp8_blockwise,
                                 {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"})
     return out
 
@@ -122,25 +108,17 @@ def test_load_refuses(kind, bad_ckpts):
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def _one_line(capsys, argv, fragment):
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("hybridmoe: error:")]
-    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert fragment in errors[0], errors[0]
-
 
 def test_every_command_refuses_an_unimplemented_format(bad_ckpts, tmp_path, capsys, ckpt_dir):
     """train, chat, info, export and serve all go through the guard (NVFP4 here; FP8 is read by all but export)."""
     mx = str(bad_ckpts["nvfp4"])
     frag = "quant_method 'nvfp4'"
-    _one_line(capsys, ["chat", "--model", mx, "--prompt", "hi", "--device", "cpu"], frag)
-    _one_line(capsys, ["info", "--model", mx, "--device", "cpu"], frag)
+    one_line_error(capsys, ["chat", "--model", mx, "--prompt", "hi", "--device", "cpu"], frag)
+    one_line_error(capsys, ["info", "--model", mx, "--device", "cpu"], frag)
     cfg = tmp_path / "t.yaml"
     cfg.write_text(f"model_name_or_path: {mx}\ndataset: {write_dataset(tmp_path / 'd.jsonl', n=4)}\n"
                    f"output_dir: {tmp_path / 'out'}\ndevice: cpu\nmax_steps: 1\nprogress: false\n")
-    _one_line(capsys, ["train", str(cfg)], frag)
+    one_line_error(capsys, ["train", str(cfg)], frag)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
     # export: an adapter trained on the plain checkpoint, merged into an MXFP4 or FP8 one, is refused before writing.
     adapter = tmp_path / "adapter"
@@ -148,12 +126,12 @@ def test_every_command_refuses_an_unimplemented_format(bad_ckpts, tmp_path, caps
     ok_cfg.write_text(f"model_name_or_path: {ckpt_dir('qwen3_moe')}\ndataset: {tmp_path / 'd.jsonl'}\n"
                       f"output_dir: {adapter}\ndevice: cpu\nmax_steps: 1\nprogress: false\nlora_rank: 2\n")
     assert main(["train", str(ok_cfg)]) == 0
-    _one_line(capsys, ["export", "--model", mx, "--adapter", str(adapter), "--output", str(tmp_path / "merged")], frag)
-    _one_line(capsys, ["export", "--model", str(bad_ckpts["fp8-block"]), "--adapter", str(adapter), "--output",
+    one_line_error(capsys, ["export", "--model", mx, "--adapter", str(adapter), "--output", str(tmp_path / "merged")], frag)
+    one_line_error(capsys, ["export", "--model", str(bad_ckpts["fp8-block"]), "--adapter", str(adapter), "--output",
                        str(tmp_path / "merged")], "re-quantizing merged weights: not implemented")
     assert not (tmp_path / "merged").exists()
     pytest.importorskip("fastapi")
-    _one_line(capsys, ["serve", "--model", mx, "--device", "cpu", "--port", "0"], frag)
+    one_line_error(capsys, ["serve", "--model", mx, "--device", "cpu", "--port", "0"], frag)
 
 
 def test_export_refuses_fp8_without_config(bad_ckpts, tmp_path, capsys, ckpt_dir):
@@ -163,7 +141,7 @@ def test_export_refuses_fp8_without_config(bad_ckpts, tmp_path, capsys, ckpt_dir
     cfg.write_text(f"model_name_or_path: {ckpt_dir('qwen3_moe')}\ndataset: {write_dataset(tmp_path / 'd.jsonl', n=4)}\n"
                    f"output_dir: {adapter}\ndevice: cpu\nmax_steps: 1\nprogress: false\nlora_rank: 2\n")
     assert main(["train", str(cfg)]) == 0
-    _one_line(capsys, ["export", "--model", str(bad_ckpts["fp8-no-config"]), "--adapter", str(adapter),
+    one_line_error(capsys, ["export", "--model", str(bad_ckpts["fp8-no-config"]), "--adapter", str(adapter),
                        "--output", str(tmp_path / "merged")], "is stored as F8_E4M3")
 
 
@@ -180,7 +158,7 @@ def test_provably_unused_tensors_are_ignored(tmp_path, ckpt_dir):
         out["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # v4-era persisted rotary buffer
         return out
 
-    ok = _rewrite(base, tmp_path / "mtp", extras)
+    ok = rewrite_checkpoint(base, tmp_path / "mtp", extras)
     ids = torch.tensor([[3, 5, 7, 9]])
     with torch.no_grad():
         want = load_model(base, device="cpu", progress=False)(ids).logits
@@ -214,7 +192,7 @@ def test_fp8_block_checkpoint_equals_transformers_dequantized(arch, tmp_path, ck
 
     block = 8  # divides every tiny dim (32, 24, 40, head dims), so the scale grid is a real grid
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
-    fp8 = _rewrite(ckpt_dir(arch), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(sd, block), qc)
+    fp8 = rewrite_checkpoint(ckpt_dir(arch), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(sd, block), qc)
     ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     ref = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32,
                                                quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
@@ -234,7 +212,7 @@ def test_fp8_block_checkpoint_equals_transformers_dequantized(arch, tmp_path, ck
 def test_fp8_with_int8_experts_and_bad_scales(tmp_path, ckpt_dir):
     """int8 experts from FP8 (quantized slice by slice); a scale grid that does not fit its weight is named."""
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [8, 8]}
-    fp8 = _rewrite(ckpt_dir("qwen3_moe"), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(sd, 8), qc)
+    fp8 = rewrite_checkpoint(ckpt_dir("qwen3_moe"), tmp_path / "fp8", lambda sd: _fp8_quantize_blocks(sd, 8), qc)
     m = load_model(fp8, device="cpu", dtype="float32", expert_dtype="int8", progress=False)
     with torch.no_grad():
         assert torch.isfinite(m(torch.tensor([[3, 4, 5]])).logits).all()
@@ -245,11 +223,11 @@ def test_fp8_with_int8_experts_and_bad_scales(tmp_path, ckpt_dir):
         sd[k] = sd[k][:, :1].contiguous()
         return sd
 
-    broken = _rewrite(ckpt_dir("qwen3_moe"), tmp_path / "bad", bad, qc)
+    broken = rewrite_checkpoint(ckpt_dir("qwen3_moe"), tmp_path / "bad", bad, qc)
     with pytest.raises(CheckpointError, match=r"experts.1.up_proj.weight_scale_inv' in 'model.safetensors' has shape"):
         load_model(broken, device="cpu", progress=False)
     qc_static = {**qc, "activation_scheme": "static"}
-    static = _rewrite(ckpt_dir("qwen3_moe"), tmp_path / "static", lambda sd: _fp8_quantize_blocks(sd, 8), qc_static)
+    static = rewrite_checkpoint(ckpt_dir("qwen3_moe"), tmp_path / "static", lambda sd: _fp8_quantize_blocks(sd, 8), qc_static)
     with pytest.raises(CheckpointError, match="activation_scheme 'static'"):
         load_model(static, device="cpu", progress=False)
 
@@ -299,7 +277,7 @@ def test_mxfp4_gpt_oss_equals_transformers_dequantized(tmp_path):
                 out[k] = t
         return out
 
-    mx = _rewrite(src, tmp_path / "mxfp4", to_mxfp4, {"quant_method": "mxfp4", "modules_to_not_convert": None})
+    mx = rewrite_checkpoint(src, tmp_path / "mxfp4", to_mxfp4, {"quant_method": "mxfp4", "modules_to_not_convert": None})
     # transformers keeps the dequantized experts in bf16 (exact: e2m1 · 2^k fits); .float() makes the reference fp32.
     ref = AutoModelForCausalLM.from_pretrained(mx, dtype=torch.float32,
                                                quantization_config=Mxfp4Config(dequantize=True)).float().eval()
@@ -314,7 +292,6 @@ def test_mxfp4_gpt_oss_equals_transformers_dequantized(tmp_path):
     # the bf16 rounding of the expert GEMMs' inputs and outputs.
     kept = load_model(mx, device="cpu", dtype="float32", progress=False)
     assert kept.hybridmoe.expert_format == "mxfp4" and "kept as shipped" in kept.hybridmoe.source_format
-    from safetensors.torch import load_file
 
     shipped = load_file(str(mx / "model.safetensors"))
     ex = kept.model.layers[0].mlp.experts.weights

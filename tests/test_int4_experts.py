@@ -70,7 +70,7 @@ def test_nibble_layout_and_round_trip():
     c = torch.arange(16, dtype=torch.uint8).repeat(2)  # [32]
     p = pack_nibbles(c)
     assert p[0] == 0x10 and p[1] == 0x32  # element 2j low nibble, 2j+1 high
-    assert torch.equal(unpack_nibbles(p), c.int())
+    assert torch.equal(unpack_nibbles(p), c)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 8, 128, generator=g) * torch.rand(3, 8, 1, generator=g)  # rows of very different scales
     for group in (32, 64, 128):
