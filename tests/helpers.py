@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from hybridmoe.adapters import to_peft_layout
-from hybridmoe.experts import HybridExperts
+from hybridmoe.experts import ExpertsSpec, HybridExperts
 from hybridmoe.testing import build_tokenizer, save_tiny_model
 from hybridmoe.testing.zoo import save_zoo_model
 
@@ -56,6 +57,21 @@ def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
     for f in fragments:
         assert f in errors[0], errors[0]
+
+
+def silu_experts(e: int, h: int, i: int, fmt, lora: bool = True, seed: int = 0) -> HybridExperts:
+    """A SiLU-GLU HybridExperts block [E=e, H=h, I=i] in weight format `fmt` (a dtype or a PackedFormat) with random
+    weights (std 0.3) and, if `lora`, random expert LoRA on both projections (ranks 3 and 2, non-zero B)."""
+    g = torch.Generator().manual_seed(seed)
+    m = HybridExperts(ExpertsSpec(e, h, i), nn.SiLU(), fmt)
+    m.weights.write("gate_up_proj", torch.randn(e, 2 * i, h, generator=g) * 0.3)
+    m.weights.write("down_proj", torch.randn(e, h, i, generator=g) * 0.3)
+    if lora:
+        for proj, r in (("gate_up_proj", 3), ("down_proj", 2)):
+            lo = m.add_lora(proj, rank=r, alpha=2.0 * r)
+            lo.A.copy_(torch.randn(lo.A.shape, generator=g) * 0.3)
+            lo.B.copy_(torch.randn(lo.B.shape, generator=g) * 0.3)
+    return m
 
 
 def write_dataset(path: Path, n: int = 16) -> Path:

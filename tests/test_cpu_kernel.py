@@ -16,6 +16,8 @@ from torch import nn
 
 from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
 
+from .helpers import silu_experts
+
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.status()}")
 
 
@@ -33,19 +35,6 @@ def isa(request):
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _module(e, h, i, dtype, lora=True, seed=0) -> HybridExperts:
-    g = torch.Generator().manual_seed(seed)
-    m = HybridExperts(ExpertsSpec(e, h, i), nn.SiLU(), dtype)
-    m.weights.write("gate_up_proj", torch.randn(e, 2 * i, h, generator=g) * 0.3)
-    m.weights.write("down_proj", torch.randn(e, h, i, generator=g) * 0.3)
-    if lora:
-        for proj, r in (("gate_up_proj", 3), ("down_proj", 2)):
-            lo = m.add_lora(proj, rank=r, alpha=2.0 * r)
-            lo.A.copy_(torch.randn(lo.A.shape, generator=g) * 0.3)
-            lo.B.copy_(torch.randn(lo.B.shape, generator=g) * 0.3)
-    return m
 
 
 def _inputs(t, e, h, k, seed=1):
@@ -73,7 +62,7 @@ def _both(m, x, ids, w):
 @pytest.mark.parametrize("lora", [True, False])
 def test_kernel_matches_torch_path(dtype, tol, shape, t, k, lora):
     e, h, i = shape
-    m = _module(e, h, i, dtype, lora)
+    m = silu_experts(e, h, i, dtype, lora)
     x, ids, w = _inputs(t, e, h, k)
     got, ref = _both(m, x, ids, w)
     if dtype == torch.int8 and (h % 64 or i % 64):
@@ -84,7 +73,7 @@ def test_kernel_matches_torch_path(dtype, tol, shape, t, k, lora):
 def test_kernel_against_fp32_math():
     """bf16 weights, no LoRA: the kernel against fp32 math on the same (rounded) weights, at V2-Lite's widths."""
     e, h, i, k = 8, 2048, 1408, 6
-    m = _module(e, h, i, torch.bfloat16, lora=False)
+    m = silu_experts(e, h, i, torch.bfloat16, lora=False)
     x, ids, w = _inputs(3, e, h, k)
     ref = torch.zeros(3, h)
     for t in range(3):
@@ -99,7 +88,7 @@ def test_kernel_against_fp32_math():
 
 def test_inference_forward_uses_kernel_and_matches_autograd_path():
     """Under no_grad the module's forward runs the kernel; with grad it runs the autograd path; same values."""
-    m = _module(8, 40, 24, torch.float32)
+    m = silu_experts(8, 40, 24, torch.float32)
     x, ids, w = _inputs(4, 8, 40, 2)
     with torch.no_grad():
         fast = m(x, ids, w)
@@ -108,7 +97,7 @@ def test_inference_forward_uses_kernel_and_matches_autograd_path():
 
 
 def test_nan_propagates():
-    m = _module(8, 40, 24, torch.bfloat16)
+    m = silu_experts(8, 40, 24, torch.bfloat16)
     m.lora["down_proj"].B[3].fill_(float("nan"))
     x, _, w = _inputs(1, 8, 40, 2)
     out = torch.empty(1, 40)
@@ -117,21 +106,21 @@ def test_nan_propagates():
 
 
 def test_bad_expert_id_is_an_error():
-    m = _module(8, 40, 24, torch.float32)
+    m = silu_experts(8, 40, 24, torch.float32)
     x, _, w = _inputs(1, 8, 40, 2)
     with pytest.raises(ValueError, match="outside"):
         cpu_kernel.moe_forward(m, x, torch.tensor([[0, 8]]), w, torch.empty(1, 40))
 
 
 def test_wrong_input_dtype_is_an_error():
-    m = _module(8, 40, 24, torch.float32)
+    m = silu_experts(8, 40, 24, torch.float32)
     x, ids, w = _inputs(1, 8, 40, 2)
     with pytest.raises(ValueError, match="x must be"):
         cpu_kernel.moe_forward(m, x.bfloat16(), ids, w, torch.empty(1, 40))
 
 
 def test_mismatched_shapes_are_an_error():
-    m = _module(8, 40, 24, torch.float32)
+    m = silu_experts(8, 40, 24, torch.float32)
     x, ids, w = _inputs(2, 8, 40, 2)
     with pytest.raises(ValueError, match="shapes"):
         cpu_kernel.moe_forward(m, x[:1], ids, w, torch.empty(2, 40))
@@ -140,7 +129,7 @@ def test_mismatched_shapes_are_an_error():
 
 
 def test_large_batches_take_torch():
-    m = _module(8, 40, 24, torch.float32)
+    m = silu_experts(8, 40, 24, torch.float32)
     assert cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS)
     assert not cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS + 1)
 

@@ -21,7 +21,7 @@ from torch import nn
 import hybridmoe
 from hybridmoe.adapters import merge_adapter
 from hybridmoe.cli import main
-from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
+from hybridmoe.experts import HybridExperts, cpu_kernel
 from hybridmoe.experts.packed import (
     INT4_GROUP,
     PackedFormat,
@@ -35,7 +35,7 @@ from hybridmoe.experts.packed import (
 from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.generation import SamplingConfig, generate
 
-from .helpers import make_checkpoint, randomize_lora, write_dataset
+from .helpers import make_checkpoint, randomize_lora, silu_experts, write_dataset
 
 DIMS = dict(hidden_size=64, moe_intermediate_size=96, intermediate_size=96)
 
@@ -101,19 +101,6 @@ def test_group_choice():
 
 
 # -- every path against fp32 math on the dequantized weights -------------------------------------------------------
-def _module(e, h, i, fmt, lora=True, seed=0) -> HybridExperts:
-    g = torch.Generator().manual_seed(seed)
-    m = HybridExperts(ExpertsSpec(e, h, i), nn.SiLU(), fmt)
-    m.weights.write("gate_up_proj", torch.randn(e, 2 * i, h, generator=g) * 0.3)
-    m.weights.write("down_proj", torch.randn(e, h, i, generator=g) * 0.3)
-    if lora:
-        for proj, r in (("gate_up_proj", 3), ("down_proj", 2)):
-            lo = m.add_lora(proj, rank=r, alpha=2.0 * r)
-            lo.A.copy_(torch.randn(lo.A.shape, generator=g) * 0.3)
-            lo.B.copy_(torch.randn(lo.B.shape, generator=g) * 0.3)
-    return m
-
-
 def _fp32_twin(m: HybridExperts) -> HybridExperts:
     ref = HybridExperts(m.spec, nn.SiLU(), torch.float32)
     for p in ("gate_up_proj", "down_proj"):
@@ -135,7 +122,7 @@ def test_kernel_and_loop_match_fp32_math(fmt, shape, t, k):
     if not fmt.fits(shape[1]) or not fmt.fits(shape[2]):
         pytest.skip("group does not divide")
     e, h, i = shape
-    m = _module(e, h, i, fmt)
+    m = silu_experts(e, h, i, fmt)
     ref = _fp32_twin(m)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(t, h, generator=g)
@@ -165,7 +152,7 @@ def test_kernel_and_loop_match_fp32_math(fmt, shape, t, k):
 def test_streamed_and_cpu_gradients_match_fp32_math(fmt):
     """Training: the CPU loop and the streamed path (codes dequantized to bf16 in the slot) give the gradients of
     fp32 math on the dequantized weights (QLoRA-style)."""
-    m = _module(8, 64, 128, fmt)
+    m = silu_experts(8, 64, 128, fmt)
     ref = _fp32_twin(m)
     g = torch.Generator().manual_seed(2)
     x0, ids, w0 = torch.randn(12, 64, generator=g), torch.randint(0, 8, (12, 2), generator=g), torch.rand(12, 2)
