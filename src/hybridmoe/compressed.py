@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .experts.packed import INT4_GROUP, PackedFormat
+from .experts.packed import INT4_GROUP, PackedFormat, unpack_nibbles
 
 METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -162,7 +162,7 @@ class PackedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [out, in], (code - 8) · scale: exact for bf16 scales (4 bits times 8 bits fits fp32's 24)."""
-        c = torch.stack(((self.codes & 15), (self.codes >> 4)), dim=-1).flatten(-2).float() - 8  # [out, in]
+        c = unpack_nibbles(self.codes).float() - 8  # [out, in]
         out, n = c.shape
         return (c.view(out, n // self.group, self.group) * self.scales.float().unsqueeze(-1)).view(out, n)
 
