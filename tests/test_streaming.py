@@ -92,7 +92,8 @@ def test_small_batches_stay_on_the_cpu(deep_ckpt):
     streamer = enable_streaming(model, "cpu", min_tokens=8)
     rep = placement_report(model)
     layer_bytes = max(m.weights.nbytes for m in model.modules() if isinstance(m, HybridExperts))
-    assert rep["streaming"] == {"device": "cpu", "min_tokens": 8, "slots": 2, "slot_bytes_reserved": 2 * layer_bytes}
+    assert rep["streaming"] == {"device": "cpu", "min_tokens": 8, "slots": 2, "slot_bytes_reserved": 2 * layer_bytes,
+                                "resident_layers": 0, "resident_bytes": 0}
     assert "on the CPU below 8 tokens" in format_report(rep)
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # 3 tokens < 8
@@ -227,3 +228,94 @@ def test_slots_first_filled_in_inference_mode_serve_later_training(deep_ckpt):
         model(input_ids=ids)
     loss, _ = _step(model, ids)
     assert torch.allclose(loss, loss_cpu, rtol=1e-6, atol=0)
+
+
+# -- resident layers: the first N MoE layers' experts stay on the device and run there for every batch ---------------
+def test_resident_layers_run_on_the_device_for_any_batch_and_the_rest_on_the_cpu(deep_ckpt):
+    """With 2 of 5 MoE layers resident, a 3-token forward (below min_tokens) computes those two on the device from
+    their pinned slots (hits, no copy after load) and the other three on the CPU; same logits as all-CPU (fp32)."""
+    from hybridmoe.placement import format_report, placement_report
+
+    model = load_model(deep_ckpt, device="cpu", dtype="float32", progress=False).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        streamer = enable_streaming(model, "cpu", min_tokens=8, slots=2, resident=2)
+        assert streamer.stats.bytes == sum(streamer.layers[i].nbytes for i in range(2))  # copied once, at pinning
+        got = model(input_ids=ids).logits
+    assert (streamer.stats.hits, streamer.stats.copies, streamer.stats.prefetches) == (2, 0, 0)
+    assert _rel(got, want) <= 1e-6
+    rep = placement_report(model)
+    assert rep["streaming"]["resident_layers"] == 2
+    assert "the first 2 MoE layers' experts stay on cpu" in format_report(rep)
+
+
+def test_resident_layers_without_streaming_and_clamped(deep_ckpt):
+    """min_tokens 0 (no streaming) with resident layers: only those run on the device, a long batch keeps the others
+    on the CPU; asking for more layers than the model has keeps them all."""
+    model = load_model(deep_ckpt, device="cpu", dtype="float32", progress=False).eval()
+    ids = torch.arange(4, 40)[None]  # 36 tokens
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        streamer = enable_streaming(model, "cpu", min_tokens=0, resident=1)
+        got = model(input_ids=ids).logits
+        assert (streamer.stats.hits, streamer.stats.copies, streamer.stats.prefetches) == (1, 0, 0)
+        assert _rel(got, want) <= 1e-6
+        streamer = enable_streaming(model, "cpu", min_tokens=0, resident=99)
+        assert streamer.resident == 5
+        assert _rel(model(input_ids=ids).logits, want) <= 1e-6
+        assert (streamer.stats.hits, streamer.stats.copies) == (5, 0)
+
+
+def test_resident_layers_in_training_steps_copy_only_the_others(deep_ckpt):
+    """Training with 2 resident layers and 2 rotating slots: same loss and gradients as the CPU path; after the first
+    step a step copies 2·(MoE layers - resident - slots) layers."""
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    randomize_lora(model, seed=2)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    loss_cpu, grads_cpu = _step(model, ids)
+    streamer = enable_streaming(model, "cpu", min_tokens=8, slots=2, resident=2)
+    _step(model, ids)
+    before = streamer.stats.copies + streamer.stats.prefetches
+    loss_s, grads_s = _step(model, ids)
+    assert streamer.stats.copies + streamer.stats.prefetches - before == 2 * (5 - 2 - 2)
+    assert torch.allclose(loss_s, loss_cpu, rtol=1e-6, atol=0)
+    assert max(_rel(a, b) for a, b in zip(grads_s, grads_cpu)) <= 1e-6
+
+
+def test_resident_layers_refreshed_after_a_merge(deep_ckpt):
+    """--merge changes the host weights after the resident layers were copied: their pinned slots are refilled, so
+    the merged model on resident layers equals the merged model on the CPU."""
+    from hybridmoe.adapters import merge_adapter
+
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    randomize_lora(model, seed=2)
+    merged = merge_adapter(model).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = merged(input_ids=ids).logits
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    randomize_lora(model, seed=2)
+    streamer = enable_streaming(model, "cpu", min_tokens=0, resident=5)
+    merged = merge_adapter(model).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert streamer.stats.copies == 5  # each pinned slot refilled once after the merge
+    assert _rel(got, want) <= 1e-5
+
+
+def test_resident_layers_config_and_cli(deep_ckpt, tmp_path):
+    """The config key is range-checked; on a machine without a GPU the setting is ignored with an INFO line."""
+    from hybridmoe.config import load_config
+    from hybridmoe.errors import ConfigError
+
+    base = {"model_name_or_path": str(deep_ckpt), "output_dir": str(tmp_path), "dataset": "x"}
+    assert load_config({**base, "resident_expert_layers": 4}).resident_expert_layers == 4
+    with pytest.raises(ConfigError, match="resident_expert_layers"):
+        load_config({**base, "resident_expert_layers": -1})
+    with pytest.raises(ConfigError, match="resident_expert_layers"):
+        load_model(deep_ckpt, device="cpu", progress=False, resident_expert_layers=-1)
+    model = load_model(deep_ckpt, device="cpu", progress=False, resident_expert_layers=3)
+    assert all(m.streamer is None for m in model.modules() if isinstance(m, HybridExperts))

@@ -72,6 +72,10 @@ class TrainConfig:
     # Layers of expert weights the GPU keeps while streaming (>= 2). A step copies 2·(MoE layers - stream_slots)
     # layers; each slot costs one layer of expert weights in GPU memory (1.03 GiB for DeepSeek-V2-Lite in bf16).
     stream_slots: int = 2
+    # The first N MoE layers keep their routed experts on the GPU for the whole run (copied once at load) and compute
+    # them there for every batch, decode and training included: N layers of expert weights of GPU memory, N layers
+    # fewer read from host RAM per token and copied per step. 0 = none.
+    resident_expert_layers: int = 0
     progress: bool = True
     # -- several ranks (torchrun / --nproc; ignored by a single process) ----------------------------------------------
     ddp_timeout: int = 1800  # seconds any collective may wait for the other ranks before the job stops with an error
@@ -232,6 +236,7 @@ RANGES: dict[str, str] = {
     "max_consecutive_skipped": "[1, inf)",
     "stream_min_tokens": "[0, inf)",  # 0 keeps the experts on the CPU
     "stream_slots": "[2, inf)",  # one layer computing, one arriving
+    "resident_expert_layers": "[0, inf)",
     "ddp_timeout": "[1, inf)",  # seconds
     # LLaMA-Factory's keys (lf_compat.py)
     "adam_beta1": "[0, 1)",

@@ -108,6 +108,8 @@ def placement_report(model: nn.Module) -> dict:
     streaming = None if streamer is None else {
         "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,
         "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
+        "resident_layers": streamer.resident,  # the first N MoE layers: on the device for every batch
+        "resident_bytes": sum(streamer.layers[i].nbytes for i in range(streamer.resident)),
     }
     return {
         "checkpoint": meta.checkpoint,
@@ -167,6 +169,9 @@ def format_report(rep: dict) -> str:
     lines += ["", "routed experts computed: on the CPU for every batch" if st is None else
               f"routed experts computed: on the CPU below {st['min_tokens']} tokens, else on {st['device']} with "
               f"{st['slots']} layers of weights streamed in ({_gib(st['slot_bytes_reserved'])} of GPU memory)"]
+    if st is not None and st["resident_layers"]:
+        lines.append(f"  the first {st['resident_layers']} MoE layers' experts stay on {st['device']} and run there for "
+                     f"every batch ({_gib(st['resident_bytes'])} of GPU memory)")
     k = rep["cpu_kernel"]
     if k["used"]:
         lines.append(f"CPU expert kernel: {k['isa']}, for inference calls of up to {k['max_tokens']} tokens "

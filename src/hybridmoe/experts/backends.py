@@ -6,7 +6,7 @@ Backends (all tested against :func:`hybridmoe.experts.formula.reference_moe`, te
   SiLU-GLU and gpt-oss's clamped SwiGLU (with biases), weights bf16/fp32/int8/int4/MXFP4 in RAM;
 - ``"cpu"``     the per-expert torch loop on the CPU, next to the weights (training steps of few tokens, every variant);
 - ``"grouped"`` grouped GEMMs on the compute device over the layer's weights streamed into a GPU slot (batches of at
-  least ``stream_min_tokens``: training, long prefills);
+  least ``stream_min_tokens``: training, long prefills), or kept there (resident layers: every batch);
 - ``"device-loop"`` the per-expert loop on the device over the streamed slot, for shapes the grouped GEMM cannot take
   (rows not a multiple of 16 bytes).
 
@@ -62,8 +62,10 @@ class ExpertSettings:
 
 def choose_backend(module, tokens: int, grad: bool, stream: bool = True) -> str:
     """The backend for one call of `module` (a HybridExperts) on `tokens` tokens; `grad`: a backward will follow;
-    `stream`: the call may run on the device (False for graph decode's CPU cut)."""
-    if stream and module.streamer is not None and tokens >= module.streamer.min_tokens:
+    `stream`: the call may run on the device (False for graph decode's CPU cut). A resident layer (its weights kept
+    on the device, ``resident_expert_layers``) runs there whatever the batch size."""
+    streamer = module.streamer
+    if stream and streamer is not None and (tokens >= streamer.min_tokens or streamer.is_resident(module.stream_index)):
         return "grouped" if grouped_shapes_ok(module.weights) else "device-loop"
     if not grad and module.settings.cpu_kernel and cpu_kernel.supports(module, tokens):
         return "kernel"

@@ -520,19 +520,20 @@ class _ExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, module, backend, *lora_tensors):
+    def forward(ctx, hidden, top_k_index, top_k_weights, module, backend, prefetch, *lora_tensors):
         # hidden: [T, H] on the model device; top_k_index: [T, K] int; top_k_weights: [T, K] float.
-        # backend: "cpu", "grouped" or "device-loop", from experts.backends.choose_backend.
+        # backend: "cpu", "grouped" or "device-loop", from experts.backends.choose_backend; prefetch: a streamed call
+        # starts the copy of the next layer (False for a small call on a resident layer: the next one runs on the CPU).
         device, out_dtype = hidden.device, hidden.dtype
         streamed = backend != "cpu"
         where = module.streamer.device if streamed else torch.device("cpu")
         # On the CPU path this is the one device->host copy of the forward: activations and routing, never weights.
         ids = top_k_index.detach().to(where, torch.int64)  # [T, K] int64
         w = top_k_weights.detach().to(where, torch.float32)  # [T, K] fp32
-        ctx.module, ctx.where, ctx.backend = module, where, backend
+        ctx.module, ctx.where, ctx.backend, ctx.prefetch = module, where, backend, prefetch
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         t, k = ids.shape
-        order, math = module.expert_math(ids, backend)  # order: [S] slot ids sorted by expert
+        order, math = module.expert_math(ids, backend, prefetch)  # order: [S] slot ids sorted by expert
         x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
         _watch.note(module, _watch.FORWARD_INPUT, x)  # a device-side flag, no host sync (see watch.py)
         x_sorted = x[order // k]  # [S, H]
@@ -554,7 +555,7 @@ class _ExpertsFn(torch.autograd.Function):
         module: HybridExperts = ctx.module
         _watch.note(module, _watch.BACKWARD_OUTPUT_GRAD, grad_out)
         t, k = ids.shape
-        order, math = module.expert_math(ids, ctx.backend)  # same sort; weights streamed again (a cache hit)
+        order, math = module.expert_math(ids, ctx.backend, ctx.prefetch)  # same sort; weights again (a cache hit)
         tok = order // k
         g_sorted = grad_out.detach().to(ctx.where, x.dtype)[tok]  # [S, H] dL/d(expert output · w), per slot
         grad_w = torch.empty_like(w).view(-1)  # [T*K] fp32
@@ -565,7 +566,7 @@ class _ExpertsFn(torch.autograd.Function):
         # Only LoRA factors that need a gradient get a buffer (on `where`); others are skipped in the math.
         lora_grads = {}
         for i, p in enumerate(present):
-            if any(ctx.needs_input_grad[5 + 2 * i : 7 + 2 * i]):
+            if any(ctx.needs_input_grad[_LORA_ARG + 2 * i : _LORA_ARG + 2 + 2 * i]):
                 lora_grads[p] = (torch.zeros_like(math.lora[p].A, dtype=torch.float32),
                                  torch.zeros_like(math.lora[p].B, dtype=torch.float32))
         dx_sorted = math.backward(dy_sorted, x[tok], gu_sorted, lora_grads)  # [S, H]
@@ -576,8 +577,8 @@ class _ExpertsFn(torch.autograd.Function):
             ga, gb = lora_grads.get(p, (None, None))
             lo = module.lora[p]
             r = lo.rank  # drop the rows/columns of a padded rank
-            ga = ga[:, :r] if ctx.needs_input_grad[5 + 2 * i] else None
-            gb = gb[:, :, :r] if ctx.needs_input_grad[6 + 2 * i] else None
+            ga = ga[:, :r] if ctx.needs_input_grad[_LORA_ARG + 2 * i] else None
+            gb = gb[:, :, :r] if ctx.needs_input_grad[_LORA_ARG + 1 + 2 * i] else None
             if ctx.where.type == "cuda":
                 # The masters live on the CPU. A synchronous .cpu() here would stall the host once per layer and
                 # keep it from queueing the next layer's weight copy; the gradients go back asynchronously instead
@@ -589,7 +590,10 @@ class _ExpertsFn(torch.autograd.Function):
         grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         _watch.note(module, _watch.BACKWARD_INPUT_GRAD, grad_hidden)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
-        return (grad_hidden, None, grad_weights, None, None, *lora_out)
+        return (grad_hidden, None, grad_weights, None, None, None, *lora_out)
+
+
+_LORA_ARG = 6  # index of the first LoRA tensor among _ExpertsFn.forward's inputs (after ctx)
 
 
 class _Staged(threading.local):
@@ -683,7 +687,8 @@ class HybridExperts(nn.Module):
         return out
 
     # -- compute ----------------------------------------------------------------------------------------------
-    def expert_math(self, ids: torch.Tensor, backend: str) -> tuple[torch.Tensor, _LoopMath | _GroupedMath]:
+    def expert_math(self, ids: torch.Tensor, backend: str,
+                    prefetch: bool = True) -> tuple[torch.Tensor, _LoopMath | _GroupedMath]:
         """Sort the flattened [T*K] (token, k) slots by expert; (order [S], the math over the sorted rows).
 
         "grouped": grouped GEMMs on the device, group ends as a device tensor (no host sync); "cpu" and "device-loop":
@@ -691,7 +696,7 @@ class HybridExperts(nn.Module):
         """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        w_gu, w_d, bias = self.weights_on(backend != "cpu")
+        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch)
         grouped = backend == "grouped"
         lora = self.lora_on(ids.device, w_gu.dtype if grouped else torch.float32, pad_rank=grouped)
         if grouped:
@@ -709,12 +714,12 @@ class HybridExperts(nn.Module):
         weights = self.weights if backend == "cpu" else SlotWeights(w_gu, w_d, bias)
         return order, _LoopMath(weights, lora, self.mlp, groups)
 
-    def weights_on(self, on_device: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    def weights_on(self, on_device: bool, prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
         device (int8 and 4-bit dequantized there to bf16: the compact format crossed the bus, a half or a quarter of
-        the bytes; the grouped GEMMs want bf16)."""
+        the bytes; the grouped GEMMs want bf16). prefetch: also start copying the next layer."""
         if on_device:
-            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index))
+            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index, prefetch))
             if scales is not None:
                 gate_up = self.weights.to_float(gate_up, scales["gate_up_proj"])
                 down = self.weights.to_float(down, scales["down_proj"])
@@ -760,10 +765,14 @@ class HybridExperts(nn.Module):
         adapter's part of it; if the whole call streams the layer's weights to the device, so does each part (the
         later parts find them in the slot cache), rather than small parts falling back to the CPU."""
         grad = torch.is_grad_enabled()
+        tokens = hidden_states.shape[0] if whole is None else whole
         backend = choose_backend(self, hidden_states.shape[0], grad=grad)
         if whole is not None and backend in ("kernel", "cpu"):
             streamed = choose_backend(self, whole, grad=grad)
             backend = streamed if streamed in ("grouped", "device-loop") else backend
+        # A call of streaming size prefetches the next layer; a small one on a resident layer must not (the next
+        # layer then runs on the CPU: a copy per decode step for nothing).
+        prefetch = self.streamer is not None and tokens >= self.streamer.min_tokens
         if backend == "kernel":
             # Inference on the CPU path (eager decode, short prompts, the server): the compiled kernel, no autograd.
             # One copy each to the CPU, already in the kernel's dtypes.
@@ -772,7 +781,8 @@ class HybridExperts(nn.Module):
                                    top_k_index.to("cpu", torch.int64).contiguous(),
                                    top_k_weights.to("cpu", torch.float32).contiguous(), out)
             return out.to(hidden_states.device, hidden_states.dtype)
-        return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, backend, *self.lora_tensors())
+        return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, backend, prefetch,
+                                *self.lora_tensors())
 
     def _dense_forward(self, routed_in: torch.Tensor) -> torch.Tensor:
         """Dense dispatch (Llama-4): routed_in [E·T, H] holds every expert's copy of every token, scaled by its

@@ -18,13 +18,25 @@ slot goes (the layers a pass ends on start the next). Inference (``torch.inferen
 only walks up, pass after pass: there LRU would evict every layer just before it is needed again, so the slot whose
 layer is needed furthest ahead in that cyclic order goes instead (Belady's rule for a known order). The first
 ``slots - 2`` layers then stay on the GPU between prompts, and more slots mean fewer bytes per prefill.
+
+**Resident layers.** ``resident`` more slots are pinned to the first ``resident`` MoE layers: copied once when
+streaming is set up (:meth:`ExpertStreamer.pin_resident`), never evicted, refreshed after :meth:`invalidate`. Every
+call of a resident layer runs on the GPU whatever its size (``backends.choose_backend``): batched decode in the
+server, eager decode, short prompts, training steps, and batch-1 graph decode computes them inside its graphs
+(:mod:`hybridmoe.decode_graph`). A GPU with memory to spare thus takes those layers' expert reads off host RAM.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("hybridmoe")
 
 
 @dataclass
@@ -34,6 +46,7 @@ class _Slot:
     tensors: list[torch.Tensor] = field(default_factory=list)
     ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy
     last_use: int = 0
+    pinned: int | None = None  # the resident layer this slot always holds (never a victim), or None
 
 
 @dataclass
@@ -47,17 +60,19 @@ class StreamStats:
 class ExpertStreamer:
     """Direction-predicting LRU cache of per-layer expert weights on one device (two slots by default).
 
-    ``min_tokens``: batches with fewer tokens than this stay on the CPU (see ``HybridExperts.streams``).
+    ``min_tokens``: batches with fewer tokens than this stay on the CPU (see ``backends.choose_backend``), except on
+    the first ``resident`` layers, which stay on the device (pinned slots besides the ``num_slots`` rotating ones).
     On a CPU ``device`` the slots are host copies: the same bookkeeping runs (and is tested) without a GPU.
     """
 
-    def __init__(self, device: torch.device | str, min_tokens: int, num_slots: int = 2):
+    def __init__(self, device: torch.device | str, min_tokens: int, num_slots: int = 2, resident: int = 0):
         if num_slots < 2:
             raise ValueError(f"an ExpertStreamer needs at least 2 slots (double buffering), got {num_slots}")
         self.device = torch.device(device)
         self.min_tokens = min_tokens
         self.layers: list = []  # ExpertWeights, by stream index
         self.num_slots = num_slots
+        self.resident = resident  # layers 0 .. resident-1 are pinned (clamped to the layers by pin_resident)
         self._slots = [_Slot() for _ in range(num_slots)]
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -72,22 +87,62 @@ class ExpertStreamer:
         return len(self.layers) - 1
 
     def invalidate(self) -> None:
-        """Forget cached layers (after the host weights change, e.g. an adapter merged into them)."""
+        """Forget cached layers (after the host weights change, e.g. an adapter merged into them); resident layers
+        are copied again on their next use."""
         for s in self._slots:
             s.layer = None
+
+    def is_resident(self, idx: int) -> bool:
+        """Layer idx stays on the device (a pinned slot): every call of it may run there without a copy."""
+        return 0 <= idx < self.resident
+
+    def pin_resident(self) -> None:
+        """Give the first ``resident`` layers (clamped to the registered ones) their pinned slots and copy them now;
+        returns when the copies have landed."""
+        self.resident = min(self.resident, len(self.layers))
+        need = sum(self.layers[i].nbytes for i in range(self.resident))
+        if self._cuda and need:
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if need > free:
+                raise ConfigError(f"resident_expert_layers={self.resident} needs {need / 2**30:.2f} GiB of GPU memory "
+                                  f"for expert weights but {free / 2**30:.2f} GiB is free on {self.device}; lower it "
+                                  f"(one layer is {self.layers[0].nbytes / 2**30:.2f} GiB)")
+            log.info("keeping the routed experts of %d MoE layer(s) on %s: %.2f GiB", self.resident, self.device,
+                     need / 2**30)
+        for idx in range(self.resident):
+            if not any(s.pinned == idx for s in self._slots):
+                self._slots.append(_Slot(pinned=idx))
+        for idx in range(self.resident):
+            self.resident_tensors(idx)
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    def resident_tensors(self, idx: int) -> tuple[torch.Tensor, ...]:
+        """A resident layer's tensors on the device (as :meth:`acquire`), with no prefetch and no bookkeeping: what
+        a CUDA graph captures. Copies them (synchronously) only if :meth:`invalidate` dropped them."""
+        slot = next(s for s in self._slots if s.pinned == idx)
+        if slot.layer != idx:
+            self._fill(slot, idx)
+            if self._cuda:
+                slot.ready.synchronize()
+        return tuple(slot.tensors)
 
     @property
     def slot_bytes(self) -> int:
         return sum(t.nbytes for s in self._slots for t in s.tensors)
 
-    def acquire(self, idx: int) -> tuple[torch.Tensor, ...]:
+    def acquire(self, idx: int, prefetch: bool = True) -> tuple[torch.Tensor, ...]:
         """Layer `idx`'s (gate_up [E, 2I, H], down [E, H, I]) on the device, ready for kernels on the current stream;
-        for int8 weights also their scales (gate_up [E, 2I], down [E, H])."""
+        for int8 weights also their scales (gate_up [E, 2I], down [E, H]). prefetch: start copying the layer the
+        direction of travel predicts next (unless it is resident or already in a slot)."""
         if self._last is not None and idx != self._last:
             self._direction = 1 if idx > self._last else -1
         self._last = idx
         slot = self._find(idx)
-        if slot is None:
+        if slot is None and self.is_resident(idx):  # dropped by invalidate(): back into its pinned slot
+            slot = self._fill(next(s for s in self._slots if s.pinned == idx), idx)
+            self.stats.copies += 1
+        elif slot is None:
             slot = self._load(idx, keep=None)
             self.stats.copies += 1
         else:
@@ -97,7 +152,7 @@ class ExpertStreamer:
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         nxt = idx + self._direction
-        if 0 <= nxt < len(self.layers) and self._find(nxt) is None:
+        if prefetch and 0 <= nxt < len(self.layers) and not self.is_resident(nxt) and self._find(nxt) is None:
             self._load(nxt, keep=slot)
             self.stats.prefetches += 1
         return tuple(slot.tensors)
@@ -107,8 +162,8 @@ class ExpertStreamer:
 
     def _victim(self, idx: int, keep: _Slot | None) -> _Slot:
         """The slot (other than `keep`) that layer idx's copy replaces: an empty one, else the one needed furthest
-        ahead when passes only walk up (inference), else the least recently used."""
-        free = [s for s in self._slots if s is not keep]
+        ahead when passes only walk up (inference), else the least recently used. Pinned slots are never victims."""
+        free = [s for s in self._slots if s is not keep and s.pinned is None]
         empty = [s for s in free if s.layer is None]
         if empty:
             return empty[0]
@@ -119,7 +174,10 @@ class ExpertStreamer:
 
     def _load(self, idx: int, keep: _Slot | None) -> _Slot:
         """Copy layer idx into the slot :meth:`_victim` picks."""
-        slot = self._victim(idx, keep)
+        return self._fill(self._victim(idx, keep), idx)
+
+    def _fill(self, slot: _Slot, idx: int) -> _Slot:
+        """Queue the copy of layer idx into `slot` (on the copy stream; ``slot.ready`` marks its end)."""
         host = self.layers[idx].host_tensors()
         # Slots allocated under torch.inference_mode (a prefill, the server) are inference tensors, which may not be
         # written outside it (a training step or transformers' generate after a hybridmoe one): allocate anew then.
@@ -151,21 +209,27 @@ def model_streamer(model) -> ExpertStreamer | None:
     return next((m.streamer for m in model.modules() if isinstance(m, HybridExperts) and m.streamer is not None), None)
 
 
-def enable_streaming(model, device: torch.device | str, min_tokens: int, slots: int = 2) -> ExpertStreamer | None:
-    """Attach one streamer to every HybridExperts of `model` (in forward order). min_tokens <= 0 disables it.
+def enable_streaming(model, device: torch.device | str, min_tokens: int, slots: int = 2,
+                     resident: int = 0) -> ExpertStreamer | None:
+    """Attach one streamer to every HybridExperts of `model` (in forward order). min_tokens <= 0 disables streaming
+    (and the streamer, unless layers are resident).
 
     slots: layers of expert weights kept on the device (>= 2 for double buffering). Forward passes walk up and
     backward passes down, so the last `slots` layers of one pass are hits at the start of the next: a training step
     copies 2·(MoE layers - slots) layers instead of 2·(MoE layers - 2), at slots x one layer's bytes of GPU memory.
+    resident: the first `resident` MoE layers stay on the device for good (copied here), in slots of their own.
     """
     from .cpu_experts import HybridExperts
 
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
-    if min_tokens <= 0 or not experts:
+    if (min_tokens <= 0 and resident <= 0) or not experts:
         for m in experts:
             m.streamer, m.stream_index = None, -1
         return None
-    streamer = ExpertStreamer(device, min_tokens, num_slots=max(2, min(slots, len(experts))))
+    # min_tokens <= 0 with resident layers: only those run on the device, the others never stream
+    streamer = ExpertStreamer(device, min_tokens if min_tokens > 0 else sys.maxsize,
+                              num_slots=max(2, min(slots, len(experts))), resident=max(0, resident))
     for m in experts:
         m.streamer, m.stream_index = streamer, streamer.register(m.weights)
+    streamer.pin_resident()
     return streamer
