@@ -191,3 +191,38 @@ def test_capturable_eager_mask_equals_transformers_and_is_restored():
         assert masks["eager"] is _eager_mask
     assert masks["eager"] is mu.eager_mask and "eager" not in masks._local_mapping
 
+
+
+@DEVICES
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("resident", [1, 99])
+def test_resident_layers_decode_inside_the_step_without_a_cut(arch, resident, device, ckpt_dir):
+    """Resident expert layers (``resident_expert_layers``) are computed on the device inside the decode step: no cut
+    at them (on CUDA: inside the captured graphs), the other layers cut as usual with a GPU share of 0.5; the same
+    logits as transformers' dynamic cache (fp32, 1e-5). 99 keeps every layer resident: one graph, no CPU experts."""
+    from hybridmoe.experts.streaming import enable_streaming
+
+    if device == "cuda":
+        model, _ = hybridmoe.load(ckpt_dir(arch), device=device, dtype="float32", progress=False,
+                                  resident_expert_layers=resident)
+    else:  # no GPU: the streamer's "device" is the CPU (host copies), which runs the same code
+        model, _ = hybridmoe.load(ckpt_dir(arch), device=device, dtype="float32", progress=False)
+        enable_streaming(model, "cpu", min_tokens=0, resident=resident)
+    model.eval()
+    moe_layers = sum(isinstance(m, HybridExperts) for m in model.modules())
+    dev = input_device(model)
+    prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
+    with torch.inference_mode():
+        want, cache = prefill(model, prompt, DynamicCache(config=model.config))
+    dec = StaticDecoder(model, 64, dev, gpu_share=0.5)
+    assert _rel(dec.prefill(prompt), want) < 1e-5
+    token = want.argmax(-1)
+    for pos in range(20, 26):
+        with torch.inference_mode():
+            want, cache = decode_one_token(model, token.view(1, 1), cache, pos)
+        got = dec.step(token, pos)
+        assert _rel(got, want) < 1e-5, (pos, dec.mode)
+        token = want.argmax(-1)
+    assert len(dec.cuts) == max(0, moe_layers - resident)
+    if device == "cuda":
+        assert dec.mode == "cuda_graphs" and len(dec.graphs) == len(dec.cuts) + 1

@@ -20,6 +20,10 @@ the other experts on the CPU while the copy and that graph proceed; graph i+1 ad
 transformers :class:`~transformers.StaticCache`: fixed addresses, updated in place by index, and its position counter
 is a device tensor, so the same graphs serve every position.
 
+Layers whose experts are resident on the GPU (``resident_expert_layers``) are not cut: the step gathers the K picked
+experts from the layer's pinned slot and computes them inside the graph (:func:`_resident_experts`). With every
+layer resident, a token is one graph launch and no CPU work.
+
 Without CUDA (or when capture fails, or with ``use_graphs=False``) the same cut runs eagerly: each expert call
 copies out, computes on the CPU and copies back at once. That mode runs the same plumbing on any device, which is
 how the CPU tests check it.
@@ -45,6 +49,42 @@ __all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for"]
 # max_new_tokens): the cache is allocated for all of them up front (DeepSeek-V2-Lite: ~0.28 MB a position).
 STATIC_CACHE_MAX_TOKENS = 16384
 
+
+
+def _picked_experts(weights, mlp, gate_up: torch.Tensor, down: torch.Tensor, scales, bias, x: torch.Tensor,
+                    w: torch.Tensor) -> torch.Tensor:
+    """y [1, H] fp32 = Σ_s w[0, s] · Expert_s(x) over n experts' weights gathered on the device (the streamed path's
+    math: GEMMs in the weight dtype, int8 and 4-bit dequantized there to bf16, fp32 sum).
+
+    gate_up [n, U, H], down [n, H, I] in ``weights``' format (an :class:`ExpertWeights`, which owns it); scales None
+    or (gate_up, down) scales of those n experts; bias None or ([n, U], [n, H]); x [1, H]; w [1, n] fp32."""
+    if scales is not None:
+        gate_up, down = weights.to_float(gate_up, scales[0]), weights.to_float(down, scales[1])
+    x = x.to(gate_up.dtype)  # [1, H]
+    acc = torch.zeros(1, down.shape[1], dtype=torch.float32, device=x.device)  # [1, H]
+    for s in range(gate_up.shape[0]):
+        u = (x @ gate_up[s].T).float()  # [1, U]
+        if bias is not None:
+            u = u + bias[0][s].float()
+        y = (mlp(u).to(down.dtype) @ down[s].T).float()  # [1, H]
+        if bias is not None:
+            y = y + bias[1][s].float()
+        acc += w[:, s, None] * y
+    return acc
+
+
+def _resident_experts(module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A decode step's routed experts of a resident layer (``resident_expert_layers``), on the device with no cut:
+    hidden [1, H], ids [1, K], w [1, K] on the device -> [1, H] in the hidden dtype. Gathers only the K picked experts
+    from the layer's pinned slot (device-side indexing: no host sync, so it captures into the step's graph)."""
+    gate_up, down, scales, bias = module.weights.unpack(module.streamer.resident_tensors(module.stream_index))
+    sel = ids[0].to(torch.int64)  # [K]
+    if scales is not None:
+        scales = (scales["gate_up_proj"][sel], scales["down_proj"][sel])
+    if bias is not None:
+        bias = (bias["gate_up_proj"][sel], bias["down_proj"][sel])
+    y = _picked_experts(module.weights, module.mlp, gate_up[sel], down[sel], scales, bias, hidden, w.float())
+    return y.to(hidden.dtype)
 
 
 class _GpuShare:
@@ -100,20 +140,8 @@ class _GpuShare:
         if self.graph is not None:
             self.graph.replay()
             return
-        gate_up, down = self.gate_up, self.down
-        if self.scales is not None:
-            gate_up, down = self.weights.to_float(gate_up, self.scales[0]), self.weights.to_float(down, self.scales[1])
-        x = self.x.to(gate_up.dtype)  # [1, H]
-        acc = torch.zeros_like(self.y)
-        for s in range(self.n):
-            u = (x @ gate_up[s].T).float()  # [1, 2I]
-            if self.bias is not None:
-                u = u + self.bias[0][s]
-            y = (self.mlp(u).to(down.dtype) @ down[s].T).float()  # [1, H]
-            if self.bias is not None:
-                y = y + self.bias[1][s]
-            acc += self.w[:, self.k - self.n + s, None] * y
-        self.y.copy_(acc)
+        self.y.copy_(_picked_experts(self.weights, self.mlp, self.gate_up, self.down, self.scales, self.bias, self.x,
+                                     self.w[:, self.k - self.n:]))
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         """Capture :meth:`compute` as a CUDA graph (after it has run eagerly once, so cuBLAS is set up)."""
@@ -176,6 +204,8 @@ class _Hook:
 
     def __call__(self, module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
         d = self.decoder
+        if _resident(module) and hidden.shape[0] == 1:  # its experts stay on the device: computed there, no cut
+            return _resident_experts(module, hidden, ids, w)
         i, self.calls = self.calls, self.calls + 1
         if i == len(d.cuts):  # first pass: shapes known now
             d.cuts.append(_Cut(module, hidden, ids, pin=hidden.device.type == "cuda"))
@@ -428,6 +458,12 @@ def capturable_eager_mask():
             masks["eager"] = previous
         else:
             del masks["eager"]
+
+
+def _resident(module: HybridExperts) -> bool:
+    """The layer's experts are kept on the device (``resident_expert_layers``) and the step computes them there.
+    Not with LoRA on the routed experts (their factors stay on the CPU: that layer is cut like the others)."""
+    return module.streamer is not None and module.streamer.is_resident(module.stream_index) and not module.lora
 
 
 def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
