@@ -181,17 +181,40 @@ def decode(model, tok, args) -> None:
 
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.decode_prompt,), generator=torch.Generator().manual_seed(1))
-    runs = [(None, 0), (None, 1)] + [(share, 1) for share in args.gpu_shares]  # the first call captures the graphs
-    for share, i in runs:
+    from hybridmoe.experts.streaming import enable_streaming, model_streamer
+
+    # the first call captures the graphs; then other GPU shares, then other resident layer counts at the default share
+    runs = [(None, 0, 0), (None, 1, 0)] + [(share, 1, 0) for share in args.gpu_shares]
+    runs += [(None, i, n) for n in args.resident_layers for i in (0, 1)]
+    def set_resident(n: int) -> None:
+        streamer = model_streamer(model)
+        if n == (streamer.resident if streamer is not None else 0):
+            return
+        model._hybridmoe_decoder = None  # its graphs hold the old slots: free them before the new ones
+        del streamer
+        enable_streaming(model, args.device, 0, 2, 0)  # drops the old slots
+        torch.cuda.empty_cache()
+        enable_streaming(model, args.device, streamer_min_tokens(model), args.stream_slots, n)
+
+    for share, i, resident in runs:
         model.hybridmoe.settings.gpu_share = share  # None: the default for the experts' format
+        set_resident(resident)
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
         emit({"bench": "decode", "model": args.model, "format": args.format, "call": i, "gpu_share": share,
+              "resident_layers": resident,
               "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
               "host_rss_gib": round(host_rss_gib(), 2)})
+    set_resident(0)
+
+
+def streamer_min_tokens(model) -> int:
+    from hybridmoe.loading import DEFAULT_STREAM_MIN_TOKENS
+
+    return DEFAULT_STREAM_MIN_TOKENS if model.device.type == "cuda" else 0
 
 
 def prefill(model, tok, args) -> None:
@@ -256,6 +279,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill", "train"])
+    p.add_argument("--resident-layers", type=int, nargs="*", default=[],
+                   help="decode: also with the first N MoE layers' experts resident on the GPU, for each N given")
     args = p.parse_args()
     model, tok = build(args)
     if "decode" not in args.skip:

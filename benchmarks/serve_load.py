@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--prefill-chunk-tokens", type=int, default=2048)
+    ap.add_argument("--expert-dtype", choices=["bfloat16", "float32", "int8", "int4"], default=None)
+    ap.add_argument("--resident-expert-layers", type=int, default=0,
+                    help="the first N MoE layers' experts stay on the GPU (serve --resident-expert-layers)")
     ap.add_argument("--issue-table", action="store_true",
                     help="16 clients x 1 streamed request x 128 tokens (ignore_eos), half on the first adapter; then 1 "
                          "client alone; then single-user chat decode on the same model (clients/requests/max-tokens "
@@ -164,7 +167,8 @@ def main() -> None:
             ckpt, adapters = _tiny_setup(Path(tmp))
         app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
                         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-                        prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0)
+                        prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0,
+                        expert_dtype=args.expert_dtype, resident_expert_layers=args.resident_expert_layers)
         models = ["base", *list(adapters)[:1]] if args.issue_table else ["base", *adapters]
         extra = {}
         with serve_in_thread(app) as url:
@@ -185,6 +189,7 @@ def main() -> None:
         "device": device, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "clients": args.clients, "requests_per_client": args.requests,
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
+        "expert_dtype": args.expert_dtype, "resident_expert_layers": args.resident_expert_layers,
         **result, "engine": stats,
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
         "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),

@@ -319,3 +319,23 @@ def test_resident_layers_config_and_cli(deep_ckpt, tmp_path):
         load_model(deep_ckpt, device="cpu", progress=False, resident_expert_layers=-1)
     model = load_model(deep_ckpt, device="cpu", progress=False, resident_expert_layers=3)
     assert all(m.streamer is None for m in model.modules() if isinstance(m, HybridExperts))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resident_layers_on_the_gpu_equal_the_cpu_experts(deep_ckpt):
+    """On a GPU: every layer resident (loaded once, decode-sized batches on the GPU) against the experts on the CPU;
+    fp32 logits within 1e-5, and a LoRA training step's loss within 1e-5."""
+    ids = torch.tensor([[5, 6, 7, 8]], device="cuda")
+    out = {}
+    for resident in (0, 99):
+        model = load_model(deep_ckpt, device="cuda", dtype="float32", progress=False, stream_min_tokens=0,
+                           resident_expert_layers=resident)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        model = apply_lora(model, "all", 4, 8, seed=1)
+        randomize_lora(model, seed=2)
+        model.train()
+        out[resident] = (logits, model(input_ids=ids, labels=ids).loss.detach())
+    assert _rel(out[99][0], out[0][0]) <= 1e-5
+    assert _rel(out[99][1], out[0][1]) <= 1e-5

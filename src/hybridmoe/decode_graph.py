@@ -486,8 +486,10 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     expert_lora = any(m.lora for m in experts)  # turns the GPU share off
+    streamer = experts[0].streamer if experts else None
     key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, expert_lora,
-           _gpu_share(experts, device), bool(experts) and experts[0].settings.cpu_kernel)
+           _gpu_share(experts, device), bool(experts) and experts[0].settings.cpu_kernel,
+           id(streamer), streamer.resident if streamer is not None else 0)  # the cuts depend on the resident layers
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new

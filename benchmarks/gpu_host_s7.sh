@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 7 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: the CPU kernel's AVX-512 paths (CPU tests on the Xeon), GPU tests incl. resident expert layers; V2-Lite
+#           decode with 0 / 8 / 14 / 27 resident layers (bf16 and int4)
+#   PART=b: issue 18's serving load table on V2-Lite with every layer's experts resident, bf16 and int4
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+install_wheels  # the serve extra + openai for the serving GPU tests (carried as .wheels/)
+{ nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
+NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
+if [ "${PART:-a}" = a ]; then
+  step cpu_tests_avx512 120 $NOW python -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_cpu_kernel.py \
+    tests/test_int4_experts.py tests/test_expert_backends.py -x
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
+    tests/test_streaming.py tests/test_int4_experts.py tests/test_mixed_adapters.py tests/test_int8_experts.py
+  for f in bfloat16 int4; do
+    step decode_resident_$f 100 $NOW python benchmarks/big_models.py --model v2-lite --format $f --steps 0 \
+      --skip prefill --decode-prompt 1024 --new-tokens 32 --resident-layers 8 14 26
+  done
+elif [ "${PART}" = b ]; then
+  step make 170 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  for f in bfloat16 int4; do
+    step serve_resident_$f 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+      --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --expert-dtype $f \
+      --resident-expert-layers 26 --issue-table
+  done
+fi
