@@ -190,7 +190,9 @@ def decode(model, tok, args) -> None:
         streamer = model_streamer(model)
         if n == (streamer.resident if streamer is not None else 0):
             return
-        model._hybridmoe_decoder = None  # its graphs hold the old slots: free them before the new ones
+        if getattr(model, "_hybridmoe_decoder", None) is not None:  # its graphs hold the old slots: free them first
+            model._hybridmoe_decoder.close()
+            model._hybridmoe_decoder = None
         del streamer
         enable_streaming(model, args.device, 0, 2, 0)  # drops the old slots
         torch.cuda.empty_cache()

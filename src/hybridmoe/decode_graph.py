@@ -31,6 +31,7 @@ how the CPU tests check it.
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import contextmanager
 from typing import Any
@@ -370,6 +371,9 @@ class StaticDecoder:
             self._capture_chain()
 
     def _capture_chain(self) -> None:
+        # Collect garbage first: an unreachable CUDA graph of an earlier decoder (a reference cycle) destroyed by the
+        # collector in the middle of this capture would invalidate it (seen on the GPU host, run S7-a).
+        gc.collect()
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
         stream = self._stream
