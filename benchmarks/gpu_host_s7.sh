@@ -28,3 +28,11 @@ elif [ "${PART}" = b ]; then
       --resident-expert-layers 26 --issue-table
   done
 fi
+if [ "${PART}" = c ]; then  # where a server decode step's time goes (resident layers: every expert on the GPU)
+  [ -d /tmp/v2lite/bench_adapter ] || { step make 170 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite;
+    step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite; }
+  step serve_profile_r26 200 $NOW python benchmarks/serve_profile.py --model /tmp/v2lite \
+    --adapter /tmp/v2lite/bench_adapter --resident 26
+  step serve_profile_r0 120 $NOW python benchmarks/serve_profile.py --model /tmp/v2lite \
+    --adapter /tmp/v2lite/bench_adapter --resident 0 --no-profile --steps 4
+fi
