@@ -2,7 +2,8 @@
 # Session 7 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
 #   PART=a: the CPU kernel's AVX-512 paths (CPU tests on the Xeon), GPU tests incl. resident expert layers; V2-Lite
 #           decode with 0 / 8 / 14 / 27 resident layers (bf16 and int4)
-#   PART=b: issue 18's serving load table on V2-Lite with every layer's experts resident, bf16 and int4
+#   PART=b: issue 18's serving load table on V2-Lite, every layer's experts resident against none (bf16)
+#   PART=c: the server's batched decode step timed and profiled (benchmarks/serve_profile.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -19,13 +20,12 @@ if [ "${PART:-a}" = a ]; then
     step decode_resident_$f 100 $NOW python benchmarks/big_models.py --model v2-lite --format $f --steps 0 \
       --skip prefill --decode-prompt 1024 --new-tokens 32 --resident-layers 8 14 26
   done
-elif [ "${PART}" = b ]; then
-  step make 170 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
-  for f in bfloat16 int4; do
-    step serve_resident_$f 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-      --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --expert-dtype $f \
-      --resident-expert-layers 26 --issue-table
+elif [ "${PART}" = b ]; then  # issue 18's table, bf16 experts: all 26 MoE layers resident against none, in one run
+  [ -d /tmp/v2lite/bench_adapter ] || { step make 170 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite;
+    step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite; }
+  for r in 26 0; do
+    step serve_resident_$r 200 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+      --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers $r --issue-table
   done
 fi
 if [ "${PART}" = c ]; then  # where a server decode step's time goes (resident layers: every expert on the GPU)

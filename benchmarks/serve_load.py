@@ -7,8 +7,8 @@
     # issue 18's load table: 16 streaming clients x 128 tokens, half with an adapter, then 1 client, then `chat`
     python benchmarks/serve_load.py --model DIR --adapter a=ADAPTER --device cuda --dtype bfloat16 --issue-table
 
-Starts the real server (uvicorn, in this process, on 127.0.0.1 and a free port), runs the clients with
-`openai.AsyncOpenAI` (greedy, a mix of the base model and two adapters, half the requests streamed), and prints one
+Starts the real server (uvicorn, in this process, on 127.0.0.1 and a free port), runs the clients in a child process
+with `openai.AsyncOpenAI` (greedy, a mix of the base model and two adapters, half the requests streamed), and prints one
 JSON line: requests/s, generated tokens/s, latency percentiles, errors, and the engine's decode-batch statistics.
 Without --model it builds a tiny random model and two random adapters in a temp dir (no downloads).
 """
@@ -114,6 +114,25 @@ async def _drive(url: str, models: list[str], clients: int, requests: int, max_t
             "itl_p50_s": pct(itls, 50), "itl_p95_s": pct(itls, 95)}
 
 
+def _drive_child(queue, *args, **kwargs) -> None:
+    queue.put(asyncio.run(_drive(*args, **kwargs)))
+
+
+def drive(*args, **kwargs) -> dict:
+    """:func:`_drive` in a child process: the clients' own Python work (SSE parsing, the openai client) must not
+    compete with the server's engine thread for this process's GIL, as real clients on other machines do not."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_drive_child, args=(queue, *args), kwargs=kwargs)
+    proc.start()
+    try:
+        return queue.get()
+    finally:
+        proc.join()
+
+
 def _chat_decode_baseline(app, max_tokens: int) -> float:
     """Single-user decode tokens/s of `hybridmoe chat`'s path (`generate`, static cache and CUDA graphs where chat
     uses them) on the server's own model with the base model active: the 1-client target's reference."""
@@ -172,12 +191,12 @@ def main() -> None:
         models = ["base", *list(adapters)[:1]] if args.issue_table else ["base", *adapters]
         extra = {}
         with serve_in_thread(app) as url:
-            result = asyncio.run(_drive(url, models, args.clients, args.requests, args.max_tokens,
-                                        stream_all=args.issue_table, ignore_eos=args.issue_table))
+            result = drive(url, models, args.clients, args.requests, args.max_tokens,
+                           stream_all=args.issue_table, ignore_eos=args.issue_table)
             stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
             if args.issue_table:
-                extra["one_client"] = asyncio.run(_drive(url, ["base"], 1, 3, args.max_tokens, stream_all=True,
-                                                         ignore_eos=True))
+                extra["one_client"] = drive(url, ["base"], 1, 3, args.max_tokens, stream_all=True,
+                                            ignore_eos=True)
         if args.issue_table:  # after the server stopped: the engine thread no longer uses the model
             extra["chat_decode_tokens_per_s"] = _chat_decode_baseline(app, args.max_tokens)
             one = extra["one_client"]
