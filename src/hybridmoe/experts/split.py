@@ -1,0 +1,166 @@
+"""A streamed inference call split between the GPU and the CPU (long prefills, the server's batched prefill).
+
+A streamed call copies the layer's expert weights to the GPU and computes there (:mod:`.streaming`). For a
+1024-token prefill of the DeepSeek-V2-Lite shape the copies bound it (~20 ms a layer over PCIe against a few ms of
+GEMMs), and the CPU is idle meanwhile. So in an inference call (no autograd) the last ``c = round(E · cpu_share)``
+experts of the layer (:meth:`ExpertSettings.prefill_cpu_experts`) are computed on the CPU, next to their weights,
+and only the first ``E - c`` cross to the GPU: a contiguous prefix of every pinned host tensor, one DMA each.
+
+One call:
+
+1. the hidden states, top-k ids and routing weights come to the host (a synchronisation the unsplit path does not
+   make; the GPU has nothing queued for this layer yet, so it costs the router's latency, not a stall);
+2. the CPU part starts in one long-lived worker thread (torch's CPU ops release the GIL): every (token, k) slot
+   routed to an expert >= E - c, one expert at a time (:class:`~.cpu_experts._LoopMath`);
+3. the GPU part is queued meanwhile: the streamer's slot with experts [0, E - c) (copied on its side stream, the
+   next layer's prefix prefetched), the grouped GEMMs over the slots routed to them;
+4. join; the CPU part's [T, H] fp32 sum (zero for tokens with no CPU expert) crosses to the device from page-locked
+   memory without a host wait and is added.
+
+Each slot is computed on exactly one side, so the result is the unsplit one up to rounding: the CPU keeps fp32
+activations between its GEMMs (GEMM inputs rounded to the weight dtype, int8 / 4-bit as the CPU path computes
+them), the GPU its usual bf16 ones. A layer already wholly in a GPU slot (kept resident between prompts) is not
+split: its copy is free, so the GPU computes it all. Calls with autograd never split: the backward reads one
+backend's saved activations. Expert LoRA applies on both sides (the CPU side uses the fp32 masters), per-row LoRA
+too (:class:`~.row_lora.RowLoRA` calls this once per group of rows).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
+
+__all__ = ["cpu_experts_for", "forward"]
+
+STREAMED = ("grouped", "device-loop")
+
+
+def cpu_experts_for(module) -> int:
+    """How many of `module`'s experts (the last ones) a streamed inference call computes on the CPU now; 0 = no split
+    (share 0, autograd on, or the layer wholly in a GPU slot already)."""
+    streamer = module.streamer
+    if streamer is None or torch.is_grad_enabled():
+        return 0
+    c = module.settings.prefill_cpu_experts(module.weights.fmt, module.num_experts, streamer.device)
+    if c == 0 or streamer.holds_all(module.stream_index):
+        return 0
+    return c
+
+
+def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+            backend: str) -> torch.Tensor | None:
+    """The streamed call of `module` (a HybridExperts; `backend` "grouped" or "device-loop") with its last experts on
+    the CPU: hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] on hidden's device and dtype; None when
+    this call does not split (:func:`cpu_experts_for`), for the caller's unsplit path."""
+    c = cpu_experts_for(module) if backend in STREAMED else 0
+    if c == 0:
+        return None
+    first = module.num_experts - c  # experts [0, first) on the GPU, [first, E) on the CPU
+    where = module.streamer.device
+    cuda = where.type == "cuda"
+    # 1. What the CPU needs, on the host. (Small: [T, H] activations and [T, K] routing; the weights stay put.)
+    ids_host = top_k_index.detach().to("cpu", torch.int64)
+    w_host = top_k_weights.detach().to("cpu", torch.float32)
+    x_host = hidden.detach().to("cpu")
+    lora_cpu = module.lora_on(torch.device("cpu"), torch.float32)  # the masters (row LoRA: this group's dict)
+    # 2. The CPU part starts before the GPU part is queued.
+    job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda)
+    try:
+        # 3. The GPU part, queued while the CPU computes.
+        gpu_out = None
+        n_gpu = int((ids_host < first).sum())  # slots routed to GPU experts
+        if n_gpu:
+            gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, first, c, n_gpu, backend)
+    finally:
+        cpu_out = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
+    cpu_out = cpu_out.to(where, non_blocking=cuda)  # page-locked on CUDA: no host wait
+    out = cpu_out if gpu_out is None else gpu_out.add_(cpu_out)
+    return out.to(hidden.device, hidden.dtype)
+
+
+def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_gpu: int,
+              backend: str) -> torch.Tensor:
+    """The slots routed to experts [0, first), on the streamer's device: [T, H] fp32, zero rows for tokens with none.
+    The math and rounding of the unsplit streamed path (``_ExpertsFn.forward``), over the first experts only."""
+    where = module.streamer.device
+    ids = top_k_index.detach().to(where, torch.int64)  # [T, K]
+    w = top_k_weights.detach().to(where, torch.float32)  # [T, K]
+    t, k = ids.shape
+    flat = ids.view(-1)
+    # Stable sort by expert: the GPU's slots are the first n_gpu (n_gpu counted on the host, no device sync).
+    order = torch.argsort(flat, stable=True)[:n_gpu]  # [S_gpu]
+    gate_up, down, scales, bias = module.weights.unpack(module.streamer.acquire(module.stream_index, cpu_experts=c))
+    if scales is not None:  # int8 / 4-bit crossed compact; the GEMMs want bf16
+        gate_up = module.weights.to_float(gate_up, scales["gate_up_proj"])
+        down = module.weights.to_float(down, scales["down_proj"])
+    grouped = backend == "grouped"
+    lora = {p: LoRAFactors(f.A[:first], f.B[:first], f.scale)
+            for p, f in module.lora_on(where, gate_up.dtype if grouped else torch.float32, pad_rank=grouped).items()}
+    if grouped:
+        sorted_ids = flat[order]  # [S_gpu]
+        experts = torch.arange(first, device=where)
+        offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [first]
+        row_bias = None if bias is None else {p: b[sorted_ids].to(gate_up.dtype) for p, b in bias.items()}
+        math = _GroupedMath(gate_up, down, lora, module.mlp, offs, row_bias)
+    else:
+        counts = torch.bincount(flat[order], minlength=first).tolist()
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        groups = [(e, slice(starts[e], starts[e + 1])) for e in range(first) if counts[e]]
+        math = _LoopMath(SlotWeights(gate_up, down, bias), lora, module.mlp, groups)
+    x = hidden.detach().to(where, math.act_dtype)  # [T, H]
+    y = math.forward(x[order // k], keep=False)[1]  # [S_gpu, H]
+    rows = torch.zeros(t * k, y.shape[1], dtype=y.dtype, device=where)  # the CPU's slots stay zero
+    rows[order] = y * w.view(-1)[order, None].to(y.dtype)
+    return rows.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, H]
+
+
+def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first: int,
+              lora: dict[str, LoRAFactors], pinned: bool) -> torch.Tensor:
+    """The slots routed to experts [first, E), on the CPU: [T, H] fp32 (page-locked when `pinned`), zero rows for
+    tokens with none. x [T, H], ids [T, K] int64, w [T, K] fp32, all on the CPU."""
+    t, k = ids.shape
+    h = module.weights.out_features("down_proj")
+    out = torch.zeros(t, h, dtype=torch.float32, pin_memory=pinned)
+    flat = ids.view(-1)
+    slots = (flat >= first).nonzero().flatten()  # [S_cpu] (token, k) slots of CPU experts
+    if not len(slots):
+        return out
+    order = torch.argsort(flat[slots], stable=True)
+    slots = slots[order]  # sorted by expert
+    counts = torch.bincount(flat[slots], minlength=module.num_experts).tolist()
+    groups, start = [], 0
+    for e in range(first, module.num_experts):
+        if counts[e]:
+            groups.append((e, slice(start, start + counts[e])))
+            start += counts[e]
+    tok = slots // k
+    y = _LoopMath(module.weights, lora, module.mlp, groups).forward(x[tok].float(), keep=False)[1]  # [S_cpu, H]
+    out.index_add_(0, tok, y * w.view(-1)[slots, None])
+    return out
+
+
+_worker: ThreadPoolExecutor | None = None
+_worker_pid = -1
+_worker_lock = threading.Lock()
+
+
+def _submit(fn, *args) -> Future:
+    """Run fn(*args) in the process's one CPU-share worker thread (started on first use, again after a fork:
+    a forked child inherits the executor object but not its thread). Autograd off there too (thread-local)."""
+    global _worker, _worker_pid
+    with _worker_lock:
+        if _worker is None or _worker_pid != os.getpid():
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-cpu-share")
+            _worker_pid = os.getpid()
+    return _worker.submit(_no_grad, fn, *args)
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
