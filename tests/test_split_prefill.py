@@ -191,3 +191,17 @@ def test_split_on_device(device):
         want, full = _call(m, 0.0, x, ids, w, device)
         got, moved = _call(m, 0.25, x, ids, w, device)
         assert _rel(got, want) <= TOLERANCE[fmt] and moved == full * 3 // 4, fmt
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("math", ["loop", "bf16"])
+def test_both_cpu_maths(fmt, math, monkeypatch):
+    """Either CPU math (split.CPU_MATH, chosen per format by measurement) gives the unsplit result."""
+    from hybridmoe.experts import split
+
+    monkeypatch.setattr(split, "CPU_MATH", {split.format_key(FORMATS[fmt]): math})
+    m = _module(FORMATS[fmt], lora=True)
+    x, ids, w = _inputs()
+    want, _ = _call(m, 0.0, x, ids, w)
+    got, _ = _call(m, 0.5, x, ids, w)
+    assert _rel(got, want) <= TOLERANCE[fmt]

@@ -11,7 +11,7 @@ One call:
 1. the hidden states, top-k ids and routing weights come to the host (a synchronisation the unsplit path does not
    make; the GPU has nothing queued for this layer yet, so it costs the router's latency, not a stall);
 2. the CPU part starts in one long-lived worker thread (torch's CPU ops release the GIL): every (token, k) slot
-   routed to an expert >= E - c, one expert at a time (:class:`~.cpu_experts._LoopMath`);
+   routed to an expert >= E - c, one expert at a time, in the math :data:`CPU_MATH` names for the weight format;
 3. the GPU part is queued meanwhile: the streamer's slot with experts [0, E - c) (copied on its side stream, the
    next layer's prefix prefetched), the grouped GEMMs over the slots routed to them;
 4. join; the CPU part's [T, H] fp32 sum (zero for tokens with no CPU expert) crosses to the device from page-locked
@@ -30,14 +30,28 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 
 import torch
+from torch import nn
 
+from .backends import format_key
 from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
 
 __all__ = ["cpu_experts_for", "forward"]
 
 STREAMED = ("grouped", "device-loop")
+
+# The CPU part's math, by the experts' format (ExpertWeights.fmt, keyed as backends.format_key):
+#   "loop": the CPU path's own per-expert loop (_LoopMath): GEMMs in the stored format (int8 through torch's int8
+#           GEMM, 4-bit dequantized exactly to fp32 with the kernel's activation rounding), fp32 activations;
+#   "bf16": per expert, the weights as bf16 (int8 / 4-bit dequantized, one expert at a time) and bf16 GEMMs (oneDNN;
+#           AMX on Sapphire Rapids) with bf16 activations between them, as the streamed GPU path computes.
+# Chosen with `benchmarks/split_cpu_math.py` (V2-Lite shape, 96 tokens an expert): on the 2-core EPYC dev box
+# (no AMX) bf16 weights 194 ms bf16 vs 247 ms loop; int8 225 vs 99; int4 308 vs 153 (4 experts). To be rechecked
+# on the GPU host's Xeon, whose AMX bf16 GEMMs change the balance for int8 and 4-bit.
+CPU_MATH = MappingProxyType({torch.bfloat16: "bf16", torch.float32: "loop", torch.int8: "loop", "int4": "loop",
+                             "mxfp4": "loop"})
 
 
 def cpu_experts_for(module) -> int:
@@ -139,9 +153,37 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
             groups.append((e, slice(start, start + counts[e])))
             start += counts[e]
     tok = slots // k
-    y = _LoopMath(module.weights, lora, module.mlp, groups).forward(x[tok].float(), keep=False)[1]  # [S_cpu, H]
+    math_cls = _Bf16Math if CPU_MATH.get(format_key(module.weights.fmt), "loop") == "bf16" else _LoopMath
+    y = math_cls(module.weights, lora, module.mlp, groups).forward(x[tok].float(), keep=False)[1]  # [S_cpu, H]
     out.index_add_(0, tok, y * w.view(-1)[slots, None])
     return out
+
+
+class _Bf16Math(_LoopMath):
+    """The per-expert loop with bf16 GEMMs and bf16 activations between them (inference only: no backward)."""
+
+    def _bf16_linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
+        # x [n, in] bf16 -> [n, out] bf16
+        y = nn.functional.linear(x, self.weights.matrix(proj, e).to(torch.bfloat16))
+        lo = self.lora.get(proj)
+        bias = self.weights.bias
+        if lo is None and bias is None:
+            return y
+        y = y.float()
+        if bias is not None:
+            y += bias[proj][e].float()
+        if lo is not None:  # fp32 masters, fp32 products: the rank is small
+            xf = x.float()
+            y += lo.scale * ((xf @ lo.A[e].T) @ lo.B[e].T)
+        return y.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [S, H] fp32 -> (empty, y [S, H] fp32)."""
+        y_out = x.new_empty(x.shape[0], self.weights.out_features("down_proj"))  # [S, H]
+        for e, rows in self.groups:
+            gu = self._bf16_linear("gate_up_proj", x[rows].to(torch.bfloat16), e)  # [n, 2I]
+            y_out[rows] = self._bf16_linear("down_proj", self.mlp(gu), e)  # [n, H]
+        return x.new_empty(0, 0), y_out
 
 
 _worker: ThreadPoolExecutor | None = None
