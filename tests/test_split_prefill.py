@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from hybridmoe.experts import ExpertsSpec, HybridExperts
+from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.formula import reference_moe
 from hybridmoe.experts.packed import PackedFormat
 from hybridmoe.experts.row_lora import RowLoRA
 from hybridmoe.experts.streaming import ExpertStreamer, enable_streaming
 
 from .conftest import DEVICES
+from .helpers import silu_experts
 
 E, H, I, K, T = 8, 64, 32, 2, 40  # noqa: E741 - experts, hidden, intermediate, top-k, tokens
 INT4 = PackedFormat("int4", 32)
@@ -32,20 +32,9 @@ __doc__ += "".join(f"    {k:5s} {v:g}\n" for k, v in TOLERANCE.items())
 
 
 def _module(fmt, lora: bool, seed: int = 0, dims=(E, H, I), bias: bool = False) -> HybridExperts:
-    e, h, i = dims
-    spec = ExpertsSpec(e, h, i, has_bias=bias)
-    m = HybridExperts(spec, nn.SiLU(), fmt)
-    g = torch.Generator().manual_seed(seed)
-    for p in ("gate_up_proj", "down_proj"):
-        m.weights.write(p, torch.randn(spec.shape(p), generator=g) * 0.3)
-        if bias:
-            m.weights.write_bias(p, torch.randn(spec.shape(p)[:2], generator=g) * 0.3)
-    if lora:
-        for proj, r in (("gate_up_proj", 4), ("down_proj", 2)):
-            lo = m.add_lora(proj, rank=r, alpha=2.0 * r)
-            lo.A.copy_(torch.randn(lo.A.shape, generator=g) * 0.3)
-            lo.B.copy_(torch.randn(lo.B.shape, generator=g) * 0.3)
-            lo.requires_grad_(True)  # as after a trainer or adapter load: the split must not build a graph
+    m = silu_experts(*dims, fmt, lora=lora, seed=seed, bias=bias)
+    for lo in m.lora.values():
+        lo.requires_grad_(True)  # as after a trainer or adapter load: the split must not build a graph
     return m
 
 
@@ -205,3 +194,35 @@ def test_both_cpu_maths(fmt, math, monkeypatch):
     want, _ = _call(m, 0.0, x, ids, w)
     got, _ = _call(m, 0.5, x, ids, w)
     assert _rel(got, want) <= TOLERANCE[fmt]
+
+
+def test_model_with_cpu_share(tmp_path, capsys):
+    """The setting through load_model (and its range check, one CLI error line), and a whole model's streamed
+    inference forward split vs unsplit."""
+    from hybridmoe.errors import ConfigError
+    from hybridmoe.loading import load_model
+
+    from .helpers import make_checkpoint, one_line_error, randomize_lora
+
+    ckpt = make_checkpoint("deepseek_v2", tmp_path / "m", num_hidden_layers=3)
+    with pytest.raises(ConfigError, match=r"stream_cpu_share must be a fraction in \[0, 1\]"):
+        load_model(ckpt, device="cpu", progress=False, stream_cpu_share=1.5)
+    one_line_error(capsys, ["chat", "--model", str(ckpt), "--prompt", "hi", "--stream-cpu-share", "-1"],
+                   "stream_cpu_share", "[0, 1]")
+    model = load_model(ckpt, device="cpu", progress=False, stream_cpu_share=0.5)
+    assert model.hybridmoe.settings.cpu_share == 0.5
+    from hybridmoe.adapters import apply_lora
+
+    model = apply_lora(model, "all", rank=4, alpha=8, seed=0)
+    randomize_lora(model, seed=1)
+    streamer = enable_streaming(model, "cpu", min_tokens=8)  # on the CPU streaming is off unless asked for
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        split = model(ids).logits
+        moved = streamer.stats.bytes
+        model.hybridmoe.settings.cpu_share = 0.0
+        enable_streaming(model, "cpu", min_tokens=8)
+        whole = model(ids).logits
+    assert _rel(split, whole) <= 1e-5
+    experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
+    assert moved == sum(m.weights.nbytes for m in experts) // 2

@@ -48,7 +48,8 @@ def _load(args):
     model = load_model(args.model, device=args.device, dtype=args.dtype, progress=args.prompt is None,
                        expert_dtype=getattr(args, "expert_dtype", None),
                        stream_min_tokens=getattr(args, "stream_min_tokens", None),
-                       stream_slots=getattr(args, "stream_slots", 2))
+                       stream_slots=getattr(args, "stream_slots", 2),
+                       stream_cpu_share=getattr(args, "stream_cpu_share", None))
     if args.adapter:
         model = load_adapter(model, args.adapter)
         if args.merge:

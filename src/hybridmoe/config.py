@@ -72,6 +72,10 @@ class TrainConfig:
     # Layers of expert weights the GPU keeps while streaming (>= 2). A step copies 2·(MoE layers - stream_slots)
     # layers; each slot costs one layer of expert weights in GPU memory (1.03 GiB for DeepSeek-V2-Lite in bf16).
     stream_slots: int = 2
+    # Share of each layer's routed experts computed on the CPU in a streamed inference forward (evaluation; not the
+    # training steps, which need one backend's activations), while the others stream to the GPU: the last
+    # round(E · share) experts. Default: by expert format (experts.backends.DEFAULT_PREFILL_CPU_SHARE; 0 for now).
+    stream_cpu_share: float | None = None
     progress: bool = True
     # -- several ranks (torchrun / --nproc; ignored by a single process) ----------------------------------------------
     ddp_timeout: int = 1800  # seconds any collective may wait for the other ranks before the job stops with an error
@@ -232,6 +236,7 @@ RANGES: dict[str, str] = {
     "max_consecutive_skipped": "[1, inf)",
     "stream_min_tokens": "[0, inf)",  # 0 keeps the experts on the CPU
     "stream_slots": "[2, inf)",  # one layer computing, one arriving
+    "stream_cpu_share": "[0, 1]",  # a fraction of each layer's experts
     "ddp_timeout": "[1, inf)",  # seconds
     # LLaMA-Factory's keys (lf_compat.py)
     "adam_beta1": "[0, 1)",

@@ -197,7 +197,8 @@ class _Setup:
         base = load_model(cfg.model_name_or_path, device=ctx.device or cfg.device, dtype=cfg.dtype,
                           expert_dtype=cfg.expert_dtype, trust_remote_code=cfg.trust_remote_code,
                           progress=cfg.progress and ctx.is_main, host_shared=shared,
-                          stream_min_tokens=cfg.stream_min_tokens, stream_slots=cfg.stream_slots)
+                          stream_min_tokens=cfg.stream_min_tokens, stream_slots=cfg.stream_slots,
+                          stream_cpu_share=cfg.stream_cpu_share)
         self.device = base.hybridmoe.device
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
         if resume is not None:  # the LoRA settings of this config (dropout included), the weights of the checkpoint
