@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -38,7 +40,7 @@ from torch import nn
 from .backends import format_key
 from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
 
-__all__ = ["cpu_experts_for", "forward"]
+__all__ = ["CPU_MATH", "STATS", "SplitStats", "cpu_experts_for", "forward"]
 
 STREAMED = ("grouped", "device-loop")
 
@@ -52,6 +54,23 @@ STREAMED = ("grouped", "device-loop")
 # on the GPU host's Xeon, whose AMX bf16 GEMMs change the balance for int8 and 4-bit.
 CPU_MATH = MappingProxyType({torch.bfloat16: "bf16", torch.float32: "loop", torch.int8: "loop", "int4": "loop",
                              "mxfp4": "loop"})
+
+
+@dataclass
+class SplitStats:
+    """What the split calls of this process did (for benchmarks: is the CPU part the longer one?)."""
+
+    calls: int = 0  # split calls
+    cpu_slots: int = 0  # (token, k) slots computed on the CPU
+    gpu_slots: int = 0  # ... and on the GPU
+    cpu_s: float = 0.0  # seconds the worker spent on the CPU parts
+    wait_s: float = 0.0  # seconds the calling thread then waited for them, after queueing the GPU part
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+STATS = SplitStats()
 
 
 def cpu_experts_for(module) -> int:
@@ -84,14 +103,20 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     lora_cpu = module.lora_on(torch.device("cpu"), torch.float32)  # the masters (row LoRA: this group's dict)
     # 2. The CPU part starts before the GPU part is queued.
     job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda)
+    n_gpu = int((ids_host < first).sum())  # slots routed to GPU experts
     try:
         # 3. The GPU part, queued while the CPU computes.
         gpu_out = None
-        n_gpu = int((ids_host < first).sum())  # slots routed to GPU experts
         if n_gpu:
             gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, first, c, n_gpu, backend)
     finally:
-        cpu_out = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
+        t0 = time.perf_counter()
+        cpu_out, cpu_s = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
+    STATS.calls += 1
+    STATS.gpu_slots += n_gpu
+    STATS.cpu_slots += ids_host.numel() - n_gpu
+    STATS.cpu_s += cpu_s
+    STATS.wait_s += time.perf_counter() - t0
     cpu_out = cpu_out.to(where, non_blocking=cuda)  # page-locked on CUDA: no host wait
     out = cpu_out if gpu_out is None else gpu_out.add_(cpu_out)
     return out.to(hidden.device, hidden.dtype)
@@ -203,6 +228,9 @@ def _submit(fn, *args) -> Future:
 
 
 def _no_grad(fn, *args):
+    """(fn(*args), seconds it took), autograd off."""
+    t0 = time.perf_counter()
     with torch.no_grad():
-        return fn(*args)
+        out = fn(*args)
+    return out, time.perf_counter() - t0
 
