@@ -140,6 +140,13 @@ def test_partial_slots():
     assert sum(slot.layer == 1 for slot in s._slots) == 1  # in the slot that held its share, not a second one
     gu, _ = s.acquire(1, cpu_experts=2)  # a share of a layer held whole: a hit
     assert s.stats.copies == 2 and gu.shape[0] == 2
+    # A layer computed whole (held whole) still prefetches the next one for the share, so one whole layer does not
+    # turn every later layer of the pass whole.
+    s = ExpertStreamer("cpu", min_tokens=1, num_slots=3)
+    for layer in layers:
+        s.register(layer)
+    s.acquire(0, prefetch_cpu_experts=1)
+    assert s.holds_all(0) and not s.holds_all(1) and s.stats.bytes == layers[0].nbytes * 7 // 4
 
 
 def test_layer_held_whole_is_not_split():

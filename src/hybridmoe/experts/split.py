@@ -73,14 +73,21 @@ class SplitStats:
 STATS = SplitStats()
 
 
-def cpu_experts_for(module) -> int:
-    """How many of `module`'s experts (the last ones) a streamed inference call computes on the CPU now; 0 = no split
-    (share 0, autograd on, or the layer wholly in a GPU slot already)."""
+def share_experts(module) -> int:
+    """How many of `module`'s experts (the last ones) its streamed inference calls leave to the CPU by the settings;
+    0 with autograd on, or without streaming."""
     streamer = module.streamer
     if streamer is None or torch.is_grad_enabled():
         return 0
-    c = module.settings.prefill_cpu_experts(module.weights.fmt, module.num_experts, streamer.device)
-    if c == 0 or streamer.holds_all(module.stream_index):
+    return module.settings.prefill_cpu_experts(module.weights.fmt, module.num_experts, streamer.device)
+
+
+def cpu_experts_for(module) -> int:
+    """How many of `module`'s experts (the last ones) a streamed inference call computes on the CPU now: the share,
+    or 0 where the layer is wholly on the GPU already (its copy is free; the GPU computes it faster than the CPU its
+    share)."""
+    c = share_experts(module)
+    if c and module.streamer.holds_all(module.stream_index):
         return 0
     return c
 
@@ -90,9 +97,14 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     """The streamed call of `module` (a HybridExperts; `backend` "grouped" or "device-loop") with its last experts on
     the CPU: hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] on hidden's device and dtype; None when
     this call does not split (:func:`cpu_experts_for`), for the caller's unsplit path."""
-    c = cpu_experts_for(module) if backend in STREAMED else 0
-    if c == 0:
+    share = share_experts(module) if backend in STREAMED else 0
+    if share == 0:
         return None
+    c = cpu_experts_for(module)
+    if c == 0:  # the GPU computes the whole layer; the next layer's prefetch still takes the share into account
+        t, k = top_k_index.shape
+        out = _gpu_part(module, hidden, top_k_index, top_k_weights, module.num_experts, 0, t * k, backend, share)
+        return out.to(hidden.device, hidden.dtype)
     first = module.num_experts - c  # experts [0, first) on the GPU, [first, E) on the CPU
     where = module.streamer.device
     cuda = where.type == "cuda"
@@ -108,7 +120,7 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
         # 3. The GPU part, queued while the CPU computes.
         gpu_out = None
         if n_gpu:
-            gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, first, c, n_gpu, backend)
+            gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, first, c, n_gpu, backend, share)
     finally:
         t0 = time.perf_counter()
         cpu_out, cpu_s = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
@@ -122,10 +134,11 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     return out.to(hidden.device, hidden.dtype)
 
 
-def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_gpu: int,
-              backend: str) -> torch.Tensor:
-    """The slots routed to experts [0, first), on the streamer's device: [T, H] fp32, zero rows for tokens with none.
-    The math and rounding of the unsplit streamed path (``_ExpertsFn.forward``), over the first experts only."""
+def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_gpu: int, backend: str,
+              share: int) -> torch.Tensor:
+    """The slots routed to experts [0, first) (c = E - first), on the streamer's device: [T, H] fp32, zero rows for
+    tokens with none; the next layer is prefetched for a CPU share of `share` experts. The math and rounding of the
+    unsplit streamed path (``_ExpertsFn.forward``; bit for bit when first = E), over the first experts only."""
     where = module.streamer.device
     ids = top_k_index.detach().to(where, torch.int64)  # [T, K]
     w = top_k_weights.detach().to(where, torch.float32)  # [T, K]
@@ -133,7 +146,8 @@ def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_
     flat = ids.view(-1)
     # Stable sort by expert: the GPU's slots are the first n_gpu (n_gpu counted on the host, no device sync).
     order = torch.argsort(flat, stable=True)[:n_gpu]  # [S_gpu]
-    gate_up, down, scales, bias = module.weights.unpack(module.streamer.acquire(module.stream_index, cpu_experts=c))
+    slot = module.streamer.acquire(module.stream_index, cpu_experts=c, prefetch_cpu_experts=share)
+    gate_up, down, scales, bias = module.weights.unpack(slot)
     if scales is not None:  # int8 / 4-bit crossed compact; the GEMMs want bf16
         gate_up = module.weights.to_float(gate_up, scales["gate_up_proj"])
         down = module.weights.to_float(down, scales["down_proj"])

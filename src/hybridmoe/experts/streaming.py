@@ -87,13 +87,14 @@ class ExpertStreamer:
         """Whether a slot holds every expert of layer `idx` (then a request for it is a hit, whatever its share)."""
         return self._find(idx) is not None
 
-    def acquire(self, idx: int, cpu_experts: int = 0) -> tuple[torch.Tensor, ...]:
+    def acquire(self, idx: int, cpu_experts: int = 0, prefetch_cpu_experts: int | None = None) -> tuple[torch.Tensor, ...]:
         """Layer `idx`'s (gate_up [E, 2I, H], down [E, H, I]) on the device, ready for kernels on the current stream;
         for int8 weights also their scales (gate_up [E, 2I], down [E, H]).
 
         cpu_experts: c > 0 asks for the first E - c experts only (the CPU computes the others), and every tensor
         returned is then [E - c, ...]: a slot holding at least those is a hit, a copy moves only them (one DMA per
-        tensor: a contiguous prefix), and the prefetch of the next layer asks for the same c."""
+        tensor: a contiguous prefix). prefetch_cpu_experts (default: cpu_experts): the c of the next layer's
+        prefetch (a layer held whole is computed whole, but the next one is still split)."""
         if self._last is not None and idx != self._last:
             self._direction = 1 if idx > self._last else -1
         self._last = idx
@@ -110,7 +111,8 @@ class ExpertStreamer:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         nxt = idx + self._direction
         if 0 <= nxt < len(self.layers):
-            nxt_want = max(0, self._experts(nxt) - cpu_experts)
+            nxt_c = cpu_experts if prefetch_cpu_experts is None else prefetch_cpu_experts
+            nxt_want = max(0, self._experts(nxt) - nxt_c)
             if self._find(nxt, nxt_want) is None:
                 self._load(nxt, keep=slot, experts=nxt_want)
                 self.stats.prefetches += 1
