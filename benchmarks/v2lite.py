@@ -378,10 +378,18 @@ def prefill(args) -> None:
                       "copied_gb": round((streamer.stats.bytes - before) / 1e9, 3),
                       "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
                       "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0})
+        # Equivalence on the real shape: the last position's logits at each share against the first share's.
+        logits = {}
+        with torch.inference_mode():
+            for share in args.cpu_share:
+                settings.cpu_share = share
+                logits[share] = model(prompt[None].to(DEV), logits_to_keep=1).logits[0, -1].float()
+        base = logits[args.cpu_share[0]]
         for share, r in rates.items():
+            rel = ((logits[share] - base).norm() / base.norm()).item()
             emit({"bench": "prefill_cpu_share", "experts": experts, "stream_slots": slots, "cpu_share": share,
                   "prompt_tokens": args.prompt_len, "prefill_tok_s_median": round(statistics.median(r[1:]), 1),
-                  "prefill_tok_s": [round(x, 1) for x in r]})
+                  "prefill_tok_s": [round(x, 1) for x in r], "logits_rel_vs_first_share": float(f"{rel:.2e}")})
         settings.cpu_share = None
         del streamer
         enable_streaming(model, DEV, min_tokens=0)  # drop the slots before the next size
