@@ -190,17 +190,27 @@ def test_split_on_device(device):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("math", ["loop", "bf16"])
-def test_both_cpu_maths(fmt, math, monkeypatch):
-    """Either CPU math (split.CPU_MATH, chosen per format by measurement) gives the unsplit result."""
-    from hybridmoe.experts import split
+@pytest.mark.parametrize("math", ["loop", "bf16", "kernel"])
+def test_every_cpu_math(fmt, math, monkeypatch):
+    """Each CPU math (split.CPU_MATH, chosen per format by measurement) gives the unsplit result."""
+    from hybridmoe.experts import cpu_kernel, split
+
+    if math == "kernel" and not cpu_kernel.available():
+        pytest.skip("no C compiler / OpenMP for the CPU kernel")
 
     monkeypatch.setattr(split, "CPU_MATH", {split.format_key(FORMATS[fmt]): math})
+    calls = []
+    kernel = cpu_kernel.moe_forward
+    monkeypatch.setattr(cpu_kernel, "moe_forward", lambda *a: calls.append(a[1].shape[0]) or kernel(*a))
     m = _module(FORMATS[fmt], lora=True)
-    x, ids, w = _inputs()
+    x, ids, w = _inputs(t=80)
     want, _ = _call(m, 0.0, x, ids, w)
     got, _ = _call(m, 0.5, x, ids, w)
     assert _rel(got, want) <= TOLERANCE[fmt]
+    if math == "kernel":  # the CPU's slots (about half of the 160) in chunks of at most MAX_TOKENS pairs
+        assert sum(calls) == int((ids >= E // 2).sum()) and max(calls) <= cpu_kernel.MAX_TOKENS and len(calls) >= 2
+    else:
+        assert not calls
 
 
 def test_model_with_cpu_share(tmp_path, capsys):

@@ -37,6 +37,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from . import cpu_kernel
 from .backends import format_key
 from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
 
@@ -48,12 +49,17 @@ STREAMED = ("grouped", "device-loop")
 #   "loop": the CPU path's own per-expert loop (_LoopMath): GEMMs in the stored format (int8 through torch's int8
 #           GEMM, 4-bit dequantized exactly to fp32 with the kernel's activation rounding), fp32 activations;
 #   "bf16": per expert, the weights as bf16 (int8 / 4-bit dequantized, one expert at a time) and bf16 GEMMs (oneDNN;
-#           AMX on Sapphire Rapids) with bf16 activations between them, as the streamed GPU path computes.
-# Chosen with `benchmarks/split_cpu_math.py` (V2-Lite shape, 96 tokens an expert): on the 2-core EPYC dev box
-# (no AMX) bf16 weights 194 ms bf16 vs 247 ms loop; int8 225 vs 99; int4 308 vs 153 (4 experts). To be rechecked
-# on the GPU host's Xeon, whose AMX bf16 GEMMs change the balance for int8 and 4-bit.
-CPU_MATH = MappingProxyType({torch.bfloat16: "bf16", torch.float32: "loop", torch.int8: "loop", "int4": "loop",
-                             "mxfp4": "loop"})
+#           AMX on Sapphire Rapids) with bf16 activations between them, as the streamed GPU path computes;
+#   "kernel": the compiled decode kernel (cpu_kernel, moe_cpu.c) over the expert-sorted (token, expert) pairs in
+#           chunks of cpu_kernel.MAX_TOKENS, each chunk reading its one or two experts' weights once (the loop's
+#           rounding; "loop" where the kernel does not run the block).
+# Chosen with `benchmarks/split_cpu_math.py --experts 4` (V2-Lite shape, 96 tokens an expert) on the 2-core EPYC dev
+# box (AVX2, no AMX; shared, so ms ranges over runs): bf16 weights loop 226-698, bf16 208-555, kernel 361-416; int8
+# loop 94-404, bf16 212-692, kernel 318-447; int4 (group 64) loop 153-1654, bf16 235-1292, kernel 88-335. To be
+# rechecked on the GPU host's Xeon (benchmarks/gpu_host_split.sh runs it), whose AMX bf16 GEMMs and AVX-512 BF16
+# kernel change the balance.
+CPU_MATH = MappingProxyType({torch.bfloat16: "bf16", torch.float32: "loop", torch.int8: "loop", "int4": "kernel",
+                             "mxfp4": "kernel"})
 
 
 @dataclass
@@ -192,9 +198,27 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
             groups.append((e, slice(start, start + counts[e])))
             start += counts[e]
     tok = slots // k
-    math_cls = _Bf16Math if CPU_MATH.get(format_key(module.weights.fmt), "loop") == "bf16" else _LoopMath
-    y = math_cls(module.weights, lora, module.mlp, groups).forward(x[tok].float(), keep=False)[1]  # [S_cpu, H]
-    out.index_add_(0, tok, y * w.view(-1)[slots, None])
+    x_sorted, w_sorted = x[tok].float(), w.view(-1)[slots]  # [S_cpu, H], [S_cpu]
+    math = CPU_MATH.get(format_key(module.weights.fmt), "loop")
+    if math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
+        y = kernel_rows(module, x_sorted, flat[slots], w_sorted)  # the routing weight applied
+    else:
+        math_cls = _Bf16Math if math == "bf16" else _LoopMath
+        y = math_cls(module.weights, lora, module.mlp, groups).forward(x_sorted, keep=False)[1]  # [S_cpu, H]
+        y *= w_sorted[:, None]
+    out.index_add_(0, tok, y)
+    return out
+
+
+def kernel_rows(module, x: torch.Tensor, experts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Row i = w[i] · Expert_{experts[i]}(x[i]) (with ``module.lora``) by the compiled kernel: x [S, H] fp32, experts
+    [S] int64 (sorted, so that each chunk of cpu_kernel.MAX_TOKENS rows touches few experts), w [S] fp32 -> [S, H]."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ids, wk = experts.contiguous().view(-1, 1), w.contiguous().view(-1, 1)  # one (token, expert) pair per row, K = 1
+    for start in range(0, len(x), cpu_kernel.MAX_TOKENS):
+        rows = slice(start, start + cpu_kernel.MAX_TOKENS)
+        cpu_kernel.moe_forward(module, x[rows], ids[rows], wk[rows], out[rows])
     return out
 
 
