@@ -41,7 +41,7 @@ from . import cpu_kernel
 from .backends import format_key
 from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
 
-__all__ = ["CPU_MATH", "STATS", "SplitStats", "cpu_experts_for", "forward"]
+__all__ = ["CPU_MATH", "STATS", "SplitStats", "cpu_experts_for", "forward", "kernel_rows", "share_experts"]
 
 STREAMED = ("grouped", "device-loop")
 
