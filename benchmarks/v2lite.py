@@ -339,10 +339,15 @@ def api(args) -> None:
 
 
 def prefill(args) -> None:
-    """Prefill of a --prompt-len prompt with --stream-slots N layers of expert weights on the GPU, for each N: four
-    prompts in a row (the first is cold; inference keeps the first N-2 layers resident between prompts), tokens/s,
-    bytes copied per prompt, peak GPU memory. --expert-dtype int8 for int8 experts."""
+    """Prefill of a --prompt-len prompt with --stream-slots N layers of expert weights on the GPU and --cpu-share S of
+    each layer's experts computed on the CPU meanwhile, for each (N, S). The shares run side by side: four rounds of
+    one prompt at each share in turn (round 0 is cold; inference keeps the first N-2 layers resident between
+    prompts). One JSON line per prompt (tokens/s, bytes copied, the split's CPU seconds and the seconds the host
+    then waited for them), then one per share with the median of rounds 1-3. --expert-dtype int8 for int8 experts."""
+    import statistics
+
     import hybridmoe.generation as gen
+    from hybridmoe.experts.split import STATS
     from hybridmoe.experts.streaming import enable_streaming
     from hybridmoe.generation import SamplingConfig, generate
     from hybridmoe.loading import load_tokenizer
@@ -352,18 +357,40 @@ def prefill(args) -> None:
     gen.eos_token_ids = lambda *a: set()
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(2))
     cfg = SamplingConfig(temperature=0, max_new_tokens=1)
+    settings = model.hybridmoe.settings
+    experts = args.expert_dtype or "bf16"
     for slots in args.stream_slots:
         streamer = enable_streaming(model, DEV, min_tokens=64, slots=slots)
         if DEV == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        rates = {share: [] for share in args.cpu_share}
         for i in range(4):
-            before = streamer.stats.bytes
-            res = generate(model, tok, prompt.tolist(), cfg)
-            emit({"bench": "prefill", "experts": args.expert_dtype or "bf16", "stream_slots": slots, "prompt": i,
-                  "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
-                  "copied_gb": round((streamer.stats.bytes - before) / 1e9, 2),
-                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0})
+            for share in args.cpu_share:
+                settings.cpu_share = share
+                before = streamer.stats.bytes
+                STATS.reset()
+                res = generate(model, tok, prompt.tolist(), cfg)
+                rate = res.prompt_tokens / res.prefill_s
+                rates[share].append(rate)
+                emit({"bench": "prefill", "experts": experts, "stream_slots": slots, "cpu_share": share, "prompt": i,
+                      "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(rate, 1),
+                      "copied_gb": round((streamer.stats.bytes - before) / 1e9, 3),
+                      "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
+                      "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0})
+        # Equivalence on the real shape: the last position's logits at each share against the first share's.
+        logits = {}
+        with torch.inference_mode():
+            for share in args.cpu_share:
+                settings.cpu_share = share
+                logits[share] = model(prompt[None].to(DEV), logits_to_keep=1).logits[0, -1].float()
+        base = logits[args.cpu_share[0]]
+        for share, r in rates.items():
+            rel = ((logits[share] - base).norm() / base.norm()).item()
+            emit({"bench": "prefill_cpu_share", "experts": experts, "stream_slots": slots, "cpu_share": share,
+                  "prompt_tokens": args.prompt_len, "prefill_tok_s_median": round(statistics.median(r[1:]), 1),
+                  "prefill_tok_s": [round(x, 1) for x in r], "logits_rel_vs_first_share": float(f"{rel:.2e}")})
+        settings.cpu_share = None
         del streamer
         enable_streaming(model, DEV, min_tokens=0)  # drop the slots before the next size
 
@@ -577,6 +604,8 @@ def main() -> None:
     p.add_argument("--expert-dtype", choices=["bfloat16", "int8", "int4"], default=None, help="decode, train: routed-expert dtype")
     p.add_argument("--repeats", type=int, default=1, help="decode: replay-only runs per GPU share")
     p.add_argument("--stream-slots", type=int, nargs="+", default=[2], help="prefill: GPU slots of expert weights")
+    p.add_argument("--cpu-share", type=float, nargs="+", default=[0.0],
+                   help="prefill: shares of each layer's experts the CPU computes while the rest stream to the GPU")
     p.add_argument("--gpu-share", type=float, nargs="+", default=[None],
                    help="decode: shares of the routed experts the GPU computes (default: hybridmoe's)")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")

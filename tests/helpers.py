@@ -59,13 +59,17 @@ def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
         assert f in errors[0], errors[0]
 
 
-def silu_experts(e: int, h: int, i: int, fmt, lora: bool = True, seed: int = 0) -> HybridExperts:
+def silu_experts(e: int, h: int, i: int, fmt, lora: bool = True, seed: int = 0, bias: bool = False) -> HybridExperts:
     """A SiLU-GLU HybridExperts block [E=e, H=h, I=i] in weight format `fmt` (a dtype or a PackedFormat) with random
-    weights (std 0.3) and, if `lora`, random expert LoRA on both projections (ranks 3 and 2, non-zero B)."""
+    weights (std 0.3), random expert biases if `bias`, and, if `lora`, random expert LoRA on both projections (ranks
+    3 and 2, non-zero B)."""
     g = torch.Generator().manual_seed(seed)
-    m = HybridExperts(ExpertsSpec(e, h, i), nn.SiLU(), fmt)
+    m = HybridExperts(ExpertsSpec(e, h, i, has_bias=bias), nn.SiLU(), fmt)
     m.weights.write("gate_up_proj", torch.randn(e, 2 * i, h, generator=g) * 0.3)
     m.weights.write("down_proj", torch.randn(e, h, i, generator=g) * 0.3)
+    if bias:
+        m.weights.write_bias("gate_up_proj", torch.randn(e, 2 * i, generator=g) * 0.3)
+        m.weights.write_bias("down_proj", torch.randn(e, h, generator=g) * 0.3)
     if lora:
         for proj, r in (("gate_up_proj", 3), ("down_proj", 2)):
             lo = m.add_lora(proj, rank=r, alpha=2.0 * r)

@@ -340,7 +340,8 @@ def test_symlink_loop_model_dir(tmp_path):
 BAD_VALUES = [("warmup_ratio", -5), ("warmup_ratio", 1.5), ("num_train_epochs", float("nan")),
               ("weight_decay", -1), ("learning_rate", float("inf")), ("lora_dropout", 1.0), ("lora_alpha", 0),
               ("seed", -1), ("max_grad_norm", -0.5), ("cutoff_len", 0), ("max_steps", -2), ("save_steps", -1),
-              ("warmup_steps", -3), ("stream_slots", 1), ("ddp_timeout", 0), ("seed", 2**64)]
+              ("warmup_steps", -3), ("stream_slots", 1), ("ddp_timeout", 0), ("seed", 2**64), ("stream_cpu_share", 1.5),
+              ("stream_cpu_share", -0.1)]
 
 
 @pytest.mark.parametrize(("key", "value"), BAD_VALUES)

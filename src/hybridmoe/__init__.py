@@ -8,7 +8,8 @@ from .errors import HybridMoEError
 
 
 def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge: bool = False, progress: bool = True,
-         stream_min_tokens=None, stream_slots: int = 2, resident_expert_layers: int = 0):
+         stream_min_tokens=None, stream_slots: int = 2, stream_cpu_share=None,
+         resident_expert_layers: int = 0):
     """Load a MoE checkpoint (and optionally a PEFT adapter) for generation; returns ``(model, tokenizer)``.
 
     model: checkpoint directory. adapter: PEFT adapter directory. device: 'cuda' or 'cpu' (default: cuda if
@@ -17,8 +18,10 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
     bytes per decoded token; LoRA trains on top of them). merge: fold the adapter into the
     weights on both sides (same outputs, faster). stream_min_tokens: prompts of at least this many tokens run the
     experts on the GPU with their weights streamed in (default 64 on CUDA, 0 = CPU only); stream_slots: layers of
-    expert weights the GPU keeps while streaming (>= 2); resident_expert_layers: the first N MoE layers keep their
-    experts on the GPU and compute them there for every batch, decode included (GPU memory for speed).
+    expert weights the GPU keeps while streaming (>= 2); stream_cpu_share: share of each layer's experts the CPU
+    computes meanwhile in such a prompt (0..1, default by expert format); resident_expert_layers: the first N MoE
+    layers keep their experts on the GPU and compute them there for every batch, decode included (GPU memory for
+    speed).
 
     The returned model's ``generate`` takes transformers' arguments; one sequence with the common sampling arguments
     runs hybridmoe's static-cache decoder (CUDA graphs on a GPU, see :mod:`hybridmoe.fast_generate`), anything else
@@ -29,7 +32,7 @@ def load(model, adapter=None, device=None, dtype=None, expert_dtype=None, merge:
     from .loading import load_model, load_tokenizer
 
     m = load_model(model, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
-                   stream_min_tokens=stream_min_tokens, stream_slots=stream_slots,
+                   stream_min_tokens=stream_min_tokens, stream_slots=stream_slots, stream_cpu_share=stream_cpu_share,
                    resident_expert_layers=resident_expert_layers)
     tok = load_tokenizer(model)
     if adapter is not None:

@@ -49,6 +49,7 @@ def _load(args):
                        expert_dtype=getattr(args, "expert_dtype", None),
                        stream_min_tokens=getattr(args, "stream_min_tokens", None),
                        stream_slots=getattr(args, "stream_slots", 2),
+                       stream_cpu_share=getattr(args, "stream_cpu_share", None),
                        resident_expert_layers=getattr(args, "resident_expert_layers", 0))
     if args.adapter:
         model = load_adapter(model, args.adapter)

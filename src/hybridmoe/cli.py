@@ -165,6 +165,9 @@ def _add_stream_slots(parser: argparse.ArgumentParser) -> None:
                         help="layers of expert weights the GPU keeps for long prompts (>= 2; each is one layer's "
                              "experts, 1.03 GiB for DeepSeek-V2-Lite; the first slots-2 layers stay on the GPU "
                              "between prompts, so more slots = faster prefill)")
+    parser.add_argument("--stream-cpu-share", type=float, default=None, metavar="FRACTION",
+                        help="share of each layer's experts the CPU computes while the others stream to the GPU, in "
+                             "long prompts (0..1; default by expert format; 0 = the GPU computes them all)")
     parser.add_argument("--resident-expert-layers", type=int, default=0, metavar="N",
                         help="keep the first N MoE layers' routed experts on the GPU and compute them there for every "
                              "batch, decode included (N layers of expert weights of GPU memory; `hybridmoe info` "

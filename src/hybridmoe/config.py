@@ -72,6 +72,10 @@ class TrainConfig:
     # Layers of expert weights the GPU keeps while streaming (>= 2). A step copies 2·(MoE layers - stream_slots)
     # layers; each slot costs one layer of expert weights in GPU memory (1.03 GiB for DeepSeek-V2-Lite in bf16).
     stream_slots: int = 2
+    # Share of each layer's routed experts computed on the CPU in a streamed inference forward (evaluation; not the
+    # training steps, which need one backend's activations), while the others stream to the GPU: the last
+    # round(E · share) experts. Default: by expert format (experts.backends.DEFAULT_PREFILL_CPU_SHARE; 0 for now).
+    stream_cpu_share: float | None = None
     # The first N MoE layers keep their routed experts on the GPU for the whole run (copied once at load) and compute
     # them there for every batch, decode and training included: N layers of expert weights of GPU memory, N layers
     # fewer read from host RAM per token and copied per step. 0 = none.
@@ -236,6 +240,7 @@ RANGES: dict[str, str] = {
     "max_consecutive_skipped": "[1, inf)",
     "stream_min_tokens": "[0, inf)",  # 0 keeps the experts on the CPU
     "stream_slots": "[2, inf)",  # one layer computing, one arriving
+    "stream_cpu_share": "[0, 1]",  # a fraction of each layer's experts
     "resident_expert_layers": "[0, inf)",
     "ddp_timeout": "[1, inf)",  # seconds
     # LLaMA-Factory's keys (lf_compat.py)

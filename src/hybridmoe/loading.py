@@ -334,6 +334,7 @@ def load_model(
     stream_min_tokens: int | None = None,
     host_shared=None,
     stream_slots: int = 2,
+    stream_cpu_share: float | None = None,
     resident_expert_layers: int = 0,
 ) -> nn.Module:
     """Load a MoE causal LM with its routed experts on the CPU and everything else on ``device``.
@@ -344,12 +345,18 @@ def load_model(
     stream_min_tokens: batches of at least this many tokens run the experts on the GPU with their weights streamed in
     (default on CUDA: ``DEFAULT_STREAM_MIN_TOKENS``; 0 = always on the CPU);
     stream_slots: how many layers of expert weights the GPU keeps (>= 2; more = fewer copies, more GPU memory).
+    stream_cpu_share: in a streamed inference forward (a long prompt, the server's batched prefill), the share of each
+    layer's experts computed on the CPU while the others stream to the GPU (0..1; default by expert format,
+    ``experts.backends.DEFAULT_PREFILL_CPU_SHARE``).
     resident_expert_layers: the first N MoE layers' experts are copied to the GPU once and computed there for every
     batch size, decode included (one layer's expert weights of GPU memory each; ``info`` prints the size).
     host_shared: a :class:`hybridmoe.distributed.HostSharedExperts` when several ranks on this host train together
     (the experts are then held once per host, not once per rank). Returns the transformers model in eval mode with
     ``model.hybridmoe`` set.
     """
+    if stream_cpu_share is not None and not 0 <= stream_cpu_share <= 1:  # (NaN fails both); before the slow load
+        raise ConfigError(f"stream_cpu_share must be a fraction in [0, 1] of each layer's experts, got "
+                          f"{stream_cpu_share}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ckpt = Checkpoint(path)
@@ -375,7 +382,7 @@ def load_model(
     model.requires_grad_(False)
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
                                  source_format=_describe(fmt, next(iter(experts.values())).weights.fmt))  # as held
-    _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots, resident_expert_layers)
+    _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots, stream_cpu_share, resident_expert_layers)
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()  # give the table's GPU memory back
     _load_generation_config(model, ckpt.path)
@@ -400,13 +407,15 @@ def _describe(fmt, experts: ExpertFormat) -> str:
 
 
 def _setup_streaming(model: nn.Module, experts: dict[str, HybridExperts], dev: torch.device,
-                     min_tokens: int | None, slots: int, resident: int = 0) -> None:
+                     min_tokens: int | None, slots: int, cpu_share: float | None = None,
+                     resident: int = 0) -> None:
     if min_tokens is None:
         min_tokens = DEFAULT_STREAM_MIN_TOKENS if dev.type == "cuda" else 0
     if min_tokens < 0:
         raise ConfigError(f"stream_min_tokens must be >= 0 (0 keeps the experts on the CPU), got {min_tokens}")
     if slots < 2:
         raise ConfigError(f"stream_slots must be >= 2 (one layer computing, one arriving), got {slots}")
+    model.hybridmoe.settings.cpu_share = cpu_share
     if resident < 0:
         raise ConfigError(f"resident_expert_layers must be >= 0, got {resident}")
     if dev.type != "cuda":

@@ -198,6 +198,7 @@ class _Setup:
                           expert_dtype=cfg.expert_dtype, trust_remote_code=cfg.trust_remote_code,
                           progress=cfg.progress and ctx.is_main, host_shared=shared,
                           stream_min_tokens=cfg.stream_min_tokens, stream_slots=cfg.stream_slots,
+                          stream_cpu_share=cfg.stream_cpu_share,
                           resident_expert_layers=cfg.resident_expert_layers)
         self.device = base.hybridmoe.device
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank

@@ -14,6 +14,10 @@ Batch-1 graph decode (:mod:`hybridmoe.decode_graph`) calls :meth:`HybridExperts.
 ``stream=False``: between graphs the experts always run on the CPU), and may hand a share of the experts to the GPU
 (:class:`ExpertSettings.gpu_share`).
 
+The streamed backends, the other way round: an inference call (no autograd) may compute the last
+``round(E · cpu_share)`` experts of the layer on the CPU while the others stream in and run on the GPU
+(:mod:`hybridmoe.experts.split`, :class:`ExpertSettings.cpu_share`).
+
 The settings live on the model (``model.hybridmoe.settings``, shared by its experts blocks), not in module globals:
 two models in one process can differ, and benchmarks change them through the same object users do.
 """
@@ -35,6 +39,12 @@ from . import cpu_kernel
 DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6,
                                       "int4": 1 / 6, "mxfp4": 1 / 6})
 
+# The share of each layer's routed experts that the CPU computes in a streamed inference call (long prefills, the
+# server's batched prefill) while the other experts' weights cross PCIe to the GPU (hybridmoe.experts.split), by the
+# experts' format as above. 0 = off. To be set from `benchmarks/v2lite.py prefill --cpu-share ...` on the GPU host.
+DEFAULT_PREFILL_CPU_SHARE = MappingProxyType({torch.bfloat16: 0.0, torch.float32: 0.0, torch.int8: 0.0,
+                                              "int4": 0.0, "mxfp4": 0.0})
+
 
 def format_key(fmt) -> torch.dtype | str:
     """The key of a weights format in per-format tables: the torch dtype, or the 4-bit kind ("int4", "mxfp4")."""
@@ -48,16 +58,28 @@ class ExpertSettings:
     cpu_kernel: use the compiled CPU kernel where it applies (default from ``HYBRIDMOE_CPU_KERNEL``, else on).
     gpu_share:  share of batch-1 graph-decode experts computed on the GPU; None = :data:`DEFAULT_GPU_SHARE` by
                 weight format on CUDA, 0 elsewhere.
+    cpu_share:  share of each layer's experts computed on the CPU in a streamed inference call (the last
+                round(E · cpu_share) of them); None = :data:`DEFAULT_PREFILL_CPU_SHARE` by weight format on CUDA, 0
+                elsewhere.
     """
 
     cpu_kernel: bool = cpu_kernel.ENV_ENABLED
     gpu_share: float | None = None
+    cpu_share: float | None = None
 
     def decode_gpu_share(self, weight_format, device: torch.device) -> float:
         """weight_format: ExpertWeights.fmt (a torch dtype or a PackedFormat)."""
         if self.gpu_share is not None:
             return self.gpu_share
         return DEFAULT_GPU_SHARE.get(format_key(weight_format), 0.0) if device.type == "cuda" else 0.0
+
+    def prefill_cpu_experts(self, weight_format, num_experts: int, device: torch.device) -> int:
+        """How many of a layer's `num_experts` experts (the last ones) the CPU computes in a streamed inference call
+        on `device` (the streamer's); 0 = none."""
+        share = self.cpu_share
+        if share is None:
+            share = DEFAULT_PREFILL_CPU_SHARE.get(format_key(weight_format), 0.0) if device.type == "cuda" else 0.0
+        return min(num_experts, max(0, round(num_experts * share)))
 
 
 def choose_backend(module, tokens: int, grad: bool, stream: bool = True) -> str:

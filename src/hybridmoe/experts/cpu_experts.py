@@ -781,6 +781,13 @@ class HybridExperts(nn.Module):
                                    top_k_index.to("cpu", torch.int64).contiguous(),
                                    top_k_weights.to("cpu", torch.float32).contiguous(), out)
             return out.to(hidden_states.device, hidden_states.dtype)
+        if backend in ("grouped", "device-loop") and not grad and prefetch:
+            # a streaming-size inference call: a share of the experts may run on the CPU meanwhile
+            from . import split  # (it builds on this module)
+
+            out = split.forward(self, hidden_states, top_k_index, top_k_weights, backend)
+            if out is not None:
+                return out
         return _ExpertsFn.apply(hidden_states, top_k_index, top_k_weights, self, backend, prefetch,
                                 *self.lora_tensors())
 

@@ -47,6 +47,9 @@ class _Slot:
     ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy
     last_use: int = 0
     pinned: int | None = None  # the resident layer this slot always holds (never a victim), or None
+    # How many of the layer's experts the slot holds: all of them, or the first E - c when a streamed inference call
+    # computes the last c on the CPU (hybridmoe.experts.split). The buffers are always full-size.
+    experts: int = 0
 
 
 @dataclass
@@ -117,10 +120,13 @@ class ExpertStreamer:
         if self._cuda:
             torch.cuda.synchronize(self.device)
 
+    def _pinned_slot(self, idx: int) -> _Slot:
+        return next(s for s in self._slots if s.pinned == idx)
+
     def resident_tensors(self, idx: int) -> tuple[torch.Tensor, ...]:
         """A resident layer's tensors on the device (as :meth:`acquire`), with no prefetch and no bookkeeping: what
         a CUDA graph captures. Copies them (synchronously) only if :meth:`invalidate` dropped them."""
-        slot = next(s for s in self._slots if s.pinned == idx)
+        slot = self._pinned_slot(idx)
         if slot.layer != idx:
             self._fill(slot, idx)
             if self._cuda:
@@ -131,19 +137,30 @@ class ExpertStreamer:
     def slot_bytes(self) -> int:
         return sum(t.nbytes for s in self._slots for t in s.tensors)
 
-    def acquire(self, idx: int, prefetch: bool = True) -> tuple[torch.Tensor, ...]:
+    def holds_all(self, idx: int) -> bool:
+        """Whether a slot holds every expert of layer `idx` (then a request for it is a hit, whatever its share)."""
+        return self._find(idx) is not None
+
+    def acquire(self, idx: int, cpu_experts: int = 0, prefetch_cpu_experts: int | None = None,
+                prefetch: bool = True) -> tuple[torch.Tensor, ...]:
         """Layer `idx`'s (gate_up [E, 2I, H], down [E, H, I]) on the device, ready for kernels on the current stream;
-        for int8 weights also their scales (gate_up [E, 2I], down [E, H]). prefetch: start copying the layer the
-        direction of travel predicts next (unless it is resident or already in a slot)."""
+        for int8 weights also their scales (gate_up [E, 2I], down [E, H]).
+
+        cpu_experts: c > 0 asks for the first E - c experts only (the CPU computes the others), and every tensor
+        returned is then [E - c, ...]: a slot holding at least those is a hit, a copy moves only them (one DMA per
+        tensor: a contiguous prefix). prefetch: start copying the layer the direction of travel predicts next (unless
+        it is resident or already in a slot); prefetch_cpu_experts (default: cpu_experts): the c of that copy (a layer
+        held whole is computed whole, but the next one is still split)."""
         if self._last is not None and idx != self._last:
             self._direction = 1 if idx > self._last else -1
         self._last = idx
-        slot = self._find(idx)
+        want = self._experts(idx) - cpu_experts
+        slot = self._find(idx, want)
         if slot is None and self.is_resident(idx):  # dropped by invalidate(): back into its pinned slot
-            slot = self._fill(next(s for s in self._slots if s.pinned == idx), idx)
+            slot = self._fill(self._pinned_slot(idx), idx)
             self.stats.copies += 1
         elif slot is None:
-            slot = self._load(idx, keep=None)
+            slot = self._load(idx, keep=None, experts=want)
             self.stats.copies += 1
         else:
             self.stats.hits += 1
@@ -152,18 +169,29 @@ class ExpertStreamer:
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         nxt = idx + self._direction
-        if prefetch and 0 <= nxt < len(self.layers) and not self.is_resident(nxt) and self._find(nxt) is None:
-            self._load(nxt, keep=slot)
-            self.stats.prefetches += 1
-        return tuple(slot.tensors)
+        if prefetch and 0 <= nxt < len(self.layers) and not self.is_resident(nxt):
+            nxt_c = cpu_experts if prefetch_cpu_experts is None else prefetch_cpu_experts
+            nxt_want = max(0, self._experts(nxt) - nxt_c)
+            if self._find(nxt, nxt_want) is None:
+                self._load(nxt, keep=slot, experts=nxt_want)
+                self.stats.prefetches += 1
+        return tuple(slot.tensors) if cpu_experts == 0 else tuple(t[:want] for t in slot.tensors)
 
-    def _find(self, idx: int) -> _Slot | None:
-        return next((s for s in self._slots if s.layer == idx), None)
+    def _experts(self, idx: int) -> int:
+        return self.layers[idx].gate_up.shape[0]
+
+    def _find(self, idx: int, experts: int | None = None) -> _Slot | None:
+        """The slot holding layer idx's first `experts` experts (default: all of them), or None."""
+        want = self._experts(idx) if experts is None else experts
+        return next((s for s in self._slots if s.layer == idx and s.experts >= want), None)
 
     def _victim(self, idx: int, keep: _Slot | None) -> _Slot:
         """The slot (other than `keep`) that layer idx's copy replaces: an empty one, else the one needed furthest
         ahead when passes only walk up (inference), else the least recently used. Pinned slots are never victims."""
         free = [s for s in self._slots if s is not keep and s.pinned is None]
+        partial = [s for s in free if s.layer == idx]  # a share of this layer, asked for whole now: no duplicate
+        if partial:
+            return partial[0]
         empty = [s for s in free if s.layer is None]
         if empty:
             return empty[0]
@@ -172,12 +200,13 @@ class ExpertStreamer:
             return max(free, key=lambda s: (s.layer - idx) % n)  # next use of layer l after idx, walking up
         return min(free, key=lambda s: s.last_use)
 
-    def _load(self, idx: int, keep: _Slot | None) -> _Slot:
-        """Copy layer idx into the slot :meth:`_victim` picks."""
-        return self._fill(self._victim(idx, keep), idx)
+    def _load(self, idx: int, keep: _Slot | None, experts: int | None = None) -> _Slot:
+        """Copy layer idx (its first `experts` experts; default all) into the slot :meth:`_victim` picks."""
+        return self._fill(self._victim(idx, keep), idx, experts)
 
-    def _fill(self, slot: _Slot, idx: int) -> _Slot:
-        """Queue the copy of layer idx into `slot` (on the copy stream; ``slot.ready`` marks its end)."""
+    def _fill(self, slot: _Slot, idx: int, experts: int | None = None) -> _Slot:
+        """Queue the copy of layer idx (its first `experts` experts; default all) into `slot` (on the copy stream;
+        ``slot.ready`` marks its end)."""
         host = self.layers[idx].host_tensors()
         # Slots allocated under torch.inference_mode (a prefill, the server) are inference tensors, which may not be
         # written outside it (a training step or transformers' generate after a hybridmoe one): allocate anew then.
@@ -186,16 +215,21 @@ class ExpertStreamer:
             slot.tensors = []  # the old buffers go before the new ones are allocated (GPU memory)
             slot.tensors = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host]
         slot.layer = idx
-        self.stats.bytes += self.layers[idx].nbytes
+        slot.experts = self._experts(idx) if experts is None else experts
+        if slot.experts < self._experts(idx):  # a prefix along the expert dim: still one contiguous DMA per tensor
+            pairs = [(dst[:slot.experts], src[:slot.experts]) for dst, src in zip(slot.tensors, host)]
+        else:
+            pairs = list(zip(slot.tensors, host))
+        self.stats.bytes += sum(src.nbytes for _, src in pairs)
         if not self._cuda:
-            for dst, src in zip(slot.tensors, host):
+            for dst, src in pairs:
                 dst.copy_(src)
             return slot
         # Every kernel queued so far on the compute stream may still read this slot's previous layer: wait for them.
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             # non_blocking: a DMA from pinned host memory (pageable memory would make it a synchronous staged copy)
-            for dst, src in zip(slot.tensors, host):
+            for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             slot.ready = torch.cuda.Event()
             slot.ready.record(self._copy_stream)

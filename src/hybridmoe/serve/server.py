@@ -77,7 +77,8 @@ def _is_loopback(host: str) -> bool:
 def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = None, *, device=None, dtype=None,
               expert_dtype=None, chat_template: str | None = None, model_name: str | None = None, api_key: str | None = None,
               max_batch_size: int = 16, max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = 2048,
-              progress: bool = False, stream_slots: int = 2, resident_expert_layers: int = 0, max_loras: int = 8, allow_runtime_lora: bool = False,
+              progress: bool = False, stream_slots: int = 2, stream_cpu_share: float | None = None,
+              resident_expert_layers: int = 0, max_loras: int = 8, allow_runtime_lora: bool = False,
               lora_root: str | os.PathLike | None = None, max_request_bytes: int = 4 * 2**20,
               request_timeout: float | None = 600.0, log_stats_interval: float = 10.0):
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
@@ -111,7 +112,8 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
     base_name = model_name or Path(model_dir).resolve().name
     adapters = dict(adapters or {})
     model = load_model(model_dir, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
-                       stream_slots=stream_slots, resident_expert_layers=resident_expert_layers)
+                       stream_slots=stream_slots, stream_cpu_share=stream_cpu_share,
+                       resident_expert_layers=resident_expert_layers)
     tokenizer = load_tokenizer(model_dir, chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"the tokenizer in '{model_dir}' has no chat template; pass --chat-template FILE")
@@ -142,7 +144,8 @@ def run_serve(args) -> int:
                         chat_template=args.chat_template,
                         model_name=args.model_name, api_key=api_key, max_batch_size=args.max_batch_size,
                         max_prefill_tokens=args.max_prefill_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens,
-                        stream_slots=args.stream_slots, resident_expert_layers=args.resident_expert_layers,
+                        stream_slots=args.stream_slots, stream_cpu_share=args.stream_cpu_share,
+                        resident_expert_layers=args.resident_expert_layers,
                         max_loras=args.max_loras,
                         allow_runtime_lora=args.allow_runtime_lora, lora_root=args.lora_root,
                         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,

@@ -1,0 +1,274 @@
+"""A streamed inference call split between the GPU and the CPU (long prefills, the server's batched prefill).
+
+A streamed call copies the layer's expert weights to the GPU and computes there (:mod:`.streaming`). For a
+1024-token prefill of the DeepSeek-V2-Lite shape the copies bound it (~20 ms a layer over PCIe against a few ms of
+GEMMs), and the CPU is idle meanwhile. So in an inference call (no autograd) the last ``c = round(E · cpu_share)``
+experts of the layer (:meth:`ExpertSettings.prefill_cpu_experts`) are computed on the CPU, next to their weights,
+and only the first ``E - c`` cross to the GPU: a contiguous prefix of every pinned host tensor, one DMA each.
+
+One call:
+
+1. the hidden states, top-k ids and routing weights come to the host (a synchronisation the unsplit path does not
+   make; the GPU has nothing queued for this layer yet, so it costs the router's latency, not a stall);
+2. the CPU part starts in one long-lived worker thread (torch's CPU ops release the GIL): every (token, k) slot
+   routed to an expert >= E - c, one expert at a time, in the math :data:`CPU_MATH` names for the weight format;
+3. the GPU part is queued meanwhile: the streamer's slot with experts [0, E - c) (copied on its side stream, the
+   next layer's prefix prefetched), the grouped GEMMs over the slots routed to them;
+4. join; the CPU part's [T, H] fp32 sum (zero for tokens with no CPU expert) crosses to the device from page-locked
+   memory without a host wait and is added.
+
+Each slot is computed on exactly one side, so the result is the unsplit one up to rounding: the CPU keeps fp32
+activations between its GEMMs (GEMM inputs rounded to the weight dtype, int8 / 4-bit as the CPU path computes
+them), the GPU its usual bf16 ones. A layer already wholly in a GPU slot (kept resident between prompts) is not
+split: its copy is free, so the GPU computes it all. Calls with autograd never split: the backward reads one
+backend's saved activations. Expert LoRA applies on both sides (the CPU side uses the fp32 masters), per-row LoRA
+too (:class:`~.row_lora.RowLoRA` calls this once per group of rows).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from . import cpu_kernel
+from .backends import format_key
+from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
+
+__all__ = ["CPU_MATH", "STATS", "SplitStats", "cpu_experts_for", "forward", "kernel_rows", "share_experts"]
+
+STREAMED = ("grouped", "device-loop")
+
+# The CPU part's math, by the experts' format (ExpertWeights.fmt, keyed as backends.format_key):
+#   "loop": the CPU path's own per-expert loop (_LoopMath): GEMMs in the stored format (int8 through torch's int8
+#           GEMM, 4-bit dequantized exactly to fp32 with the kernel's activation rounding), fp32 activations;
+#   "bf16": per expert, the weights as bf16 (int8 / 4-bit dequantized, one expert at a time) and bf16 GEMMs (oneDNN;
+#           AMX on Sapphire Rapids) with bf16 activations between them, as the streamed GPU path computes;
+#   "kernel": the compiled decode kernel (cpu_kernel, moe_cpu.c) over the expert-sorted (token, expert) pairs in
+#           chunks of cpu_kernel.MAX_TOKENS, each chunk reading its one or two experts' weights once (the loop's
+#           rounding; "loop" where the kernel does not run the block).
+# Chosen with `benchmarks/split_cpu_math.py --experts 4` (V2-Lite shape, 96 tokens an expert) on the 2-core EPYC dev
+# box (AVX2, no AMX; shared, so ms ranges over runs): bf16 weights loop 226-698, bf16 208-555, kernel 361-416; int8
+# loop 94-404, bf16 212-692, kernel 318-447; int4 (group 64) loop 153-1654, bf16 235-1292, kernel 88-335. To be
+# rechecked on the GPU host's Xeon (benchmarks/gpu_host_split.sh runs it), whose AMX bf16 GEMMs and AVX-512 BF16
+# kernel change the balance.
+CPU_MATH = MappingProxyType({torch.bfloat16: "bf16", torch.float32: "loop", torch.int8: "loop", "int4": "kernel",
+                             "mxfp4": "kernel"})
+
+
+@dataclass
+class SplitStats:
+    """What the split calls of this process did (for benchmarks: is the CPU part the longer one?)."""
+
+    calls: int = 0  # split calls
+    cpu_slots: int = 0  # (token, k) slots computed on the CPU
+    gpu_slots: int = 0  # ... and on the GPU
+    cpu_s: float = 0.0  # seconds the worker spent on the CPU parts
+    wait_s: float = 0.0  # seconds the calling thread then waited for them, after queueing the GPU part
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+STATS = SplitStats()
+
+
+def share_experts(module) -> int:
+    """How many of `module`'s experts (the last ones) its streamed inference calls leave to the CPU by the settings;
+    0 with autograd on, or without streaming."""
+    streamer = module.streamer
+    if streamer is None or torch.is_grad_enabled():
+        return 0
+    return module.settings.prefill_cpu_experts(module.weights.fmt, module.num_experts, streamer.device)
+
+
+def cpu_experts_for(module) -> int:
+    """How many of `module`'s experts (the last ones) a streamed inference call computes on the CPU now: the share,
+    or 0 where the layer is wholly on the GPU already (its copy is free; the GPU computes it faster than the CPU its
+    share)."""
+    c = share_experts(module)
+    if c and module.streamer.holds_all(module.stream_index):
+        return 0
+    return c
+
+
+def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+            backend: str) -> torch.Tensor | None:
+    """The streamed call of `module` (a HybridExperts; `backend` "grouped" or "device-loop") with its last experts on
+    the CPU: hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] on hidden's device and dtype; None when
+    this call does not split (:func:`cpu_experts_for`), for the caller's unsplit path."""
+    share = share_experts(module) if backend in STREAMED else 0
+    if share == 0:
+        return None
+    c = cpu_experts_for(module)
+    if c == 0:  # the GPU computes the whole layer; the next layer's prefetch still takes the share into account
+        t, k = top_k_index.shape
+        out = _gpu_part(module, hidden, top_k_index, top_k_weights, module.num_experts, 0, t * k, backend, share)
+        return out.to(hidden.device, hidden.dtype)
+    first = module.num_experts - c  # experts [0, first) on the GPU, [first, E) on the CPU
+    where = module.streamer.device
+    cuda = where.type == "cuda"
+    # 1. What the CPU needs, on the host. (Small: [T, H] activations and [T, K] routing; the weights stay put.)
+    ids_host = top_k_index.detach().to("cpu", torch.int64)
+    w_host = top_k_weights.detach().to("cpu", torch.float32)
+    x_host = hidden.detach().to("cpu")
+    lora_cpu = module.lora_on(torch.device("cpu"), torch.float32)  # the masters (row LoRA: this group's dict)
+    # 2. The CPU part starts before the GPU part is queued.
+    job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda)
+    n_gpu = int((ids_host < first).sum())  # slots routed to GPU experts
+    try:
+        # 3. The GPU part, queued while the CPU computes.
+        gpu_out = None
+        if n_gpu:
+            gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, first, c, n_gpu, backend, share)
+    finally:
+        t0 = time.perf_counter()
+        cpu_out, cpu_s = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
+    STATS.calls += 1
+    STATS.gpu_slots += n_gpu
+    STATS.cpu_slots += ids_host.numel() - n_gpu
+    STATS.cpu_s += cpu_s
+    STATS.wait_s += time.perf_counter() - t0
+    cpu_out = cpu_out.to(where, non_blocking=cuda)  # page-locked on CUDA: no host wait
+    out = cpu_out if gpu_out is None else gpu_out.add_(cpu_out)
+    return out.to(hidden.device, hidden.dtype)
+
+
+def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_gpu: int, backend: str,
+              share: int) -> torch.Tensor:
+    """The slots routed to experts [0, first) (c = E - first), on the streamer's device: [T, H] fp32, zero rows for
+    tokens with none; the next layer is prefetched for a CPU share of `share` experts. The math and rounding of the
+    unsplit streamed path (``_ExpertsFn.forward``; bit for bit when first = E), over the first experts only."""
+    where = module.streamer.device
+    ids = top_k_index.detach().to(where, torch.int64)  # [T, K]
+    w = top_k_weights.detach().to(where, torch.float32)  # [T, K]
+    t, k = ids.shape
+    flat = ids.view(-1)
+    # Stable sort by expert: the GPU's slots are the first n_gpu (n_gpu counted on the host, no device sync).
+    order = torch.argsort(flat, stable=True)[:n_gpu]  # [S_gpu]
+    slot = module.streamer.acquire(module.stream_index, cpu_experts=c, prefetch_cpu_experts=share)
+    gate_up, down, scales, bias = module.weights.unpack(slot)
+    if scales is not None:  # int8 / 4-bit crossed compact; the GEMMs want bf16
+        gate_up = module.weights.to_float(gate_up, scales["gate_up_proj"])
+        down = module.weights.to_float(down, scales["down_proj"])
+    grouped = backend == "grouped"
+    lora = {p: LoRAFactors(f.A[:first], f.B[:first], f.scale)
+            for p, f in module.lora_on(where, gate_up.dtype if grouped else torch.float32, pad_rank=grouped).items()}
+    if grouped:
+        sorted_ids = flat[order]  # [S_gpu]
+        experts = torch.arange(first, device=where)
+        offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [first]
+        row_bias = None if bias is None else {p: b[sorted_ids].to(gate_up.dtype) for p, b in bias.items()}
+        math = _GroupedMath(gate_up, down, lora, module.mlp, offs, row_bias)
+    else:
+        counts = torch.bincount(flat[order], minlength=first).tolist()
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        groups = [(e, slice(starts[e], starts[e + 1])) for e in range(first) if counts[e]]
+        math = _LoopMath(SlotWeights(gate_up, down, bias), lora, module.mlp, groups)
+    x = hidden.detach().to(where, math.act_dtype)  # [T, H]
+    y = math.forward(x[order // k], keep=False)[1]  # [S_gpu, H]
+    rows = torch.zeros(t * k, y.shape[1], dtype=y.dtype, device=where)  # the CPU's slots stay zero
+    rows[order] = y * w.view(-1)[order, None].to(y.dtype)
+    return rows.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, H]
+
+
+def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first: int,
+              lora: dict[str, LoRAFactors], pinned: bool) -> torch.Tensor:
+    """The slots routed to experts [first, E), on the CPU: [T, H] fp32 (page-locked when `pinned`), zero rows for
+    tokens with none. x [T, H], ids [T, K] int64, w [T, K] fp32, all on the CPU."""
+    t, k = ids.shape
+    h = module.weights.out_features("down_proj")
+    out = torch.zeros(t, h, dtype=torch.float32, pin_memory=pinned)
+    flat = ids.view(-1)
+    slots = (flat >= first).nonzero().flatten()  # [S_cpu] (token, k) slots of CPU experts
+    if not len(slots):
+        return out
+    order = torch.argsort(flat[slots], stable=True)
+    slots = slots[order]  # sorted by expert
+    counts = torch.bincount(flat[slots], minlength=module.num_experts).tolist()
+    groups, start = [], 0
+    for e in range(first, module.num_experts):
+        if counts[e]:
+            groups.append((e, slice(start, start + counts[e])))
+            start += counts[e]
+    tok = slots // k
+    x_sorted, w_sorted = x[tok].float(), w.view(-1)[slots]  # [S_cpu, H], [S_cpu]
+    math = CPU_MATH.get(format_key(module.weights.fmt), "loop")
+    if math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
+        y = kernel_rows(module, x_sorted, flat[slots], w_sorted)  # the routing weight applied
+    else:
+        math_cls = _Bf16Math if math == "bf16" else _LoopMath
+        y = math_cls(module.weights, lora, module.mlp, groups).forward(x_sorted, keep=False)[1]  # [S_cpu, H]
+        y *= w_sorted[:, None]
+    out.index_add_(0, tok, y)
+    return out
+
+
+def kernel_rows(module, x: torch.Tensor, experts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Row i = w[i] · Expert_{experts[i]}(x[i]) (with ``module.lora``) by the compiled kernel: x [S, H] fp32, experts
+    [S] int64 (sorted, so that each chunk of cpu_kernel.MAX_TOKENS rows touches few experts), w [S] fp32 -> [S, H]."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ids, wk = experts.contiguous().view(-1, 1), w.contiguous().view(-1, 1)  # one (token, expert) pair per row, K = 1
+    for start in range(0, len(x), cpu_kernel.MAX_TOKENS):
+        rows = slice(start, start + cpu_kernel.MAX_TOKENS)
+        cpu_kernel.moe_forward(module, x[rows], ids[rows], wk[rows], out[rows])
+    return out
+
+
+class _Bf16Math(_LoopMath):
+    """The per-expert loop with bf16 GEMMs and bf16 activations between them (inference only: no backward)."""
+
+    def _bf16_linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
+        # x [n, in] bf16 -> [n, out] bf16
+        y = nn.functional.linear(x, self.weights.matrix(proj, e).to(torch.bfloat16))
+        lo = self.lora.get(proj)
+        bias = self.weights.bias
+        if lo is None and bias is None:
+            return y
+        y = y.float()
+        if bias is not None:
+            y += bias[proj][e].float()
+        if lo is not None:  # fp32 masters, fp32 products: the rank is small
+            xf = x.float()
+            y += lo.scale * ((xf @ lo.A[e].T) @ lo.B[e].T)
+        return y.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [S, H] fp32 -> (empty, y [S, H] fp32)."""
+        y_out = x.new_empty(x.shape[0], self.weights.out_features("down_proj"))  # [S, H]
+        for e, rows in self.groups:
+            gu = self._bf16_linear("gate_up_proj", x[rows].to(torch.bfloat16), e)  # [n, 2I]
+            y_out[rows] = self._bf16_linear("down_proj", self.mlp(gu), e)  # [n, H]
+        return x.new_empty(0, 0), y_out
+
+
+_worker: ThreadPoolExecutor | None = None
+_worker_pid = -1
+_worker_lock = threading.Lock()
+
+
+def _submit(fn, *args) -> Future:
+    """Run fn(*args) in the process's one CPU-share worker thread (started on first use, again after a fork:
+    a forked child inherits the executor object but not its thread). Autograd off there too (thread-local)."""
+    global _worker, _worker_pid
+    with _worker_lock:
+        if _worker is None or _worker_pid != os.getpid():
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-cpu-share")
+            _worker_pid = os.getpid()
+    return _worker.submit(_no_grad, fn, *args)
+
+
+def _no_grad(fn, *args):
+    """(fn(*args), seconds it took), autograd off."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = fn(*args)
+    return out, time.perf_counter() - t0
+
