@@ -719,7 +719,7 @@ class HybridExperts(nn.Module):
         device (int8 and 4-bit dequantized there to bf16: the compact format crossed the bus, a half or a quarter of
         the bytes; the grouped GEMMs want bf16). prefetch: also start copying the next layer."""
         if on_device:
-            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index, prefetch))
+            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index, prefetch=prefetch))
             if scales is not None:
                 gate_up = self.weights.to_float(gate_up, scales["gate_up_proj"])
                 down = self.weights.to_float(down, scales["down_proj"])
