@@ -36,3 +36,12 @@ if [ "${PART}" = c ]; then  # where a server decode step's time goes (resident l
   step serve_profile_r0 120 $NOW python benchmarks/serve_profile.py --model /tmp/v2lite \
     --adapter /tmp/v2lite/bench_adapter --resident 0 --no-profile --steps 4
 fi
+if [ "${PART}" = d ]; then  # the CPU share of streamed prefills (stream_cpu_share), merged with resident layers
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_split_prefill.py \
+    tests/test_streaming.py tests/test_decode_graph.py -k "split or resident or share or Split"
+  [ -d /tmp/v2lite ] || step make 150 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step prefill_bf16 170 $NOW python benchmarks/v2lite.py prefill --dir /tmp/v2lite --prompt-len 1024 \
+    --cpu-share 0 0.15 0.25 0.35
+  step prefill_int8 120 $NOW python benchmarks/v2lite.py prefill --dir /tmp/v2lite --prompt-len 1024 \
+    --expert-dtype int8 --cpu-share 0 0.1 0.2
+fi
