@@ -107,7 +107,7 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_merged
 
-    print(export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite))
+    print(export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite, dtype=args.dtype))
     return 0
 
 
@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True)
     e.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --output folder that is not a previous export")
+    e.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="write a plain checkpoint in this dtype: quantized weights (FP8, MXFP4, compressed-tensors) "
+                        "dequantized, their scales and the quantization_config dropped (default: the base's own "
+                        "format and dtypes; quantized weights the adapter touches are re-quantized)")
     e.set_defaults(func=_cmd_export)
 
     cv = sub.add_parser("convert", help="write a checkpoint with int4/int8 routed experts (loads without re-quantizing)",
