@@ -14,6 +14,7 @@ Tolerances (fp32 logits, relative L2 error against the base with the adapter, bo
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -167,6 +168,7 @@ def cases(tmp_path_factory):
     return make
 
 
+@functools.cache  # base (+ adapter) logits are wanted by several tests; never mutated
 def _logits(path: Path, adapter: Path | None = None) -> torch.Tensor:
     """fp32 logits of hybridmoe's load (experts fp32: the checkpoint's values, no compact re-quantization)."""
     model, _ = hybridmoe.load(str(path), adapter=str(adapter) if adapter else None, device="cpu", dtype="float32",
@@ -244,6 +246,16 @@ def test_bf16_export_loads_in_transformers(fmt, cases, tmp_path, capsys):
     assert rel_err(got, want) <= 0.15
 
 
+def test_plain_base_dtype_export(cases, tmp_path):
+    """A plain fp32 base with --dtype bfloat16: every float tensor is the fp32 merge rounded once to bf16."""
+    plain, _, adapter = cases("int8")
+    exact = _tensors(export_merged(plain, adapter, tmp_path / "f32", progress=False))  # the base's own fp32
+    got = _tensors(export_merged(plain, adapter, tmp_path / "bf16", progress=False, dtype="bfloat16"))
+    assert got.keys() == exact.keys()
+    assert all(torch.equal(t, exact[k].to(torch.bfloat16)) for k, t in got.items())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 # -- (d): bad input: one line, non-zero exit, nothing written ---------------------------------------------------
 def test_bad_input_one_line_nothing_written(cases, tmp_path, capsys):
     _, fp8, qwen_adapter = cases("fp8")
@@ -268,3 +280,38 @@ def test_bad_input_one_line_nothing_written(cases, tmp_path, capsys):
     cfg["quantization_config"]["weight_block_size"] = [32, 32]
     (unknown / "config.json").write_text(json.dumps(cfg))
     refused(unknown, qwen_adapter, "weight_scale_inv", "do not match")
+
+
+# -- the quantizers: idempotent on what they wrote ------------------------------------------------------------------
+def test_requantization_is_idempotent():
+    """Dequantized (the loader's functions) and quantized again, every format gets its own codes back: a weight
+    re-quantized without a delta is unchanged (FP8's fp32 scale may move by an ulp: 448 · s rounds in fp32)."""
+    from hybridmoe.compressed import IntScheme, dequantize_int, read_packed
+    from hybridmoe.experts.packed import PackedFormat, dequantize_packed, mxfp4_scales
+    from hybridmoe.formats import dequantize_fp8
+    from hybridmoe.requantize import quantize_compressed, quantize_fp8, quantize_mxfp4_blocks
+
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    w[:16, :24] = 0  # an all-zero block
+    f = Path("model.safetensors")
+    for block in ([16, 24], None):
+        q, s = quantize_fp8(w, block, torch.float32)
+        w1 = dequantize_fp8(q, s, block, "w", f)
+        assert rel_err(w1, w) < 0.05
+        q2, s2 = quantize_fp8(w1, block, torch.float32)
+        assert torch.equal(_bytes(q2), _bytes(q)) and torch.allclose(s2, s, rtol=2**-22, atol=0)
+    blocks, exps = quantize_mxfp4_blocks(w)
+    w1 = dequantize_packed(blocks.flatten(-2), mxfp4_scales(exps), PackedFormat("mxfp4", 32))
+    assert rel_err(w1, w) < 0.2
+    assert all(torch.equal(a, b) for a, b in zip(quantize_mxfp4_blocks(w1), (blocks, exps)))
+    for bits, fmt, strategy, group in ((4, "pack-quantized", "group", 32), (4, "pack-quantized", "channel", None),
+                                       (8, "int-quantized", "group", 32), (8, "int-quantized", "channel", None)):
+        scheme = IntScheme(("Linear",), fmt, bits, strategy, group)
+        q, s = quantize_compressed(w, bits, group or 64, torch.bfloat16)
+        if bits == 4:
+            w1 = read_packed(q, torch.tensor([40, 64]), s, scheme, "m.weight_packed", f).dequantize()
+        else:
+            w1 = dequantize_int(q, s, scheme, "m.weight", f)
+        assert rel_err(w1, w) < (0.15 if bits == 4 else 0.01)
+        q2, s2 = quantize_compressed(w1, bits, group or 64, torch.bfloat16)
+        assert torch.equal(q2, q) and torch.equal(s2, s), (bits, strategy)

@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_cmd_info)
 
-    e = sub.add_parser("export", help="merge an adapter into a plain checkpoint", description="Merge an adapter into the base checkpoint's own layout, shard by shard.")
+    e = sub.add_parser("export", help="merge an adapter into the base checkpoint (its own layout and format)",
+                       description="Merge an adapter into the base checkpoint's own layout and format, shard by shard "
+                                   "(quantized bases: the touched weights re-quantized), or with --dtype into a plain "
+                                   "checkpoint.")
     e.add_argument("--model", required=True)
     e.add_argument("--adapter", required=True)
     e.add_argument("--output", required=True)

@@ -1,9 +1,9 @@
-"""Merge a LoRA adapter into a plain checkpoint, in the base checkpoint's own key layout, dtypes and sharding.
+"""Merge a LoRA adapter into a checkpoint, in the base checkpoint's own key layout, format and sharding.
 
 The output is what the base checkpoint would be had it been trained with the adapter folded in: the same shard file
 names, the same tensor names (hub per-expert ``experts.{e}.gate_proj.weight`` or Mixtral ``w1/w2/w3`` stay per-expert;
-fused ``experts.gate_up_proj`` stays fused), the same dtypes, plus config, generation config and tokenizer files. So
-vLLM, SGLang or llama.cpp's converter can take it like the base.
+fused ``experts.gate_up_proj`` stays fused), the same dtypes and quantization format, plus config, generation config
+and tokenizer. So vLLM, SGLang or llama.cpp's converter can take it like the base.
 
 How: everything is decided from names and safetensors headers before any weight is read (``_plan``): which checkpoint
 key each adapter tensor lands in, that the shapes fit, and that every adapter tensor lands somewhere. Then the shards
@@ -13,6 +13,14 @@ are streamed one at a time, one tensor at a time: W (stored dtype) -> fp32 -> W 
 - routed experts, per expert e: ΔW[e] = (alpha / r) · B[e] @ A[e], B [E, out, r], A [E, r, in]. For ``gate_up_proj``
   (out = 2I) a per-expert ``gate_proj``/``w1`` key takes rows [:I] and ``up_proj``/``w3`` rows [I:]; a fused key takes
   all of it.
+
+Quantized bases (FP8 blocks, MXFP4, compressed-tensors int4/int8; :mod:`hybridmoe.formats`): a weight the adapter
+touches is a group of stored tensors (codes + scales) that is dequantized by the loader's own functions, merged in
+fp32 and re-quantized into the same format and scale layout, one expert slice at a time (:mod:`hybridmoe.requantize`);
+every other tensor, scales included, is copied byte for byte and config.json is copied as it is. ``dtype`` instead
+writes a plain checkpoint: every float tensor in that dtype, quantized weights dequantized under the name the model
+uses (MXFP4 ``{proj}_blocks`` -> ``{proj}``, ``weight_packed`` -> ``weight``), scales dropped, and no
+quantization_config.
 
 Host memory holds one output shard plus one tensor being merged; the weights are never loaded as a model. The output
 directory is built in a temporary sibling and renamed into place (``atomic_replace_dir``), so a failure at any point
@@ -321,7 +329,7 @@ class _ShardMerger:
                 tensors[key] = self._plain(handle, f, key, entry.target)
             elif self.dtype is not None:
                 if key == entry.group.primary:  # companions are dropped: the weight is plain now
-                    tensors[self.io.reader.logical(key)] = self._group(handle, f, entry)[0]
+                    tensors[self.io.reader.logical(key)] = self._dequantized(handle, f, entry)
             elif entry.target is None:
                 tensors[key] = read_tensor(handle, f, key)  # untouched: byte for byte, scales included
             elif key in tensors:
@@ -332,7 +340,7 @@ class _ShardMerger:
                 # The group's tensors in this shard are written now; its companions in shards still to come wait
                 # in `pending` (scales: small). A primary in another shard, met from a companion in an earlier one,
                 # is computed again when its own shard is written (deterministic; rare).
-                for k, v in self._group(handle, f, entry)[1].items():
+                for k, v in self._requantized(handle, f, entry).items():
                     kf = self.ckpt.key_to_file[k]
                     if kf == f:
                         tensors[k] = v
@@ -353,32 +361,44 @@ class _ShardMerger:
         _check_finite(w, key)
         return w
 
-    def _group(self, handle, f: Path, entry: _Entry) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """A quantized weight, merged when it has a target, one expert slice at a time: (the plain tensor in the
-        export's dtype, None) or (None, its re-quantized stored tensors)."""
-        g, t = entry.group, entry.target
+    def _load(self, handle, f: Path, g: QuantGroup) -> tuple[Path, dict[str, torch.Tensor], list[int | None]]:
+        """The group's shard, its stored tensors (compact) and the slices it is merged in."""
         pf = self.ckpt.key_to_file[g.primary]
-        ph = handle if pf == f else self.ckpt.open(pf)
-        stored = self.io.load(ph, pf, g)
-        slices = self.io.slices(g, stored)
-        out = self.io.output(g, stored) if self.dtype is None else {}
+        stored = self.io.load(handle if pf == f else self.ckpt.open(pf), pf, g)
+        return pf, stored, self.io.slices(g, stored)
+
+    def _merged_slice(self, pf: Path, entry: _Entry, stored: dict[str, torch.Tensor], e: int | None) -> torch.Tensor:
+        """Slice `e` (None: all) of a quantized weight dequantized, plus its ΔW: fp32, [.., out, in] for MXFP4, the
+        stored orientation otherwise."""
+        g, t = entry.group, entry.target
+        w = self.io.dequantize(pf, g, stored, e)
+        if t is not None:
+            w = w + _delta(t, self.deltas, e, g.out_in)
+            _check_finite(w, g.primary)
+        return w
+
+    def _requantized(self, handle, f: Path, entry: _Entry) -> dict[str, torch.Tensor]:
+        """The group's stored tensors, merged and re-quantized one expert slice at a time."""
+        pf, stored, slices = self._load(handle, f, entry.group)
+        out = self.io.output(entry.group, stored)
+        for e in slices:
+            self.io.quantize_into(pf, entry.group, out, e, self._merged_slice(pf, entry, stored, e))
+        return out
+
+    def _dequantized(self, handle, f: Path, entry: _Entry) -> torch.Tensor:
+        """The weight the group stands for, merged, in the export's dtype and the name's orientation (as
+        WeightReader.read gives it), one expert slice at a time."""
+        pf, stored, slices = self._load(handle, f, entry.group)
         plain = None
         for e in slices:
-            w = self.io.dequantize(pf, g, stored, e)  # fp32, [.., out, in] (MXFP4) or the stored orientation
-            if t is not None:
-                w = w + _delta(t, self.deltas, e, g.out_in)
-                _check_finite(w, g.primary)
-            if self.dtype is None:
-                self.io.quantize_into(pf, g, out, e, w)
-                continue
-            w = w.transpose(-1, -2) if g.out_in else w  # the name's orientation, as WeightReader.read gives it
+            w = self._merged_slice(pf, entry, stored, e)
+            w = w.transpose(-1, -2) if entry.group.out_in else w
             if e is None:
-                plain = w.to(self.dtype)
-            else:
-                if plain is None:
-                    plain = torch.empty(len(slices), *w.shape, dtype=self.dtype)
-                plain[e] = w
-        return plain, out
+                return w.to(self.dtype)
+            if plain is None:
+                plain = torch.empty(len(slices), *w.shape, dtype=self.dtype)  # [E, ...]: the output tensor
+            plain[e] = w
+        return plain
 
 
 def _shard_name(ckpt: Checkpoint, f: Path) -> str:
