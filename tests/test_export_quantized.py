@@ -30,7 +30,7 @@ from hybridmoe.cli import main
 from hybridmoe.convert import convert_checkpoint
 from hybridmoe.export import export_merged
 from hybridmoe.loading import load_model
-from hybridmoe.testing import build_tokenizer
+from hybridmoe.testing import build_tokenizer, save_tiny_model
 
 from .helpers import make_checkpoint, one_line_error, randomize_lora, rel_err
 from .test_formats import _mxfp4_pack
@@ -40,10 +40,14 @@ FP8_BLOCK = [16, 24]  # 24 divides none of 64, 32, head dims: edge blocks are cu
 TARGET = "q_proj,down_proj"
 IDS = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 FORMATS = ["fp8", "mxfp4", "int4", "int8"]
+# FP8 on fused v5 expert keys ([E, out, in], scales [E, ...]): merged slice by slice (blocks) or whole (one scale)
+FUSED_FP8 = ["fp8-fused", "fp8-tensor"]
 
 
 # -- bases written by the test ---------------------------------------------------------------------------------
 def _is_linear(k: str, t: torch.Tensor) -> bool:
+    if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return True  # fused [E, out, in]
     return k.endswith(".weight") and t.dim() == 2 and not any(s in k for s in ("norm", "embed", "lm_head", "mlp.gate."))
 
 
@@ -55,16 +59,22 @@ def _copy_without_weights(src: Path, dst: Path) -> dict[str, torch.Tensor]:
 
 def _write(fmt: str, plain: Path, dst: Path) -> Path:
     """`plain` quantized into `fmt` by this test's writers (compressed-tensors: by `hybridmoe convert`)."""
-    if fmt == "fp8":
-        return _write_fp8(plain, dst)
+    if fmt.startswith("fp8"):
+        return _write_fp8(plain, dst, None if fmt == "fp8-tensor" else FP8_BLOCK)
     if fmt == "mxfp4":
         return _write_mxfp4(plain, dst)
     return convert_checkpoint(plain, dst, fmt, progress=False)
 
 
-def _fp8(t: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (float8_e4m3fn, fp32 scale_inv [ceil(out/bo), ceil(in/bi)]): block amax / 448, edge blocks
-    cut short (zero padding), DeepSeek-V3's layout."""
+def _fp8(t: torch.Tensor, block: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [(E,) out, in] -> (float8_e4m3fn, fp32 scale_inv [(E,) ceil(out/bo), ceil(in/bi)]): block amax / 448, edge
+    blocks cut short (zero padding), DeepSeek-V3's layout; block None: one scale [1] for the tensor."""
+    if block is None:
+        scale = (t.abs().amax() / 448.0).reshape(1)
+        return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+    if t.dim() == 3:
+        parts = [_fp8(x, block) for x in t]
+        return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
     (o, i), (bo, bi) = t.shape, block
     p = torch.zeros(-(-o // bo) * bo, -(-i // bi) * bi)
     p[:o, :i] = t
@@ -74,7 +84,7 @@ def _fp8(t: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
-def _write_fp8(plain: Path, dst: Path) -> Path:
+def _write_fp8(plain: Path, dst: Path, block: list[int] | None = FP8_BLOCK) -> Path:
     """FP8 in two shards: even layers' weights with odd layers' scales, and the other way round (a weight's
     scale_inv in an earlier and in a later shard than the weight)."""
     sd = _copy_without_weights(plain, dst)
@@ -84,7 +94,7 @@ def _write_fp8(plain: Path, dst: Path) -> Path:
         if not _is_linear(k, t):
             shards[0][k] = t
             continue
-        q, s = _fp8(t, FP8_BLOCK)
+        q, s = _fp8(t, block)
         shards[layer % 2][k] = q
         shards[1 - layer % 2][k + "_scale_inv"] = s
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -94,7 +104,7 @@ def _write_fp8(plain: Path, dst: Path) -> Path:
     (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg = json.loads((dst / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": FP8_BLOCK}
+                                  **({"weight_block_size": block} if block else {})}
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
@@ -114,6 +124,16 @@ def _plain_gpt_oss(dst: Path) -> Path:
             p.copy_(torch.randn(p.shape) * 0.1)
     model.save_pretrained(dst)
     build_tokenizer().save_pretrained(dst)  # hybridmoe.load wants one; IDS stay inside the vocabulary
+    return dst
+
+
+def _plain_fused_olmoe(dst: Path) -> Path:
+    """olmoe saved as its v5 module state dict: fused experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]."""
+    model = save_tiny_model("olmoe", dst, tokenizer=build_tokenizer(), vocab_size=len(build_tokenizer()), **TINY)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
     return dst
 
 
@@ -148,7 +168,13 @@ def cases(tmp_path_factory):
 
     def make(fmt: str) -> tuple[Path, Path, Path]:
         if fmt not in cache:
-            if fmt == "mxfp4":
+            if fmt in FUSED_FP8:
+                plain = root / "olmoe_fused"
+                if not plain.exists():
+                    _plain_fused_olmoe(plain)
+                adapter = root / "adapter_olmoe"
+                base = _write(fmt, plain, root / fmt)
+            elif fmt == "mxfp4":
                 plain = root / "gpt_oss"
                 if not plain.exists():
                     _plain_gpt_oss(plain)
@@ -186,7 +212,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 # -- (a) + (c): re-quantized into the base's own format ----------------------------------------------------------
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + FUSED_FP8)
 def test_requantized_export(fmt, cases, tmp_path):
     plain, base, adapter = cases(fmt)
     out = export_merged(base, adapter, tmp_path / "merged", progress=False)
