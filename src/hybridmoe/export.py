@@ -348,6 +348,7 @@ class _ShardMerger:
                         self.pending[k] = v
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         del handle
+        self.io.reader.release()
         save_file(tensors, str(dst), metadata=metadata)
         self.written.add(f)
         return sum(t.numel() * t.element_size() for t in tensors.values()), list(tensors)

@@ -226,6 +226,11 @@ class WeightReader:
         _check_mxfp4(blocks, exps, base, f)
         return blocks.flatten(-2), mxfp4_scales(exps)
 
+    def release(self) -> None:
+        """Forget the shards opened for companions: a memory-mapped shard keeps the pages read through it resident
+        while it is open, so a reader that streams shard by shard (export) releases them after each shard."""
+        self._handles.clear()
+
     def companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
         """Tensor `ckey` read as part of `key` (its scales or shape), from whichever shard holds it."""
         cf = self.ckpt.key_to_file.get(ckey)
