@@ -118,7 +118,7 @@ def test_every_command_refuses_an_unimplemented_format(bad_ckpts, tmp_path, caps
                    f"output_dir: {tmp_path / 'out'}\ndevice: cpu\nmax_steps: 1\nprogress: false\n")
     one_line_error(capsys, ["train", str(cfg)], frag)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
-    # export: an adapter trained on the plain checkpoint, merged into an MXFP4 or FP8 one, is refused before writing.
+    # export: an adapter trained on the plain checkpoint, merged into an NVFP4 one, is refused before writing.
     adapter = tmp_path / "adapter"
     ok_cfg = tmp_path / "ok.yaml"
     ok_cfg.write_text(f"model_name_or_path: {ckpt_dir('qwen3_moe')}\ndataset: {tmp_path / 'd.jsonl'}\n"
