@@ -313,10 +313,18 @@ def test_bad_input_one_line_nothing_written(cases, tmp_path, capsys):
     cfg = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "nvfp4"}}))
     refused(unknown, qwen_adapter, "quant_method 'nvfp4'")
-    # a scale grid that does not fit its weight, found while merging: still nothing under the output's name
+    # scale grids that do not fit their weights (a block size the scales were not made with; one scale tensor cut
+    # short, of a weight the adapter does not touch): refused before anything is written, not copied
     cfg["quantization_config"]["weight_block_size"] = [32, 32]
     (unknown / "config.json").write_text(json.dumps(cfg))
     refused(unknown, qwen_adapter, "weight_scale_inv", "do not match")
+    (unknown / "config.json").write_bytes((fp8 / "config.json").read_bytes())
+    key = "model.layers.0.self_attn.k_proj.weight_scale_inv"
+    shard = unknown / json.loads((unknown / INDEX_NAME).read_text())["weight_map"][key]
+    sd = load_file(str(shard))
+    sd[key] = sd[key][:, :1].contiguous()
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    refused(unknown, qwen_adapter, f"'{key}'", "do not match")
 
 
 # -- the quantizers: idempotent on what they wrote ------------------------------------------------------------------

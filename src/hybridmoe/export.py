@@ -200,9 +200,21 @@ def _check_header(key: str, f: Path, shape: tuple[int, ...], dtype: str | None, 
                               "hybridmoe reads only")
 
 
-def _groups(ckpt: Checkpoint, io: GroupIO) -> dict[str, QuantGroup]:
+def _headers(ckpt: Checkpoint) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (safetensors dtype, shape)} of every checkpoint tensor, from the shards' headers."""
+    out = {}
+    for f, keys in ckpt.keys_by_file().items():
+        handle = ckpt.open(f)
+        for k in keys:
+            sl = handle.get_slice(k)
+            out[k] = (sl.get_dtype(), tuple(sl.get_shape()))
+        del handle
+    return out
+
+
+def _groups(ckpt: Checkpoint, io: GroupIO, headers: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, QuantGroup]:
     """{key: its quantized weight} for every primary and companion key (names and headers only)."""
-    dtypes = {k: v for f in ckpt.files for k, v in ckpt.dtypes(f).items()}
+    dtypes = {k: dtype for k, (dtype, _) in headers.items()}
     out: dict[str, QuantGroup] = {}
     for key in ckpt.key_to_file:
         g = quant_group(io.reader, key, dtypes)
@@ -217,8 +229,10 @@ def _groups(ckpt: Checkpoint, io: GroupIO) -> dict[str, QuantGroup]:
 
 
 def _plan(ckpt: Checkpoint, mapper: KeyMapper, deltas: _Deltas, io: GroupIO) -> dict[Path, dict[str, _Entry]]:
-    """{shard: {key: entry}} in shard order, after checking that every adapter tensor lands in full."""
-    groups = _groups(ckpt, io)
+    """{shard: {key: entry}} in shard order, after checking every quantized weight's scales and that every adapter
+    tensor lands in full."""
+    headers = _headers(ckpt)
+    groups = _groups(ckpt, io, headers)
     targets: dict[str, _Target | None] = {}  # primary or plain key -> target
     linear_hits: set[str] = set()
     expert_rows = {k: torch.zeros(lo.num_experts, dtype=torch.long) for k, lo in deltas.experts.items()}  # rows per e
@@ -229,15 +243,13 @@ def _plan(ckpt: Checkpoint, mapper: KeyMapper, deltas: _Deltas, io: GroupIO) -> 
             g = groups.get(key)
             if g is not None and key != g.primary:
                 continue  # a companion: it follows its primary
+            dtype, shape = headers[key]
+            if g is not None:  # every quantized weight, touched or not: the loader's checks, on meta tensors
+                dtype, shape = None, io.check(handle, f, g, headers)
             t = targets[key] = _target_of(io.reader.logical(key), mapper, deltas)
             if t is None:
                 continue
-            sl = handle.get_slice(key)
-            shape = tuple(sl.get_shape())
-            if g is None:
-                _check_header(key, f, shape, sl.get_dtype(), t, deltas)
-            else:
-                _check_header(key, f, io.logical_shape(handle, f, g, shape), None, t, deltas)
+            _check_header(key, f, shape, dtype, t, deltas)
             if t.module is not None:
                 linear_hits.add(t.module)
             else:
@@ -247,6 +259,7 @@ def _plan(ckpt: Checkpoint, mapper: KeyMapper, deltas: _Deltas, io: GroupIO) -> 
                 else:
                     expert_rows[t.experts][t.expert] += rows
         del handle
+    io.reader.release()
     _check_coverage(deltas, linear_hits, expert_rows)
     plan: dict[Path, dict[str, _Entry]] = {}
     for f in ckpt.files:

@@ -33,10 +33,15 @@ import torch
 
 from .checkpoint import read_tensor
 from .compressed import PACKED, CompressedTensors, dequantize_int, read_packed
+from .errors import CheckpointError
 from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales, quantize_int4, quantize_mxfp4
 from .formats import Fp8Blocks, Mxfp4, WeightReader, _check_mxfp4, dequantize_fp8
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# safetensors dtype names of the tensors a quantized weight is stored as (codes, scales)
+_TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32,
+                 "I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "F64": torch.float64}
 
 
 # -- quantizers (the inverse of the loader's dequantization) -------------------------------------------------------
@@ -147,15 +152,26 @@ class GroupIO:
             _check_mxfp4(stored[g.primary], stored[g.companions[0]], self.reader.logical(g.primary), f)
         return stored
 
-    def logical_shape(self, handle, f: Path, g: QuantGroup, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of the weight `g` stands for, from the primary's header `shape` (and a pack's weight_shape):
-        what :meth:`WeightReader.read` returns for it."""
-        if isinstance(g.fmt, Mxfp4):  # blocks [.., out, G, 16] -> gpt-oss's [.., in, out]
-            *lead, out_f, groups, _ = shape
-            return (*lead, groups * 32, out_f)
-        if g.primary.endswith(".weight_packed"):
-            return tuple(self.reader.companion(handle, f, g.primary, g.companions[1], g.fmt.name).flatten().tolist())
-        return shape
+    def check(self, handle, f: Path, g: QuantGroup, headers: dict[str, tuple[str, tuple[int, ...]]]
+              ) -> tuple[int, ...]:
+        """The loader's checks of the group (scales that fit their weight, blocks that fit the format) run on meta
+        tensors made from the safetensors `headers` {key: (dtype, shape)}: no weight is read (a pack's small
+        ``weight_shape`` is), so a malformed base is refused before anything is written, whether or not the adapter
+        touches the weight. Returns the shape of the weight the group stands for (as WeightReader.read gives it)."""
+        meta = {}
+        for k in g.keys:
+            dtype, shape = headers[k]
+            if k.endswith(".weight_shape"):
+                meta[k] = self.reader.companion(handle, f, g.primary, k, g.fmt.name)
+            elif dtype in _TORCH_DTYPES:
+                meta[k] = torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="meta")
+            else:
+                raise CheckpointError(f"tensor '{k}' in '{self.reader.ckpt.key_to_file[k].name}' is stored as {dtype}, "
+                                      f"which {g.fmt.name} weights do not use; the checkpoint does not match its config")
+        if isinstance(g.fmt, Mxfp4):
+            _check_mxfp4(meta[g.primary], meta[g.companions[0]], self.reader.logical(g.primary), f)
+        w = self.dequantize(f, g, meta, None)
+        return tuple(w.transpose(-1, -2).shape if g.out_in else w.shape)
 
     def slices(self, g: QuantGroup, stored: dict[str, torch.Tensor]) -> list[int | None]:
         """Expert indices of a fused [E, out, in] group quantized per slice, else [None] (the whole tensor)."""
