@@ -122,10 +122,13 @@ class _Deltas:
 
 
 def _meta_model(model_dir: Path) -> nn.Module:
-    """The model on the meta device with HybridExperts swapped in: names and shapes for `split_adapter`, no weights."""
+    """The model on the meta device with HybridExperts swapped in: names and shapes for `split_adapter`, no weights.
+    A quantized checkpoint's model is the plain one its weights stand for; a format hybridmoe does not read is
+    refused (``checkpoint_format``)."""
     config = read_config(model_dir)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # the weights' format is ours to read (formats.py), not transformers'
+    if checkpoint_format(model_dir) is not None:  # the weights' format is ours to read (formats.py), not transformers'
+        config.quantization_config = None  # (set first: an older `compression_config` leaves no attribute to delete)
+        del config.quantization_config
     model = _build_empty(config, torch.float32)
     _swap_experts(model, torch.bfloat16, device="meta")  # shapes only: no host memory is reserved
     return model
