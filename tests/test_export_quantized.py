@@ -350,13 +350,15 @@ def test_requantization_is_idempotent():
     assert rel_err(w1, w) < 0.2
     assert all(torch.equal(a, b) for a, b in zip(quantize_mxfp4_blocks(w1), (blocks, exps)))
     for bits, fmt, strategy, group in ((4, "pack-quantized", "group", 32), (4, "pack-quantized", "channel", None),
-                                       (8, "int-quantized", "group", 32), (8, "int-quantized", "channel", None)):
+                                       (4, "int-quantized", "group", 32), (8, "int-quantized", "group", 32),
+                                       (8, "int-quantized", "channel", None)):
         scheme = IntScheme(("Linear",), fmt, bits, strategy, group)
-        q, s = quantize_compressed(w, bits, group or 64, torch.bfloat16)
-        if bits == 4:
+        packed = fmt == "pack-quantized"
+        q, s = quantize_compressed(w, bits, group or 64, torch.bfloat16, packed)
+        if packed:
             w1 = read_packed(q, torch.tensor([40, 64]), s, scheme, "m.weight_packed", f).dequantize()
         else:
             w1 = dequantize_int(q, s, scheme, "m.weight", f)
         assert rel_err(w1, w) < (0.15 if bits == 4 else 0.01)
-        q2, s2 = quantize_compressed(w1, bits, group or 64, torch.bfloat16)
+        q2, s2 = quantize_compressed(w1, bits, group or 64, torch.bfloat16, packed)
         assert torch.equal(q2, q) and torch.equal(s2, s), (bits, strategy)

@@ -34,7 +34,7 @@ import torch
 from .checkpoint import read_tensor
 from .compressed import PACKED, CompressedTensors, dequantize_int, read_packed
 from .errors import CheckpointError
-from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales, quantize_int4, quantize_mxfp4
+from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales, quantize_int4, quantize_mxfp4, unpack_nibbles
 from .formats import Fp8Blocks, Mxfp4, WeightReader, _check_mxfp4, dequantize_fp8
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -75,15 +75,18 @@ def quantize_mxfp4_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(w.shape[0], -1, 16), exps
 
 
-def quantize_compressed(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype
+def quantize_compressed(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype, packed: bool
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] fp32 -> (int4: ``weight_packed`` int32 [out, ceil(in/8)] / int8: q int8 [out, in], scale
-    [out, in/group] in `scale_dtype`); `group` = in for one scale per row. The loader's own rules: int4 is
-    :func:`~hybridmoe.experts.packed.quantize_int4` (the value of largest magnitude maps to -8, bf16 scales), int8
-    amax / 127 per group (``quantize_rows``' rule), each scale rounded to its stored dtype before dividing."""
+    """w [out, in] fp32 -> (codes, scale [out, in/group] in `scale_dtype`); `group` = in for one scale per row. Codes:
+    `packed` (pack-quantized int4) ``weight_packed`` int32 [out, ceil(in/8)], else (int-quantized) q int8 [out, in].
+    The loader's own rules: int4 is :func:`~hybridmoe.experts.packed.quantize_int4` (the value of largest magnitude
+    maps to -8), int8 amax / 127 per group (``quantize_rows``' rule); each scale is rounded to its stored dtype before
+    dividing."""
     out_f, in_f = w.shape
     if bits == 4:
         codes, scale = quantize_int4(w, group)  # uint8 [out, in/2] (compressed-tensors' bytes), bf16 [out, G]
+        if not packed:  # int4 values in int8 storage
+            return (unpack_nibbles(codes).to(torch.int16) - 8).to(torch.int8), scale.to(scale_dtype)
         pad = -codes.shape[1] % 4  # whole int32 words; the padding nibbles are 0, as pack_to_int32 writes them
         if pad:
             codes = torch.nn.functional.pad(codes, (0, pad))
@@ -226,11 +229,12 @@ class GroupIO:
             put(skey, exps)
             return
         s = g.fmt.scheme(g.primary.rsplit(".", 1)[0], g.primary, f)
+        packed = s.fmt == PACKED
         if s.strategy == "tensor":  # one scale: the weight as one row
-            q, scale = quantize_compressed(w.reshape(1, -1), s.bits, w.numel(), out[skey].dtype)
+            q, scale = quantize_compressed(w.reshape(1, -1), s.bits, w.numel(), out[skey].dtype, packed)
             q = q.view(w.shape[0], -1)
         else:
             q, scale = quantize_compressed(w, s.bits, s.group if s.strategy == "group" else w.shape[1],
-                                           out[skey].dtype)
+                                           out[skey].dtype, packed)
         put(skey, scale)
         out[g.primary] = q  # weight_shape is unchanged
