@@ -95,8 +95,6 @@ def bad_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
     base = make_checkpoint("qwen3_moe", root / "base")
     out = {kid: rewrite_checkpoint(base, root / kid, tf, qc) for kid, tf, qc, _ in KINDS}
-    out["fp8-block"] = rewrite_checkpoint(base, root / "fp8-block", _fp8_blockwise,
-                                {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"})
     return out
 
 
@@ -110,7 +108,7 @@ def test_load_refuses(kind, bad_ckpts):
 
 
 def test_every_command_refuses_an_unimplemented_format(bad_ckpts, tmp_path, capsys, ckpt_dir):
-    """train, chat, info, export and serve all go through the guard (NVFP4 here; FP8 is read by all but export)."""
+    """train, chat, info, export and serve all go through the guard (NVFP4 here)."""
     mx = str(bad_ckpts["nvfp4"])
     frag = "quant_method 'nvfp4'"
     one_line_error(capsys, ["chat", "--model", mx, "--prompt", "hi", "--device", "cpu"], frag)
@@ -120,15 +118,13 @@ def test_every_command_refuses_an_unimplemented_format(bad_ckpts, tmp_path, caps
                    f"output_dir: {tmp_path / 'out'}\ndevice: cpu\nmax_steps: 1\nprogress: false\n")
     one_line_error(capsys, ["train", str(cfg)], frag)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
-    # export: an adapter trained on the plain checkpoint, merged into an MXFP4 or FP8 one, is refused before writing.
+    # export: an adapter trained on the plain checkpoint, merged into an NVFP4 one, is refused before writing.
     adapter = tmp_path / "adapter"
     ok_cfg = tmp_path / "ok.yaml"
     ok_cfg.write_text(f"model_name_or_path: {ckpt_dir('qwen3_moe')}\ndataset: {tmp_path / 'd.jsonl'}\n"
                       f"output_dir: {adapter}\ndevice: cpu\nmax_steps: 1\nprogress: false\nlora_rank: 2\n")
     assert main(["train", str(ok_cfg)]) == 0
     one_line_error(capsys, ["export", "--model", mx, "--adapter", str(adapter), "--output", str(tmp_path / "merged")], frag)
-    one_line_error(capsys, ["export", "--model", str(bad_ckpts["fp8-block"]), "--adapter", str(adapter), "--output",
-                       str(tmp_path / "merged")], "re-quantizing merged weights: not implemented")
     assert not (tmp_path / "merged").exists()
     pytest.importorskip("fastapi")
     one_line_error(capsys, ["serve", "--model", mx, "--device", "cpu", "--port", "0"], frag)

@@ -107,7 +107,7 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_merged
 
-    print(export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite))
+    print(export_merged(args.model, args.adapter, args.output, overwrite=args.overwrite, dtype=args.dtype))
     return 0
 
 
@@ -230,12 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_cmd_info)
 
-    e = sub.add_parser("export", help="merge an adapter into a plain checkpoint", description="Merge an adapter into the base checkpoint's own layout, shard by shard.")
+    e = sub.add_parser("export", help="merge an adapter into the base checkpoint (its own layout and format)",
+                       description="Merge an adapter into the base checkpoint's own layout and format, shard by shard "
+                                   "(quantized bases: the touched weights re-quantized), or with --dtype into a plain "
+                                   "checkpoint.")
     e.add_argument("--model", required=True)
     e.add_argument("--adapter", required=True)
     e.add_argument("--output", required=True)
     e.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --output folder that is not a previous export")
+    e.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="write a plain checkpoint in this dtype: quantized weights (FP8, MXFP4, compressed-tensors) "
+                        "dequantized, their scales and the quantization_config dropped (default: the base's own "
+                        "format and dtypes; quantized weights the adapter touches are re-quantized)")
     e.set_defaults(func=_cmd_export)
 
     cv = sub.add_parser("convert", help="write a checkpoint with int4/int8 routed experts (loads without re-quantizing)",

@@ -106,14 +106,14 @@ def _check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str, f: Path) 
 Format = Fp8Blocks | Mxfp4 | CompressedTensors
 
 
-def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4", "compressed-tensors")) -> Format | None:
+def checkpoint_format(model_dir: Path) -> Format | None:
     """Check 1: the weight format config.json declares. None for plain float checkpoints; a format object for one
-    hybridmoe reads (in `allow`); any other declared quantization is refused with the method named."""
+    hybridmoe reads; any other declared quantization is refused with the method named."""
     q = _quantization_config(model_dir)
     if q is None:
         return None
     method = str(q.get("quant_method") or "unknown")
-    if method == "fp8" and "fp8" in allow:
+    if method == "fp8":
         block = q.get("weight_block_size")
         fmt = q.get("fmt", "e4m3")
         if fmt != "e4m3" or q.get("activation_scheme", "dynamic") != "dynamic":
@@ -125,23 +125,15 @@ def checkpoint_format(model_dir: Path, allow: tuple[str, ...] = ("fp8", "mxfp4",
             raise CheckpointError(f"'{model_dir / 'config.json'}' has weight_block_size {block!r}; expected two "
                                   "positive integers such as [128, 128]")
         return Fp8Blocks(tuple(block) if block is not None else None)
-    if method == "mxfp4" and "mxfp4" in allow:
+    if method == "mxfp4":
         return Mxfp4()
-    if method == "compressed-tensors" and method in allow:
+    if method == "compressed-tensors":
         return parse_config(q, model_dir / "config.json")
     what = _METHODS.get(method, "quantized weights")
-    readable = method in ("fp8", "mxfp4", "compressed-tensors")
-    later = "" if not readable else (f" (export writes the base checkpoint's own layout, which for {method} would "
-                                     "mean re-quantizing merged weights: not implemented)")
     raise CheckpointError(
         f"'{model_dir / 'config.json'}' declares quantization_config quant_method '{method}' ({what}), which "
-        f"hybridmoe does not load {'here' if readable else 'yet'}{later}; {_FIX}"
+        f"hybridmoe does not load yet; {_FIX}"
     )
-
-
-def refuse_quantized_config(model_dir: Path) -> None:
-    """Check 1 where no quantized format is read (export): any declared quantization is refused."""
-    checkpoint_format(model_dir, allow=())
 
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None, key: str,
@@ -230,11 +222,17 @@ class WeightReader:
             return w.codes, w.scales.to(torch.bfloat16)  # bf16 already (packed_format checked the header)
         blocks = t  # [..., out, G, 16] uint8
         base = self.logical(key)
-        exps = self._companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
+        exps = self.companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
         _check_mxfp4(blocks, exps, base, f)
         return blocks.flatten(-2), mxfp4_scales(exps)
 
-    def _companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
+    def release(self) -> None:
+        """Forget the shards opened for companions: a memory-mapped shard keeps the pages read through it resident
+        while it is open, so a reader that streams shard by shard (export) releases them after each shard."""
+        self._handles.clear()
+
+    def companion(self, handle, f: Path, key: str, ckey: str, what: str) -> torch.Tensor:
+        """Tensor `ckey` read as part of `key` (its scales or shape), from whichever shard holds it."""
         cf = self.ckpt.key_to_file.get(ckey)
         if cf is None:
             raise CheckpointError(f"tensor '{key}' in '{f.name}' is {what} but the checkpoint has no '{ckey}'; it is "
@@ -250,7 +248,7 @@ class WeightReader:
             w = self._read_compressed(handle, f, key, t)
             return w.dequantize() if isinstance(w, PackedWeight) else w
         if isinstance(self.fmt, Fp8Blocks) and t.dtype == torch.float8_e4m3fn:
-            scale = self._companion(handle, f, key, key + "_scale_inv", "FP8")
+            scale = self.companion(handle, f, key, key + "_scale_inv", "FP8")
             return dequantize_fp8(t, scale, self.fmt.block, key, f)
         if isinstance(self.fmt, Mxfp4) and self.logical(key) != key:
             w = dequantize_packed(*self.read_packed(handle, f, key, t), PackedFormat("mxfp4", 32))  # [E, out, in] fp32
@@ -266,8 +264,8 @@ class WeightReader:
             if s.fmt != PACKED:
                 raise CheckpointError(f"tensor '{key}' in '{f.name}' is pack-quantized, but the config group for "
                                       f"'{module}' declares format '{s.fmt}'; the checkpoint does not match its config")
-            shape = self._companion(handle, f, key, module + ".weight_shape", "pack-quantized")
-            scale = self._companion(handle, f, key, module + ".weight_scale", "pack-quantized")
+            shape = self.companion(handle, f, key, module + ".weight_shape", "pack-quantized")
+            scale = self.companion(handle, f, key, module + ".weight_scale", "pack-quantized")
             return read_packed(t, shape, scale, s, key, f)
         if not t.is_floating_point() and key.endswith(".weight") and key + "_scale" in self.ckpt.key_to_file:
             module = key[: -len(".weight")]
@@ -276,7 +274,7 @@ class WeightReader:
                 raise CheckpointError(f"tensor '{key}' in '{f.name}' is {t.dtype}, but the config group for "
                                       f"'{module}' declares {s.fmt} int{s.bits}; the checkpoint does not match its "
                                       "config")
-            return dequantize_int(t, self._companion(handle, f, key, key + "_scale", "int-quantized"), s, key, f)
+            return dequantize_int(t, self.companion(handle, f, key, key + "_scale", "int-quantized"), s, key, f)
         return t
 
 

@@ -169,7 +169,8 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """OCP MXFP4: w [..., out, in] float -> (codes uint8 [..., out, in/2], scales bf16 [..., out, in/32]).
 
     Per block of 32 inputs the shared scale is 2^(floor(log2 amax) - 2) (the largest magnitude lands in [4, 8) and
-    clamps to e2m1's 6), each weight rounds to the nearest e2m1 magnitude (a tie to the smaller). Used where float
+    clamps to e2m1's 6), each weight rounds to the nearest e2m1 magnitude (a tie to the smaller), a weight that rounds
+    to zero gets +0. Idempotent: dequantized and quantized again, it gives the same bytes. Used where float
     weights must go back into MXFP4 weights (an adapter merged with ``--merge``)."""
     *lead, out, n = w.shape
     g = w.float().reshape(*lead, out, n // 32, 32)  # [..., out, G, 32]
@@ -180,5 +181,5 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = (g / scale).abs().clamp_max(6.0).contiguous()
     mid = (mags[1:] + mags[:-1]) / 2  # [7] midpoints between consecutive levels
     idx = torch.bucketize(a, mid, right=False)  # [..., 32] in 0..7: the nearest level (a tie: the lower one)
-    codes = idx + 8 * (g < 0).to(idx.dtype)
+    codes = idx + 8 * ((g < 0) & (idx > 0)).to(idx.dtype)  # zero is +0 (code 0): re-quantizing gives the same bytes
     return pack_nibbles(codes.reshape(*lead, out, n)), scale.squeeze(-1).to(torch.bfloat16)
