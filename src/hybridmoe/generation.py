@@ -452,9 +452,20 @@ class TokenStream:
         token = int(next_id.item())  # host sync: the token is needed for EOS, text and the next step
         return self._take(token, next_id, step)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that looks at the history or the grammar: the token is the argmax of the logits, which
+        a batched caller may compute for many streams at once and hand in with :meth:`accept_argmax`."""
+        return self.cfg.greedy and self.cfg.repetition_penalty == 1.0
+
+    def accept_argmax(self, token: int, next_id: torch.Tensor) -> str:
+        """What :meth:`accept` does for a :attr:`plain_greedy` stream whose logits the caller checked (finite) and
+        took the argmax of: ``token`` (int) and ``next_id`` ([1] int64 on the device) are that argmax."""
+        return self._take(token, next_id, len(self.token_ids) + 1)
+
     def _take(self, token: int, next_id: torch.Tensor, step: int) -> str:
         """Record the sampled ``token`` (``next_id`` [1] on the device) and update the stop state."""
-        self.seq[0, self.length] = token
+        self.seq[0, self.length:self.length + 1] = next_id.to(self.seq.device)  # device to device: no host sync
         self.token_ids.append(token)
         self.last_id = next_id
         if token in self.eos:

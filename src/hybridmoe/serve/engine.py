@@ -125,7 +125,10 @@ class Engine:
         self.batchable: bool | None = None  # learnt from the first prefilled cache
         # counters for /health and the load benchmark (written by the worker only)
         self.stats = {"prefills": 0, "prefill_batches": 0, "max_prefill_batch": 0, "prefill_chunks": 0,
-                      "prefill_s": 0.0, "prefill_tokens": 0, "decode_steps": 0, "decode_s": 0.0, "decoded_tokens": 0,
+                      "prefill_s": 0.0, "prefill_tokens": 0, "decode_steps": 0, "decode_s": 0.0,
+                      # of decode_s: queueing the forward (host time until batch.step returns), and sampling + text
+                      # (the first row's token waits for the GPU: the forward's device time beyond its queueing)
+                      "decode_queue_s": 0.0, "decode_sample_s": 0.0, "decoded_tokens": 0,
                       "max_batch": 0, "timeouts": 0,
                       "decode_steps_during_prefill": 0,  # decode steps run between two chunks of a prefill
                       # forwards whose rows used more than one adapter (the base model counts as one)
@@ -439,7 +442,10 @@ class Engine:
                 r.handle.post(Failed(f"internal error during decode: {type(e).__name__}: {e}", "internal_error"))
             self._drop(group, list(range(len(group.requests))))
             return
+        t1 = time.perf_counter()
         done = self._accept(group.requests, logits)
+        self.stats["decode_queue_s"] += t1 - t0
+        self.stats["decode_sample_s"] += time.perf_counter() - t1
         self.stats["decode_steps"] += 1
         self.stats["decode_steps_during_prefill"] += self._prefilling is not None
         self.stats["decode_s"] += time.perf_counter() - t0  # accept() synced on every row's token
@@ -468,12 +474,22 @@ class Engine:
         """Sample each request's next token from its row of ``logits`` [N, V] and send the new text; returns the rows
         that are done (finished, or failed on non-finite logits: that request alone). accept() syncs (.item())."""
         done = []
+        # Plain greedy rows (the common case): one finiteness check and one argmax for the whole batch, one host sync,
+        # instead of a few syncs per row. The same tokens as each row's accept() (argmax of the same fp32 logits).
+        fast = [r.stream.plain_greedy for r in reqs]
+        if any(fast):
+            finite = torch.isfinite(logits).all(dim=-1)  # [B]
+            argmax = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+            finite_h, argmax_h = finite.tolist(), argmax.view(-1).tolist()
         for i, req in enumerate(reqs):
             if req.handle.cancelled.is_set():  # a sibling choice failed, or the client left during the prefill
                 done.append(i)
                 continue
             try:
-                self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]
+                if fast[i] and finite_h[i]:
+                    self._emit(req, req.stream.accept_argmax(argmax_h[i], argmax[i]))
+                else:  # sampling, extras, or non-finite logits (accept() names the step)
+                    self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]
             except NonFiniteError as e:
                 req.handle.post(Failed(str(e), "non_finite_logits"))
                 req.handle.cancel()  # the request's other choices stop too

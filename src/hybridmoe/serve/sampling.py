@@ -94,6 +94,13 @@ class ServeStream(TokenStream):
         if getattr(cfg, "ignore_eos", False):
             self.eos = set()  # (a grammar still ends the reply when it is complete)
 
+    @property
+    def plain_greedy(self) -> bool:
+        cfg = self.cfg
+        extras = isinstance(cfg, ServeSampling) and (cfg.presence_penalty != 0 or cfg.frequency_penalty != 0
+                                                    or cfg.logprobs is not None)
+        return super().plain_greedy and not extras and self.matcher is None
+
     def accept(self, logits: torch.Tensor) -> str:
         cfg = self.cfg
         extras = isinstance(cfg, ServeSampling)
