@@ -23,7 +23,7 @@ if [ "${PART:-a}" = a ]; then
 elif [ "${PART}" = b ]; then  # issue 18's table, bf16 experts: all 26 MoE layers resident against none, in one run
   [ -d /tmp/v2lite/bench_adapter ] || { step make 170 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite;
     step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite; }
-  for r in 26 0; do
+  for r in ${RESIDENT:-26 0}; do
     step serve_resident_$r 200 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
       --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers $r --issue-table
   done
