@@ -339,3 +339,35 @@ def test_resident_layers_on_the_gpu_equal_the_cpu_experts(deep_ckpt):
         out[resident] = (logits, model(input_ids=ids, labels=ids).loss.detach())
     assert _rel(out[99][0], out[0][0]) <= 1e-5
     assert _rel(out[99][1], out[0][1]) <= 1e-5
+
+
+def test_inference_reuses_expert_lora_copies_until_the_masters_change():
+    """Streamed inference calls copy an expert LoRA's factors to the compute device once and reuse them (the server
+    would otherwise copy every adapter's factors at every layer of every step); an in-place change of the masters (an
+    optimizer step, a reload) is seen at the next call; calls with autograd always copy afresh."""
+    from torch import nn
+
+    from hybridmoe.experts import ExpertsSpec
+
+    g = torch.Generator().manual_seed(0)
+    m = HybridExperts(ExpertsSpec(4, 16, 32), nn.SiLU(), torch.bfloat16)
+    m.weights.gate_up.copy_(torch.randn(m.weights.gate_up.shape, generator=g))
+    m.weights.down.copy_(torch.randn(m.weights.down.shape, generator=g))
+    lo = m.add_lora("down_proj", rank=4, alpha=8)
+    lo.reset_parameters(g)
+    s = ExpertStreamer("cpu", min_tokens=1)
+    m.streamer, m.stream_index = s, s.register(m.weights)
+    x, ids, w = torch.randn(9, 16, generator=g), torch.randint(0, 4, (9, 2), generator=g), torch.rand(9, 2, generator=g)
+    with torch.no_grad():
+        first = m.lora_on(torch.device("cpu"), torch.bfloat16, pad_rank=True)["down_proj"]
+        again = m.lora_on(torch.device("cpu"), torch.bfloat16, pad_rank=True)["down_proj"]
+        assert again.A is first.A and again.B is first.B and first.A.shape[1] == 8  # rank 4 padded to 16 bytes
+        y0 = m(x, ids, w)
+        lo.B.add_(torch.randn(lo.B.shape, generator=g))  # the masters change in place
+        changed = m.lora_on(torch.device("cpu"), torch.bfloat16, pad_rank=True)["down_proj"]
+        assert changed.B is not first.B and torch.equal(changed.B[..., :4], lo.B.to(torch.bfloat16))
+        y1 = m(x, ids, w)
+    assert not torch.equal(y0, y1)
+    with torch.enable_grad():
+        assert m.lora_on(torch.device("cpu"), torch.bfloat16)["down_proj"].A is not \
+            m.lora_on(torch.device("cpu"), torch.bfloat16)["down_proj"].A

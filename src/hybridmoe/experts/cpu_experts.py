@@ -362,7 +362,35 @@ class ExpertLoRA:
         """Page-lock A and B (once) so their per-layer copies to the GPU are asynchronous; False if not possible."""
         if not getattr(self, "_pinned", False) and all(t.is_contiguous() for t in (self.A, self.B)):
             self._pinned = pin_host(self, [self.A, self.B])
-        return self._pinned
+        return getattr(self, "_pinned", False)
+
+    def factors_on(self, where: torch.device, dtype: torch.dtype, pad_rank: bool = False) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+        """(A [E, r', in], B [E, out, r']) on `where` in `dtype`, autograd-detached; r' = r zero-padded to a multiple
+        of 16 bytes when `pad_rank` (grouped GEMMs; zero rows of A and columns of B add nothing).
+
+        Inference calls (no autograd) on a device keep the copies and reuse them while the masters are unchanged
+        (same storage and in-place version counters): a server or decode step then copies an adapter's expert LoRA to
+        the GPU once, not at every layer of every step. Training recopies every call (the optimizer moves them)."""
+        key = (where, dtype, pad_rank)
+        state = (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version)
+        cache = not torch.is_grad_enabled()
+        copies = getattr(self, "_copies", None)
+        if cache and copies is not None and key in copies and copies[key][0] == state:
+            return copies[key][1]
+        nb = where.type == "cuda" and self.pinned_for_gpu()  # async copy: no host sync in the streamed path
+        a = self.A.detach().to(where, dtype, non_blocking=nb)  # [E, r, in]
+        b = self.B.detach().to(where, dtype, non_blocking=nb)  # [E, out, r]
+        step = 16 // a.element_size()
+        if pad_rank and a.shape[1] % step:
+            pad = step - a.shape[1] % step
+            a = nn.functional.pad(a, (0, 0, 0, pad))  # [E, r+pad, in]
+            b = nn.functional.pad(b, (0, pad))  # [E, out, r+pad]
+        if cache:
+            if copies is None:
+                copies = self._copies = {}
+            copies[key] = (state, (a, b))
+        return a, b
 
     def grad_stage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Page-locked host buffers for (dA, dB) coming back from the GPU without a host synchronisation."""
@@ -734,14 +762,7 @@ class HybridExperts(nn.Module):
         """
         out = {}
         for p, lo in self.lora.items():
-            nb = where.type == "cuda" and lo.pinned_for_gpu()  # async copy: no host sync in the streamed path
-            a = lo.A.detach().to(where, dtype, non_blocking=nb)  # [E, r, in]
-            b = lo.B.detach().to(where, dtype, non_blocking=nb)  # [E, out, r]
-            step = 16 // a.element_size()
-            if pad_rank and a.shape[1] % step:
-                pad = step - a.shape[1] % step
-                a = nn.functional.pad(a, (0, 0, 0, pad))  # [E, r+pad, in]
-                b = nn.functional.pad(b, (0, pad))  # [E, out, r+pad]
+            a, b = lo.factors_on(where, dtype, pad_rank)
             out[p] = LoRAFactors(a, b, lo.scale)
         return out
 
