@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     _add_expert_dtype(s)
     _add_stream_slots(s)
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="a lone request decodes eagerly too (default on CUDA: through CUDA graphs, as chat does)")
     s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (access log at info)")

@@ -321,6 +321,31 @@ class StaticDecoder:
         return logits
 
     @torch.inference_mode()
+    def seed(self, cache, length: int) -> None:
+        """Empty the cache and load the first ``length`` positions of ``cache`` (a one-row transformers cache of plain
+        layers, e.g. a server request's prefill) into it, as if :meth:`prefill` had run them; :meth:`step` continues
+        at position ``length``."""
+        if length >= self.max_len:
+            raise ValueError(f"{length} positions do not fit a static cache of {self.max_len}")
+        self.reset()
+        positions = torch.arange(length, device=self.device)
+        for i, layer in enumerate(cache.layers):  # Cache.update appends at the layer's counter (0 after reset)
+            self.cache.update(layer.keys[:, :, :length], layer.values[:, :, :length], i,
+                              {"cache_position": positions})
+        self.length = length
+
+    @torch.inference_mode()
+    def export(self):
+        """The cache's positions so far as a new one-row transformers ``DynamicCache`` (copies): where the sequence
+        goes on in a batch of several (hybridmoe.serve.batch)."""
+        from transformers import DynamicCache
+
+        out = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(self.cache.layers):
+            out.update(layer.keys[:, :, :self.length].clone(), layer.values[:, :, :self.length].clone(), i)
+        return out
+
+    @torch.inference_mode()
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Feed one token ([1] or [1, 1], any device) at ``position``; next-token logits [1, V] fp32.
 

@@ -14,6 +14,14 @@ B). The price is copying the caches when a row joins (padding to the new width) 
 leading all-padding columns): O(cache) copies on the compute device, done only on membership changes, never per
 step.
 
+**A lone row decodes like ``hybridmoe chat``.** With ``graphs`` on (the engine's default on CUDA), a batch of one row
+hands its cache to the model's static-cache decoder (:func:`hybridmoe.decode_graph.decoder_for`: CUDA graphs cut at
+the CPU experts, the GPU share, resident layers) and its steps replay those graphs, so one client gets single-user
+decode speed instead of an eager forward per token. When rows join, the static cache's positions are copied back into
+a ``DynamicCache`` and the batch goes on padded as above. The two caches hold the same keys and values; the static
+path is tested against the dynamic one (hybridmoe.decode_graph), so a row's tokens do not depend on the switch beyond
+float rounding.
+
 Rows never see each other's tokens, but batched matmuls have other shapes than batch 1, so a row's logits can
 differ from a lone run by float rounding (~1e-6 in fp32 on the tiny test models), which can change a greedy choice
 only at a near tie.
@@ -49,12 +57,14 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 class DecodeBatch:
     """Sequences that decode together (any adapters); rows are in the order they were added."""
 
-    def __init__(self, model: torch.nn.Module, capacity: int) -> None:
+    def __init__(self, model: torch.nn.Module, capacity: int, graphs: bool = False) -> None:
         self.model = model  # the forward target (a PeftModel when adapters carry Linear LoRA)
         self.capacity = capacity
         self.cache: Any = None  # DynamicCache with batch size len(self)
         self.mask: torch.Tensor | None = None  # [B, W] int64 on the compute device, 1 = real slot
         self.lengths: list[int] = []  # real tokens in the cache per row (= that row's next position id)
+        self.graphs = graphs  # a lone row decodes through the model's static-cache (CUDA graph) decoder
+        self.solo = None  # that decoder while it holds the lone row's cache (self.cache is stale then)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -69,6 +79,7 @@ class DecodeBatch:
     def extend(self, cache: Any, mask: torch.Tensor, lengths: list[int]) -> None:
         """Append the rows of a left-padded ``cache`` (batch size ``len(lengths)``, ``mask`` [n, w]) after the
         existing rows; row i holds ``lengths[i]`` real tokens. An empty batch takes the cache as it is."""
+        self._unsolo()
         if self.cache is None:
             self.cache, self.mask, self.lengths = cache, mask, list(lengths)
             return
@@ -93,8 +104,9 @@ class DecodeBatch:
             return
         keep = [i for i in range(len(self)) if i not in set(rows)]
         if not keep:
-            self.cache, self.mask, self.lengths = None, None, []
+            self.cache, self.mask, self.lengths, self.solo = None, None, [], None
             return
+        self._unsolo()
         self.lengths = [self.lengths[i] for i in keep]
         trim = self.width - max(self.lengths)  # left-padded rows: the first `trim` columns are padding in all rows
         idx = torch.tensor(keep, device=self.mask.device)
@@ -105,6 +117,7 @@ class DecodeBatch:
 
     def select(self, rows: list[int]) -> None:
         """Keep ``rows`` in that order, repeats allowed: ``n`` choices of one prompt share its prefill this way."""
+        self._unsolo()
         idx = torch.tensor(rows, device=self.mask.device)
         for layer in self.cache.layers:
             layer.keys = layer.keys[idx]  # [len(rows), h, W, d]; a copy (advanced indexing)
@@ -112,8 +125,12 @@ class DecodeBatch:
         self.mask = self.mask[idx]
         self.lengths = [self.lengths[i] for i in rows]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens`` [B, 1] (row i's next input at position ``lengths[i]``); returns logits [B, V] fp32."""
+    def step(self, tokens: torch.Tensor, room: int = 0) -> torch.Tensor:
+        """Feed ``tokens`` [B, 1] (row i's next input at position ``lengths[i]``); returns logits [B, V] fp32.
+        ``room``: positions the rows may still need after this one (a lone row's static cache is sized for them)."""
+        if self._solo_step_ok(room):
+            return self._solo_step(tokens, room)
+        self._unsolo()
         b = len(self)
         device = tokens.device
         mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long, device=device)], dim=1)  # [B, W + 1]
@@ -122,3 +139,35 @@ class DecodeBatch:
         self.mask = mask
         self.lengths = [n + 1 for n in self.lengths]
         return logits
+
+    # -- a lone row on the static-cache decoder ------------------------------------------------------------------------
+    def _solo_step_ok(self, room: int) -> bool:
+        if not self.graphs or len(self) != 1:
+            return False
+        if self.solo is not None:
+            return True
+        from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS
+
+        fits = self.lengths[0] + 1 + room <= STATIC_CACHE_MAX_TOKENS
+        return fits and self.width == self.lengths[0] and batchable(self.cache)  # no padding columns
+
+    def _solo_step(self, tokens: torch.Tensor, room: int) -> torch.Tensor:
+        from hybridmoe.decode_graph import decoder_for
+
+        n = self.lengths[0]
+        if self.solo is None:  # take the row over: its cache into the decoder (reused with its graphs across requests)
+            device = tokens.device
+            dec = decoder_for(self.model, n + 1 + room, device)
+            dec.seed(self.cache, n)
+            self.solo, self.cache = dec, None
+        logits = self.solo.step(tokens.reshape(1), n)  # [1, V] fp32
+        self.lengths = [n + 1]
+        return logits
+
+    def _unsolo(self) -> None:
+        """Back to a padded DynamicCache (rows are about to join, leave or be copied)."""
+        if self.solo is None:
+            return
+        dec, self.solo = self.solo, None
+        self.cache = dec.export()
+        self.mask = torch.ones(1, self.lengths[0], dtype=torch.long, device=dec.device)  # [1, W]: no padding

@@ -105,8 +105,14 @@ class Engine:
     """Owns the model on a worker thread; :meth:`submit` is safe to call from the event loop."""
 
     def __init__(self, adapters: AdapterSet, tokenizer, max_batch_size: int = 16,
-                 max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = None,
+                 graph_decode: bool | None = None) -> None:
         self.adapters = adapters
+        # A lone request decodes through the static-cache decoder (CUDA graphs), as `hybridmoe chat` does
+        # (serve.batch.DecodeBatch): on by default on CUDA.
+        if graph_decode is None:
+            graph_decode = adapters is not None and input_device(adapters.model).type == "cuda"
+        self.graph_decode = graph_decode
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens  # padded tokens (rows x longest prompt) per batched prefill
@@ -410,6 +416,7 @@ class Engine:
             group.requests.extend(reqs)
             return
         batch.capacity = self.max_batch_size if self.batchable else 1
+        batch.graphs = self.graph_decode
         self._groups.append(_Group(batch, list(reqs)))
 
     def _decode(self, group: _Group) -> None:
@@ -427,8 +434,9 @@ class Engine:
         self._use_adapters([r.adapter for r in group.requests], prefill=False)
         t0 = time.perf_counter()
         tokens = torch.stack([r.stream.last_id for r in group.requests])  # [B, 1] int64, compute device
+        room = max(r.cfg.max_new_tokens - len(r.stream.token_ids) for r in group.requests)  # positions still to come
         try:
-            logits = group.batch.step(tokens)  # [B, V] fp32
+            logits = group.batch.step(tokens, room)  # [B, V] fp32
         except torch.cuda.OutOfMemoryError:  # the batch's KV caches outgrew the card: its requests fail, one line
             longest = max(r.stream.length for r in group.requests)
             failed = _out_of_memory(self.adapters.model, longest, max(r.cfg.max_new_tokens for r in group.requests))

@@ -79,12 +79,14 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
               max_batch_size: int = 16, max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = 2048,
               progress: bool = False, stream_slots: int = 2, stream_cpu_share: float | None = None,
               resident_expert_layers: int = 0, max_loras: int = 8, allow_runtime_lora: bool = False,
+              cuda_graphs: bool | None = None,
               lora_root: str | os.PathLike | None = None, max_request_bytes: int = 4 * 2**20,
               request_timeout: float | None = 600.0, log_stats_interval: float = 10.0):
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
     the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model.
     ``allow_runtime_lora`` turns on /v1/load_lora_adapter and /v1/unload_lora_adapter for directories under
-    ``lora_root``; ``max_loras`` caps the adapters loaded at once (``adapters`` included)."""
+    ``lora_root``; ``max_loras`` caps the adapters loaded at once (``adapters`` included). ``cuda_graphs``: a lone
+    request decodes through the static-cache (CUDA graph) decoder, as chat does (default: on CUDA)."""
     from hybridmoe.loading import load_model, load_tokenizer
 
     from .adapters import AdapterSet
@@ -122,7 +124,7 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
         aset.load(name, path)
     aset.model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    engine = Engine(aset, tokenizer, max_batch_size, max_prefill_tokens, prefill_chunk_tokens)
+    engine = Engine(aset, tokenizer, max_batch_size, max_prefill_tokens, prefill_chunk_tokens, graph_decode=cuda_graphs)
     cfg = ServeConfig(base_name, context, api_key, max_request_bytes=max_request_bytes,
                       request_timeout=request_timeout or None, allow_runtime_lora=allow_runtime_lora,
                       lora_root=None if lora_root is None else str(lora_root), max_loras=max_loras,
@@ -145,7 +147,7 @@ def run_serve(args) -> int:
                         model_name=args.model_name, api_key=api_key, max_batch_size=args.max_batch_size,
                         max_prefill_tokens=args.max_prefill_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens,
                         stream_slots=args.stream_slots, stream_cpu_share=args.stream_cpu_share,
-                        resident_expert_layers=args.resident_expert_layers,
+                        resident_expert_layers=args.resident_expert_layers, cuda_graphs=args.cuda_graphs,
                         max_loras=args.max_loras,
                         allow_runtime_lora=args.allow_runtime_lora, lora_root=args.lora_root,
                         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,

@@ -1,0 +1,85 @@
+"""A lone request in the server decodes through the static-cache decoder (hybridmoe.serve.batch: ``graphs``), as
+``hybridmoe chat`` does on CUDA (there: CUDA graphs), and rows joining or leaving switch the batch back to the padded
+DynamicCache. On the CPU the static decoder runs eagerly: the same cache hand-over runs for real.
+
+Reference: the same decode steps with the padded DynamicCache only (``graphs`` off). fp32; logits within 1e-5
+relative (the static path's explicit mask against the dynamic cache's, as in tests/test_decode_graph).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybridmoe
+from hybridmoe.serve.adapters import AdapterSet
+from hybridmoe.serve.prefill import prefill_batch
+
+from .helpers import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def aset(tmp_path_factory):
+    model, _ = hybridmoe.load(make_checkpoint("deepseek_v2", tmp_path_factory.mktemp("solo")), device="cpu",
+                              dtype="float32", progress=False)
+    return AdapterSet(model)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _script(aset: AdapterSet, graphs: bool) -> list[torch.Tensor]:
+    """Request A alone for 4 steps, then B joins (2 steps together), then A leaves and B goes on alone for 3 steps:
+    the logits of every step, in order."""
+    a_prompt, b_prompt = list(range(5, 17)), list(range(30, 37))
+    out = []
+    with torch.inference_mode():
+        aset.use([None])
+        logits, batch = prefill_batch(aset.model, [a_prompt], capacity=4)
+        batch.graphs = graphs
+        tok = logits.argmax(-1, keepdim=True)  # [1, 1]
+        for _ in range(4):
+            logits = batch.step(tok, room=16)
+            out.append(logits)
+            tok = logits.argmax(-1, keepdim=True)
+        if graphs:
+            assert batch.solo is not None and batch.cache is None  # the lone row lives in the static decoder
+        b_logits, b_batch = prefill_batch(aset.model, [b_prompt], capacity=1)
+        batch.join(b_batch)  # the static cache goes back into a padded DynamicCache first
+        assert batch.solo is None and len(batch) == 2
+        tok = torch.cat([tok, b_logits.argmax(-1, keepdim=True)])  # [2, 1]
+        for _ in range(2):
+            logits = batch.step(tok, room=16)
+            out.append(logits)
+            tok = logits.argmax(-1, keepdim=True)
+        batch.remove([0])  # A leaves: B is lone again (its padding columns trimmed)
+        tok = tok[1:]
+        for _ in range(3):
+            logits = batch.step(tok, room=16)
+            out.append(logits)
+            tok = logits.argmax(-1, keepdim=True)
+        if graphs:
+            assert batch.solo is not None
+    return out
+
+
+def test_lone_rows_on_the_static_decoder_equal_the_padded_batch(aset):
+    want = _script(aset, graphs=False)
+    got = _script(aset, graphs=True)
+    assert len(got) == len(want) == 9
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and _rel(g, w) < 1e-5, i
+    dec = aset.model._hybridmoe_decoder
+    assert dec.steps > 0  # the decoder ran the lone steps
+
+
+def test_a_lone_row_whose_cache_would_not_fit_stays_dynamic(aset):
+    from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS
+
+    with torch.inference_mode():
+        aset.use([None])
+        logits, batch = prefill_batch(aset.model, [list(range(5, 12))], capacity=1)
+        batch.graphs = True
+        batch.step(logits.argmax(-1, keepdim=True), room=STATIC_CACHE_MAX_TOKENS)
+    assert batch.solo is None and batch.cache is not None
