@@ -74,12 +74,34 @@ def test_lone_rows_on_the_static_decoder_equal_the_padded_batch(aset):
     assert dec.steps > 0  # the decoder ran the lone steps
 
 
-def test_a_lone_row_whose_cache_would_not_fit_stays_dynamic(aset):
-    from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS
+def test_a_lone_row_moves_to_a_larger_static_cache_when_its_own_is_full(aset, monkeypatch):
+    """A reply longer than its decoder (a request without max_tokens gets SOLO_HEADROOM positions at a time): the
+    positions move to a decoder twice the size and the logits stay those of the padded batch."""
+    import hybridmoe.decode_graph as dg
+    import hybridmoe.serve.batch as batch_module
 
-    with torch.inference_mode():
-        aset.use([None])
-        logits, batch = prefill_batch(aset.model, [list(range(5, 12))], capacity=1)
-        batch.graphs = True
-        batch.step(logits.argmax(-1, keepdim=True), room=STATIC_CACHE_MAX_TOKENS)
-    assert batch.solo is None and batch.cache is not None
+    monkeypatch.setattr(batch_module, "SOLO_HEADROOM", 4)
+    monkeypatch.setattr(dg, "_bucket", lambda n: n)  # decoders of exactly the size asked for
+    old = getattr(aset.model, "_hybridmoe_decoder", None)
+    if old is not None:  # a larger one from another test would be reused
+        old.close()
+        aset.model._hybridmoe_decoder = None
+    prompt = list(range(5, 12))
+    got, want = [], []
+    for graphs, out in ((False, want), (True, got)):
+        with torch.inference_mode():
+            aset.use([None])
+            logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
+            batch.graphs = graphs
+            tok = logits.argmax(-1, keepdim=True)
+            sizes = set()
+            for _ in range(20):
+                logits = batch.step(tok, room=10_000)
+                out.append(logits)
+                tok = logits.argmax(-1, keepdim=True)
+                if batch.solo is not None:
+                    sizes.add(batch.solo.max_len)
+        if graphs:
+            assert sizes == {12, 24, 48}, sizes  # 7 + 1 + 4, then doubled twice
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5

@@ -49,6 +49,10 @@ def batchable(cache: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
+# Positions a lone row's static cache is sized for beyond its current length (see DecodeBatch._solo_step).
+SOLO_HEADROOM = 1024
+
+
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     """[B, h, W, d] -> [B, h, n + W, d] with n zero columns in front (the sequence dim is -2)."""
     return F.pad(t, (0, 0, n, 0)) if n else t
@@ -142,22 +146,25 @@ class DecodeBatch:
 
     # -- a lone row on the static-cache decoder ------------------------------------------------------------------------
     def _solo_step_ok(self, room: int) -> bool:
-        if not self.graphs or len(self) != 1:
-            return False
-        if self.solo is not None:
-            return True
         from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS
 
-        fits = self.lengths[0] + 1 + room <= STATIC_CACHE_MAX_TOKENS
-        return fits and self.width == self.lengths[0] and batchable(self.cache)  # no padding columns
+        if not self.graphs or len(self) != 1 or self.lengths[0] >= STATIC_CACHE_MAX_TOKENS:
+            return False
+        return self.solo is not None or (self.width == self.lengths[0] and batchable(self.cache))  # no padding
 
     def _solo_step(self, tokens: torch.Tensor, room: int) -> torch.Tensor:
-        from hybridmoe.decode_graph import decoder_for
+        from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS, decoder_for
 
         n = self.lengths[0]
+        grown = 0
+        if self.solo is not None and n >= self.solo.max_len:  # full: its positions move to a larger decoder
+            grown = 2 * self.solo.max_len
+            self.cache, self.solo = self.solo.export(), None
         if self.solo is None:  # take the row over: its cache into the decoder (reused with its graphs across requests)
-            device = tokens.device
-            dec = decoder_for(self.model, n + 1 + room, device)
+            # Sized for the reply's remaining tokens, at most SOLO_HEADROOM ahead (a request without max_tokens may
+            # ask for the whole context); a longer reply moves to a decoder twice the size when this one is full.
+            want = min(max(n + 1 + min(room, SOLO_HEADROOM), grown), STATIC_CACHE_MAX_TOKENS)
+            dec = decoder_for(self.model, want, tokens.device)
             dec.seed(self.cache, n)
             self.solo, self.cache = dec, None
         logits = self.solo.step(tokens.reshape(1), n)  # [1, V] fp32
