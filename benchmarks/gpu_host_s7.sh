@@ -45,3 +45,11 @@ if [ "${PART}" = d ]; then  # the CPU share of streamed prefills (stream_cpu_sha
   step prefill_int8 120 $NOW python benchmarks/v2lite.py prefill --dir /tmp/v2lite --prompt-len 1024 \
     --expert-dtype int8 --cpu-share 0 0.1 0.2
 fi
+if [ "${PART}" = e ]; then  # a lone request on the static-cache decoder (CUDA graphs) in the server; the GPU serve test
+  step pytest_gpu_serve 80 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_serve.py \
+    -k cuda_greedy &
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  wait
+  step serve_solo_graphs 110 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
+    --dtype bfloat16 --resident-expert-layers 26 --issue-table
+fi
