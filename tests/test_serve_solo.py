@@ -105,3 +105,40 @@ def test_a_lone_row_moves_to_a_larger_static_cache_when_its_own_is_full(aset, mo
             assert sizes == {12, 24, 48}, sizes  # 7 + 1 + 4, then doubled twice
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
+
+
+def test_a_failing_static_decoder_leaves_the_row_on_the_padded_batch(aset, monkeypatch, caplog):
+    """If the static decoder raises (a model or device it cannot take), the lone row goes on in the padded batch from
+    the positions it had, with one warning, and the batch stops trying; the logits are the padded batch's."""
+    import logging
+
+    from hybridmoe.decode_graph import StaticDecoder
+
+    prompt = list(range(5, 14))
+    runs = {}
+    calls = {"n": 0}
+    real_step = StaticDecoder.step
+
+    def flaky(self, token, position):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third static step fails, after two went through
+            raise RuntimeError("capture not supported here")
+        return real_step(self, token, position)
+
+    for graphs in (False, True):
+        if graphs:
+            monkeypatch.setattr(StaticDecoder, "step", flaky)
+        out = runs[graphs] = []
+        with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="hybridmoe.serve"):
+            aset.use([None])
+            logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
+            batch.graphs = graphs
+            tok = logits.argmax(-1, keepdim=True)
+            for _ in range(6):
+                logits = batch.step(tok, room=8)
+                out.append(logits)
+                tok = logits.argmax(-1, keepdim=True)
+    assert calls["n"] == 3 and not batch.graphs and batch.solo is None
+    assert sum("could not decode through the static-cache decoder" in r.message for r in caplog.records) == 1
+    for g, w in zip(runs[True], runs[False]):
+        assert _rel(g, w) < 1e-5

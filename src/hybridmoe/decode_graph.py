@@ -335,14 +335,14 @@ class StaticDecoder:
         self.length = length
 
     @torch.inference_mode()
-    def export(self):
-        """The cache's positions so far as a new one-row transformers ``DynamicCache`` (copies): where the sequence
-        goes on in a batch of several (hybridmoe.serve.batch)."""
+    def export(self, length: int):
+        """The cache's first ``length`` positions as a new one-row transformers ``DynamicCache`` (copies): where the
+        sequence goes on in a batch of several (hybridmoe.serve.batch)."""
         from transformers import DynamicCache
 
         out = DynamicCache(config=self.model.config)
         for i, layer in enumerate(self.cache.layers):
-            out.update(layer.keys[:, :, :self.length].clone(), layer.values[:, :, :self.length].clone(), i)
+            out.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), i)
         return out
 
     @torch.inference_mode()

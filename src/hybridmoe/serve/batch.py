@@ -29,6 +29,7 @@ only at a near tie.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -48,6 +49,8 @@ def batchable(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
+
+log = logging.getLogger("hybridmoe.serve")
 
 # Positions a lone row's static cache is sized for beyond its current length (see DecodeBatch._solo_step).
 SOLO_HEADROOM = 1024
@@ -133,7 +136,17 @@ class DecodeBatch:
         """Feed ``tokens`` [B, 1] (row i's next input at position ``lengths[i]``); returns logits [B, V] fp32.
         ``room``: positions the rows may still need after this one (a lone row's static cache is sized for them)."""
         if self._solo_step_ok(room):
-            return self._solo_step(tokens, room)
+            try:
+                return self._solo_step(tokens, room)
+            except Exception as e:  # a model or device the static decoder cannot take: go on padded, eagerly
+                log.warning("a lone request could not decode through the static-cache decoder (%s: %s); this batch "
+                            "decodes eagerly from now on", type(e).__name__, e)
+                log.debug("where the static-cache decode failed", exc_info=True)
+                self.graphs = False
+                if self.solo is not None:  # its cache holds the positions before this step: take them back
+                    dec, self.solo = self.solo, None
+                    self.cache = dec.export(self.lengths[0])
+                    self.mask = torch.ones(1, self.lengths[0], dtype=torch.long, device=dec.device)
         self._unsolo()
         b = len(self)
         device = tokens.device
@@ -159,7 +172,7 @@ class DecodeBatch:
         grown = 0
         if self.solo is not None and n >= self.solo.max_len:  # full: its positions move to a larger decoder
             grown = 2 * self.solo.max_len
-            self.cache, self.solo = self.solo.export(), None
+            self.cache, self.solo = self.solo.export(n), None
         if self.solo is None:  # take the row over: its cache into the decoder (reused with its graphs across requests)
             # Sized for the reply's remaining tokens, at most SOLO_HEADROOM ahead (a request without max_tokens may
             # ask for the whole context); a longer reply moves to a decoder twice the size when this one is full.
@@ -176,5 +189,5 @@ class DecodeBatch:
         if self.solo is None:
             return
         dec, self.solo = self.solo, None
-        self.cache = dec.export()
+        self.cache = dec.export(self.lengths[0])
         self.mask = torch.ones(1, self.lengths[0], dtype=torch.long, device=dec.device)  # [1, W]: no padding

@@ -437,6 +437,8 @@ class Engine:
         room = max(r.cfg.max_new_tokens - len(r.stream.token_ids) for r in group.requests)  # positions still to come
         try:
             logits = group.batch.step(tokens, room)  # [B, V] fp32
+            if self.graph_decode and not group.batch.graphs:  # the static decoder failed on this model: not again
+                self.graph_decode = False
         except torch.cuda.OutOfMemoryError:  # the batch's KV caches outgrew the card: its requests fail, one line
             longest = max(r.stream.length for r in group.requests)
             failed = _out_of_memory(self.adapters.model, longest, max(r.cfg.max_new_tokens for r in group.requests))
