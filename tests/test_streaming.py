@@ -344,7 +344,9 @@ def test_resident_layers_on_the_gpu_equal_the_cpu_experts(deep_ckpt):
 def test_inference_reuses_expert_lora_copies_until_the_masters_change():
     """Streamed inference calls copy an expert LoRA's factors to the compute device once and reuse them (the server
     would otherwise copy every adapter's factors at every layer of every step); an in-place change of the masters (an
-    optimizer step, a reload) is seen at the next call; calls with autograd always copy afresh."""
+    reload) is seen at the next call; trainable factors are copied afresh at every call (the session-7 regression:
+    autograd's backward runs without grad mode, and cached copies of trained factors went stale across optimizer
+    steps, which tests/test_resume_exact caught)."""
     from torch import nn
 
     from hybridmoe.experts import ExpertsSpec
@@ -368,6 +370,7 @@ def test_inference_reuses_expert_lora_copies_until_the_masters_change():
         assert changed.B is not first.B and torch.equal(changed.B[..., :4], lo.B.to(torch.bfloat16))
         y1 = m(x, ids, w)
     assert not torch.equal(y0, y1)
-    with torch.enable_grad():
+    lo.requires_grad_(True)  # trainable: never cached, in any grad mode
+    with torch.no_grad():
         assert m.lora_on(torch.device("cpu"), torch.bfloat16)["down_proj"].A is not \
             m.lora_on(torch.device("cpu"), torch.bfloat16)["down_proj"].A

@@ -369,12 +369,14 @@ class ExpertLoRA:
         """(A [E, r', in], B [E, out, r']) on `where` in `dtype`, autograd-detached; r' = r zero-padded to a multiple
         of 16 bytes when `pad_rank` (grouped GEMMs; zero rows of A and columns of B add nothing).
 
-        Inference calls (no autograd) on a device keep the copies and reuse them while the masters are unchanged
-        (same storage and in-place version counters): a server or decode step then copies an adapter's expert LoRA to
-        the GPU once, not at every layer of every step. Training recopies every call (the optimizer moves them)."""
+        Frozen factors (an adapter being served or chatted with) keep their copies and reuse them while the masters
+        are unchanged (same storage and in-place version counters): a server or decode step then copies an adapter's
+        expert LoRA to the GPU once, not at every layer of every step. Trainable factors are copied at every call:
+        the optimizer moves them (and may do so without a version bump, through ``.data``), and autograd runs
+        backward without grad mode, so grad mode cannot tell training from inference."""
         key = (where, dtype, pad_rank)
         state = (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version)
-        cache = not torch.is_grad_enabled()
+        cache = not (self.A.requires_grad or self.B.requires_grad)
         copies = getattr(self, "_copies", None)
         if cache and copies is not None and key in copies and copies[key][0] == state:
             return copies[key][1]
