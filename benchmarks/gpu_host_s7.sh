@@ -51,5 +51,5 @@ if [ "${PART}" = e ]; then  # a lone request on the static-cache decoder (CUDA g
   [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
   wait
   step serve_solo_graphs 110 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
-    --dtype bfloat16 --resident-expert-layers 26 --issue-table
+    --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing
 fi

@@ -51,11 +51,14 @@ def _tiny_setup(root: Path) -> tuple[Path, dict[str, str]]:
 
 
 async def _drive(url: str, models: list[str], clients: int, requests: int, max_tokens: int,
-                 stream_all: bool = False, ignore_eos: bool = False) -> dict:
+                 stream_all: bool = False, ignore_eos: bool = False, token_timing: bool = False) -> dict:
     """``clients`` concurrent clients, ``requests`` each one after another; client c asks ``models[c % len]``.
 
     Streamed requests measure time to first token (first content chunk) and inter-token latency (the mean gap
     between tokens of one request: (last chunk - first chunk) / (tokens - 1)); percentiles are over requests.
+    ``token_timing``: the requests ask for logprobs, so every token arrives in a chunk even while its text is held
+    back (random weights make incomplete UTF-8 and hold text back for long stretches); TTFT and ITL then count tokens,
+    at the price of each row's logprob in the server's step.
     """
     import openai
 
@@ -71,6 +74,8 @@ async def _drive(url: str, models: list[str], clients: int, requests: int, max_t
         kw = dict(model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens)
         if ignore_eos:
             kw["extra_body"] = {"ignore_eos": True}
+        if token_timing:
+            kw.update(logprobs=True, top_logprobs=0)
         t0 = time.perf_counter()
         try:
             n = 0  # (not `tokens += await ...`: that reads `tokens` before the await and loses updates)
@@ -78,7 +83,7 @@ async def _drive(url: str, models: list[str], clients: int, requests: int, max_t
                 first = last = None
                 async for c in await client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                                     **kw):
-                    if c.choices and c.choices[0].delta.content:
+                    if c.choices and (c.choices[0].delta.content or (token_timing and c.choices[0].logprobs)):
                         last = time.perf_counter()
                         first = first or last
                     if c.usage is not None:
@@ -170,6 +175,8 @@ def main() -> None:
                     help="16 clients x 1 streamed request x 128 tokens (ignore_eos), half on the first adapter; then 1 "
                          "client alone; then single-user chat decode on the same model (clients/requests/max-tokens "
                          "flags set the first run)")
+    ap.add_argument("--token-timing", action="store_true",
+                    help="ask for logprobs so TTFT/ITL count tokens, not text (random weights hold text back)")
     args = ap.parse_args()
     if args.issue_table:
         args.clients, args.requests, args.max_tokens = 16, 1, 128
@@ -192,11 +199,11 @@ def main() -> None:
         extra = {}
         with serve_in_thread(app) as url:
             result = drive(url, models, args.clients, args.requests, args.max_tokens,
-                           stream_all=args.issue_table, ignore_eos=args.issue_table)
+                           stream_all=args.issue_table, ignore_eos=args.issue_table, token_timing=args.token_timing)
             stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
             if args.issue_table:
                 extra["one_client"] = drive(url, ["base"], 1, 3, args.max_tokens, stream_all=True,
-                                            ignore_eos=True)
+                                            ignore_eos=True, token_timing=args.token_timing)
         if args.issue_table:  # after the server stopped: the engine thread no longer uses the model
             extra["chat_decode_tokens_per_s"] = _chat_decode_baseline(app, args.max_tokens)
             one = extra["one_client"]
@@ -209,6 +216,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "clients": args.clients, "requests_per_client": args.requests,
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
         "expert_dtype": args.expert_dtype, "resident_expert_layers": args.resident_expert_layers,
+        "token_timing": args.token_timing,
         **result, "engine": stats,
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
         "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),
