@@ -3,7 +3,7 @@ weight format, at the DeepSeek-V2-Lite expert shape and a 1024-token prefill's ~
 
     python benchmarks/split_cpu_math.py [--experts 16] [--tokens 96] [--tiny]
 
-One JSON line per (format, math): ms for the experts, TFLOP/s. "loop" is the CPU path's _LoopMath (GEMMs in the
+One JSON line per (format, math): ms for the experts, TFLOP/s. "loop" is the CPU path's LoopMath (GEMMs in the
 stored format, fp32 activations), "bf16" bf16 GEMMs on per-expert bf16 weights with bf16 activations
 (split._Bf16Math), "kernel" the compiled decode kernel over chunks of 64 expert-sorted rows (split.kernel_rows).
 The fastest per format goes into split.CPU_MATH.
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
-from hybridmoe.experts.cpu_experts import _LoopMath
+from hybridmoe.experts.expert_math import LoopMath
 from hybridmoe.experts.packed import PackedFormat
 from hybridmoe.experts.split import _Bf16Math, kernel_rows
 
@@ -47,7 +47,7 @@ def main() -> None:
         groups = [(j, slice(j * n, (j + 1) * n)) for j in range(e)]
         experts = torch.arange(e).repeat_interleave(n)  # [e·n] sorted
         ones = torch.ones(e * n)
-        maths = {"loop": _LoopMath(m.weights, {}, m.mlp, groups).forward,
+        maths = {"loop": LoopMath(m.weights, {}, m.mlp, groups).forward,
                  "bf16": _Bf16Math(m.weights, {}, m.mlp, groups).forward}
         if cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS):
             maths["kernel"] = partial(_kernel, m, experts, ones)

@@ -27,7 +27,6 @@ import math
 import sys
 import threading
 import weakref
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from . import cpu_kernel
 from . import watch as _watch
 from .backends import ExpertSettings, choose_backend
 from .discovery import ExpertsSpec
+from .expert_math import GroupedMath, LoopMath, LoRAFactors, SlotWeights
 from .formula import ExpertMLP
 from .packed import PackedFormat, dequantize_packed, quantize_activations, quantize_int4, quantize_mxfp4
 from .row_lora import RowLoRA
@@ -302,26 +302,6 @@ def pin_host(owner: object, tensors: list[torch.Tensor]) -> bool:
     return True
 
 
-class SlotWeights:
-    """A layer's float weights somewhere else (a streamed GPU slot, dequantized there), with the same loop interface
-    as :class:`ExpertWeights` (``linear``, ``matrix``, ``out_features``)."""
-
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, bias: dict[str, torch.Tensor] | None):
-        self.w = {"gate_up_proj": gate_up, "down_proj": down}  # [E, U, H], [E, H, I] float
-        self.bias = bias
-
-    def linear(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        w = self.w[proj][e]
-        y = nn.functional.linear(x.to(w.dtype), w).float()
-        return y if self.bias is None else y + self.bias[proj][e].float()
-
-    def matrix(self, proj: str, e: int) -> torch.Tensor:
-        return self.w[proj][e]
-
-    def out_features(self, proj: str) -> int:
-        return self.w[proj].shape[1]
-
-
 def _unregister(ptrs: list[int]) -> None:
     cudart = torch.cuda.cudart()
     for ptr in ptrs:
@@ -401,14 +381,6 @@ class ExpertLoRA:
         return self._stage
 
 
-class LoRAFactors(NamedTuple):
-    """The factors one compute pass uses: the CPU masters themselves, or their copies on the compute device."""
-
-    A: torch.Tensor  # [E, r, in] fp32
-    B: torch.Tensor  # [E, out, r] fp32
-    scale: float
-
-
 def _int8pack_ok(w: torch.Tensor) -> bool:
     """Whether torch._weight_int8pack_mm can take this [out, in] int8 matrix. Its AVX-512 kernel (torch 2.11,
     Sapphire Rapids) crashed on small odd shapes ([48, 40] and [40, 24] with a few rows); every released model's
@@ -416,134 +388,13 @@ def _int8pack_ok(w: torch.Tensor) -> bool:
     return w.shape[0] % 64 == 0 and w.shape[1] % 64 == 0
 
 
-class _LoopMath:
-    """All experts of one layer, one expert at a time (``F.linear`` per expert): the CPU path.
-
-    Base GEMMs run in the weight dtype (oneDNN for bf16 on CPU), everything else in fp32. Rows are the expert-sorted
-    slots; ``groups`` lists (expert, row slice) for the experts that have any.
-    """
-
-    def __init__(self, weights: ExpertWeights | SlotWeights, lora: dict[str, LoRAFactors], mlp: ExpertMLP,
-                 groups: list[tuple[int, slice]]):
-        self.weights = weights  # owns the format: linear() and matrix() per expert
-        self.lora, self.mlp, self.groups = lora, mlp, groups
-        self.act_dtype = torch.float32  # activations kept between the GEMMs
-
-    def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
-        # x: [n, in] fp32 -> [n, out] fp32.
-        y = self.weights.linear(proj, e, x)
-        lo = self.lora.get(proj)
-        if lo is not None:
-            y = y + lo.scale * ((x @ lo.A[e].T) @ lo.B[e].T)
-        return y
-
-    def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [S, H] fp32 -> (gu [S, 2I] if keep else empty, y [S, H]), both fp32."""
-        gu_out = x.new_empty(x.shape[0] if keep else 0, self.weights.out_features("gate_up_proj"))  # [S, U]
-        y_out = x.new_empty(x.shape[0], self.weights.out_features("down_proj"))  # [S, H]
-        for e, rows in self.groups:
-            gu = self._linear("gate_up_proj", x[rows], e)  # [n, 2I]
-            y_out[rows] = self._linear("down_proj", self.mlp(gu), e)  # [n, H]
-            if keep:
-                gu_out[rows] = gu
-        return gu_out, y_out
-
-    def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, e: int, grads: dict) -> torch.Tensor:
-        """dL/dx for y = x W^T + s·(x A^T) B^T, accumulating the LoRA grads (gA, gB) of `proj` into `grads`."""
-        w = self.weights.matrix(proj, e)  # [out, in] float
-        dx = nn.functional.linear(dy.to(w.dtype), w.T).float()  # dy @ W
-        lo = self.lora.get(proj)
-        if lo is not None:
-            a_e, b_e = lo.A[e], lo.B[e]  # [r, in], [out, r]
-            dyb = dy @ b_e  # [n, r]
-            dx = dx + lo.scale * (dyb @ a_e)
-            if proj in grads:
-                ga, gb = grads[proj]
-                gb[e] += lo.scale * (dy.T @ (x @ a_e.T))  # [out, r]
-                ga[e] += lo.scale * (dyb.T @ x)  # [r, in]
-        return dx
-
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict) -> torch.Tensor:
-        """dy [S, H] = dL/dy per slot -> dx [S, H]; LoRA grads accumulate into `grads`."""
-        dx_out = torch.empty_like(x)  # [S, H]
-        for e, rows in self.groups:
-            h = self.mlp(gu[rows])  # [n, I], recomputed from the kept pre-activation
-            dh = self._linear_backward("down_proj", dy[rows], h, e, grads)  # [n, I]
-            dgu = self.mlp.backward(gu[rows], dh)  # [n, U]
-            dx_out[rows] = self._linear_backward("gate_up_proj", dgu, x[rows], e, grads)
-        return dx_out
-
-
-def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Grouped matmul over expert-sorted rows: a [S, K] (group g = rows offs[g-1]:offs[g]) with b [E, K, N] -> [S, N];
-    or a [M, S] and b [S, N] with groups along S -> [E, M, N]. One kernel (CUTLASS for bf16 on Hopper), no host sync."""
-    return torch._grouped_mm(a, b, offs=offs)
-
-
-class _GroupedMath:
-    """All experts of one layer in a few grouped GEMMs: the streamed (GPU) path, with no per-expert Python loop
-    and no host synchronisation (group boundaries stay on the device as cumulative offsets).
-
-    Every GEMM, LoRA included, runs in the weight dtype with fp32 accumulation, and the activations between them
-    are kept in that dtype: for bf16 weights that is transformers' own bf16 precision (and what keeps every GEMM on
-    the CUTLASS grouped kernel; fp32 would fall back to one matmul per expert, and fp32 activations would double the
-    GPU memory of a 4096-token layer). The sum over top-k, the routing-weight gradient and the LoRA gradients
-    accumulate in fp32; the LoRA master weights stay fp32 on the CPU. For fp32 weights the path is fp32 throughout.
-    """
-
-    def __init__(self, w_gu: torch.Tensor, w_d: torch.Tensor, lora: dict[str, LoRAFactors], mlp: ExpertMLP,
-                 offs: torch.Tensor, row_bias: dict[str, torch.Tensor] | None = None):
-        self.w = {"gate_up_proj": w_gu, "down_proj": w_d}  # [E, U, H], [E, H, I]
-        self.dtype = self.act_dtype = w_gu.dtype
-        self.lora, self.mlp, self.offs = lora, mlp, offs  # offs: [E] int32 cumulative row ends
-        self.row_bias = row_bias  # per projection [S, out]: each sorted row's expert bias, or None
-
-    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _gmm(a.to(self.dtype), b, self.offs)
-
-    def _linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
-        y = self._mm(x, self.w[proj].transpose(1, 2))  # [S, out]: per group x W[e]^T
-        if self.row_bias is not None:
-            y = y + self.row_bias[proj]
-        lo = self.lora.get(proj)
-        if lo is not None:
-            xa = self._mm(x, lo.A.transpose(1, 2))  # [S, r]
-            y = y + lo.scale * self._mm(xa, lo.B.transpose(1, 2))
-        return y
-
-    def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [S, H] -> (gu [S, 2I] if keep else empty, y [S, H]); the results themselves, never copied."""
-        gu = self._linear("gate_up_proj", x)  # [S, 2I]
-        y = self._linear("down_proj", self.mlp(gu))  # [S, H]
-        return (gu if keep else gu.new_empty(0, gu.shape[1])), y
-
-    def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, grads: dict) -> torch.Tensor:
-        dx = self._mm(dy, self.w[proj])  # [S, in]: per group dy W[e]
-        lo = self.lora.get(proj)
-        if lo is not None:
-            dyb = self._mm(dy, lo.B)  # [S, r]
-            dx = dx + lo.scale * self._mm(dyb, lo.A)
-            if proj in grads:
-                ga, gb = grads[proj]  # fp32
-                xa = self._mm(x, lo.A.transpose(1, 2))  # [S, r]
-                gb += lo.scale * self._mm(dy.T, xa).float()  # [E, out, r]: per group dy^T (x A^T)
-                ga += lo.scale * self._mm(dyb.T, x).float()  # [E, r, in]: per group (dy B)^T x
-        return dx
-
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, grads: dict) -> torch.Tensor:
-        dh = self._linear_backward("down_proj", dy, self.mlp(gu), grads)  # [S, I]
-        dgu = self.mlp.backward(gu, dh)  # [S, U]
-        del dh
-        return self._linear_backward("gate_up_proj", dgu, x, grads)  # [S, H]
-
-
 class _ExpertsFn(torch.autograd.Function):
     """y = Σ_k w[t,k] · Expert_{ids[t,k]}(x[t]) with an exact hand-written backward, on the CPU or the GPU.
 
     Where it runs is chosen per call by :meth:`HybridExperts.streams` from the token count: small batches
-    (decode) on the CPU next to the weights, one expert at a time (:class:`_LoopMath`); large ones (training, long
+    (decode) on the CPU next to the weights, one expert at a time (:class:`LoopMath`); large ones (training, long
     prefill) on the GPU with the layer's weights streamed in by
-    :class:`~hybridmoe.experts.streaming.ExpertStreamer`, in grouped GEMMs (:class:`_GroupedMath`).
+    :class:`~hybridmoe.experts.streaming.ExpertStreamer`, in grouped GEMMs (:class:`GroupedMath`).
 
     The T·K (token, k) slots are sorted by expert once; each expert then works on a contiguous row range of the
     sorted buffers, and one scatter + sum over k combines the results (no per-expert gathers or index_add).
@@ -718,7 +569,7 @@ class HybridExperts(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------------------------
     def expert_math(self, ids: torch.Tensor, backend: str,
-                    prefetch: bool = True) -> tuple[torch.Tensor, _LoopMath | _GroupedMath]:
+                    prefetch: bool = True) -> tuple[torch.Tensor, LoopMath | GroupedMath]:
         """Sort the flattened [T*K] (token, k) slots by expert; (order [S], the math over the sorted rows).
 
         "grouped": grouped GEMMs on the device, group ends as a device tensor (no host sync); "cpu" and "device-loop":
@@ -735,14 +586,14 @@ class HybridExperts(nn.Module):
             experts = torch.arange(self.num_experts, device=flat.device)
             offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [E]
             row_bias = None if bias is None else {p: b[sorted_ids].to(w_gu.dtype) for p, b in bias.items()}  # [S, out]
-            return order, _GroupedMath(w_gu, w_d, lora, self.mlp, offs, row_bias)
+            return order, GroupedMath(w_gu, w_d, lora, self.mlp, offs, row_bias)
         groups, start = [], 0
         for e, n in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
             if n:
                 groups.append((e, slice(start, start + n)))
             start += n
         weights = self.weights if backend == "cpu" else SlotWeights(w_gu, w_d, bias)
-        return order, _LoopMath(weights, lora, self.mlp, groups)
+        return order, LoopMath(weights, lora, self.mlp, groups)
 
     def weights_on(self, on_device: bool, prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the

@@ -11,7 +11,7 @@
  *
  * and each thread walks a contiguous run of weight rows (one sequential stream for the hardware prefetcher).
  *
- * Numerics follow hybridmoe's torch CPU path (HybridExperts._LoopMath) rounding point for rounding point: inputs of
+ * Numerics follow hybridmoe's torch CPU path (hybridmoe.experts.expert_math.LoopMath) rounding point for rounding point: inputs of
  * a bf16 GEMM are rounded to bf16 (round to nearest even), GEMMs accumulate in fp32 and their bf16 outputs are
  * rounded to bf16, everything else (LoRA, activation, the weighted sum over top-k) is fp32. int8 weights are
  * per-row symmetric (w = q * scale, bf16 scales), applied to bf16-rounded activations, as torch._weight_int8pack_mm.

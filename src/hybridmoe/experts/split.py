@@ -39,14 +39,14 @@ from torch import nn
 
 from . import cpu_kernel
 from .backends import format_key
-from .cpu_experts import LoRAFactors, SlotWeights, _GroupedMath, _LoopMath
+from .expert_math import GroupedMath, LoopMath, LoRAFactors, SlotWeights
 
 __all__ = ["CPU_MATH", "STATS", "SplitStats", "cpu_experts_for", "forward", "kernel_rows", "share_experts"]
 
 STREAMED = ("grouped", "device-loop")
 
 # The CPU part's math, by the experts' format (ExpertWeights.fmt, keyed as backends.format_key):
-#   "loop": the CPU path's own per-expert loop (_LoopMath): GEMMs in the stored format (int8 through torch's int8
+#   "loop": the CPU path's own per-expert loop (LoopMath): GEMMs in the stored format (int8 through torch's int8
 #           GEMM, 4-bit dequantized exactly to fp32 with the kernel's activation rounding), fp32 activations;
 #   "bf16": per expert, the weights as bf16 (int8 / 4-bit dequantized, one expert at a time) and bf16 GEMMs (oneDNN;
 #           AMX on Sapphire Rapids) with bf16 activations between them, as the streamed GPU path computes;
@@ -165,12 +165,12 @@ def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_
         experts = torch.arange(first, device=where)
         offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [first]
         row_bias = None if bias is None else {p: b[sorted_ids].to(gate_up.dtype) for p, b in bias.items()}
-        math = _GroupedMath(gate_up, down, lora, module.mlp, offs, row_bias)
+        math = GroupedMath(gate_up, down, lora, module.mlp, offs, row_bias)
     else:
         counts = torch.bincount(flat[order], minlength=first).tolist()
         starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
         groups = [(e, slice(starts[e], starts[e + 1])) for e in range(first) if counts[e]]
-        math = _LoopMath(SlotWeights(gate_up, down, bias), lora, module.mlp, groups)
+        math = LoopMath(SlotWeights(gate_up, down, bias), lora, module.mlp, groups)
     x = hidden.detach().to(where, math.act_dtype)  # [T, H]
     y = math.forward(x[order // k], keep=False)[1]  # [S_gpu, H]
     rows = torch.zeros(t * k, y.shape[1], dtype=y.dtype, device=where)  # the CPU's slots stay zero
@@ -203,7 +203,7 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
     if math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
         y = kernel_rows(module, x_sorted, flat[slots], w_sorted)  # the routing weight applied
     else:
-        math_cls = _Bf16Math if math == "bf16" else _LoopMath
+        math_cls = _Bf16Math if math == "bf16" else LoopMath
         y = math_cls(module.weights, lora, module.mlp, groups).forward(x_sorted, keep=False)[1]  # [S_cpu, H]
         y *= w_sorted[:, None]
     out.index_add_(0, tok, y)
@@ -222,7 +222,7 @@ def kernel_rows(module, x: torch.Tensor, experts: torch.Tensor, w: torch.Tensor)
     return out
 
 
-class _Bf16Math(_LoopMath):
+class _Bf16Math(LoopMath):
     """The per-expert loop with bf16 GEMMs and bf16 activations between them (inference only: no backward)."""
 
     def _bf16_linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
