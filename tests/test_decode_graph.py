@@ -65,13 +65,21 @@ def _share_decode_matches_dynamic_cache(path, share: float, device: str) -> Stat
     """Six graph-decode steps with `share` of the experts on the compute device against transformers' dynamic cache
     (fp32 logits, 1e-5); returns the decoder."""
     model, _ = hybridmoe.load(path, device=device, dtype="float32", progress=False)
-    model.eval()
+    dec = _decode_matches_dynamic_cache(model.eval(), share)
+    k = dec.cuts[0].ids.shape[1]
+    assert (dec.share.n if dec.share is not None else 0) == min(k, round(k * share))
+    return dec
+
+
+def _decode_matches_dynamic_cache(model, share: float) -> StaticDecoder:
+    """Prefill of 20 tokens and six decode steps of the static decoder (GPU share `share`) against transformers'
+    dynamic cache on the same model: fp32 logits within 1e-5 at every step; returns the decoder."""
     dev = input_device(model)
     prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
     with torch.inference_mode():
         want, cache = prefill(model, prompt, DynamicCache(config=model.config))
     dec = StaticDecoder(model, 64, dev, gpu_share=share)
-    dec.prefill(prompt)
+    assert _rel(dec.prefill(prompt), want) < 1e-5
     token = want.argmax(-1)
     for pos in range(20, 26):
         with torch.inference_mode():
@@ -79,9 +87,7 @@ def _share_decode_matches_dynamic_cache(path, share: float, device: str) -> Stat
         got = dec.step(token, pos)
         assert _rel(got, want) < 1e-5, (pos, dec.mode)
         token = want.argmax(-1)
-    assert dec.mode == ("cuda_graphs" if device == "cuda" else "eager")
-    k = dec.cuts[0].ids.shape[1]
-    assert (dec.share.n if dec.share is not None else 0) == min(k, round(k * share))
+    assert dec.mode == ("cuda_graphs" if dev.type == "cuda" else "eager")
     return dec
 
 
@@ -208,21 +214,8 @@ def test_resident_layers_decode_inside_the_step_without_a_cut(arch, resident, de
     else:  # no GPU: the streamer's "device" is the CPU (host copies), which runs the same code
         model, _ = hybridmoe.load(ckpt_dir(arch), device=device, dtype="float32", progress=False)
         enable_streaming(model, "cpu", min_tokens=0, resident=resident)
-    model.eval()
     moe_layers = sum(isinstance(m, HybridExperts) for m in model.modules())
-    dev = input_device(model)
-    prompt = torch.arange(5, 25, device=dev).unsqueeze(0)  # [1, 20]
-    with torch.inference_mode():
-        want, cache = prefill(model, prompt, DynamicCache(config=model.config))
-    dec = StaticDecoder(model, 64, dev, gpu_share=0.5)
-    assert _rel(dec.prefill(prompt), want) < 1e-5
-    token = want.argmax(-1)
-    for pos in range(20, 26):
-        with torch.inference_mode():
-            want, cache = decode_one_token(model, token.view(1, 1), cache, pos)
-        got = dec.step(token, pos)
-        assert _rel(got, want) < 1e-5, (pos, dec.mode)
-        token = want.argmax(-1)
+    dec = _decode_matches_dynamic_cache(model.eval(), 0.5)
     assert len(dec.cuts) == max(0, moe_layers - resident)
     if device == "cuda":
-        assert dec.mode == "cuda_graphs" and len(dec.graphs) == len(dec.cuts) + 1
+        assert len(dec.graphs) == len(dec.cuts) + 1

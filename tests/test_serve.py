@@ -149,19 +149,25 @@ def test_on_cuda_greedy_equals_chat_alone_and_batched(files, capsys):
     rounding; a lone greedy request equals `hybridmoe chat --device cuda`, concurrent ones their lone replies."""
     ckpt, adapters = files
     app = build_app(ckpt, {"alpha": str(adapters["alpha"])}, device="cuda", dtype="float32", model_name=BASE)
-    prompts = [f"Question number {i}" for i in range(6)]
+    _lone_equal_chat_and_concurrent_equal_lone(app, files, capsys, 6, "--dtype", "float32", device="cuda")
+    assert placement_report(app.state.engine.adapters.model)["ok"]  # LoRA on cuda, experts and their LoRA on cpu
+
+
+def _lone_equal_chat_and_concurrent_equal_lone(app, files, capsys, n_prompts: int, *chat_flags, device="cpu"):
+    """Through the openai client: a lone greedy reply equals `hybridmoe chat`'s (base and alpha), and the replies of
+    concurrent requests (batched) equal their lone replies."""
+    prompts = [f"Question number {i}" for i in range(n_prompts)]
     with serve_in_thread(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         for model in (BASE, "alpha"):
             want = _chat_cli(capsys, files, model, prompts[0], "--temperature", "0", "--max-new-tokens", "12",
-                             "--dtype", "float32", device="cuda")
+                             *chat_flags, device=device)
             assert _ask(c, model, prompts[0], max_tokens=12)[0] == want
         alone = {(m, p): _ask(c, m, p, max_tokens=12)[0] for m in (BASE, "alpha") for p in prompts}
         with cf.ThreadPoolExecutor(len(alone)) as ex:
             together = dict(zip(alone, ex.map(lambda k: _ask(c, k[0], k[1], max_tokens=12)[0], alone)))
         assert together == alone
         assert app.state.engine.stats["max_batch"] > 1
-        assert placement_report(app.state.engine.adapters.model)["ok"]  # LoRA on cuda, experts and their LoRA on cpu
 
 
 def test_lone_requests_on_the_static_decoder_equal_chat_and_batched_ones_their_lone_replies(files, capsys):
@@ -170,18 +176,8 @@ def test_lone_requests_on_the_static_decoder_equal_chat_and_batched_ones_their_l
     and the static decoder as they join and finish, equal their lone replies."""
     ckpt, adapters = files
     app = build_app(ckpt, {"alpha": str(adapters["alpha"])}, device="cpu", model_name=BASE, cuda_graphs=True)
-    prompts = [f"Question number {i}" for i in range(4)]
-    with serve_in_thread(app) as url:
-        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        for model in (BASE, "alpha"):
-            want = _chat_cli(capsys, files, model, prompts[0], "--temperature", "0", "--max-new-tokens", "12")
-            assert _ask(c, model, prompts[0], max_tokens=12)[0] == want
-        alone = {(m, p): _ask(c, m, p, max_tokens=12)[0] for m in (BASE, "alpha") for p in prompts}
-        with cf.ThreadPoolExecutor(len(alone)) as ex:
-            together = dict(zip(alone, ex.map(lambda k: _ask(c, k[0], k[1], max_tokens=12)[0], alone)))
-        assert together == alone
-        assert app.state.engine.stats["max_batch"] > 1
-        assert getattr(app.state.engine.adapters.model, "_hybridmoe_decoder", None) is not None
+    _lone_equal_chat_and_concurrent_equal_lone(app, files, capsys, 4)
+    assert getattr(app.state.engine.adapters.model, "_hybridmoe_decoder", None) is not None
 
 
 def test_seeded_sampling_equals_chat_and_repeats(files, client, capsys):
