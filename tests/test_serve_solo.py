@@ -142,3 +142,26 @@ def test_a_failing_static_decoder_leaves_the_row_on_the_padded_batch(aset, monke
     assert sum("could not decode through the static-cache decoder" in r.message for r in caplog.records) == 1
     for g, w in zip(runs[True], runs[False]):
         assert _rel(g, w) < 1e-5
+
+
+def test_loading_or_unloading_an_adapter_drops_the_captured_decoder(tmp_path):
+    """A decoder's CUDA graphs hold the addresses of the adapters' weights: a runtime load or unload (even of the
+    same served name) must not replay them."""
+    from hybridmoe.adapters import apply_lora, save_adapter
+
+    ckpt = make_checkpoint("deepseek_v2", tmp_path / "m")
+    model, _ = hybridmoe.load(ckpt, device="cpu", progress=False)
+    save_adapter(apply_lora(model, "all", rank=4, alpha=8, seed=0), tmp_path / "a")
+    model, _ = hybridmoe.load(ckpt, device="cpu", dtype="float32", progress=False)
+    aset = AdapterSet(model)
+    aset.load("a", tmp_path / "a")
+    with torch.inference_mode():
+        aset.use(["a"])
+        logits, batch = prefill_batch(aset.model, [list(range(5, 12))], capacity=1)
+        batch.graphs = True
+        batch.step(logits.argmax(-1, keepdim=True), room=4)
+    dec = aset.model._hybridmoe_decoder
+    aset.unload("a")
+    assert aset.model._hybridmoe_decoder is None and dec.graphs is None and dec.cache is None  # closed
+    aset.load("a", tmp_path / "a")
+    assert getattr(aset.model, "_hybridmoe_decoder", None) is None

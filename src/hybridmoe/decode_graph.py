@@ -44,7 +44,7 @@ from hybridmoe.forward_args import forward_params
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for"]
+__all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for", "drop_decoder"]
 
 # generate() uses the static cache (and CUDA graphs) by default only up to this many positions (prompt +
 # max_new_tokens): the cache is allocated for all of them up front (DeepSeek-V2-Lite: ~0.28 MB a position).
@@ -505,6 +505,15 @@ def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
 def _bucket(n: int) -> int:
     """Cache lengths come in multiples of 256, so a chat session reuses one decoder (and its graphs) across turns."""
     return -(-n // 256) * 256
+
+
+def drop_decoder(model: nn.Module) -> None:
+    """Close and forget the model's decoder (its graphs hold the addresses of the adapters' weights: after an adapter
+    is loaded or unloaded, a new one must be captured even if the active adapter names are the same)."""
+    dec = getattr(model, "_hybridmoe_decoder", None)
+    if dec is not None:
+        dec.close()
+        model._hybridmoe_decoder = None
 
 
 def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from hybridmoe.adapters import base_model_of, load_adapter
+from hybridmoe.decode_graph import drop_decoder
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.row_lora import RowLoRA
 
@@ -63,6 +64,7 @@ class AdapterSet:
         peft_name, k = safe, 1
         while peft_name in self._peft_configs() or peft_name in self._peft_name.values():
             peft_name, k = f"{safe}-{k}", k + 1
+        drop_decoder(self.model)  # a lone request's captured graphs hold the current adapters' weights
         for ex in self.experts.values():  # load_adapter fills ex.lora; start each adapter from empty dicts
             ex.lora = {}
         self.model = load_adapter(self.model, adapter_dir, adapter_name=peft_name)
@@ -74,6 +76,7 @@ class AdapterSet:
     def unload(self, name: str) -> None:
         """Forget adapter ``name``: its PEFT LoRA weights are deleted, its expert LoRA dicts dropped."""
         peft_name = self._peft_name.pop(name)
+        drop_decoder(self.model)
         if peft_name in self._peft_configs():
             # PEFT cannot delete a PeftModel's last adapter (its forward then fails); that one stays, disabled and
             # unreachable, until a later load adds another
