@@ -8,9 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
-install_wheels  # the serve extra + openai for the serving GPU tests (carried as .wheels/)
-{ nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
-NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
+host_setup
 if [ "${PART:-a}" = a ]; then
   step cpu_tests_avx512 120 $NOW python -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_cpu_kernel.py \
     tests/test_int4_experts.py tests/test_expert_backends.py -x

@@ -19,3 +19,11 @@ install_wheels() {
   python -m pip install -q --no-index --no-deps --target /tmp/pydeps .wheels/*.whl > "$OUT/pip.log" 2>&1
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/pydeps
 }
+
+# The common start of the session scripts: the carried wheels, the machine's description in $OUT/machine.txt, and
+# NOW, the command prefix that runs python with this tree's src/ first.
+host_setup() {
+  install_wheels  # the serve extra + openai for the serving GPU tests (carried as .wheels/)
+  { nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
+  NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
+}

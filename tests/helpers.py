@@ -172,3 +172,21 @@ def lora_grads_hybrid(model) -> dict[str, torch.Tensor]:
             out[f"base_model.model.{name}{nest}.lora_A.weight"] = a
             out[f"base_model.model.{name}{nest}.lora_B.weight"] = b
     return out
+
+
+def tiny_gpt_oss():
+    """A tiny random gpt-oss (transformers' own class): 2 layers (sliding + full attention), 4 experts top-2, every
+    parameter N(0, 0.1) so the MXFP4 tests see non-trivial values."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                               sliding_window=8, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+                               pad_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    return model

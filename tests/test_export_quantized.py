@@ -36,7 +36,7 @@ from hybridmoe.export import export_merged
 from hybridmoe.loading import load_model
 from hybridmoe.testing import build_tokenizer, save_tiny_model
 
-from .helpers import make_checkpoint, one_line_error, randomize_lora, rel_err
+from .helpers import make_checkpoint, one_line_error, randomize_lora, rel_err, tiny_gpt_oss
 from .test_formats import _mxfp4_pack
 
 TINY = dict(hidden_size=64, moe_intermediate_size=32)  # expert inputs 64 and 32: int4 groups of 32 fit
@@ -115,18 +115,7 @@ def _write_fp8(plain: Path, dst: Path, block: list[int] | None = FP8_BLOCK) -> P
 
 
 def _plain_gpt_oss(dst: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                               num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
-                               sliding_window=8, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-                               pad_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape) * 0.1)
+    model = tiny_gpt_oss()
     model.save_pretrained(dst)
     build_tokenizer().save_pretrained(dst)  # hybridmoe.load wants one; IDS stay inside the vocabulary
     return dst

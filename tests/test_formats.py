@@ -18,7 +18,7 @@ from hybridmoe.cli import main
 from hybridmoe.errors import CheckpointError
 from hybridmoe.loading import load_model
 
-from .helpers import make_checkpoint, one_line_error, rewrite_checkpoint, write_dataset
+from .helpers import make_checkpoint, one_line_error, rewrite_checkpoint, tiny_gpt_oss, write_dataset
 
 
 def _is_linear_weight(k: str, t: torch.Tensor) -> bool:
@@ -249,18 +249,9 @@ def test_mxfp4_gpt_oss_equals_transformers_dequantized(tmp_path):
     """gpt-oss with MXFP4 experts, written by the test in the shipped layout, loads (experts dequantized as read;
     biases, attention and router bf16/fp32 as shipped) and its fp32 logits equal transformers' own dequantized load
     (Mxfp4Config(dequantize=True)) within 1e-5 relative."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
+    from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                               num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
-                               sliding_window=8, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-                               pad_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape) * 0.1)
+    model = tiny_gpt_oss()
     src = tmp_path / "plain"
     model.save_pretrained(src)
 
