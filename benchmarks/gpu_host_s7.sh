@@ -4,6 +4,8 @@
 #           decode with 0 / 8 / 14 / 27 resident layers (bf16 and int4)
 #   PART=b: issue 18's serving load table on V2-Lite, every layer's experts resident against none (bf16)
 #   PART=c: the server's batched decode step timed and profiled (benchmarks/serve_profile.py)
+#   PART=d: the CPU share of streamed prefill; PART=e: a lone request on CUDA graphs in the server (not run yet)
+#   PART=f: py-spy over the server under load (its engine thread against serve_profile.py's; not run yet)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -50,4 +52,10 @@ if [ "${PART}" = e ]; then  # a lone request on the static-cache decoder (CUDA g
   wait
   step serve_solo_graphs 110 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
     --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing
+fi
+if [ "${PART}" = f ]; then  # where the server's decode step loses 2.6x against the engine alone (S7-e/f): py-spy on it
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step serve_pyspy 200 $NOW /tmp/pydeps/bin/py-spy record --threads --native --rate 100 --format speedscope \
+    -o "$OUT/serve.speedscope" -- python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
+    --dtype bfloat16 --resident-expert-layers 26 --clients 16 --requests 1 --max-tokens 64
 fi
