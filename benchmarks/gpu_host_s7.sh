@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 7 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
 #   PART=a: the CPU kernel's AVX-512 paths (CPU tests on the Xeon), GPU tests incl. resident expert layers; V2-Lite
-#           decode with 0 / 8 / 14 / 27 resident layers (bf16 and int4)
+#           decode with 0 / 8 / 14 / 26 resident layers (bf16 and int4)
 #   PART=b: issue 18's serving load table on V2-Lite, every layer's experts resident against none (bf16)
 #   PART=c: the server's batched decode step timed and profiled (benchmarks/serve_profile.py)
 #   PART=d: the CPU share of streamed prefill; PART=e: a lone request on CUDA graphs in the server (not run yet)
