@@ -172,7 +172,7 @@ class DecodeBatch:
         grown = 0
         if self.solo is not None and n >= self.solo.max_len:  # full: its positions move to a larger decoder
             grown = 2 * self.solo.max_len
-            self.cache, self.solo = self.solo.export(n), None
+            self._unsolo()  # (via the padded cache, which stays consistent should the larger one fail)
         if self.solo is None:  # take the row over: its cache into the decoder (reused with its graphs across requests)
             # Sized for the reply's remaining tokens, at most SOLO_HEADROOM ahead (a request without max_tokens may
             # ask for the whole context); a longer reply moves to a decoder twice the size when this one is full.
