@@ -165,3 +165,40 @@ def test_loading_or_unloading_an_adapter_drops_the_captured_decoder(tmp_path):
     assert aset.model._hybridmoe_decoder is None and dec.graphs is None and dec.cache is None  # closed
     aset.load("a", tmp_path / "a")
     assert getattr(aset.model, "_hybridmoe_decoder", None) is None
+
+
+def test_a_failure_while_moving_to_a_larger_decoder_leaves_a_consistent_padded_batch(aset, monkeypatch):
+    """The larger decoder cannot be made (e.g. out of memory): the row goes on in the padded batch, mask and all."""
+    import hybridmoe.decode_graph as dg
+    import hybridmoe.serve.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "SOLO_HEADROOM", 2)
+    monkeypatch.setattr(dg, "_bucket", lambda n: n)
+    dg.drop_decoder(aset.model)
+    real, calls = dg.decoder_for, {"n": 0}
+
+    def second_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("no room for a larger static cache")
+        return real(*args, **kwargs)
+
+    prompt = list(range(5, 12))
+    runs = {}
+    for graphs in (False, True):
+        if graphs:
+            monkeypatch.setattr(dg, "decoder_for", second_fails)
+        out = runs[graphs] = []
+        with torch.inference_mode():
+            aset.use([None])
+            logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
+            batch.graphs = graphs
+            tok = logits.argmax(-1, keepdim=True)
+            for _ in range(8):
+                logits = batch.step(tok, room=100)
+                out.append(logits)
+                tok = logits.argmax(-1, keepdim=True)
+    assert calls["n"] == 2 and not batch.graphs and batch.solo is None
+    assert batch.mask.shape == (1, batch.lengths[0])
+    for g, w in zip(runs[True], runs[False]):
+        assert _rel(g, w) < 1e-5
