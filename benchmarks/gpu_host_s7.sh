@@ -52,6 +52,8 @@ if [ "${PART}" = e ]; then  # a lone request on the static-cache decoder (CUDA g
   wait
   step serve_solo_graphs 110 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
     --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing
+  step serve_cli 200 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
+    --resident-expert-layers 26 --issue-table --token-timing --serve-cli
 fi
 if [ "${PART}" = f ]; then  # where the server's decode step loses 2.6x against the engine alone (S7-e/f): py-spy on it
   [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite

@@ -6,6 +6,8 @@
     python benchmarks/serve_load.py --model DIR --device cuda --dtype bfloat16 --max-tokens 64   # a real checkpoint
     # issue 18's load table: 16 streaming clients x 128 tokens, half with an adapter, then 1 client, then `chat`
     python benchmarks/serve_load.py --model DIR --adapter a=ADAPTER --device cuda --dtype bfloat16 --issue-table
+    # the same against `hybridmoe serve` started as users start it (a process of its own), and `hybridmoe chat -v`
+    python benchmarks/serve_load.py --model DIR --device cuda --dtype bfloat16 --issue-table --serve-cli
 
 Starts the real server (uvicorn, in this process, on 127.0.0.1 and a free port), runs the clients in a child process
 with `openai.AsyncOpenAI` (greedy, a mix of the base model and two adapters, half the requests streamed), and prints one
@@ -20,9 +22,15 @@ import asyncio
 import json
 import os
 import platform
+import re
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -155,6 +163,64 @@ def _chat_decode_baseline(app, max_tokens: int) -> float:
     return round(best, 1)
 
 
+def _model_flags(args) -> list[str]:
+    """The model flags `hybridmoe serve` and `hybridmoe chat` share, from this script's."""
+    flags = ["--resident-expert-layers", str(args.resident_expert_layers)]
+    for name in ("device", "dtype", "expert_dtype"):
+        if getattr(args, name):
+            flags += [f"--{name.replace('_', '-')}", getattr(args, name)]
+    return flags
+
+
+@contextmanager
+def _cli_server(args, ckpt: Path, adapters: dict[str, str], log: Path):
+    """`hybridmoe serve` in a process of its own on a free loopback port; yields its URL once /health answers, and
+    stops it with SIGINT (a graceful shutdown) on exit."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "hybridmoe", "serve", "--model", str(ckpt), "--model-name", "base",
+           "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+           "--max-prefill-tokens", str(args.max_prefill_tokens), "--prefill-chunk-tokens",
+           str(args.prefill_chunk_tokens), "--log-stats-interval", "0", *_model_flags(args)]
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 900
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"`hybridmoe serve` exited with {proc.returncode}; see {log}")
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"`hybridmoe serve` did not answer /health in 900 s; see {log}")
+                time.sleep(1)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _cli_chat_decode(args, ckpt: Path, max_tokens: int) -> float | None:
+    """`hybridmoe chat --prompt ... -v` as users run it: the decode tokens/s it prints (its one reply)."""
+    cmd = [sys.executable, "-m", "hybridmoe", "chat", "--model", str(ckpt), "--prompt", "Write a poem about the sea.",
+           "--temperature", "0", "--max-new-tokens", str(max_tokens), "-v", *_model_flags(args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    m = re.search(r"decode ([0-9.]+) tok/s", res.stderr)
+    return float(m.group(1)) if m else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a tiny random DeepSeek-V2 in a temp dir)")
@@ -175,6 +241,9 @@ def main() -> None:
                     help="16 clients x 1 streamed request x 128 tokens (ignore_eos), half on the first adapter; then 1 "
                          "client alone; then single-user chat decode on the same model (clients/requests/max-tokens "
                          "flags set the first run)")
+    ap.add_argument("--serve-cli", action="store_true",
+                    help="start `hybridmoe serve` as a process of its own (as users do) instead of in this process; "
+                         "the chat baseline is then `hybridmoe chat -v`")
     ap.add_argument("--token-timing", action="store_true",
                     help="ask for logprobs so TTFT/ITL count tokens, not text (random weights hold text back)")
     args = ap.parse_args()
@@ -191,24 +260,39 @@ def main() -> None:
             ckpt, adapters = Path(args.model), parse_adapters(args.adapter, Path(args.model).resolve().name)
         else:
             ckpt, adapters = _tiny_setup(Path(tmp))
-        app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
-                        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-                        prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0,
-                        expert_dtype=args.expert_dtype, resident_expert_layers=args.resident_expert_layers)
         models = ["base", *list(adapters)[:1]] if args.issue_table else ["base", *adapters]
         extra = {}
-        with serve_in_thread(app) as url:
-            result = drive(url, models, args.clients, args.requests, args.max_tokens,
-                           stream_all=args.issue_table, ignore_eos=args.issue_table, token_timing=args.token_timing)
-            stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
+
+        def load(url: str) -> dict:
+            out = drive(url, models, args.clients, args.requests, args.max_tokens, stream_all=args.issue_table,
+                        ignore_eos=args.issue_table, token_timing=args.token_timing)
             if args.issue_table:
                 extra["one_client"] = drive(url, ["base"], 1, 3, args.max_tokens, stream_all=True,
                                             ignore_eos=True, token_timing=args.token_timing)
-        if args.issue_table:  # after the server stopped: the engine thread no longer uses the model
-            extra["chat_decode_tokens_per_s"] = _chat_decode_baseline(app, args.max_tokens)
-            one = extra["one_client"]
-            extra["one_client_vs_chat"] = round(1 / one["itl_p50_s"] / extra["chat_decode_tokens_per_s"], 3) \
-                if one["itl_p50_s"] else None
+            return out
+
+        if args.serve_cli:
+            import httpx
+
+            with _cli_server(args, ckpt, adapters, Path(tmp) / "serve.log") as url:
+                result = load(url)
+                health = httpx.get(url + "/health", timeout=30).json()
+            stats = {k: round(v, 2) for k, v in health.items() if k not in ("status", "running", "waiting")}
+            if args.issue_table:
+                extra["chat_decode_tokens_per_s"] = _cli_chat_decode(args, ckpt, args.max_tokens)
+        else:
+            app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
+                            max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+                            prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0,
+                            expert_dtype=args.expert_dtype, resident_expert_layers=args.resident_expert_layers)
+            with serve_in_thread(app) as url:
+                result = load(url)
+                stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}
+            if args.issue_table:  # after the server stopped: the engine thread no longer uses the model
+                extra["chat_decode_tokens_per_s"] = _chat_decode_baseline(app, args.max_tokens)
+        if args.issue_table:
+            one, chat = extra["one_client"], extra["chat_decode_tokens_per_s"]
+            extra["one_client_vs_chat"] = round(1 / one["itl_p50_s"] / chat, 3) if one["itl_p50_s"] and chat else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps({
         "bench": "serve_load", "model": "tiny-deepseek-v2 (random)" if not args.model else str(args.model),
@@ -216,11 +300,12 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "clients": args.clients, "requests_per_client": args.requests,
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
         "expert_dtype": args.expert_dtype, "resident_expert_layers": args.resident_expert_layers,
-        "token_timing": args.token_timing,
+        "token_timing": args.token_timing, "serve_cli": args.serve_cli,
         **result, "engine": stats,
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
         "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" and not args.serve_cli
+        else None,
         **extra,
     }))
 
