@@ -289,10 +289,13 @@ def test_resident_layers_refreshed_after_a_merge(deep_ckpt):
     assert _rel(got, want) <= 1e-5
 
 
-def test_resident_layers_config_and_cli(deep_ckpt, tmp_path):
+def test_resident_layers_config_and_cli(deep_ckpt, tmp_path, capsys):
     """The config key is range-checked; on a machine without a GPU the setting is ignored with an INFO line."""
+    from hybridmoe.cli import main
     from hybridmoe.config import load_config
     from hybridmoe.errors import ConfigError
+
+    from .helpers import one_line_error
 
     base = {"model_name_or_path": str(deep_ckpt), "output_dir": str(tmp_path), "dataset": "x"}
     assert load_config({**base, "resident_expert_layers": 4}).resident_expert_layers == 4
@@ -302,6 +305,11 @@ def test_resident_layers_config_and_cli(deep_ckpt, tmp_path):
         load_model(deep_ckpt, device="cpu", progress=False, resident_expert_layers=-1)
     model = load_model(deep_ckpt, device="cpu", progress=False, resident_expert_layers=3)
     assert all(m.streamer is None for m in model.modules() if isinstance(m, HybridExperts))
+    # the chat and serve flag: one error line; on a machine without a GPU the setting is ignored and chat replies
+    one_line_error(capsys, ["chat", "--model", str(deep_ckpt), "--prompt", "hi", "--resident-expert-layers", "-1"],
+                   "resident_expert_layers", ">= 0")
+    assert main(["chat", "--model", str(deep_ckpt), "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2",
+                 "--resident-expert-layers", "3"]) == 0
 
 
 @pytest.mark.gpu

@@ -357,6 +357,9 @@ def load_model(
     if stream_cpu_share is not None and not 0 <= stream_cpu_share <= 1:  # (NaN fails both); before the slow load
         raise ConfigError(f"stream_cpu_share must be a fraction in [0, 1] of each layer's experts, got "
                           f"{stream_cpu_share}")
+    if resident_expert_layers < 0:  # before the slow load too
+        raise ConfigError(f"resident_expert_layers must be >= 0 (0 keeps every layer's experts in CPU RAM), got "
+                          f"{resident_expert_layers}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ckpt = Checkpoint(path)
@@ -416,8 +419,6 @@ def _setup_streaming(model: nn.Module, experts: dict[str, HybridExperts], dev: t
     if slots < 2:
         raise ConfigError(f"stream_slots must be >= 2 (one layer computing, one arriving), got {slots}")
     model.hybridmoe.settings.cpu_share = cpu_share
-    if resident < 0:
-        raise ConfigError(f"resident_expert_layers must be >= 0, got {resident}")
     if dev.type != "cuda":
         min_tokens = 0  # nothing to stream to
         if resident:
