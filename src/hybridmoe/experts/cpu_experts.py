@@ -35,7 +35,7 @@ from . import cpu_kernel
 from . import watch as _watch
 from .backends import ExpertSettings, choose_backend
 from .discovery import ExpertsSpec
-from .expert_math import GroupedMath, LoopMath, LoRAFactors, SlotWeights
+from .expert_math import GroupedMath, LoopMath, LoRAFactors, SlotWeights, expert_groups, unsort_sum
 from .formula import ExpertMLP
 from .packed import PackedFormat, dequantize_packed, quantize_activations, quantize_int4, quantize_mxfp4
 from .row_lora import RowLoRA
@@ -424,7 +424,7 @@ class _ExpertsFn(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         gu_sorted, y_sorted = math.forward(x_sorted, keep)  # [S, 2I] (empty unless kept), [S, H]; act dtype
         del x_sorted
-        out = _unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
+        out = unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
         ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
         _watch.note(module, _watch.FORWARD_OUTPUT, out)
         # Back to the model device (a no-op on the GPU path). non_blocking is unsafe: `out` is pageable, freed next.
@@ -468,7 +468,7 @@ class _ExpertsFn(torch.autograd.Function):
                 lora_out += [None, None]
             else:
                 lora_out += [ga, gb]
-        grad_hidden = _unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
+        grad_hidden = unsort_sum(dx_sorted, order, t, k).to(ctx.device, ctx.hidden_dtype)
         _watch.note(module, _watch.BACKWARD_INPUT_GRAD, grad_hidden)
         grad_weights = grad_w.view_as(w).to(ctx.device, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return (grad_hidden, None, grad_weights, None, None, None, *lora_out)
@@ -517,13 +517,6 @@ def _land_staged_grads() -> None:
     pending.clear()
 
 
-def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
-    """[S, H] rows in expert-sorted slot order -> [T, H] fp32 sum over each token's k slots."""
-    slots = torch.empty_like(rows_sorted)
-    slots[order] = rows_sorted  # back to (token, k) order
-    return slots.view(t, k, -1).sum(dim=1, dtype=torch.float32)
-
-
 class HybridExperts(nn.Module):
     """Drop-in replacement for a transformers fused experts block; weights in CPU RAM, computed on CPU or GPU.
 
@@ -568,39 +561,47 @@ class HybridExperts(nn.Module):
         return out
 
     # -- compute ----------------------------------------------------------------------------------------------
-    def expert_math(self, ids: torch.Tensor, backend: str,
-                    prefetch: bool = True) -> tuple[torch.Tensor, LoopMath | GroupedMath]:
+    def expert_math(self, ids: torch.Tensor, backend: str, prefetch: bool = True, cpu_experts: int = 0,
+                    prefetch_cpu_experts: int | None = None,
+                    slots: int | None = None) -> tuple[torch.Tensor, LoopMath | GroupedMath]:
         """Sort the flattened [T*K] (token, k) slots by expert; (order [S], the math over the sorted rows).
 
         "grouped": grouped GEMMs on the device, group ends as a device tensor (no host sync); "cpu" and "device-loop":
-        the per-expert loop over the host weights or the streamed slot.
+        the per-expert loop over the host weights or the streamed slot. cpu_experts: c > 0 computes experts [0, E - c)
+        only (their weights and LoRA; :mod:`hybridmoe.experts.split` gives the others to the CPU), over the first
+        `slots` sorted slots (those routed to them, counted on the host); prefetch_cpu_experts: the c of the next
+        layer's prefetch (:meth:`ExpertStreamer.acquire`).
         """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
-        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch)
+        if slots is not None:
+            order = order[:slots]  # [S]
+        first = self.num_experts - cpu_experts
+        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch, cpu_experts, prefetch_cpu_experts)
         grouped = backend == "grouped"
         lora = self.lora_on(ids.device, w_gu.dtype if grouped else torch.float32, pad_rank=grouped)
+        if cpu_experts:
+            lora = {p: LoRAFactors(f.A[:first], f.B[:first], f.scale) for p, f in lora.items()}
         if grouped:
             # Group ends by binary search in the sorted ids: unlike bincount on CUDA, no host sync.
             sorted_ids = flat[order]  # [S]
-            experts = torch.arange(self.num_experts, device=flat.device)
-            offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [E]
+            experts = torch.arange(first, device=flat.device)
+            offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [E - c]
             row_bias = None if bias is None else {p: b[sorted_ids].to(w_gu.dtype) for p, b in bias.items()}  # [S, out]
             return order, GroupedMath(w_gu, w_d, lora, self.mlp, offs, row_bias)
-        groups, start = [], 0
-        for e, n in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
-            if n:
-                groups.append((e, slice(start, start + n)))
-            start += n
+        counts = torch.bincount(flat if slots is None else flat[order], minlength=first).tolist()
         weights = self.weights if backend == "cpu" else SlotWeights(w_gu, w_d, bias)
-        return order, LoopMath(weights, lora, self.mlp, groups)
+        return order, LoopMath(weights, lora, self.mlp, expert_groups(counts, range(first)))
 
-    def weights_on(self, on_device: bool, prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    def weights_on(self, on_device: bool, prefetch: bool = True, cpu_experts: int = 0,
+                   prefetch_cpu_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
         device (int8 and 4-bit dequantized there to bf16: the compact format crossed the bus, a half or a quarter of
-        the bytes; the grouped GEMMs want bf16). prefetch: also start copying the next layer."""
+        the bytes; the grouped GEMMs want bf16). prefetch: also start copying the next layer; cpu_experts,
+        prefetch_cpu_experts: as :meth:`ExpertStreamer.acquire` takes them (the first E - c experts only)."""
         if on_device:
-            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(self.stream_index, prefetch=prefetch))
+            gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(
+                self.stream_index, cpu_experts, prefetch_cpu_experts, prefetch=prefetch))
             if scales is not None:
                 gate_up = self.weights.to_float(gate_up, scales["gate_up_proj"])
                 down = self.weights.to_float(down, scales["down_proj"])
@@ -703,7 +704,7 @@ class HybridExperts(nn.Module):
         order, math = self.expert_math(top_k_index, "cpu")  # order: [S] slots sorted by expert
         x_sorted = hidden.float()[order // k]  # [S, H] fp32
         y_sorted = math.forward(x_sorted, keep=False)[1]  # [S, H] fp32
-        out.copy_(_unsort_sum(y_sorted * top_k_weights.reshape(-1)[order, None], order, t, k))
+        out.copy_(unsort_sum(y_sorted * top_k_weights.reshape(-1)[order, None], order, t, k))
 
     def merged_weight(self, proj: str) -> torch.Tensor:
         """W + ΔW for one projection, in fp32 on the CPU: [E, out, in]. Used by export and --merge."""

@@ -174,3 +174,22 @@ class GroupedMath:
         dgu = self.mlp.backward(gu, dh)  # [S, U]
         del dh
         return self._linear_backward("gate_up_proj", dgu, x, grads)  # [S, H]
+
+
+def expert_groups(counts: list[int], experts: range) -> list[tuple[int, slice]]:
+    """(expert, its rows) for each expert of `experts` with rows, over rows sorted by expert: counts[e] rows each."""
+    groups, start = [], 0
+    for e in experts:
+        if counts[e]:
+            groups.append((e, slice(start, start + counts[e])))
+            start += counts[e]
+    return groups
+
+
+def unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    """[S, H] rows in expert-sorted slot order -> [T, H] fp32 sum over each token's k slots. S < T·K (a split call's
+    GPU part, hybridmoe.experts.split): the slots not in `order` add zero."""
+    shape = (t * k, rows_sorted.shape[1])
+    slots = rows_sorted.new_empty(shape) if len(order) == t * k else rows_sorted.new_zeros(shape)
+    slots[order] = rows_sorted  # back to (token, k) order
+    return slots.view(t, k, -1).sum(dim=1, dtype=torch.float32)

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import cpu_kernel
 from .backends import format_key
-from .expert_math import GroupedMath, LoopMath, LoRAFactors, SlotWeights
+from .expert_math import LoopMath, LoRAFactors, expert_groups, unsort_sum
 
 __all__ = ["CPU_MATH", "STATS", "SplitStats", "cpu_experts_for", "forward", "kernel_rows", "share_experts"]
 
@@ -109,7 +109,7 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     c = cpu_experts_for(module)
     if c == 0:  # the GPU computes the whole layer; the next layer's prefetch still takes the share into account
         t, k = top_k_index.shape
-        out = _gpu_part(module, hidden, top_k_index, top_k_weights, module.num_experts, 0, t * k, backend, share)
+        out = _gpu_part(module, hidden, top_k_index, top_k_weights, 0, t * k, backend, share)
         return out.to(hidden.device, hidden.dtype)
     first = module.num_experts - c  # experts [0, first) on the GPU, [first, E) on the CPU
     where = module.streamer.device
@@ -126,7 +126,7 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
         # 3. The GPU part, queued while the CPU computes.
         gpu_out = None
         if n_gpu:
-            gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, first, c, n_gpu, backend, share)
+            gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, c, n_gpu, backend, share)
     finally:
         t0 = time.perf_counter()
         cpu_out, cpu_s = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
@@ -140,42 +140,21 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     return out.to(hidden.device, hidden.dtype)
 
 
-def _gpu_part(module, hidden, top_k_index, top_k_weights, first: int, c: int, n_gpu: int, backend: str,
+def _gpu_part(module, hidden, top_k_index, top_k_weights, c: int, n_gpu: int, backend: str,
               share: int) -> torch.Tensor:
-    """The slots routed to experts [0, first) (c = E - first), on the streamer's device: [T, H] fp32, zero rows for
-    tokens with none; the next layer is prefetched for a CPU share of `share` experts. The math and rounding of the
-    unsplit streamed path (``_ExpertsFn.forward``; bit for bit when first = E), over the first experts only."""
+    """The slots routed to experts [0, E - c), on the streamer's device: [T, H] fp32, zero rows for tokens with
+    none; the next layer is prefetched for a CPU share of `share` experts. The unsplit streamed path's own math
+    (``HybridExperts.expert_math``, the combine of ``_ExpertsFn.forward``; bit for bit when c = 0), over the first
+    experts only."""
     where = module.streamer.device
     ids = top_k_index.detach().to(where, torch.int64)  # [T, K]
     w = top_k_weights.detach().to(where, torch.float32)  # [T, K]
     t, k = ids.shape
-    flat = ids.view(-1)
-    # Stable sort by expert: the GPU's slots are the first n_gpu (n_gpu counted on the host, no device sync).
-    order = torch.argsort(flat, stable=True)[:n_gpu]  # [S_gpu]
-    slot = module.streamer.acquire(module.stream_index, cpu_experts=c, prefetch_cpu_experts=share)
-    gate_up, down, scales, bias = module.weights.unpack(slot)
-    if scales is not None:  # int8 / 4-bit crossed compact; the GEMMs want bf16
-        gate_up = module.weights.to_float(gate_up, scales["gate_up_proj"])
-        down = module.weights.to_float(down, scales["down_proj"])
-    grouped = backend == "grouped"
-    lora = {p: LoRAFactors(f.A[:first], f.B[:first], f.scale)
-            for p, f in module.lora_on(where, gate_up.dtype if grouped else torch.float32, pad_rank=grouped).items()}
-    if grouped:
-        sorted_ids = flat[order]  # [S_gpu]
-        experts = torch.arange(first, device=where)
-        offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # [first]
-        row_bias = None if bias is None else {p: b[sorted_ids].to(gate_up.dtype) for p, b in bias.items()}
-        math = GroupedMath(gate_up, down, lora, module.mlp, offs, row_bias)
-    else:
-        counts = torch.bincount(flat[order], minlength=first).tolist()
-        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
-        groups = [(e, slice(starts[e], starts[e + 1])) for e in range(first) if counts[e]]
-        math = LoopMath(SlotWeights(gate_up, down, bias), lora, module.mlp, groups)
+    # The GPU's slots are the first n_gpu of the expert-sorted order (n_gpu counted on the host: no device sync).
+    order, math = module.expert_math(ids, backend, cpu_experts=c, prefetch_cpu_experts=share, slots=n_gpu)
     x = hidden.detach().to(where, math.act_dtype)  # [T, H]
     y = math.forward(x[order // k], keep=False)[1]  # [S_gpu, H]
-    rows = torch.zeros(t * k, y.shape[1], dtype=y.dtype, device=where)  # the CPU's slots stay zero
-    rows[order] = y * w.view(-1)[order, None].to(y.dtype)
-    return rows.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, H]
+    return unsort_sum(y * w.view(-1)[order, None].to(y.dtype), order, t, k)  # [T, H]
 
 
 def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first: int,
@@ -192,11 +171,7 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
     order = torch.argsort(flat[slots], stable=True)
     slots = slots[order]  # sorted by expert
     counts = torch.bincount(flat[slots], minlength=module.num_experts).tolist()
-    groups, start = [], 0
-    for e in range(first, module.num_experts):
-        if counts[e]:
-            groups.append((e, slice(start, start + counts[e])))
-            start += counts[e]
+    groups = expert_groups(counts, range(first, module.num_experts))
     tok = slots // k
     x_sorted, w_sorted = x[tok].float(), w.view(-1)[slots]  # [S_cpu, H], [S_cpu]
     math = CPU_MATH.get(format_key(module.weights.fmt), "loop")
