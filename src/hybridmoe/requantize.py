@@ -34,6 +34,7 @@ import torch
 from .checkpoint import read_tensor
 from .compressed import PACKED, CompressedTensors, dequantize_int, read_packed
 from .errors import CheckpointError
+from .experts.cpu_experts import quantize_rows
 from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales, quantize_int4, quantize_mxfp4, unpack_nibbles
 from .formats import Fp8Blocks, Mxfp4, WeightReader, _check_mxfp4, dequantize_fp8
 
@@ -91,10 +92,8 @@ def quantize_compressed(w: torch.Tensor, bits: int, group: int, scale_dtype: tor
         if pad:
             codes = torch.nn.functional.pad(codes, (0, pad))
         return codes.contiguous().view(torch.int32), scale.to(scale_dtype)
-    g = w.view(out_f, in_f // group, group)  # [out, G, group]
-    scale = (g.abs().amax(-1) / 127).clamp_min(1e-30).to(scale_dtype)  # [out, G]
-    q = torch.round(g / scale.float().unsqueeze(-1)).clamp_(-127, 127)
-    return q.view(out_f, in_f).to(torch.int8), scale
+    q, scale = quantize_rows(w.view(out_f, in_f // group, group), scale_dtype)  # [out, G, group], [out, G]
+    return q.view(out_f, in_f), scale
 
 
 # -- groups of stored tensors --------------------------------------------------------------------------------------

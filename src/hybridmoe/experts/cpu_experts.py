@@ -43,11 +43,12 @@ from .row_lora import RowLoRA
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per output row: w [..., out, in] float -> (q int8 [..., out, in], scale bf16
-    [..., out]) with w ≈ q · scale. The scale is rounded to bf16 before dividing, so q matches the stored scale."""
+def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output row: w [..., out, in] float -> (q int8 [..., out, in], scale
+    [..., out] in `scale_dtype`) with w ≈ q · scale. The scale is rounded to its dtype before dividing, so q matches
+    the stored scale."""
     w = w.float()  # one fp32 copy (a no-op for fp32 input)
-    scale = (w.abs().amax(-1) / 127).clamp_min(1e-30).to(torch.bfloat16)
+    scale = (w.abs().amax(-1) / 127).clamp_min(1e-30).to(scale_dtype)
     q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
