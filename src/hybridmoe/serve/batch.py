@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from hybridmoe import decode_graph
 from hybridmoe.generation import forward_step
 
 
@@ -159,15 +160,11 @@ class DecodeBatch:
 
     # -- a lone row on the static-cache decoder ------------------------------------------------------------------------
     def _solo_step_ok(self, room: int) -> bool:
-        from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS
-
-        if not self.graphs or len(self) != 1 or self.lengths[0] >= STATIC_CACHE_MAX_TOKENS:
+        if not self.graphs or len(self) != 1 or self.lengths[0] >= decode_graph.STATIC_CACHE_MAX_TOKENS:
             return False
         return self.solo is not None or (self.width == self.lengths[0] and batchable(self.cache))  # no padding
 
     def _solo_step(self, tokens: torch.Tensor, room: int) -> torch.Tensor:
-        from hybridmoe.decode_graph import STATIC_CACHE_MAX_TOKENS, decoder_for
-
         n = self.lengths[0]
         grown = 0
         if self.solo is not None and n >= self.solo.max_len:  # full: its positions move to a larger decoder
@@ -176,8 +173,8 @@ class DecodeBatch:
         if self.solo is None:  # take the row over: its cache into the decoder (reused with its graphs across requests)
             # Sized for the reply's remaining tokens, at most SOLO_HEADROOM ahead (a request without max_tokens may
             # ask for the whole context); a longer reply moves to a decoder twice the size when this one is full.
-            want = min(max(n + 1 + min(room, SOLO_HEADROOM), grown), STATIC_CACHE_MAX_TOKENS)
-            dec = decoder_for(self.model, want, tokens.device)
+            want = min(max(n + 1 + min(room, SOLO_HEADROOM), grown), decode_graph.STATIC_CACHE_MAX_TOKENS)
+            dec = decode_graph.decoder_for(self.model, want, tokens.device)
             dec.seed(self.cache, n)
             self.solo, self.cache = dec, None
         logits = self.solo.step(tokens.reshape(1), n)  # [1, V] fp32

@@ -488,16 +488,17 @@ class Engine:
         # instead of a few syncs per row. The same tokens as each row's accept() (argmax of the same fp32 logits).
         fast = [r.stream.plain_greedy for r in reqs]
         if any(fast):
-            finite = torch.isfinite(logits).all(dim=-1)  # [B]
-            argmax = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
-            finite_h, argmax_h = finite.tolist(), argmax.view(-1).tolist()
+            # [B, 1]: each row's argmax, -1 where its logits are not finite (one tensor, so one transfer)
+            picked = torch.where(torch.isfinite(logits).all(dim=-1, keepdim=True),
+                                 logits.argmax(dim=-1, keepdim=True), -1)
+            picked_h = picked.view(-1).tolist()
         for i, req in enumerate(reqs):
             if req.handle.cancelled.is_set():  # a sibling choice failed, or the client left during the prefill
                 done.append(i)
                 continue
             try:
-                if fast[i] and finite_h[i]:
-                    self._emit(req, req.stream.accept_argmax(argmax_h[i], argmax[i]))
+                if fast[i] and picked_h[i] >= 0:
+                    self._emit(req, req.stream.accept_argmax(picked_h[i], picked[i]))
                 else:  # sampling, extras, or non-finite logits (accept() names the step)
                     self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]
             except NonFiniteError as e:
