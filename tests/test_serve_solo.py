@@ -29,6 +29,30 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _lone_steps(aset: AdapterSet, prompt: list[int], graphs: bool, steps: int, room: int, after_step=None):
+    """One request alone: its prefill, then `steps` greedy decode steps with `graphs` on or off; (the logits of every
+    step, the batch). after_step(batch) runs after each step."""
+    out = []
+    with torch.inference_mode():
+        aset.use([None])
+        logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
+        batch.graphs = graphs
+        tok = logits.argmax(-1, keepdim=True)
+        for _ in range(steps):
+            logits = batch.step(tok, room=room)
+            out.append(logits)
+            tok = logits.argmax(-1, keepdim=True)
+            if after_step is not None:
+                after_step(batch)
+    return out, batch
+
+
+def _same_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
+
+
 def _script(aset: AdapterSet, graphs: bool) -> list[torch.Tensor]:
     """Request A alone for 4 steps, then B joins (2 steps together), then A leaves and B goes on alone for 3 steps:
     the logits of every step, in order."""
@@ -82,29 +106,14 @@ def test_a_lone_row_moves_to_a_larger_static_cache_when_its_own_is_full(aset, mo
 
     monkeypatch.setattr(batch_module, "SOLO_HEADROOM", 4)
     monkeypatch.setattr(dg, "_bucket", lambda n: n)  # decoders of exactly the size asked for
-    old = getattr(aset.model, "_hybridmoe_decoder", None)
-    if old is not None:  # a larger one from another test would be reused
-        old.close()
-        aset.model._hybridmoe_decoder = None
+    dg.drop_decoder(aset.model)  # a larger one from another test would be reused
     prompt = list(range(5, 12))
-    got, want = [], []
-    for graphs, out in ((False, want), (True, got)):
-        with torch.inference_mode():
-            aset.use([None])
-            logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
-            batch.graphs = graphs
-            tok = logits.argmax(-1, keepdim=True)
-            sizes = set()
-            for _ in range(20):
-                logits = batch.step(tok, room=10_000)
-                out.append(logits)
-                tok = logits.argmax(-1, keepdim=True)
-                if batch.solo is not None:
-                    sizes.add(batch.solo.max_len)
-        if graphs:
-            assert sizes == {12, 24, 48}, sizes  # 7 + 1 + 4, then doubled twice
-    for g, w in zip(got, want):
-        assert _rel(g, w) < 1e-5
+    want, _ = _lone_steps(aset, prompt, False, 20, room=10_000)
+    sizes = set()
+    got, _ = _lone_steps(aset, prompt, True, 20, room=10_000,
+                         after_step=lambda batch: batch.solo is not None and sizes.add(batch.solo.max_len))
+    assert sizes == {12, 24, 48}, sizes  # 7 + 1 + 4, then doubled twice
+    _same_logits(got, want)
 
 
 def test_a_failing_static_decoder_leaves_the_row_on_the_padded_batch(aset, monkeypatch, caplog):
@@ -115,7 +124,6 @@ def test_a_failing_static_decoder_leaves_the_row_on_the_padded_batch(aset, monke
     from hybridmoe.decode_graph import StaticDecoder
 
     prompt = list(range(5, 14))
-    runs = {}
     calls = {"n": 0}
     real_step = StaticDecoder.step
 
@@ -125,23 +133,13 @@ def test_a_failing_static_decoder_leaves_the_row_on_the_padded_batch(aset, monke
             raise RuntimeError("capture not supported here")
         return real_step(self, token, position)
 
-    for graphs in (False, True):
-        if graphs:
-            monkeypatch.setattr(StaticDecoder, "step", flaky)
-        out = runs[graphs] = []
-        with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="hybridmoe.serve"):
-            aset.use([None])
-            logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
-            batch.graphs = graphs
-            tok = logits.argmax(-1, keepdim=True)
-            for _ in range(6):
-                logits = batch.step(tok, room=8)
-                out.append(logits)
-                tok = logits.argmax(-1, keepdim=True)
+    want, _ = _lone_steps(aset, prompt, False, 6, room=8)
+    monkeypatch.setattr(StaticDecoder, "step", flaky)
+    with caplog.at_level(logging.WARNING, logger="hybridmoe.serve"):
+        got, batch = _lone_steps(aset, prompt, True, 6, room=8)
     assert calls["n"] == 3 and not batch.graphs and batch.solo is None
     assert sum("could not decode through the static-cache decoder" in r.message for r in caplog.records) == 1
-    for g, w in zip(runs[True], runs[False]):
-        assert _rel(g, w) < 1e-5
+    _same_logits(got, want)
 
 
 def test_loading_or_unloading_an_adapter_drops_the_captured_decoder(tmp_path):
@@ -184,21 +182,9 @@ def test_a_failure_while_moving_to_a_larger_decoder_leaves_a_consistent_padded_b
         return real(*args, **kwargs)
 
     prompt = list(range(5, 12))
-    runs = {}
-    for graphs in (False, True):
-        if graphs:
-            monkeypatch.setattr(dg, "decoder_for", second_fails)
-        out = runs[graphs] = []
-        with torch.inference_mode():
-            aset.use([None])
-            logits, batch = prefill_batch(aset.model, [prompt], capacity=1)
-            batch.graphs = graphs
-            tok = logits.argmax(-1, keepdim=True)
-            for _ in range(8):
-                logits = batch.step(tok, room=100)
-                out.append(logits)
-                tok = logits.argmax(-1, keepdim=True)
+    want, _ = _lone_steps(aset, prompt, False, 8, room=100)
+    monkeypatch.setattr(dg, "decoder_for", second_fails)
+    got, batch = _lone_steps(aset, prompt, True, 8, room=100)
     assert calls["n"] == 2 and not batch.graphs and batch.solo is None
     assert batch.mask.shape == (1, batch.lengths[0])
-    for g, w in zip(runs[True], runs[False]):
-        assert _rel(g, w) < 1e-5
+    _same_logits(got, want)
