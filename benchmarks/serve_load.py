@@ -246,7 +246,12 @@ def main() -> None:
                          "the chat baseline is then `hybridmoe chat -v`")
     ap.add_argument("--token-timing", action="store_true",
                     help="ask for logprobs so TTFT/ITL count tokens, not text (random weights hold text back)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in the server's process (seconds; Python's default 0.005): how much "
+                         "of a step is the engine thread waiting for the GIL held by the HTTP thread")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.issue_table:
         args.clients, args.requests, args.max_tokens = 16, 1, 128
     if args.threads:
@@ -300,7 +305,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "clients": args.clients, "requests_per_client": args.requests,
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
         "expert_dtype": args.expert_dtype, "resident_expert_layers": args.resident_expert_layers,
-        "token_timing": args.token_timing, "serve_cli": args.serve_cli,
+        "token_timing": args.token_timing, "serve_cli": args.serve_cli, "switch_interval": sys.getswitchinterval(),
         **result, "engine": stats,
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
         "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),

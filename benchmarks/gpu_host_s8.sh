@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Session 8 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: a lone server request on CUDA graphs (the GPU serve test, issue 18's table with per-token timing), then
+#           where the server's batched step loses 2.6x against the engine alone (S7): py-spy over the server's threads
+#           under 16 clients, and the same load with a 0.2 ms GIL switch interval against Python's 5 ms
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+host_setup
+LOAD16="python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 --resident-expert-layers 26
+  --clients 16 --requests 1 --max-tokens 64"
+if [ "${PART:-a}" = a ]; then
+  step pytest_gpu_serve 80 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_serve.py -k cuda_greedy &
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  wait
+  step serve_solo_graphs 130 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
+    --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing
+  step serve_pyspy 150 $NOW /tmp/pydeps/bin/py-spy record --threads --idle --rate 50 --format raw \
+    -o "$OUT/serve_pyspy.txt" -- $LOAD16
+  step serve_switch_5ms 80 $NOW $LOAD16
+  step serve_switch_02ms 80 $NOW $LOAD16 --switch-interval 0.0002
+fi
