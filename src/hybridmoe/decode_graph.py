@@ -76,9 +76,12 @@ def _picked_experts(weights, mlp, gate_up: torch.Tensor, down: torch.Tensor, sca
 
 def _resident_experts(module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """A decode step's routed experts of a resident layer (``resident_expert_layers``), on the device with no cut:
-    hidden [1, H], ids [1, K], w [1, K] on the device -> [1, H] in the hidden dtype. Gathers only the K picked experts
-    from the layer's pinned slot (device-side indexing: no host sync, so it captures into the step's graph)."""
+    hidden [T, H], ids [T, K], w [T, K] on the device -> [T, H] in the hidden dtype. No host sync, so it captures
+    into the step's graph. One row gathers only its K picked experts from the layer's pinned slot; a batch of rows
+    runs every expert of the slot over all rows (:func:`_all_experts`)."""
     gate_up, down, scales, bias = module.weights.unpack(module.streamer.resident_tensors(module.stream_index))
+    if hidden.shape[0] > 1:
+        return _all_experts(module, gate_up, down, scales, bias, hidden, ids, w).to(hidden.dtype)
     sel = ids[0].to(torch.int64)  # [K]
     if scales is not None:
         scales = (scales["gate_up_proj"][sel], scales["down_proj"][sel])
@@ -86,6 +89,32 @@ def _resident_experts(module: HybridExperts, hidden: torch.Tensor, ids: torch.Te
         bias = (bias["gate_up_proj"][sel], bias["down_proj"][sel])
     y = _picked_experts(module.weights, module.mlp, gate_up[sel], down[sel], scales, bias, hidden, w.float())
     return y.to(hidden.dtype)
+
+
+def _all_experts(module: HybridExperts, gate_up: torch.Tensor, down: torch.Tensor, scales, bias, x: torch.Tensor,
+                 ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y [T, H] fp32 = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t]) for a batch of decode rows, computing every expert of
+    the layer on every row (two batched GEMMs) and keeping each row's K picks.
+
+    Why every expert: a batch's rows together pick most of a layer's experts (16 rows, top-6 of 64: ~51 distinct), so
+    reading all of them costs little more than reading the picked ones, and unlike sorting rows by expert it needs no
+    host sync (so it captures into a CUDA graph). gate_up [E, U, H], down [E, H, I] in the weights' format (int8 and
+    4-bit dequantized here to bf16), scales/bias as :meth:`ExpertWeights.unpack` gives them; GEMMs in the weight dtype,
+    fp32 sum over the K picks (the streamed path's math)."""
+    weights = module.weights
+    if scales is not None:
+        gate_up = weights.to_float(gate_up, scales["gate_up_proj"])
+        down = weights.to_float(down, scales["down_proj"])
+    xs = x.to(gate_up.dtype)  # [T, H]
+    u = torch.matmul(xs, gate_up.transpose(1, 2)).float()  # [E, T, U]
+    if bias is not None:
+        u = u + bias["gate_up_proj"].float()[:, None, :]
+    y = torch.matmul(module.mlp(u).to(down.dtype), down.transpose(1, 2)).float()  # [E, T, H]
+    if bias is not None:
+        y = y + bias["down_proj"].float()[:, None, :]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # [T, 1]
+    picked = y[ids.to(torch.int64), rows]  # [T, K, H]: row t's output of each of its K experts
+    return (w.float()[:, :, None] * picked).sum(1)  # [T, H]
 
 
 class _GpuShare:
@@ -156,7 +185,8 @@ class _Cut:
     """One routed-experts call of the decode step: its host buffers and the copies across the cut.
 
     x [T, H] (hidden dtype), ids [T, K] int64, w [T, K] fp32 and out [T, H] fp32 live on the CPU, page-locked when
-    the model is on CUDA so the copies are asynchronous DMA that a CUDA graph can hold.
+    the model is on CUDA so the copies are asynchronous DMA that a CUDA graph can hold. T is the step's batch (a
+    bucket of the batched decoder); the CPU computes only its first ``rows`` (the live rows; the rest is padding).
     """
 
     def __init__(self, module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, pin: bool):
@@ -165,7 +195,7 @@ class _Cut:
         self.x = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=pin)  # [T, H]
         self.ids = torch.empty(t, k, dtype=torch.int64, pin_memory=pin)  # [T, K]
         self.w = torch.empty(t, k, dtype=torch.float32, pin_memory=pin)  # [T, K]
-        self.out = torch.empty(hidden.shape, dtype=torch.float32, pin_memory=pin)  # [T, H]
+        self.out = torch.zeros(hidden.shape, dtype=torch.float32, pin_memory=pin)  # [T, H]
 
     def send(self, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         """Queue the device->host copies (conversions happen on the device, so each copy is one plain DMA)."""
@@ -173,16 +203,23 @@ class _Cut:
         self.ids.copy_(ids.to(torch.int64), non_blocking=True)
         self.w.copy_(w.to(torch.float32), non_blocking=True)
 
-    def compute(self, share: _GpuShare | None = None) -> None:
+    def compute(self, share: _GpuShare | None = None, rows: int | None = None) -> None:
         """The routed experts, once the copies of :meth:`send` have landed: with a GPU share, queue its experts'
-        weight copies and math on the GPU first, then compute the others on the CPU meanwhile."""
+        weight copies and math on the GPU first, then compute the others on the CPU meanwhile. ``rows``: compute
+        only the first ``rows`` tokens (None: all)."""
+        m = self.module
         if share is None:
-            self.module.infer_cpu(self.x, self.ids, self.w, self.out)
+            n = self.x.shape[0] if rows is None else rows
+            if m.row_lora is not None:  # rows of several adapters (the server): one call per adapter's rows
+                y = m.row_lora.forward(m, self.x[:n], self.ids[:n], self.w[:n], None, m._one_lora_forward)
+                self.out[:n].copy_(y)
+            else:
+                m.infer_cpu(self.x[:n], self.ids[:n], self.w[:n], self.out[:n])
             return
         cpu_k = share.k - share.n
-        share.load(self.module, self.ids[0, cpu_k:].tolist())
+        share.load(m, self.ids[0, cpu_k:].tolist())
         share.compute()
-        self.module.infer_cpu(self.x, self.ids[:, :cpu_k].contiguous(), self.w[:, :cpu_k].contiguous(), self.out)
+        m.infer_cpu(self.x, self.ids[:, :cpu_k].contiguous(), self.w[:, :cpu_k].contiguous(), self.out)
 
     def receive(self, device: torch.device, dtype: torch.dtype, share: _GpuShare | None = None) -> torch.Tensor:
         """Queue the host->device copy of the result (+ the GPU share's); [T, H] in the hidden dtype on ``device``."""
@@ -194,23 +231,23 @@ class _Hook:
     """Stands in for every HybridExperts.forward during a decode step (``module.decode_hook``).
 
     mode "eager": copy out, wait, compute, copy back (any device). mode "capture": copy out, end the CUDA graph being
-    captured and begin the next, copy back (in the new graph); :meth:`StaticDecoder._replay` runs the CPU part between
+    captured and begin the next, copy back (in the new graph); :meth:`GraphChain._replay` runs the CPU part between
     the graphs.
     """
 
-    def __init__(self, decoder: StaticDecoder):
-        self.decoder = decoder
+    def __init__(self, chain: GraphChain):
+        self.chain = chain
         self.mode = "eager"
         self.calls = 0  # expert calls so far in this forward: the index of the cut
 
     def __call__(self, module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
-        d = self.decoder
-        if _resident(module) and hidden.shape[0] == 1:  # its experts stay on the device: computed there, no cut
+        d = self.chain
+        if d.in_graph(module):  # its experts stay on the device: computed there, no cut
             return _resident_experts(module, hidden, ids, w)
         i, self.calls = self.calls, self.calls + 1
         if i == len(d.cuts):  # first pass: shapes known now
             d.cuts.append(_Cut(module, hidden, ids, pin=hidden.device.type == "cuda"))
-            d._setup_share(module, hidden, ids.shape[1])
+            d.setup_share(module, hidden, ids.shape[1])
         cut = d.cuts[i]
         if cut.module is not module or cut.x.shape != hidden.shape:
             raise RuntimeError("the decode step's routed-expert calls changed order or shape between passes")
@@ -218,12 +255,148 @@ class _Hook:
         if d.share is not None:
             d.share.stage(hidden, w)
         if self.mode == "capture":
-            d._next_graph()
+            d.next_graph()
         else:
             if hidden.device.type == "cuda":
                 torch.cuda.current_stream(hidden.device).synchronize()
-            cut.compute(d.share)
+            cut.compute(d.share, d.rows)
         return cut.receive(hidden.device, hidden.dtype, d.share)
+
+
+class GraphChain:
+    """One decode step's forward with every routed-experts call cut (:class:`_Hook`): run eagerly, or captured once
+    as a chain of CUDA graphs (one per stretch between two cuts) and replayed. :class:`StaticDecoder` (batch 1) and
+    :class:`hybridmoe.batch_decode.BatchDecoder` (a bucket of rows) each drive one.
+
+    ``step(forward)`` runs the step: the first call eagerly (on the capture stream, so lazy per-stream state such as
+    cuBLAS workspaces exists before capture), the second captures and replays, later ones replay. ``forward`` is a
+    function of no arguments over static input tensors, returning the logits (the graphs' output). :attr:`rows`: how
+    many leading rows the CPU part computes (None: all). :attr:`resident_in_graph`: whether resident expert layers
+    are computed inside the graphs (else they are cut like the others).
+    """
+
+    def __init__(self, experts: list[HybridExperts], device: torch.device, use_graphs: bool = True,
+                 gpu_share: float = 0.0, resident_in_graph: bool = True):
+        self.experts, self.device = experts, device
+        self.use_graphs = use_graphs and device.type == "cuda"
+        self.gpu_share = gpu_share
+        self.resident_in_graph = resident_in_graph
+        self.cuts: list[_Cut] = []
+        self.share: _GpuShare | None = None
+        self.hook = _Hook(self)
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.out: torch.Tensor | None = None  # written by the last graph
+        self.rows: int | None = None
+        self.calls = 0
+        self.mode = "eager"
+        self._pool = None
+        self._stream = torch.cuda.Stream(device) if self.use_graphs else None
+
+    def in_graph(self, module: HybridExperts) -> bool:
+        return self.resident_in_graph and _resident(module)
+
+    def setup_share(self, module: HybridExperts, hidden: torch.Tensor, k: int) -> None:
+        n = min(k, round(k * self.gpu_share))
+        # On CUDA the weights must be page-locked (they are whenever streaming is on), or the copies would stall the
+        # host instead of overlapping the CPU's experts.
+        pinned = hidden.device.type != "cuda" or module.weights.gate_up.is_pinned()
+        # Expert biases (gpt-oss) cross with their experts' weights (_GpuShare.load).
+        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned:
+            self.share = _GpuShare(module, hidden, k, n)
+
+    def close(self) -> None:
+        self.graphs = self.out = self.share = None
+        self.cuts, self.hook.chain = [], None
+
+    def eager(self, forward):
+        """``forward()`` with every expert call cut, eagerly (no graphs)."""
+        for m in self.experts:
+            m.decode_hook = self.hook
+        self.hook.calls = 0
+        try:
+            return forward()
+        finally:
+            for m in self.experts:
+                m.decode_hook = None
+
+    def step(self, forward) -> torch.Tensor:
+        """One decode step (see the class): the logits ``forward`` returns, from the graphs once captured."""
+        self.calls += 1
+        if self.graphs is None and self.use_graphs and self.calls >= 2:
+            self._capture(forward)  # the first step ran eagerly: cuBLAS handles, cache tensors and the cuts exist
+        if self.graphs is not None:
+            self._replay()
+            self.mode = "cuda_graphs"
+            return self.out
+        if not self.mode.startswith("eager"):
+            self.mode = "eager"
+        if not self.use_graphs:
+            return self.eager(forward)
+        # The step before capture runs on the capture stream (CUDA's advice: lazy per-stream state such as cuBLAS
+        # workspaces is then set up outside the capture).
+        cur = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(cur)
+        with torch.cuda.stream(self._stream):
+            out = self.eager(forward)
+        self._stream.synchronize()
+        return out
+
+    def next_graph(self) -> None:
+        """Called by the hook inside capture: close the current graph at this expert call, open the next one."""
+        self.graphs[-1].capture_end()
+        g = torch.cuda.CUDAGraph()
+        self.graphs.append(g)
+        g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+
+    def _capture(self, forward) -> None:
+        with capturable_eager_mask():
+            self._capture_chain(forward)
+
+    def _capture_chain(self, forward) -> None:
+        # Collect garbage first: an unreachable CUDA graph of an earlier decoder (a reference cycle) destroyed by the
+        # collector in the middle of this capture would invalidate it (seen on the GPU host, run S7-a).
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        self._pool = torch.cuda.graph_pool_handle()
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.graphs = [torch.cuda.CUDAGraph()]
+        self.hook.mode = "capture"
+        try:
+            with torch.cuda.stream(stream):
+                self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    self.out = self.eager(forward)
+                finally:
+                    self.graphs[-1].capture_end()
+            if self.hook.calls != len(self.cuts):
+                raise RuntimeError(f"{self.hook.calls} expert calls captured, {len(self.cuts)} expected")
+            if self.share is not None:  # own memory pool: it replays between the chain's graphs, whose
+                self.share.capture(stream)  # temporaries (the residual stream) live across it
+        except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
+            self.graphs, self.out = None, None
+            if self.share is not None:
+                self.share.graph = None
+            self.use_graphs = False
+            self.mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            log.warning("decode runs without CUDA graphs: capturing the decode step failed (%s: %s)",
+                        type(e).__name__, e)
+            log.debug("where the capture failed", exc_info=True)
+        except BaseException:  # Ctrl-C mid-capture: no half-captured chain is kept
+            self.graphs, self.out = None, None
+            raise
+        finally:
+            self.hook.mode = "eager"
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+
+    def _replay(self) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        for i, g in enumerate(self.graphs):
+            g.replay()
+            if i < len(self.cuts):
+                stream.synchronize()  # the hidden states and routing of cut i are in host memory now
+                self.cuts[i].compute(self.share, self.rows)  # graph i+1 starts by copying the result in
 
 
 class StaticDecoder:
@@ -241,32 +414,29 @@ class StaticDecoder:
         self.model, self.max_len, self.device, self.key = model, max_len, device, key
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         _full_length_sliding_layers(self.cache, max_len)
-        self.experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
+        experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
         self.embed = model.get_input_embeddings()
-        self.use_graphs = use_graphs and device.type == "cuda"
-        self.cuts: list[_Cut] = []
         # The GPU computes this share of each step's routed experts (CUDA only by default; any device when given, which
         # is how the CPU tests check it). Not with LoRA on the routed experts: their factors stay on the CPU.
         if gpu_share is None:
-            gpu_share = _gpu_share(self.experts, device)
-        self.gpu_share = gpu_share
-        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in self.experts}
-        if any(m.lora for m in self.experts) or len(layouts) > 1:  # one set of GPU buffers serves every layer
-            self.gpu_share = 0.0
-        self.share: _GpuShare | None = None
-        self.hook = _Hook(self)
-        self.graphs: list[torch.cuda.CUDAGraph] | None = None
-        self.logits: torch.Tensor | None = None  # [1, 1, V], written by the last graph
+            gpu_share = _gpu_share(experts, device)
+        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in experts}
+        if any(m.lora for m in experts) or len(layouts) > 1:  # one set of GPU buffers serves every layer
+            gpu_share = 0.0
+        self.chain = GraphChain(experts, device, use_graphs, gpu_share)
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
-        self.steps = 0
         self.length = 0  # positions in the cache, tracked on the host (the cache's own counter is a device tensor)
-        self.mode = "eager"
-        self._pool = None
-        self._stream = torch.cuda.Stream(device) if self.use_graphs else None
         accepted = forward_params(model)
         self._takes_cache_position = "cache_position" in accepted
         self._takes_logits_to_keep = "logits_to_keep" in accepted
+
+    # the chain's state, under the names the tests and benchmarks use
+    cuts = property(lambda self: self.chain.cuts)
+    graphs = property(lambda self: self.chain.graphs)
+    share = property(lambda self: self.chain.share)
+    mode = property(lambda self: self.chain.mode)
+    gpu_share = property(lambda self: self.chain.gpu_share)
 
     # -- the forward -------------------------------------------------------------------------------------------
     def _forward(self, **inputs: Any) -> torch.Tensor:
@@ -278,34 +448,15 @@ class StaticDecoder:
             kwargs["cache_position"] = inputs["position_ids"][0]
         return self.model(**kwargs).logits
 
-    def _with_hook(self, fn, **kwargs):
-        for m in self.experts:
-            m.decode_hook = self.hook
-        self.hook.calls = 0
-        try:
-            return fn(**kwargs)
-        finally:
-            for m in self.experts:
-                m.decode_hook = None
-
-    def _setup_share(self, module: HybridExperts, hidden: torch.Tensor, k: int) -> None:
-        n = min(k, round(k * self.gpu_share))
-        # On CUDA the weights must be page-locked (they are whenever streaming is on), or the copies would stall the
-        # host instead of overlapping the CPU's experts.
-        pinned = hidden.device.type != "cuda" or module.weights.gate_up.is_pinned()
-        # Expert biases (gpt-oss) cross with their experts' weights (_GpuShare.load).
-        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned:
-            self.share = _GpuShare(module, hidden, k, n)
-
     def reset(self) -> None:
         """Empty the cache for a new sequence (in place: captured graphs stay valid)."""
         self.cache.reset()
-        self.steps = self.length = 0
+        self.length = 0
 
     def close(self) -> None:
-        """Drop the graphs, their memory pool, the cache and the buffers (the hook refers back to this object)."""
-        self.graphs = self.logits = self.embeds = self.cache = self.share = None
-        self.cuts, self.hook.decoder = [], None
+        """Drop the graphs, their memory pool, the cache and the buffers (the hook refers back to the chain)."""
+        self.chain.close()
+        self.embeds = self.cache = None
 
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -360,86 +511,8 @@ class StaticDecoder:
             self.embeds = torch.empty_like(emb)
         self.embeds.copy_(emb)
         self.position.fill_(position)
-        self.steps += 1
-        if self.graphs is None and self.use_graphs and self.steps >= 2:
-            self._capture()  # step 1 ran eagerly: cuBLAS handles, cache tensors and the cuts exist now
-        if self.graphs is not None:
-            self._replay()
-            self.mode = "cuda_graphs"
-            return self.logits[:, -1, :].float()
-        if not self.mode.startswith("eager"):
-            self.mode = "eager"
-        if not self.use_graphs:
-            return self._with_hook(self._forward, **self._static_inputs())[:, -1, :].float()
-        # The step before capture runs on the capture stream (CUDA's advice: lazy per-stream state such as cuBLAS
-        # workspaces is then set up outside the capture).
-        cur = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(cur)
-        with torch.cuda.stream(self._stream):
-            logits = self._with_hook(self._forward, **self._static_inputs())[:, -1, :].float()
-        self._stream.synchronize()
-        return logits
-
-    def _static_inputs(self) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": self.embeds, "position_ids": self.position}
-
-    # -- CUDA graphs -------------------------------------------------------------------------------------------
-    def _next_graph(self) -> None:
-        """Called by the hook inside capture: close the current graph at this expert call, open the next one."""
-        self.graphs[-1].capture_end()
-        g = torch.cuda.CUDAGraph()
-        self.graphs.append(g)
-        g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-
-    def _capture(self) -> None:
-        with capturable_eager_mask():
-            self._capture_chain()
-
-    def _capture_chain(self) -> None:
-        # Collect garbage first: an unreachable CUDA graph of an earlier decoder (a reference cycle) destroyed by the
-        # collector in the middle of this capture would invalidate it (seen on the GPU host, run S7-a).
-        gc.collect()
-        torch.cuda.synchronize(self.device)
-        self._pool = torch.cuda.graph_pool_handle()
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.graphs = [torch.cuda.CUDAGraph()]
-        self.hook.mode = "capture"
-        try:
-            with torch.cuda.stream(stream):
-                self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    self.logits = self._with_hook(self._forward, **self._static_inputs())
-                finally:
-                    self.graphs[-1].capture_end()
-            if self.hook.calls != len(self.cuts):
-                raise RuntimeError(f"{self.hook.calls} expert calls captured, {len(self.cuts)} expected")
-            if self.share is not None:  # own memory pool: it replays between the chain's graphs, whose
-                self.share.capture(stream)  # temporaries (the residual stream) live across it
-        except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
-            self.graphs, self.logits = None, None
-            if self.share is not None:
-                self.share.graph = None
-            self.use_graphs = False
-            self.mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            log.warning("decode runs without CUDA graphs: capturing the decode step failed (%s: %s)",
-                        type(e).__name__, e)
-            log.debug("where the capture failed", exc_info=True)
-        except BaseException:  # Ctrl-C mid-capture: no half-captured chain is kept
-            self.graphs, self.logits = None, None
-            raise
-        finally:
-            self.hook.mode = "eager"
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-
-    def _replay(self) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        for i, g in enumerate(self.graphs):
-            g.replay()
-            if i < len(self.cuts):
-                stream.synchronize()  # the hidden states and routing of cut i are in host memory now
-                self.cuts[i].compute(self.share)  # graph i+1 starts by copying the result in
+        logits = self.chain.step(lambda: self._forward(inputs_embeds=self.embeds, position_ids=self.position))
+        return logits[:, -1, :].float()
 
 
 def _full_length_sliding_layers(cache, max_len: int) -> None:
@@ -492,7 +565,8 @@ def capturable_eager_mask():
 def _resident(module: HybridExperts) -> bool:
     """The layer's experts are kept on the device (``resident_expert_layers``) and the step computes them there.
     Not with LoRA on the routed experts (their factors stay on the CPU: that layer is cut like the others)."""
-    return module.streamer is not None and module.streamer.is_resident(module.stream_index) and not module.lora
+    return (module.streamer is not None and module.streamer.is_resident(module.stream_index) and not module.lora
+            and module.row_lora is None)
 
 
 def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
