@@ -44,7 +44,7 @@ from hybridmoe.forward_args import forward_params
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STATIC_CACHE_MAX_TOKENS", "StaticDecoder", "decoder_for", "drop_decoder"]
+__all__ = ["STATIC_CACHE_MAX_TOKENS", "GraphChain", "StaticDecoder", "close_batch_decoder", "decoder_for", "drop_decoder"]
 
 # generate() uses the static cache (and CUDA graphs) by default only up to this many positions (prompt +
 # max_new_tokens): the cache is allocated for all of them up front (DeepSeek-V2-Lite: ~0.28 MB a position).
@@ -582,12 +582,22 @@ def _bucket(n: int) -> int:
 
 
 def drop_decoder(model: nn.Module) -> None:
-    """Close and forget the model's decoder (its graphs hold the addresses of the adapters' weights: after an adapter
-    is loaded or unloaded, a new one must be captured even if the active adapter names are the same)."""
+    """Close and forget the model's decoders, batch-1 and batched (their graphs hold the addresses of the adapters'
+    weights: after an adapter is loaded or unloaded, new ones must be captured even if the adapter names are the
+    same)."""
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is not None:
         dec.close()
         model._hybridmoe_decoder = None
+    close_batch_decoder(model)
+
+
+def close_batch_decoder(model: nn.Module) -> None:
+    """Close and forget the model's :class:`hybridmoe.batch_decode.BatchDecoder`, if it has one."""
+    dec = getattr(model, "_hybridmoe_batch_decoder", None)
+    if dec is not None:
+        dec.close()
+        model._hybridmoe_batch_decoder = None
 
 
 def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:
