@@ -427,6 +427,7 @@ class StaticDecoder:
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
         self.length = 0  # positions in the cache, tracked on the host (the cache's own counter is a device tensor)
+        self.owner: Any = None  # the server batch whose row the cache holds (hybridmoe.serve.batch)
         accepted = forward_params(model)
         self._takes_cache_position = "cache_position" in accepted
         self._takes_logits_to_keep = "logits_to_keep" in accepted
@@ -587,6 +588,7 @@ def drop_decoder(model: nn.Module) -> None:
     same)."""
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is not None:
+        _release(dec)
         dec.close()
         model._hybridmoe_decoder = None
     close_batch_decoder(model)
@@ -596,8 +598,15 @@ def close_batch_decoder(model: nn.Module) -> None:
     """Close and forget the model's :class:`hybridmoe.batch_decode.BatchDecoder`, if it has one."""
     dec = getattr(model, "_hybridmoe_batch_decoder", None)
     if dec is not None:
+        _release(dec)
         dec.close()
         model._hybridmoe_batch_decoder = None
+
+
+def _release(dec) -> None:
+    """The server batch whose rows a decoder holds (``dec.owner``) takes them back before the decoder closes."""
+    if dec.owner is not None:
+        dec.owner.detach()
 
 
 def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:
@@ -615,6 +624,7 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pool before allocating the new
+            _release(dec)
             dec.close()
             model._hybridmoe_decoder = dec = None
             if device.type == "cuda":

@@ -32,7 +32,7 @@ from hybridmoe.decode_graph import drop_decoder
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.row_lora import RowLoRA
 
-from .mixed_lora import RowAdapters, is_lora_linear
+from .mixed_lora import RowAdapters, StaticRowAdapters, is_lora_linear
 
 
 class AdapterSet:
@@ -51,6 +51,7 @@ class AdapterSet:
         self.active: str | tuple[str | None, ...] | None = None
         self._rows: RowAdapters | None = None  # while a mixed batch is active: each row's PEFT adapter
         self._zombies: list[str] = []  # PEFT adapters unloaded while they were PEFT's last one (see unload)
+        self._static: StaticRowAdapters | None = None  # the batched graph decoder's row masks (see use_static)
 
     @property
     def names(self) -> list[str]:
@@ -64,7 +65,8 @@ class AdapterSet:
         peft_name, k = safe, 1
         while peft_name in self._peft_configs() or peft_name in self._peft_name.values():
             peft_name, k = f"{safe}-{k}", k + 1
-        drop_decoder(self.model)  # a lone request's captured graphs hold the current adapters' weights
+        drop_decoder(self.model)  # captured decode graphs hold the current adapters' weights
+        self._static = None
         for ex in self.experts.values():  # load_adapter fills ex.lora; start each adapter from empty dicts
             ex.lora = {}
         self.model = load_adapter(self.model, adapter_dir, adapter_name=peft_name)
@@ -77,6 +79,7 @@ class AdapterSet:
         """Forget adapter ``name``: its PEFT LoRA weights are deleted, its expert LoRA dicts dropped."""
         peft_name = self._peft_name.pop(name)
         drop_decoder(self.model)
+        self._static = None
         if peft_name in self._peft_configs():
             # PEFT cannot delete a PeftModel's last adapter (its forward then fails); that one stays, disabled and
             # unreachable, until a later load adds another
@@ -128,6 +131,31 @@ class AdapterSet:
         self._rows = RowAdapters([self._peft_name[r] if r is not None else None for r in rows])
         for module_name, ex in self.experts.items():
             ex.row_lora = RowLoRA([self.expert_lora[r][module_name] if r is not None else {} for r in rows])
+        self.active = key
+
+    @property
+    def expert_lora_loaded(self) -> bool:
+        """Whether some loaded adapter has routed-expert LoRA."""
+        return any(lora for per_module in self.expert_lora.values() for lora in per_module.values())
+
+    def use_static(self, rows: list[str | None], capacity: int, device: torch.device) -> None:
+        """Like :meth:`use`, for a step of the batched graph decoder (:mod:`hybridmoe.batch_decode`), whose captured
+        graphs must run the same ops for every mix of adapters: every loaded adapter's Linear LoRA is added on every
+        row through :class:`StaticRowAdapters` (the masks rewritten in place), whatever the rows. Routed-expert LoRA
+        is per row in the CPU part, as in :meth:`use` (the decoder then cuts resident layers too: ``expert_lora``)."""
+        if len(self._hooks) != len(self._tuner_layers):
+            raise RuntimeError("mixed-adapter batches support LoRA on Linear layers only")
+        if self._static is None or self._static.capacity != capacity:
+            self._static = StaticRowAdapters(list(self._peft_name.values()), capacity, device)
+        key = ("static", *rows)
+        if key == self.active:
+            return
+        self._apply(None)  # every LoRA layer computes its base layer only; the hooks add the rows' LoRA
+        self._static.set_rows([self._peft_name[r] if r is not None else None for r in rows])
+        self._rows = self._static
+        if self.expert_lora_loaded:
+            for module_name, ex in self.experts.items():
+                ex.row_lora = RowLoRA([self.expert_lora[r][module_name] if r is not None else {} for r in rows])
         self.active = key
 
     def _apply(self, name: str | None) -> None:

@@ -14,13 +14,20 @@ B). The price is copying the caches when a row joins (padding to the new width) 
 leading all-padding columns): O(cache) copies on the compute device, done only on membership changes, never per
 step.
 
-**A lone row decodes like ``hybridmoe chat``.** With ``graphs`` on (the engine's default on CUDA), a batch of one row
-hands its cache to the model's static-cache decoder (:func:`hybridmoe.decode_graph.decoder_for`: CUDA graphs cut at
-the CPU experts, the GPU share, resident layers) and its steps replay those graphs, so one client gets single-user
-decode speed instead of an eager forward per token. When rows join, the static cache's positions are copied back into
-a ``DynamicCache`` and the batch goes on padded as above. The two caches hold the same keys and values; the static
-path is tested against the dynamic one (hybridmoe.decode_graph), so a row's tokens do not depend on the switch beyond
-float rounding.
+**On CUDA graphs.** With ``graphs`` on (the engine's default on CUDA), the padded cache is only where rows meet:
+
+* a batch of one row hands its cache to the model's static-cache decoder (:func:`hybridmoe.decode_graph.decoder_for`:
+  CUDA graphs cut at the CPU experts, the GPU share, resident layers), so one client gets single-user decode speed;
+* a batch of several rows hands its rows to the model's batch decoder (:mod:`hybridmoe.batch_decode`: a static cache
+  with a position per row, CUDA graphs per bucket of rows, cut at the CPU experts, which compute all rows in one call
+  per layer), and the engine gives the step its adapters through static row masks
+  (:meth:`hybridmoe.serve.adapters.AdapterSet.use_static`).
+
+When rows join, leave or are copied, the decoder's positions are copied back into a padded ``DynamicCache`` first,
+and the next step hands them over again (copies on membership changes only, never per step). The caches hold the
+same keys and values; both decoders are tested against the padded path (tests/test_serve_solo.py,
+tests/test_batch_decode.py), so a row's tokens do not depend on the switch beyond float rounding. A decoder that
+raises leaves the rows on the padded path with one warning.
 
 Rows never see each other's tokens, but batched matmuls have other shapes than batch 1, so a row's logits can
 differ from a lone run by float rounding (~1e-6 in fp32 on the tiny test models), which can change a greedy choice
@@ -36,6 +43,7 @@ import torch
 from torch.nn import functional as F
 
 from hybridmoe import decode_graph
+from hybridmoe.batch_decode import batch_decoder_for
 from hybridmoe.generation import forward_step
 
 
@@ -71,8 +79,10 @@ class DecodeBatch:
         self.cache: Any = None  # DynamicCache with batch size len(self)
         self.mask: torch.Tensor | None = None  # [B, W] int64 on the compute device, 1 = real slot
         self.lengths: list[int] = []  # real tokens in the cache per row (= that row's next position id)
-        self.graphs = graphs  # a lone row decodes through the model's static-cache (CUDA graph) decoder
-        self.solo = None  # that decoder while it holds the lone row's cache (self.cache is stale then)
+        self.graphs = graphs  # steps go through the model's static-cache (CUDA graph) decoders
+        self.solo = None  # the batch-1 decoder while it holds the lone row's cache (self.cache is stale then)
+        self.multi = None  # the batch decoder while it holds the rows (self.cache is stale then)
+        self.expert_lora = False  # set by the engine: an adapter has routed-expert LoRA (resident layers are cut)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -87,7 +97,7 @@ class DecodeBatch:
     def extend(self, cache: Any, mask: torch.Tensor, lengths: list[int]) -> None:
         """Append the rows of a left-padded ``cache`` (batch size ``len(lengths)``, ``mask`` [n, w]) after the
         existing rows; row i holds ``lengths[i]`` real tokens. An empty batch takes the cache as it is."""
-        self._unsolo()
+        self.detach()
         if self.cache is None:
             self.cache, self.mask, self.lengths = cache, mask, list(lengths)
             return
@@ -112,9 +122,12 @@ class DecodeBatch:
             return
         keep = [i for i in range(len(self)) if i not in set(rows)]
         if not keep:
-            self.cache, self.mask, self.lengths, self.solo = None, None, [], None
+            for dec in (self.solo, self.multi):
+                if dec is not None and dec.owner is self:
+                    dec.owner = None
+            self.cache, self.mask, self.lengths, self.solo, self.multi = None, None, [], None, None
             return
-        self._unsolo()
+        self.detach()
         self.lengths = [self.lengths[i] for i in keep]
         trim = self.width - max(self.lengths)  # left-padded rows: the first `trim` columns are padding in all rows
         idx = torch.tensor(keep, device=self.mask.device)
@@ -125,7 +138,7 @@ class DecodeBatch:
 
     def select(self, rows: list[int]) -> None:
         """Keep ``rows`` in that order, repeats allowed: ``n`` choices of one prompt share its prefill this way."""
-        self._unsolo()
+        self.detach()
         idx = torch.tensor(rows, device=self.mask.device)
         for layer in self.cache.layers:
             layer.keys = layer.keys[idx]  # [len(rows), h, W, d]; a copy (advanced indexing)
@@ -133,22 +146,30 @@ class DecodeBatch:
         self.mask = self.mask[idx]
         self.lengths = [self.lengths[i] for i in rows]
 
+    def path(self, room: int = 0) -> str:
+        """How the next step runs: "solo" (one row, the batch-1 static decoder), "multi" (several rows, the batch
+        decoder) or "padded" (eagerly over the padded DynamicCache). ``room`` as in :meth:`step`."""
+        if not self.graphs or not len(self) or max(self.lengths) >= decode_graph.STATIC_CACHE_MAX_TOKENS - 1:
+            return "padded"
+        if len(self) == 1:
+            ok = self.solo is not None or (self.width == self.lengths[0] and batchable(self.cache))  # no padding
+            return "solo" if ok else "padded"
+        return "multi" if self.multi is not None or batchable(self.cache) else "padded"
+
     def step(self, tokens: torch.Tensor, room: int = 0) -> torch.Tensor:
         """Feed ``tokens`` [B, 1] (row i's next input at position ``lengths[i]``); returns logits [B, V] fp32.
-        ``room``: positions the rows may still need after this one (a lone row's static cache is sized for them)."""
-        if self._solo_step_ok(room):
+        ``room``: positions the rows may still need after this one (the static caches are sized for them)."""
+        path = self.path(room)
+        if path != "padded":
             try:
-                return self._solo_step(tokens, room)
-            except Exception as e:  # a model or device the static decoder cannot take: go on padded, eagerly
-                log.warning("a lone request could not decode through the static-cache decoder (%s: %s); this batch "
-                            "decodes eagerly from now on", type(e).__name__, e)
+                return self._solo_step(tokens, room) if path == "solo" else self._multi_step(tokens, room)
+            except Exception as e:  # a model or device the static decoders cannot take: go on padded, eagerly
+                log.warning("the static-cache decoder failed (%s: %s); this batch decodes eagerly from now on",
+                            type(e).__name__, e)
                 log.debug("where the static-cache decode failed", exc_info=True)
                 self.graphs = False
-                if self.solo is not None:  # its cache holds the positions before this step: take them back
-                    dec, self.solo = self.solo, None
-                    self.cache = dec.export(self.lengths[0])
-                    self.mask = torch.ones(1, self.lengths[0], dtype=torch.long, device=dec.device)
-        self._unsolo()
+                self.detach()  # the decoder's cache holds the positions before this step: take them back
+        self.detach()
         b = len(self)
         device = tokens.device
         mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long, device=device)], dim=1)  # [B, W + 1]
@@ -158,33 +179,58 @@ class DecodeBatch:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    # -- a lone row on the static-cache decoder ------------------------------------------------------------------------
-    def _solo_step_ok(self, room: int) -> bool:
-        if not self.graphs or len(self) != 1 or self.lengths[0] >= decode_graph.STATIC_CACHE_MAX_TOKENS:
-            return False
-        return self.solo is not None or (self.width == self.lengths[0] and batchable(self.cache))  # no padding
+    def _evict(self, dec) -> None:
+        """A model's decoder (``dec``, or None) is shared by every batch of the engine: the batch that holds it now
+        gets its rows back in padded form before this one loads its rows or replaces it."""
+        prev = getattr(dec, "owner", None)
+        if prev is not None and prev is not self:
+            prev.detach()
 
+    # -- several rows on the batch decoder -----------------------------------------------------------------------------
+    def _multi_step(self, tokens: torch.Tensor, room: int) -> torch.Tensor:
+        longest = max(self.lengths)
+        grown = 0
+        if self.multi is not None and longest >= self.multi.max_len:  # full: the rows move to a larger decoder
+            grown = 2 * self.multi.max_len
+            self.detach()
+        if self.multi is None:  # sized like a lone row's static cache (below)
+            want = min(max(longest + 1 + min(room, SOLO_HEADROOM), grown), decode_graph.STATIC_CACHE_MAX_TOKENS)
+            self._evict(getattr(self.model, "_hybridmoe_batch_decoder", None))
+            dec = batch_decoder_for(self.model, self.capacity, want, tokens.device, self.expert_lora)
+            dec.load(self.cache, self.mask, self.lengths)
+            self.multi, self.cache, dec.owner = dec, None, self
+        logits = self.multi.step(tokens)  # [B, V] fp32
+        self.lengths = list(self.multi.lengths)
+        return logits
+
+    # -- a lone row on the static-cache decoder ------------------------------------------------------------------------
     def _solo_step(self, tokens: torch.Tensor, room: int) -> torch.Tensor:
         n = self.lengths[0]
         grown = 0
         if self.solo is not None and n >= self.solo.max_len:  # full: its positions move to a larger decoder
             grown = 2 * self.solo.max_len
-            self._unsolo()  # (via the padded cache, which stays consistent should the larger one fail)
+            self.detach()  # (via the padded cache, which stays consistent should the larger one fail)
         if self.solo is None:  # take the row over: its cache into the decoder (reused with its graphs across requests)
             # Sized for the reply's remaining tokens, at most SOLO_HEADROOM ahead (a request without max_tokens may
             # ask for the whole context); a longer reply moves to a decoder twice the size when this one is full.
             want = min(max(n + 1 + min(room, SOLO_HEADROOM), grown), decode_graph.STATIC_CACHE_MAX_TOKENS)
+            self._evict(getattr(self.model, "_hybridmoe_decoder", None))
             dec = decode_graph.decoder_for(self.model, want, tokens.device)
             dec.seed(self.cache, n)
-            self.solo, self.cache = dec, None
+            self.solo, self.cache, dec.owner = dec, None, self
         logits = self.solo.step(tokens.reshape(1), n)  # [1, V] fp32
         self.lengths = [n + 1]
         return logits
 
-    def _unsolo(self) -> None:
-        """Back to a padded DynamicCache (rows are about to join, leave or be copied)."""
-        if self.solo is None:
-            return
-        dec, self.solo = self.solo, None
-        self.cache = dec.export(self.lengths[0])
-        self.mask = torch.ones(1, self.lengths[0], dtype=torch.long, device=dec.device)  # [1, W]: no padding
+    def detach(self) -> None:
+        """Back to a padded DynamicCache: rows are about to join, leave or be copied, a decoder failed, or another
+        batch or an adapter change (:func:`hybridmoe.decode_graph.drop_decoder`) takes the decoder."""
+        if self.solo is not None:
+            dec, self.solo = self.solo, None
+            self.cache = dec.export(self.lengths[0])
+            self.mask = torch.ones(1, self.lengths[0], dtype=torch.long, device=dec.device)  # [1, W]: no padding
+            dec.owner = None
+        if self.multi is not None:
+            dec, self.multi = self.multi, None
+            self.cache, self.mask, self.lengths = dec.export()
+            dec.owner = None

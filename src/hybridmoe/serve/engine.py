@@ -431,10 +431,12 @@ class Engine:
         self._drop(group, cancelled)
         if not group.requests:
             return
-        self._use_adapters([r.adapter for r in group.requests], prefill=False)
+        room = max(r.cfg.max_new_tokens - len(r.stream.token_ids) for r in group.requests)  # positions still to come
+        group.batch.expert_lora = self.adapters.expert_lora_loaded
+        self._use_adapters([r.adapter for r in group.requests], prefill=False,
+                           static=group.batch.path(room) == "multi")
         t0 = time.perf_counter()
         tokens = torch.stack([r.stream.last_id for r in group.requests])  # [B, 1] int64, compute device
-        room = max(r.cfg.max_new_tokens - len(r.stream.token_ids) for r in group.requests)  # positions still to come
         try:
             logits = group.batch.step(tokens, room)  # [B, V] fp32
             if self.graph_decode and not group.batch.graphs:  # the static decoder failed on this model: not again
@@ -463,10 +465,13 @@ class Engine:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group.requests))
         self._drop(group, done)
 
-    def _use_adapters(self, rows: list[str | None], prefill: bool) -> None:
+    def _use_adapters(self, rows: list[str | None], prefill: bool, static: bool = False) -> None:
         """Set the adapter of each row of the next forward (call right before it: it counts the forwards that mix
-        adapters)."""
-        self.adapters.use(rows)
+        adapters). ``static``: the step runs on the batched graph decoder (AdapterSet.use_static)."""
+        if static:
+            self.adapters.use_static(rows, self.max_batch_size, input_device(self.adapters.model))
+        else:
+            self.adapters.use(rows)
         if len(set(rows)) > 1:
             self.stats["mixed_prefill_chunks" if prefill else "mixed_decode_steps"] += 1
             if self.metrics is not None:

@@ -59,6 +59,36 @@ class RowAdapters:
         return out
 
 
+class StaticRowAdapters(RowAdapters):
+    """Per-row adapters for the batched CUDA-graph decoder (:mod:`hybridmoe.batch_decode`): a captured graph holds
+    the masks' addresses and the list of adapters it adds, so here every loaded adapter is always added and its row
+    mask is a row of one static device table ``[A, capacity]``, rewritten in place for each step's rows
+    (:meth:`set_rows`). One graph then serves every mix of adapters; an adapter no row uses costs its two rank-r
+    GEMMs over the batch and a ``where``."""
+
+    def __init__(self, adapters: list[str], capacity: int, device: torch.device) -> None:
+        super().__init__([])
+        self.adapters = list(adapters)
+        self.capacity = capacity
+        self.table = torch.zeros(len(adapters), capacity, dtype=torch.bool, device=device)  # [A, C]
+
+    def set_rows(self, rows: list[str | None]) -> None:
+        """Row i uses ``rows[i]`` (a PEFT adapter name, or None: the base model); rows past ``len(rows)`` use none."""
+        if len(rows) > self.capacity:
+            raise RuntimeError(f"{len(rows)} rows for static row masks of {self.capacity}")
+        host = torch.zeros(self.table.shape, dtype=torch.bool)  # [A, C]
+        for i, r in enumerate(rows):
+            if r is not None:
+                host[self.adapters.index(r), i] = True
+        self.table.copy_(host)
+        self.rows = rows
+
+    def mask(self, adapter: str, n: int, ndim: int, device: torch.device) -> torch.Tensor:
+        if n > self.capacity:  # a decode step of a bucket feeds one token per row: n = the bucket's rows
+            raise RuntimeError(f"a LoRA layer got {n} input rows for static row masks of {self.capacity}")
+        return self.table[self.adapters.index(adapter), :n].view(n, *[1] * (ndim - 1))
+
+
 def is_lora_linear(layer: nn.Module) -> bool:
     """Whether ``layer`` is a PEFT LoRA Linear (the only tuner layer :meth:`RowAdapters.add_lora` handles)."""
     from peft.tuners.lora import Linear as LoraLinear
