@@ -19,8 +19,8 @@ shape launches thousands of small kernels from Python; batch-1 decode avoids tha
   (``resident_expert_layers``) run inside the graph over every expert of the layer (no cut).
 * **Per-row adapters without re-capture.** With the server's adapters, every loaded adapter's Linear LoRA runs on
   every row through masks that are static device tensors, updated in place before each step
-  (:meth:`hybridmoe.serve.adapters.AdapterSet.use_static`); per-row routed-expert LoRA runs in the CPU part (layers
-  with resident experts are then cut too, ``expert_lora``).
+  (:meth:`hybridmoe.serve.adapters.AdapterSet.use_static`); per-row routed-expert LoRA runs in the CPU part, and in
+  resident layers through the same static masks (``HybridExperts.graph_lora``).
 
 The first step of a bucket runs eagerly (and sets up cuBLAS and the cut buffers), the second captures, later steps
 replay. Without CUDA the same cache and cut run eagerly on any device, which is how the CPU tests check the whole
@@ -104,12 +104,11 @@ class BatchDecoder:
     """
 
     def __init__(self, model: nn.Module, capacity: int, max_len: int, device: torch.device, use_graphs: bool = True,
-                 expert_lora: bool = False, key: tuple = ()) -> None:
+                 key: tuple = ()) -> None:
         self.model, self.capacity, self.max_len, self.device, self.key = model, capacity, max_len, device, key
         self.experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
         self.embed = model.get_input_embeddings()
         self.use_graphs = use_graphs and device.type == "cuda"
-        self.expert_lora = expert_lora  # resident layers are cut, so the CPU part adds the rows' expert LoRA
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)  # [C] each row's next position
         self.row_index = torch.arange(capacity, device=device)  # [C]
         self.columns = torch.arange(max_len, device=device)  # [L]
@@ -199,8 +198,7 @@ class BatchDecoder:
         b = _bucket_rows(n, self.capacity)
         chain = self.chains.get(b)
         if chain is None:
-            chain = self.chains[b] = GraphChain(self.experts, self.device, self.use_graphs,
-                                                resident_in_graph=not self.expert_lora)
+            chain = self.chains[b] = GraphChain(self.experts, self.device, self.use_graphs)
         chain.rows = n  # the CPU experts compute the live rows only
         logits = chain.step(lambda: self._forward(b))  # [b, 1, V]
         self.mode = chain.mode
@@ -209,19 +207,19 @@ class BatchDecoder:
         return logits[:n, -1, :].float()
 
 
-def batch_decoder_for(model: nn.Module, capacity: int, needed: int, device: torch.device, expert_lora: bool,
+def batch_decoder_for(model: nn.Module, capacity: int, needed: int, device: torch.device,
                       use_graphs: bool = True) -> BatchDecoder:
     """The model's batch decoder for ``capacity`` rows with room for ``needed`` positions each: reused when it has
     room and the same settings (graphs and all), else new (the old one's cache is freed first)."""
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     streamer = experts[0].streamer if experts else None
-    key = (capacity, use_graphs, expert_lora, id(streamer), streamer.resident if streamer is not None else 0)
+    key = (capacity, use_graphs, id(streamer), streamer.resident if streamer is not None else 0)
     dec = getattr(model, "_hybridmoe_batch_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pools before allocating the new
             close_batch_decoder(model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        dec = BatchDecoder(model, capacity, _bucket(needed), device, use_graphs, expert_lora, key)
+        dec = BatchDecoder(model, capacity, _bucket(needed), device, use_graphs, key)
         model._hybridmoe_batch_decoder = dec
     return dec

@@ -78,10 +78,11 @@ def _resident_experts(module: HybridExperts, hidden: torch.Tensor, ids: torch.Te
     """A decode step's routed experts of a resident layer (``resident_expert_layers``), on the device with no cut:
     hidden [T, H], ids [T, K], w [T, K] on the device -> [T, H] in the hidden dtype. No host sync, so it captures
     into the step's graph. One row gathers only its K picked experts from the layer's pinned slot; a batch of rows
-    runs every expert of the slot over all rows (:func:`_all_experts`)."""
+    runs every expert of the slot over all rows, with the rows' expert LoRA (:func:`_all_experts`)."""
     gate_up, down, scales, bias = module.weights.unpack(module.streamer.resident_tensors(module.stream_index))
     if hidden.shape[0] > 1:
-        return _all_experts(module, gate_up, down, scales, bias, hidden, ids, w).to(hidden.dtype)
+        y = _all_experts(module, gate_up, down, scales, bias, hidden, ids, w, module.graph_lora or [])
+        return y.to(hidden.dtype)
     sel = ids[0].to(torch.int64)  # [K]
     if scales is not None:
         scales = (scales["gate_up_proj"][sel], scales["down_proj"][sel])
@@ -92,7 +93,7 @@ def _resident_experts(module: HybridExperts, hidden: torch.Tensor, ids: torch.Te
 
 
 def _all_experts(module: HybridExperts, gate_up: torch.Tensor, down: torch.Tensor, scales, bias, x: torch.Tensor,
-                 ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                 ids: torch.Tensor, w: torch.Tensor, lora: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
     """y [T, H] fp32 = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t]) for a batch of decode rows, computing every expert of
     the layer on every row (two batched GEMMs) and keeping each row's K picks.
 
@@ -100,21 +101,40 @@ def _all_experts(module: HybridExperts, gate_up: torch.Tensor, down: torch.Tenso
     reading all of them costs little more than reading the picked ones, and unlike sorting rows by expert it needs no
     host sync (so it captures into a CUDA graph). gate_up [E, U, H], down [E, H, I] in the weights' format (int8 and
     4-bit dequantized here to bf16), scales/bias as :meth:`ExpertWeights.unpack` gives them; GEMMs in the weight dtype,
-    fp32 sum over the K picks (the streamed path's math)."""
+    activations and the sum over the K picks in fp32 (the streamed path's math).
+
+    ``lora``: (an adapter's ``{projection: ExpertLoRA}``, its row mask [≥ T] bool on the device) per adapter with
+    routed-expert LoRA (the server's static row masks): each adds ``scale · (x Aᵀ) Bᵀ`` (fp32) on its rows only."""
     weights = module.weights
     if scales is not None:
         gate_up = weights.to_float(gate_up, scales["gate_up_proj"])
         down = weights.to_float(down, scales["down_proj"])
-    xs = x.to(gate_up.dtype)  # [T, H]
-    u = torch.matmul(xs, gate_up.transpose(1, 2)).float()  # [E, T, U]
+    t = x.shape[0]
+    u = torch.matmul(x.to(gate_up.dtype), gate_up.transpose(1, 2)).float()  # [E, T, U]
     if bias is not None:
         u = u + bias["gate_up_proj"].float()[:, None, :]
-    y = torch.matmul(module.mlp(u).to(down.dtype), down.transpose(1, 2)).float()  # [E, T, H]
+    u = _lora_rows(u, x.float(), "gate_up_proj", lora, t)
+    h = module.mlp(u)  # [E, T, I] fp32
+    y = torch.matmul(h.to(down.dtype), down.transpose(1, 2)).float()  # [E, T, H]
     if bias is not None:
         y = y + bias["down_proj"].float()[:, None, :]
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # [T, 1]
+    y = _lora_rows(y, h, "down_proj", lora, t)
+    rows = torch.arange(t, device=x.device)[:, None]  # [T, 1]
     picked = y[ids.to(torch.int64), rows]  # [T, K, H]: row t's output of each of its K experts
     return (w.float()[:, :, None] * picked).sum(1)  # [T, H]
+
+
+def _lora_rows(y: torch.Tensor, x: torch.Tensor, proj: str, lora: list[tuple[dict, torch.Tensor]], t: int):
+    """y [E, T, out] fp32 plus each adapter's expert LoRA of ``proj`` on its rows; x: the projection's input, [T, in]
+    (the same for every expert) or [E, T, in], fp32."""
+    for factors, mask in lora:
+        lo = factors.get(proj)
+        if lo is None:
+            continue
+        a, b = lo.factors_on(y.device, torch.float32)  # [E, r, in], [E, out, r]: copied once, cached (frozen)
+        delta = torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * lo.scale  # [E, T, out]
+        y = torch.where(mask[:t, None], y + delta, y)
+    return y
 
 
 class _GpuShare:
@@ -293,7 +313,12 @@ class GraphChain:
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
 
     def in_graph(self, module: HybridExperts) -> bool:
-        return self.resident_in_graph and _resident(module)
+        """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
+        only the CPU part applies: a module's own LoRA, or per-row LoRA without the static row masks that
+        :func:`_all_experts` reads, ``graph_lora``)."""
+        if not self.resident_in_graph or not _resident(module) or module.lora:
+            return False
+        return module.row_lora is None or module.graph_lora is not None
 
     def setup_share(self, module: HybridExperts, hidden: torch.Tensor, k: int) -> None:
         n = min(k, round(k * self.gpu_share))
@@ -564,10 +589,8 @@ def capturable_eager_mask():
 
 
 def _resident(module: HybridExperts) -> bool:
-    """The layer's experts are kept on the device (``resident_expert_layers``) and the step computes them there.
-    Not with LoRA on the routed experts (their factors stay on the CPU: that layer is cut like the others)."""
-    return (module.streamer is not None and module.streamer.is_resident(module.stream_index) and not module.lora
-            and module.row_lora is None)
+    """The layer's experts are kept on the device (``resident_expert_layers``)."""
+    return module.streamer is not None and module.streamer.is_resident(module.stream_index)
 
 
 def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:

@@ -546,6 +546,9 @@ class HybridExperts(nn.Module):
         # Set by the server for one inference forward whose batch rows use different adapters (or none): each row's
         # expert LoRA (hybridmoe.experts.row_lora). None: every token uses self.lora.
         self.row_lora: RowLoRA | None = None
+        # The batched graph decoder's expert LoRA of resident layers: (an adapter's {projection: ExpertLoRA}, its static
+        # row mask on the device) per adapter (hybridmoe.serve.adapters.AdapterSet.use_static; decode_graph).
+        self.graph_lora: list[tuple[dict, torch.Tensor]] | None = None
 
     # -- LoRA -------------------------------------------------------------------------------------------------
     def add_lora(self, proj: str, rank: int, alpha: float) -> ExpertLoRA:

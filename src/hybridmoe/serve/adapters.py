@@ -142,7 +142,8 @@ class AdapterSet:
         """Like :meth:`use`, for a step of the batched graph decoder (:mod:`hybridmoe.batch_decode`), whose captured
         graphs must run the same ops for every mix of adapters: every loaded adapter's Linear LoRA is added on every
         row through :class:`StaticRowAdapters` (the masks rewritten in place), whatever the rows. Routed-expert LoRA
-        is per row in the CPU part, as in :meth:`use` (the decoder then cuts resident layers too: ``expert_lora``)."""
+        is per row: in the CPU part as in :meth:`use`, and through the same static masks in resident layers computed
+        on the device (``HybridExperts.graph_lora``)."""
         if len(self._hooks) != len(self._tuner_layers):
             raise RuntimeError("mixed-adapter batches support LoRA on Linear layers only")
         if self._static is None or self._static.capacity != capacity:
@@ -154,14 +155,17 @@ class AdapterSet:
         self._static.set_rows([self._peft_name[r] if r is not None else None for r in rows])
         self._rows = self._static
         if self.expert_lora_loaded:
+            names = list(self._peft_name)  # served names, in the order of the table's rows
             for module_name, ex in self.experts.items():
                 ex.row_lora = RowLoRA([self.expert_lora[r][module_name] if r is not None else {} for r in rows])
+                ex.graph_lora = [(self.expert_lora[n][module_name], self._static.table[i])
+                                 for i, n in enumerate(names) if self.expert_lora[n][module_name]]
         self.active = key
 
     def _apply(self, name: str | None) -> None:
         self._rows = None
         for ex in self.experts.values():
-            ex.row_lora = None
+            ex.row_lora = ex.graph_lora = None
         for layer in self._tuner_layers:
             layer.enable_adapters(name is not None)
             if name is not None:

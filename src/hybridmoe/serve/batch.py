@@ -82,7 +82,6 @@ class DecodeBatch:
         self.graphs = graphs  # steps go through the model's static-cache (CUDA graph) decoders
         self.solo = None  # the batch-1 decoder while it holds the lone row's cache (self.cache is stale then)
         self.multi = None  # the batch decoder while it holds the rows (self.cache is stale then)
-        self.expert_lora = False  # set by the engine: an adapter has routed-expert LoRA (resident layers are cut)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -196,7 +195,7 @@ class DecodeBatch:
         if self.multi is None:  # sized like a lone row's static cache (below)
             want = min(max(longest + 1 + min(room, SOLO_HEADROOM), grown), decode_graph.STATIC_CACHE_MAX_TOKENS)
             self._evict(getattr(self.model, "_hybridmoe_batch_decoder", None))
-            dec = batch_decoder_for(self.model, self.capacity, want, tokens.device, self.expert_lora)
+            dec = batch_decoder_for(self.model, self.capacity, want, tokens.device)
             dec.load(self.cache, self.mask, self.lengths)
             self.multi, self.cache, dec.owner = dec, None, self
         logits = self.multi.step(tokens)  # [B, V] fp32

@@ -432,7 +432,6 @@ class Engine:
         if not group.requests:
             return
         room = max(r.cfg.max_new_tokens - len(r.stream.token_ids) for r in group.requests)  # positions still to come
-        group.batch.expert_lora = self.adapters.expert_lora_loaded
         self._use_adapters([r.adapter for r in group.requests], prefill=False,
                            static=group.batch.path(room) == "multi")
         t0 = time.perf_counter()
