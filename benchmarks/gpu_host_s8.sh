@@ -21,3 +21,17 @@ if [ "${PART:-a}" = a ]; then
   step serve_switch_5ms 80 $NOW $LOAD16
   step serve_switch_02ms 80 $NOW $LOAD16 --switch-interval 0.0002
 fi
+#   PART=b: the batched CUDA-graph decoder (hybridmoe.batch_decode): its GPU tests, then issue 18's table with every
+#           layer resident and with none, half the clients on an adapter with LoRA on every target (experts included)
+if [ "${PART}" = b ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py \
+    tests/test_decode_graph.py tests/test_serve.py tests/test_serve_solo.py tests/test_mixed_adapters.py &
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  wait
+  for r in ${RESIDENT:-26 0}; do
+    step serve_batch_graphs_r$r 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+      --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers $r --issue-table \
+      --token-timing
+  done
+fi
