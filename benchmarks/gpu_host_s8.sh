@@ -35,3 +35,19 @@ if [ "${PART}" = b ]; then
       --token-timing
   done
 fi
+#   PART=c: after the fixes of S8-b (the graphs' output copied, warm-up at startup): the batch decoder's GPU test,
+#           where a batched prefill's time goes, issue 18's table (adapter "a": LoRA on every target) in-process and
+#           through `hybridmoe serve` as users start it, and base-only
+if [ "${PART}" = c ]; then
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py tests/test_serve.py &
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  wait
+  step prefill_profile 90 $NOW python benchmarks/serve_profile.py --model /tmp/v2lite \
+    --adapter /tmp/v2lite/bench_adapter --resident 26 --prefill
+  step serve_r26_adapter 120 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
+    --token-timing
+  step serve_r26_base_cli 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
+    --resident-expert-layers 26 --issue-table --token-timing --serve-cli
+fi

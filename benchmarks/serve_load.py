@@ -286,10 +286,12 @@ def main() -> None:
             if args.issue_table:
                 extra["chat_decode_tokens_per_s"] = _cli_chat_decode(args, ckpt, args.max_tokens)
         else:
+            t_start = time.perf_counter()
             app = build_app(ckpt, adapters, device=args.device, dtype=args.dtype, model_name="base",
                             max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                             prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0,
                             expert_dtype=args.expert_dtype, resident_expert_layers=args.resident_expert_layers)
+            extra["startup_s"] = round(time.perf_counter() - t_start, 1)  # load + adapters + warm-up (graph captures)
             with serve_in_thread(app) as url:
                 result = load(url)
                 stats = {k: round(v, 2) for k, v in app.state.engine.stats.items()}

@@ -204,7 +204,7 @@ class BatchDecoder:
         self.mode = chain.mode
         self.positions[:n] += 1
         self.lengths = [m + 1 for m in self.lengths]
-        return logits[:n, -1, :].float()
+        return logits[:n, -1, :].to(torch.float32, copy=True)  # a copy: the graphs' output is overwritten next step
 
 
 def batch_decoder_for(model: nn.Module, capacity: int, needed: int, device: torch.device,

@@ -538,7 +538,8 @@ class StaticDecoder:
         self.embeds.copy_(emb)
         self.position.fill_(position)
         logits = self.chain.step(lambda: self._forward(inputs_embeds=self.embeds, position_ids=self.position))
-        return logits[:, -1, :].float()
+        # a copy even in fp32: the graphs' output tensor is overwritten by the next step
+        return logits[:, -1, :].to(torch.float32, copy=True)
 
 
 def _full_length_sliding_layers(cache, max_len: int) -> None:

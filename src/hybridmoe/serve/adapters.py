@@ -60,8 +60,10 @@ class AdapterSet:
     def load(self, name: str, adapter_dir: str | os.PathLike) -> None:
         """Load one adapter under ``name``; raises AdapterError / NonFiniteError (one line) if it does not fit."""
         # PEFT keys modules by adapter name, and torch module names cannot hold "." (served names like
-        # "org/model.v2" can); a zombie of an unloaded adapter may also still hold the name in PEFT
-        safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        # "org/model.v2" can); a zombie of an unloaded adapter may also still hold the name in PEFT. The "served-"
+        # prefix: PEFT matches state-dict keys by substring and warns that a name inside its "lora_" prefix (a served
+        # name like "a" or "lo") may re-initialize the adapter's weights on loading.
+        safe = "served-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
         peft_name, k = safe, 1
         while peft_name in self._peft_configs() or peft_name in self._peft_name.values():
             peft_name, k = f"{safe}-{k}", k + 1

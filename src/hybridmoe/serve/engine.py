@@ -140,6 +140,45 @@ class Engine:
                       # forwards whose rows used more than one adapter (the base model counts as one)
                       "mixed_decode_steps": 0, "mixed_prefill_chunks": 0}
 
+    # -- before serving --------------------------------------------------------------------------------------------
+    def warm_up(self, prompt_len: int = 8, positions: int = 512) -> float:
+        """Run the model before the first request (call before :meth:`start`): one batched prefill of
+        ``max_batch_size`` rows, then two decode steps at each batch size the batch decoder has graphs for (16, 8, 4,
+        2, then 1 row on the batch-1 decoder), so CUDA's lazy setup, the first copies of resident expert layers and
+        the CUDA-graph captures happen here and not inside the first requests' time to first token. The decoders are
+        sized for ``positions`` per row (a request that needs more gets larger ones, captured once, when it comes).
+        Returns the seconds it took; base model only, no counters touched."""
+        if self.adapters is None:
+            return 0.0
+        from hybridmoe.batch_decode import _bucket_rows
+
+        from . import prefill  # (the module's function, not this module's name for it, which tests replace)
+
+        t0 = time.perf_counter()
+        model, cap = self.adapters.model, self.max_batch_size
+        sizes = sorted({_bucket_rows(n, cap) for n in range(1, cap + 1)}, reverse=True)  # e.g. 16, 8, 4, 2, 1
+        room = positions - prompt_len - 2 * len(sizes) - 1
+        with torch.inference_mode():
+            self.adapters.use([None] * cap)
+            logits, batch = prefill.prefill_batch(model, [list(range(1, prompt_len + 1))] * cap, capacity=cap)
+            batch.graphs = self.graph_decode
+            tok = logits.argmax(-1, keepdim=True)  # [cap, 1]
+            for n in sizes:
+                batch.remove(list(range(n, len(batch))))
+                tok = tok[:n]
+                for _ in range(2):  # a batch size's first step runs eagerly, its second captures
+                    rows = [None] * n
+                    if batch.path(room) == "multi":
+                        self.adapters.use_static(rows, cap, input_device(model))
+                    else:
+                        self.adapters.use(rows)
+                    tok = batch.step(tok, room).argmax(-1, keepdim=True)
+            batch.remove(list(range(len(batch))))
+            self.adapters.use([None])
+            if input_device(model).type == "cuda":
+                torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()

@@ -125,6 +125,8 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
     aset.model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     engine = Engine(aset, tokenizer, max_batch_size, max_prefill_tokens, prefill_chunk_tokens, graph_decode=cuda_graphs)
+    seconds = engine.warm_up()
+    log.info("warmed up in %.1f s (%s)", seconds, "CUDA graphs captured" if engine.graph_decode else "eager decode")
     cfg = ServeConfig(base_name, context, api_key, max_request_bytes=max_request_bytes,
                       request_timeout=request_timeout or None, allow_runtime_lora=allow_runtime_lora,
                       lora_root=None if lora_root is None else str(lora_root), max_loras=max_loras,
