@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import math
 import os
 import queue
 import re
@@ -577,3 +578,24 @@ def test_load_16_clients_x_20_requests(files, server):
     assert len(results) == 320
     assert all(got == want[key] for key, got in results)
     assert engine.stats["max_batch"] > 1 and engine.stats["max_prefill_batch"] > 1
+
+
+def test_batched_greedy_tokens_and_logprobs_equal_each_rows_own():
+    """The engine's one-transfer argmax + logprobs for greedy rows (_batched_greedy) against each row's own accept()
+    math (argmax; _logprob of the raw distribution): same tokens and top ids, logprobs within fp32 rounding; a row with
+    a NaN gets -1 (its accept() then names the step)."""
+    from hybridmoe.serve.engine import _batched_greedy
+    from hybridmoe.serve.sampling import _logprob
+
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    logits[2, 7] = float("nan")
+    lp_k = [None, 3, 2, 0, None]
+    tokens, picked, logprobs = _batched_greedy(logits, [True, False, False, False, False], lp_k)
+    assert tokens[2] == -1 and sorted(logprobs) == [1, 2, 3]
+    assert tokens == [int(logits[i].argmax()) if i != 2 else -1 for i in range(5)]
+    assert picked.view(-1).tolist() == tokens
+    for i in (1, 3):
+        want, got = _logprob(logits[i : i + 1], tokens[i], lp_k[i]), logprobs[i]
+        assert got.token_id == want.token_id and math.isclose(got.logprob, want.logprob, rel_tol=1e-6)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+        assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(got.top, want.top))

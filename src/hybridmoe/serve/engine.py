@@ -51,7 +51,7 @@ from .adapters import AdapterSet
 from .batch import DecodeBatch, batchable
 from .events import Delta, Event, Failed, Finished, Handle
 from .prefill import ChunkedPrefill, prefill_batch
-from .sampling import ServeStream
+from .sampling import ServeStream, TokenLogprob
 
 __all__ = ["Delta", "Engine", "Event", "Failed", "Finished", "Handle"]
 
@@ -144,10 +144,11 @@ class Engine:
     def warm_up(self, prompt_len: int = 8, positions: int = 512) -> float:
         """Run the model before the first request (call before :meth:`start`): one batched prefill of
         ``max_batch_size`` rows, then two decode steps at each batch size the batch decoder has graphs for (16, 8, 4,
-        2, then 1 row on the batch-1 decoder), so CUDA's lazy setup, the first copies of resident expert layers and
-        the CUDA-graph captures happen here and not inside the first requests' time to first token. The decoders are
-        sized for ``positions`` per row (a request that needs more gets larger ones, captured once, when it comes).
-        Returns the seconds it took; base model only, no counters touched."""
+        2, then 1 row on the batch-1 decoder), so CUDA's lazy setup, the first copies of resident expert layers and of
+        the adapters' LoRA, and the CUDA-graph captures happen here and not inside the first requests' time to first
+        token. The rows cycle through the base model and every loaded adapter (mixed batches, as requests make them).
+        The decoders are sized for ``positions`` per row (a request that needs more gets larger ones, captured once,
+        when it comes). Returns the seconds it took; no counters touched."""
         if self.adapters is None:
             return 0.0
         from hybridmoe.batch_decode import _bucket_rows
@@ -158,8 +159,10 @@ class Engine:
         model, cap = self.adapters.model, self.max_batch_size
         sizes = sorted({_bucket_rows(n, cap) for n in range(1, cap + 1)}, reverse=True)  # e.g. 16, 8, 4, 2, 1
         room = positions - prompt_len - 2 * len(sizes) - 1
+        names = [None, *self.adapters.names]
+        adapters = [names[i % len(names)] for i in range(cap)]  # row i: the base model, then each adapter in turn
         with torch.inference_mode():
-            self.adapters.use([None] * cap)
+            self.adapters.use(adapters)
             logits, batch = prefill.prefill_batch(model, [list(range(1, prompt_len + 1))] * cap, capacity=cap)
             batch.graphs = self.graph_decode
             tok = logits.argmax(-1, keepdim=True)  # [cap, 1]
@@ -167,7 +170,7 @@ class Engine:
                 batch.remove(list(range(n, len(batch))))
                 tok = tok[:n]
                 for _ in range(2):  # a batch size's first step runs eagerly, its second captures
-                    rows = [None] * n
+                    rows = adapters[:n] if n > 1 else [None]  # a lone row: the base model's batch-1 decoder
                     if batch.path(room) == "multi":
                         self.adapters.use_static(rows, cap, input_device(model))
                     else:
@@ -527,21 +530,22 @@ class Engine:
         """Sample each request's next token from its row of ``logits`` [N, V] and send the new text; returns the rows
         that are done (finished, or failed on non-finite logits: that request alone). accept() syncs (.item())."""
         done = []
-        # Plain greedy rows (the common case): one finiteness check and one argmax for the whole batch, one host sync,
-        # instead of a few syncs per row. The same tokens as each row's accept() (argmax of the same fp32 logits).
+        # Plain greedy rows (the common case), and greedy rows that only ask for logprobs: one finiteness check, one
+        # argmax and one log-softmax / top-k for the whole batch, and one host transfer, instead of a few syncs per
+        # row. The same tokens and logprobs as each row's accept() (of the same fp32 logits).
         fast = [r.stream.plain_greedy for r in reqs]
-        if any(fast):
-            # [B, 1]: each row's argmax, -1 where its logits are not finite (one tensor, so one transfer)
-            picked = torch.where(torch.isfinite(logits).all(dim=-1, keepdim=True),
-                                 logits.argmax(dim=-1, keepdim=True), -1)
-            picked_h = picked.view(-1).tolist()
+        lp_k = [None if fast[i] else getattr(r.stream, "greedy_logprobs", None) for i, r in enumerate(reqs)]
+        batched = _batched_greedy(logits, fast, lp_k) if any(fast) or any(k is not None for k in lp_k) else None
         for i, req in enumerate(reqs):
             if req.handle.cancelled.is_set():  # a sibling choice failed, or the client left during the prefill
                 done.append(i)
                 continue
             try:
-                if fast[i] and picked_h[i] >= 0:
-                    self._emit(req, req.stream.accept_argmax(picked_h[i], picked[i]))
+                token = batched[0][i] if batched is not None else -1
+                if fast[i] and token >= 0:
+                    self._emit(req, req.stream.accept_argmax(token, batched[1][i]))
+                elif lp_k[i] is not None and token >= 0:
+                    self._emit(req, req.stream.accept_argmax_logprob(token, batched[1][i], batched[2][i]))
                 else:  # sampling, extras, or non-finite logits (accept() names the step)
                     self._emit(req, req.stream.accept(logits[i : i + 1]))  # [1, V]
             except NonFiniteError as e:
@@ -621,6 +625,33 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _batched_greedy(logits: torch.Tensor, fast: list[bool], lp_k: list[int | None]):
+    """For :meth:`Engine._accept`: (argmax per row, -1 where the row's logits are not finite; the argmax [B, 1] on
+    the device; ``{row: TokenLogprob}`` for rows with ``lp_k[row]`` set), from ``logits`` [B, V] fp32, with one
+    device-to-host transfer."""
+    b = logits.shape[0]
+    picked = torch.where(torch.isfinite(logits).all(dim=-1, keepdim=True), logits.argmax(dim=-1, keepdim=True), -1)
+    rows = [i for i in range(b) if lp_k[i] is not None]
+    if not rows:
+        return picked.view(-1).tolist(), picked, {}
+    k = max(lp_k[i] for i in rows)
+    sel = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits[sel].float(), dim=-1)  # [R, V]
+    chosen = logp.gather(1, picked[sel].clamp(min=0))  # [R, 1]
+    values, ids = torch.topk(logp, k) if k > 0 else (logp[:, :0], logp[:, :0])  # [R, k]
+    # one transfer (float64 holds every token id and fp32 value exactly)
+    host = torch.cat([picked.view(-1).double(), chosen.view(-1).double(), values.reshape(-1).double(),
+                      ids.reshape(-1).double()]).tolist()
+    tokens = [int(t) for t in host[:b]]
+    chosen_h, rest = host[b:b + len(rows)], host[b + len(rows):]
+    values_h, ids_h = rest[:len(rows) * k], rest[len(rows) * k:]
+    logprobs = {}
+    for j, i in enumerate(rows):
+        top = [(int(ids_h[j * k + t]), values_h[j * k + t]) for t in range(lp_k[i])]
+        logprobs[i] = TokenLogprob(tokens[i], chosen_h[j], top)
+    return tokens, picked, logprobs
 
 
 def _row_adapters(reqs: list[_Request], rows: list[int]) -> list[str | None]:

@@ -101,6 +101,24 @@ class ServeStream(TokenStream):
                                                     or cfg.logprobs is not None)
         return super().plain_greedy and not extras and self.matcher is None
 
+    @property
+    def greedy_logprobs(self) -> int | None:
+        """k for a greedy stream whose only extra is ``logprobs`` (with the k most likely), else None. Its token is
+        the logits' argmax and its logprobs come from the raw distribution, so a batched caller may compute both for
+        many streams at once and hand them in with :meth:`accept_argmax_logprob`."""
+        cfg = self.cfg
+        if not isinstance(cfg, ServeSampling) or cfg.logprobs is None or self.matcher is not None:
+            return None
+        if cfg.presence_penalty != 0 or cfg.frequency_penalty != 0 or not super().plain_greedy:
+            return None
+        return cfg.logprobs
+
+    def accept_argmax_logprob(self, token: int, next_id: torch.Tensor, logprob: TokenLogprob) -> str:
+        """What :meth:`accept` does for a :attr:`greedy_logprobs` stream whose logits the caller checked (finite):
+        ``token``/``next_id`` their argmax (as :meth:`accept_argmax`), ``logprob`` what ``_logprob`` gives."""
+        self.logprobs.append(logprob)
+        return self.accept_argmax(token, next_id)
+
     def accept(self, logits: torch.Tensor) -> str:
         cfg = self.cfg
         extras = isinstance(cfg, ServeSampling)
