@@ -51,3 +51,20 @@ if [ "${PART}" = c ]; then
   step serve_r26_base_cli 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
     --resident-expert-layers 26 --issue-table --token-timing --serve-cli
 fi
+#   PART=d: issue 18's table after the warm-up covers adapters and greedy logprob rows are batched: every layer
+#           resident in-process and through `hybridmoe serve`, and none resident (the 6 GiB-class setting)
+if [ "${PART}" = d ]; then
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py tests/test_serve.py &
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  wait
+  step serve_r26_adapter 120 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
+    --token-timing
+  step serve_r26_adapter_cli 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
+    --token-timing --serve-cli
+  step serve_r0_adapter 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 0 --issue-table \
+    --token-timing
+fi
