@@ -15,7 +15,9 @@ shape launches thousands of small kernels from Python; batch-1 decode avoids tha
   reads, and the CPU experts skip them.
 * **Cut at the routed experts** exactly as batch-1 decode (:class:`hybridmoe.decode_graph.GraphChain`): each MoE layer
   copies its rows' hidden states and routing to page-locked host buffers, the CPU kernel computes the live rows'
-  experts in one call, and the next graph copies the result back. Layers whose experts are resident on the GPU
+  experts in one call, and the next graph copies the result back. On CUDA a share of the experts the rows picked (the
+  most picked; ``gpu_share``, the batch-1 default by weight dtype) crosses PCIe and is computed on the GPU meanwhile
+  (:class:`hybridmoe.decode_graph._BatchShare`), so the copy engine's bandwidth adds to the CPU's. Layers whose experts are resident on the GPU
   (``resident_expert_layers``) run inside the graph over every expert of the layer (no cut).
 * **Per-row adapters without re-capture.** With the server's adapters, every loaded adapter's Linear LoRA runs on
   every row through masks that are static device tensors, updated in place before each step
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hybridmoe.decode_graph import GraphChain, _bucket, close_batch_decoder
+from hybridmoe.decode_graph import GraphChain, _bucket, _gpu_share, close_batch_decoder
 from hybridmoe.experts import HybridExperts
 from hybridmoe.forward_args import forward_params
 
@@ -104,11 +106,17 @@ class BatchDecoder:
     """
 
     def __init__(self, model: nn.Module, capacity: int, max_len: int, device: torch.device, use_graphs: bool = True,
-                 key: tuple = ()) -> None:
+                 key: tuple = (), gpu_share: float | None = None) -> None:
         self.model, self.capacity, self.max_len, self.device, self.key = model, capacity, max_len, device, key
         self.experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
         self.embed = model.get_input_embeddings()
         self.use_graphs = use_graphs and device.type == "cuda"
+        # The GPU computes this share of the experts the rows picked, by expert (decode_graph._BatchShare): the
+        # model's setting (CUDA only by default; any device when given, which is how the CPU tests check it)
+        if gpu_share is None:
+            gpu_share = _gpu_share(self.experts, device)
+        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in self.experts}
+        self.gpu_share = gpu_share if len(layouts) == 1 else 0.0  # one set of GPU buffers serves every layer
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)  # [C] each row's next position
         self.row_index = torch.arange(capacity, device=device)  # [C]
         self.columns = torch.arange(max_len, device=device)  # [L]
@@ -198,7 +206,7 @@ class BatchDecoder:
         b = _bucket_rows(n, self.capacity)
         chain = self.chains.get(b)
         if chain is None:
-            chain = self.chains[b] = GraphChain(self.experts, self.device, self.use_graphs)
+            chain = self.chains[b] = GraphChain(self.experts, self.device, self.use_graphs, self.gpu_share)
         chain.rows = n  # the CPU experts compute the live rows only
         logits = chain.step(lambda: self._forward(b))  # [b, 1, V]
         self.mode = chain.mode
@@ -213,7 +221,8 @@ def batch_decoder_for(model: nn.Module, capacity: int, needed: int, device: torc
     room and the same settings (graphs and all), else new (the old one's cache is freed first)."""
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     streamer = experts[0].streamer if experts else None
-    key = (capacity, use_graphs, id(streamer), streamer.resident if streamer is not None else 0)
+    key = (capacity, use_graphs, id(streamer), streamer.resident if streamer is not None else 0,
+           _gpu_share(experts, device))
     dec = getattr(model, "_hybridmoe_batch_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pools before allocating the new

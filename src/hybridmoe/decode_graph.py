@@ -162,14 +162,15 @@ class _GpuShare:
         if w.bias is not None:
             self.bias = [torch.empty((n, *w.bias[p].shape[1:]), dtype=torch.float32, device=dev)
                          for p in ("gate_up_proj", "down_proj")]
-        self.x = torch.empty(1, hidden.shape[-1], dtype=hidden.dtype, device=dev)  # [1, H]
+        self.x = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)  # [T, H] (T = 1 here)
         self.w = torch.empty(1, k, dtype=torch.float32, device=dev)  # [1, K]
-        self.y = torch.zeros(1, hidden.shape[-1], dtype=torch.float32, device=dev)  # [1, H]
+        self.y = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, H]
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def stage(self, hidden: torch.Tensor, w: torch.Tensor) -> None:
-        self.x.copy_(hidden.reshape(1, -1))
-        self.w.copy_(w.reshape(1, -1))
+        self.x.copy_(hidden)
+        if self.w.shape == w.shape:  # batch 1 (the batched share builds its dense weights on the host)
+            self.w.copy_(w)
 
     def load(self, module: HybridExperts, experts: list[int]) -> None:
         """Queue the copies of these experts' weights (the host knows the ids once the cut's copies landed)."""
@@ -201,6 +202,81 @@ class _GpuShare:
         self.graph = g
 
 
+class _BatchShare(_GpuShare):
+    """The GPU's part of a batched decode step's routed experts (several rows; :mod:`hybridmoe.batch_decode`).
+
+    Batch 1 splits each token's top-K (:class:`_GpuShare`); here the split is by expert: of the experts the live
+    rows picked, the ``n`` picked by the most rows cross PCIe (page-locked host -> device DMA) and the GPU computes
+    every pick of them, while the CPU kernel computes the picks of the others. Both read each expert's weights once,
+    so the copy engine's bandwidth adds to the CPU's. ``n`` = round(distinct experts x the share), at most the
+    buffers' slots. The GPU math runs over all rows and all slots with a dense weight matrix ``w`` [T, n] (zero where
+    a row did not pick the slot's expert), captured once as its own CUDA graph; the CPU kernel gets the other picks
+    (a pick moved to the GPU becomes a zero-weight pick of an expert the CPU reads anyway).
+    """
+
+    def __init__(self, module: HybridExperts, hidden: torch.Tensor, k: int, share: float):
+        t = hidden.shape[0]
+        self.fraction = share
+        slots = max(1, min(round(min(t * k, module.num_experts) * share), module.num_experts))
+        super().__init__(module, hidden, k, slots)
+        for buf in (self.gate_up, self.down, *(self.scales or []), *(self.bias or [])):
+            buf.zero_()  # unused slots hold zeros, never uninitialized memory (a zero weight times NaN is NaN)
+        self.w = torch.zeros(t, slots, dtype=torch.float32, device=hidden.device)  # [T, n]
+        self.w_host = torch.zeros(t, slots, dtype=torch.float32, pin_memory=hidden.device.type == "cuda")
+
+    def split(self, module: HybridExperts, ids: torch.Tensor, w: torch.Tensor, rows: int):
+        """Pick the experts the GPU computes for the first ``rows`` rows (``ids`` [T, K] int64, ``w`` [T, K] fp32 on
+        the host), queue their weights' copies, the dense weights and the GPU's math; returns (ids, w) [rows, K] for
+        the CPU kernel, whose picks of GPU experts carry weight 0 and point at an expert the CPU computes anyway (or
+        None when the GPU has every pick)."""
+        ids, w = ids[:rows], w[:rows]
+        counts = torch.bincount(ids.reshape(-1), minlength=module.num_experts)  # [E]
+        distinct = int((counts > 0).sum())
+        n = min(self.n, max(1, round(distinct * self.fraction)))
+        gpu = counts.argsort(descending=True, stable=True)[:n].tolist()  # the most picked experts
+        self.load(module, gpu)
+        on_gpu = torch.zeros(module.num_experts, dtype=torch.bool)
+        on_gpu[gpu] = True
+        picked = on_gpu[ids]  # [rows, K]
+        slot = torch.full((module.num_experts,), -1, dtype=torch.long)
+        slot[gpu] = torch.arange(len(gpu))
+        self.w_host.zero_()
+        r, kk = picked.nonzero(as_tuple=True)
+        self.w_host[r, slot[ids[r, kk]]] = w[r, kk]
+        self.w.copy_(self.w_host, non_blocking=True)
+        self.compute()
+        if bool(picked.all()):
+            return None
+        # a CPU expert for each row: its own first one, else any the CPU computes
+        fallback = int(ids[~picked][0])
+        own = torch.where(picked, torch.iinfo(torch.int64).max, torch.arange(ids.shape[1])).argmin(dim=1)  # [rows]
+        row_cpu = torch.where(picked.all(dim=1), fallback, ids.gather(1, own[:, None])[:, 0])  # [rows]
+        cpu_ids = torch.where(picked, row_cpu[:, None], ids)
+        cpu_w = torch.where(picked, 0.0, w)
+        return cpu_ids.contiguous(), cpu_w.contiguous()
+
+    def compute(self) -> None:
+        """y [T, H] fp32 = Σ_s w[:, s] · Expert_s(x) over the loaded slots; replays the captured graph if there is
+        one."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        gate_up, down = self.gate_up, self.down
+        if self.scales is not None:
+            gate_up, down = self.weights.to_float(gate_up, self.scales[0]), self.weights.to_float(down, self.scales[1])
+        u = torch.matmul(self.x.to(gate_up.dtype), gate_up.transpose(1, 2)).float()  # [n, T, U]
+        if self.bias is not None:
+            u = u + self.bias[0][:, None, :]
+        y = torch.matmul(self.mlp(u).to(down.dtype), down.transpose(1, 2)).float()  # [n, T, H]
+        if self.bias is not None:
+            y = y + self.bias[1][:, None, :]
+        self.y.copy_((y * self.w.T[:, :, None]).sum(0))  # [T, H]
+
+    def skip(self) -> None:
+        """This step's layer runs wholly on the CPU (its rows carry routed-expert LoRA): the GPU part adds zero."""
+        self.y.zero_()
+
+
 class _Cut:
     """One routed-experts call of the decode step: its host buffers and the copies across the cut.
 
@@ -228,6 +304,9 @@ class _Cut:
         weight copies and math on the GPU first, then compute the others on the CPU meanwhile. ``rows``: compute
         only the first ``rows`` tokens (None: all)."""
         m = self.module
+        if isinstance(share, _BatchShare):
+            self._compute_split(share, rows)
+            return
         if share is None:
             n = self.x.shape[0] if rows is None else rows
             if m.row_lora is not None:  # rows of several adapters (the server): one call per adapter's rows
@@ -240,6 +319,20 @@ class _Cut:
         share.load(m, self.ids[0, cpu_k:].tolist())
         share.compute()
         m.infer_cpu(self.x, self.ids[:, :cpu_k].contiguous(), self.w[:, :cpu_k].contiguous(), self.out)
+
+    def _compute_split(self, share: _BatchShare, rows: int | None) -> None:
+        """A batched step's experts split by expert between the GPU (``share``) and the CPU kernel; per-row LoRA on
+        the routed experts keeps the whole layer on the CPU (the GPU part adds zero)."""
+        m, n = self.module, self.x.shape[0] if rows is None else rows
+        if m.lora or (m.row_lora is not None and any(m.row_lora.loras)):
+            share.skip()
+            self.compute(None, rows)
+            return
+        cpu = share.split(m, self.ids, self.w, n)
+        if cpu is None:
+            self.out[:n].zero_()
+        else:
+            m.infer_cpu(self.x[:n], cpu[0], cpu[1], self.out[:n])
 
     def receive(self, device: torch.device, dtype: torch.dtype, share: _GpuShare | None = None) -> torch.Tensor:
         """Queue the host->device copy of the result (+ the GPU share's); [T, H] in the hidden dtype on ``device``."""
@@ -326,8 +419,10 @@ class GraphChain:
         # host instead of overlapping the CPU's experts.
         pinned = hidden.device.type != "cuda" or module.weights.gate_up.is_pinned()
         # Expert biases (gpt-oss) cross with their experts' weights (_GpuShare.load).
-        if self.share is None and n > 0 and hidden.shape[0] == 1 and pinned:
-            self.share = _GpuShare(module, hidden, k, n)
+        if self.share is None and n > 0 and pinned:
+            rows = hidden.shape[0]
+            self.share = _GpuShare(module, hidden, k, n) if rows == 1 else _BatchShare(module, hidden, k,
+                                                                                      self.gpu_share)
 
     def close(self) -> None:
         self.graphs = self.out = self.share = None
