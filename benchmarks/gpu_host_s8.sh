@@ -68,3 +68,15 @@ if [ "${PART}" = d ]; then
     --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 0 --issue-table \
     --token-timing
 fi
+#   PART=e: the batched GPU share (decode_graph._BatchShare), experts in host RAM (0 resident), base only: its GPU
+#           tests, then issue 18's table with the default share (1/3 for bf16) against none, in one run
+if [ "${PART}" = e ]; then
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py \
+    tests/test_decode_graph.py &
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  wait
+  for share in ${SHARES:-0.3333 0}; do
+    step serve_r0_share_$share 130 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
+      --dtype bfloat16 --resident-expert-layers 0 --issue-table --token-timing --decode-gpu-share $share
+  done
+fi

@@ -246,6 +246,9 @@ def main() -> None:
                          "the chat baseline is then `hybridmoe chat -v`")
     ap.add_argument("--token-timing", action="store_true",
                     help="ask for logprobs so TTFT/ITL count tokens, not text (random weights hold text back)")
+    ap.add_argument("--decode-gpu-share", type=float, default=None,
+                    help="in-process only: the share of a decode step's picked experts computed on the GPU "
+                         "(model.hybridmoe.settings.gpu_share; default: by weight dtype, 1/3 for bf16; 0: all on the CPU)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval in the server's process (seconds; Python's default 0.005): how much "
                          "of a step is the engine thread waiting for the GIL held by the HTTP thread")
@@ -291,6 +294,14 @@ def main() -> None:
                             max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                             prefill_chunk_tokens=args.prefill_chunk_tokens, log_stats_interval=0,
                             expert_dtype=args.expert_dtype, resident_expert_layers=args.resident_expert_layers)
+            if args.decode_gpu_share is not None:  # the setting, then decoders captured again with it
+                from hybridmoe.decode_graph import drop_decoder
+
+                engine = app.state.engine
+                for ex in engine.adapters.experts.values():
+                    ex.settings.gpu_share = args.decode_gpu_share
+                drop_decoder(engine.adapters.model)
+                engine.warm_up()
             extra["startup_s"] = round(time.perf_counter() - t_start, 1)  # load + adapters + warm-up (graph captures)
             with serve_in_thread(app) as url:
                 result = load(url)
@@ -308,6 +319,7 @@ def main() -> None:
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "models": ["base", *adapters],
         "expert_dtype": args.expert_dtype, "resident_expert_layers": args.resident_expert_layers,
         "token_timing": args.token_timing, "serve_cli": args.serve_cli, "switch_interval": sys.getswitchinterval(),
+        "decode_gpu_share": args.decode_gpu_share,
         **result, "engine": stats,
         "mean_decode_batch": round(stats["decoded_tokens"] / max(stats["decode_steps"], 1), 2),
         "mean_prefill_batch": round(stats["prefills"] / max(stats["prefill_batches"], 1), 2),
