@@ -302,3 +302,14 @@ def test_config_revalidated_in_generate(model, tok, prompt_ids):
 
 def test_single_stop_string_is_not_split_into_characters():
     assert SamplingConfig(stop_strings="</answer>").stop_strings == ("</answer>",)
+
+
+def test_decode_speed_leaves_out_the_decoders_one_time_setup():
+    """chat -v and generate's decode tokens/s: the tokens after the first, less the steps the static-cache decoder
+    spent setting up (its eager first step and the CUDA-graph capture), over the decode time less that setup."""
+    from hybridmoe.generation import GenerationResult
+
+    res = GenerationResult([], "", "length", prompt_tokens=4, new_tokens=10, prefill_s=0.1, decode_s=0.5,
+                           setup_s=2.0, setup_steps=2)
+    assert res.decode_tokens_per_s == 14.0  # (10 - 1 - 2) / 0.5
+    assert GenerationResult([], "", "length", 4, 3, 0.1, 0.5, setup_steps=2).decode_tokens_per_s == 0.0

@@ -141,4 +141,5 @@ def repl(model, tok, cfg: SamplingConfig, system: list[dict], cuda_graphs: bool 
 def _timing(res) -> str:
     return (f"[{res.new_tokens} tokens, prefill {res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s "
             f"({res.prompt_tokens} tokens), decode {res.decode_tokens_per_s:.1f} tok/s ({res.decode_mode}), "
-            f"stop: {res.stop_reason}]")
+            + (f"first-use setup {res.setup_s:.2f} s over {res.setup_steps} tokens, " if res.setup_steps else "")
+            + f"stop: {res.stop_reason}]")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -402,6 +403,9 @@ class GraphChain:
         self.rows: int | None = None
         self.calls = 0
         self.mode = "eager"
+        # one-time work so far: the steps run before the graphs existed (the eager first one, the capturing one)
+        # and their seconds, so callers can report decode speed without it (generate: GenerationResult.setup_s)
+        self.setup_steps, self.setup_s = 0, 0.0
         self._pool = None
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
 
@@ -442,8 +446,16 @@ class GraphChain:
     def step(self, forward) -> torch.Tensor:
         """One decode step (see the class): the logits ``forward`` returns, from the graphs once captured."""
         self.calls += 1
-        if self.graphs is None and self.use_graphs and self.calls >= 2:
-            self._capture(forward)  # the first step ran eagerly: cuBLAS handles, cache tensors and the cuts exist
+        if self.graphs is None and self.use_graphs:
+            t0 = time.perf_counter()
+            if self.calls >= 2:
+                self._capture(forward)  # the first step ran eagerly: cuBLAS handles, cache tensors and the cuts exist
+            out = self._replay_or_eager(forward)
+            self.setup_steps, self.setup_s = self.setup_steps + 1, self.setup_s + time.perf_counter() - t0
+            return out
+        return self._replay_or_eager(forward)
+
+    def _replay_or_eager(self, forward) -> torch.Tensor:
         if self.graphs is not None:
             self._replay()
             self.mode = "cuda_graphs"

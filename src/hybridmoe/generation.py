@@ -111,7 +111,9 @@ class GenerationResult:
 
     ``token_ids`` are the generated ids (prompt excluded); like ``model.generate`` they include the EOS token when
     ``stop_reason == "eos"``. ``text`` is their decoding without special tokens, trimmed before a stop string.
-    ``prefill_s`` is the time to the first token, ``decode_s`` the time for the rest.
+    ``prefill_s`` is the time to the first token, ``decode_s`` the time for the rest, less ``setup_s``: the one-time
+    work of the static-cache decoder in this call (its eager first step and the CUDA-graph capture, ``setup_steps``
+    tokens), which a later call reusing the decoder does not pay.
     """
 
     token_ids: list[int]
@@ -122,11 +124,15 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     decode_mode: str = "dynamic_cache"  # or "cuda_graphs" / "eager": the static-cache decoder (decode_graph)
+    setup_s: float = 0.0
+    setup_steps: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Decode throughput, tokens after the first per second (0 when there were none)."""
-        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+        """Decode throughput: tokens after the first (less the setup steps) per second of ``decode_s`` (0 when there
+        were none)."""
+        n = self.new_tokens - 1 - self.setup_steps
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -525,6 +531,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
         t0 = time.perf_counter()
         if static_cache:
             dec = decoder_for(model, prompt.shape[1] + cfg.max_new_tokens, device, use_graphs=cuda_graphs)
+            setup = (dec.chain.setup_steps, dec.chain.setup_s)
             logits = dec.prefill(prompt)  # [1, V]
 
             def next_logits(token: torch.Tensor, position: int) -> torch.Tensor:
@@ -551,8 +558,10 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
             logits = next_logits(stream.last_id, stream.length - 1)
         _sync(device)
         t_end = time.perf_counter()
+        setup_steps, setup_s = 0, 0.0
         if static_cache:
             mode = dec.mode
+            setup_steps, setup_s = dec.chain.setup_steps - setup[0], dec.chain.setup_s - setup[1]
 
     rest = stream.flush()
     if rest and on_text is not None:
@@ -560,4 +569,5 @@ def generate(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor | S
     n_new = len(stream.token_ids)
     return GenerationResult(token_ids=stream.token_ids, text=stream.text.text, stop_reason=stream.stop_reason,
                             prompt_tokens=stream.n_prompt, new_tokens=n_new, prefill_s=t_first - t0,
-                            decode_s=t_end - t_first, decode_mode=mode)
+                            decode_s=t_end - t_first - setup_s, decode_mode=mode, setup_s=setup_s,
+                            setup_steps=setup_steps)
