@@ -85,7 +85,7 @@ fi
 if [ "${PART}" = f ]; then
   ( [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
     step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite ) &
-  step pytest_gpu_all 290 $NOW python -m pytest -q -m gpu -p no:cacheprovider -x tests
+  step pytest_gpu_all 290 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests
   wait
   step serve_r26_adapter_cli 110 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
     --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
