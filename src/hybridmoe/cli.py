@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_expert_dtype(s)
     _add_stream_slots(s)
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
-                   help="a lone request decodes eagerly too (default on CUDA: through CUDA graphs, as chat does)")
+                   help="decode every step eagerly over the padded batch (default on CUDA: CUDA graphs, a lone request "
+                        "through chat's decoder, several through the batch decoder)")
     s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (access log at info)")

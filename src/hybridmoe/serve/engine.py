@@ -12,6 +12,12 @@ Scheduling, one loop iteration at a time:
    LoRA, :mod:`~hybridmoe.serve.mixed_lora`; per-row expert LoRA in the routed experts), so every request gets a
    token per step whatever the mix. Only a model whose KV cache cannot be padded (sliding-window or static layers) keeps
    one batch of one row per request; those batches take turns, one step each.
+   On CUDA the step replays CUDA graphs (:mod:`hybridmoe.batch_decode`, or chat's decoder for a lone row); there the
+   adapters come as static per-row masks (:meth:`~hybridmoe.serve.adapters.AdapterSet.use_static`), and greedy rows,
+   with or without logprobs, take their tokens in one batched pass (one host transfer).
+
+Before serving, :meth:`Engine.warm_up` runs a batched prefill and two decode steps per batch size, so the first
+requests do not pay CUDA's lazy setup or the graph captures.
 
 A prompt whose padded prefill is larger than ``prefill_chunk_tokens`` is prefilled in chunks
 (:class:`~hybridmoe.serve.prefill.ChunkedPrefill`), one chunk per loop iteration, with a decode step of the running
@@ -108,8 +114,8 @@ class Engine:
                  max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = None,
                  graph_decode: bool | None = None) -> None:
         self.adapters = adapters
-        # A lone request decodes through the static-cache decoder (CUDA graphs), as `hybridmoe chat` does
-        # (serve.batch.DecodeBatch): on by default on CUDA.
+        # Decode steps replay CUDA graphs: a lone request on the static-cache decoder `hybridmoe chat` uses, several
+        # on the batch decoder (serve.batch.DecodeBatch, hybridmoe.batch_decode): on by default on CUDA.
         if graph_decode is None:
             graph_decode = adapters is not None and input_device(adapters.model).type == "cuda"
         self.graph_decode = graph_decode

@@ -85,8 +85,9 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
     the app's lifespan starts it). ``model_name`` (default: the model folder's name) selects the base model.
     ``allow_runtime_lora`` turns on /v1/load_lora_adapter and /v1/unload_lora_adapter for directories under
-    ``lora_root``; ``max_loras`` caps the adapters loaded at once (``adapters`` included). ``cuda_graphs``: a lone
-    request decodes through the static-cache (CUDA graph) decoder, as chat does (default: on CUDA)."""
+    ``lora_root``; ``max_loras`` caps the adapters loaded at once (``adapters`` included). ``cuda_graphs``: decode
+    steps replay CUDA graphs, a lone request on chat's static-cache decoder, several on the batch decoder (default:
+    on CUDA). The engine warms up before the app is returned (Engine.warm_up)."""
     from hybridmoe.loading import load_model, load_tokenizer
 
     from .adapters import AdapterSet
