@@ -181,6 +181,7 @@ def decode(model, tok, args) -> None:
 
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.decode_prompt,), generator=torch.Generator().manual_seed(1))
+    from hybridmoe.decode_graph import drop_decoder
     from hybridmoe.experts.streaming import enable_streaming, model_streamer
 
     # the first call captures the graphs; then other GPU shares, then other resident layer counts at the default share
@@ -190,9 +191,7 @@ def decode(model, tok, args) -> None:
         streamer = model_streamer(model)
         if n == (streamer.resident if streamer is not None else 0):
             return
-        if getattr(model, "_hybridmoe_decoder", None) is not None:  # its graphs hold the old slots: free them first
-            model._hybridmoe_decoder.close()
-            model._hybridmoe_decoder = None
+        drop_decoder(model)  # its graphs hold the old slots: free them first
         del streamer
         enable_streaming(model, args.device, 0, 2, 0)  # drops the old slots
         torch.cuda.empty_cache()

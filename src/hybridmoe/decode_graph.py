@@ -717,11 +717,11 @@ def drop_decoder(model: nn.Module) -> None:
     """Close and forget the model's decoders, batch-1 and batched (their graphs hold the addresses of the adapters'
     weights: after an adapter is loaded or unloaded, new ones must be captured even if the adapter names are the
     same)."""
-    dec = getattr(model, "_hybridmoe_decoder", None)
-    if dec is not None:
+    for dec in _decoders(model).values():
         _release(dec)
         dec.close()
-        model._hybridmoe_decoder = None
+    model._hybridmoe_decoders = {}
+    model._hybridmoe_decoder = None
     close_batch_decoder(model)
 
 
@@ -740,26 +740,53 @@ def _release(dec) -> None:
         dec.owner.detach()
 
 
-def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:
-    """The model's decoder with room for ``needed`` positions: reused when it has room (graphs and all), else new.
+# Batch-1 decoders kept per model, one per adapter setting (the server's lone requests of different adapters each
+# replay their own graphs instead of capturing again at every switch); the least recently used beyond this closes.
+MAX_DECODERS = 8
 
-    Kept on the model; a PEFT adapter switch would change which modules the graphs hold, so the decoder is keyed by
-    the active adapter as well."""
+
+def _decoders(model: nn.Module) -> dict:
+    return getattr(model, "_hybridmoe_decoders", None) or {}
+
+
+def _lora_key(model: nn.Module):
+    """Which Linear LoRA a forward of ``model`` runs: PEFT's active adapters while LoRA is enabled, else None (a
+    PeftModel keeps naming its last adapter while the server runs the base model with LoRA disabled, so the name
+    alone would give the base model's graphs to an adapter's requests, or the other way round)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
+    if not isinstance(active, (list, tuple)):
+        return None
+    enabled = any(not m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
+    return tuple(active) if enabled else None
+
+
+def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:
+    """The model's decoder with room for ``needed`` positions for the current adapter setting: reused when it has
+    room (graphs and all), else new. Kept on the model, one per setting (a PEFT adapter switch changes which modules
+    the graphs hold), up to :data:`MAX_DECODERS`."""
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     expert_lora = any(m.lora for m in experts)  # turns the GPU share off
     streamer = experts[0].streamer if experts else None
-    key = (tuple(active) if isinstance(active, (list, tuple)) else None, use_graphs, expert_lora,
+    key = (_lora_key(model), use_graphs, expert_lora,
            _gpu_share(experts, device), bool(experts) and experts[0].settings.cpu_kernel,
            id(streamer), streamer.resident if streamer is not None else 0)  # the cuts depend on the resident layers
-    dec = getattr(model, "_hybridmoe_decoder", None)
-    if dec is None or dec.max_len < needed or dec.key != key:
-        if dec is not None:  # free the old cache and graph pool before allocating the new
-            _release(dec)
-            dec.close()
-            model._hybridmoe_decoder = dec = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    decoders = _decoders(model)
+    model._hybridmoe_decoders = decoders
+    dec = decoders.pop(key, None)
+    if dec is not None and dec.max_len < needed:  # free the old cache and graph pool before allocating the new
+        _release(dec)
+        dec.close()
+        dec = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if dec is None:
+        while len(decoders) >= MAX_DECODERS:  # the least recently used
+            old = decoders.pop(next(iter(decoders)))
+            _release(old)
+            old.close()
         dec = StaticDecoder(model, _bucket(needed), device, use_graphs, key)
-        model._hybridmoe_decoder = dec
+    decoders[key] = dec  # most recently used last
+    model._hybridmoe_decoder = dec
     return dec

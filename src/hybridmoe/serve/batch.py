@@ -213,8 +213,8 @@ class DecodeBatch:
             # Sized for the reply's remaining tokens, at most SOLO_HEADROOM ahead (a request without max_tokens may
             # ask for the whole context); a longer reply moves to a decoder twice the size when this one is full.
             want = min(max(n + 1 + min(room, SOLO_HEADROOM), grown), decode_graph.STATIC_CACHE_MAX_TOKENS)
-            self._evict(getattr(self.model, "_hybridmoe_decoder", None))
             dec = decode_graph.decoder_for(self.model, want, tokens.device)
+            self._evict(dec)  # (decoder_for hands back the rows of a decoder it closes itself)
             dec.seed(self.cache, n)
             self.solo, self.cache, dec.owner = dec, None, self
         logits = self.solo.step(tokens.reshape(1), n)  # [1, V] fp32

@@ -150,7 +150,7 @@ class Engine:
     def warm_up(self, prompt_len: int = 8, positions: int = 512) -> float:
         """Run the model before the first request (call before :meth:`start`): one batched prefill of
         ``max_batch_size`` rows, then two decode steps at each batch size the batch decoder has graphs for (16, 8, 4,
-        2, then 1 row on the batch-1 decoder), so CUDA's lazy setup, the first copies of resident expert layers and of
+        2), then one row on the batch-1 decoder of the base model and of each adapter, so CUDA's lazy setup, the first copies of resident expert layers and of
         the adapters' LoRA, and the CUDA-graph captures happen here and not inside the first requests' time to first
         token. The rows cycle through the base model and every loaded adapter (mixed batches, as requests make them).
         The decoders are sized for ``positions`` per row (a request that needs more gets larger ones, captured once,
@@ -158,6 +158,7 @@ class Engine:
         if self.adapters is None:
             return 0.0
         from hybridmoe.batch_decode import _bucket_rows
+        from hybridmoe.decode_graph import MAX_DECODERS
 
         from . import prefill  # (the module's function, not this module's name for it, which tests replace)
 
@@ -175,13 +176,15 @@ class Engine:
             for n in sizes:
                 batch.remove(list(range(n, len(batch))))
                 tok = tok[:n]
-                for _ in range(2):  # a batch size's first step runs eagerly, its second captures
-                    rows = adapters[:n] if n > 1 else [None]  # a lone row: the base model's batch-1 decoder
-                    if batch.path(room) == "multi":
-                        self.adapters.use_static(rows, cap, input_device(model))
-                    else:
-                        self.adapters.use(rows)
-                    tok = batch.step(tok, room).argmax(-1, keepdim=True)
+                # a lone row: the batch-1 decoder of the base model and of each adapter (one each)
+                for rows in [adapters[:n]] if n > 1 else [[a] for a in names[:MAX_DECODERS]]:
+                    batch.detach()  # (a lone row keeps its decoder: hand it back so the next adapter takes its own)
+                    for _ in range(2):  # a decoder's first step runs eagerly, its second captures
+                        if batch.path(room) == "multi":
+                            self.adapters.use_static(rows, cap, input_device(model))
+                        else:
+                            self.adapters.use(rows)
+                        tok = batch.step(tok, room).argmax(-1, keepdim=True)
             batch.remove(list(range(len(batch))))
             self.adapters.use([None])
             if input_device(model).type == "cuda":
