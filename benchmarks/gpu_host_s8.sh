@@ -91,3 +91,15 @@ if [ "${PART}" = f ]; then
     --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
     --token-timing --serve-cli
 fi
+#   PART=g: after batch-1 decoders were keyed by the LoRA that runs and kept per adapter (warm-up captures each):
+#           their GPU tests, then issue 18's table through `hybridmoe serve`
+if [ "${PART}" = g ]; then
+  ( [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+    step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite ) &
+  step pytest_gpu 90 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
+    tests/test_batch_decode.py tests/test_serve.py tests/test_serve_solo.py
+  wait
+  step serve_r26_adapter_cli 100 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
+    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
+    --token-timing --serve-cli
+fi
