@@ -599,3 +599,21 @@ def test_batched_greedy_tokens_and_logprobs_equal_each_rows_own():
         assert got.token_id == want.token_id and math.isclose(got.logprob, want.logprob, rel_tol=1e-6)
         assert [t for t, _ in got.top] == [t for t, _ in want.top]
         assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(got.top, want.top))
+
+
+def test_a_failing_warm_up_is_logged_and_the_server_serves_on(files, monkeypatch, caplog):
+    """The warm-up before serving (Engine.warm_up) is not fatal: a failure is one warning, and requests are then
+    served as before (their replies equal the lone reference)."""
+    import logging
+
+    import hybridmoe.serve.prefill as prefill_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pretend the warm-up's prefill failed")
+
+    monkeypatch.setattr(prefill_module, "prefill_batch", broken)  # the engine's own prefills import it by name
+    jobs = [(BASE, PREFILL_QUESTIONS[0])]
+    with caplog.at_level(logging.WARNING, logger="hybridmoe.serve"):
+        results, _ = _run_queued(files, jobs, 4)
+    assert sum("warming up failed" in r.message for r in caplog.records) == 1
+    assert results == [_solo_replies(files, jobs, 4)[jobs[0]]]

@@ -150,19 +150,29 @@ class Engine:
     def warm_up(self, prompt_len: int = 8, positions: int = 512) -> float:
         """Run the model before the first request (call before :meth:`start`): one batched prefill of
         ``max_batch_size`` rows, then two decode steps at each batch size the batch decoder has graphs for (16, 8, 4,
-        2), then one row on the batch-1 decoder of the base model and of each adapter, so CUDA's lazy setup, the first copies of resident expert layers and of
-        the adapters' LoRA, and the CUDA-graph captures happen here and not inside the first requests' time to first
-        token. The rows cycle through the base model and every loaded adapter (mixed batches, as requests make them).
-        The decoders are sized for ``positions`` per row (a request that needs more gets larger ones, captured once,
-        when it comes). Returns the seconds it took; no counters touched."""
+        2), then a lone row on the batch-1 decoder of the base model and of each adapter. CUDA's lazy setup, the first
+        copies of resident expert layers and of the adapters' LoRA, and the CUDA-graph captures then happen here, not
+        inside the first requests' time to first token. The rows cycle through the base model and every loaded
+        adapter (mixed batches, as requests make them). The decoders are sized for ``positions`` per row (a request
+        that needs more gets larger ones, captured once, when it comes). Returns the seconds it took; no counters
+        touched. A failure is logged and serving goes on without it."""
         if self.adapters is None:
             return 0.0
+        t0 = time.perf_counter()
+        try:
+            self._warm_up(prompt_len, positions)
+        except Exception as e:  # not fatal: the first requests then pay the setup (and meet the error, if it stays)
+            log.warning("warming up failed (%s: %s); serving without it", type(e).__name__, e)
+            log.debug("where the warm-up failed", exc_info=True)
+            self.adapters.use([None])
+        return time.perf_counter() - t0
+
+    def _warm_up(self, prompt_len: int, positions: int) -> None:
         from hybridmoe.batch_decode import _bucket_rows
         from hybridmoe.decode_graph import MAX_DECODERS
 
         from . import prefill  # (the module's function, not this module's name for it, which tests replace)
 
-        t0 = time.perf_counter()
         model, cap = self.adapters.model, self.max_batch_size
         sizes = sorted({_bucket_rows(n, cap) for n in range(1, cap + 1)}, reverse=True)  # e.g. 16, 8, 4, 2, 1
         room = positions - prompt_len - 2 * len(sizes) - 1
@@ -189,7 +199,6 @@ class Engine:
             self.adapters.use([None])
             if input_device(model).type == "cuda":
                 torch.cuda.synchronize()
-        return time.perf_counter() - t0
 
     # -- control, from any thread ------------------------------------------------------------------------------
     def start(self) -> None:
