@@ -361,21 +361,26 @@ static void dot_q4x4_vnni(const uint8_t *const *w, const uint16_t *const *scale,
 
 TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                 int64_t group, float *out) {
-    const __m128i low = _mm_set1_epi8(15);
+    const __m256i low256 = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t g0 = 0; g0 < n; g0 += group) {
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
-        for (int64_t b = g0; b < g0 + group; b += 32) { /* one 32-input block: 16 bytes of codes, 32 of q */
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + b));
+        /* two 32-input blocks a step (group is a multiple of 64): 32 bytes of codes per row in one load, one
+         * prefetch per row; each block's [lo | hi] nibbles against its 32 activations, as the VNNI version does */
+        for (int64_t b = g0; b < g0 + group; b += 64) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a->q + b + 32));
             for (int r = 0; r < 4; r++) {
-                PREFETCH(w[r] + b / 2, 16);
-                const __m128i c = _mm_loadu_si128((const __m128i *)(w[r] + b / 2));
-                const __m128i lo = _mm_and_si128(c, low), hi = _mm_and_si128(_mm_srli_epi16(c, 4), low);
-                const __m256i p16 = _mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), xv); /* |pair| <= 2 * 15 * 127 */
-                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p16, ones));
+                PREFETCH(w[r] + b / 2, 32);
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
+                const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
+                const __m256i p0 = _mm256_maddubs_epi16(_mm256_permute2x128_si256(lo, hi, 0x20), x0); /* block 0 */
+                const __m256i p1 = _mm256_maddubs_epi16(_mm256_permute2x128_si256(lo, hi, 0x31), x1); /* block 1 */
+                /* |pair| <= 2 * 15 * 127, so p0 + p1 fits int16 before the widening madd */
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones));
             }
         }
         const int64_t g = g0 / group;
