@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hybridmoe.adapters import base_model_of, load_adapter
-from hybridmoe.decode_graph import drop_decoder
+from hybridmoe.decode_graph import close_batch_decoder, drop_decoder
 from hybridmoe.experts import HybridExperts
 from hybridmoe.experts.row_lora import RowLoRA
 
@@ -149,7 +149,9 @@ class AdapterSet:
         if len(self._hooks) != len(self._tuner_layers):
             raise RuntimeError("mixed-adapter batches support LoRA on Linear layers only")
         if self._static is None or self._static.capacity != capacity:
+            close_batch_decoder(self.model)  # its graphs would read the old table
             self._static = StaticRowAdapters(list(self._peft_name.values()), capacity, device)
+            self.active = None
         key = ("static", *rows)
         if key == self.active:
             return
