@@ -149,7 +149,8 @@ class AdapterSet:
         if len(self._hooks) != len(self._tuner_layers):
             raise RuntimeError("mixed-adapter batches support LoRA on Linear layers only")
         if self._static is None or self._static.capacity != capacity:
-            close_batch_decoder(self.model)  # its graphs would read the old table
+            if self._static is not None:  # a batch decoder's graphs would read the old table
+                close_batch_decoder(self.model)
             self._static = StaticRowAdapters(list(self._peft_name.values()), capacity, device)
             self.active = None
         key = ("static", *rows)
