@@ -216,8 +216,8 @@ def test_cuda_graphs_of_a_batch_decode_like_the_padded_batch(resident, tmp_path)
 def test_a_gpu_share_of_the_picked_experts_decodes_like_the_padded_batch(expert_dtype, tmp_path):
     """The GPU share of a batched step (decode_graph._BatchShare; the "GPU" is the CPU here, which runs the same
     code): the most picked half of the experts computed apart, with dense per-row weights, the rest by the CPU kernel
-    with those picks zero-weighted; the same logits as the padded batch. With routed-expert LoRA on some rows the
-    layer runs wholly on the CPU. int8 experts: the GPU part dequantizes to bf16 and runs bf16 GEMMs (the streamed
+    with those picks zero-weighted; the same logits as the padded batch, with routed-expert LoRA on some rows too (the
+    GPU part adds it through the static row masks, the CPU part through the rows' groups). int8 experts: the GPU part dequantizes to bf16 and runs bf16 GEMMs (the streamed
     path's rounding), the CPU kernel its own int8 GEMV, so the two parts agree to ~1e-3, not fp32's 1e-5 (seen: 6e-4)."""
     from hybridmoe.batch_decode import batch_decoder_for
 
@@ -226,11 +226,9 @@ def test_a_gpu_share_of_the_picked_experts_decodes_like_the_padded_batch(expert_
     enable_streaming(aset.model, "cpu", min_tokens=10**6)  # page-locked-style host weights; no layer streams
     dec = batch_decoder_for(aset.model, 4, 64, torch.device("cpu"))
     dec.gpu_share = 0.5
-    for rows in ([None] * 3, ["alpha", None, "alpha"]):
+    for rows in ([None] * 3, ["alpha", None, "alpha"], [None] * 3):  # the last: LoRA buffers there, no LoRA rows
         _same(_run(aset, rows, graphs=True), _run(aset, rows, graphs=False), 1e-5 if expert_dtype is None else 3e-3)
     share = dec.chains[4].share
     assert share is not None and share.n == 3  # round(min(4 x 2, 6) x 0.5) slots
-    assert float(share.y.abs().sum()) == 0  # the last step had expert-LoRA rows: all on the CPU
-    with torch.inference_mode():
-        _run(aset, [None] * 3, graphs=True, steps=1)
-    assert float(share.w.abs().sum()) > 0 and float(share.y.abs().sum()) > 0  # base rows: picks on the "GPU"
+    assert share.lora is not None and float(share.y.abs().sum()) > 0  # the "GPU" took picks (and LoRA rows before)
+    assert float(share.w.abs().sum()) > 0

@@ -224,18 +224,71 @@ class _BatchShare(_GpuShare):
             buf.zero_()  # unused slots hold zeros, never uninitialized memory (a zero weight times NaN is NaN)
         self.w = torch.zeros(t, slots, dtype=torch.float32, device=hidden.device)  # [T, n]
         self.w_host = torch.zeros(t, slots, dtype=torch.float32, pin_memory=hidden.device.type == "cuda")
+        # Routed-expert LoRA of the slots' experts, per adapter of the rows (the server's static row masks): for each
+        # (adapter, projection) the factors of the loaded experts, gathered here from the adapter's device copies at
+        # every layer (one set of buffers serves every layer, like the weights), with that adapter's row mask. Fixed
+        # by the first layer that has LoRA; the captured graph holds exactly these.
+        self.lora: list[tuple[str, torch.Tensor, torch.Tensor, float, torch.Tensor]] | None = None
+        self.lora_layout: list[tuple] | None = None  # what the buffers hold (see _layout), to match other layers
+        self.captured_lora: bool | None = None  # whether the captured graph adds LoRA (None: not captured yet)
+        self.slot_ids = torch.zeros(slots, dtype=torch.long, device=hidden.device)  # [n] the slots' expert ids
 
-    def split(self, module: HybridExperts, ids: torch.Tensor, w: torch.Tensor, rows: int):
+    @staticmethod
+    def _entries(graph_lora) -> list[tuple]:
+        """(projection, ExpertLoRA, row mask) per adapter and projection, in a fixed order."""
+        return [(proj, lo, mask) for factors, mask in graph_lora for proj, lo in sorted(factors.items())]
+
+    @classmethod
+    def _layout(cls, graph_lora) -> list[tuple]:
+        """What the buffers (and a captured graph) hold for these entries: which adapter (its mask), projection,
+        factor shapes."""
+        return [(mask.data_ptr(), proj, tuple(lo.A.shape[1:]), tuple(lo.B.shape[1:]))
+                for proj, lo, mask in cls._entries(graph_lora)]
+
+    def takes_lora(self, module: HybridExperts) -> bool:
+        """Whether this step's layer can add its rows' expert LoRA on the GPU: the server's static row masks are
+        there, and its adapters and ranks are those of the buffers, or the buffers can still be made (the share's
+        graph is not captured yet)."""
+        if not module.graph_lora:
+            return False
+        if self.lora is None:
+            return self.captured_lora is None
+        return self._layout(module.graph_lora) == self.lora_layout
+
+    def _stage_lora(self, graph_lora) -> None:
+        """Gather this layer's LoRA factors of the slots' experts into the buffers (device to device); without
+        ``graph_lora`` (a layer no adapter's expert LoRA targets) zero the B buffers, so the LoRA math adds 0."""
+        if not graph_lora:
+            for _, _, b_buf, _, _ in self.lora or []:
+                b_buf.zero_()
+            return
+        if self.lora is None:  # the first layer with LoRA fixes the buffers
+            self.lora_layout = self._layout(graph_lora)
+            dev = self.w.device
+            self.lora = [(proj, torch.zeros((self.n, *lo.A.shape[1:]), dtype=torch.float32, device=dev),
+                          torch.zeros((self.n, *lo.B.shape[1:]), dtype=torch.float32, device=dev), lo.scale, mask)
+                         for proj, lo, mask in self._entries(graph_lora)]
+        for (_, a_buf, b_buf, _, _), (_, lo, _) in zip(self.lora, self._entries(graph_lora)):
+            a, b = lo.factors_on(a_buf.device, torch.float32)  # [E, r, in], [E, out, r]: copied once, cached
+            torch.index_select(a, 0, self.slot_ids, out=a_buf)  # [n, r, in]
+            torch.index_select(b, 0, self.slot_ids, out=b_buf)  # [n, out, r]
+
+    def split(self, module: HybridExperts, ids: torch.Tensor, w: torch.Tensor, rows: int, graph_lora=()):
         """Pick the experts the GPU computes for the first ``rows`` rows (``ids`` [T, K] int64, ``w`` [T, K] fp32 on
-        the host), queue their weights' copies, the dense weights and the GPU's math; returns (ids, w) [rows, K] for
-        the CPU kernel, whose picks of GPU experts carry weight 0 and point at an expert the CPU computes anyway (or
-        None when the GPU has every pick)."""
+        the host), queue their weights' copies (and, with ``graph_lora``, their LoRA factors), the dense weights and
+        the GPU's math; returns (ids, w) [rows, K] for the CPU kernel, whose picks of GPU experts carry weight 0 and
+        point at an expert the CPU computes anyway (or None when the GPU has every pick)."""
         ids, w = ids[:rows], w[:rows]
         counts = torch.bincount(ids.reshape(-1), minlength=module.num_experts)  # [E]
         distinct = int((counts > 0).sum())
         n = min(self.n, max(1, round(distinct * self.fraction)))
         gpu = counts.argsort(descending=True, stable=True)[:n].tolist()  # the most picked experts
         self.load(module, gpu)
+        if graph_lora:
+            host = torch.zeros(self.n, dtype=torch.long)
+            host[:len(gpu)] = torch.tensor(gpu)
+            self.slot_ids.copy_(host)
+        self._stage_lora(graph_lora)
         on_gpu = torch.zeros(module.num_experts, dtype=torch.bool)
         on_gpu[gpu] = True
         picked = on_gpu[ids]  # [rows, K]
@@ -265,17 +318,34 @@ class _BatchShare(_GpuShare):
         gate_up, down = self.gate_up, self.down
         if self.scales is not None:
             gate_up, down = self.weights.to_float(gate_up, self.scales[0]), self.weights.to_float(down, self.scales[1])
+        t = self.x.shape[0]
         u = torch.matmul(self.x.to(gate_up.dtype), gate_up.transpose(1, 2)).float()  # [n, T, U]
         if self.bias is not None:
             u = u + self.bias[0][:, None, :]
-        y = torch.matmul(self.mlp(u).to(down.dtype), down.transpose(1, 2)).float()  # [n, T, H]
+        u = self._add_lora(u, self.x.float(), "gate_up_proj", t)
+        h = self.mlp(u)  # [n, T, I] fp32
+        y = torch.matmul(h.to(down.dtype), down.transpose(1, 2)).float()  # [n, T, H]
         if self.bias is not None:
             y = y + self.bias[1][:, None, :]
+        y = self._add_lora(y, h, "down_proj", t)
         self.y.copy_((y * self.w.T[:, :, None]).sum(0))  # [T, H]
 
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, proj: str, t: int) -> torch.Tensor:
+        """y [n, T, out] plus the staged LoRA of ``proj`` on each adapter's rows (x [T, in] or [n, T, in] fp32)."""
+        for p, a, b, scale, mask in self.lora or []:
+            if p == proj:
+                delta = torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale  # [n, T, out]
+                y = torch.where(mask[:t, None], y + delta, y)
+        return y
+
     def skip(self) -> None:
-        """This step's layer runs wholly on the CPU (its rows carry routed-expert LoRA): the GPU part adds zero."""
+        """This step's layer runs wholly on the CPU (its rows' expert LoRA is not one the share can add): the GPU part
+        adds zero."""
         self.y.zero_()
+
+    def capture(self, stream: torch.cuda.Stream) -> None:
+        self.captured_lora = self.lora is not None  # the graph holds the LoRA math iff the buffers exist now
+        super().capture(stream)
 
 
 class _Cut:
@@ -322,16 +392,21 @@ class _Cut:
         m.infer_cpu(self.x, self.ids[:, :cpu_k].contiguous(), self.w[:, :cpu_k].contiguous(), self.out)
 
     def _compute_split(self, share: _BatchShare, rows: int | None) -> None:
-        """A batched step's experts split by expert between the GPU (``share``) and the CPU kernel; per-row LoRA on
-        the routed experts keeps the whole layer on the CPU (the GPU part adds zero)."""
+        """A batched step's experts split by expert between the GPU (``share``) and the CPU kernel. Rows with routed-
+        expert LoRA: the GPU part adds each row's LoRA through the server's static row masks (``graph_lora``) and the
+        CPU part through ``row_lora``; a layer whose LoRA the share cannot take (no static masks, or other adapters or
+        ranks than its captured graph holds) runs wholly on the CPU (the GPU part adds zero)."""
         m, n = self.module, self.x.shape[0] if rows is None else rows
-        if m.lora or (m.row_lora is not None and any(m.row_lora.loras)):
+        lora = m.row_lora is not None and any(m.row_lora.loras)
+        if m.lora or (lora and not share.takes_lora(m)):
             share.skip()
             self.compute(None, rows)
             return
-        cpu = share.split(m, self.ids, self.w, n)
+        cpu = share.split(m, self.ids, self.w, n, m.graph_lora if lora else [])
         if cpu is None:
             self.out[:n].zero_()
+        elif lora:  # the CPU's picks with each row's adapter (its zero-weight picks add nothing, LoRA or not)
+            self.out[:n].copy_(m.row_lora.forward(m, self.x[:n], cpu[0], cpu[1], None, m._one_lora_forward))
         else:
             m.infer_cpu(self.x[:n], cpu[0], cpu[1], self.out[:n])
 
