@@ -202,10 +202,12 @@ def test_an_adapter_load_hands_the_rows_back_before_closing_the_decoder(tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("resident", [0, 99])
 def test_cuda_graphs_of_a_batch_decode_like_the_padded_batch(resident, tmp_path):
-    """On the GPU: the bucket's second step captures, later ones replay; the same logits as the padded batch."""
+    """On the GPU: the bucket's second step captures, later ones replay; the same logits as the padded batch. alpha
+    has routed-expert LoRA (in the graph for resident layers; in the GPU share and the CPU part otherwise), beta only
+    attention LoRA."""
     path = make_checkpoint("deepseek_v2", tmp_path / "m")
-    aset = _aset(path, {"alpha": "q_proj,kv_b_proj"}, device="cuda", resident_expert_layers=resident)
-    rows = ["alpha", None, "alpha"]
+    aset = _aset(path, {"alpha": "all", "beta": "q_proj,kv_b_proj"}, device="cuda", resident_expert_layers=resident)
+    rows = ["alpha", None, "beta"]
     _same(_run(aset, rows, graphs=True, steps=6), _run(aset, rows, graphs=False, steps=6))
     dec: BatchDecoder = aset.model._hybridmoe_batch_decoder
     assert dec.mode == "cuda_graphs" and dec.chains[4].graphs is not None
