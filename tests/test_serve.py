@@ -617,3 +617,24 @@ def test_a_failing_warm_up_is_logged_and_the_server_serves_on(files, monkeypatch
         results, _ = _run_queued(files, jobs, 4)
     assert sum("warming up failed" in r.message for r in caplog.records) == 1
     assert results == [_solo_replies(files, jobs, 4)[jobs[0]]]
+
+
+def test_the_warm_up_runs_every_decoder_the_first_requests_would_capture(files):
+    """Engine.warm_up with graph decode on (on the CPU the decoders run their cut eagerly; on CUDA the same steps
+    capture): the batch decoder ran every batch size below the first power of two (4 and 2 for 4 rows), and a lone
+    row's decoder exists for the base model and for each adapter, keyed by the LoRA that runs."""
+    from hybridmoe.loading import load_tokenizer
+    from hybridmoe.serve.adapters import AdapterSet
+
+    ckpt, adapters = files
+    model, _ = hybridmoe.load(ckpt, device="cpu", progress=False)
+    aset = AdapterSet(model)
+    for name in ("alpha", "beta"):
+        aset.load(name, adapters[name])
+    engine = Engine(aset, load_tokenizer(ckpt), max_batch_size=4, graph_decode=True)
+    with torch.inference_mode():
+        assert engine.warm_up() > 0
+    assert sorted(aset.model._hybridmoe_batch_decoder.chains) == [2, 4]
+    keys = {dec.key[0] for dec in aset.model._hybridmoe_decoders.values()}
+    assert len(aset.model._hybridmoe_decoders) == 3 and None in keys  # base, alpha, beta
+    assert aset.active is None  # back to the base model

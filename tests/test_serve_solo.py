@@ -192,24 +192,28 @@ def test_a_failure_while_moving_to_a_larger_decoder_leaves_a_consistent_padded_b
 
 
 def test_lone_rows_of_the_base_model_and_of_an_adapter_get_their_own_decoders(tmp_path):
-    """A PeftModel keeps naming its last adapter while the server runs the base model with LoRA disabled: the batch-1
-    decoder (whose CUDA graphs hold what ran at capture) is keyed by the LoRA that actually runs, so base and adapter
-    requests never replay each other's graphs; each keeps its decoder (no capture again at every switch)."""
+    """The server switches adapters layer by layer (and disables LoRA for the base model), while a PeftModel keeps
+    naming the adapter it set last: the batch-1 decoder (whose CUDA graphs hold what ran at capture) is keyed by the
+    LoRA the layers actually run, so base and adapter requests never replay each other's graphs; each keeps its
+    decoder (no capture again at every switch)."""
     from hybridmoe.decode_graph import decoder_for
 
     path = make_checkpoint("deepseek_v2", tmp_path / "m")
-    model, _ = hybridmoe.load(path, device="cpu", dtype="float32", progress=False)
-    peft_model = apply_lora(model, "q_proj,kv_b_proj", rank=4, alpha=8, seed=1)  # Linear LoRA only
-    randomize_lora(peft_model, 1, 0.2)
-    save_adapter(peft_model, path / "alpha")
+    for seed, name in enumerate(("alpha", "beta"), start=1):
+        model, _ = hybridmoe.load(path, device="cpu", dtype="float32", progress=False)
+        peft_model = apply_lora(model, "q_proj,kv_b_proj", rank=4, alpha=8, seed=seed)  # Linear LoRA only
+        randomize_lora(peft_model, seed, 0.2)
+        save_adapter(peft_model, path / name)
     model, _ = hybridmoe.load(path, device="cpu", dtype="float32", progress=False)
     aset = AdapterSet(model)
     aset.load("alpha", path / "alpha")
+    aset.load("beta", path / "beta")  # PEFT's model-level active adapter stays whichever it set last
     dev = torch.device("cpu")
-    aset.use(["alpha"])
-    with_lora = decoder_for(aset.model, 64, dev)
-    aset.use([None])
-    base = decoder_for(aset.model, 64, dev)
-    assert base is not with_lora and base.key != with_lora.key
-    aset.use(["alpha"])
-    assert decoder_for(aset.model, 64, dev) is with_lora  # kept, graphs and all
+    decoders = {}
+    for name in ("alpha", None, "beta"):
+        aset.use([name])
+        decoders[name] = decoder_for(aset.model, 64, dev)
+    assert len({id(d) for d in decoders.values()}) == 3 and len({d.key for d in decoders.values()}) == 3
+    for name in ("alpha", "beta", None):
+        aset.use([name])
+        assert decoder_for(aset.model, 64, dev) is decoders[name]  # kept, graphs and all

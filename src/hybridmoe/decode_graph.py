@@ -825,16 +825,15 @@ def _decoders(model: nn.Module) -> dict:
 
 
 def _lora_key(model: nn.Module):
-    """Which Linear LoRA a forward of ``model`` runs: PEFT's active adapters while LoRA is enabled, else None (a
-    PeftModel keeps naming its last adapter while the server runs the base model with LoRA disabled, so the name
-    alone would give the base model's graphs to an adapter's requests, or the other way round)."""
+    """Which Linear LoRA a forward of ``model`` runs: the adapters active in its enabled PEFT LoRA layers, or None.
+    Read from the layers themselves: the server switches adapters layer by layer (``set_adapter`` on each, LoRA
+    disabled for the base model), and a PeftModel's own ``active_adapters`` keeps naming whichever adapter it set
+    last, so that name would give one adapter's (or the base model's) captured graphs to another's requests."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    active = getattr(model, "active_adapters", None)  # PeftModel: a list; transformers models: a method
-    if not isinstance(active, (list, tuple)):
-        return None
-    enabled = any(not m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
-    return tuple(active) if enabled else None
+    active = {a for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
+              for a in m.active_adapters}
+    return tuple(sorted(active)) or None
 
 
 def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs: bool = True) -> StaticDecoder:
