@@ -92,6 +92,13 @@ class _RowCache(Cache):
         super().__init__(layers=layers)
 
 
+def _shifted_columns(lengths: list[int], width: int, count: int, device: torch.device) -> torch.Tensor:
+    """[n, count] int64: for row i, the source columns width - lengths[i] + j of a left-padded cache of ``width``
+    columns, for j < count (clamped into range)."""
+    m = torch.tensor(lengths, device=device)[:, None]  # [n, 1]
+    return (torch.arange(count, device=device)[None, :] + width - m).clamp(0, width - 1)
+
+
 def _bucket_rows(n: int, capacity: int) -> int:
     """The graphs' batch size for n live rows: the next power of two, at most the capacity."""
     return min(1 << max(n - 1, 0).bit_length(), capacity)
@@ -155,10 +162,13 @@ class BatchDecoder:
                                      device=v.device)
                 layers.append(_RowLayer(keys, values, self))
             self.cache = _RowCache(layers)
+        # row i's real positions are its last lengths[i] columns (left padding): one gather per tensor moves every
+        # row's to columns 0.. (a row's columns past its length get copies of padding: never attended, overwritten)
+        longest = max(lengths)
+        cols = _shifted_columns(lengths, width, longest, self.device)  # [n, longest]
         for mine, src in zip(self.cache.layers, cache.layers):
-            for i, m in enumerate(lengths):  # row i's real positions: the last m columns (left padding)
-                mine.keys[i, :, :m].copy_(src.keys[i, :, width - m:width])
-                mine.values[i, :, :m].copy_(src.values[i, :, width - m:width])
+            for dst, t in ((mine.keys, src.keys), (mine.values, src.values)):
+                dst[:n, :, :longest] = t.gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
         self.positions.zero_()  # rows past the live ones write at position 0 of their own (unused) slot
         self.positions[:n].copy_(torch.tensor(lengths, dtype=torch.long))
         self.lengths = list(lengths)
@@ -170,17 +180,15 @@ class BatchDecoder:
         from transformers import DynamicCache
 
         n, width = len(self.lengths), max(self.lengths)
+        lengths = torch.tensor(self.lengths, device=self.device)  # [n]
+        # column c of row r holds its position c - (W - lengths[r]); the padding columns copy position 0 (masked out)
+        cols = (torch.arange(width, device=self.device)[None, :] - (width - lengths)[:, None]).clamp(min=0)  # [n, W]
         out = DynamicCache(config=self.model.config)
         for i, layer in enumerate(self.cache.layers):
-            keys = layer.keys.new_zeros((n, layer.keys.shape[1], width, layer.keys.shape[3]))  # [n, h, W, dk]
-            values = layer.values.new_zeros((n, layer.values.shape[1], width, layer.values.shape[3]))
-            for r, m in enumerate(self.lengths):
-                keys[r, :, width - m:] = layer.keys[r, :, :m]
-                values[r, :, width - m:] = layer.values[r, :, :m]
+            keys, values = (t[:n].gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                            for t in (layer.keys, layer.values))  # [n, h, W, d] (gather makes new tensors)
             out.update(keys, values, i)
-        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
-        for r, m in enumerate(self.lengths):
-            mask[r, width - m:] = 1
+        mask = (torch.arange(width, device=self.device)[None, :] >= (width - lengths)[:, None]).long()  # [n, W]
         return out, mask, list(self.lengths)
 
     # -- the step ----------------------------------------------------------------------------------------------
