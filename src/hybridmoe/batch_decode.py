@@ -92,11 +92,11 @@ class _RowCache(Cache):
         super().__init__(layers=layers)
 
 
-def _shifted_columns(lengths: list[int], width: int, count: int, device: torch.device) -> torch.Tensor:
-    """[n, count] int64: for row i, the source columns width - lengths[i] + j of a left-padded cache of ``width``
-    columns, for j < count (clamped into range)."""
-    m = torch.tensor(lengths, device=device)[:, None]  # [n, 1]
-    return (torch.arange(count, device=device)[None, :] + width - m).clamp(0, width - 1)
+def _shift_columns(t: torch.Tensor, offset: torch.Tensor, count: int) -> torch.Tensor:
+    """t [n, h, W, d] -> a new [n, h, count, d] whose column c of row r is t's column c + offset[r] (clamped into
+    range): moves rows between left padding (the server's padded cache) and position order (this decoder's)."""
+    cols = (torch.arange(count, device=t.device)[None, :] + offset[:, None]).clamp(0, t.shape[2] - 1)  # [n, count]
+    return t.gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
 
 
 def _bucket_rows(n: int, capacity: int) -> int:
@@ -120,10 +120,7 @@ class BatchDecoder:
         self.use_graphs = use_graphs and device.type == "cuda"
         # The GPU computes this share of the experts the rows picked, by expert (decode_graph._BatchShare): the
         # model's setting (CUDA only by default; any device when given, which is how the CPU tests check it)
-        if gpu_share is None:
-            gpu_share = _gpu_share(self.experts, device)
-        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in self.experts}
-        self.gpu_share = gpu_share if len(layouts) == 1 else 0.0  # one set of GPU buffers serves every layer
+        self.gpu_share = _gpu_share(self.experts, device) if gpu_share is None else gpu_share
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)  # [C] each row's next position
         self.row_index = torch.arange(capacity, device=device)  # [C]
         self.columns = torch.arange(max_len, device=device)  # [L]
@@ -162,15 +159,14 @@ class BatchDecoder:
                                      device=v.device)
                 layers.append(_RowLayer(keys, values, self))
             self.cache = _RowCache(layers)
-        # row i's real positions are its last lengths[i] columns (left padding): one gather per tensor moves every
-        # row's to columns 0.. (a row's columns past its length get copies of padding: never attended, overwritten)
-        longest = max(lengths)
-        cols = _shifted_columns(lengths, width, longest, self.device)  # [n, longest]
-        for mine, src in zip(self.cache.layers, cache.layers):
-            for dst, t in ((mine.keys, src.keys), (mine.values, src.values)):
-                dst[:n, :, :longest] = t.gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
         self.positions.zero_()  # rows past the live ones write at position 0 of their own (unused) slot
         self.positions[:n].copy_(torch.tensor(lengths, dtype=torch.long))
+        # row i's real positions are its last lengths[i] columns (left padding): one gather per tensor moves every
+        # row's to columns 0.. (a row's columns past its length get copies of padding: never attended, overwritten)
+        longest, offset = max(lengths), width - self.positions[:n]  # [n]
+        for mine, src in zip(self.cache.layers, cache.layers):
+            mine.keys[:n, :, :longest] = _shift_columns(src.keys, offset, longest)
+            mine.values[:n, :, :longest] = _shift_columns(src.values, offset, longest)
         self.lengths = list(lengths)
 
     @torch.inference_mode()
@@ -180,15 +176,11 @@ class BatchDecoder:
         from transformers import DynamicCache
 
         n, width = len(self.lengths), max(self.lengths)
-        lengths = torch.tensor(self.lengths, device=self.device)  # [n]
-        # column c of row r holds its position c - (W - lengths[r]); the padding columns copy position 0 (masked out)
-        cols = (torch.arange(width, device=self.device)[None, :] - (width - lengths)[:, None]).clamp(min=0)  # [n, W]
+        offset = self.positions[:n] - width  # [n]: column c of row r holds its position c + offset[r]
         out = DynamicCache(config=self.model.config)
-        for i, layer in enumerate(self.cache.layers):
-            keys, values = (t[:n].gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-                            for t in (layer.keys, layer.values))  # [n, h, W, d] (gather makes new tensors)
-            out.update(keys, values, i)
-        mask = (torch.arange(width, device=self.device)[None, :] >= (width - lengths)[:, None]).long()  # [n, W]
+        for i, layer in enumerate(self.cache.layers):  # the padding columns copy position 0 (masked out)
+            out.update(_shift_columns(layer.keys[:n], offset, width), _shift_columns(layer.values[:n], offset, width), i)
+        mask = (torch.arange(width, device=self.device)[None, :] >= -offset[:, None]).long()  # [n, W]
         return out, mask, list(self.lengths)
 
     # -- the step ----------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def _resident_experts(module: HybridExperts, hidden: torch.Tensor, ids: torch.Te
     into the step's graph. One row gathers only its K picked experts from the layer's pinned slot; a batch of rows
     runs every expert of the slot over all rows, with the rows' expert LoRA (:func:`_all_experts`)."""
     gate_up, down, scales, bias = module.weights.unpack(module.streamer.resident_tensors(module.stream_index))
-    if hidden.shape[0] > 1:
+    if hidden.shape[0] > 1 or module.graph_lora:  # (the one-row gather below has no per-row LoRA)
         y = _all_experts(module, gate_up, down, scales, bias, hidden, ids, w, module.graph_lora or [])
         return y.to(hidden.dtype)
     sel = ids[0].to(torch.int64)  # [K]
@@ -460,16 +460,16 @@ class GraphChain:
     ``step(forward)`` runs the step: the first call eagerly (on the capture stream, so lazy per-stream state such as
     cuBLAS workspaces exists before capture), the second captures and replays, later ones replay. ``forward`` is a
     function of no arguments over static input tensors, returning the logits (the graphs' output). :attr:`rows`: how
-    many leading rows the CPU part computes (None: all). :attr:`resident_in_graph`: whether resident expert layers
-    are computed inside the graphs (else they are cut like the others).
+    many leading rows the CPU part computes (None: all). ``gpu_share``: the share of the experts computed on the GPU
+    meanwhile (0 when the layers' weights differ in layout: one set of GPU buffers serves every layer).
     """
 
     def __init__(self, experts: list[HybridExperts], device: torch.device, use_graphs: bool = True,
-                 gpu_share: float = 0.0, resident_in_graph: bool = True):
+                 gpu_share: float = 0.0):
         self.experts, self.device = experts, device
         self.use_graphs = use_graphs and device.type == "cuda"
-        self.gpu_share = gpu_share
-        self.resident_in_graph = resident_in_graph
+        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in experts}
+        self.gpu_share = gpu_share if len(layouts) <= 1 else 0.0
         self.cuts: list[_Cut] = []
         self.share: _GpuShare | None = None
         self.hook = _Hook(self)
@@ -488,7 +488,7 @@ class GraphChain:
         """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
         only the CPU part applies: a module's own LoRA, or per-row LoRA without the static row masks that
         :func:`_all_experts` reads, ``graph_lora``)."""
-        if not self.resident_in_graph or not _resident(module) or module.lora:
+        if not _resident(module) or module.lora:
             return False
         return module.row_lora is None or module.graph_lora is not None
 
@@ -627,8 +627,7 @@ class StaticDecoder:
         # is how the CPU tests check it). Not with LoRA on the routed experts: their factors stay on the CPU.
         if gpu_share is None:
             gpu_share = _gpu_share(experts, device)
-        layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in experts}
-        if any(m.lora for m in experts) or len(layouts) > 1:  # one set of GPU buffers serves every layer
+        if any(m.lora for m in experts):
             gpu_share = 0.0
         self.chain = GraphChain(experts, device, use_graphs, gpu_share)
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs

@@ -179,9 +179,9 @@ class DecodeBatch:
         return logits
 
     def _evict(self, dec) -> None:
-        """A model's decoder (``dec``, or None) is shared by every batch of the engine: the batch that holds it now
-        gets its rows back in padded form before this one loads its rows or replaces it."""
-        prev = getattr(dec, "owner", None)
+        """A model's decoder is shared by every batch of the engine: the batch that holds it now gets its rows back in
+        padded form before this one loads its own."""
+        prev = dec.owner
         if prev is not None and prev is not self:
             prev.detach()
 
@@ -194,8 +194,8 @@ class DecodeBatch:
             self.detach()
         if self.multi is None:  # sized like a lone row's static cache (below)
             want = min(max(longest + 1 + min(room, SOLO_HEADROOM), grown), decode_graph.STATIC_CACHE_MAX_TOKENS)
-            self._evict(getattr(self.model, "_hybridmoe_batch_decoder", None))
             dec = batch_decoder_for(self.model, self.capacity, want, tokens.device)
+            self._evict(dec)  # (batch_decoder_for hands back the rows of a decoder it closes itself)
             dec.load(self.cache, self.mask, self.lengths)
             self.multi, self.cache, dec.owner = dec, None, self
         logits = self.multi.step(tokens)  # [B, V] fp32
