@@ -10,12 +10,24 @@ source benchmarks/steps.sh
 host_setup
 LOAD16="python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 --resident-expert-layers 26
   --clients 16 --requests 1 --max-tokens 64"
+ADAPTER="--adapter a=/tmp/v2lite/bench_adapter"
+# the V2-Lite-shaped checkpoint (once per host) and its random adapter on every target
+v2lite_and_adapter() {
+  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+  step adapter "${1:-80}" $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+}
+# issue_table NAME SECONDS RESIDENT [serve_load flags]: issue 18's table, per-token timing
+issue_table() {
+  local name=$1 limit=$2 resident=$3
+  shift 3
+  step "$name" "$limit" $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
+    --resident-expert-layers "$resident" --issue-table --token-timing "$@"
+}
 if [ "${PART:-a}" = a ]; then
   step pytest_gpu_serve 80 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_serve.py -k cuda_greedy &
   [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
   wait
-  step serve_solo_graphs 130 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
-    --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing
+  issue_table serve_solo_graphs 130 26
   step serve_pyspy 150 $NOW /tmp/pydeps/bin/py-spy record --threads --idle --rate 50 --format raw \
     -o "$OUT/serve_pyspy.txt" -- $LOAD16
   step serve_switch_5ms 80 $NOW $LOAD16
@@ -26,13 +38,10 @@ fi
 if [ "${PART}" = b ]; then
   step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py \
     tests/test_decode_graph.py tests/test_serve.py tests/test_serve_solo.py tests/test_mixed_adapters.py &
-  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-  step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  v2lite_and_adapter
   wait
   for r in ${RESIDENT:-26 0}; do
-    step serve_batch_graphs_r$r 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-      --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers $r --issue-table \
-      --token-timing
+    issue_table serve_batch_graphs_r$r 150 $r $ADAPTER
   done
 fi
 #   PART=c: after the fixes of S8-b (the graphs' output copied, warm-up at startup): the batch decoder's GPU test,
@@ -40,33 +49,22 @@ fi
 #           through `hybridmoe serve` as users start it, and base-only
 if [ "${PART}" = c ]; then
   step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py tests/test_serve.py &
-  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-  step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  v2lite_and_adapter
   wait
   step prefill_profile 90 $NOW python benchmarks/serve_profile.py --model /tmp/v2lite \
     --adapter /tmp/v2lite/bench_adapter --resident 26 --prefill
-  step serve_r26_adapter 120 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
-    --token-timing
-  step serve_r26_base_cli 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
-    --resident-expert-layers 26 --issue-table --token-timing --serve-cli
+  issue_table serve_r26_adapter 120 26 $ADAPTER
+  issue_table serve_r26_base_cli 150 26 --serve-cli
 fi
 #   PART=d: issue 18's table after the warm-up covers adapters and greedy logprob rows are batched: every layer
 #           resident in-process and through `hybridmoe serve`, and none resident (the 6 GiB-class setting)
 if [ "${PART}" = d ]; then
   step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py tests/test_serve.py &
-  [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-  step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  v2lite_and_adapter
   wait
-  step serve_r26_adapter 120 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
-    --token-timing
-  step serve_r26_adapter_cli 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
-    --token-timing --serve-cli
-  step serve_r0_adapter 150 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 0 --issue-table \
-    --token-timing
+  issue_table serve_r26_adapter 120 26 $ADAPTER
+  issue_table serve_r26_adapter_cli 150 26 $ADAPTER --serve-cli
+  issue_table serve_r0_adapter 150 0 $ADAPTER
 fi
 #   PART=e: the batched GPU share (decode_graph._BatchShare), experts in host RAM (0 resident), base only: its GPU
 #           tests, then issue 18's table with the default share (1/3 for bf16) against none, in one run
@@ -76,30 +74,23 @@ if [ "${PART}" = e ]; then
   [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
   wait
   for share in ${SHARES:-0.3333 0}; do
-    step serve_r0_share_$share 130 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
-      --dtype bfloat16 --resident-expert-layers 0 --issue-table --token-timing --decode-gpu-share $share
+    issue_table serve_r0_share_$share 130 0 --decode-gpu-share $share
   done
 fi
 #   PART=f: the whole GPU test suite on the final code, then issue 18's table through `hybridmoe serve` (every layer
 #           resident, half on the adapter) with `hybridmoe chat -v`'s decode speed now leaving out its one-time setup
 if [ "${PART}" = f ]; then
-  ( [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-    step adapter 80 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite ) &
+  v2lite_and_adapter &
   step pytest_gpu_all 290 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests
   wait
-  step serve_r26_adapter_cli 110 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
-    --token-timing --serve-cli
+  issue_table serve_r26_adapter_cli 110 26 $ADAPTER --serve-cli
 fi
 #   PART=g: after batch-1 decoders were keyed by the LoRA that runs and kept per adapter (warm-up captures each):
 #           their GPU tests, then issue 18's table through `hybridmoe serve`
 if [ "${PART}" = g ]; then
-  ( [ -d /tmp/v2lite ] || step make 70 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-    step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite ) &
+  v2lite_and_adapter 60 &
   step pytest_gpu 90 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
     tests/test_batch_decode.py tests/test_serve.py tests/test_serve_solo.py
   wait
-  step serve_r26_adapter_cli 100 $NOW python benchmarks/serve_load.py --model /tmp/v2lite \
-    --adapter a=/tmp/v2lite/bench_adapter --device cuda --dtype bfloat16 --resident-expert-layers 26 --issue-table \
-    --token-timing --serve-cli
+  issue_table serve_r26_adapter_cli 100 26 $ADAPTER --serve-cli
 fi
