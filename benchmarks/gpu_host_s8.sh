@@ -86,11 +86,13 @@ if [ "${PART}" = f ]; then
   issue_table serve_r26_adapter_cli 110 26 $ADAPTER --serve-cli
 fi
 #   PART=g: after batch-1 decoders were keyed by the LoRA that runs and kept per adapter (warm-up captures each):
-#           their GPU tests, then issue 18's table through `hybridmoe serve`
+#           their GPU tests, then issue 18's table through `hybridmoe serve`, every layer resident and none
 if [ "${PART}" = g ]; then
   v2lite_and_adapter 60 &
   step pytest_gpu 90 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
     tests/test_batch_decode.py tests/test_serve.py tests/test_serve_solo.py
   wait
   issue_table serve_r26_adapter_cli 100 26 $ADAPTER --serve-cli
+  # experts in host RAM: the batched GPU share now takes the rows with routed-expert LoRA too (S8-d: 49.9 tok/s)
+  issue_table serve_r0_adapter_cli 170 0 $ADAPTER --serve-cli
 fi
