@@ -529,42 +529,85 @@ def train_baseline(args) -> None:
 
 
 def profile(args) -> None:
-    """torch.profiler over two LoRA training steps of the hybrid model (gradient checkpointing, chunked loss, as the
-    trainer runs them): where the time goes, on the CPU and on the GPU."""
-    from torch.profiler import ProfilerActivity, profile
+    """torch.profiler over a LoRA training step of the hybrid model as the trainer runs it (gradient checkpointing,
+    chunked loss, the joint clip and the fused AdamW over both devices): phase times with a sync between phases
+    (median of 3 steps), then one profiled step whose chrome trace goes to $OUT (or --dir) and is summarized by
+    benchmarks/trace_summary.py (copies vs kernels vs an idle GPU)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from hybridmoe.adapters import apply_lora
     from hybridmoe.experts.streaming import model_streamer
     from hybridmoe.loss import causal_lm_loss
+    from hybridmoe.training import named_trainable
 
-    model = apply_lora(_load_hybrid(args.dir), "all", rank=8, alpha=16, seed=0)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trace_summary import summarize
+
+    model = apply_lora(_load_hybrid(args.dir, args.expert_dtype), "all", rank=8, alpha=16, seed=0)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    params = [p for _, p in named_trainable(model)]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(DEV), "attention_mask": torch.ones_like(ids).to(DEV), "labels": ids.to(DEV)}
 
-    def step():
-        causal_lm_loss(model, batch, ids.numel()).backward()
+    def sync():
         if DEV == "cuda":
             torch.cuda.synchronize()
+
+    def step(phases: dict | None = None):
+        t = time.perf_counter()
+        with record_function("forward"):
+            loss = causal_lm_loss(model, batch, ids.numel())
+        if phases is not None:
+            sync()
+            phases["forward"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+        with record_function("backward"):
+            loss.backward()
+        if phases is not None:
+            sync()
+            phases["backward"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+        with record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        if phases is not None:
+            phases["optimizer"].append(time.perf_counter() - t)
 
     step()
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    step()
-    plain = time.perf_counter() - t
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-    with profile(activities=acts) as prof:
+    walls, phases = [], {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(3):
+        t = time.perf_counter()
         step()
+        walls.append(time.perf_counter() - t)
+    for _ in range(2):
+        step(phases)
+    plain = sorted(walls)[1]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof, record_function("train_step"):
+        step()
+    out = Path(os.environ.get("OUT", args.dir))
+    trace = out / f"train_trace_{args.expert_dtype or 'bfloat16'}.json"
+    prof.export_chrome_trace(str(trace))
+    subprocess.run(["gzip", "-f", str(trace)], check=False)
+    trace = trace.with_suffix(".json.gz") if trace.with_suffix(".json.gz").exists() else trace
     streamer = model_streamer(model)
-    emit({"bench": "profile_train_step", "seconds_per_step": round(plain, 3), "tokens": args.batch * args.seq,
+    emit({"bench": "profile_train_step", "expert_dtype": args.expert_dtype or "bfloat16",
+          "seconds_per_step": round(plain, 3), "tokens": args.batch * args.seq,
           "tokens_per_s": round(args.batch * args.seq / plain, 1),
+          "phases_s": {k: [round(v, 3) for v in vs] for k, vs in phases.items()},
           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0,
           "stream_stats": vars(streamer.stats) if streamer else None})
+    from trace_summary import load
+
+    emit({"bench": "train_step_trace", "expert_dtype": args.expert_dtype or "bfloat16", "trace": str(trace),
+          **summarize(load(str(trace)), "train_step")})
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
-    if DEV == "cuda":
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
 
 
 def profile_decode(args) -> None:
