@@ -20,3 +20,23 @@ if [ "${PART:-a}" = a ]; then
   step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 12 \
     --log-every 1
 fi
+#   PART=b: why the server's prefills of the issue-18 table take 0.4 s a batch (S9-g: TTFT p50 2.15 s; the engine
+#           alone: 0.1 s): SDPA's first call per new shape by backend (cuDNN builds a plan per shape), then the table
+#           through `hybridmoe serve` as is and with cuDNN attention off (a sitecustomize in that process tree)
+if [ "${PART}" = b ]; then
+  step sdpa_shapes 60 $NOW python benchmarks/sdpa_shapes.py &
+  make_v2lite
+  wait
+  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  issue_table() {  # NAME SECONDS RESIDENT [flags]: as in gpu_host_s8.sh
+    local name=$1 limit=$2 resident=$3
+    shift 3
+    step "$name" "$limit" $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
+      --resident-expert-layers "$resident" --issue-table --token-timing "$@"
+  }
+  issue_table serve_r26_adapter_cli 100 26 --adapter a=/tmp/v2lite/bench_adapter --serve-cli
+  mkdir -p /tmp/nocudnn
+  echo "import torch; torch.backends.cuda.enable_cudnn_sdp(False)" > /tmp/nocudnn/sitecustomize.py
+  NOW="env PYTHONPATH=/tmp/nocudnn:$PWD/src:${PYTHONPATH:-}" issue_table serve_r26_adapter_cli_nocudnn 100 26 \
+    --adapter a=/tmp/v2lite/bench_adapter --serve-cli
+fi
