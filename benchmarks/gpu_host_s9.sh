@@ -40,3 +40,22 @@ if [ "${PART}" = b ]; then
   NOW="env PYTHONPATH=/tmp/nocudnn:$PWD/src:${PYTHONPATH:-}" issue_table serve_r26_adapter_cli_nocudnn 100 26 \
     --adapter a=/tmp/v2lite/bench_adapter --serve-cli
 fi
+#   PART=c: after the fixes of S9-a/b (each expert layer's LoRA factors copied before the next layer's prefetch and
+#           reused by its backward; CPU gradient norms by rows; cuDNN attention off once a model is on the GPU): the
+#           trainer's step profiled again (bf16, int8), the trainer itself, the GPU tests of the touched code, and
+#           issue 18's table through `hybridmoe serve`
+if [ "${PART}" = c ]; then
+  make_v2lite
+  for dt in ${DTYPES:-bfloat16 int8}; do
+    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
+      --expert-dtype $dt
+  done
+  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 12 \
+    --log-every 1
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_streaming.py tests/test_train.py \
+    tests/test_int8_experts.py tests/test_split_prefill.py tests/test_serve.py
+  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  step serve_r26_adapter_cli 100 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
+    --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing --adapter a=/tmp/v2lite/bench_adapter \
+    --serve-cli
+fi

@@ -537,6 +537,7 @@ def profile(args) -> None:
 
     from hybridmoe.adapters import apply_lora
     from hybridmoe.experts.streaming import model_streamer
+    from hybridmoe.grad_clip import clip_grad_norm
     from hybridmoe.loss import causal_lm_loss
     from hybridmoe.training import named_trainable
 
@@ -570,7 +571,7 @@ def profile(args) -> None:
             phases["backward"].append(time.perf_counter() - t)
             t = time.perf_counter()
         with record_function("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            clip_grad_norm(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()

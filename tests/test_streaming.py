@@ -84,6 +84,48 @@ def test_streamed_training_step_equals_cpu_path_and_prefetches(deep_ckpt, checkp
     assert streamer.stats.prefetches >= 8 and streamer.stats.hits > 0
 
 
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-checkpointing", "no-checkpointing"])
+def test_streamed_step_copies_expert_lora_before_the_next_prefetch_and_once_per_pass(deep_ckpt, checkpointing,
+                                                                                      monkeypatch):
+    """Host->device copies run in issue order on the copy engine, whatever their stream: a layer's LoRA factors
+    copied after the next layer's weight prefetch was queued wait for that whole copy, and its compute with them (on
+    the H200, S9-a: no overlap of copies and kernels). So each call makes its factors before it queues the prefetch,
+    and the backward reuses the factors of the forward (or recompute) of its layer instead of copying them again."""
+    from hybridmoe.experts.cpu_experts import ExpertLoRA
+
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    if checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    streamer = enable_streaming(model, "cpu", min_tokens=8)
+    owner = {id(lo): m.stream_index for m in model.modules() if isinstance(m, HybridExperts) for lo in m.lora.values()}
+    events = []
+    factors_on, fill = ExpertLoRA.factors_on, ExpertStreamer._fill
+
+    def spy_factors(self, *a, **k):
+        events.append(("factors", owner[id(self)]))
+        return factors_on(self, *a, **k)
+
+    def spy_fill(self, slot, idx, *a, **k):
+        events.append(("copy", idx))
+        return fill(self, slot, idx, *a, **k)
+
+    monkeypatch.setattr(ExpertLoRA, "factors_on", spy_factors)
+    monkeypatch.setattr(ExpertStreamer, "_fill", spy_fill)
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    _step(model, ids)
+    events.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    passes = 3 if checkpointing else 2  # forward, (recompute,) backward
+    copies = [i for i, (kind, _) in enumerate(events) if kind == "copy"]
+    assert copies, events
+    for i in copies:  # the layer that queued this prefetch had made both its projections' factors just before
+        before = [e for e in events[:i] if e[0] == "factors"]
+        assert before[-2:] and before[-1][1] == before[-2][1], events
+    made = sum(kind == "factors" for kind, _ in events)
+    assert made == 2 * len(streamer.layers) * (passes - 1), events  # two projections a layer, none in backward
+
+
 def test_small_batches_stay_on_the_cpu(deep_ckpt):
     from hybridmoe.placement import format_report, placement_report
 

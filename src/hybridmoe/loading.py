@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .attention_backend import avoid_per_shape_plans
 from .checkpoint import Checkpoint, KeyMapper, _check_dir, read_config
 from .errors import CheckpointError, ConfigError
 from .experts import HybridExperts, experts_spec, find_fused_experts
@@ -383,6 +384,7 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
+    avoid_per_shape_plans(dev)  # prompts of every length: no cuDNN attention plan per new shape
     model.hybridmoe = HybridMeta(str(ckpt.path), dev, dt, edt, list(experts), settings=settings,
                                  source_format=_describe(fmt, next(iter(experts.values())).weights.fmt))  # as held
     _setup_streaming(model, experts, dev, stream_min_tokens, stream_slots, stream_cpu_share, resident_expert_layers)

@@ -45,6 +45,7 @@ from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
 from .experts.streaming import model_streamer
 from .experts.watch import NonFiniteWatch
+from .grad_clip import clip_grad_norm
 from .io import fs_errors, recover_interrupted
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
@@ -339,9 +340,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
             loss = _accumulate(runner, micro, setup.device, n_items)
             # DDP has summed the Linear LoRA gradients during the last backward; the expert LoRA is summed here.
             distributed.all_reduce_cpu_grads(setup.expert_params, ctx, via)
-            # Joint norm over both devices (clip_grad_norm_ groups by device, then combines the per-device norms).
+            # Joint norm over both devices (grouped by device, then the per-device norms combined, as torch does).
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            gnorm = clip_grad_norm(params, max_norm)
             loss_v, gnorm_v, stop_now = _agree(loss, gnorm, stop.requested, ctx)
             st.step += 1
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):

@@ -125,6 +125,11 @@ class ExpertWeights:
     def format_name(self) -> str:
         return format_name(self.fmt)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype :meth:`to_float` gives: the weights' own for bf16/fp32, bf16 for int8 and 4-bit."""
+        return torch.bfloat16 if self.quantized else self.gate_up.dtype
+
     def write(self, proj: str, value: torch.Tensor, expert: int | None = None, rows: slice = slice(None)) -> None:
         """Store float weights: the whole projection ([E, out, in], expert None) or rows of one expert; quantized on
         the way in when the weights are int8 or 4-bit."""
@@ -416,6 +421,7 @@ class _ExpertsFn(torch.autograd.Function):
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         t, k = ids.shape
         order, math = module.expert_math(ids, backend, prefetch)  # order: [S] slot ids sorted by expert
+        ctx.lora = math.lora  # the factors as this pass computed with them (device copies): the backward's too
         x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
         _watch.note(module, _watch.FORWARD_INPUT, x)  # a device-side flag, no host sync (see watch.py)
         x_sorted = x[order // k]  # [S, H]
@@ -437,7 +443,8 @@ class _ExpertsFn(torch.autograd.Function):
         module: HybridExperts = ctx.module
         _watch.note(module, _watch.BACKWARD_OUTPUT_GRAD, grad_out)
         t, k = ids.shape
-        order, math = module.expert_math(ids, ctx.backend, ctx.prefetch)  # same sort; weights again (a cache hit)
+        # Same sort; weights again (a cache hit); the forward's LoRA factors (no copy queued behind the prefetch).
+        order, math = module.expert_math(ids, ctx.backend, ctx.prefetch, lora=ctx.lora)
         tok = order // k
         g_sorted = grad_out.detach().to(ctx.where, x.dtype)[tok]  # [S, H] dL/d(expert output · w), per slot
         grad_w = torch.empty_like(w).view(-1)  # [T*K] fp32
@@ -566,24 +573,29 @@ class HybridExperts(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------------------------
     def expert_math(self, ids: torch.Tensor, backend: str, prefetch: bool = True, cpu_experts: int = 0,
-                    prefetch_cpu_experts: int | None = None,
-                    slots: int | None = None) -> tuple[torch.Tensor, LoopMath | GroupedMath]:
+                    prefetch_cpu_experts: int | None = None, slots: int | None = None,
+                    lora: dict[str, LoRAFactors] | None = None) -> tuple[torch.Tensor, LoopMath | GroupedMath]:
         """Sort the flattened [T*K] (token, k) slots by expert; (order [S], the math over the sorted rows).
 
         "grouped": grouped GEMMs on the device, group ends as a device tensor (no host sync); "cpu" and "device-loop":
         the per-expert loop over the host weights or the streamed slot. cpu_experts: c > 0 computes experts [0, E - c)
         only (their weights and LoRA; :mod:`hybridmoe.experts.split` gives the others to the CPU), over the first
         `slots` sorted slots (those routed to them, counted on the host); prefetch_cpu_experts: the c of the next
-        layer's prefetch (:meth:`ExpertStreamer.acquire`).
+        layer's prefetch (:meth:`ExpertStreamer.acquire`). lora: the factors an earlier call of this pass made
+        (the backward reuses its forward's: no second copy), else made here.
         """
         flat = ids.view(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, deterministic
         if slots is not None:
             order = order[:slots]  # [S]
         first = self.num_experts - cpu_experts
-        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch, cpu_experts, prefetch_cpu_experts)
         grouped = backend == "grouped"
-        lora = self.lora_on(ids.device, w_gu.dtype if grouped else torch.float32, pad_rank=grouped)
+        if lora is None:
+            # Before weights_on: that queues the next layer's prefetch, and host->device copies run in issue order on
+            # the copy engine whatever their stream, so these few MB issued after it would wait the whole ~20 ms
+            # layer copy and the compute with them (S9-a: no overlap of copies and kernels in a training step).
+            lora = self.lora_on(ids.device, self.weights.compute_dtype if grouped else torch.float32, pad_rank=grouped)
+        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch, cpu_experts, prefetch_cpu_experts)
         if cpu_experts:
             lora = {p: LoRAFactors(f.A[:first], f.B[:first], f.scale) for p, f in lora.items()}
         if grouped:

@@ -1,0 +1,52 @@
+"""hybridmoe.grad_clip.clip_grad_norm against torch.nn.utils.clip_grad_norm_ (norm 2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hybridmoe.grad_clip import clip_grad_norm
+
+
+def _params(seed: int, scale: float = 3.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 8, 30), (64, 30, 8), (7,), (3, 5), ()]  # expert-LoRA-like, a bias, a matrix, a scalar
+    ps = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * scale
+    ps.append(torch.randn(4, requires_grad=True))  # no gradient: skipped, as torch skips it
+    return ps
+
+
+def _twin(ps: list[torch.Tensor]) -> list[torch.Tensor]:
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    for p, q in zip(ps, qs):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return qs
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, float("inf")])
+def test_clip_equals_torch(max_norm):
+    ps = _params(0)
+    qs = _twin(ps)
+    ours = clip_grad_norm(ps, max_norm)
+    ref = torch.nn.utils.clip_grad_norm_(qs, max_norm, foreach=True)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    for p, q in zip(ps, qs):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_non_finite_gradient_gives_a_non_finite_norm_and_no_error():
+    ps = _params(1)
+    ps[0].grad[3, 2, 1] = float("nan")
+    assert math.isnan(clip_grad_norm(ps, 1.0).item())
+    ps = _params(1)
+    ps[2].grad[0] = float("inf")
+    assert not math.isfinite(clip_grad_norm(ps, 1.0).item())
+
+
+def test_no_gradients():
+    assert clip_grad_norm([torch.zeros(3, requires_grad=True)], 1.0).item() == 0.0
