@@ -24,6 +24,7 @@ from hybridmoe.experts.streaming import enable_streaming
 from hybridmoe.generation import SamplingConfig, generate
 from hybridmoe.testing import TINY_ARCHS
 
+from .conftest import DEVICES
 from .helpers import randomize_lora, write_dataset
 
 
@@ -45,6 +46,17 @@ def test_quantize_rows_error_is_half_a_step():
     err = (dequantize_rows(q, s).float() - w).abs()
     bound = step / 2 + (q.float() * step).abs() * 2**-8  # half a step, + the bf16 rounding of q·s itself
     assert bool((err <= bound).all())
+
+
+@DEVICES
+def test_dequantize_rows_is_the_product_of_the_bf16_codes_bit_for_bit(device):
+    """One pass (int8 * bf16 promoted in the kernel) gives the same bits as converting the codes to bf16 first."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (8, 96, 64), generator=g, dtype=torch.int8).to(device)
+    scale = (torch.rand(8, 96, generator=g) * 0.05 + 1e-4).to(torch.bfloat16).to(device)
+    out = dequantize_rows(q, scale)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.view(torch.int16), (q.to(torch.bfloat16) * scale.unsqueeze(-1)).view(torch.int16))
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
