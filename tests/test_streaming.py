@@ -126,6 +126,37 @@ def test_streamed_step_copies_expert_lora_before_the_next_prefetch_and_once_per_
     assert made == 2 * len(streamer.layers) * (passes - 1), events  # two projections a layer, none in backward
 
 
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-checkpointing", "no-checkpointing"])
+def test_forward_lora_factors_live_until_backward_only_without_checkpointing(deep_ckpt, checkpointing, monkeypatch):
+    """The factors the backward reuses are saved like activations: under gradient checkpointing the forward's are
+    dropped at once (every layer's device copies alive until backward would be ~0.2 GiB on V2-Lite; S9-c)."""
+    import gc
+    import weakref
+
+    from hybridmoe.experts.cpu_experts import ExpertLoRA
+
+    model = apply_lora(load_model(deep_ckpt, device="cpu", dtype="float32", progress=False), "all", 4, 8, seed=1)
+    if checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    enable_streaming(model, "cpu", min_tokens=8)
+    made = []
+    factors_on = ExpertLoRA.factors_on
+
+    def spy(self, *a, **k):
+        out = factors_on(self, *a, **k)
+        made.extend(weakref.ref(t) for t in out)
+        return out
+
+    monkeypatch.setattr(ExpertLoRA, "factors_on", spy)
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    alive = sum(r() is not None for r in made)
+    assert made and alive == (0 if checkpointing else len(made))
+    loss.backward()
+
+
 def test_small_batches_stay_on_the_cpu(deep_ckpt):
     from hybridmoe.placement import format_report, placement_report
 

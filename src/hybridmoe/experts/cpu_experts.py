@@ -425,7 +425,6 @@ class _ExpertsFn(torch.autograd.Function):
         ctx.device, ctx.hidden_dtype, ctx.weight_dtype = device, out_dtype, top_k_weights.dtype
         t, k = ids.shape
         order, math = module.expert_math(ids, backend, prefetch)  # order: [S] slot ids sorted by expert
-        ctx.lora = math.lora  # the factors as this pass computed with them (device copies): the backward's too
         x = hidden.detach().to(where, math.act_dtype)  # [T, H] (fp32 on the CPU path)
         _watch.note(module, _watch.FORWARD_INPUT, x)  # a device-side flag, no host sync (see watch.py)
         x_sorted = x[order // k]  # [S, H]
@@ -436,19 +435,26 @@ class _ExpertsFn(torch.autograd.Function):
         gu_sorted, y_sorted = math.forward(x_sorted, keep)  # [S, 2I] (empty unless kept), [S, H]; act dtype
         del x_sorted
         out = unsort_sum(y_sorted * w.view(-1)[order, None].to(x.dtype), order, t, k)  # [T, H] fp32
-        ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0])
+        # The LoRA factors this pass computed with (device copies on the GPU path) serve the backward too: no second
+        # copy queued behind the next prefetch. Saved like the activations, so gradient checkpointing drops them
+        # after the forward and keeps the recompute's (as ctx attributes every layer's would live until backward).
+        ctx.lora_scales = {p: f.scale for p, f in math.lora.items()}
+        ctx.save_for_backward(x, ids, w, gu_sorted, y_sorted if keep else y_sorted[:0],
+                              *(factor for f in math.lora.values() for factor in (f.A, f.B)))
         _watch.note(module, _watch.FORWARD_OUTPUT, out)
         # Back to the model device (a no-op on the GPU path). non_blocking is unsafe: `out` is pageable, freed next.
         return out.to(device, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ids, w, gu_sorted, y_sorted = ctx.saved_tensors
+        x, ids, w, gu_sorted, y_sorted, *factors = ctx.saved_tensors
+        lora = {p: LoRAFactors(factors[2 * i], factors[2 * i + 1], scale)
+                for i, (p, scale) in enumerate(ctx.lora_scales.items())}
         module: HybridExperts = ctx.module
         _watch.note(module, _watch.BACKWARD_OUTPUT_GRAD, grad_out)
         t, k = ids.shape
         # Same sort; weights again (a cache hit); the forward's LoRA factors (no copy queued behind the prefetch).
-        order, math = module.expert_math(ids, ctx.backend, ctx.prefetch, lora=ctx.lora)
+        order, math = module.expert_math(ids, ctx.backend, ctx.prefetch, lora=lora)
         tok = order // k
         g_sorted = grad_out.detach().to(ctx.where, x.dtype)[tok]  # [S, H] dL/d(expert output · w), per slot
         grad_w = torch.empty_like(w).view(-1)  # [T*K] fp32
