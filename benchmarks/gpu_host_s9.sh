@@ -59,3 +59,22 @@ if [ "${PART}" = c ]; then
     --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing --adapter a=/tmp/v2lite/bench_adapter \
     --serve-cli
 fi
+#   PART=d: the final code for issue 20's training rows (int8 dequantized in one pass; the backward's LoRA factors
+#           saved like activations, so the peak is back under 6 GiB): the trainer's step profiled (bf16, int8), the
+#           trainer as `hybridmoe train` runs it (logging every 10 steps, as the example YAMLs), prefill of 1024
+#           tokens, and the GPU tests of the touched code. Logs and traces come back as one archive.
+if [ "${PART}" = d ]; then
+  make_v2lite
+  for dt in ${DTYPES:-bfloat16 int8}; do
+    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
+      --expert-dtype $dt
+  done
+  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
+    --log-every 10
+  step train_int8 120 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
+    --log-every 10 --expert-dtype int8
+  step prefill_bf16 90 $NOW python benchmarks/v2lite.py prefill --dir /tmp/v2lite --prompt-len 1024
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_streaming.py tests/test_train.py \
+    tests/test_int8_experts.py tests/test_split_prefill.py
+  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
+fi
