@@ -78,3 +78,15 @@ if [ "${PART}" = d ]; then
     tests/test_int8_experts.py tests/test_split_prefill.py
   (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
 fi
+#   PART=e: after the staged expert-LoRA gradients are added to .grad during the backward (as their copies finish)
+#           instead of all at its end: the trainer (bf16; int8 last), and the GPU tests that stage gradients
+if [ "${PART}" = e ]; then
+  make_v2lite
+  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
+    --log-every 10
+  step pytest_gpu 90 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_equivalence.py tests/test_train.py \
+    tests/test_streaming.py tests/test_int8_experts.py
+  step train_int8 110 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
+    --log-every 10 --expert-dtype int8
+  (cd "$OUT" && tar czf bundle.tgz ./*.log 2>/dev/null && rm -f ./*.log)
+fi
