@@ -11,14 +11,36 @@ host_setup
 make_v2lite() {
   [ -d /tmp/v2lite ] || step make 80 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
 }
-if [ "${PART:-a}" = a ]; then
-  make_v2lite
+# profile_steps: the trainer's step profiled (v2lite.py profile), one process per expert dtype in $DTYPES
+profile_steps() {
   for dt in ${DTYPES:-bfloat16 int8}; do
     step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
       --expert-dtype $dt
   done
-  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 12 \
-    --log-every 1
+}
+# trainer NAME SECONDS STEPS LOG_EVERY [flags]: the trainer's code path (v2lite.py train) at batch 4 x 1024
+trainer() {
+  local name=$1 limit=$2 steps=$3 every=$4
+  shift 4
+  step "$name" "$limit" $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps "$steps" \
+    --log-every "$every" "$@"
+}
+# serve_table NAME: issue 18's table through `hybridmoe serve`, every layer resident, half of the clients on the adapter
+serve_table() {
+  step "$1" 100 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
+    --resident-expert-layers 26 --issue-table --token-timing --adapter a=/tmp/v2lite/bench_adapter --serve-cli
+}
+adapter() {
+  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+}
+# bundle_logs: the logs and traces back as one archive (the device returns a limited number of files)
+bundle_logs() {
+  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
+}
+if [ "${PART:-a}" = a ]; then
+  make_v2lite
+  profile_steps
+  trainer train_bf16 100 12 1
 fi
 #   PART=b: why the server's prefills of the issue-18 table take 0.4 s a batch (S9-g: TTFT p50 2.15 s; the engine
 #           alone: 0.1 s): SDPA's first call per new shape by backend (cuDNN builds a plan per shape), then the table
@@ -27,18 +49,11 @@ if [ "${PART}" = b ]; then
   step sdpa_shapes 60 $NOW python benchmarks/sdpa_shapes.py &
   make_v2lite
   wait
-  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
-  issue_table() {  # NAME SECONDS RESIDENT [flags]: as in gpu_host_s8.sh
-    local name=$1 limit=$2 resident=$3
-    shift 3
-    step "$name" "$limit" $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
-      --resident-expert-layers "$resident" --issue-table --token-timing "$@"
-  }
-  issue_table serve_r26_adapter_cli 100 26 --adapter a=/tmp/v2lite/bench_adapter --serve-cli
+  adapter
+  serve_table serve_r26_adapter_cli
   mkdir -p /tmp/nocudnn
   echo "import torch; torch.backends.cuda.enable_cudnn_sdp(False)" > /tmp/nocudnn/sitecustomize.py
-  NOW="env PYTHONPATH=/tmp/nocudnn:$PWD/src:${PYTHONPATH:-}" issue_table serve_r26_adapter_cli_nocudnn 100 26 \
-    --adapter a=/tmp/v2lite/bench_adapter --serve-cli
+  NOW="env PYTHONPATH=/tmp/nocudnn:$PWD/src:${PYTHONPATH:-}" serve_table serve_r26_adapter_cli_nocudnn
 fi
 #   PART=c: after the fixes of S9-a/b (each expert layer's LoRA factors copied before the next layer's prefetch and
 #           reused by its backward; CPU gradient norms by rows; cuDNN attention off once a model is on the GPU): the
@@ -46,18 +61,12 @@ fi
 #           issue 18's table through `hybridmoe serve`
 if [ "${PART}" = c ]; then
   make_v2lite
-  for dt in ${DTYPES:-bfloat16 int8}; do
-    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
-      --expert-dtype $dt
-  done
-  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 12 \
-    --log-every 1
+  profile_steps
+  trainer train_bf16 100 12 1
   step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_streaming.py tests/test_train.py \
     tests/test_int8_experts.py tests/test_split_prefill.py tests/test_serve.py
-  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
-  step serve_r26_adapter_cli 100 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
-    --dtype bfloat16 --resident-expert-layers 26 --issue-table --token-timing --adapter a=/tmp/v2lite/bench_adapter \
-    --serve-cli
+  adapter
+  serve_table serve_r26_adapter_cli
 fi
 #   PART=d: the final code for issue 20's training rows (int8 dequantized in one pass; the backward's LoRA factors
 #           saved like activations, so the peak is back under 6 GiB): the trainer's step profiled (bf16, int8), the
@@ -65,28 +74,21 @@ fi
 #           tokens, and the GPU tests of the touched code. Logs and traces come back as one archive.
 if [ "${PART}" = d ]; then
   make_v2lite
-  for dt in ${DTYPES:-bfloat16 int8}; do
-    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
-      --expert-dtype $dt
-  done
-  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
-    --log-every 10
-  step train_int8 120 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
-    --log-every 10 --expert-dtype int8
+  profile_steps
+  trainer train_bf16 100 31 10
+  trainer train_int8 120 31 10 --expert-dtype int8
   step prefill_bf16 90 $NOW python benchmarks/v2lite.py prefill --dir /tmp/v2lite --prompt-len 1024
   step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_streaming.py tests/test_train.py \
     tests/test_int8_experts.py tests/test_split_prefill.py
-  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
+  bundle_logs
 fi
 #   PART=e: after the staged expert-LoRA gradients are added to .grad during the backward (as their copies finish)
 #           instead of all at its end: the trainer (bf16; int8 last), and the GPU tests that stage gradients
 if [ "${PART}" = e ]; then
   make_v2lite
-  step train_bf16 100 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
-    --log-every 10
+  trainer train_bf16 100 31 10
   step pytest_gpu 90 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_equivalence.py tests/test_train.py \
     tests/test_streaming.py tests/test_int8_experts.py
-  step train_int8 110 $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps 31 \
-    --log-every 10 --expert-dtype int8
-  (cd "$OUT" && tar czf bundle.tgz ./*.log 2>/dev/null && rm -f ./*.log)
+  trainer train_int8 110 31 10 --expert-dtype int8
+  bundle_logs
 fi
