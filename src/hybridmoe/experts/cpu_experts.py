@@ -23,6 +23,7 @@ recomputed; under gradient checkpointing they live for one layer at a time).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 import threading
@@ -496,57 +497,65 @@ _LORA_ARG = 6  # index of the first LoRA tensor among _ExpertsFn.forward's input
 
 
 class _Staged(threading.local):
-    """Expert-LoRA gradients copied device->host during the current backward pass, not yet added to the masters'
-    .grad. Per thread: autograd runs a backward pass (and its end-of-pass callbacks) on the thread that called
-    backward(), so two backward passes on two threads never share them."""
+    """Expert-LoRA gradients copied device->host during a backward pass, not yet added to the masters' .grad, by the
+    autograd graph task (backward pass) that staged them. Per thread: autograd runs a backward pass (and its end-of-pass
+    callbacks) on the thread that called backward(), so two backward passes on two threads never share them.
+
+    By task, because a pass's gradients must be added when that pass ends and never otherwise: a pass that raised
+    leaves its entries behind (never added: the next pass does not pick up a partial gradient), and a nested pass
+    (reentrant gradient checkpointing) lands its own at its end while the enclosing pass keeps its own.
+    """
+
+    MAX_TASKS = 8  # dicts kept: those of passes that raised are dropped oldest first
 
     def __init__(self):
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}  # id(master) -> ...
-        self.task: int | None = None  # the autograd graph task (backward pass) they belong to
+        # task id -> {id(master): [master, staged gradient, event after its copy]}
+        self.by_task: dict[int, dict[int, list]] = {}
 
 
 _STAGED = _Staged()
 
 
 def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
-    """Start the device->host copies of one LoRA's gradients (dA, dB) into page-locked buffers.
+    """Start the device->host copies of one LoRA's gradients (dA, dB) into page-locked buffers; they are added to the
+    masters' .grad when this backward pass ends.
 
-    The gradients of layers staged earlier in this pass whose copies have finished are added to .grad now, on the host
-    while the GPU computes the layers below (the host runs ahead of the GPU in a backward: this costs no GPU time,
-    where adding them all at the end left the GPU idle for it, 13-23 ms a V2-Lite step in S9-d's traces); the rest
-    when the pass ends."""
+    Not earlier, as their copies finish: the host is on a streamed backward's critical path (S9-d's trace: the first
+    layers of the backward issued each prefetch the moment the GPU could start it), and adding them during the pass
+    measured slower (S9-e: 3376 against 3474 tok/s for V2-Lite bf16)."""
     st = _STAGED
     task = torch._C._current_graph_task_id()
-    if st.task != task:  # the first staged gradient of this backward pass: land them all when it ends
-        st.pending.clear()  # left by an earlier pass that raised before its end: never added, now dropped
-        st.task = task
-        torch.autograd.Variable._execution_engine.queue_callback(_land_staged_grads)
-    else:
-        _land_staged_grads(ready_only=True)
+    pending = st.by_task.get(task)
+    if pending is None:  # the first staged gradient of this pass: land its gradients when it ends
+        pending = st.by_task[task] = {}
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_land_staged_grads, task))
+        while len(st.by_task) > _Staged.MAX_TASKS:
+            del st.by_task[next(iter(st.by_task))]
     for master, stage, g in zip((lo.A, lo.B), lo.grad_stage(), grads):
         if g is None:
             continue
-        if id(master) in st.pending:  # the same module twice in one pass: land the first before reusing the buffer
-            _land_staged_grads()
+        if id(master) in pending:  # the same module twice in one pass: add the first before reusing the buffer
+            _land_staged_grads(task)
+            pending = st.by_task[task] = {}
+        for other in st.by_task.values():  # another pass's gradient still in this buffer: give it its own copy
+            entry = other.get(id(master))
+            if entry is not None and entry[1] is stage:
+                entry[2].synchronize()
+                entry[1] = stage.clone()
         stage.copy_(g, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        st.pending[id(master)] = (master, stage, ev)
+        pending[id(master)] = [master, stage, ev]
 
 
-def _land_staged_grads(ready_only: bool = False) -> None:
-    """Add the staged gradients to the masters' .grad: all of them (run by autograd when the backward pass ends), or
-    only those whose copies have finished (``ready_only``: no wait)."""
-    pending = _STAGED.pending
-    for key, (master, stage, ev) in list(pending.items()):
-        if ready_only and not ev.query():
-            continue
+def _land_staged_grads(task: int) -> None:
+    """Add the gradients pass `task` staged to the masters' .grad (run by autograd when that pass ends)."""
+    for master, staged, ev in _STAGED.by_task.pop(task, {}).values():
         ev.synchronize()
         if master.grad is None:
-            master.grad = stage.clone()
+            master.grad = staged.clone()
         else:
-            master.grad += stage
-        del pending[key]
+            master.grad += staged
 
 
 class HybridExperts(nn.Module):
