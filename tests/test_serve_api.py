@@ -385,6 +385,38 @@ def test_load_and_unload_lora_adapter_at_run_time(files, server, client, tmp_pat
     assert [m.id for m in client.models.list()] == [BASE, "alpha"]
 
 
+def test_runtime_adapter_load_with_graph_decode_warms_up_and_running_streams_go_on(files, tmp_path):
+    """With graph decode on (on the CPU its decoders run their cut eagerly; on CUDA the same steps capture), loading an
+    adapter at run time closes the captured decoders and warms up again on the worker: a lone request's decoder for
+    the new adapter exists right after the load, a stream running across the load ends as it would have without it,
+    and the new adapter's replies equal the adapter loaded in-process."""
+    ckpt, alpha, loras = files
+    app = build_app(ckpt, {"alpha": str(alpha)}, device="cpu", model_name=BASE, chat_template=TOOL_TEMPLATE,
+                    allow_runtime_lora=True, lora_root=loras, cuda_graphs=True, log_stats_interval=0)
+    model = app.state.engine.adapters.model
+    story = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 24,
+             "temperature": 0, "extra_body": {"ignore_eos": True}}
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        story_want = c.chat.completions.create(**story).choices[0].message.content  # alone, before any load
+        stream = iter(c.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=24, temperature=0,
+            stream=True, extra_body={"ignore_eos": True}))
+        first = next(stream)
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": "gamma"}, timeout=120)
+        assert r.status_code == 200, r.text
+        lone = {dec.key[0] for dec in model._hybridmoe_decoders.values()}
+        assert len(lone) == 3  # the base model, alpha and gamma: each warmed up
+        text = "".join(ch.choices[0].delta.content or "" for ch in [first, *stream] if ch.choices)
+        assert text == story_want
+        got = c.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi there"}],
+                                        temperature=0, max_tokens=10).choices[0].message.content
+    m, tok = hybridmoe.load(ckpt, adapter=loras / "gamma", device="cpu", progress=False)
+    tok.chat_template = TOOL_TEMPLATE
+    want = generate(m.eval(), tok, _chat_ids(tok, "Hi there"), SamplingConfig(temperature=0, max_new_tokens=10)).text
+    assert got == want
+
+
 # -- /metrics --------------------------------------------------------------------------------------------------------
 def test_metrics_parse_with_the_prometheus_parser(server, client):
     url, _ = server

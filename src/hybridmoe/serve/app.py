@@ -220,7 +220,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
         except HybridMoEError as e:  # not an adapter, another model's, non-finite weights: one line
             raise ApiError(400, f"cannot load '{body.lora_path}': {e}", param="lora_path",
                            code="invalid_adapter") from None
-        log.info("loaded LoRA adapter '%s' from %s", body.lora_name, path)
+        log.info("loaded LoRA adapter '%s' from %s%s", body.lora_name, path, await _rewarm(engine))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -239,7 +239,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
             engine.adapters.unload(body.lora_name)
 
         await engine.call(unload)
-        log.info("unloaded LoRA adapter '%s'", body.lora_name)
+        log.info("unloaded LoRA adapter '%s'%s", body.lora_name, await _rewarm(engine))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
@@ -247,6 +247,15 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
 
 def _sse(events) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _rewarm(engine) -> str:
+    """After a runtime adapter load or unload, on CUDA graphs: the batch decoder's graphs (closed: they held the old
+    adapter table) and a lone request's decoder for the new adapter are captured now, on the worker between two steps,
+    not inside the next requests' first tokens (Engine.warm_up; running streams pause for it). For the log line."""
+    if not engine.graph_decode:
+        return ""
+    return f" (warmed up again in {await engine.call(engine.warm_up):.1f} s)"
 
 
 def _runtime_lora_allowed(cfg: ServeConfig) -> None:

@@ -148,7 +148,8 @@ class Engine:
 
     # -- before serving --------------------------------------------------------------------------------------------
     def warm_up(self, prompt_len: int = 8, positions: int = 512) -> float:
-        """Run the model before the first request (call before :meth:`start`): one batched prefill of
+        """Run the model before the first request (call before :meth:`start`, or on the worker through :meth:`call`
+        after a runtime adapter load or unload, which closes the captured decoders): one batched prefill of
         ``max_batch_size`` rows, then two decode steps at each batch size the batch decoder has graphs for (16, 8, 4,
         2), then a lone row on the batch-1 decoder of the base model and of each adapter. CUDA's lazy setup, the first
         copies of resident expert layers and of the adapters' LoRA, and the CUDA-graph captures then happen here, not
