@@ -92,3 +92,14 @@ if [ "${PART}" = e ]; then
   trainer train_int8 110 31 10 --expert-dtype int8
   bundle_logs
 fi
+#   PART=f (not run in session 9: no device time left): the README's Python example as written
+#           (benchmarks/readme_example.py: hybridmoe.load with the adapter, model.generate, hybridmoe.generate, and
+#           hybridmoe.train from examples/deepseek_v2_lite_lora.yaml for 31 steps), on V2-Lite
+if [ "${PART}" = f ]; then
+  make_v2lite
+  adapter
+  $NOW python -c "import sys; sys.path.insert(0, 'benchmarks'); import v2lite; v2lite.write_bench_data('/tmp/v2lite', 1024)"
+  step readme_example 400 $NOW python benchmarks/readme_example.py --model /tmp/v2lite \
+    --adapter /tmp/v2lite/bench_adapter --data /tmp/v2lite/bench_data.jsonl --train-steps 31
+  bundle_logs
+fi
