@@ -545,10 +545,18 @@ def test_chunked_prefill_interleaves_with_running_streams(server, client, refere
     assert engine.stats["decode_steps_during_prefill"] > before["decode_steps_during_prefill"]
 
 
-def test_throughput_log_line(server, caplog):
-    """The periodic line like vLLM's: prompt and generation tokens/s over the interval, running and waiting."""
+def test_throughput_log_line(server, caplog, monkeypatch):
+    """The periodic line like vLLM's: prompt and generation tokens/s over the interval, running and waiting. The
+    line's clock is a stand-in that advances 0.05 s per reading (a loaded 2-core machine stretched the real interval
+    to 0.36 s once), so the rates are exact."""
+    from types import SimpleNamespace
+
+    import hybridmoe.serve.metrics as metrics_module
     from hybridmoe.serve.metrics import log_throughput
 
+    ticks = iter(0.05 * i for i in range(10**6))
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(monotonic=lambda: next(ticks),
+                                                                perf_counter=time.perf_counter))
     _, app = server
     metrics = app.state.metrics
 
@@ -566,7 +574,8 @@ def test_throughput_log_line(server, caplog):
     line = next(r.getMessage() for r in caplog.records if "throughput" in r.getMessage())
     assert "Avg prompt throughput:" in line and "Avg generation throughput:" in line and "Running: 0 reqs" in line
     prompt_tps = float(line.split("Avg prompt throughput: ")[1].split(" ")[0])
-    assert 100 / 0.2 < prompt_tps < 100 / 0.04  # 100 tokens within one ~0.05 s interval
+    generation_tps = float(line.split("Avg generation throughput: ")[1].split(" ")[0])
+    assert (prompt_tps, generation_tps) == (100 / 0.05, 20 / 0.05)  # the tokens of one 0.05 s interval
 
 
 def test_tokenization_runs_off_the_event_loop(server):
