@@ -94,12 +94,15 @@ if [ "${PART}" = e ]; then
 fi
 #   PART=f (not run in session 9: no device time left): the README's Python example as written
 #           (benchmarks/readme_example.py: hybridmoe.load with the adapter, model.generate, hybridmoe.generate, and
-#           hybridmoe.train from examples/deepseek_v2_lite_lora.yaml for 31 steps), on V2-Lite
+#           hybridmoe.train from examples/deepseek_v2_lite_lora.yaml for 31 steps), on V2-Lite; then issue 20's int4
+#           training row (the trainer, and the step profiled), not measured since the copies overlap the compute
 if [ "${PART}" = f ]; then
   make_v2lite
   adapter
   $NOW python -c "import sys; sys.path.insert(0, 'benchmarks'); import v2lite; v2lite.write_bench_data('/tmp/v2lite', 1024)"
-  step readme_example 400 $NOW python benchmarks/readme_example.py --model /tmp/v2lite \
+  step readme_example 200 $NOW python benchmarks/readme_example.py --model /tmp/v2lite \
     --adapter /tmp/v2lite/bench_adapter --data /tmp/v2lite/bench_data.jsonl --train-steps 31
+  trainer train_int4 120 31 10 --expert-dtype int4
+  DTYPES=int4 profile_steps
   bundle_logs
 fi
