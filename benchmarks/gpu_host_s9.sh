@@ -106,3 +106,16 @@ if [ "${PART}" = f ]; then
   DTYPES=int4 profile_steps
   bundle_logs
 fi
+#   PART=g (not run in session 9): experts in host RAM (0 resident), half the clients on the adapter, the batched GPU
+#           share (which now takes rows with routed-expert LoRA) against none, in one run: S9-g measured 43.3 tok/s
+#           with it where S8-d had 49.9 without any share, on different hosts
+if [ "${PART}" = g ]; then
+  make_v2lite
+  adapter
+  for share in 0.3333 0; do
+    step serve_r0_adapter_share_$share 170 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda \
+      --dtype bfloat16 --resident-expert-layers 0 --issue-table --token-timing --adapter a=/tmp/v2lite/bench_adapter \
+      --serve-cli --decode-gpu-share $share
+  done
+  bundle_logs
+fi
