@@ -110,32 +110,46 @@ def _all_experts(module: HybridExperts, gate_up: torch.Tensor, down: torch.Tenso
     if scales is not None:
         gate_up = weights.to_float(gate_up, scales["gate_up_proj"])
         down = weights.to_float(down, scales["down_proj"])
-    t = x.shape[0]
-    u = torch.matmul(x.to(gate_up.dtype), gate_up.transpose(1, 2)).float()  # [E, T, U]
     if bias is not None:
-        u = u + bias["gate_up_proj"].float()[:, None, :]
-    u = _lora_rows(u, x.float(), "gate_up_proj", lora, t)
-    h = module.mlp(u)  # [E, T, I] fp32
-    y = torch.matmul(h.to(down.dtype), down.transpose(1, 2)).float()  # [E, T, H]
-    if bias is not None:
-        y = y + bias["down_proj"].float()[:, None, :]
-    y = _lora_rows(y, h, "down_proj", lora, t)
-    rows = torch.arange(t, device=x.device)[:, None]  # [T, 1]
+        bias = (bias["gate_up_proj"].float(), bias["down_proj"].float())
+
+    def add_lora(y: torch.Tensor, x_in: torch.Tensor, proj: str) -> torch.Tensor:
+        for factors, mask in lora:
+            lo = factors.get(proj)
+            if lo is not None:
+                a, b = lo.factors_on(y.device, torch.float32)  # [E, r, in], [E, out, r]: copied once, cached (frozen)
+                y = _masked_lora(y, x_in, a, b, lo.scale, mask)
+        return y
+
+    y = _dense_experts(module.mlp, gate_up, down, bias, x, add_lora)  # [E, T, H]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # [T, 1]
     picked = y[ids.to(torch.int64), rows]  # [T, K, H]: row t's output of each of its K experts
     return (w.float()[:, :, None] * picked).sum(1)  # [T, H]
 
 
-def _lora_rows(y: torch.Tensor, x: torch.Tensor, proj: str, lora: list[tuple[dict, torch.Tensor]], t: int):
-    """y [E, T, out] fp32 plus each adapter's expert LoRA of ``proj`` on its rows; x: the projection's input, [T, in]
-    (the same for every expert) or [E, T, in], fp32."""
-    for factors, mask in lora:
-        lo = factors.get(proj)
-        if lo is None:
-            continue
-        a, b = lo.factors_on(y.device, torch.float32)  # [E, r, in], [E, out, r]: copied once, cached (frozen)
-        delta = torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * lo.scale  # [E, T, out]
-        y = torch.where(mask[:t, None], y + delta, y)
-    return y
+def _dense_experts(mlp, gate_up: torch.Tensor, down: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor] | None,
+                   x: torch.Tensor, add_lora) -> torch.Tensor:
+    """y [E', T, H] fp32: each expert of gate_up [E', U, H] / down [E', H, I] (float weights) on every row of x [T, H]:
+    two batched GEMMs in the weights' dtype, activations in fp32. bias: (gate_up [E', U], down [E', H]) fp32 or None;
+    ``add_lora(y, x_in, proj)`` adds the rows' expert LoRA of ``proj`` (x_in its input, fp32). The math of
+    :func:`_all_experts` (every expert of a resident layer) and of :class:`_BatchShare` (the GPU's slots)."""
+    u = torch.matmul(x.to(gate_up.dtype), gate_up.transpose(1, 2)).float()  # [E', T, U]
+    if bias is not None:
+        u = u + bias[0][:, None, :]
+    u = add_lora(u, x.float(), "gate_up_proj")
+    h = mlp(u)  # [E', T, I] fp32
+    y = torch.matmul(h.to(down.dtype), down.transpose(1, 2)).float()  # [E', T, H]
+    if bias is not None:
+        y = y + bias[1][:, None, :]
+    return add_lora(y, h, "down_proj")
+
+
+def _masked_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """y [E', T, out] plus ``scale · (x Aᵀ) Bᵀ`` on the rows ``mask`` [≥ T] bool selects; x [T, in] or [E', T, in],
+    a [E', r, in], b [E', out, r], fp32."""
+    delta = torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale  # [E', T, out]
+    return torch.where(mask[:y.shape[1], None], y + delta, y)
 
 
 class _GpuShare:
@@ -318,24 +332,14 @@ class _BatchShare(_GpuShare):
         gate_up, down = self.gate_up, self.down
         if self.scales is not None:
             gate_up, down = self.weights.to_float(gate_up, self.scales[0]), self.weights.to_float(down, self.scales[1])
-        t = self.x.shape[0]
-        u = torch.matmul(self.x.to(gate_up.dtype), gate_up.transpose(1, 2)).float()  # [n, T, U]
-        if self.bias is not None:
-            u = u + self.bias[0][:, None, :]
-        u = self._add_lora(u, self.x.float(), "gate_up_proj", t)
-        h = self.mlp(u)  # [n, T, I] fp32
-        y = torch.matmul(h.to(down.dtype), down.transpose(1, 2)).float()  # [n, T, H]
-        if self.bias is not None:
-            y = y + self.bias[1][:, None, :]
-        y = self._add_lora(y, h, "down_proj", t)
+        y = _dense_experts(self.mlp, gate_up, down, self.bias, self.x, self._add_lora)  # [n, T, H]
         self.y.copy_((y * self.w.T[:, :, None]).sum(0))  # [T, H]
 
-    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, proj: str, t: int) -> torch.Tensor:
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, proj: str) -> torch.Tensor:
         """y [n, T, out] plus the staged LoRA of ``proj`` on each adapter's rows (x [T, in] or [n, T, in] fp32)."""
         for p, a, b, scale, mask in self.lora or []:
             if p == proj:
-                delta = torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale  # [n, T, out]
-                y = torch.where(mask[:t, None], y + delta, y)
+                y = _masked_lora(y, x, a, b, scale, mask)
         return y
 
     def skip(self) -> None:
