@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -262,6 +266,35 @@ def train(model, args) -> None:
           "tokens_per_s": round(args.batch * args.seq / med, 1), "steps": args.steps,
           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else 0,
           "host_rss_gib": round(host_rss_gib(), 2), "peak_host_gib": round(peak_host_gib(), 2)})
+    if args.profile:
+        ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+
+        def one_step():
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        profile_step(one_step, f"train_trace_{args.model}_{args.format}", dev)
+
+
+def profile_step(fn, name: str, dev: torch.device) -> None:
+    """One call of fn under torch.profiler: its chrome trace (gzipped) into $OUT (or /tmp) and one JSON line of
+    benchmarks/trace_summary.py's summary (kernels vs host->device copies vs an idle GPU, top kernels, ranges)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trace_summary import load, summarize
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof, record_function("step"):
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    trace = Path(os.environ.get("OUT", "/tmp")) / f"{name}.json"
+    prof.export_chrome_trace(str(trace))
+    subprocess.run(["gzip", "-f", str(trace)], check=False)
+    trace = trace.with_suffix(".json.gz") if trace.with_suffix(".json.gz").exists() else trace
+    emit({"bench": "step_trace", "name": name, "trace": str(trace), **summarize(load(str(trace)), "step")})
 
 
 def main() -> None:
@@ -279,6 +312,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--profile", action="store_true", help="train: then one step under torch.profiler (trace to $OUT)")
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill", "train"])
     p.add_argument("--resident-layers", type=int, nargs="*", default=[],
                    help="decode: also with the first N MoE layers' experts resident on the GPU, for each N given")

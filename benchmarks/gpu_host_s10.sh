@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 10 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: the GPU tests of the code changed since the last GPU run (decode graphs' shared dense expert math, the
+#           staged expert-LoRA gradients kept per backward pass), then where a training step's time goes for 4-bit
+#           experts streamed as 4-bit: gpt-oss-120b's shape with MXFP4 experts (8 of its 36 layers) and V2-Lite with
+#           int4, built in place (big_models.py --profile: one step's trace summarized by trace_summary.py)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+host_setup
+bundle_logs() {
+  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
+}
+# big NAME SECONDS MODEL FORMAT [flags]: big_models.py, training only, with one profiled step
+big_train() {
+  local name=$1 limit=$2 model=$3 fmt=$4
+  shift 4
+  step "$name" "$limit" $NOW python benchmarks/big_models.py --model "$model" --format "$fmt" --skip decode prefill \
+    --profile "$@"
+}
+if [ "${PART:-a}" = a ]; then
+  step pytest_gpu 240 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py \
+    tests/test_decode_graph.py tests/test_streaming.py tests/test_train.py tests/test_equivalence.py \
+    tests/test_staged_grads.py
+  big_train gptoss_mxfp4_l8 200 gpt-oss-120b mxfp4 --layers 8 --steps 3
+  big_train v2lite_int4 150 v2-lite int4 --steps 4
+  bundle_logs
+fi
