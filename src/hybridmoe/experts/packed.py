@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "int4_group_for", "mxfp4_scales",
+__all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "dequantize_packed_torch", "int4_group_for", "mxfp4_scales",
            "pack_nibbles", "quantize_activations", "quantize_int4", "quantize_mxfp4", "unpack_nibbles"]
 
 INT4_GROUP = 64
@@ -117,10 +117,23 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedForm
     """codes uint8 [..., out, in/2], scales bf16 [..., out, in/group] -> [..., out, in] in `dtype` (exact in fp32;
     bf16 rounds each weight once, as fp32 math then a cast would).
 
-    On the tensors' device: the streamed path dequantizes a whole layer on the GPU per pass, so this is written for
-    bandwidth: no index tensors or table gathers, every temporary 1-2 bytes a weight, in chunks of rows so the
-    temporaries stay ~200 MB whatever the layer's size. Values come from the code's bits: int4 is c - 8 (exact in
-    bf16); an e2m1 code becomes the bf16 with its sign, exponent and mantissa bits (exact)."""
+    On the tensors' device: the streamed path dequantizes a whole layer on the GPU per pass. bf16 from CUDA tensors
+    goes through one Triton kernel where Triton imports (:mod:`hybridmoe.experts.dequant_gpu`, bitwise the same);
+    otherwise :func:`dequantize_packed_torch`."""
+    if codes.device.type == "cuda":
+        from . import dequant_gpu  # imports Triton: only where a GPU is
+
+        if dequant_gpu.available(codes, dtype):
+            return dequant_gpu.dequantize_bf16(codes, scales, fmt.kind, fmt.group)
+    return dequantize_packed_torch(codes, scales, fmt, dtype)
+
+
+def dequantize_packed_torch(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedFormat,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`dequantize_packed` in torch ops, on any device. Written for bandwidth: no index tensors or table
+    gathers, every temporary 1-2 bytes a weight, in chunks of rows so the temporaries stay ~200 MB whatever the
+    layer's size. Values come from the code's bits: int4 is c - 8 (exact in bf16); an e2m1 code becomes the bf16
+    with its sign, exponent and mantissa bits (exact)."""
     *lead, rows, half = codes.shape
     n = 2 * half
     out = torch.empty(*lead, rows, n, dtype=dtype, device=codes.device)

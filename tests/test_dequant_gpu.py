@@ -1,0 +1,79 @@
+"""The Triton dequantization of 4-bit experts (hybridmoe.experts.dequant_gpu) against the torch version, bit for bit:
+on CUDA (the GPU host), and through Triton's interpreter on the CPU where Triton is installed (not in CI's CPU env)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybridmoe.experts.packed import (
+    PackedFormat,
+    dequantize_packed,
+    dequantize_packed_torch,
+    quantize_int4,
+    quantize_mxfp4,
+)
+
+CASES = """
+import torch
+from hybridmoe.experts import dequant_gpu
+from hybridmoe.experts.packed import PackedFormat, dequantize_packed_torch, quantize_int4, quantize_mxfp4
+
+def cases(device):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 40, 256, generator=g) * 0.02
+    out = [("int4", 64) + quantize_int4(w, 64), ("int4", 128) + quantize_int4(w, 128), ("mxfp4", 32) + quantize_mxfp4(w)]
+    # every byte (two codes) under normal, large and subnormal scales; an odd number of rows
+    codes = torch.arange(256, dtype=torch.uint8).repeat(5, 1)  # [5, 256]: 512 inputs
+    scales = torch.tensor([1.0, 0.5, 3.0, 2.0 ** -127, 2.0 ** 100], dtype=torch.bfloat16).repeat_interleave(16).view(5, 16)
+    out += [(kind, 32, codes, scales) for kind in ("int4", "mxfp4")]
+    return [(k, grp, c.to(device), s.to(device)) for k, grp, c, s in out]
+
+def check(device):
+    for kind, group, codes, scales in cases(device):
+        ref = dequantize_packed_torch(codes, scales, PackedFormat(kind, group), torch.bfloat16)
+        got = dequant_gpu.dequantize_bf16(codes, scales, kind, group)
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), (kind, group)
+    empty = torch.empty(0, 4, 16, dtype=torch.uint8, device=device)
+    assert dequant_gpu.dequantize_bf16(empty, torch.empty(0, 4, 1, dtype=torch.bfloat16, device=device),
+                                      "int4", 32).shape == (0, 4, 32)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_dequant_bitwise_on_cuda():
+    from hybridmoe.experts import dequant_gpu
+
+    assert dequant_gpu.available(torch.empty(1, dtype=torch.uint8, device="cuda"), torch.bfloat16)
+    scope: dict = {}
+    exec(CASES, scope)
+    scope["check"]("cuda")
+    # dequantize_packed routes CUDA bf16 there, and fp32 (exact) to torch
+    for kind, group, codes, scales in scope["cases"]("cuda"):
+        fmt = PackedFormat(kind, group)
+        assert torch.equal(dequantize_packed(codes, scales, fmt, torch.bfloat16).view(torch.int16),
+                           dequantize_packed_torch(codes, scales, fmt, torch.bfloat16).view(torch.int16))
+        assert torch.equal(dequantize_packed(codes, scales, fmt), dequantize_packed_torch(codes, scales, fmt))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_dequant_bitwise_in_interpreter():
+    """The same kernel run by Triton's interpreter on CPU tensors (TRITON_INTERPRET is read when the kernel is
+    defined, so in a child process)."""
+    code = CASES + "\ncheck('cpu')\nprint('ok')\n"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_dequantize_packed_on_cpu_is_the_torch_version():
+    w = torch.randn(2, 8, 64) * 0.02
+    for fmt, (codes, scales) in ((PackedFormat("int4", 32), quantize_int4(w, 32)),
+                                 (PackedFormat("mxfp4", 32), quantize_mxfp4(w))):
+        for dt in (torch.bfloat16, torch.float32):
+            assert torch.equal(dequantize_packed(codes, scales, fmt, dt), dequantize_packed_torch(codes, scales, fmt, dt))
