@@ -27,3 +27,12 @@ if [ "${PART:-a}" = a ]; then
   big_train v2lite_int4 150 v2-lite int4 --steps 4
   bundle_logs
 fi
+#   PART=b: after 4-bit experts are dequantized on the GPU by one Triton kernel (S10-a: the torch version's
+#           elementwise kernels took ~1.4 of gpt-oss's 2.1 s step): its GPU tests, then the same two training traces
+if [ "${PART}" = b ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_dequant_gpu.py \
+    tests/test_int4_experts.py tests/test_streaming.py tests/test_decode_graph.py
+  big_train gptoss_mxfp4_l8 200 gpt-oss-120b mxfp4 --layers 8 --steps 3
+  big_train v2lite_int4 150 v2-lite int4 --steps 4
+  bundle_logs
+fi
