@@ -237,7 +237,8 @@ def prefill(model, tok, args) -> None:
 
 def train(model, args) -> None:
     from hybridmoe.adapters import apply_lora
-    from hybridmoe.training import named_trainable
+    from hybridmoe.cpu_optim import overlapped_step
+    from hybridmoe.training import expert_lora_layers, named_trainable
 
     peft_model = apply_lora(model, "all", rank=8, alpha=16, seed=0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -245,6 +246,8 @@ def train(model, args) -> None:
     params = [p for _, p in named_trainable(peft_model)]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dev = model.hybridmoe.device
+    stepper = overlapped_step(opt, expert_lora_layers(peft_model), dev)  # as the trainer steps
+    step_opt = stepper.step if stepper is not None else opt.step
     g = torch.Generator().manual_seed(3)
     times = []
     if dev.type == "cuda":
@@ -254,7 +257,7 @@ def train(model, args) -> None:
         t0 = time.perf_counter()
         loss = peft_model(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
+        step_opt()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -271,7 +274,7 @@ def train(model, args) -> None:
 
         def one_step():
             peft_model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
+            step_opt()
             opt.zero_grad(set_to_none=True)
 
         profile_step(one_step, f"train_trace_{args.model}_{args.format}", dev)

@@ -536,10 +536,11 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from hybridmoe.adapters import apply_lora
+    from hybridmoe.cpu_optim import overlapped_step
     from hybridmoe.experts.streaming import model_streamer
     from hybridmoe.grad_clip import clip_grad_norm
     from hybridmoe.loss import causal_lm_loss
-    from hybridmoe.training import named_trainable
+    from hybridmoe.training import expert_lora_layers, named_trainable
 
     sys.path.insert(0, str(Path(__file__).parent))
     from trace_summary import summarize
@@ -549,6 +550,9 @@ def profile(args) -> None:
     model.train()
     params = [p for _, p in named_trainable(model)]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    # as the trainer steps: the expert LoRA's update on a worker thread while the next forward runs
+    stepper = overlapped_step(opt, expert_lora_layers(model), torch.device(DEV))
+    step_opt = stepper.step if stepper is not None else opt.step
     ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(DEV), "attention_mask": torch.ones_like(ids).to(DEV), "labels": ids.to(DEV)}
 
@@ -572,7 +576,7 @@ def profile(args) -> None:
             t = time.perf_counter()
         with record_function("optimizer"):
             clip_grad_norm(params, 1.0)
-            opt.step()
+            step_opt()
             opt.zero_grad(set_to_none=True)
         sync()
         if phases is not None:

@@ -28,9 +28,7 @@ def cpu_events(monkeypatch):
 
 
 def _lora(seed: int) -> ExpertLoRA:
-    lo = ExpertLoRA(2, 3, 4, 2, 4.0)
-    lo._stage = (torch.empty(lo.A.shape), torch.empty(lo.B.shape))  # (page-locked on a GPU host)
-    return lo
+    return ExpertLoRA(2, 3, 4, 2, 4.0)  # its staging buffers: plain here, page-locked on a GPU host
 
 
 def _grads(lo: ExpertLoRA, value: float):
@@ -106,3 +104,18 @@ def test_same_lora_twice_in_one_pass_adds_both():
     y = _Stage.apply(_Stage.apply(x, [a], 1.0, None), [a], 2.0, None)
     y.sum().backward()
     assert torch.equal(a.A.grad, torch.full_like(a.A, 3.0))
+
+
+def test_a_landed_gradient_is_a_staging_buffer_and_two_buffers_serve_every_step():
+    """No copy when a pass lands into an empty .grad, nothing freed by zero_grad: the next pass fills the other."""
+    a = _lora(0)
+    seen = set()
+    for _ in range(4):
+        _backward([a], 1.0)  # micro-batch 1: .grad becomes a buffer
+        first = a.A.grad.data_ptr()
+        _backward([a], 2.0)  # micro-batch 2: staged into the other buffer, added
+        assert a.A.grad.data_ptr() == first and torch.equal(a.A.grad, torch.full_like(a.A, 3.0))
+        seen |= {first}
+        a.A.grad = a.B.grad = None  # zero_grad(set_to_none=True)
+    assert len(a._stage_bufs[0]) == 2 and len(a._stage_bufs[1]) == 2
+    assert seen <= {b.data_ptr() for b in a._stage_bufs[0]}

@@ -38,6 +38,7 @@ from . import distributed
 from .adapters import apply_lora, load_adapter, save_adapter
 from .components import count_by_component
 from .config import TrainConfig, load_config
+from .cpu_optim import overlapped_step
 from .data import IGNORE_INDEX, batches, collate
 from .errors import ConfigError, GPUOutOfMemoryError, NonFiniteError
 from .evaluate import eval_loss
@@ -101,6 +102,12 @@ def named_trainable(model) -> list[tuple[str, torch.Tensor]]:
                     lo = m.lora[proj]
                     out += [(f"{name}.{proj}.lora_A", lo.A), (f"{name}.{proj}.lora_B", lo.B)]
     return out
+
+
+def expert_lora_layers(model) -> list[list]:
+    """Each routed-expert layer's LoRA (ExpertLoRA per projection), in forward order."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [list(m.lora.values()) for m in base.modules() if isinstance(m, HybridExperts) and m.lora]
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -223,6 +230,8 @@ class _Setup:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        # On a GPU the expert LoRA's AdamW (host RAM) runs while the next forward does (cpu_optim); None: plain step
+        self.stepper = overlapped_step(self.optimizer, expert_lora_layers(self.model), self.device)
         self.state = LoopState()
         if resume is not None:
             rank = ctx.rank if ctx.enabled else None
@@ -231,6 +240,17 @@ class _Setup:
         elif ctx.enabled:
             torch.manual_seed(cfg.seed + ctx.rank)  # LoRA dropout: a different stream per rank
         distributed.check_consistent(params, ctx, "LoRA weights at start")
+
+    def optimizer_step(self) -> None:
+        if self.stepper is not None:
+            self.stepper.step()
+        else:
+            self.optimizer.step()
+
+    def finish_step(self) -> None:
+        """Wait until the last optimizer step has updated every tensor (before anything reads them all)."""
+        if self.stepper is not None:
+            self.stepper.finish()
 
     def _resume_dir(self, out: Path) -> Path | None:
         r = self.cfg.resume_from_checkpoint
@@ -368,7 +388,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 bar.update(1)
                 _stop_if_asked(stop_now, bar, out, setup)
                 continue
-            opt.step()
+            setup.optimizer_step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             st.consecutive_skipped = 0
@@ -399,6 +419,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 _checkpoint(out / f"checkpoint-{st.step}", setup)  # (the last step's result is the adapter itself)
             _stop_if_asked(stop_now, bar, out, setup)
     bar.close()
+    setup.finish_step()
+    if setup.stepper is not None:
+        setup.stepper.close()
 
     distributed.check_consistent(params, ctx, "final LoRA weights")
     if main:
@@ -524,6 +547,7 @@ def _agree(loss: torch.Tensor, gnorm: torch.Tensor, stop_requested: bool, ctx) -
 def _checkpoint(path: Path, setup: _Setup) -> Path:
     """Save checkpoint-N: rank 0 writes, every rank takes part (RNG states, consistency check) and waits for it."""
     ctx = setup.ctx
+    setup.finish_step()
     rng = _rng_states(ctx)
     moments = [t for s in setup.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     distributed.check_consistent([p for _, p in setup.named] + moments, ctx, "LoRA weights and optimizer state")
@@ -684,4 +708,4 @@ def _save_final(out: Path, model, tokenizer, cfg: TrainConfig) -> None:
     running.unlink(missing_ok=True)
 
 
-__all__ = ["TrainResult", "named_trainable", "train"]
+__all__ = ["TrainResult", "expert_lora_layers", "named_trainable", "train"]

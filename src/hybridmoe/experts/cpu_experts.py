@@ -335,6 +335,16 @@ class ExpertLoRA:
         self.A = torch.zeros(num_experts, rank, in_features, dtype=torch.float32)
         self.B = torch.zeros(num_experts, out_features, rank, dtype=torch.float32)
 
+    # Set by hybridmoe.cpu_optim.OverlappedStep while an optimizer step updates these masters on its worker thread:
+    # whatever reads the masters (the forward) or the gradients (the next backward's staging) waits for it first.
+    update: threading.Event | None = None
+
+    def wait_update(self) -> None:
+        """Return once no optimizer step is updating these masters (at once when none is pending)."""
+        ev = self.update
+        if ev is not None:
+            ev.wait()
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PEFT's default init: A ~ kaiming-uniform(a=√5) per expert (bound 1/√in), B = 0, so ΔW starts at 0."""
         bound = 1.0 / math.sqrt(self.A.shape[-1])
@@ -365,6 +375,7 @@ class ExpertLoRA:
         expert LoRA to the GPU once, not at every layer of every step. Trainable factors are copied at every call:
         the optimizer moves them (and may do so without a version bump, through ``.data``), and autograd runs
         backward without grad mode, so grad mode cannot tell training from inference."""
+        self.wait_update()
         key = (where, dtype, pad_rank)
         state = (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version)
         cache = not (self.A.requires_grad or self.B.requires_grad)
@@ -385,11 +396,23 @@ class ExpertLoRA:
             copies[key] = (state, (a, b))
         return a, b
 
-    def grad_stage(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Page-locked host buffers for (dA, dB) coming back from the GPU without a host synchronisation."""
-        if getattr(self, "_stage", None) is None:
-            self._stage = (torch.empty(self.A.shape, pin_memory=True), torch.empty(self.B.shape, pin_memory=True))
-        return self._stage
+    def grad_stage(self, which: int, busy: set[int]) -> torch.Tensor:
+        """A page-locked host buffer for dA (which=0) or dB (1) coming back from the GPU without a host sync: one of
+        this factor's buffers whose storage is not in `busy` (data pointers: the master's current .grad, buffers a
+        backward pass has staged into and not yet added), a new one if all are. Two suffice for training: a landed
+        gradient becomes .grad itself (no copy, and nothing freed by ``zero_grad``), the next pass fills the other."""
+        bufs = self._grad_bufs()[which]
+        for buf in bufs:
+            if buf.data_ptr() not in busy:
+                return buf
+        master = (self.A, self.B)[which]
+        bufs.append(torch.empty(master.shape, pin_memory=torch.cuda.is_available()))
+        return bufs[-1]
+
+    def _grad_bufs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if getattr(self, "_stage_bufs", None) is None:
+            self._stage_bufs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        return self._stage_bufs
 
 
 def _int8pack_ok(w: torch.Tensor) -> bool:
@@ -531,17 +554,17 @@ def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor 
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_land_staged_grads, task))
         while len(st.by_task) > _Staged.MAX_TASKS:
             del st.by_task[next(iter(st.by_task))]
-    for master, stage, g in zip((lo.A, lo.B), lo.grad_stage(), grads):
+    lo.wait_update()  # an optimizer step still reading last step's gradients (hybridmoe.cpu_optim) ends first
+    for which, (master, g) in enumerate(zip((lo.A, lo.B), grads)):
         if g is None:
             continue
-        if id(master) in pending:  # the same module twice in one pass: add the first before reusing the buffer
+        if id(master) in pending:  # the same module twice in one pass: add the first before staging the second
             _land_staged_grads(task)
             pending = st.by_task[task] = {}
-        for other in st.by_task.values():  # another pass's gradient still in this buffer: give it its own copy
-            entry = other.get(id(master))
-            if entry is not None and entry[1] is stage:
-                entry[2].synchronize()
-                entry[1] = stage.clone()
+        busy = {e[1].data_ptr() for other in st.by_task.values() if (e := other.get(id(master))) is not None}
+        if master.grad is not None:
+            busy.add(master.grad.data_ptr())
+        stage = lo.grad_stage(which, busy)
         stage.copy_(g, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
@@ -549,11 +572,12 @@ def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor 
 
 
 def _land_staged_grads(task: int) -> None:
-    """Add the gradients pass `task` staged to the masters' .grad (run by autograd when that pass ends)."""
+    """Add the gradients pass `task` staged to the masters' .grad (run by autograd when that pass ends). A master
+    without a gradient takes the staged buffer itself as its .grad (see :meth:`ExpertLoRA.grad_stage`)."""
     for master, staged, ev in _STAGED.by_task.pop(task, {}).values():
         ev.synchronize()
         if master.grad is None:
-            master.grad = staged.clone()
+            master.grad = staged
         else:
             master.grad += staged
 
@@ -672,6 +696,8 @@ class HybridExperts(nn.Module):
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
         # top_k dispatch: hidden_states [T, H] on the model device -> [T, H] on the same device and dtype.
         # dense dispatch (Llama-4): routed_in [E·T, H] -> [E·T, H].
+        for lo in self.lora.values():  # the previous optimizer step's update of this layer, if still running
+            lo.wait_update()
         if self.spec.dispatch == "dense":
             return self._dense_forward(hidden_states)
         return self._topk_forward(hidden_states, top_k_index, top_k_weights)
