@@ -36,3 +36,25 @@ if [ "${PART}" = b ]; then
   big_train v2lite_int4 150 v2-lite int4 --steps 4
   bundle_logs
 fi
+make_v2lite() {
+  [ -d /tmp/v2lite ] || step make 80 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+}
+# trainer NAME SECONDS STEPS LOG_EVERY [flags]: the trainer's code path (v2lite.py train) at batch 4 x 1024
+trainer() {
+  local name=$1 limit=$2 steps=$3 every=$4
+  shift 4
+  step "$name" "$limit" $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps "$steps" \
+    --log-every "$every" "$@"
+}
+#   PART=c: after the expert LoRA's AdamW moved to a worker thread (overlapping the next forward) and landed gradients
+#           became the staging buffers (no clone, no free): the GPU tests of training, then issue 20's training rows
+#           through the trainer: bf16, int8, int4 (31 steps, logging every 10, as the example YAMLs)
+if [ "${PART}" = c ]; then
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_train.py \
+    tests/test_resume_exact.py tests/test_equivalence.py tests/test_int8_experts.py tests/test_cpu_optim.py
+  make_v2lite
+  trainer train_bf16 100 31 10
+  trainer train_int8 100 31 10 --expert-dtype int8
+  trainer train_int4 100 31 10 --expert-dtype int4
+  bundle_logs
+fi
