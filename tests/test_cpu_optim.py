@@ -164,3 +164,34 @@ def hybridmoe_train(cfg: dict):
     import hybridmoe
 
     return hybridmoe.train(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_on_cuda_overlapped_against_plain(tmp_path, monkeypatch):
+    """On a GPU the trainer takes the worker-thread step by default; against the plain step (same seed, gradient
+    checkpointing, experts streamed): the same losses and adapter (GPU kernels may reorder sums run to run, so
+    within 1e-5 relative rather than bit for bit)."""
+    from safetensors.torch import load_file
+
+    from hybridmoe import training as train_mod
+
+    from .helpers import make_checkpoint, read_log, write_dataset
+    from .test_resume_exact import _cfg
+
+    files = make_checkpoint("deepseek_v2", tmp_path / "m"), write_dataset(tmp_path / "d.jsonl", n=10)
+    kw = dict(save_steps=0, device="cuda", gradient_checkpointing=True, stream_min_tokens=1, lora_dropout=0.0)
+    made = []
+    real = train_mod.overlapped_step
+    monkeypatch.setattr(train_mod, "overlapped_step", lambda *a: made.append(real(*a)) or made[-1])
+    hybridmoe_train(_cfg(files, tmp_path / "over", **kw))
+    assert isinstance(made[0], OverlappedStep)
+    monkeypatch.setattr(train_mod, "overlapped_step", lambda *a: None)
+    hybridmoe_train(_cfg(files, tmp_path / "plain", **kw))
+    over, plain = read_log(tmp_path / "over"), read_log(tmp_path / "plain")
+    assert [r["loss"] for r in over] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    a = load_file(str(tmp_path / "over" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
