@@ -180,7 +180,8 @@ def test_trainer_on_cuda_overlapped_against_plain(tmp_path, monkeypatch):
     from .test_resume_exact import _cfg
 
     files = make_checkpoint("deepseek_v2", tmp_path / "m"), write_dataset(tmp_path / "d.jsonl", n=10)
-    kw = dict(save_steps=0, device="cuda", gradient_checkpointing=True, stream_min_tokens=1, lora_dropout=0.0)
+    kw = dict(save_steps=0, device="cuda", dtype="float32", gradient_checkpointing=True, stream_min_tokens=1,
+              lora_dropout=0.0)
     made = []
     real = train_mod.overlapped_step
     monkeypatch.setattr(train_mod, "overlapped_step", lambda *a: made.append(real(*a)) or made[-1])
