@@ -58,3 +58,22 @@ if [ "${PART}" = c ]; then
   trainer train_int4 100 31 10 --expert-dtype int4
   bundle_logs
 fi
+# profile_steps: the trainer's step profiled (v2lite.py profile), one process per expert dtype in $DTYPES
+profile_steps() {
+  for dt in ${DTYPES:-bfloat16 int8}; do
+    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
+      --expert-dtype $dt
+  done
+}
+#   PART=d: issue 16's 100B-class rows with the Triton dequantization and the overlapped step: gpt-oss-120b (MXFP4
+#           as shipped: decode, prefill, training) and GLM-4.5-Air (int4: training), all layers, built in place; then
+#           the trainer's step profiled on V2-Lite, bf16 and int4 (where the trainer's time goes against the loop)
+if [ "${PART}" = d ]; then
+  step gptoss_mxfp4 200 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
+  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
+    --skip decode prefill
+  make_v2lite
+  DTYPES="bfloat16 int4" profile_steps
+  (cd "$OUT" && rm -f ./*.json.gz)  # the traces are summarized in the logs
+  bundle_logs
+fi
