@@ -74,6 +74,5 @@ if [ "${PART}" = d ]; then
     --skip decode prefill
   make_v2lite
   DTYPES="bfloat16 int4" profile_steps
-  (cd "$OUT" && rm -f ./*.json.gz)  # the traces are summarized in the logs
   bundle_logs
 fi
