@@ -64,8 +64,8 @@ def summarize(events: list[dict], range_name: str | None = None) -> dict:
         whole = next(e for e in annotations if e["name"] == range_name)
         lo, hi = whole["ts"], whole["ts"] + whole["dur"]
     else:
-        gpu = kernels + h2d + d2h
-        lo, hi = min(s for s, _ in gpu), max(e for _, e in gpu)
+        span = kernels + h2d + d2h or [(e["ts"], e["ts"] + e["dur"]) for e in timed]  # no GPU: the whole trace
+        lo, hi = min(s for s, _ in span), max(e for _, e in span)
     k, c, d = (union(clip(x, lo, hi)) for x in (kernels, h2d, d2h))
     both = intersect(k, c)
     busy = union(k + c + d)

@@ -464,6 +464,8 @@ def train(args) -> None:
     if args.expert_dtype:
         cfg["expert_dtype"] = args.expert_dtype
     t0 = time.perf_counter()
+    if args.trace_step:
+        _trace_trainer_step(args.trace_step, f"trainer_trace_{args.expert_dtype or 'bfloat16'}")
     if args.nproc > 1:  # data-parallel over the host's GPUs, through the CLI a user would run
         cfg_path = out.with_suffix(".json")
         cfg_path.write_text(json.dumps(cfg))
@@ -485,6 +487,38 @@ def train(args) -> None:
           "peak_gpu_gib_rank0": round(peak_gpu if peak_gpu is not None else last.get("peak_gpu_gib", 0), 2),
           "peak_host_gib": round(peak_host, 2) if peak_host is not None else last.get("host_rss_gib"),
           "last_log": last})
+
+
+def _trace_trainer_step(n: int, name: str) -> None:
+    """Trace one whole step of the trainer as it runs (torch.profiler from the end of optimizer step n to the end of
+    step n + 1: logging, data, forward, backward, clip, optimizer), summarized by trace_summary.py; the trace (gzip)
+    goes to $OUT. The trainer itself is unchanged: its optimizer step is wrapped for the one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hybridmoe import training
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trace_summary import load, summarize
+
+    real, calls, prof = training._Setup.optimizer_step, [0], []
+
+    def step(self, clip_coef):
+        real(self, clip_coef)
+        calls[0] += 1
+        if calls[0] == n:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+            prof.append(profile(activities=acts))
+            prof[0].__enter__()
+        elif calls[0] == n + 1:
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+            prof[0].__exit__(None, None, None)
+            trace = Path(os.environ.get("OUT", "/tmp")) / f"{name}.json"
+            prof[0].export_chrome_trace(str(trace))
+            subprocess.run(["gzip", "-f", str(trace)], check=False)
+            emit({"bench": "trainer_step_trace", "name": name, **summarize(load(f"{trace}.gz"))})
+
+    training._Setup.optimizer_step = step
 
 
 def train_baseline(args) -> None:
@@ -538,7 +572,7 @@ def profile(args) -> None:
     from hybridmoe.adapters import apply_lora
     from hybridmoe.cpu_optim import overlapped_step
     from hybridmoe.experts.streaming import model_streamer
-    from hybridmoe.grad_clip import clip_grad_norm
+    from hybridmoe.grad_clip import clip_grad_norm_deferred
     from hybridmoe.loss import causal_lm_loss
     from hybridmoe.training import expert_lora_layers, named_trainable
 
@@ -552,7 +586,7 @@ def profile(args) -> None:
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     # as the trainer steps: the expert LoRA's update on a worker thread while the next forward runs
     stepper = overlapped_step(opt, expert_lora_layers(model), torch.device(DEV))
-    step_opt = stepper.step if stepper is not None else opt.step
+    step_opt = stepper.step if stepper is not None else (lambda coef: opt.step())
     ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(DEV), "attention_mask": torch.ones_like(ids).to(DEV), "labels": ids.to(DEV)}
 
@@ -575,8 +609,8 @@ def profile(args) -> None:
             phases["backward"].append(time.perf_counter() - t)
             t = time.perf_counter()
         with record_function("optimizer"):
-            clip_grad_norm(params, 1.0)
-            step_opt()
+            _, coef = clip_grad_norm_deferred(params, 1.0, stepper.tensors if stepper is not None else [])
+            step_opt(coef)
             opt.zero_grad(set_to_none=True)
         sync()
         if phases is not None:
@@ -656,6 +690,7 @@ def main() -> None:
                    help="prefill: shares of each layer's experts the CPU computes while the rest stream to the GPU")
     p.add_argument("--gpu-share", type=float, nargs="+", default=[None],
                    help="decode: shares of the routed experts the GPU computes (default: hybridmoe's)")
+    p.add_argument("--trace-step", type=int, default=0, help="train: trace the trainer's step after this one")
     p.add_argument("--nproc", type=int, default=1, help="train: GPUs (data-parallel, via `hybridmoe train --nproc`)")
     p.add_argument("--tiny", action="store_true", help="small dims: check the script without a GPU")
     args = p.parse_args()

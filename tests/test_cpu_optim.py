@@ -79,7 +79,7 @@ def test_bitwise_torch_fused_adamw_and_same_state():
 def test_readers_wait_for_their_layer(monkeypatch):
     gate = threading.Event()
     real = cpu_optim._run
-    monkeypatch.setattr(cpu_optim, "_run", lambda jobs: (gate.wait(), real(jobs)))
+    monkeypatch.setattr(cpu_optim, "_run", lambda *args: (gate.wait(), real(*args)))
     layers = _layers(0)
     params = _params(layers, torch.zeros(2, requires_grad=True))
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
@@ -134,7 +134,7 @@ def test_trainer_with_the_overlapped_step_is_exact_and_resumes(tmp_path, monkeyp
     losses and adapter bit for bit, and a run killed after a checkpoint it wrote resumes to the same adapter."""
     from hybridmoe import training as train_mod
 
-    from .helpers import make_checkpoint, write_dataset
+    from .helpers import make_checkpoint, read_log, write_dataset
     from .test_resume_exact import _cfg, _kill_at_micro_step, _Killed, _same_run
 
     files = make_checkpoint("qwen3_moe", tmp_path / "m"), write_dataset(tmp_path / "d.jsonl", n=10)
@@ -150,6 +150,7 @@ def test_trainer_with_the_overlapped_step_is_exact_and_resumes(tmp_path, monkeyp
     over = tmp_path / "over"
     hybridmoe_train(_cfg(files, over, save_steps=0, gradient_accumulation_steps=2))
     assert made and made[0].layers  # it ran, over every expert layer
+    assert max(r["grad_norm"] for r in read_log(over)) > 1.0  # the clip scaled: the worker applied its coefficient
     _same_run(over, plain)
     killed = tmp_path / "killed"
     with monkeypatch.context() as m:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hybridmoe.grad_clip import clip_grad_norm
+from hybridmoe.grad_clip import clip_grad_norm, clip_grad_norm_deferred
 
 
 def _params(seed: int, scale: float = 3.0) -> list[torch.Tensor]:
@@ -50,3 +50,20 @@ def test_non_finite_gradient_gives_a_non_finite_norm_and_no_error():
 
 def test_no_gradients():
     assert clip_grad_norm([torch.zeros(3, requires_grad=True)], 1.0).item() == 0.0
+
+
+def test_deferred_scaling_is_the_same_multiplication():
+    """Tensors in `defer` keep their gradients unscaled; multiplied later by the returned coefficient (as the
+    overlapped optimizer step's worker does) they are bit for bit what the clip gives them."""
+    ps = _params(2)
+    qs = _twin(ps)
+    defer = [q for q in qs if q.grad is not None and q.grad.device.type == "cpu"][1:]
+    unscaled = [q.grad.clone() for q in defer]
+    total_ref = clip_grad_norm(ps, 0.5)
+    total, coef = clip_grad_norm_deferred(qs, 0.5, defer)
+    assert torch.equal(total, total_ref) and coef.item() < 1.0
+    assert all(torch.equal(q.grad, u) for q, u in zip(defer, unscaled))
+    torch._foreach_mul_([q.grad for q in defer], coef.to("cpu"))
+    for p, q in zip(ps, qs):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)

@@ -41,7 +41,15 @@ class OverlappedStep:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-adamw")
         self._job: Future | None = None
 
-    def step(self) -> None:
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The host masters this step updates on its worker (their gradients may be left unscaled by the clip:
+        :func:`hybridmoe.grad_clip.clip_grad_norm_deferred`, then ``step(grad_scale=coef)``)."""
+        return [t for los in self.layers for lo in los for t in lo.parameters()]
+
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        """grad_scale: the clip coefficient the host masters' gradients have not been multiplied by yet (the worker
+        does it, with the clip's own ``_foreach_mul_``, before their update)."""
         self.finish()  # the previous step's host part (its error, if any, surfaces here)
         # looked up at every step: load_state_dict (a resume) replaces the group dicts the scheduler then updates
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
@@ -66,7 +74,8 @@ class OverlappedStep:
             jobs.append((los, [_adamw_args(self.optimizer, t, g, group) for t, g, group in items]))
             for lo in los:
                 lo.update = threading.Event()
-        self._job = self._pool.submit(_run, jobs)
+        scale = None if grad_scale is None else grad_scale.detach().to("cpu")  # (a sync if on the GPU: the clip's own)
+        self._job = self._pool.submit(_run, jobs, scale)
 
     def finish(self) -> None:
         job, self._job = self._job, None
@@ -104,12 +113,15 @@ def _adamw_args(opt: torch.optim.AdamW, p: torch.Tensor, grad: torch.Tensor, gro
     return p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], hyper
 
 
-def _run(jobs: list[tuple[list[ExpertLoRA], list[tuple]]]) -> None:
-    """The worker: each layer's tensors updated as torch's fused AdamW step updates them, then the layer released.
-    Every layer is released even if one fails (the failure is raised by ``finish``)."""
+def _run(jobs: list[tuple[list[ExpertLoRA], list[tuple]]], grad_scale: torch.Tensor | None = None) -> None:
+    """The worker: each layer's gradients scaled by the clip coefficient (if given), its tensors updated as torch's
+    fused AdamW step updates them, then the layer released. Every layer is released even if one fails (the failure
+    is raised by ``finish``)."""
     try:
         with torch.no_grad():
             for los, args in jobs:
+                if grad_scale is not None:
+                    torch._foreach_mul_([a[1] for a in args], grad_scale)
                 for p, grad, exp_avg, exp_avg_sq, step, hyper in args:
                     torch._foreach_add_([step], 1)
                     torch._fused_adamw_([p], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False,

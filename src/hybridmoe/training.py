@@ -46,7 +46,7 @@ from .experts import HybridExperts
 from .experts.cpu_experts import PROJECTIONS
 from .experts.streaming import model_streamer
 from .experts.watch import NonFiniteWatch
-from .grad_clip import clip_grad_norm
+from .grad_clip import clip_grad_norm_deferred
 from .io import fs_errors, recover_interrupted
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_loss
@@ -241,9 +241,10 @@ class _Setup:
             torch.manual_seed(cfg.seed + ctx.rank)  # LoRA dropout: a different stream per rank
         distributed.check_consistent(params, ctx, "LoRA weights at start")
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, clip_coef: torch.Tensor) -> None:
+        """The optimizer step; clip_coef: the coefficient the stepper's gradients still need (see the clip)."""
         if self.stepper is not None:
-            self.stepper.step()
+            self.stepper.step(grad_scale=clip_coef)
         else:
             self.optimizer.step()
 
@@ -362,7 +363,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
             distributed.all_reduce_cpu_grads(setup.expert_params, ctx, via)
             # Joint norm over both devices (grouped by device, then the per-device norms combined, as torch does).
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            gnorm = clip_grad_norm(params, max_norm)
+            # the expert LoRA's gradients are scaled by the overlapped step's worker, if there is one
+            defer = setup.stepper.tensors if setup.stepper is not None else []
+            gnorm, coef = clip_grad_norm_deferred(params, max_norm, defer)
             loss_v, gnorm_v, stop_now = _agree(loss, gnorm, stop.requested, ctx)
             st.step += 1
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
@@ -388,7 +391,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 bar.update(1)
                 _stop_if_asked(stop_now, bar, out, setup)
                 continue
-            setup.optimizer_step()
+            setup.optimizer_step(coef)
             sched.step()
             opt.zero_grad(set_to_none=True)
             st.consecutive_skipped = 0
