@@ -76,3 +76,17 @@ if [ "${PART}" = d ]; then
   DTYPES="bfloat16 int4" profile_steps
   bundle_logs
 fi
+#   PART=e: the final code (the clip's scaling of the expert LoRA's gradients moved to the overlapped step's worker):
+#           GPU tests of training, issue 20's bf16 and int4 rows through the trainer (bf16 with one whole trainer step
+#           traced), then the README's Python example as written (benchmarks/readme_example.py, 31 training steps)
+if [ "${PART}" = e ]; then
+  step pytest_gpu 100 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_train.py \
+    tests/test_cpu_optim.py tests/test_resume_exact.py tests/test_equivalence.py
+  make_v2lite
+  trainer train_bf16 100 31 10 --trace-step 15
+  trainer train_int4 110 31 10 --expert-dtype int4
+  step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
+  step readme_example 170 $NOW python benchmarks/readme_example.py --model /tmp/v2lite \
+    --adapter /tmp/v2lite/bench_adapter --data /tmp/v2lite/bench_data.jsonl --train-steps 31
+  bundle_logs
+fi
