@@ -90,3 +90,10 @@ if [ "${PART}" = e ]; then
     --adapter /tmp/v2lite/bench_adapter --data /tmp/v2lite/bench_data.jsonl --train-steps 31
   bundle_logs
 fi
+#   PART=f: issue 20's bf16 row through the trainer on the final code, with no traced step in it: 41 steps logged
+#           every 5 (the median of 8 windows after the first)
+if [ "${PART}" = f ]; then
+  make_v2lite
+  trainer train_bf16 120 41 5
+  bundle_logs
+fi

@@ -483,7 +483,8 @@ def train(args) -> None:
     emit({"bench": "train_lora_all_targets", "nproc": args.nproc, "expert_dtype": args.expert_dtype or "bfloat16", "steps": steps or last.get("step"),
           "skipped": skipped, "batch_per_gpu": args.batch, "seq": args.seq,
           "final_loss": final if final is not None else last.get("loss"), "first_loss": logs[0]["loss"],
-          "tokens_per_s": round(sorted(tps)[len(tps) // 2], 1), "seconds": round(time.perf_counter() - t0, 1),
+          "tokens_per_s": round(sorted(tps)[len(tps) // 2], 1), "windows_tok_s": [round(t) for t in tps],
+          "seconds": round(time.perf_counter() - t0, 1),
           "peak_gpu_gib_rank0": round(peak_gpu if peak_gpu is not None else last.get("peak_gpu_gib", 0), 2),
           "peak_host_gib": round(peak_host, 2) if peak_host is not None else last.get("host_rss_gib"),
           "last_log": last})
