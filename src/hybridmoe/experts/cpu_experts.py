@@ -36,7 +36,7 @@ from . import cpu_kernel
 from . import watch as _watch
 from .backends import ExpertSettings, choose_backend
 from .discovery import ExpertsSpec
-from .expert_math import GroupedMath, LoopMath, LoRAFactors, SlotWeights, expert_groups, unsort_sum
+from .expert_math import Dequantized, GroupedMath, LoopMath, LoRAFactors, SlotWeights, expert_groups, unsort_sum
 from .formula import ExpertMLP
 from .packed import PackedFormat, dequantize_packed, quantize_activations, quantize_int4, quantize_mxfp4
 from .row_lora import RowLoRA
@@ -652,7 +652,7 @@ class HybridExperts(nn.Module):
             # the copy engine whatever their stream, so these few MB issued after it would wait the whole ~20 ms
             # layer copy and the compute with them (S9-a: no overlap of copies and kernels in a training step).
             lora = self.lora_on(ids.device, self.weights.compute_dtype if grouped else torch.float32, pad_rank=grouped)
-        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch, cpu_experts, prefetch_cpu_experts)
+        w_gu, w_d, bias = self.weights_on(backend != "cpu", prefetch, cpu_experts, prefetch_cpu_experts, lazy=grouped)
         if cpu_experts:
             lora = {p: LoRAFactors(f.A[:first], f.B[:first], f.scale) for p, f in lora.items()}
         if grouped:
@@ -667,17 +667,23 @@ class HybridExperts(nn.Module):
         return order, LoopMath(weights, lora, self.mlp, expert_groups(counts, range(first)))
 
     def weights_on(self, on_device: bool, prefetch: bool = True, cpu_experts: int = 0,
-                   prefetch_cpu_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+                   prefetch_cpu_experts: int | None = None, lazy: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                          dict | None]:
         """(gate_up [E, U, H], down [E, H, I], bias or None): the host tensors, or this layer's streamed slot on the
         device (int8 and 4-bit dequantized there to bf16: the compact format crossed the bus, a half or a quarter of
         the bytes; the grouped GEMMs want bf16). prefetch: also start copying the next layer; cpu_experts,
-        prefetch_cpu_experts: as :meth:`ExpertStreamer.acquire` takes them (the first E - c experts only)."""
+        prefetch_cpu_experts: as :meth:`ExpertStreamer.acquire` takes them (the first E - c experts only). lazy:
+        compact weights come as :class:`Dequantized` (made when a GEMM takes them; for :class:`GroupedMath`)."""
         if on_device:
             gate_up, down, scales, bias = self.weights.unpack(self.streamer.acquire(
                 self.stream_index, cpu_experts, prefetch_cpu_experts, prefetch=prefetch))
             if scales is not None:
-                gate_up = self.weights.to_float(gate_up, scales["gate_up_proj"])
-                down = self.weights.to_float(down, scales["down_proj"])
+                gu_s, d_s, to_float = scales["gate_up_proj"], scales["down_proj"], self.weights.to_float
+                if lazy:
+                    dt = self.weights.compute_dtype
+                    return (Dequantized(functools.partial(to_float, gate_up, gu_s), dt),
+                            Dequantized(functools.partial(to_float, down, d_s), dt), bias)
+                gate_up, down = to_float(gate_up, gu_s), to_float(down, d_s)
             return gate_up, down, bias
         return self.weights.gate_up, self.weights.down, self.weights.bias
 
