@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     p.add_argument("--limit-gbps", type=float, default=None, help="host read bandwidth (default: measured here)")
     p.add_argument("--int4-groups", type=int, nargs="*", default=[64], help="int4 group sizes to compare")
+    p.add_argument("--mxfp4", action="store_true", help="also MXFP4 weights (gpt-oss's experts as shipped)")
     p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
                    help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
@@ -126,16 +127,20 @@ def main() -> None:
         advise_huge_pages(c)
         return c.copy_(t)
 
-    from hybridmoe.experts.packed import PackedFormat, quantize_int4
+    from hybridmoe.experts.packed import PackedFormat, quantize_int4, quantize_mxfp4
 
     int4_layers = {}  # group -> [((codes, scales) gate_up, (codes, scales) down)] per layer
     for grp in args.int4_groups:
         int4_layers[grp] = [(_per_expert(quantize_int4, gu, grp), _per_expert(quantize_int4, d, grp)) for gu, d in layers]
+    packed = {f"int4g{grp}": (PackedFormat("int4", grp), ql) for grp, ql in int4_layers.items()}
+    if args.mxfp4:
+        packed["mxfp4"] = (PackedFormat("mxfp4", 32), [(_per_expert(lambda w, _: quantize_mxfp4(w), gu, 32),
+                                                       _per_expert(lambda w, _: quantize_mxfp4(w), d, 32))
+                                                      for gu, d in layers])
     mods = {}
     for pages in args.pages:
-        for grp, ql in int4_layers.items():
-            mods[f"int4g{grp}", pages] = [module(PackedFormat("int4", grp), [on_pages(t, pages) for t in (c1, c2, s1, s2)])
-                                          for (c1, s1), (c2, s2) in ql]
+        for name, (fmt, ql) in packed.items():
+            mods[name, pages] = [module(fmt, [on_pages(t, pages) for t in (c1, c2, s1, s2)]) for (c1, s1), (c2, s2) in ql]
         mods["bf16", pages] = [module(torch.bfloat16, [on_pages(t, pages) for t in (gu, d)]) for gu, d in layers]
         mods["int8", pages] = [module(torch.int8, [on_pages(t, pages) for t in (qgu, qd, sgu, sd)])
                                for (qgu, sgu), (qd, sd) in qlayers]
@@ -158,12 +163,12 @@ def main() -> None:
     if cpu_kernel.available():
         best = cpu_kernel.isa()
         for isa in cpu_kernel.isas():  # every instruction set at the first page size and prefetch distance
-            for dt in ("bf16", "int8", *(f"int4g{grp}" for grp in args.int4_groups)):
+            for dt in ("bf16", "int8", *packed):
                 hybrid_calls[f"kernel_{dt}_{isa}_{args.pages[0]}_pf{args.prefetch[0]}"] = hybrid(
                     dt, isa, args.pages[0], args.prefetch[0])
         for pages in args.pages:  # the best one at every page size and prefetch distance
             for pf in args.prefetch:
-                for dt in ("bf16", "int8", *(f"int4g{grp}" for grp in args.int4_groups)):
+                for dt in ("bf16", "int8", *packed):
                     hybrid_calls.setdefault(f"kernel_{dt}_{best}_{pages}_pf{pf}", hybrid(dt, best, pages, pf))
         for chunk in args.chunk:  # OpenMP scheduling, at the first page size and prefetch distance
             for dt in ("bf16", "int8"):
@@ -193,8 +198,8 @@ def main() -> None:
                 want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
                 got = layer_call(li, ex, w)
                 nbytes = bytes_bf16 // 2 if "int8" in name else bytes_bf16
-                if "int4g" in name:  # codes (half a byte a weight) + one bf16 scale per group
-                    grp = int(name.split("int4g")[1].split("_")[0])
+                if "int4g" in name or "mxfp4" in name:  # codes (half a byte a weight) + one bf16 scale per group
+                    grp = int(name.split("int4g")[1].split("_")[0]) if "int4g" in name else 32
                     nbytes = bytes_bf16 // 4 + bytes_bf16 // grp
                 print(json.dumps({
                     "bench": "decode_gemv", "strategy": name, "threads": threads, "ms_per_layer": round(s * 1e3, 3),

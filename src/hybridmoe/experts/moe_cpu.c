@@ -393,12 +393,75 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
     for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]) - 8.f * corr[r];
 }
 
+/* ---- 4-bit rows of a table whose doubled values are small integers (MXFP4) against int8 activations ----------
+ * llama.cpp's MXFP4 x Q8_0: an e2m1 value times 2 is an integer in [-12, 12], so one byte shuffle (pshufb) of a
+ * 16-entry int8 table (lut2[c] = 2 * table[c], built and checked by hm_moe_forward) turns 16 codes into 16 int8
+ * weights. The activations are int8 per weight group (quant_act, as for int4), and each group's sum of lut2[c] * q
+ * is an exact int32: maddubs takes |w2| as unsigned and q with w2's sign (|pair| <= 2 * 12 * 127), madd widens.
+ * row . x = sum_g (scale_g / 2) sx_g sum(w2 q), scale_g / 2 exact (a power of two for MXFP4). Two 32-input blocks a
+ * step (32 bytes of codes per row), four rows at once; a group of 32 scales each block by itself. AVX2 on every CPU
+ * that has it (AVX-512 ones too: one path, the one tested here). */
+
+typedef void (*dotqt_fn)(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                         int64_t group, const int8_t *lut2, float *out);
+
+TGT256 static inline __m256i dot_w2q(__m256i w2, __m256i q) { /* 16 int16 sums of w2 * q pairs, exact */
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w2, w2), _mm256_sign_epi8(q, w2));
+}
+
+TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                                 int64_t group, const int8_t *lut2, float *out) {
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut2)); /* both lanes */
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t b = 0;
+    for (; b + 64 <= n; b += 64) { /* inputs [b, b + 64): blocks b (lane 0 of the codes) and b + 32 (lane 1) */
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a->q + b + 32));
+        const int64_t g0 = b / group, g1 = (b + 32) / group;
+        for (int r = 0; r < 4; r++) {
+            PREFETCH(w[r] + b / 2, 32);
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
+            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, low));                      /* even inputs */
+            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), low)); /* odd */
+            /* [lo | hi] of each block: the order of the permuted activations (p4_pos) */
+            const __m256i p0 = dot_w2q(_mm256_permute2x128_si256(lo, hi, 0x20), x0);
+            const __m256i p1 = dot_w2q(_mm256_permute2x128_si256(lo, hi, 0x31), x1);
+            if (g0 == g1) { /* one group: |p0 + p1| <= 4 * 12 * 127 fits int16 */
+                const float f = bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0];
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)),
+                                         _mm256_set1_ps(f), acc[r]);
+            } else {
+                const float f0 = bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0];
+                const float f1 = bf16_to_f32(scale[r][g1]) * 0.5f * a->s[g1];
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_set1_ps(f0), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), _mm256_set1_ps(f1), acc[r]);
+            }
+        }
+    }
+    if (b < n) { /* a last block of 32 (n = 64k + 32, e.g. gpt-oss's 2880) */
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
+        const __m128i lut1 = _mm256_castsi256_si128(lut), low1 = _mm_set1_epi8(15);
+        const int64_t g0 = b / group;
+        for (int r = 0; r < 4; r++) {
+            const __m128i c = _mm_loadu_si128((const __m128i *)(w[r] + b / 2));
+            const __m128i lo = _mm_shuffle_epi8(lut1, _mm_and_si128(c, low1));
+            const __m128i hi = _mm_shuffle_epi8(lut1, _mm_and_si128(_mm_srli_epi16(c, 4), low1));
+            const __m256i p0 = dot_w2q(_mm256_set_m128i(hi, lo), x0);
+            const float f = bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_set1_ps(f), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]);
+}
+
 /* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
 static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
 static dot4x4_fn dot4x4 = NULL;
 static dotq_fn dotq = NULL; /* int4 x int8 activations: VNNI where the CPU has it, else AVX2 */
+static dotqt_fn dotqt = NULL; /* a 4-bit table (MXFP4) x int8 activations: AVX2 */
 
 /* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
  * hm_set_isa(level) picks a lower one (tests run both); returns the level in use. */
@@ -417,6 +480,7 @@ int hm_set_isa(int level) {
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
     dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
     dotq = level == 2 && __builtin_cpu_supports("avx512vnni") ? dot_q4x4_vnni : level >= 1 ? dot_q4x4_256 : NULL;
+    dotqt = level >= 1 ? dot_q4tx4_256 : NULL;
     return level;
 }
 
@@ -430,7 +494,8 @@ typedef struct {
     const uint16_t *scale;   /* int8: bf16 [E, out]; 4-bit: bf16 [E, out, in/group] */
     const float *table;      /* 4-bit: the 16 values of the codes, NULL for int4 (c - 8) */
     int64_t group;           /* 4-bit: inputs per scale */
-    int qact;                /* int4 with a group of a multiple of 64: int8 activations, integer dots (dotq) */
+    int qact;                /* int8 activations, integer dots: int4 in groups of 64k (dotq), MXFP4 (dotqt) */
+    const int8_t *lut2;      /* qact with a table: 2 * table as int8 (hm_moe_forward checks it is exact) */
     int64_t out, in;
     const float *lora_a;     /* [E, r, in] or NULL */
     const float *lora_b;     /* [E, out, r] */
@@ -471,7 +536,9 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
                 w[r] = (const uint8_t *)p->w + (size_t)row * wstride;
                 sc[r] = p->scale + row * sstride;
             }
-            if (p->qact)
+            if (p->qact && p->table)
+                dotqt(w, sc, qa, p->in, p->group, p->lut2, o);
+            else if (p->qact)
                 dotq(w, sc, qa, p->in, p->group, o);
             else
                 dot4x4(w, sc, xf, p->in, p->group, p->table, o);
@@ -584,8 +651,9 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
 
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
- * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: int4 against int8
- * activations (see dotq; 4 if the weights are not int4 in groups of a multiple of 64); act, alpha, limit: the
+ * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
+ * activations (int4: dotq, 4 if its group is not a multiple of 64; a table: dotqt, 4 if twice its values are not
+ * integers of at most 63); act, alpha, limit: the
  * expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or NULL, added after the GEMM's rounding (as torch). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
@@ -595,7 +663,14 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     const int64_t S = T * K;
     if (!dots) return 3;
     if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
-    if (qact && (dtype != W_P4 || table || group % 64)) return 4; /* int8 activations: int4 in groups of 64k only */
+    /* int8 activations: int4 in groups of a multiple of 64, or a table whose doubled values are exact int8 (MXFP4) */
+    int8_t lut2[16] = {0};
+    if (qact && (dtype != W_P4 || (!table && group % 64))) return 4;
+    for (int c = 0; qact && table && c < 16; c++) {
+        const float v = 2.f * table[c];
+        if (v != nearbyintf(v) || fabsf(v) > 63.f) return 4; /* |w2 q| pairs must fit int16 */
+        lut2[c] = (int8_t)v;
+    }
     for (int64_t s = 0; s < S; s++)
         if (ids[s] < 0 || ids[s] >= E) return 1;
 
@@ -656,8 +731,8 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         }
         free(row);
     }
-    const Layer L = {{dtype, w_gu, s_gu, table, group, qact, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
-                     {dtype, w_d, s_d, table, group, qact, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
+    const Layer L = {{dtype, w_gu, s_gu, table, group, qact, lut2, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
+                     {dtype, w_d, s_d, table, group, qact, lut2, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
                      act, alpha, limit, bias_gu, bias_d,
                      K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb,
                      xq, hq, xqs, hqs, xqsum, hqsum};

@@ -65,10 +65,11 @@ class PackedFormat:
 
     @property
     def int8_activations(self) -> bool:
-        """int4 with groups of a multiple of 64 computes on the CPU against int8 activations (one fp32 scale per
-        weight group: :func:`quantize_activations`), with integer dot products in the kernel (llama.cpp's Q4_0 x
-        Q8_0); the torch path quantizes the same way, so the two agree. On the GPU activations stay bf16."""
-        return self.kind == "int4" and self.group % 64 == 0
+        """int4 with groups of a multiple of 64, and MXFP4, compute on the CPU against int8 activations (one fp32
+        scale per weight group: :func:`quantize_activations`), with integer dot products in the kernel (llama.cpp's
+        Q4_0 x Q8_0 and MXFP4 x Q8_0: twice an e2m1 value is an integer); the torch path quantizes the same way, so
+        the two agree. On the GPU activations stay bf16."""
+        return (self.kind == "int4" and self.group % 64 == 0) or self.kind == "mxfp4"
 
 
 def int4_group_for(in_dims: tuple[int, ...], group: int | None = None) -> int | None:
