@@ -25,10 +25,12 @@ from hybridmoe.experts.packed import PackedFormat, dequantize_packed_torch, quan
 def cases(device):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 40, 256, generator=g) * 0.02
-    out = [("int4", 64) + quantize_int4(w, 64), ("int4", 128) + quantize_int4(w, 128), ("mxfp4", 32) + quantize_mxfp4(w)]
+    out = [("int4", 64) + quantize_int4(w, 64), ("int4", 128) + quantize_int4(w, 128),
+           ("mxfp4", 32) + quantize_mxfp4(w)]
     # every byte (two codes) under normal, large and subnormal scales; an odd number of rows
     codes = torch.arange(256, dtype=torch.uint8).repeat(5, 1)  # [5, 256]: 512 inputs
-    scales = torch.tensor([1.0, 0.5, 3.0, 2.0 ** -127, 2.0 ** 100], dtype=torch.bfloat16).repeat_interleave(16).view(5, 16)
+    scales = torch.tensor([1.0, 0.5, 3.0, 2.0 ** -127, 2.0 ** 100], dtype=torch.bfloat16)
+    scales = scales.repeat_interleave(16).view(5, 16)
     out += [(kind, 32, codes, scales) for kind in ("int4", "mxfp4")]
     return [(k, grp, c.to(device), s.to(device)) for k, grp, c, s in out]
 
@@ -76,4 +78,5 @@ def test_dequantize_packed_on_cpu_is_the_torch_version():
     for fmt, (codes, scales) in ((PackedFormat("int4", 32), quantize_int4(w, 32)),
                                  (PackedFormat("mxfp4", 32), quantize_mxfp4(w))):
         for dt in (torch.bfloat16, torch.float32):
-            assert torch.equal(dequantize_packed(codes, scales, fmt, dt), dequantize_packed_torch(codes, scales, fmt, dt))
+            want = dequantize_packed_torch(codes, scales, fmt, dt)
+            assert torch.equal(dequantize_packed(codes, scales, fmt, dt), want)

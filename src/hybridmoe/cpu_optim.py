@@ -33,7 +33,8 @@ __all__ = ["OverlappedStep", "overlapped_step"]
 
 class OverlappedStep:
     """``step()``: ``optimizer.step()`` with the host masters of `layers` (each a list of one expert layer's
-    ExpertLoRA, in forward order) updated on a worker thread; ``finish()``: wait for that update (and raise its error)."""
+    ExpertLoRA, in forward order) updated on a worker thread; ``finish()``: wait for that update (raising its
+    error)."""
 
     def __init__(self, optimizer: torch.optim.AdamW, layers: Sequence[Sequence[ExpertLoRA]]):
         self.optimizer = optimizer

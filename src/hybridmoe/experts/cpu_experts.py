@@ -200,9 +200,9 @@ class ExpertWeights:
     # -- what the per-expert loop asks of any weights object (the format stays in here) --------------------------
     def linear(self, proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] fp32 -> x W[e]^T (+ b[e]) [n, out] fp32, in the stored format: int8 with bf16 activations through
-        torch's int8 GEMV (half the bytes); 4-bit as the kernel computes it (int4 in groups of a multiple of 64 and MXFP4:
-        int8 activations per group, see PackedFormat.int8_activations; else bf16-rounded activations; times the
-        exact fp32 weights, output rounded to bf16); bf16/fp32 through the weight dtype's GEMM (the bf16 cast of x is
+        torch's int8 GEMV (half the bytes); 4-bit as the kernel computes it (int4 in groups of a multiple of 64,
+        and MXFP4: int8 activations per group, see PackedFormat.int8_activations; else bf16-rounded activations;
+        times the exact fp32 weights, output rounded to bf16); bf16/fp32 through the weight dtype's GEMM (the bf16 cast of x is
         the only rounding added)."""
         w = self.tensor(proj)[e]
         if self.packed is not None:  # int4 (groups of 64k), MXFP4: int8 activations, as the kernel; else bf16

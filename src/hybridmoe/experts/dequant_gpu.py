@@ -3,9 +3,9 @@ pass, by a Triton kernel.
 
 A streamed 4-bit layer crosses PCIe as codes and scales and becomes bf16 in its GPU slot for the grouped GEMMs, once
 per pass (forward, and again for the recompute and backward of a checkpointed training step). The torch version
-(:func:`hybridmoe.experts.packed.dequantize_packed`) is a dozen elementwise kernels with 1-2 byte temporaries per weight;
-this kernel reads each code byte and its scale once and writes the two bf16 weights once: ~2.6 bytes of traffic per
-weight instead of ~25 (gpt-oss-120b: 3.2 G weights a layer).
+(:func:`hybridmoe.experts.packed.dequantize_packed_torch`) is a dozen elementwise kernels with 1-2 byte temporaries
+per weight; this kernel reads each code byte and its scale once and writes the two bf16 weights once: ~2.6 bytes of
+traffic per weight (gpt-oss-120b: 3.2 G weights a layer; S10-b: its training step 2.4x faster).
 
 The result is bitwise the torch version's: a value of the table (int4: c - 8; e2m1: at most 3 significant bits) times
 a bf16 scale is exact in fp32, and the one rounding to bf16 is round-to-nearest-even in both.
@@ -32,7 +32,7 @@ BLOCK = 4096  # code bytes per program: 8192 weights
 
 
 def available(codes: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether :func:`dequantize_bf16` can take this call: bf16 output, CUDA codes, Triton importable, not turned off."""
+    """Whether :func:`dequantize_bf16` takes this call: bf16 output, CUDA codes, Triton importable, not turned off."""
     return (triton is not None and dtype == torch.bfloat16 and codes.device.type == "cuda"
             and os.environ.get("HYBRIDMOE_TRITON_DEQUANT", "1") != "0")
 
@@ -54,8 +54,8 @@ if triton is not None:
     @triton.jit
     def _dequant4_kernel(codes_ptr, scales_ptr, out_ptr, n_bytes, half, groups, group_bytes,
                          MXFP4: tl.constexpr, BLOCK: tl.constexpr):
-        # codes [R, half] uint8 (flat), scales [R, groups] bf16 bits as int16, out [R, half] int32: one word = the byte's two bf16
-        # weights, element 2j (low nibble) in the low half (little-endian: it comes first in memory)
+        # codes [R, half] uint8 (flat), scales [R, groups] bf16 bits as int16, out [R, half] int32: one word = the
+        # byte's two bf16 weights, element 2j (low nibble) in the low half (little-endian: it comes first in memory)
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = off < n_bytes
         b = tl.load(codes_ptr + off, mask=mask, other=0).to(tl.int32)
@@ -85,6 +85,6 @@ def dequantize_bf16(codes: torch.Tensor, scales: torch.Tensor, kind: str, group:
     n = codes.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        _dequant4_kernel[grid](codes, scales.view(torch.int16), out.view(torch.int32), n, half, scales.shape[-1], group // 2,
-                               MXFP4=kind == "mxfp4", BLOCK=BLOCK)
+        _dequant4_kernel[grid](codes, scales.view(torch.int16), out.view(torch.int32), n, half, scales.shape[-1],
+                               group // 2, MXFP4=kind == "mxfp4", BLOCK=BLOCK)
     return out

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "dequantize_packed_torch", "int4_group_for", "mxfp4_scales",
-           "pack_nibbles", "quantize_activations", "quantize_int4", "quantize_mxfp4", "unpack_nibbles"]
+__all__ = ["INT4_GROUP", "MXFP4_VALUES", "PackedFormat", "dequantize_packed", "dequantize_packed_torch",
+           "int4_group_for", "mxfp4_scales", "pack_nibbles", "quantize_activations", "quantize_int4", "quantize_mxfp4", "unpack_nibbles"]
 
 INT4_GROUP = 64
 BLOCK = 32  # the kernel's unit: 16 bytes of codes
