@@ -295,8 +295,8 @@ TGT256 static void dot_p4x4_256(const uint8_t *const *w, const uint16_t *const *
 
 /* ---- int4 rows against int8 activations (llama.cpp's Q4_0 x Q8_0): integer dot products ----------------------
  * For int4 weights whose group is a multiple of 64, the activations are quantized once per vector to int8 with one
- * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the permuted order of the
- * codes (p4_pos), and each group's sum of c * q is an exact int32 from integer multiply-adds (AVX-512 VNNI dpbusd:
+ * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the order its dot reads (q_pos:
+ * the codes' p4_pos for VNNI, a no-shuffle order for AVX2), and each group's sum of c * q is an exact int32 from integer multiply-adds (AVX-512 VNNI dpbusd:
  * 64 per instruction; AVX2 maddubs + madd), which the nibbles feed directly (no conversion to floats). With
  * w = (c - 8) * sw and x ~ q * sx:  row . x = sum_g sw_g sx_g (sum c q - 8 sum q). The torch path quantizes its
  * activations the same way (ExpertWeights.linear), so the two agree to fp32 summation order. Four rows at a time,
@@ -311,7 +311,17 @@ typedef struct {
 typedef void (*dotq_fn)(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                         int64_t group, float *out);
 
-static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum) {
+/* Where input i of n sits in int8 activations laid out for the AVX2 integer dots (layout 1): per 64 inputs, [evens
+ * of block 0 | evens of block 1 | odds of block 0 | odds of block 1], so the low and the high nibbles of 32 bytes of
+ * codes (lane 0: block 0, lane 1: block 1) meet their activations as they are, with no shuffle; a last block of 32
+ * as p4_pos. Layout 0 (p4_pos throughout) is the VNNI dot's. */
+static inline int64_t q_pos(int64_t i, int64_t n, int layout) {
+    const int64_t base = i & ~(int64_t)63, r = i & 63;
+    if (!layout || base + 64 > n) return p4_pos(i);
+    return base + (r & 1) * 32 + (r >> 5) * 16 + ((r & 31) >> 1);
+}
+
+static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum, int layout) {
     for (int64_t g0 = 0; g0 < n; g0 += group) {
         float amax = 0.f;
         for (int64_t i = g0; i < g0 + group; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
@@ -320,7 +330,7 @@ static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float
         for (int64_t i = g0; i < g0 + group; i++) {
             int32_t v = sc > 0.f ? (int32_t)nearbyintf(x[i] / sc) : 0;
             v = v > 127 ? 127 : (v < -127 ? -127 : v);
-            q[p4_pos(i)] = (int8_t)v;
+            q[q_pos(i, n, layout)] = (int8_t)v;
             tot += v;
         }
         s[g0 / group] = sc;
@@ -369,18 +379,18 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
         /* two 32-input blocks a step (group is a multiple of 64): 32 bytes of codes per row in one load, one
-         * prefetch per row; each block's [lo | hi] nibbles against its 32 activations, as the VNNI version does */
+         * prefetch per row; the activations in layout 1 (q_pos): the low nibbles (evens of both blocks) and the high
+         * ones (odds) each against 32 activations as loaded */
         for (int64_t b = g0; b < g0 + group; b += 64) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a->q + b + 32));
+            const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* evens of blocks 0, 1 */
+            const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
             for (int r = 0; r < 4; r++) {
                 PREFETCH(w[r] + b / 2, 32);
                 const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
                 const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
-                const __m256i p0 = _mm256_maddubs_epi16(_mm256_permute2x128_si256(lo, hi, 0x20), x0); /* block 0 */
-                const __m256i p1 = _mm256_maddubs_epi16(_mm256_permute2x128_si256(lo, hi, 0x31), x1); /* block 1 */
-                /* |pair| <= 2 * 15 * 127, so p0 + p1 fits int16 before the widening madd */
-                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones));
+                /* |pair| <= 2 * 15 * 127, so the two sums fit int16 before the widening madd */
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
             }
         }
         const int64_t g = g0 / group;
@@ -416,27 +426,19 @@ TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const 
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t b = 0;
     for (; b + 64 <= n; b += 64) { /* inputs [b, b + 64): blocks b (lane 0 of the codes) and b + 32 (lane 1) */
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a->q + b + 32));
+        const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* layout 1: evens of both blocks */
+        const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
         const int64_t g0 = b / group, g1 = (b + 32) / group;
         for (int r = 0; r < 4; r++) {
             PREFETCH(w[r] + b / 2, 32);
             const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, low));                      /* even inputs */
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), low)); /* odd */
-            /* [lo | hi] of each block: the order of the permuted activations (p4_pos) */
-            const __m256i p0 = dot_w2q(_mm256_permute2x128_si256(lo, hi, 0x20), x0);
-            const __m256i p1 = dot_w2q(_mm256_permute2x128_si256(lo, hi, 0x31), x1);
-            if (g0 == g1) { /* one group: |p0 + p1| <= 4 * 12 * 127 fits int16 */
-                const float f = bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0];
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)),
-                                         _mm256_set1_ps(f), acc[r]);
-            } else {
-                const float f0 = bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0];
-                const float f1 = bf16_to_f32(scale[r][g1]) * 0.5f * a->s[g1];
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_set1_ps(f0), acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), _mm256_set1_ps(f1), acc[r]);
-            }
+            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, low));                      /* evens */
+            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), low)); /* odds */
+            /* int32 sums, lanes 0-3 block 0 and 4-7 block 1 (|pair sums| <= 4 * 63 * 127 fit int16) */
+            const __m256i m = _mm256_madd_epi16(_mm256_add_epi16(dot_w2q(lo, xe), dot_w2q(hi, xo)), ones);
+            const __m128 f0 = _mm_set1_ps(bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0]);
+            const __m128 f1 = g1 == g0 ? f0 : _mm_set1_ps(bf16_to_f32(scale[r][g1]) * 0.5f * a->s[g1]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set_m128(f1, f0), acc[r]);
         }
     }
     if (b < n) { /* a last block of 32 (n = 64k + 32, e.g. gpt-oss's 2880) */
@@ -665,6 +667,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
     /* int8 activations: int4 in groups of a multiple of 64, or a table whose doubled values are exact int8 (MXFP4) */
     int8_t lut2[16] = {0};
+    const int qlayout = qact && (table || dotq != dot_q4x4_vnni); /* the AVX2 dots' layout (q_pos), or VNNI's */
     if (qact && (dtype != W_P4 || (!table && group % 64))) return 4;
     for (int c = 0; qact && table && c < 16; c++) {
         const float v = 2.f * table[c];
@@ -718,7 +721,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     }
     if (qact) /* from the unrounded input: the torch path quantizes the fp32 x it is given */
         for (int64_t t = 0; t < T; t++)
-            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group));
+            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group), qlayout);
     else if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
         float *row = malloc((size_t)H * sizeof(float));
         if (!row) {
@@ -766,7 +769,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         if (qact) { /* h of every slot to int8, from its fp32 value (as the torch path) */
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < S; p++)
-                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group));
+                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group), qlayout);
         }
         if (chunk) {
 #pragma omp for schedule(dynamic, chunk)
