@@ -295,9 +295,10 @@ TGT256 static void dot_p4x4_256(const uint8_t *const *w, const uint16_t *const *
 
 /* ---- int4 rows against int8 activations (llama.cpp's Q4_0 x Q8_0): integer dot products ----------------------
  * For int4 weights whose group is a multiple of 64, the activations are quantized once per vector to int8 with one
- * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the order its dot reads (q_pos:
- * the codes' p4_pos for VNNI, a no-shuffle order for AVX2), and each group's sum of c * q is an exact int32 from integer multiply-adds (AVX-512 VNNI dpbusd:
- * 64 per instruction; AVX2 maddubs + madd), which the nibbles feed directly (no conversion to floats). With
+ * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the order its dot reads
+ * (q_pos: the codes' p4_pos for VNNI, a no-shuffle order for AVX2), and each group's sum of c * q is an exact int32
+ * from integer multiply-adds (AVX-512 VNNI dpbusd: 64 per instruction; AVX2 maddubs + madd), which the nibbles feed
+ * directly (no conversion to floats). With
  * w = (c - 8) * sw and x ~ q * sx:  row . x = sum_g sw_g sx_g (sum c q - 8 sum q). The torch path quantizes its
  * activations the same way (ExpertWeights.linear), so the two agree to fp32 summation order. Four rows at a time,
  * given as row pointers (a tail repeats its last row). */
@@ -655,8 +656,7 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
  * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
  * activations (int4: dotq, 4 if its group is not a multiple of 64; a table: dotqt, 4 if twice its values are not
- * integers of at most 63); act, alpha, limit: the
- * expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or NULL, added after the GEMM's rounding (as torch). */
+ * integers of at most 63); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or NULL, added after the GEMM's rounding (as torch). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
                    const uint16_t *s_d, const float *table, int64_t group, int qact, int act, float alpha, float limit,
