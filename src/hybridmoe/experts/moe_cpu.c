@@ -656,7 +656,8 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
  * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
  * activations (int4: dotq, 4 if its group is not a multiple of 64; a table: dotqt, 4 if twice its values are not
- * integers of at most 63); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or NULL, added after the GEMM's rounding (as torch). */
+ * integers of at most 63); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or
+ * NULL, added after the GEMM's rounding (as torch). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
                    const uint16_t *s_d, const float *table, int64_t group, int qact, int act, float alpha, float limit,
