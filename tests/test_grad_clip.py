@@ -67,3 +67,28 @@ def test_deferred_scaling_is_the_same_multiplication():
     for p, q in zip(ps, qs):
         if p.grad is not None:
             assert torch.equal(p.grad, q.grad)
+
+
+class _Done:
+    def synchronize(self):
+        pass
+
+
+def test_row_norms_taken_early_are_used_only_for_the_same_unchanged_data():
+    """A staged gradient's row norms computed ahead (grad_clip.EARLY_ROW_NORMS) give the clip bitwise the norm it
+    computes itself; a gradient changed since (accumulated, all-reduced) is reduced again, never from stale norms."""
+    from hybridmoe import grad_clip
+
+    g = torch.Generator().manual_seed(5)
+    bufs = [torch.randn(8, 4, 96, generator=g), torch.randn(8, 40, 4, generator=g)]
+    want = grad_clip._device_norm([b.clone() for b in bufs])
+    for b in bufs:
+        grad_clip.EARLY_ROW_NORMS.submit(b, _Done())
+    assert torch.equal(grad_clip._device_norm(bufs), want)
+    assert grad_clip.EARLY_ROW_NORMS.take(bufs[0]) is None  # taken once
+    grad_clip.EARLY_ROW_NORMS.submit(bufs[0], _Done())
+    grad_clip.EARLY_ROW_NORMS._ahead[bufs[0].data_ptr()][1].result()  # its norms are computed ...
+    bufs[0].mul_(2.0)  # ... then the gradient changes (an accumulation, an all-reduce)
+    assert grad_clip.EARLY_ROW_NORMS.take(bufs[0]) is None
+    assert torch.equal(grad_clip._device_norm([bufs[0], bufs[1]]),
+                       grad_clip._device_norm([bufs[0].clone(), bufs[1].clone()]))

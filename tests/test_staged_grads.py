@@ -119,3 +119,17 @@ def test_a_landed_gradient_is_a_staging_buffer_and_two_buffers_serve_every_step(
         a.A.grad = a.B.grad = None  # zero_grad(set_to_none=True)
     assert len(a._stage_bufs[0]) == 2 and len(a._stage_bufs[1]) == 2
     assert seen <= {b.data_ptr() for b in a._stage_bufs[0]}
+
+
+def test_staged_gradients_have_their_row_norms_taken_early():
+    """Each staged gradient's row norms are computed while the pass goes on; the clip then takes them for the landed
+    .grad (the same buffer, unchanged), bitwise what it would compute."""
+    from hybridmoe import grad_clip
+
+    a = _lora(0)
+    _backward([a], 1.5)
+    early = grad_clip.EARLY_ROW_NORMS._ahead
+    assert a.A.grad.data_ptr() in early and early[a.A.grad.data_ptr()][0] == a.A.grad._version
+    want = grad_clip._device_norm([a.A.grad.clone(), a.B.grad.clone()])
+    assert torch.equal(grad_clip._device_norm([a.A.grad, a.B.grad]), want)
+    assert a.A.grad.data_ptr() not in early  # taken

@@ -32,6 +32,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..grad_clip import EARLY_ROW_NORMS
 from . import cpu_kernel
 from . import watch as _watch
 from .backends import ExpertSettings, choose_backend
@@ -569,6 +570,7 @@ def _stage_grads(lo: ExpertLoRA, grads: tuple[torch.Tensor | None, torch.Tensor 
         ev = torch.cuda.Event()
         ev.record()
         pending[id(master)] = [master, stage, ev]
+        EARLY_ROW_NORMS.submit(stage, ev)  # the clip's CPU norm of it, taken while the backward goes on
 
 
 def _land_staged_grads(task: int) -> None:
