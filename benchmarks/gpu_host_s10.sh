@@ -97,15 +97,23 @@ if [ "${PART}" = f ]; then
   trainer train_bf16 120 41 5
   bundle_logs
 fi
-#   PART=g (not run in session 10: no device time left): what was built after the last GPU run — the CPU kernel's
-#           tests on the Xeon (MXFP4 on AVX2 integer dots there too, every instruction set it has), the kernels at
-#           gpt-oss's dims (decode_gemv.py --mxfp4), then gpt-oss-120b (decode with the MXFP4 integer dots; training
-#           and decoding peaks with one dequantized projection at a time) and GLM-4.5-Air's decode
+#   PART=g, PART=h (not run in session 10: no device time left): what was built after the last GPU run.
+#   g: the GPU tests of the touched paths (one dequantized projection at a time, the clip's early CPU norms, the
+#      overlapped step), the CPU kernel's tests on the Xeon (MXFP4 on AVX2 integer dots there too, every instruction
+#      set it has), the kernels at gpt-oss's dims (decode_gemv.py --mxfp4), and issue 20's bf16 trainer row again
 if [ "${PART}" = g ]; then
-  step pytest_kernel 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
-    tests/test_dequant_gpu.py
-  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --topk 4 --hidden 2880 \
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_train.py tests/test_cpu_optim.py \
+    tests/test_equivalence.py tests/test_int4_experts.py tests/test_streaming.py tests/test_dequant_gpu.py
+  step pytest_kernel 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py
+  step gemv_gptoss 120 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --topk 4 --hidden 2880 \
     --inter 2880 --calls 200 --mxfp4
+  make_v2lite
+  trainer train_bf16 120 41 5
+  bundle_logs
+fi
+#   h: gpt-oss-120b (decode with the MXFP4 integer dots; training and decoding peaks with one dequantized projection
+#      at a time) and GLM-4.5-Air's decode
+if [ "${PART}" = h ]; then
   step gptoss_mxfp4 200 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
   step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 0 \
     --skip prefill train
