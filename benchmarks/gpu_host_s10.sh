@@ -65,13 +65,20 @@ profile_steps() {
       --expert-dtype $dt
   done
 }
+# gptoss_row, glm_row [flags]: issue 16's 100B-class models built in place (big_models.py): gpt-oss-120b with MXFP4
+# experts as shipped (decode, prefill, 3 training steps), GLM-4.5-Air with int4 experts (flags say what to measure)
+gptoss_row() {
+  step gptoss_mxfp4 200 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
+}
+glm_row() {
+  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 "$@"
+}
 #   PART=d: issue 16's 100B-class rows with the Triton dequantization and the overlapped step: gpt-oss-120b (MXFP4
 #           as shipped: decode, prefill, training) and GLM-4.5-Air (int4: training), all layers, built in place; then
 #           the trainer's step profiled on V2-Lite, bf16 and int4 (where the trainer's time goes against the loop)
 if [ "${PART}" = d ]; then
-  step gptoss_mxfp4 200 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
-  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
-    --skip decode prefill
+  gptoss_row
+  glm_row --steps 3 --skip decode prefill
   make_v2lite
   DTYPES="bfloat16 int4" profile_steps
   bundle_logs
@@ -114,8 +121,7 @@ fi
 #   h: gpt-oss-120b (decode with the MXFP4 integer dots; training and decoding peaks with one dequantized projection
 #      at a time) and GLM-4.5-Air's decode
 if [ "${PART}" = h ]; then
-  step gptoss_mxfp4 200 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
-  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 0 \
-    --skip prefill train
+  gptoss_row
+  glm_row --steps 0 --skip prefill train
   bundle_logs
 fi
