@@ -9,10 +9,7 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
-bundle_logs() {
-  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
-}
-# big NAME SECONDS MODEL FORMAT [flags]: big_models.py, training only, with one profiled step
+# big_train NAME SECONDS MODEL FORMAT [flags]: big_models.py, training only, with one profiled step
 big_train() {
   local name=$1 limit=$2 model=$3 fmt=$4
   shift 4
@@ -36,16 +33,6 @@ if [ "${PART}" = b ]; then
   big_train v2lite_int4 150 v2-lite int4 --steps 4
   bundle_logs
 fi
-make_v2lite() {
-  [ -d /tmp/v2lite ] || step make 80 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-}
-# trainer NAME SECONDS STEPS LOG_EVERY [flags]: the trainer's code path (v2lite.py train) at batch 4 x 1024
-trainer() {
-  local name=$1 limit=$2 steps=$3 every=$4
-  shift 4
-  step "$name" "$limit" $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps "$steps" \
-    --log-every "$every" "$@"
-}
 #   PART=c: after the expert LoRA's AdamW moved to a worker thread (overlapping the next forward) and landed gradients
 #           became the staging buffers (no clone, no free): the GPU tests of training, then issue 20's training rows
 #           through the trainer: bf16, int8, int4 (31 steps, logging every 10, as the example YAMLs)
@@ -58,13 +45,6 @@ if [ "${PART}" = c ]; then
   trainer train_int4 100 31 10 --expert-dtype int4
   bundle_logs
 fi
-# profile_steps: the trainer's step profiled (v2lite.py profile), one process per expert dtype in $DTYPES
-profile_steps() {
-  for dt in ${DTYPES:-bfloat16 int8}; do
-    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
-      --expert-dtype $dt
-  done
-}
 # gptoss_row, glm_row [flags]: issue 16's 100B-class models built in place (big_models.py): gpt-oss-120b with MXFP4
 # experts as shipped (decode, prefill, 3 training steps), GLM-4.5-Air with int4 experts (flags say what to measure)
 gptoss_row() {

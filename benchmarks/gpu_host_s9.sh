@@ -8,23 +8,6 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
-make_v2lite() {
-  [ -d /tmp/v2lite ] || step make 80 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
-}
-# profile_steps: the trainer's step profiled (v2lite.py profile), one process per expert dtype in $DTYPES
-profile_steps() {
-  for dt in ${DTYPES:-bfloat16 int8}; do
-    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
-      --expert-dtype $dt
-  done
-}
-# trainer NAME SECONDS STEPS LOG_EVERY [flags]: the trainer's code path (v2lite.py train) at batch 4 x 1024
-trainer() {
-  local name=$1 limit=$2 steps=$3 every=$4
-  shift 4
-  step "$name" "$limit" $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps "$steps" \
-    --log-every "$every" "$@"
-}
 # serve_table NAME: issue 18's table through `hybridmoe serve`, every layer resident, half of the clients on the adapter
 serve_table() {
   step "$1" 100 $NOW python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 \
@@ -32,10 +15,6 @@ serve_table() {
 }
 adapter() {
   step adapter 60 $NOW python benchmarks/v2lite.py adapter --dir /tmp/v2lite
-}
-# bundle_logs: the logs and traces back as one archive (the device returns a limited number of files)
-bundle_logs() {
-  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
 }
 if [ "${PART:-a}" = a ]; then
   make_v2lite

@@ -27,3 +27,27 @@ host_setup() {
   { nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
   NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
 }
+
+# The V2-Lite-shaped runs of the session scripts (gpu_host_s9.sh, gpu_host_s10.sh):
+# make_v2lite: the random V2-Lite checkpoint in /tmp/v2lite (once per host)
+make_v2lite() {
+  [ -d /tmp/v2lite ] || step make 80 $NOW python benchmarks/v2lite.py make --dir /tmp/v2lite
+}
+# profile_steps: the trainer's step profiled (v2lite.py profile), one process per expert dtype in $DTYPES
+profile_steps() {
+  for dt in ${DTYPES:-bfloat16 int8}; do
+    step profile_train_$dt 120 $NOW python benchmarks/v2lite.py profile --dir /tmp/v2lite --batch 4 --seq 1024 \
+      --expert-dtype $dt
+  done
+}
+# trainer NAME SECONDS STEPS LOG_EVERY [flags]: the trainer's code path (v2lite.py train) at batch 4 x 1024
+trainer() {
+  local name=$1 limit=$2 steps=$3 every=$4
+  shift 4
+  step "$name" "$limit" $NOW python benchmarks/v2lite.py train --dir /tmp/v2lite --batch 4 --seq 1024 --steps "$steps" \
+    --log-every "$every" "$@"
+}
+# bundle_logs: the logs and traces back as one archive (the device returns a limited number of files)
+bundle_logs() {
+  (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
+}
