@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -286,18 +285,14 @@ def profile_step(fn, name: str, dev: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from trace_summary import load, summarize
+    from trace_summary import save_and_summarize
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof, record_function("step"):
         fn()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    trace = Path(os.environ.get("OUT", "/tmp")) / f"{name}.json"
-    prof.export_chrome_trace(str(trace))
-    subprocess.run(["gzip", "-f", str(trace)], check=False)
-    trace = trace.with_suffix(".json.gz") if trace.with_suffix(".json.gz").exists() else trace
-    emit({"bench": "step_trace", "name": name, "trace": str(trace), **summarize(load(str(trace)), "step")})
+    emit({"bench": "step_trace", "name": name, **save_and_summarize(prof, os.environ.get("OUT", "/tmp"), name, "step")})
 
 
 def main() -> None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 
 def load(path: str) -> list[dict]:
@@ -21,6 +24,17 @@ def load(path: str) -> list[dict]:
     with opener(path, "rt") as f:
         data = json.load(f)
     return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def save_and_summarize(prof, out_dir: str | Path, name: str, range_name: str | None = None) -> dict:
+    """A finished torch.profiler run written as out_dir/name.json.gz; {"trace": its path, **its summary}."""
+    plain = Path(out_dir) / f"{name}.json"
+    prof.export_chrome_trace(str(plain))
+    trace = plain.with_suffix(".json.gz")
+    with open(plain, "rb") as src, gzip.open(trace, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(plain)
+    return {"trace": str(trace), **summarize(load(str(trace)), range_name)}
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -499,7 +499,7 @@ def _trace_trainer_step(n: int, name: str) -> None:
     from hybridmoe import training
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from trace_summary import load, summarize
+    from trace_summary import save_and_summarize
 
     real, calls, prof = training._Setup.optimizer_step, [0], []
 
@@ -514,10 +514,8 @@ def _trace_trainer_step(n: int, name: str) -> None:
             if DEV == "cuda":
                 torch.cuda.synchronize()
             prof[0].__exit__(None, None, None)
-            trace = Path(os.environ.get("OUT", "/tmp")) / f"{name}.json"
-            prof[0].export_chrome_trace(str(trace))
-            subprocess.run(["gzip", "-f", str(trace)], check=False)
-            emit({"bench": "trainer_step_trace", "name": name, **summarize(load(f"{trace}.gz"))})
+            emit({"bench": "trainer_step_trace", "name": name,
+                  **save_and_summarize(prof[0], os.environ.get("OUT", "/tmp"), name)})
 
     training._Setup.optimizer_step = step
 
@@ -578,7 +576,7 @@ def profile(args) -> None:
     from hybridmoe.training import expert_lora_layers, named_trainable
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from trace_summary import summarize
+    from trace_summary import save_and_summarize
 
     model = apply_lora(_load_hybrid(args.dir, args.expert_dtype), "all", rank=8, alpha=16, seed=0)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -631,11 +629,6 @@ def profile(args) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=acts) as prof, record_function("train_step"):
         step()
-    out = Path(os.environ.get("OUT", args.dir))
-    trace = out / f"train_trace_{args.expert_dtype or 'bfloat16'}.json"
-    prof.export_chrome_trace(str(trace))
-    subprocess.run(["gzip", "-f", str(trace)], check=False)
-    trace = trace.with_suffix(".json.gz") if trace.with_suffix(".json.gz").exists() else trace
     streamer = model_streamer(model)
     emit({"bench": "profile_train_step", "expert_dtype": args.expert_dtype or "bfloat16",
           "seconds_per_step": round(plain, 3), "tokens": args.batch * args.seq,
@@ -643,10 +636,9 @@ def profile(args) -> None:
           "phases_s": {k: [round(v, 3) for v in vs] for k, vs in phases.items()},
           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0,
           "stream_stats": vars(streamer.stats) if streamer else None})
-    from trace_summary import load
-
-    emit({"bench": "train_step_trace", "expert_dtype": args.expert_dtype or "bfloat16", "trace": str(trace),
-          **summarize(load(str(trace)), "train_step")})
+    emit({"bench": "train_step_trace", "expert_dtype": args.expert_dtype or "bfloat16",
+          **save_and_summarize(prof, os.environ.get("OUT", args.dir), f"train_trace_{args.expert_dtype or 'bfloat16'}",
+                               "train_step")})
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
 
 
