@@ -87,8 +87,11 @@ def test_row_norms_taken_early_are_used_only_for_the_same_unchanged_data():
     assert torch.equal(grad_clip._device_norm(bufs), want)
     assert grad_clip.EARLY_ROW_NORMS.take(bufs[0]) is None  # taken once
     grad_clip.EARLY_ROW_NORMS.submit(bufs[0], _Done())
-    grad_clip.EARLY_ROW_NORMS._ahead[bufs[0].data_ptr()][1].result()  # its norms are computed ...
+    grad_clip.EARLY_ROW_NORMS._ahead[bufs[0].data_ptr()][2].result()  # its norms are computed ...
     bufs[0].mul_(2.0)  # ... then the gradient changes (an accumulation, an all-reduce)
     assert grad_clip.EARLY_ROW_NORMS.take(bufs[0]) is None
     assert torch.equal(grad_clip._device_norm([bufs[0], bufs[1]]),
                        grad_clip._device_norm([bufs[0].clone(), bufs[1].clone()]))
+    other = bufs[1].view(bufs[1].shape)  # another tensor on the same storage, same version: not the staged one
+    grad_clip.EARLY_ROW_NORMS.submit(bufs[1], _Done())
+    assert grad_clip.EARLY_ROW_NORMS.take(other) is None

@@ -11,6 +11,7 @@ order of fp32 additions), same clip coefficient and in-place scaling as torch.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -29,28 +30,31 @@ class _EarlyRowNorms:
     (``cpu_experts._stage_grads``) and the buffer becomes the master's .grad when the pass ends; the clip's CPU norm
     then read all of them at once with the GPU idle (12.6 ms of a V2-Lite step, S10-e). ``submit`` has a worker wait
     for the copy's event and take the buffer's row norms meanwhile; the clip uses them for a gradient that is that
-    buffer, unchanged since (same storage and version: a gradient accumulated over micro-batches is not, and is
-    reduced as before). The same op on the same data: bitwise the same norm."""
+    buffer, unchanged since (the same tensor object at the same version: a gradient accumulated over micro-batches
+    is not, and is reduced as before; a weak reference, so a freed buffer's address taken by another tensor never
+    matches). The same op on the same data: bitwise the same norm."""
 
     def __init__(self):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._ahead: dict[int, tuple[int, Future]] = {}  # data_ptr -> (version when submitted, its row norms)
+        # data_ptr -> (the buffer, weakly; its version when submitted; its row norms)
+        self._ahead: dict[int, tuple[weakref.ref, int, Future]] = {}
 
     def submit(self, buf: torch.Tensor, ready) -> None:
         """buf: a host tensor being filled by an asynchronous copy; ready: an event (``synchronize()``) after it."""
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-norms")
-            self._ahead[buf.data_ptr()] = (buf._version, self._pool.submit(_norms_when_ready, buf, ready))
+            self._ahead[buf.data_ptr()] = (weakref.ref(buf), buf._version,
+                                           self._pool.submit(_norms_when_ready, buf, ready))
 
     def take(self, g: torch.Tensor) -> torch.Tensor | None:
         """g's row norms if computed ahead on exactly this data, else None (then the caller reduces g itself)."""
         with self._lock:
             entry = self._ahead.pop(g.data_ptr(), None)
-        if entry is None or entry[0] != g._version:
+        if entry is None or entry[0]() is not g or entry[1] != g._version:
             return None
-        return entry[1].result()
+        return entry[2].result()
 
 
 def _norms_when_ready(buf: torch.Tensor, ready) -> torch.Tensor:
