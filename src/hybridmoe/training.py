@@ -422,9 +422,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 _checkpoint(out / f"checkpoint-{st.step}", setup)  # (the last step's result is the adapter itself)
             _stop_if_asked(stop_now, bar, out, setup)
     bar.close()
-    setup.finish_step()
     if setup.stepper is not None:
-        setup.stepper.close()
+        setup.stepper.close()  # waits for the last step's update first (finish), then ends its worker
 
     distributed.check_consistent(params, ctx, "final LoRA weights")
     if main:
