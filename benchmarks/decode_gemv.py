@@ -7,7 +7,9 @@
 
 One "call" is one MoE layer for one token: top-6 experts picked at random from a random one of --layers layers (so the
 weights come from RAM, not the 300 MB L3), each expert's gate_up GEMV [2I, H], SiLU·up, down GEMV [H, I], weighted sum.
-Strategies, one JSON line each (ms per layer, GB/s of weights read, relative error against fp32 math):
+Strategies, one JSON line each (ms per layer, GB/s of weights read, relative error against fp32 math; for the kernel
+also its own split of a call, cpu_kernel.stats: microseconds before and in its two parallel regions, and how busy the
+threads were in each):
 - bf16_linear:   F.linear per expert on bf16 weights (what the CPU path does today);
 - bf16_matmul_t: x @ W.T per expert through torch.matmul on the transposed view (another dispatch to the same GEMV);
 - int8pack:      torch._weight_int8pack_mm on int8 weights with per-output-channel scales (half the bytes; the
@@ -190,10 +192,12 @@ def main() -> None:
 
                 for li, ex, w in routes[:10]:  # warm-up
                     layer_call(li, ex, w)
+                cpu_kernel.stats(reset=True)
                 t0 = time.perf_counter()
                 for li, ex, w in routes:
                     layer_call(li, ex, w)
                 s = (time.perf_counter() - t0) / len(routes)
+                inside = cpu_kernel.stats(reset=True) if name.startswith("kernel_") else {}
                 li, ex, w = routes[0]
                 want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
                 got = layer_call(li, ex, w)
@@ -207,6 +211,8 @@ def main() -> None:
                     "of_limit": round(nbytes / s / 1e9 / limit, 3),
                     "tok_s_if_26_layers": round(1 / (26 * s), 1),
                     "rel_err_vs_fp32": float((got - want).norm() / want.norm()),
+                    # the kernel's own split of a call (cpu_kernel.stats): the rest of ms_per_layer is Python's
+                    **({k: round(v, 3) for k, v in inside.items() if k != "calls"} if inside else {}),
                     "experts": args.experts, "topk": args.topk, "hidden": args.hidden, "inter": args.inter,
                     "layers": args.layers, "cpu": platform.processor() or platform.machine(),
                     "torch": torch.__version__}), flush=True)

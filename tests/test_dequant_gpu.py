@@ -40,6 +40,14 @@ def check(device):
         got = dequant_gpu.dequantize_bf16(codes, scales, kind, group)
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
         assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), (kind, group)
+    # a slice of rows of every expert (read in place: Dequantized's parts), and a 2-D matrix
+    for kind, group, codes, scales in cases(device)[:3]:
+        fmt = PackedFormat(kind, group)
+        part = dequant_gpu.dequantize_bf16(codes[:, 8:24], scales[:, 8:24], kind, group)
+        whole = dequantize_packed_torch(codes, scales, fmt, torch.bfloat16)
+        assert torch.equal(part.view(torch.int16), whole[:, 8:24].view(torch.int16)), (kind, group, "rows")
+        one = dequant_gpu.dequantize_bf16(codes[1], scales[1], kind, group)
+        assert torch.equal(one.view(torch.int16), whole[1].view(torch.int16)), (kind, group, "2-D")
     empty = torch.empty(0, 4, 16, dtype=torch.uint8, device=device)
     assert dequant_gpu.dequantize_bf16(empty, torch.empty(0, 4, 1, dtype=torch.bfloat16, device=device),
                                       "int4", 32).shape == (0, 4, 32)

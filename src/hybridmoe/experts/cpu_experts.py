@@ -681,10 +681,11 @@ class HybridExperts(nn.Module):
                 self.stream_index, cpu_experts, prefetch_cpu_experts, prefetch=prefetch))
             if scales is not None:
                 gu_s, d_s, to_float = scales["gate_up_proj"], scales["down_proj"], self.weights.to_float
-                if lazy:
-                    dt = self.weights.compute_dtype
-                    return (Dequantized(functools.partial(to_float, gate_up, gu_s), dt),
-                            Dequantized(functools.partial(to_float, down, d_s), dt), bias)
+                if lazy:  # made part by part of output rows when a GEMM takes them (a row slice: no copy)
+                    dt, per_byte = self.weights.compute_dtype, 2 if self.weights.packed is not None else 1
+                    shape = lambda w: (*w.shape[:2], w.shape[2] * per_byte)  # noqa: E731  [E, out, in] in floats
+                    return (Dequantized(lambda rows: to_float(gate_up[:, rows], gu_s[:, rows]), dt, shape(gate_up)),
+                            Dequantized(lambda rows: to_float(down[:, rows], d_s[:, rows]), dt, shape(down)), bias)
                 gate_up, down = to_float(gate_up, gu_s), to_float(down, d_s)
             return gate_up, down, bias
         return self.weights.gate_up, self.weights.down, self.weights.bias

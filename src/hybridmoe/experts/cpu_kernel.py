@@ -37,7 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "set_chunk",
-           "set_isa", "set_prefetch", "status", "supports"]
+           "set_isa", "set_prefetch", "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: 4-bit codes
@@ -107,6 +107,7 @@ def _load() -> None:
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
         lib.hm_set_chunk.argtypes = [ctypes.c_int]
+        lib.hm_stats.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -138,6 +139,26 @@ def set_chunk(items: int) -> None:
     """OpenMP work items per dynamic chunk (0: static scheduling; default 2)."""
     if available():
         _lib.hm_set_chunk(int(items))
+
+
+_STAT_KEYS = ("calls", "prep_ns", "region1_ns", "region2_ns", "busy1_ns", "busy2_ns", "threads")
+
+
+def stats(reset: bool = False) -> dict[str, float]:
+    """Where the kernel's calls spent their time since the last reset (empty if it is not loaded): calls; per call,
+    microseconds before the two parallel regions (``prep_us``) and in each (``region1_us``, ``region2_us``); and
+    ``busy1``/``busy2``, the fraction of each region its threads spent in work items (the rest: the fork, the
+    barriers, imbalance). ``reset`` zeroes the counters after reading them."""
+    if not available():
+        return {}
+    raw = (ctypes.c_int64 * len(_STAT_KEYS))()
+    _lib.hm_stats(raw, int(reset))
+    c = dict(zip(_STAT_KEYS, raw))
+    n = max(c["calls"], 1)
+    return {"calls": c["calls"], "prep_us": c["prep_ns"] / n / 1e3, "region1_us": c["region1_ns"] / n / 1e3,
+            "region2_us": c["region2_ns"] / n / 1e3, "kernel_threads": c["threads"] / n,
+            "busy1": c["busy1_ns"] / max(c["region1_ns"] * c["threads"] / n, 1),
+            "busy2": c["busy2_ns"] / max(c["region2_ns"] * c["threads"] / n, 1)}
 
 
 def isas() -> list[str]:

@@ -52,19 +52,23 @@ if triton is not None:
             return (c - 8).to(tl.float32)
 
     @triton.jit
-    def _dequant4_kernel(codes_ptr, scales_ptr, out_ptr, n_bytes, half, groups, group_bytes,
+    def _dequant4_kernel(codes_ptr, scales_ptr, out_ptr, n_bytes, half, groups, group_bytes, code_lead, scale_lead,
                          MXFP4: tl.constexpr, BLOCK: tl.constexpr):
-        # codes [R, half] uint8 (flat), scales [R, groups] bf16 bits as int16, out [R, half] int32: one word = the
+        # One lead index (an expert) per program_id(1): its codes [R, half] uint8 (rows contiguous, code_lead bytes
+        # from one expert to the next: a row slice of a layer needs no copy), scales [R, groups] bf16 bits as int16
+        # (scale_lead apart), out [R, half] int32 (contiguous, n_bytes = R * half words an expert): one word = the
         # byte's two bf16 weights, element 2j (low nibble) in the low half (little-endian: it comes first in memory)
+        lead = tl.program_id(1).to(tl.int64)
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = off < n_bytes
-        b = tl.load(codes_ptr + off, mask=mask, other=0).to(tl.int32)
+        b = tl.load(codes_ptr + lead * code_lead + off, mask=mask, other=0).to(tl.int32)
         row = off // half
-        s = tl.load(scales_ptr + row * groups + (off - row * half) // group_bytes, mask=mask, other=0)  # bf16 bits
+        s = tl.load(scales_ptr + lead * scale_lead + row * groups + (off - row * half) // group_bytes, mask=mask,
+                    other=0)  # bf16 bits
         s = ((s.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # exact, subnormals kept
         lo = _bf16_bits(_values(b & 15, MXFP4) * s)
         hi = _bf16_bits(_values(b >> 4, MXFP4) * s)
-        tl.store(out_ptr + off, lo | (hi << 16), mask=mask)
+        tl.store(out_ptr + lead * n_bytes + off, lo | (hi << 16), mask=mask)
 
     @triton.jit
     def _bf16_bits(x):
@@ -76,15 +80,21 @@ if triton is not None:
         return r.to(tl.int32)
 
 
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t [L, R, C] itself if each lead's rows are contiguous (a row slice of a contiguous tensor), else a copy."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
 def dequantize_bf16(codes: torch.Tensor, scales: torch.Tensor, kind: str, group: int) -> torch.Tensor:
     """codes uint8 [..., out, in/2], scales bf16 [..., out, in/group] on a CUDA device -> bf16 [..., out, in] there
-    (kind "int4" or "mxfp4"; see :mod:`hybridmoe.experts.packed`)."""
+    (kind "int4" or "mxfp4"; see :mod:`hybridmoe.experts.packed`). A slice of rows (``codes[:, r0:r1]``) is read
+    in place."""
     *lead, rows, half = codes.shape
-    codes, scales = codes.contiguous(), scales.contiguous()
     out = torch.empty(*lead, rows, 2 * half, dtype=torch.bfloat16, device=codes.device)
-    n = codes.numel()
-    if n:
-        grid = (triton.cdiv(n, BLOCK),)
-        _dequant4_kernel[grid](codes, scales.view(torch.int16), out.view(torch.int32), n, half, scales.shape[-1],
-                               group // 2, MXFP4=kind == "mxfp4", BLOCK=BLOCK)
+    if codes.numel():
+        c3 = _rows_contiguous(codes.reshape(-1, rows, half) if codes.dim() != 3 else codes)
+        s3 = _rows_contiguous(scales.reshape(-1, rows, scales.shape[-1]) if scales.dim() != 3 else scales)
+        grid = (triton.cdiv(rows * half, BLOCK), c3.shape[0])
+        _dequant4_kernel[grid](c3, s3.view(torch.int16), out.view(torch.int32), rows * half, half, s3.shape[-1],
+                               group // 2, c3.stride(0), s3.stride(0), MXFP4=kind == "mxfp4", BLOCK=BLOCK)
     return out

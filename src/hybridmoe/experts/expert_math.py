@@ -120,14 +120,27 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
-class Dequantized:
-    """A compact (int8 / 4-bit) weight in its device slot, dequantized each time a GEMM takes it and not held after:
-    :class:`GroupedMath` then holds one projection's float copy at a time (gpt-oss-120b with MXFP4 experts: gate_up's
-    4.3 GB of bf16, then down's 2.1 GB, instead of both, 6.4 GB, for the whole layer call). Each projection is still
-    dequantized once per forward and once per backward, as before."""
+# The most bytes of float weights a Dequantized projection makes at once: larger ones are made in parts of rows
+# (output features). gpt-oss-120b's gate_up is 4.3 GB in bf16 (128 x 5760 x 2880): five parts of <= 1 GiB.
+DEQUANT_PART_BYTES = 1 << 30
 
-    def __init__(self, make: Callable[[], torch.Tensor], dtype: torch.dtype):
+
+class Dequantized:
+    """A compact (int8 / 4-bit) weight [E, out, in] in its device slot, dequantized each time a GEMM takes it and not
+    held after, in parts of output rows of at most :data:`DEQUANT_PART_BYTES` each: :class:`GroupedMath` computes
+    the part's output columns (or, in backward, its share of dx) and drops it before the next is made. gpt-oss-120b
+    with MXFP4 experts holds <= 1 GiB of bf16 at a time, not gate_up's 4.3 GB (or, before session 10, both
+    projections' 6.4 GB). Each part is dequantized once per forward and once per backward.
+
+    make(rows): rows [r0, r1) of every expert as floats [E, r1 - r0, in] (a row slice of the codes: no copy)."""
+
+    def __init__(self, make: Callable[[slice], torch.Tensor], dtype: torch.dtype, shape: tuple[int, int, int]):
         self.make, self.dtype = make, dtype  # dtype: what make() returns
+        e, out, inp = shape
+        row_bytes = e * inp * torch.empty(0, dtype=dtype).element_size()
+        # whole multiples of 8 rows: a part's output columns keep the grouped GEMM's 16-byte alignment
+        step = out if row_bytes * out <= DEQUANT_PART_BYTES else max(8, DEQUANT_PART_BYTES // row_bytes // 8 * 8)
+        self.parts = [slice(r, min(r + step, out)) for r in range(0, out, step)]
 
 
 class GroupedMath:
@@ -151,12 +164,30 @@ class GroupedMath:
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _gmm(a.to(self.dtype), b, self.offs)
 
-    def _weight(self, proj: str) -> torch.Tensor:
+    def _base(self, proj: str, x: torch.Tensor) -> torch.Tensor:
+        """x [S, in] -> [S, out]: per group x W[e]^T; a Dequantized weight one part of output columns at a time."""
         w = self.w[proj]
-        return w.make() if isinstance(w, Dequantized) else w
+        if not isinstance(w, Dequantized):
+            return self._mm(x, w.transpose(1, 2))
+        if len(w.parts) == 1:
+            return self._mm(x, w.make(w.parts[0]).transpose(1, 2))
+        return torch.cat([self._mm(x, w.make(p).transpose(1, 2)) for p in w.parts], dim=1)  # each part freed after
+
+    def _base_backward(self, proj: str, dy: torch.Tensor) -> torch.Tensor:
+        """dy [S, out] -> [S, in]: per group dy W[e]; a Dequantized weight in parts, summed in fp32."""
+        w = self.w[proj]
+        if not isinstance(w, Dequantized):
+            return self._mm(dy, w)
+        if len(w.parts) == 1:
+            return self._mm(dy, w.make(w.parts[0]))
+        dx = None
+        for p in w.parts:  # dx = sum over parts of dy[:, p] W[e][p]
+            part = self._mm(dy[:, p].contiguous(), w.make(p))  # [S, in]
+            dx = part.float() if dx is None else dx.add_(part)
+        return dx.to(self.dtype)
 
     def _linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
-        y = self._mm(x, self._weight(proj).transpose(1, 2))  # [S, out]: per group x W[e]^T
+        y = self._base(proj, x)  # [S, out]
         if self.row_bias is not None:
             y = y + self.row_bias[proj]
         lo = self.lora.get(proj)
@@ -172,7 +203,7 @@ class GroupedMath:
         return (gu if keep else gu.new_empty(0, gu.shape[1])), y
 
     def _linear_backward(self, proj: str, dy: torch.Tensor, x: torch.Tensor, grads: dict) -> torch.Tensor:
-        dx = self._mm(dy, self._weight(proj))  # [S, in]: per group dy W[e]
+        dx = self._base_backward(proj, dy)  # [S, in]
         lo = self.lora.get(proj)
         if lo is not None:
             dyb = self._mm(dy, lo.B)  # [S, r]

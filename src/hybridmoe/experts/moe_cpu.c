@@ -34,6 +34,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+int omp_get_num_threads(void); /* the OpenMP runtime's (torch's, bound at load time: see the module docstring) */
 
 #define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define TGT256 __attribute__((target("avx2,fma")))
@@ -568,6 +571,28 @@ static int sched_chunk = 2;
 
 void hm_set_chunk(int chunk) { sched_chunk = chunk > 0 ? chunk : 0; }
 
+/* Where the calls' time goes (hm_stats; benchmarks/decode_gemv.py prints it): wall time before the regions (sorting,
+ * buffers, the input's conversions), in region 1 and in region 2, and the threads' summed time in each region's work
+ * items (so busy / (threads x region) is how much of the region the threads spent working, the rest being the fork,
+ * the barriers and imbalance). Atomic adds: calls may come from several Python threads. */
+enum { ST_CALLS, ST_PREP, ST_R1, ST_R2, ST_BUSY1, ST_BUSY2, ST_THREADS, ST_N };
+static int64_t stats[ST_N];
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void stat_add(int k, int64_t v) { __atomic_fetch_add(&stats[k], v, __ATOMIC_RELAXED); }
+
+/* Copies the counters (ST_N int64: calls, then nanoseconds: prep, region 1, region 2, busy 1, busy 2, then the
+ * summed thread counts) into out; reset != 0 zeroes them after. */
+void hm_stats(int64_t *out, int reset) {
+    for (int k = 0; k < ST_N; k++) out[k] = reset ? __atomic_exchange_n(&stats[k], 0, __ATOMIC_RELAXED)
+                                                  : __atomic_load_n(&stats[k], __ATOMIC_RELAXED);
+}
+
 /* Everything the two regions share: the projections, the sorted slots and the per-slot buffers. */
 enum { ACT_SILU_GLU = 0, ACT_GPTOSS = 1 };
 
@@ -663,7 +688,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
                    const uint16_t *s_d, const float *table, int64_t group, int qact, int act, float alpha, float limit,
                    const float *bias_gu, const float *bias_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
                    int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
-    const int64_t S = T * K;
+    const int64_t S = T * K, t_enter = now_ns();
     if (!dots) return 3;
     if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
     /* int8 activations: int4 in groups of a multiple of 64, or a table whose doubled values are exact int8 (MXFP4) */
@@ -743,6 +768,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     const int chunk = sched_chunk;
 
+    const int64_t t_r1 = now_ns();
     /* Region 1: the LoRA inputs of gate_up (from the unrounded x), then gate/up/h for every (group, block of j). */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -750,16 +776,21 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < S; p++) lora_in(&L.gu, ids[order[p]], x + (order[p] / K) * H, xa + p * r_gu);
         }
+        const int64_t t0 = now_ns();
         if (chunk) {
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk) nowait
             for (int64_t item = 0; item < ngroups * jblocks; item++)
                 gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
         } else {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t item = 0; item < ngroups * jblocks; item++)
                 gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
         }
+        stat_add(ST_BUSY1, now_ns() - t0);
+#pragma omp master
+        stat_add(ST_THREADS, omp_get_num_threads());
     }
+    const int64_t t_r2 = now_ns();
     /* Region 2: the LoRA inputs of down, then every block of output rows i over all groups. */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -772,14 +803,21 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
             for (int64_t p = 0; p < S; p++)
                 quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group), qlayout);
         }
+        const int64_t t0 = now_ns();
         if (chunk) {
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk) nowait
             for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
         } else {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
         }
+        stat_add(ST_BUSY2, now_ns() - t0);
     }
+    const int64_t t_end = now_ns();
+    stat_add(ST_CALLS, 1);
+    stat_add(ST_PREP, t_r1 - t_enter);
+    stat_add(ST_R1, t_r2 - t_r1);
+    stat_add(ST_R2, t_end - t_r2);
 done:
     if (hr != hf) free(hr);
     free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(hb), free(xa), free(ha);
