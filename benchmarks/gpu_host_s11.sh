@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 11 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: the GPU tests of the Dequantized parts (the Triton kernel reading a row slice in place), then where the
+#           4-bit CPU kernel's time goes at GLM-4.5-Air's and gpt-oss's dims (decode_gemv.py: the kernel's own split
+#           of a call, 16 and 8 threads, 2 MiB pages, prefetch off and 4 KiB ahead), then gpt-oss-120b (MXFP4, all
+#           layers: decode, prefill, training with the trainer's chunked loss; the peaks with the parts)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+host_setup
+# gemv NAME [flags]: decode_gemv.py with the kernel's memory settings compared at 16 and 8 threads
+gemv() {
+  local name=$1
+  shift
+  step "$name" 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 8 \
+    --pages 2m --prefetch 0 4096 "$@"
+}
+if [ "${PART:-a}" = a ]; then
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_dequant_gpu.py \
+    tests/test_int4_experts.py tests/test_int8_experts.py tests/test_streaming.py
+  gemv gemv_glm --topk 8 --hidden 4096 --inter 1408
+  gemv gemv_gptoss --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step gptoss_mxfp4 240 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
+  bundle_logs
+fi
