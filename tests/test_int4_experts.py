@@ -149,6 +149,33 @@ def test_kernel_and_loop_match_fp32_math(fmt, shape, t, k):
 
 
 @pytest.mark.parametrize("fmt", FORMATS[1:], ids=str)
+def test_int8_activations_at_the_edges(fmt):
+    """The kernel quantizes its activations as the torch loop does (PackedFormat.int8_activations) at the edges: a
+    group of zeros, a group whose values span 1e-30 to 1e3, ties of x / s; and a NaN in the input gives NaN outputs
+    in both (the group's scale is NaN), never a finite number computed from what was not read."""
+    if not cpu_kernel.available():
+        pytest.skip("no compiled kernel here")
+    m = silu_experts(4, 128, 64, fmt)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 128, generator=g)
+    x[0, :64] = 0  # a group of zeros (MXFP4: two)
+    x[1, :32] = torch.logspace(-30, 3, 32)
+    x[2, :64] = torch.arange(64) * 0.5  # x / s lands on halves for several entries
+    ids, w = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2, generator=g)
+    outs = {}
+    for flag in (False, True):
+        m.settings.cpu_kernel = flag
+        outs[flag] = torch.empty(3, 128)
+        m.infer_cpu(x, ids, w, outs[flag])
+    assert _rel(outs[True], outs[False]) <= 2e-3
+    x[1, 5] = float("nan")
+    for flag in (False, True):
+        m.settings.cpu_kernel = flag
+        m.infer_cpu(x, ids, w, outs[flag])
+        assert torch.isnan(outs[flag][1]).all() and torch.isfinite(outs[flag][[0, 2]]).all(), flag
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:], ids=str)
 def test_streamed_and_cpu_gradients_match_fp32_math(fmt):
     """Training: the CPU loop and the streamed path (codes dequantized to bf16 in the slot) give the gradients of
     fp32 math on the dequantized weights (QLoRA-style)."""
