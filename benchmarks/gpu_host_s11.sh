@@ -24,3 +24,18 @@ if [ "${PART:-a}" = a ]; then
   step gptoss_mxfp4 240 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
   bundle_logs
 fi
+#   PART=b: after the 4-bit dots' prefetch walks each four-row tile linearly and the activations' quantization is
+#           vectorized: the kernels at both models' dims (16 threads, 2 MiB pages, prefetch 4 and 8 KiB ahead), then
+#           decode (and prefill) of GLM-4.5-Air int4, gpt-oss-120b MXFP4 and V2-Lite int4, built in place
+if [ "${PART}" = b ]; then
+  step gemv_glm 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 8192 --topk 8 --hidden 4096 --inter 1408
+  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 8192 --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 0 \
+    --skip prefill train
+  step gptoss_mxfp4 150 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 0 \
+    --skip train
+  step v2lite_int4 150 $NOW python benchmarks/big_models.py --model v2-lite --format int4 --steps 0 --skip train
+  bundle_logs
+fi
