@@ -39,3 +39,14 @@ if [ "${PART}" = b ]; then
   step v2lite_int4 150 $NOW python benchmarks/big_models.py --model v2-lite --format int4 --steps 0 --skip train
   bundle_logs
 fi
+#   PART=c: the CPU kernel's tests on the Xeon (AVX-512 and AVX2: the linear tile prefetch, the vectorized
+#           activation quantization, NaN inputs), then the kernels at both models' dims against the host's read
+#           bandwidth measured both ways (torch's sum and the kernel library's own read loop)
+if [ "${PART}" = c ]; then
+  step pytest_kernel 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py
+  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step gemv_glm 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 8 --hidden 4096 --inter 1408
+  bundle_logs
+fi

@@ -36,7 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "set_chunk",
+__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "read_all", "set_chunk",
            "set_isa", "set_prefetch", "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
@@ -108,6 +108,7 @@ def _load() -> None:
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
         lib.hm_set_chunk.argtypes = [ctypes.c_int]
         lib.hm_stats.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.hm_read.argtypes, lib.hm_read.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_uint64
         lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -159,6 +160,14 @@ def stats(reset: bool = False) -> dict[str, float]:
             "region2_us": c["region2_ns"] / n / 1e3, "kernel_threads": c["threads"] / n,
             "busy1": c["busy1_ns"] / max(c["region1_ns"] * c["threads"] / n, 1),
             "busy2": c["busy2_ns"] / max(c["region2_ns"] * c["threads"] / n, 1)}
+
+
+def read_all(t: torch.Tensor) -> int:
+    """Read every byte of a contiguous CPU tensor once with torch's threads, as the kernel reads weights (linear,
+    32-byte loads; for measuring the host's read bandwidth: benchmarks/decode_gemv.py). Returns a checksum."""
+    if not (t.device.type == "cpu" and t.is_contiguous()):
+        raise ValueError("read_all: a contiguous CPU tensor")
+    return _lib.hm_read(t.data_ptr(), t.nbytes, torch.get_num_threads()) if available() else 0
 
 
 def isas() -> list[str]:

@@ -618,6 +618,22 @@ void hm_stats(int64_t *out, int reset) {
                                                   : __atomic_load_n(&stats[k], __ATOMIC_RELAXED);
 }
 
+/* The host's read bandwidth as this library's threads see it (benchmarks/decode_gemv.py's limit): every byte of
+ * p[0, n) read once, n / nthreads contiguous bytes a thread, 32-byte AVX2 loads folded by xor (returned, so the
+ * reads are not optimized away). A STREAM-style read: linear, hardware prefetch only. */
+TGT256 uint64_t hm_read(const uint8_t *p, int64_t n, int nthreads) {
+    uint64_t acc = 0;
+    const int64_t blocks = n / 128;
+#pragma omp parallel for schedule(static) reduction(^ : acc) num_threads(nthreads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256i *v = (const __m256i *)(p + b * 128);
+        const __m256i x = _mm256_xor_si256(_mm256_xor_si256(_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)),
+                                           _mm256_xor_si256(_mm256_loadu_si256(v + 2), _mm256_loadu_si256(v + 3)));
+        acc ^= (uint64_t)_mm256_extract_epi64(x, 0) ^ (uint64_t)_mm256_extract_epi64(x, 3);
+    }
+    return acc;
+}
+
 /* Everything the two regions share: the projections, the sorted slots and the per-slot buffers. */
 enum { ACT_SILU_GLU = 0, ACT_GPTOSS = 1 };
 
