@@ -304,16 +304,18 @@ TGT256 static void dot_p4x4_256(const uint8_t *const *w, const uint16_t *const *
 
 /* ---- int4 rows against int8 activations (llama.cpp's Q4_0 x Q8_0): integer dot products ----------------------
  * For int4 weights whose group is a multiple of 64, the activations are quantized once per vector to int8 with one
- * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the order its dot reads
- * (q_pos: the codes' p4_pos for VNNI, a no-shuffle order for AVX2), and each group's sum of c * q is an exact int32
- * from integer multiply-adds (AVX-512 VNNI dpbusd: 64 per instruction; AVX2 maddubs + madd), which the nibbles feed
- * directly (no conversion to floats). With
+ * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the order the dot reads
+ * (q_pos), and each group's sum of c * q is an exact int32 from AVX2 integer multiply-adds (maddubs + madd), which
+ * the nibbles feed directly (no conversion to floats). AVX2 on every CPU, AVX-512 ones too: an AVX-512 VNNI version
+ * (dpbusd, 64 products an instruction) measured 3-7% slower on the GPU host's Xeon at gpt-oss's and GLM-4.5-Air's
+ * dims in all four comparisons (S11-b, S11-c: it spent three lane shuffles a row-step on the codes' order), and
+ * was removed. With
  * w = (c - 8) * sw and x ~ q * sx:  row . x = sum_g sw_g sx_g (sum c q - 8 sum q). The torch path quantizes its
  * activations the same way (ExpertWeights.linear), so the two agree to fp32 summation order. Four rows at a time,
  * given as row pointers (a tail repeats its last row). */
 
 typedef struct {
-    const int8_t *q;    /* [n] activations, int8, in the codes' permuted order */
+    const int8_t *q;    /* [n] activations, int8, in the dots' order (q_pos) */
     const float *s;     /* [n / group] their scales */
     const float *sum;   /* [n / group] sum of q over each group (exact in fp32) */
 } QAct;
@@ -321,13 +323,12 @@ typedef struct {
 typedef void (*dotq_fn)(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                         int64_t group, float *out);
 
-/* Where input i of n sits in int8 activations laid out for the AVX2 integer dots (layout 1): per 64 inputs, [evens
- * of block 0 | evens of block 1 | odds of block 0 | odds of block 1], so the low and the high nibbles of 32 bytes of
- * codes (lane 0: block 0, lane 1: block 1) meet their activations as they are, with no shuffle; a last block of 32
- * as p4_pos. Layout 0 (p4_pos throughout) is the VNNI dot's. */
-static inline int64_t q_pos(int64_t i, int64_t n, int layout) {
+/* Where input i of n sits in int8 activations laid out for the integer dots: per 64 inputs, [evens of block 0 |
+ * evens of block 1 | odds of block 0 | odds of block 1], so the low and the high nibbles of 32 bytes of codes (lane
+ * 0: block 0, lane 1: block 1) meet their activations as they are, with no shuffle; a last block of 32 as p4_pos. */
+static inline int64_t q_pos(int64_t i, int64_t n) {
     const int64_t base = i & ~(int64_t)63, r = i & 63;
-    if (!layout || base + 64 > n) return p4_pos(i);
+    if (base + 64 > n) return p4_pos(i);
     return base + (r & 1) * 32 + (r >> 5) * 16 + ((r & 31) >> 1);
 }
 
@@ -335,7 +336,7 @@ static inline int64_t q_pos(int64_t i, int64_t n, int layout) {
  * s = amax / 127, q = round-to-even of x / s (an IEEE division; cvtps rounds to nearest even) clamped to
  * [-127, 127]; q = 0 for a group of zeros (s = 0); a group with a NaN gets s = NaN (torch's amax propagates it), so
  * the outputs that read it are NaN, as in torch. group: a multiple of 8. */
-TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum, int layout) {
+TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
     for (int64_t g0 = 0; g0 < n; g0 += group) {
@@ -358,7 +359,7 @@ TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q
             tot = _mm256_add_epi32(tot, v);
             int32_t lanes[8];
             _mm256_storeu_si256((__m256i *)lanes, v);
-            for (int k = 0; k < 8; k++) q[q_pos(i + k, n, layout)] = (int8_t)lanes[k];
+            for (int k = 0; k < 8; k++) q[q_pos(i + k, n)] = (int8_t)lanes[k];
         }
         int32_t t[8];
         _mm256_storeu_si256((__m256i *)t, tot);
@@ -367,49 +368,36 @@ TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
-static void dot_q4x4_vnni(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
-                          int64_t group, float *out) {
-    const __m256i low = _mm256_set1_epi8(15);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    float corr[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t g0 = 0; g0 < n; g0 += group) {
-        __m512i isum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                           _mm512_setzero_si512()};
-        for (int64_t b = g0; b < g0 + group; b += 64) { /* two 32-input blocks: 32 bytes of codes, 64 of q */
-            PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
-            const __m512i xv = _mm512_loadu_si512(a->q + b);
-            for (int r = 0; r < 4; r++) {
-                const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
-                const __m256i lo = _mm256_and_si256(c, low), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
-                /* [lo block 0 | hi block 0 | lo block 1 | hi block 1]: the order of the permuted activations */
-                const __m512i cv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
-                                                      _mm256_permute2x128_si256(lo, hi, 0x31), 1);
-                isum[r] = _mm512_dpbusd_epi32(isum[r], cv, xv);
-            }
-        }
-        const int64_t g = g0 / group;
-        for (int r = 0; r < 4; r++) {
-            const float f = bf16_to_f32(scale[r][g]) * a->s[g];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_set1_ps(f), acc[r]);
-            corr[r] += f * a->sum[g];
-        }
-    }
-    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - 8.f * corr[r];
+/* The four rows' int32 sums folded into one vector, exactly: lane r (r < 4) = row r's lanes 0-3 summed, lane 4 + r =
+ * its lanes 4-7 (two rounds of hadd). One conversion and one fmadd then scale all four rows: the per-group epilogue
+ * per row (a conversion, a broadcast, an fmadd each) was as much work as the group's dot products at group 64. */
+TGT256 static inline __m256i fold4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+}
+
+/* The four rows' bf16 scales of group g as fp32 [s0, s1, s2, s3] (exact). */
+TGT256 static inline __m128 scales4(const uint16_t *const *scale, int64_t g) {
+    const __m128i v = _mm_set_epi32(scale[3][g], scale[2][g], scale[1][g], scale[0][g]);
+    return _mm_castsi128_ps(_mm_slli_epi32(v, 16));
+}
+
+/* Row r's total: lanes r and 4 + r of acc. */
+TGT256 static inline void unfold4(__m256 acc, float *out) {
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
 }
 
 TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                 int64_t group, float *out) {
     const __m256i low256 = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+    __m256 acc = _mm256_setzero_ps(); /* folded: lanes r and 4 + r are row r's */
+    __m128 corr = _mm_setzero_ps();   /* [4] sum over groups of f_r * sum(q) */
     for (int64_t g0 = 0; g0 < n; g0 += group) {
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
-        /* two 32-input blocks a step (group is a multiple of 64): 32 bytes of codes per row in one load, one
-         * prefetch per row; the activations in layout 1 (q_pos): the low nibbles (evens of both blocks) and the high
-         * ones (odds) each against 32 activations as loaded */
+        /* two 32-input blocks a step (group is a multiple of 64): 32 bytes of codes per row in one load; the
+         * activations in q_pos's order: the low nibbles (evens of both blocks) and the high ones (odds) each
+         * against 32 activations as loaded */
         for (int64_t b = g0; b < g0 + group; b += 64) {
             PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
             const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* evens of blocks 0, 1 */
@@ -423,13 +411,12 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
             }
         }
         const int64_t g = g0 / group;
-        for (int r = 0; r < 4; r++) {
-            const float f = bf16_to_f32(scale[r][g]) * a->s[g];
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(f), acc[r]);
-            corr[r] += f * a->sum[g];
-        }
+        const __m128 f = _mm_mul_ps(scales4(scale, g), _mm_set1_ps(a->s[g])); /* [4] sw_r * sx */
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(isum[0], isum[1], isum[2], isum[3])), _mm256_set_m128(f, f), acc);
+        corr = _mm_fmadd_ps(f, _mm_set1_ps(a->sum[g]), corr);
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]) - 8.f * corr[r];
+    unfold4(acc, out);
+    for (int r = 0; r < 4; r++) out[r] -= 8.f * corr[r];
 }
 
 /* ---- 4-bit rows of a table whose doubled values are small integers (MXFP4) against int8 activations ----------
@@ -452,38 +439,41 @@ TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const 
                                  int64_t group, const int8_t *lut2, float *out) {
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut2)); /* both lanes */
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc = _mm256_setzero_ps(); /* folded (fold4): lanes r and 4 + r are row r's */
     int64_t b = 0;
     for (; b + 64 <= n; b += 64) { /* inputs [b, b + 64): blocks b (lane 0 of the codes) and b + 32 (lane 1) */
         PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
-        const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* layout 1: evens of both blocks */
+        const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* q_pos: evens of both blocks */
         const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
-        const int64_t g0 = b / group, g1 = (b + 32) / group;
+        __m256i m[4];
         for (int r = 0; r < 4; r++) {
             const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
             const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, low));                      /* evens */
             const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), low)); /* odds */
             /* int32 sums, lanes 0-3 block 0 and 4-7 block 1 (|pair sums| <= 4 * 63 * 127 fit int16) */
-            const __m256i m = _mm256_madd_epi16(_mm256_add_epi16(dot_w2q(lo, xe), dot_w2q(hi, xo)), ones);
-            const __m128 f0 = _mm_set1_ps(bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0]);
-            const __m128 f1 = g1 == g0 ? f0 : _mm_set1_ps(bf16_to_f32(scale[r][g1]) * 0.5f * a->s[g1]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set_m128(f1, f0), acc[r]);
+            m[r] = _mm256_madd_epi16(_mm256_add_epi16(dot_w2q(lo, xe), dot_w2q(hi, xo)), ones);
         }
+        /* folded: lanes 0-3 the rows' block-0 sums (group g0), 4-7 their block-1 sums (g1); f = sw / 2 * sx */
+        const int64_t g0 = b / group, g1 = (b + 32) / group;
+        const __m128 f0 = _mm_mul_ps(scales4(scale, g0), _mm_set1_ps(0.5f * a->s[g0]));
+        const __m128 f1 = g1 == g0 ? f0 : _mm_mul_ps(scales4(scale, g1), _mm_set1_ps(0.5f * a->s[g1]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(m[0], m[1], m[2], m[3])), _mm256_set_m128(f1, f0), acc);
     }
     if (b < n) { /* a last block of 32 (n = 64k + 32, e.g. gpt-oss's 2880) */
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
         const __m128i lut1 = _mm256_castsi256_si128(lut), low1 = _mm_set1_epi8(15);
-        const int64_t g0 = b / group;
+        __m256i m[4];
         for (int r = 0; r < 4; r++) {
             const __m128i c = _mm_loadu_si128((const __m128i *)(w[r] + b / 2));
             const __m128i lo = _mm_shuffle_epi8(lut1, _mm_and_si128(c, low1));
             const __m128i hi = _mm_shuffle_epi8(lut1, _mm_and_si128(_mm_srli_epi16(c, 4), low1));
-            const __m256i p0 = dot_w2q(_mm256_set_m128i(hi, lo), x0);
-            const float f = bf16_to_f32(scale[r][g0]) * 0.5f * a->s[g0];
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), _mm256_set1_ps(f), acc[r]);
+            m[r] = _mm256_madd_epi16(dot_w2q(_mm256_set_m128i(hi, lo), x0), ones);
         }
+        const int64_t g0 = b / group;
+        const __m128 f = _mm_mul_ps(scales4(scale, g0), _mm_set1_ps(0.5f * a->s[g0]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(m[0], m[1], m[2], m[3])), _mm256_set_m128(f, f), acc);
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]);
+    unfold4(acc, out);
 }
 
 /* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
@@ -491,7 +481,7 @@ static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
 static dot4x4_fn dot4x4 = NULL;
-static dotq_fn dotq = NULL; /* int4 x int8 activations: VNNI where the CPU has it, else AVX2 */
+static dotq_fn dotq = NULL; /* int4 x int8 activations: AVX2 on every CPU (see dot_q4x4_256) */
 static dotqt_fn dotqt = NULL; /* a 4-bit table (MXFP4) x int8 activations: AVX2 */
 
 /* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
@@ -510,7 +500,7 @@ int hm_set_isa(int level) {
     if (level > best) level = best;
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
     dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
-    dotq = level == 2 && __builtin_cpu_supports("avx512vnni") ? dot_q4x4_vnni : level >= 1 ? dot_q4x4_256 : NULL;
+    dotq = level >= 1 ? dot_q4x4_256 : NULL;
     dotqt = level >= 1 ? dot_q4tx4_256 : NULL;
     return level;
 }
@@ -734,7 +724,6 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
     /* int8 activations: int4 in groups of a multiple of 64, or a table whose doubled values are exact int8 (MXFP4) */
     int8_t lut2[16] = {0};
-    const int qlayout = qact && (table || dotq != dot_q4x4_vnni); /* the AVX2 dots' layout (q_pos), or VNNI's */
     if (qact && (dtype != W_P4 || (!table && group % 64))) return 4;
     for (int c = 0; qact && table && c < 16; c++) {
         const float v = 2.f * table[c];
@@ -788,7 +777,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     }
     if (qact) /* from the unrounded input: the torch path quantizes the fp32 x it is given */
         for (int64_t t = 0; t < T; t++)
-            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group), qlayout);
+            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group));
     else if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
         float *row = malloc((size_t)H * sizeof(float));
         if (!row) {
@@ -842,7 +831,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         if (qact) { /* h of every slot to int8, from its fp32 value (as the torch path) */
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < S; p++)
-                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group), qlayout);
+                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group));
         }
         const int64_t t0 = now_ns();
         if (chunk) {
