@@ -50,3 +50,13 @@ if [ "${PART}" = c ]; then
     --pages 2m --prefetch 4096 --topk 8 --hidden 4096 --inter 1408
   bundle_logs
 fi
+#   PART=d: the final kernel (int4 on AVX2 integer dots everywhere, the four rows' sums folded before scaling): its
+#           tests on the Xeon, gpt-oss's dims against the host's read bandwidth, GLM-4.5-Air's decode
+if [ "${PART}" = d ]; then
+  step pytest_kernel 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py
+  step gemv_gptoss 120 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step glm_air_int4 110 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 0 \
+    --skip prefill train
+  bundle_logs
+fi
