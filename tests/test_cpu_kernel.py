@@ -105,6 +105,35 @@ def test_nan_propagates():
     assert torch.isnan(out).all()
 
 
+def test_stats_count_the_calls_and_split_their_time():
+    """cpu_kernel.stats(): the calls since the last reset, time before and in the two parallel regions, and the
+    threads' busy fraction of each (in (0, 1]); reset zeroes them."""
+    m = silu_experts(8, 64, 32, torch.bfloat16)
+    x, ids, w = _inputs(3, 8, 64, 2)
+    cpu_kernel.stats(reset=True)
+    for _ in range(5):
+        m.infer_cpu(x, ids, w, torch.empty(x.shape))
+    st = cpu_kernel.stats()
+    assert st["calls"] == 5 and st["kernel_threads"] == torch.get_num_threads()
+    assert all(st[k] > 0 for k in ("prep_us", "region1_us", "region2_us"))
+    assert 0 < st["busy1"] <= 1.0 and 0 < st["busy2"] <= 1.0
+    assert cpu_kernel.stats(reset=True)["calls"] == 5 and cpu_kernel.stats()["calls"] == 0
+
+
+def test_read_all_reads_every_128_byte_block():
+    """The bandwidth probe's checksum: per 128-byte block the xor of its four 32-byte vectors, lanes 0 and 3 of that
+    folded into the total (a tail of less than 128 bytes is not read)."""
+    t = torch.randint(0, 256, (128 * 1000 + 77,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    u = t[: 128 * 1000].view(torch.int64).view(1000, 16)
+    want = 0
+    for col in (0, 4, 8, 12, 3, 7, 11, 15):
+        for v in u[:, col].tolist():
+            want ^= v & (2**64 - 1)
+    assert cpu_kernel.read_all(t) == want
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        cpu_kernel.read_all(t[::2])
+
+
 def test_bad_expert_id_is_an_error():
     m = silu_experts(8, 40, 24, torch.float32)
     x, _, w = _inputs(1, 8, 40, 2)
