@@ -163,8 +163,9 @@ def stats(reset: bool = False) -> dict[str, float]:
 
 
 def read_all(t: torch.Tensor) -> int:
-    """Read every byte of a contiguous CPU tensor once with torch's threads, as the kernel reads weights (linear,
-    32-byte loads; for measuring the host's read bandwidth: benchmarks/decode_gemv.py). Returns a checksum."""
+    """Read a contiguous CPU tensor once with torch's threads, as the kernel reads weights (linear, 32-byte loads;
+    every whole 128-byte block, a shorter tail is skipped), for measuring the host's read bandwidth
+    (benchmarks/decode_gemv.py). Returns a checksum of what was read."""
     if not (t.device.type == "cpu" and t.is_contiguous()):
         raise ValueError("read_all: a contiguous CPU tensor")
     return _lib.hm_read(t.data_ptr(), t.nbytes, torch.get_num_threads()) if available() else 0
