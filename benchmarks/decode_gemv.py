@@ -173,7 +173,7 @@ def main() -> None:
                 for dt in ("bf16", "int8", *packed):
                     hybrid_calls.setdefault(f"kernel_{dt}_{best}_{pages}_pf{pf}", hybrid(dt, best, pages, pf))
         for chunk in args.chunk:  # OpenMP scheduling, at the first page size and prefetch distance
-            for dt in ("bf16", "int8"):
+            for dt in ("bf16", "int8", *packed):
                 hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_chunk{chunk}"] = hybrid(
                     dt, best, args.pages[0], args.prefetch[0], chunk)
         cpu_kernel.set_isa(best)
