@@ -35,7 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import distributed
-from .adapters import apply_lora, load_adapter, save_adapter
+from .adapters import apply_lora, base_model_of, load_adapter, save_adapter
 from .components import count_by_component
 from .config import TrainConfig, load_config
 from .cpu_optim import overlapped_step
@@ -94,8 +94,7 @@ class LoopState:
 def named_trainable(model) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every trainable LoRA tensor on both devices; expert names follow PEFT's layout roots."""
     out = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name, m in base.named_modules():
+    for name, m in base_model_of(model).named_modules():
         if isinstance(m, HybridExperts):
             for proj in PROJECTIONS:  # fixed order: the optimizer state of a resumed run must line up
                 if proj in m.lora:
@@ -106,8 +105,7 @@ def named_trainable(model) -> list[tuple[str, torch.Tensor]]:
 
 def expert_lora_layers(model) -> list[list]:
     """Each routed-expert layer's LoRA (ExpertLoRA per projection), in forward order."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [list(m.lora.values()) for m in base.modules() if isinstance(m, HybridExperts) and m.lora]
+    return [list(m.lora.values()) for m in base_model_of(model).modules() if isinstance(m, HybridExperts) and m.lora]
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
