@@ -250,13 +250,17 @@ def train(model, args) -> None:
     stepper = overlapped_step(opt, expert_lora_layers(peft_model), dev)  # as the trainer steps
     step_opt = stepper.step if stepper is not None else opt.step
     g = torch.Generator().manual_seed(3)
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:  # the trainer's loss: the LM head in checkpointed chunks
+        return causal_lm_loss(peft_model, {"input_ids": ids, "labels": ids}, ids.numel() - ids.shape[0])
+
     times = []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.steps):
         ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
         t0 = time.perf_counter()
-        loss = causal_lm_loss(peft_model, {"input_ids": ids, "labels": ids}, ids.numel() - args.batch)  # the trainer's
+        loss = loss_of(ids)
         loss.backward()
         step_opt()
         opt.zero_grad(set_to_none=True)
@@ -274,7 +278,7 @@ def train(model, args) -> None:
         ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
 
         def one_step():
-            causal_lm_loss(peft_model, {"input_ids": ids, "labels": ids}, ids.numel() - args.batch).backward()
+            loss_of(ids).backward()
             step_opt()
             opt.zero_grad(set_to_none=True)
 
