@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode_breakdown import graph_breakdown
 
 MODELS = {
     # transformers model_type, config overrides; dims from the released configs
@@ -213,6 +214,8 @@ def decode(model, tok, args) -> None:
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
               "host_rss_gib": round(host_rss_gib(), 2)})
+        if i:  # the captured decoder, replayed piece by piece
+            graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident)
     set_resident(0)
 
 

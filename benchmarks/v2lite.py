@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode_breakdown import graph_breakdown
 
 V2_LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
@@ -242,50 +243,8 @@ def _hybrid_decode(model, tok, prompt: list[int], cfg, adapter: str, gpu_shares=
               "peak_host_gib": round(peak_host_gib(), 2), "huge_pages_gib": huge_pages_gib(),
               "same_tokens_as_eager": sum(a == b for a, b in zip(res.token_ids, tokens["dynamic_cache_eager"]))})
         if not name.endswith("first_call") and kw == {}:
-            _graph_breakdown(model, steps=16, label=name)
+            graph_breakdown(model, 16, emit, run=name)
     settings.cpu_kernel, settings.gpu_share = True, None
-
-
-def _graph_breakdown(model, steps: int, label: str = "") -> None:
-    """Time the parts of graph-decoded tokens: each graph's replay up to its host sync (launch + GPU + wait), the
-    GPU time inside the graphs (CUDA events), and the CPU experts between them. One JSON line, ms per token."""
-    dec = getattr(model, "_hybridmoe_decoder", None)
-    if DEV != "cuda" or dec is None or dec.graphs is None:
-        return
-    stream = torch.cuda.current_stream()
-    acc = {"replay_to_sync": 0.0, "cpu_experts": 0.0, "gpu_in_graphs": 0.0}
-
-    def timed_replay():
-        events = []
-        for i, g in enumerate(dec.graphs):
-            t0 = time.perf_counter()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            g.replay()
-            end.record(stream)
-            events.append((start, end))
-            stream.synchronize()
-            t1 = time.perf_counter()
-            acc["replay_to_sync"] += t1 - t0
-            if i < len(dec.cuts):
-                dec.cuts[i].compute(dec.share)
-                acc["cpu_experts"] += time.perf_counter() - t1
-        acc["gpu_in_graphs"] += sum(a.elapsed_time(b) for a, b in events) / 1e3
-
-    dec._replay, n = timed_replay, 0
-    token = torch.tensor([5])
-    t0 = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            while n < steps and dec.length < dec.max_len:
-                dec.step(token, dec.length).argmax()
-                n += 1
-    finally:
-        del dec._replay  # back to the class's method
-    wall = time.perf_counter() - t0
-    emit({"bench": "decode_graph_breakdown", "run": label, "tokens": n, "graphs_per_token": len(dec.graphs),
-          "ms_per_token": round(wall / n * 1e3, 2),
-          **{f"{k}_ms": round(v / n * 1e3, 2) for k, v in acc.items()}})
 
 
 def decode(args) -> None:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 12 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: where a graph-decoded token's time goes (decode_breakdown.py: launches, waits, GPU time in the graphs,
+#           the GPU share's queueing, the CPU call and the kernel's own time) for V2-Lite int4 and bf16 and
+#           gpt-oss-120b MXFP4, each at its default GPU share and others; the 4-bit kernel's dynamic chunk at
+#           gpt-oss's dims
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+host_setup
+# decode_of NAME MODEL FORMAT SECONDS [flags]: big_models.py's decode rows only (built in place)
+decode_of() {
+  local name=$1 model=$2 fmt=$3 limit=$4
+  shift 4
+  step "$name" "$limit" $NOW python benchmarks/big_models.py --model "$model" --format "$fmt" --steps 0 \
+    --skip prefill train "$@"
+}
+if [ "${PART:-a}" = a ]; then
+  decode_of v2lite_int4 v2-lite int4 120 --gpu-shares 0 0.3333
+  decode_of v2lite_bf16 v2-lite bfloat16 150 --gpu-shares 0.5
+  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 170 --gpu-shares 0 0.5
+  step gemv_gptoss_chunk 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --chunk 1 2 4
+  bundle_logs
+fi
