@@ -24,3 +24,14 @@ if [ "${PART:-a}" = a ]; then
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --chunk 1 2 4
   bundle_logs
 fi
+#   PART=b: graph decode with the kernel's call prepared once per cut, the GPU share's weights copied by raw driver
+#           copies, and the gated replay (graph i+1 queued behind cut i's host flag): the GPU tests of the decode
+#           paths, then the same decode rows and breakdowns as PART=a (serial and gated replay alternated in-process)
+if [ "${PART}" = b ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
+    tests/test_batch_decode.py tests/test_fast_generate.py tests/test_mixed_adapters.py tests/test_chat.py
+  decode_of v2lite_int4 v2-lite int4 120 --gpu-shares 0
+  decode_of v2lite_bf16 v2-lite bfloat16 150
+  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 170 --gpu-shares 0
+  bundle_logs
+fi

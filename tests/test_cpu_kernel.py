@@ -157,6 +157,32 @@ def test_mismatched_shapes_are_an_error():
         cpu_kernel.moe_forward(m, x, ids, w, torch.empty(2, 39))
 
 
+def test_prepared_call_matches_and_refuses_changed_weights():
+    """The prepared call (graph decode's cuts: checks and arguments made once) gives moe_forward's output on the
+    buffers' new contents at every call, and refuses to run once the weights it points into were replaced."""
+    m = silu_experts(8, 40, 24, torch.bfloat16, lora=False, bias=True)
+    x, ids, w = _inputs(1, 8, 40, 3)
+    out = torch.empty(1, 40)
+    call = cpu_kernel.prepared(m, x, ids, w, out)
+    for seed in (2, 3):  # new contents in the same buffers, as each decode step writes them
+        x2, ids2, w2 = _inputs(1, 8, 40, 3, seed=seed)
+        x.copy_(x2), ids.copy_(ids2), w.copy_(w2)
+        call()
+        ref = torch.empty(1, 40)
+        cpu_kernel.moe_forward(m, x, ids, w, ref)
+        assert torch.equal(out, ref)
+    m.weights.write_bias("down_proj", torch.zeros(8, 40))  # drops the fp32 bias copy the call points into
+    with pytest.raises(RuntimeError, match="changed"):
+        call()
+
+
+def test_prepared_call_refuses_expert_lora():
+    m = silu_experts(8, 40, 24, torch.float32)
+    x, ids, w = _inputs(1, 8, 40, 2)
+    with pytest.raises(ValueError, match="LoRA"):
+        cpu_kernel.prepared(m, x, ids, w, torch.empty(1, 40))
+
+
 def test_large_batches_take_torch():
     m = silu_experts(8, 40, 24, torch.float32)
     assert cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS)

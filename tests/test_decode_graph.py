@@ -169,6 +169,44 @@ def test_uncapturable_model_decodes_eagerly_with_a_warning(ckpt_dir, caplog):
     assert again.token_ids == want and again.decode_mode.startswith("eager")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_gated_replay_equals_the_serial_one_and_survives_an_error(share, ckpt_dir):
+    """The gated replay (graph i+1 queued behind cut i's host flag, the GPU share on a side stream) gives the serial
+    replay's logits bit for bit; an error in a cut's experts propagates, releases the GPU (no queued wait is left:
+    the device synchronizes), and the decoder decodes correctly afterwards."""
+    model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cuda", dtype="float32", progress=False)
+    model.eval()
+    prompt = torch.arange(5, 25, device="cuda").unsqueeze(0)
+    dec = StaticDecoder(model, 64, torch.device("cuda"), gpu_share=share)
+
+    def run(gated: bool) -> list[torch.Tensor]:
+        dec.chain.gated = gated
+        logits = [dec.prefill(prompt)]
+        for pos in range(20, 26):
+            logits.append(dec.step(logits[-1].argmax(-1), pos))
+        return logits
+
+    run(False)  # the first steps run eagerly, then capture
+    serial = run(False)
+    assert dec.mode == "cuda_graphs" and dec.chain.gate is not None
+    gated = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(serial, gated))
+
+    cut = dec.cuts[len(dec.cuts) // 2]
+    def failing(*a, **kw):
+        raise RuntimeError("a failing cut")
+    cut.compute = failing
+    dec.prefill(prompt)
+    dec.step(serial[0].argmax(-1), 20)
+    with pytest.raises(RuntimeError, match="a failing cut"):
+        dec.step(serial[1].argmax(-1), 21)
+    torch.cuda.synchronize()  # would hang if a wait were left unreleased
+    del cut.compute
+    assert all(torch.equal(a, b) for a, b in zip(serial, run(True)))
+
+
 def test_a_step_at_the_wrong_position_is_refused(ckpt_dir):
     """The static cache writes where its own counter says and RoPE uses the given position: they must agree."""
     model, _ = _adapted(ckpt_dir("deepseek_v2"), "cpu")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -40,7 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridmoe.experts import HybridExperts
+from hybridmoe import cuda_driver
+from hybridmoe.experts import HybridExperts, cpu_kernel
+from hybridmoe.experts.backends import choose_backend
 from hybridmoe.forward_args import forward_params
 
 log = logging.getLogger(__name__)
@@ -181,6 +184,7 @@ class _GpuShare:
         self.w = torch.empty(1, k, dtype=torch.float32, device=dev)  # [1, K]
         self.y = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, H]
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.driver = None  # the CUDA driver's raw copies (hybridmoe.cuda_driver), given by a gated replay
 
     def stage(self, hidden: torch.Tensor, w: torch.Tensor) -> None:
         self.x.copy_(hidden)
@@ -190,16 +194,20 @@ class _GpuShare:
     def load(self, module: HybridExperts, experts: list[int]) -> None:
         """Queue the copies of these experts' weights (the host knows the ids once the cut's copies landed)."""
         w = module.weights
+        pairs = [(self.gate_up, w.gate_up), (self.down, w.down)]
+        if self.scales is not None:
+            pairs += [(self.scales[0], w.scales["gate_up_proj"]), (self.scales[1], w.scales["down_proj"])]
+        if self.bias is not None:  # the fp32 copies the kernel uses, page-locked with the weights
+            bias = w.bias_f32()
+            pairs += [(self.bias[0], bias["gate_up_proj"]), (self.bias[1], bias["down_proj"])]
+        drv = self.driver
+        stream = torch.cuda.current_stream(self.x.device).cuda_stream if drv is not None else None
         for s, e in enumerate(experts):
-            self.gate_up[s].copy_(w.gate_up[e], non_blocking=True)
-            self.down[s].copy_(w.down[e], non_blocking=True)
-            if self.scales is not None:
-                self.scales[0][s].copy_(w.scales["gate_up_proj"][e], non_blocking=True)
-                self.scales[1][s].copy_(w.scales["down_proj"][e], non_blocking=True)
-            if self.bias is not None:  # the fp32 copies the kernel uses, page-locked with the weights
-                bias = w.bias_f32()
-                self.bias[0][s].copy_(bias["gate_up_proj"][e], non_blocking=True)
-                self.bias[1][s].copy_(bias["down_proj"][e], non_blocking=True)
+            for dst, src in pairs:
+                if drv is not None and dst.dtype == src.dtype and src.is_contiguous():  # rows of [E, ...] tensors
+                    drv.copy_to_device(dst[s].data_ptr(), src[e].data_ptr(), dst[s].nbytes, stream)
+                else:
+                    dst[s].copy_(src[e], non_blocking=True)
 
     def compute(self) -> None:
         """y = Σ_s w[K-n+s] · Expert_s(x) over the loaded experts; replays the captured graph when there is one."""
@@ -363,16 +371,31 @@ class _Cut:
     def __init__(self, module: HybridExperts, hidden: torch.Tensor, ids: torch.Tensor, pin: bool):
         self.module = module
         t, k = ids.shape
-        self.x = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=pin)  # [T, H]
+        self.x = torch.empty(hidden.shape, dtype=torch.float32, pin_memory=pin)  # [T, H] (the kernel's dtype)
         self.ids = torch.empty(t, k, dtype=torch.int64, pin_memory=pin)  # [T, K]
         self.w = torch.empty(t, k, dtype=torch.float32, pin_memory=pin)  # [T, K]
         self.out = torch.zeros(hidden.shape, dtype=torch.float32, pin_memory=pin)  # [T, H]
+        self._kernel: dict[tuple[int, int], Any] = {}  # (rows, experts a row) -> the prepared kernel call
 
     def send(self, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         """Queue the device->host copies (conversions happen on the device, so each copy is one plain DMA)."""
-        self.x.copy_(hidden, non_blocking=True)
+        self.x.copy_(hidden.float(), non_blocking=True)
         self.ids.copy_(ids.to(torch.int64), non_blocking=True)
         self.w.copy_(w.to(torch.float32), non_blocking=True)
+
+    def _experts(self, rows: int, k: int) -> None:
+        """out[:rows] = the first ``k`` picks of each of the first ``rows`` rows, on the CPU: through the compiled
+        kernel's call prepared once for these buffers where the kernel runs the layer (no expert LoRA: the plain
+        decode step, every token), else :meth:`HybridExperts.infer_cpu`."""
+        m = self.module
+        x, ids, w, out = self.x[:rows], self.ids[:rows, :k], self.w[:rows, :k], self.out[:rows]
+        if m.lora or not ids.is_contiguous() or choose_backend(m, rows, grad=False, stream=False) != "kernel":
+            m.infer_cpu(x, ids.contiguous(), w.contiguous(), out)
+            return
+        call = self._kernel.get((rows, k))
+        if call is None:
+            call = self._kernel[rows, k] = cpu_kernel.prepared(m, x, ids, w, out)
+        call()
 
     def compute(self, share: _GpuShare | None = None, rows: int | None = None) -> None:
         """The routed experts, once the copies of :meth:`send` have landed: with a GPU share, queue its experts'
@@ -388,12 +411,12 @@ class _Cut:
                 y = m.row_lora.forward(m, self.x[:n], self.ids[:n], self.w[:n], None, m._one_lora_forward)
                 self.out[:n].copy_(y)
             else:
-                m.infer_cpu(self.x[:n], self.ids[:n], self.w[:n], self.out[:n])
+                self._experts(n, self.ids.shape[1])
             return
         cpu_k = share.k - share.n
         share.load(m, self.ids[0, cpu_k:].tolist())
         share.compute()
-        m.infer_cpu(self.x, self.ids[:, :cpu_k].contiguous(), self.w[:, :cpu_k].contiguous(), self.out)
+        self._experts(self.x.shape[0], cpu_k)
 
     def _compute_split(self, share: _BatchShare, rows: int | None) -> None:
         """A batched step's experts split by expert between the GPU (``share``) and the CPU kernel. Rows with routed-
@@ -412,7 +435,7 @@ class _Cut:
         elif lora:  # the CPU's picks with each row's adapter (its zero-weight picks add nothing, LoRA or not)
             self.out[:n].copy_(m.row_lora.forward(m, self.x[:n], cpu[0], cpu[1], None, m._one_lora_forward))
         else:
-            m.infer_cpu(self.x[:n], cpu[0], cpu[1], self.out[:n])
+            m.infer_cpu(self.x[:n], cpu[0], cpu[1], self.out[:n])  # (new id/weight tensors each step)
 
     def receive(self, device: torch.device, dtype: torch.dtype, share: _GpuShare | None = None) -> torch.Tensor:
         """Queue the host->device copy of the result (+ the GPU share's); [T, H] in the hidden dtype on ``device``."""
@@ -456,6 +479,49 @@ class _Hook:
         return cut.receive(hidden.device, hidden.dtype, d.share)
 
 
+class _Gate:
+    """What the gated replay (:meth:`GraphChain._replay_gated`) needs: a host flag per cut (graph i+1 waits on flag
+    i), an event per cut (graph i's copies landed), the side stream of the GPU share, and the token's ticket (the
+    flags' value for this token; the waits compare modulo 2³², so it may wrap)."""
+
+    def __init__(self, drv, cuts: int, device: torch.device, share: _GpuShare | None):
+        self.drv, self.ticket, self.device = drv, 0, device
+        self.flags = cuda_driver.HostFlags(drv, cuts)
+        self.landed = [torch.cuda.Event() for _ in range(cuts)]
+        self.side = torch.cuda.Stream(device) if share is not None else None
+        if share is not None:
+            share.driver = drv  # its weight copies as raw driver copies (a few µs each instead of ~15)
+
+    def launch(self, graphs: list, j: int, stream: torch.cuda.Stream) -> None:
+        """Queue graph j behind the wait for flag j-1 (and record its landing when a cut follows it)."""
+        self.drv.wait(stream.cuda_stream, self.flags.address(j - 1), self.ticket)
+        graphs[j].replay()
+        if j < len(self.landed):
+            self.landed[j].record(stream)
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)  # no queued wait reads the flags after they are freed
+        self.flags.close()
+
+
+class _Clock:
+    """Host time of a decode replay by part, accumulated in :attr:`seconds` while :attr:`on` (benchmarks only:
+    ``lap(key)`` adds the time since the previous lap to ``key``)."""
+
+    def __init__(self):
+        self.on, self.seconds, self._t = False, {}, 0.0
+
+    def start(self) -> None:
+        if self.on:
+            self._t = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        if self.on:
+            t = time.perf_counter()
+            self.seconds[key] = self.seconds.get(key, 0.0) + t - self._t
+            self._t = t
+
+
 class GraphChain:
     """One decode step's forward with every routed-experts call cut (:class:`_Hook`): run eagerly, or captured once
     as a chain of CUDA graphs (one per stretch between two cuts) and replayed. :class:`StaticDecoder` (batch 1) and
@@ -487,6 +553,11 @@ class GraphChain:
         self.setup_steps, self.setup_s = 0, 0.0
         self._pool = None
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
+        # Replays gated by host flags (_Gate, set up after capture where the driver has stream memory operations);
+        # ``gated`` False keeps the serial replay (benchmarks compare the two in one process).
+        self.gate: _Gate | None = None
+        self.gated = os.environ.get("HYBRIDMOE_DECODE_GATE", "1") not in ("0", "false", "no", "off")
+        self.clock = _Clock()  # where the replays' host time goes (off unless a benchmark turns it on)
 
     def in_graph(self, module: HybridExperts) -> bool:
         """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
@@ -508,7 +579,9 @@ class GraphChain:
                                                                                       self.gpu_share)
 
     def close(self) -> None:
-        self.graphs = self.out = self.share = None
+        if self.gate is not None:
+            self.gate.close()
+        self.graphs = self.out = self.share = self.gate = None
         self.cuts, self.hook.chain = [], None
 
     def eager(self, forward):
@@ -584,6 +657,9 @@ class GraphChain:
                 raise RuntimeError(f"{self.hook.calls} expert calls captured, {len(self.cuts)} expected")
             if self.share is not None:  # own memory pool: it replays between the chain's graphs, whose
                 self.share.capture(stream)  # temporaries (the residual stream) live across it
+            drv = cuda_driver.driver(self.device) if self.cuts else None
+            if drv is not None:
+                self.gate = _Gate(drv, len(self.cuts), self.device, self.share)
         except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
             self.graphs, self.out = None, None
             if self.share is not None:
@@ -602,12 +678,59 @@ class GraphChain:
             torch.cuda.synchronize(self.device)
 
     def _replay(self) -> None:
-        stream = torch.cuda.current_stream(self.device)
+        if self.gate is not None and self.gated:
+            self._replay_gated()
+            return
+        stream, clock = torch.cuda.current_stream(self.device), self.clock
+        clock.start()
         for i, g in enumerate(self.graphs):
             g.replay()
+            clock.lap("launch")
             if i < len(self.cuts):
                 stream.synchronize()  # the hidden states and routing of cut i are in host memory now
+                clock.lap("wait")
                 self.cuts[i].compute(self.share, self.rows)  # graph i+1 starts by copying the result in
+                clock.lap("experts")
+
+    def _replay_gated(self) -> None:
+        """The replay with graph i+1 queued ahead, behind a wait for cut i's host flag (:class:`_Gate`):
+
+            launch g0, [wait flag 0] g1
+            cut 0: wait for g0's copies to land; the experts (GPU share on the side stream); flag 0 := ticket
+                   (the GPU starts g1 now); launch [wait flag 1] g2 while the GPU runs g1
+            cut 1: ...
+
+        So no launch sits between the CPU's experts and the GPU's next stretch, and each launch overlaps the GPU's
+        previous one. With a GPU share its weight copies and graph go on the gate's side stream, which then writes
+        the flag itself (so graph i+1 waits for both parts). An error releases every flag of the token before it
+        propagates (the GPU then runs the token's remaining graphs on stale buffers; the result is not used)."""
+        gate, stream, clock, n = self.gate, torch.cuda.current_stream(self.device), self.clock, len(self.cuts)
+        gate.ticket = ticket = (gate.ticket + 1) & 0xFFFFFFFF
+        released = 0
+        clock.start()
+        try:
+            self.graphs[0].replay()
+            gate.landed[0].record(stream)
+            gate.launch(self.graphs, 1, stream)
+            clock.lap("launch")
+            for i, cut in enumerate(self.cuts):
+                gate.landed[i].synchronize()  # cut i's hidden states and routing are in host memory now
+                clock.lap("wait")
+                if self.share is None:
+                    cut.compute(None, self.rows)
+                    gate.flags.host[i] = ticket  # graph i+1 starts by copying the result in
+                else:
+                    with torch.cuda.stream(gate.side):
+                        cut.compute(self.share, self.rows)
+                        gate.drv.write(gate.side.cuda_stream, gate.flags.address(i), ticket)
+                released = i + 1
+                clock.lap("experts")
+                if i + 2 <= n:
+                    gate.launch(self.graphs, i + 2, stream)
+                    clock.lap("launch")
+        finally:
+            if released < n:
+                gate.flags.set_all(ticket)
 
 
 class StaticDecoder:
