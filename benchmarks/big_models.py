@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from decode_breakdown import graph_breakdown
+from decode_breakdown import graph_breakdown, kernel_profile
 
 MODELS = {
     # transformers model_type, config overrides; dims from the released configs
@@ -216,6 +216,8 @@ def decode(model, tok, args) -> None:
               "host_rss_gib": round(host_rss_gib(), 2)})
         if i:  # the captured decoder, replayed piece by piece
             graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident)
+    if args.kernel_profile:
+        kernel_profile(model, emit, run=args.model)
     set_resident(0)
 
 
@@ -315,6 +317,7 @@ def main() -> None:
     p.add_argument("--decode-prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--gpu-shares", type=float, nargs="*", default=[], help="decode: also these GPU shares")
+    p.add_argument("--kernel-profile", action="store_true", help="decode: then the GPU kernels of one eager step")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)

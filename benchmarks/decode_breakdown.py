@@ -1,16 +1,21 @@
 """Where a graph-decoded token's time goes: JSON lines of milliseconds per token (used by v2lite.py, big_models.py).
 
-Runs batch-1 decode steps of the model's current static decoder (``model._hybridmoe_decoder``, which
-``hybridmoe.generate`` left captured) with the replay's host clock on (``GraphChain.clock``), alternating the serial
-replay (each graph launched after the CPU's experts, the host waiting for the whole graph) and the gated one (graph
-i+1 queued ahead behind a host flag: ``GraphChain._replay_gated``) when the driver allows it, ``steps`` tokens each,
-twice. Per token:
+:func:`graph_breakdown` runs batch-1 decode steps of the model's current static decoder (``model._hybridmoe_decoder``,
+which ``hybridmoe.generate`` left captured) with the replay's host clock on (``GraphChain.clock``) in each replay
+variant, ``steps`` tokens each, twice, alternated: the serial replay (each graph launched after the CPU's experts),
+the same with the GPU share's weights copied by torch's ``copy_`` instead of raw driver copies, and the gated replay
+(graph i+1 queued ahead behind a host flag: ``GraphChain._replay_gated``) where the driver allows it. Per token:
 
-    launch_ms    the host's graph launches (and, gated, the queued waits)
-    wait_ms      the host waiting for a graph's copies to the host to land
-    experts_ms   the cuts' experts: the CPU call (Python included) and queueing the GPU share
-    kernel_ms    of which the compiled kernel's own time (its counters: before and in its parallel regions)
-    rest_ms      the token's wall time minus the above (the step's Python: embedding, position, logits copy)
+    launch_ms          the host's graph launches (and, gated, the queued waits)
+    wait_ms            the host waiting for a graph's copies to the host to land
+    experts_ms         the cuts' experts, of which:
+      share_load_ms      queueing the GPU share's weight copies
+      share_compute_ms   queueing its graph
+      cpu_experts_ms     the CPU call, Python included
+      kernel_ms          the compiled kernel's own time (its counters: before and in its parallel regions)
+    rest_ms            the token's wall time minus launch, wait and experts (the step's Python, the logits copy)
+
+:func:`kernel_profile` lists the GPU kernels of one eager decode step (the same kernels the graphs hold).
 """
 
 from __future__ import annotations
@@ -20,20 +25,47 @@ import time
 import torch
 
 
+def _timed(obj, name: str, acc: dict, key: str) -> None:
+    """Shadow ``obj.name`` by a wrapper adding its seconds to ``acc[key]`` (undone by ``del obj.name``)."""
+    fn = getattr(obj, name)
+
+    def run(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(obj, name, run)
+
+
 def graph_breakdown(model, steps: int, emit, **labels) -> None:
-    """Time ``steps`` graph-decoded tokens per replay mode, twice each, and ``emit`` one dict (plus ``labels``) per
-    run."""
+    """Time ``steps`` graph-decoded tokens per replay variant, twice each, and ``emit`` one dict (plus ``labels``)
+    per run."""
     from hybridmoe.experts import cpu_kernel
 
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.graphs is None or not torch.cuda.is_available():
         return
-    chain = dec.chain
-    modes = ["serial", "gated"] if chain.gate is not None else ["serial"]
-    token, gated = torch.tensor([5]), chain.gated
+    chain, share = dec.chain, dec.chain.share
+    variants = ["serial"]
+    if share is not None and share.driver is not None:
+        variants.append("serial_torch_copies")
+    if chain.gate is not None:
+        variants.append("gated")
+    token, gated, driver = torch.tensor([5]), chain.gated, share.driver if share is not None else None
+    parts: dict[str, float] = {}
+    if share is not None:
+        _timed(share, "load", parts, "share_load")
+        _timed(share, "compute", parts, "share_compute")
+    for cut in chain.cuts:
+        _timed(cut, "_experts", parts, "cpu_experts")
     try:
-        for mode in modes * 2:
-            chain.gated, chain.clock.on, chain.clock.seconds = mode == "gated", True, {}
+        for variant in variants * 2:
+            chain.gated, chain.clock.on, chain.clock.seconds = variant == "gated", True, {}
+            if share is not None:
+                share.driver = None if variant == "serial_torch_copies" else driver
+            parts.clear()
             cpu_kernel.stats(reset=True)
             n, t0 = 0, time.perf_counter()
             with torch.inference_mode():
@@ -44,12 +76,45 @@ def graph_breakdown(model, steps: int, emit, **labels) -> None:
             k = cpu_kernel.stats(reset=True)
             kernel_s = k.get("calls", 0) * (k.get("prep_us", 0) + k.get("region1_us", 0) + k.get("region2_us", 0)) / 1e6
             n = max(n, 1)
-            ms = {f"{key}_ms": round(v / n * 1e3, 3) for key, v in chain.clock.seconds.items()}
+            ms = {f"{key}_ms": round(v / n * 1e3, 3) for key, v in {**chain.clock.seconds, **parts}.items()}
             ms["kernel_ms"] = round(kernel_s / n * 1e3, 3)
             ms["rest_ms"] = round((wall - sum(chain.clock.seconds.values())) / n * 1e3, 3)
-            emit({"bench": "decode_breakdown", **labels, "replay": mode, "tokens": n,
+            emit({"bench": "decode_breakdown", **labels, "replay": variant, "tokens": n,
                   "graphs_per_token": len(chain.graphs), "cuts": len(chain.cuts),
                   "tok_s": round(n / wall, 2), "ms_per_token": round(wall / n * 1e3, 3), **ms,
                   "kernel_busy": [round(k.get("busy1", 0), 2), round(k.get("busy2", 0), 2)]})
     finally:
         chain.gated, chain.clock.on = gated, False
+        if share is not None:
+            share.driver = driver
+            del share.load, share.compute
+        for cut in chain.cuts:
+            del cut._experts
+
+
+def kernel_profile(model, emit, top: int = 15, **labels) -> None:
+    """The GPU kernels of one eager batch-1 decode step (a static decoder without graphs, after one warm-up step):
+    count, total GPU time, and the ``top`` kernels by time. One dict to ``emit``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hybridmoe.decode_graph import StaticDecoder
+
+    if not torch.cuda.is_available():
+        return
+    dev = next(p.device for p in model.parameters() if p.device.type == "cuda")
+    dec = StaticDecoder(model, 256, dev, use_graphs=False)
+    try:
+        with torch.inference_mode():
+            dec.prefill(torch.arange(5, 21, device=dev)[None])
+            dec.step(torch.tensor([5]), 16)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                dec.step(torch.tensor([6]), 17)
+                torch.cuda.synchronize()
+    finally:
+        dec.close()
+    rows = sorted(((e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[2])
+    emit({"bench": "decode_kernels", **labels, "kernels": sum(r[1] for r in rows),
+          "gpu_us": round(sum(r[2] for r in rows), 1),
+          "top": [[name[:70], count, round(us, 1)] for name, count, us in rows[:top]]})

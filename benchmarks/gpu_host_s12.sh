@@ -35,3 +35,12 @@ if [ "${PART}" = b ]; then
   decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 170 --gpu-shares 0
   bundle_logs
 fi
+#   PART=c: 4-bit experts with no GPU share by default; the breakdown with the share's parts timed (its copies by
+#           torch and by the driver) and the GPU kernels of one eager V2-Lite step
+if [ "${PART}" = c ]; then
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py
+  decode_of v2lite_int4 v2-lite int4 120 --kernel-profile
+  decode_of v2lite_bf16 v2-lite bfloat16 150
+  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 150 --kernel-profile
+  bundle_logs
+fi

@@ -199,9 +199,8 @@ def test_gated_replay_equals_the_serial_one_and_survives_an_error(share, ckpt_di
         raise RuntimeError("a failing cut")
     cut.compute = failing
     dec.prefill(prompt)
-    dec.step(serial[0].argmax(-1), 20)
     with pytest.raises(RuntimeError, match="a failing cut"):
-        dec.step(serial[1].argmax(-1), 21)
+        dec.step(serial[0].argmax(-1), 20)
     torch.cuda.synchronize()  # would hang if a wait were left unreleased
     del cut.compute
     assert all(torch.equal(a, b) for a, b in zip(serial, run(True)))
