@@ -190,8 +190,10 @@ def decode(model, tok, args) -> None:
     from hybridmoe.experts.streaming import enable_streaming, model_streamer
 
     # the first call captures the graphs; then other GPU shares, then other resident layer counts at the default share
-    runs = [(None, 0, 0), (None, 1, 0)] + [(share, 1, 0) for share in args.gpu_shares]
-    runs += [(None, i, n) for n in args.resident_layers for i in (0, 1)]
+    runs = [(None, 0, 0, False), (None, 1, 0, False)] + [(share, 1, 0, False) for share in args.gpu_shares]
+    runs += [(None, i, n, False) for n in args.resident_layers for i in (0, 1)]
+    if args.compile_decode:  # the GPU stretches compiled (hybridmoe.decode_compile): call 0 compiles
+        runs += [(None, 0, 0, True), (None, 1, 0, True)]
     def set_resident(n: int) -> None:
         streamer = model_streamer(model)
         if n == (streamer.resident if streamer is not None else 0):
@@ -202,22 +204,30 @@ def decode(model, tok, args) -> None:
         torch.cuda.empty_cache()
         enable_streaming(model, args.device, streamer_min_tokens(model), args.stream_slots, n)
 
-    for share, i, resident in runs:
+    for share, i, resident, compiled in runs:
         model.hybridmoe.settings.gpu_share = share  # None: the default for the experts' format
+        model.hybridmoe.settings.compile_decode = compiled
         set_resident(resident)
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
         emit({"bench": "decode", "model": args.model, "format": args.format, "call": i, "gpu_share": share,
-              "resident_layers": resident,
+              "resident_layers": resident, "compile_decode": compiled, "wall_s": round(time.perf_counter() - t0, 1),
               "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
               "host_rss_gib": round(host_rss_gib(), 2)})
         if i:  # the captured decoder, replayed piece by piece
-            graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident)
+            graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident,
+                            compile_decode=compiled)
+    model.hybridmoe.settings.compile_decode = False
     if args.kernel_profile:
         kernel_profile(model, emit, run=args.model)
+        if args.compile_decode:
+            model.hybridmoe.settings.compile_decode = True
+            kernel_profile(model, emit, run=args.model, compile_decode=True)
+            model.hybridmoe.settings.compile_decode = False
     set_resident(0)
 
 
@@ -318,6 +328,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--gpu-shares", type=float, nargs="*", default=[], help="decode: also these GPU shares")
     p.add_argument("--kernel-profile", action="store_true", help="decode: then the GPU kernels of one eager step")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode: also with the GPU stretches compiled (settings.compile_decode)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)

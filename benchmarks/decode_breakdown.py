@@ -1,13 +1,11 @@
 """Where a graph-decoded token's time goes: JSON lines of milliseconds per token (used by v2lite.py, big_models.py).
 
 :func:`graph_breakdown` runs batch-1 decode steps of the model's current static decoder (``model._hybridmoe_decoder``,
-which ``hybridmoe.generate`` left captured) with the replay's host clock on (``GraphChain.clock``) in each replay
-variant, ``steps`` tokens each, twice, alternated: the serial replay (each graph launched after the CPU's experts),
-the same with the GPU share's weights copied by torch's ``copy_`` instead of raw driver copies, and the gated replay
-(graph i+1 queued ahead behind a host flag: ``GraphChain._replay_gated``) where the driver allows it. Per token:
+which ``hybridmoe.generate`` left captured) with the replay's host clock on (``GraphChain.clock``), ``steps`` tokens,
+twice. Per token:
 
-    launch_ms          the host's graph launches (and, gated, the queued waits)
-    wait_ms            the host waiting for a graph's copies to the host to land
+    launch_ms          the host's graph launches
+    wait_ms            the host waiting for each graph to finish (the GPU's time, less what ran during the launch)
     experts_ms         the cuts' experts, of which:
       share_load_ms      queueing the GPU share's weight copies
       share_compute_ms   queueing its graph
@@ -40,20 +38,14 @@ def _timed(obj, name: str, acc: dict, key: str) -> None:
 
 
 def graph_breakdown(model, steps: int, emit, **labels) -> None:
-    """Time ``steps`` graph-decoded tokens per replay variant, twice each, and ``emit`` one dict (plus ``labels``)
-    per run."""
+    """Time ``steps`` graph-decoded tokens, twice, and ``emit`` one dict (plus ``labels``) per run."""
     from hybridmoe.experts import cpu_kernel
 
     dec = getattr(model, "_hybridmoe_decoder", None)
     if dec is None or dec.graphs is None or not torch.cuda.is_available():
         return
     chain, share = dec.chain, dec.chain.share
-    variants = ["serial"]
-    if share is not None and share.driver is not None:
-        variants.append("serial_torch_copies")
-    if chain.gate is not None:
-        variants.append("gated")
-    token, gated, driver = torch.tensor([5]), chain.gated, share.driver if share is not None else None
+    token = torch.tensor([5])
     parts: dict[str, float] = {}
     if share is not None:
         _timed(share, "load", parts, "share_load")
@@ -61,10 +53,8 @@ def graph_breakdown(model, steps: int, emit, **labels) -> None:
     for cut in chain.cuts:
         _timed(cut, "_experts", parts, "cpu_experts")
     try:
-        for variant in variants * 2:
-            chain.gated, chain.clock.on, chain.clock.seconds = variant == "gated", True, {}
-            if share is not None:
-                share.driver = None if variant == "serial_torch_copies" else driver
+        for _ in range(2):
+            chain.clock.on, chain.clock.seconds = True, {}
             parts.clear()
             cpu_kernel.stats(reset=True)
             n, t0 = 0, time.perf_counter()
@@ -79,14 +69,12 @@ def graph_breakdown(model, steps: int, emit, **labels) -> None:
             ms = {f"{key}_ms": round(v / n * 1e3, 3) for key, v in {**chain.clock.seconds, **parts}.items()}
             ms["kernel_ms"] = round(kernel_s / n * 1e3, 3)
             ms["rest_ms"] = round((wall - sum(chain.clock.seconds.values())) / n * 1e3, 3)
-            emit({"bench": "decode_breakdown", **labels, "replay": variant, "tokens": n,
-                  "graphs_per_token": len(chain.graphs), "cuts": len(chain.cuts),
-                  "tok_s": round(n / wall, 2), "ms_per_token": round(wall / n * 1e3, 3), **ms,
-                  "kernel_busy": [round(k.get("busy1", 0), 2), round(k.get("busy2", 0), 2)]})
+            emit({"bench": "decode_breakdown", **labels, "tokens": n, "graphs_per_token": len(chain.graphs),
+                  "cuts": len(chain.cuts), "tok_s": round(n / wall, 2), "ms_per_token": round(wall / n * 1e3, 3),
+                  **ms, "kernel_busy": [round(k.get("busy1", 0), 2), round(k.get("busy2", 0), 2)]})
     finally:
-        chain.gated, chain.clock.on = gated, False
+        chain.clock.on = False
         if share is not None:
-            share.driver = driver
             del share.load, share.compute
         for cut in chain.cuts:
             del cut._experts

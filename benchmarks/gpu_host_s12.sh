@@ -44,3 +44,12 @@ if [ "${PART}" = c ]; then
   decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 150 --kernel-profile
   bundle_logs
 fi
+#   PART=d: the gated replay and the raw driver copies removed (no gain in S12-b/c); the GPU stretches compiled
+#           (settings.compile_decode): its GPU tests, then V2-Lite int4 and bf16 decode with and without it in one
+#           process, and the kernels of one eager step each way
+if [ "${PART}" = d ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py -k "compiled or share or static"
+  decode_of v2lite_int4 v2-lite int4 300 --compile-decode --kernel-profile
+  decode_of v2lite_bf16 v2-lite bfloat16 240 --compile-decode
+  bundle_logs
+fi

@@ -171,39 +171,34 @@ def test_uncapturable_model_decodes_eagerly_with_a_warning(ckpt_dir, caplog):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_gated_replay_equals_the_serial_one_and_survives_an_error(share, ckpt_dir):
-    """The gated replay (graph i+1 queued behind cut i's host flag, the GPU share on a side stream) gives the serial
-    replay's logits bit for bit; an error in a cut's experts propagates, releases the GPU (no queued wait is left:
-    the device synchronizes), and the decoder decodes correctly afterwards."""
-    model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cuda", dtype="float32", progress=False)
-    model.eval()
-    prompt = torch.arange(5, 25, device="cuda").unsqueeze(0)
-    dec = StaticDecoder(model, 64, torch.device("cuda"), gpu_share=share)
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen2_moe"])
+def test_compiled_stretches_decode_matches_dynamic_cache(arch, ckpt_dir):
+    """settings.compile_decode: the GPU stretches between the cuts run torch.compile'd forwards (captured into the
+    graphs), with the same logits as transformers' dynamic cache (fp32, 1e-5); prefill keeps the model's own."""
+    from hybridmoe.decode_compile import stretch_modules
 
-    def run(gated: bool) -> list[torch.Tensor]:
-        dec.chain.gated = gated
-        logits = [dec.prefill(prompt)]
-        for pos in range(20, 26):
-            logits.append(dec.step(logits[-1].argmax(-1), pos))
-        return logits
+    model, _ = hybridmoe.load(ckpt_dir(arch), device="cuda", dtype="float32", progress=False)
+    model.hybridmoe.settings.compile_decode = True
+    dec = _decode_matches_dynamic_cache(model.eval(), 0.0)
+    assert dec.chain.compiled and len(dec.chain.compiled) == len(stretch_modules(model))
+    assert all("forward" not in vars(m) for m, _ in dec.chain.compiled)  # the model's own forwards outside the step
 
-    run(False)  # the first steps run eagerly, then capture
-    serial = run(False)
-    assert dec.mode == "cuda_graphs" and dec.chain.gate is not None
-    gated = run(True)
-    assert all(torch.equal(a, b) for a, b in zip(serial, gated))
 
-    cut = dec.cuts[len(dec.cuts) // 2]
-    def failing(*a, **kw):
-        raise RuntimeError("a failing cut")
-    cut.compute = failing
-    dec.prefill(prompt)
-    with pytest.raises(RuntimeError, match="a failing cut"):
-        dec.step(serial[0].argmax(-1), 20)
-    torch.cuda.synchronize()  # would hang if a wait were left unreleased
-    del cut.compute
-    assert all(torch.equal(a, b) for a, b in zip(serial, run(True)))
+def test_compiled_stretches_are_the_modules_beside_the_routed_experts(ckpt_dir):
+    """What settings.compile_decode compiles: in every decoder layer the modules without routed experts (attention,
+    norms, a dense layer's MLP) and the MoE block's other children (router, shared experts), never the experts."""
+    from hybridmoe.decode_compile import stretch_modules
+
+    model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cpu", dtype="float32", progress=False)
+    mods = stretch_modules(model)
+    layers = model.model.layers
+    assert not any(isinstance(m, HybridExperts) or any(isinstance(c, HybridExperts) for c in m.modules())
+                   for m in mods)
+    for layer in layers:
+        assert layer.self_attn in mods and layer.input_layernorm in mods and layer.post_attention_layernorm in mods
+    moe = [layer.mlp for layer in layers if hasattr(layer.mlp, "experts")]
+    assert moe and all(b.gate in mods and b.shared_experts in mods for b in moe)
+    assert all(layer.mlp in mods for layer in layers if not hasattr(layer.mlp, "experts"))  # a dense layer's MLP
 
 
 def test_a_step_at_the_wrong_position_is_refused(ckpt_dir):

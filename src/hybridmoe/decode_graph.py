@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridmoe import cuda_driver
+from hybridmoe.decode_compile import compile_pairs, compiled_forwards
 from hybridmoe.experts import HybridExperts, cpu_kernel
 from hybridmoe.experts.backends import choose_backend
 from hybridmoe.forward_args import forward_params
@@ -184,7 +183,6 @@ class _GpuShare:
         self.w = torch.empty(1, k, dtype=torch.float32, device=dev)  # [1, K]
         self.y = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, H]
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.driver = None  # the CUDA driver's raw copies (hybridmoe.cuda_driver), given by a gated replay
 
     def stage(self, hidden: torch.Tensor, w: torch.Tensor) -> None:
         self.x.copy_(hidden)
@@ -194,20 +192,16 @@ class _GpuShare:
     def load(self, module: HybridExperts, experts: list[int]) -> None:
         """Queue the copies of these experts' weights (the host knows the ids once the cut's copies landed)."""
         w = module.weights
-        pairs = [(self.gate_up, w.gate_up), (self.down, w.down)]
-        if self.scales is not None:
-            pairs += [(self.scales[0], w.scales["gate_up_proj"]), (self.scales[1], w.scales["down_proj"])]
-        if self.bias is not None:  # the fp32 copies the kernel uses, page-locked with the weights
-            bias = w.bias_f32()
-            pairs += [(self.bias[0], bias["gate_up_proj"]), (self.bias[1], bias["down_proj"])]
-        drv = self.driver
-        stream = torch.cuda.current_stream(self.x.device).cuda_stream if drv is not None else None
         for s, e in enumerate(experts):
-            for dst, src in pairs:
-                if drv is not None and dst.dtype == src.dtype and src.is_contiguous():  # rows of [E, ...] tensors
-                    drv.copy_to_device(dst[s].data_ptr(), src[e].data_ptr(), dst[s].nbytes, stream)
-                else:
-                    dst[s].copy_(src[e], non_blocking=True)
+            self.gate_up[s].copy_(w.gate_up[e], non_blocking=True)
+            self.down[s].copy_(w.down[e], non_blocking=True)
+            if self.scales is not None:
+                self.scales[0][s].copy_(w.scales["gate_up_proj"][e], non_blocking=True)
+                self.scales[1][s].copy_(w.scales["down_proj"][e], non_blocking=True)
+            if self.bias is not None:  # the fp32 copies the kernel uses, page-locked with the weights
+                bias = w.bias_f32()
+                self.bias[0][s].copy_(bias["gate_up_proj"][e], non_blocking=True)
+                self.bias[1][s].copy_(bias["down_proj"][e], non_blocking=True)
 
     def compute(self) -> None:
         """y = Σ_s w[K-n+s] · Expert_s(x) over the loaded experts; replays the captured graph when there is one."""
@@ -479,31 +473,6 @@ class _Hook:
         return cut.receive(hidden.device, hidden.dtype, d.share)
 
 
-class _Gate:
-    """What the gated replay (:meth:`GraphChain._replay_gated`) needs: a host flag per cut (graph i+1 waits on flag
-    i), an event per cut (graph i's copies landed), the side stream of the GPU share, and the token's ticket (the
-    flags' value for this token; the waits compare modulo 2³², so it may wrap)."""
-
-    def __init__(self, drv, cuts: int, device: torch.device, share: _GpuShare | None):
-        self.drv, self.ticket, self.device = drv, 0, device
-        self.flags = cuda_driver.HostFlags(drv, cuts)
-        self.landed = [torch.cuda.Event() for _ in range(cuts)]
-        self.side = torch.cuda.Stream(device) if share is not None else None
-        if share is not None:
-            share.driver = drv  # its weight copies as raw driver copies (a few µs each instead of ~15)
-
-    def launch(self, graphs: list, j: int, stream: torch.cuda.Stream) -> None:
-        """Queue graph j behind the wait for flag j-1 (and record its landing when a cut follows it)."""
-        self.drv.wait(stream.cuda_stream, self.flags.address(j - 1), self.ticket)
-        graphs[j].replay()
-        if j < len(self.landed):
-            self.landed[j].record(stream)
-
-    def close(self) -> None:
-        torch.cuda.synchronize(self.device)  # no queued wait reads the flags after they are freed
-        self.flags.close()
-
-
 class _Clock:
     """Host time of a decode replay by part, accumulated in :attr:`seconds` while :attr:`on` (benchmarks only:
     ``lap(key)`` adds the time since the previous lap to ``key``)."""
@@ -553,11 +522,8 @@ class GraphChain:
         self.setup_steps, self.setup_s = 0, 0.0
         self._pool = None
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
-        # Replays gated by host flags (_Gate, set up after capture where the driver has stream memory operations);
-        # ``gated`` False keeps the serial replay (benchmarks compare the two in one process).
-        self.gate: _Gate | None = None
-        self.gated = os.environ.get("HYBRIDMOE_DECODE_GATE", "1") not in ("0", "false", "no", "off")
         self.clock = _Clock()  # where the replays' host time goes (off unless a benchmark turns it on)
+        self.compiled: list | None = None  # (module, compiled forward) of the GPU stretches: compile_stretches
 
     def in_graph(self, module: HybridExperts) -> bool:
         """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
@@ -579,21 +545,37 @@ class GraphChain:
                                                                                       self.gpu_share)
 
     def close(self) -> None:
-        if self.gate is not None:
-            self.gate.close()
-        self.graphs = self.out = self.share = self.gate = None
+        self.graphs = self.out = self.share = None
         self.cuts, self.hook.chain = [], None
 
     def eager(self, forward):
-        """``forward()`` with every expert call cut, eagerly (no graphs)."""
+        """``forward()`` with every expert call cut, eagerly (no graphs); with :attr:`compiled`, through the compiled
+        forwards of the GPU stretches (:mod:`hybridmoe.decode_compile`; a compile error turns them off with a
+        warning and runs the step again without them: it rewrites the same cache positions)."""
         for m in self.experts:
             m.decode_hook = self.hook
-        self.hook.calls = 0
         try:
+            if self.compiled:
+                try:
+                    self.hook.calls = 0
+                    with compiled_forwards(self.compiled, len(self.experts)):
+                        return forward()
+                except Exception as e:
+                    if not _compile_error(e):
+                        raise
+                    log.warning("decode runs without torch.compile: compiling its GPU stretches failed (%s: %s)",
+                                type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                    self.compiled = None
+            self.hook.calls = 0
             return forward()
         finally:
             for m in self.experts:
                 m.decode_hook = None
+
+    def compile_stretches(self, model: nn.Module) -> None:
+        """Compile the GPU stretches of this chain's steps (CUDA only; :mod:`hybridmoe.decode_compile`)."""
+        if self.device.type == "cuda":
+            self.compiled = compile_pairs(model) or None
 
     def step(self, forward) -> torch.Tensor:
         """One decode step (see the class): the logits ``forward`` returns, from the graphs once captured."""
@@ -657,9 +639,6 @@ class GraphChain:
                 raise RuntimeError(f"{self.hook.calls} expert calls captured, {len(self.cuts)} expected")
             if self.share is not None:  # own memory pool: it replays between the chain's graphs, whose
                 self.share.capture(stream)  # temporaries (the residual stream) live across it
-            drv = cuda_driver.driver(self.device) if self.cuts else None
-            if drv is not None:
-                self.gate = _Gate(drv, len(self.cuts), self.device, self.share)
         except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
             self.graphs, self.out = None, None
             if self.share is not None:
@@ -678,9 +657,6 @@ class GraphChain:
             torch.cuda.synchronize(self.device)
 
     def _replay(self) -> None:
-        if self.gate is not None and self.gated:
-            self._replay_gated()
-            return
         stream, clock = torch.cuda.current_stream(self.device), self.clock
         clock.start()
         for i, g in enumerate(self.graphs):
@@ -691,46 +667,6 @@ class GraphChain:
                 clock.lap("wait")
                 self.cuts[i].compute(self.share, self.rows)  # graph i+1 starts by copying the result in
                 clock.lap("experts")
-
-    def _replay_gated(self) -> None:
-        """The replay with graph i+1 queued ahead, behind a wait for cut i's host flag (:class:`_Gate`):
-
-            launch g0, [wait flag 0] g1
-            cut 0: wait for g0's copies to land; the experts (GPU share on the side stream); flag 0 := ticket
-                   (the GPU starts g1 now); launch [wait flag 1] g2 while the GPU runs g1
-            cut 1: ...
-
-        So no launch sits between the CPU's experts and the GPU's next stretch, and each launch overlaps the GPU's
-        previous one. With a GPU share its weight copies and graph go on the gate's side stream, which then writes
-        the flag itself (so graph i+1 waits for both parts). An error releases every flag of the token before it
-        propagates (the GPU then runs the token's remaining graphs on stale buffers; the result is not used)."""
-        gate, stream, clock, n = self.gate, torch.cuda.current_stream(self.device), self.clock, len(self.cuts)
-        gate.ticket = ticket = (gate.ticket + 1) & 0xFFFFFFFF
-        released = 0
-        clock.start()
-        try:
-            self.graphs[0].replay()
-            gate.landed[0].record(stream)
-            gate.launch(self.graphs, 1, stream)
-            clock.lap("launch")
-            for i, cut in enumerate(self.cuts):
-                gate.landed[i].synchronize()  # cut i's hidden states and routing are in host memory now
-                clock.lap("wait")
-                if self.share is None:
-                    cut.compute(None, self.rows)
-                    gate.flags.host[i] = ticket  # graph i+1 starts by copying the result in
-                else:
-                    with torch.cuda.stream(gate.side):
-                        cut.compute(self.share, self.rows)
-                        gate.drv.write(gate.side.cuda_stream, gate.flags.address(i), ticket)
-                released = i + 1
-                clock.lap("experts")
-                if i + 2 <= n:
-                    gate.launch(self.graphs, i + 2, stream)
-                    clock.lap("launch")
-        finally:
-            if released < n:
-                gate.flags.set_all(ticket)
 
 
 class StaticDecoder:
@@ -757,6 +693,8 @@ class StaticDecoder:
         if any(m.lora for m in experts):
             gpu_share = 0.0
         self.chain = GraphChain(experts, device, use_graphs, gpu_share)
+        if experts and experts[0].settings.compile_decode:
+            self.chain.compile_stretches(model)
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
         self.length = 0  # positions in the cache, tracked on the host (the cache's own counter is a device tensor)
@@ -897,6 +835,20 @@ def capturable_eager_mask():
             del masks["eager"]
 
 
+def _compile_error(e: Exception) -> bool:
+    """Whether ``e`` came from torch.compile (dynamo or inductor) rather than from the model."""
+    import torch._dynamo.exc
+
+    kinds = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds.append(InductorError)
+    except ImportError:
+        pass
+    return isinstance(e, tuple(kinds))
+
+
 def _resident(module: HybridExperts) -> bool:
     """The layer's experts are kept on the device (``resident_expert_layers``)."""
     return module.streamer is not None and module.streamer.is_resident(module.stream_index)
@@ -971,6 +923,7 @@ def decoder_for(model: nn.Module, needed: int, device: torch.device, use_graphs:
     streamer = experts[0].streamer if experts else None
     key = (_lora_key(model), use_graphs, expert_lora,
            _gpu_share(experts, device), bool(experts) and experts[0].settings.cpu_kernel,
+           bool(experts) and experts[0].settings.compile_decode,
            id(streamer), streamer.resident if streamer is not None else 0)  # the cuts depend on the resident layers
     decoders = _decoders(model)
     model._hybridmoe_decoders = decoders

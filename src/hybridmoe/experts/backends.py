@@ -63,11 +63,14 @@ class ExpertSettings:
     cpu_share:  share of each layer's experts computed on the CPU in a streamed inference call (the last
                 round(E · cpu_share) of them); None = :data:`DEFAULT_PREFILL_CPU_SHARE` by weight format on CUDA, 0
                 elsewhere.
+    compile_decode: torch.compile the GPU stretches of graph decode between the CPU's experts (CUDA only;
+                :mod:`hybridmoe.decode_compile`): fused kernels in the graphs, for a first step that compiles.
     """
 
     cpu_kernel: bool = cpu_kernel.ENV_ENABLED
     gpu_share: float | None = None
     cpu_share: float | None = None
+    compile_decode: bool = False
 
     def decode_gpu_share(self, weight_format, device: torch.device) -> float:
         """weight_format: ExpertWeights.fmt (a torch dtype or a PackedFormat)."""

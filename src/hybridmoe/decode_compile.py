@@ -1,0 +1,81 @@
+"""torch.compile of a decode step's GPU stretches: fewer, fused kernels in the CUDA graphs between the cuts.
+
+A batch-1 decode step of a hybrid model runs ~70 small GPU kernels a layer (norms, rotary, copies and casts,
+attention, router, shared experts), ~4 ms of GPU time a token for DeepSeek-V2-Lite (S12-c), all on the critical path
+between the CPU's experts. Inductor fuses the elementwise ones. The routed experts themselves are cut out of the step
+(:mod:`hybridmoe.decode_graph`), so what is compiled is every module of each decoder layer that does not contain the
+routed experts (attention, norms) and every module of the MoE block beside them (router, shared experts): the
+compiled forwards stand in only while the decode step runs eagerly or is captured (:func:`compiled_forwards`);
+prefill and training keep the model's own. Opt-in (``model.hybridmoe.settings.compile_decode``, CUDA only): the
+first step compiles (tens of seconds; inductor's cache makes later processes faster), every later step replays the
+graphs, which hold the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from hybridmoe.experts import HybridExperts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compiled_forwards", "stretch_modules"]
+
+
+def stretch_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forwards are compiled: in each decoder layer (the siblings of the layers holding routed
+    experts, found as ``...layers.N.<moe block>.<experts>``), every child module except the MoE block, and every
+    child of the MoE block except the routed experts. [] for a layout other than that."""
+    parent: dict[int, tuple[nn.Module, str]] = {}
+    for mod in model.modules():
+        for name, child in mod.named_children():
+            parent[id(child)] = (mod, name)
+    layer_lists: list[nn.ModuleList] = []
+    blocks: set[int] = set()
+    for ex in (m for m in model.modules() if isinstance(m, HybridExperts)):
+        block = parent.get(id(ex), (None, ""))[0]
+        layer = parent.get(id(block), (None, ""))[0] if block is not None else None
+        layers = parent.get(id(layer), (None, ""))[0] if layer is not None else None
+        if not isinstance(layers, nn.ModuleList):
+            return []
+        blocks.add(id(block))
+        if all(layers is not seen for seen in layer_lists):
+            layer_lists.append(layers)
+    out = []
+    for layers in layer_lists:
+        for layer in layers:
+            for child in layer.children():
+                if id(child) in blocks:
+                    out += [c for c in child.children() if not isinstance(c, HybridExperts)]
+                elif not any(isinstance(m, HybridExperts) for m in child.modules()):
+                    out.append(child)
+    return out
+
+
+@contextmanager
+def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int):
+    """While the block runs, each module's ``forward`` is its compiled one (``pairs``: (module, compiled forward)).
+    ``layers``: how many decoder layers share each compiled function (each layer's own cache layer and index are
+    guarded on, so each is compiled once: the recompile limit is raised to allow that)."""
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
+    for module, fn in pairs:
+        module.forward = fn  # an instance attribute over the class's method
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit,
+                                        accumulated_recompile_limit=max(torch._dynamo.config.accumulated_recompile_limit,
+                                                                        4 * limit * max(len(pairs), 1))):
+            yield
+    finally:
+        for module, _ in pairs:
+            del module.forward
+
+
+def compile_pairs(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(module, ``torch.compile`` of its forward) for :func:`stretch_modules` (nothing is compiled until called)."""
+    return [(m, torch.compile(m.forward, dynamic=False)) for m in stretch_modules(model)]
