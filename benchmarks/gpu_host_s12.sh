@@ -53,3 +53,15 @@ if [ "${PART}" = d ]; then
   decode_of v2lite_bf16 v2-lite bfloat16 240 --compile-decode
   bundle_logs
 fi
+#   PART=e: the final code (the kernel's prepared call with its arguments packed in two arrays, the per-cut choice
+#           made once): GPU tests of decode, generation and serving; V2-Lite int4 and gpt-oss-120b decode with and
+#           without the compiled stretches; GLM-4.5-Air's training row with its projections dequantized in parts
+if [ "${PART}" = e ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
+    tests/test_batch_decode.py tests/test_fast_generate.py tests/test_cpu_kernel.py -x
+  decode_of v2lite_int4 v2-lite int4 150 --compile-decode
+  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 200 --compile-decode
+  step glm_air_train 200 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
+    --skip decode prefill
+  bundle_logs
+fi

@@ -382,13 +382,15 @@ class _Cut:
         kernel's call prepared once for these buffers where the kernel runs the layer (no expert LoRA: the plain
         decode step, every token), else :meth:`HybridExperts.infer_cpu`."""
         m = self.module
+        call = self._kernel.get((rows, k))
+        if call is not None and m.settings.cpu_kernel and not m.lora:  # (the rest of the choice is the weights')
+            call()
+            return
         x, ids, w, out = self.x[:rows], self.ids[:rows, :k], self.w[:rows, :k], self.out[:rows]
         if m.lora or not ids.is_contiguous() or choose_backend(m, rows, grad=False, stream=False) != "kernel":
             m.infer_cpu(x, ids.contiguous(), w.contiguous(), out)
             return
-        call = self._kernel.get((rows, k))
-        if call is None:
-            call = self._kernel[rows, k] = cpu_kernel.prepared(m, x, ids, w, out)
+        call = self._kernel[rows, k] = cpu_kernel.prepared(m, x, ids, w, out)
         call()
 
     def compute(self, share: _GpuShare | None = None, rows: int | None = None) -> None:

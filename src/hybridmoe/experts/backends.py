@@ -24,6 +24,7 @@ two models in one process can differ, and benchmarks change them through the sam
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -63,14 +64,15 @@ class ExpertSettings:
     cpu_share:  share of each layer's experts computed on the CPU in a streamed inference call (the last
                 round(E · cpu_share) of them); None = :data:`DEFAULT_PREFILL_CPU_SHARE` by weight format on CUDA, 0
                 elsewhere.
-    compile_decode: torch.compile the GPU stretches of graph decode between the CPU's experts (CUDA only;
-                :mod:`hybridmoe.decode_compile`): fused kernels in the graphs, for a first step that compiles.
+    compile_decode: torch.compile the GPU stretches of batch-1 graph decode between the CPU's experts (CUDA
+                only; :mod:`hybridmoe.decode_compile`): fused kernels in the graphs, for a first step that compiles
+                (~14 s for DeepSeek-V2-Lite). Default from ``HYBRIDMOE_COMPILE_DECODE`` (off).
     """
 
     cpu_kernel: bool = cpu_kernel.ENV_ENABLED
     gpu_share: float | None = None
     cpu_share: float | None = None
-    compile_decode: bool = False
+    compile_decode: bool = os.environ.get("HYBRIDMOE_COMPILE_DECODE", "0") not in ("", "0", "false", "no", "off")
 
     def decode_gpu_share(self, weight_format, device: torch.device) -> float:
         """weight_format: ExpertWeights.fmt (a torch dtype or a PackedFormat)."""

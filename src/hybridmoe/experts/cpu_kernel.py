@@ -112,7 +112,8 @@ def _load() -> None:
         lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.hm_moe_forward.restype = ctypes.c_int
+        lib.hm_moe_forward.restype = lib.hm_moe_forward_packed.restype = ctypes.c_int
+        lib.hm_moe_forward_packed.argtypes = [p, p]
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p, p, i64,
                                        ctypes.c_int, ctypes.c_int, f32, f32, p, p,
                                        i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
@@ -227,22 +228,30 @@ def moe_forward(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out
 def prepared(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out: torch.Tensor):
     """:func:`moe_forward` over these fixed buffers as a function of no arguments: the checks and the argument list
     are made once (graph decode's cuts call the kernel on the same page-locked buffers at every token; the per-call
-    Python was ~90 µs a layer on the GPU host, S12-a). For a module without expert LoRA (whose factors could be
-    replaced between calls); the call refuses to run if its weights or LoRA changed since (a new call is needed)."""
+    Python was ~90 µs a layer on the GPU host, S12-a), and the arguments are handed over packed in two arrays
+    (``hm_moe_forward_packed``). For a module without expert LoRA (whose factors could be replaced between calls);
+    the call refuses to run if its weights or LoRA changed since (a new call is needed)."""
     if module.lora:
         raise ValueError("prepared: a module with expert LoRA calls moe_forward each time")
-    args, fn = _arguments(module, x, ids, w, out), _lib.hm_moe_forward
+    if not available():
+        raise RuntimeError(f"prepared: the CPU kernel is {status()}")
+    args, fn = _arguments(module, x, ids, w, out), _lib.hm_moe_forward_packed
+    floats = (17, 18, 24, 28)  # alpha, limit and the two LoRA scales, in hm_moe_forward's argument order
+    ints = (ctypes.c_int64 * 27)(*[int(a or 0) for i, a in enumerate(args) if i not in floats])
+    fl = (ctypes.c_float * 4)(*[args[i] for i in floats])
+    packed = (ctypes.addressof(ints), ctypes.addressof(fl))
 
     def named() -> tuple:  # what the argument list points into (kept alive with the call, checked at each call)
         weights = module.weights
         return weights, weights.gate_up, weights.down, weights.scales, getattr(weights, "_bias_f32", None)
 
-    keep = (x, ids, w, out, named())
+    keep = (x, ids, w, out, named(), ints, fl)
 
     def call() -> None:
         if module.lora or any(a is not b for a, b in zip(named(), keep[4])):
             raise RuntimeError("prepared kernel call: the module's weights or LoRA changed since it was prepared")
-        _check(fn(*args), module)
+        ints[26] = torch.get_num_threads()  # torch's setting at each call, as moe_forward reads it
+        _check(fn(*packed), module)
 
     return call
 
