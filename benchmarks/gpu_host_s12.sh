@@ -65,3 +65,11 @@ if [ "${PART}" = e ]; then
     --skip decode prefill
   bundle_logs
 fi
+#   PART=f: a stretch that fails to compile runs eagerly where it failed (no retry of the step: S12-e's retry ran the
+#           cache update twice): the GPU tests of decode, generation and the CPU kernel on the Xeon
+if [ "${PART}" = f ]; then
+  step pytest_gpu 240 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
+    tests/test_batch_decode.py tests/test_fast_generate.py
+  step pytest_kernel 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py
+  bundle_logs
+fi

@@ -13,15 +13,12 @@ graphs, which hold the compiled kernels.
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from hybridmoe.experts import HybridExperts
-
-log = logging.getLogger(__name__)
 
 __all__ = ["compiled_forwards", "stretch_modules"]
 
@@ -60,16 +57,20 @@ def stretch_modules(model: nn.Module) -> list[nn.Module]:
 def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int):
     """While the block runs, each module's ``forward`` is its compiled one (``pairs``: (module, compiled forward)).
     ``layers``: how many decoder layers share each compiled function (each layer's own cache layer and index are
-    guarded on, so each is compiled once: the recompile limit is raised to allow that)."""
+    guarded on, so each is compiled once: the recompile limit is raised to allow that).
+
+    A stretch that fails to compile runs eagerly where it failed (dynamo's ``suppress_errors``, with its warning):
+    the step must not run twice, since its forward updates the cache (transformers' static layers advance a
+    counter), so a failure cannot be retried from the start (seen on the GPU host, S12-e)."""
     import torch._dynamo
 
-    limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
+    cfg = torch._dynamo.config
+    limit = max(cfg.recompile_limit, 2 * layers + 8)
     for module, fn in pairs:
         module.forward = fn  # an instance attribute over the class's method
     try:
-        with torch._dynamo.config.patch(recompile_limit=limit,
-                                        accumulated_recompile_limit=max(torch._dynamo.config.accumulated_recompile_limit,
-                                                                        4 * limit * max(len(pairs), 1))):
+        with cfg.patch(recompile_limit=limit, suppress_errors=True,
+                       accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * limit * max(len(pairs), 1))):
             yield
     finally:
         for module, _ in pairs:

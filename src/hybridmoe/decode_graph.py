@@ -552,23 +552,14 @@ class GraphChain:
 
     def eager(self, forward):
         """``forward()`` with every expert call cut, eagerly (no graphs); with :attr:`compiled`, through the compiled
-        forwards of the GPU stretches (:mod:`hybridmoe.decode_compile`; a compile error turns them off with a
-        warning and runs the step again without them: it rewrites the same cache positions)."""
+        forwards of the GPU stretches (:mod:`hybridmoe.decode_compile`)."""
         for m in self.experts:
             m.decode_hook = self.hook
+        self.hook.calls = 0
         try:
             if self.compiled:
-                try:
-                    self.hook.calls = 0
-                    with compiled_forwards(self.compiled, len(self.experts)):
-                        return forward()
-                except Exception as e:
-                    if not _compile_error(e):
-                        raise
-                    log.warning("decode runs without torch.compile: compiling its GPU stretches failed (%s: %s)",
-                                type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-                    self.compiled = None
-            self.hook.calls = 0
+                with compiled_forwards(self.compiled, len(self.experts)):
+                    return forward()
             return forward()
         finally:
             for m in self.experts:
@@ -835,20 +826,6 @@ def capturable_eager_mask():
             masks["eager"] = previous
         else:
             del masks["eager"]
-
-
-def _compile_error(e: Exception) -> bool:
-    """Whether ``e`` came from torch.compile (dynamo or inductor) rather than from the model."""
-    import torch._dynamo.exc
-
-    kinds = [torch._dynamo.exc.TorchDynamoException]
-    try:
-        from torch._inductor.exc import InductorError
-
-        kinds.append(InductorError)
-    except ImportError:
-        pass
-    return isinstance(e, tuple(kinds))
 
 
 def _resident(module: HybridExperts) -> bool:
