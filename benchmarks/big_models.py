@@ -120,6 +120,7 @@ def _fill_experts(ex) -> None:
 
 def build(args):
     """The hybrid model, assembled in place; returns (model, tokenizer)."""
+    from hybridmoe.attention_backend import avoid_per_shape_plans
     from hybridmoe.experts.backends import ExpertSettings
     from hybridmoe.host_embedding import embeddings_to_host
     from hybridmoe.loading import (
@@ -135,6 +136,7 @@ def build(args):
 
     dev = torch.device(args.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    avoid_per_shape_plans(dev)  # as hybridmoe.load does on a GPU (no cuDNN attention)
     config = _config(args)
     t0 = time.perf_counter()
     model = _build_empty(config, dt)

@@ -73,3 +73,10 @@ if [ "${PART}" = f ]; then
   step pytest_kernel 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py
   bundle_logs
 fi
+#   PART=g: big_models.py builds with hybridmoe.load's attention choice (no cuDNN attention; until now the benchmark
+#           kept it): V2-Lite int4 and bf16 decode with and without the compiled stretches, and the eager step's kernels
+if [ "${PART}" = g ]; then
+  decode_of v2lite_int4 v2-lite int4 150 --compile-decode --kernel-profile
+  decode_of v2lite_bf16 v2-lite bfloat16 150 --compile-decode
+  bundle_logs
+fi
