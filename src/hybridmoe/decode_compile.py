@@ -79,4 +79,7 @@ def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int):
 
 def compile_pairs(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """(module, ``torch.compile`` of its forward) for :func:`stretch_modules` (nothing is compiled until called)."""
-    return [(m, torch.compile(m.forward, dynamic=False)) for m in stretch_modules(model)]
+    # dynamic=None (torch's automatic dynamic shapes): compiled for the first cache length seen; when a longer chat
+    # needs a bigger cache (a new decoder, lengths in multiples of 256), the changed dims are recompiled once as
+    # dynamic, not once per length
+    return [(m, torch.compile(m.forward, dynamic=None)) for m in stretch_modules(model)]
