@@ -181,3 +181,24 @@ def test_cli_prompt_prints_only_the_reply(ckpt_dir, tmp_path, capsys):
     res = generate(model, tok, render_prompt(tok, [{"role": "user", "content": "Hello"}]),
                    SamplingConfig(temperature=0, max_new_tokens=5))
     assert out1 == res.text + "\n"
+
+
+def test_cli_compile_decode_sets_the_models_setting(ckpt_dir, monkeypatch, capsys):
+    """`chat --compile-decode` sets the model's settings.compile_decode, which the static decoder acts on (CUDA only:
+    on the CPU the reply is the plain one)."""
+    import hybridmoe.chat as chat
+    from hybridmoe.adapters import base_model_of
+
+    seen, reply = [], chat.reply
+
+    def recording(model, *a, **kw):
+        seen.append(base_model_of(model).hybridmoe.settings.compile_decode)
+        return reply(model, *a, **kw)
+
+    monkeypatch.setattr(chat, "reply", recording)
+    args = ["chat", "--model", str(ckpt_dir("qwen3_moe")), "--prompt", "Hello", "--temperature", "0",
+            "--max-new-tokens", "5", "--device", "cpu"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--compile-decode"]) == 0
+    assert seen == [False, True] and capsys.readouterr().out == plain

@@ -176,6 +176,32 @@ def test_prepared_call_matches_and_refuses_changed_weights():
         call()
 
 
+def test_decode_cut_prepares_the_call_once_and_honours_the_setting():
+    """Graph decode's cut calls the kernel through one prepared call per (rows, experts a row), reading its buffers'
+    new contents each time, and still follows ``settings.cpu_kernel`` at every call (off: the torch loop)."""
+    from hybridmoe.decode_graph import _Cut
+
+    m = silu_experts(8, 40, 24, torch.bfloat16, lora=False)
+    x, ids, w = _inputs(1, 8, 40, 3)
+    cut = _Cut(m, x, ids, pin=False)
+    for seed in (2, 3):
+        x2, ids2, w2 = _inputs(1, 8, 40, 3, seed=seed)
+        cut.x.copy_(x2), cut.ids.copy_(ids2), cut.w.copy_(w2)
+        cut.compute(None, None)
+        ref = torch.empty(1, 40)
+        cpu_kernel.moe_forward(m, x2, ids2, w2, ref)
+        assert torch.equal(cut.out, ref)
+    assert list(cut._kernel) == [(1, 3)]
+    m.settings.cpu_kernel = False
+    cpu_kernel.stats(reset=True)
+    cut.compute(None, None)
+    assert cpu_kernel.stats()["calls"] == 0  # the torch loop ran
+    loop = torch.empty(1, 40)
+    m.infer_cpu(cut.x, cut.ids, cut.w, loop)
+    assert torch.equal(cut.out, loop)
+    m.settings.cpu_kernel = True
+
+
 def test_prepared_call_refuses_expert_lora():
     m = silu_experts(8, 40, 24, torch.float32)
     x, ids, w = _inputs(1, 8, 40, 2)

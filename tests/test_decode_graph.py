@@ -184,6 +184,37 @@ def test_compiled_stretches_decode_matches_dynamic_cache(arch, ckpt_dir):
     assert all("forward" not in vars(m) for m, _ in dec.chain.compiled)  # the model's own forwards outside the step
 
 
+def test_compiled_forwards_stand_in_during_the_decode_step_only(ckpt_dir):
+    """The chain's compiled forwards (here recording stand-ins for torch.compile's, which needs CUDA to be used) run
+    for every stretch module during a decode step, the logits are the plain step's, and outside the step (prefill)
+    the model's own forwards run."""
+    from hybridmoe.decode_compile import stretch_modules
+
+    model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cpu", dtype="float32", progress=False)
+    model.eval()
+    prompt = torch.arange(5, 25).unsqueeze(0)
+    plain = StaticDecoder(model, 64, torch.device("cpu"))
+    want = [plain.prefill(prompt)]
+    want.append(plain.step(want[-1].argmax(-1), 20))
+    calls = []
+
+    def recording(m):
+        own = m.forward
+
+        def fwd(*a, **kw):
+            calls.append(m)
+            return own(*a, **kw)
+        return fwd
+
+    dec = StaticDecoder(model, 64, torch.device("cpu"))
+    dec.chain.compiled = [(m, recording(m)) for m in stretch_modules(model)]
+    got = dec.prefill(prompt)
+    assert not calls and torch.equal(got, want[0])  # prefill: the model's own forwards
+    assert torch.equal(dec.step(got.argmax(-1), 20), want[1])
+    assert {id(m) for m in calls} == {id(m) for m, _ in dec.chain.compiled}
+    assert all("forward" not in vars(m) for m, _ in dec.chain.compiled)
+
+
 def test_compiled_stretches_are_the_modules_beside_the_routed_experts(ckpt_dir):
     """What settings.compile_decode compiles: in every decoder layer the modules without routed experts (attention,
     norms, a dense layer's MLP) and the MoE block's other children (router, shared experts), never the experts."""

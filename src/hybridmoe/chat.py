@@ -91,6 +91,10 @@ def generation_oom_line(model, prompt_tokens: int, max_new_tokens: int, advice: 
 def run_chat(args) -> int:
     cfg = _sampling(args)  # validate flags before the (slow) load
     model, tok = _load(args)
+    if getattr(args, "compile_decode", None) is not None:
+        from .adapters import base_model_of
+
+        base_model_of(model).hybridmoe.settings.compile_decode = args.compile_decode
     system = [{"role": "system", "content": args.system}] if args.system else []
     graphs = getattr(args, "cuda_graphs", True)
     if args.prompt is not None:

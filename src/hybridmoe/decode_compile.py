@@ -20,7 +20,7 @@ from torch import nn
 
 from hybridmoe.experts import HybridExperts
 
-__all__ = ["compiled_forwards", "stretch_modules"]
+__all__ = ["compile_pairs", "compiled_forwards", "stretch_modules"]
 
 
 def stretch_modules(model: nn.Module) -> list[nn.Module]:

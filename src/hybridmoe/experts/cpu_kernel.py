@@ -36,8 +36,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "prepared", "read_all", "set_chunk",
-           "set_isa", "set_prefetch", "stats", "status", "supports"]
+__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "prepared",
+           "read_all", "set_chunk", "set_isa", "set_prefetch", "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: 4-bit codes
@@ -243,12 +243,14 @@ def prepared(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out: t
 
     def named() -> tuple:  # what the argument list points into (kept alive with the call, checked at each call)
         weights = module.weights
-        return weights, weights.gate_up, weights.down, weights.scales, getattr(weights, "_bias_f32", None)
+        return (weights, weights.gate_up, weights.down, *(weights.scales or {}).values(),
+                *(getattr(weights, "_bias_f32", None) or {}).values())
 
     keep = (x, ids, w, out, named(), ints, fl)
 
     def call() -> None:
-        if module.lora or any(a is not b for a, b in zip(named(), keep[4])):
+        now = named()
+        if module.lora or len(now) != len(keep[4]) or any(a is not b for a, b in zip(now, keep[4])):
             raise RuntimeError("prepared kernel call: the module's weights or LoRA changed since it was prepared")
         ints[26] = torch.get_num_threads()  # torch's setting at each call, as moe_forward reads it
         _check(fn(*packed), module)

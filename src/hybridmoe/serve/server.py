@@ -79,7 +79,7 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
               max_batch_size: int = 16, max_prefill_tokens: int = 8192, prefill_chunk_tokens: int | None = 2048,
               progress: bool = False, stream_slots: int = 2, stream_cpu_share: float | None = None,
               resident_expert_layers: int = 0, max_loras: int = 8, allow_runtime_lora: bool = False,
-              cuda_graphs: bool | None = None,
+              cuda_graphs: bool | None = None, compile_decode: bool | None = None,
               lora_root: str | os.PathLike | None = None, max_request_bytes: int = 4 * 2**20,
               request_timeout: float | None = 600.0, log_stats_interval: float = 10.0):
     """Load the base model once and every adapter under its name; returns the FastAPI app (engine not started:
@@ -87,7 +87,8 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
     ``allow_runtime_lora`` turns on /v1/load_lora_adapter and /v1/unload_lora_adapter for directories under
     ``lora_root``; ``max_loras`` caps the adapters loaded at once (``adapters`` included). ``cuda_graphs``: decode
     steps replay CUDA graphs, a lone request on chat's static-cache decoder, several on the batch decoder (default:
-    on CUDA). The engine warms up before the app is returned (Engine.warm_up)."""
+    on CUDA). ``compile_decode``: the model's ``settings.compile_decode`` (None: its default, from
+    ``HYBRIDMOE_COMPILE_DECODE``). The engine warms up before the app is returned (Engine.warm_up)."""
     from hybridmoe.loading import load_model, load_tokenizer
 
     from .adapters import AdapterSet
@@ -117,6 +118,8 @@ def build_app(model_dir: str | os.PathLike, adapters: dict[str, str] | None = No
     model = load_model(model_dir, device=device, dtype=dtype, expert_dtype=expert_dtype, progress=progress,
                        stream_slots=stream_slots, stream_cpu_share=stream_cpu_share,
                        resident_expert_layers=resident_expert_layers)
+    if compile_decode is not None:
+        model.hybridmoe.settings.compile_decode = compile_decode
     tokenizer = load_tokenizer(model_dir, chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"the tokenizer in '{model_dir}' has no chat template; pass --chat-template FILE")
@@ -151,7 +154,7 @@ def run_serve(args) -> int:
                         max_prefill_tokens=args.max_prefill_tokens, prefill_chunk_tokens=args.prefill_chunk_tokens,
                         stream_slots=args.stream_slots, stream_cpu_share=args.stream_cpu_share,
                         resident_expert_layers=args.resident_expert_layers, cuda_graphs=args.cuda_graphs,
-                        max_loras=args.max_loras,
+                        compile_decode=args.compile_decode, max_loras=args.max_loras,
                         allow_runtime_lora=args.allow_runtime_lora, lora_root=args.lora_root,
                         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
                         log_stats_interval=args.log_stats_interval, progress=True)
