@@ -254,7 +254,7 @@ def prefill(model, tok, args) -> None:
 
 def train(model, args) -> None:
     from hybridmoe.adapters import apply_lora
-    from hybridmoe.cpu_optim import overlapped_step
+    from hybridmoe.cpu_optim import PlainStep, overlapped_step
     from hybridmoe.loss import causal_lm_loss
     from hybridmoe.training import expert_lora_layers, named_trainable
 
@@ -264,8 +264,7 @@ def train(model, args) -> None:
     params = [p for _, p in named_trainable(peft_model)]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dev = model.hybridmoe.device
-    stepper = overlapped_step(opt, expert_lora_layers(peft_model), dev)  # as the trainer steps
-    step_opt = stepper.step if stepper is not None else opt.step
+    stepper = overlapped_step(opt, expert_lora_layers(peft_model), dev) or PlainStep(opt)  # as the trainer steps
     g = torch.Generator().manual_seed(3)
 
     def loss_of(ids: torch.Tensor) -> torch.Tensor:  # the trainer's loss: the LM head in checkpointed chunks
@@ -279,7 +278,7 @@ def train(model, args) -> None:
         t0 = time.perf_counter()
         loss = loss_of(ids)
         loss.backward()
-        step_opt()
+        stepper.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -296,7 +295,7 @@ def train(model, args) -> None:
 
         def one_step():
             loss_of(ids).backward()
-            step_opt()
+            stepper.step()
             opt.zero_grad(set_to_none=True)
 
         profile_step(one_step, f"train_trace_{args.model}_{args.format}", dev)

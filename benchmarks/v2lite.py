@@ -528,7 +528,7 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from hybridmoe.adapters import apply_lora
-    from hybridmoe.cpu_optim import overlapped_step
+    from hybridmoe.cpu_optim import PlainStep, overlapped_step
     from hybridmoe.experts.streaming import model_streamer
     from hybridmoe.grad_clip import clip_grad_norm_deferred
     from hybridmoe.loss import causal_lm_loss
@@ -543,8 +543,7 @@ def profile(args) -> None:
     params = [p for _, p in named_trainable(model)]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     # as the trainer steps: the expert LoRA's update on a worker thread while the next forward runs
-    stepper = overlapped_step(opt, expert_lora_layers(model), torch.device(DEV))
-    step_opt = stepper.step if stepper is not None else (lambda coef: opt.step())
+    stepper = overlapped_step(opt, expert_lora_layers(model), torch.device(DEV)) or PlainStep(opt)
     ids = torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(DEV), "attention_mask": torch.ones_like(ids).to(DEV), "labels": ids.to(DEV)}
 
@@ -567,8 +566,8 @@ def profile(args) -> None:
             phases["backward"].append(time.perf_counter() - t)
             t = time.perf_counter()
         with record_function("optimizer"):
-            _, coef = clip_grad_norm_deferred(params, 1.0, stepper.tensors if stepper is not None else [])
-            step_opt(coef)
+            _, coef = clip_grad_norm_deferred(params, 1.0, stepper.tensors)
+            stepper.step(coef)
             opt.zero_grad(set_to_none=True)
         sync()
         if phases is not None:

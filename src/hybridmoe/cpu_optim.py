@@ -28,7 +28,7 @@ import torch
 
 from .experts.cpu_experts import ExpertLoRA
 
-__all__ = ["OverlappedStep", "overlapped_step"]
+__all__ = ["OverlappedStep", "PlainStep", "overlapped_step"]
 
 
 class OverlappedStep:
@@ -86,6 +86,26 @@ class OverlappedStep:
     def close(self) -> None:
         self.finish()
         self._pool.shutdown(wait=True)
+
+
+class PlainStep:
+    """The optimizer's own step behind :class:`OverlappedStep`'s interface, where that does not apply: nothing is
+    deferred (every gradient is clipped in place, so ``grad_scale`` has been applied already) and nothing runs
+    after ``step()`` returns."""
+
+    tensors: tuple[torch.Tensor, ...] = ()
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        self.optimizer.step()
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def overlapped_step(optimizer: torch.optim.Optimizer, layers: Sequence[Sequence[ExpertLoRA]],

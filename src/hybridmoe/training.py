@@ -38,7 +38,7 @@ from . import distributed
 from .adapters import apply_lora, base_model_of, load_adapter, save_adapter
 from .components import count_by_component
 from .config import TrainConfig, load_config
-from .cpu_optim import overlapped_step
+from .cpu_optim import PlainStep, overlapped_step
 from .data import IGNORE_INDEX, batches, collate
 from .errors import ConfigError, GPUOutOfMemoryError, NonFiniteError
 from .evaluate import eval_loss
@@ -229,7 +229,9 @@ class _Setup:
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         # On a GPU the expert LoRA's AdamW (host RAM) runs while the next forward does (cpu_optim); None: plain step
-        self.stepper = overlapped_step(self.optimizer, expert_lora_layers(self.model), self.device)
+        # the expert LoRA's host masters updated on a worker thread where that is exact, else the plain step
+        self.stepper = (overlapped_step(self.optimizer, expert_lora_layers(self.model), self.device)
+                        or PlainStep(self.optimizer))
         self.state = LoopState()
         if resume is not None:
             rank = ctx.rank if ctx.enabled else None
@@ -241,15 +243,11 @@ class _Setup:
 
     def optimizer_step(self, clip_coef: torch.Tensor) -> None:
         """The optimizer step; clip_coef: the coefficient the stepper's gradients still need (see the clip)."""
-        if self.stepper is not None:
-            self.stepper.step(grad_scale=clip_coef)
-        else:
-            self.optimizer.step()
+        self.stepper.step(grad_scale=clip_coef)
 
     def finish_step(self) -> None:
         """Wait until the last optimizer step has updated every tensor (before anything reads them all)."""
-        if self.stepper is not None:
-            self.stepper.finish()
+        self.stepper.finish()
 
     def _resume_dir(self, out: Path) -> Path | None:
         r = self.cfg.resume_from_checkpoint
@@ -362,7 +360,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
             # Joint norm over both devices (grouped by device, then the per-device norms combined, as torch does).
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             # the expert LoRA's gradients are scaled by the overlapped step's worker, if there is one
-            defer = setup.stepper.tensors if setup.stepper is not None else []
+            defer = setup.stepper.tensors
             gnorm, coef = clip_grad_norm_deferred(params, max_norm, defer)
             loss_v, gnorm_v, stop_now = _agree(loss, gnorm, stop.requested, ctx)
             st.step += 1
@@ -420,8 +418,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext) -> TrainResult:
                 _checkpoint(out / f"checkpoint-{st.step}", setup)  # (the last step's result is the adapter itself)
             _stop_if_asked(stop_now, bar, out, setup)
     bar.close()
-    if setup.stepper is not None:
-        setup.stepper.close()  # waits for the last step's update first (finish), then ends its worker
+    setup.stepper.close()  # waits for the last step's update first (finish), then ends its worker
 
     distributed.check_consistent(params, ctx, "final LoRA weights")
     if main:
