@@ -10,12 +10,7 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 # big_train NAME SECONDS MODEL FORMAT [flags]: big_models.py, training only, with one profiled step
-big_train() {
-  local name=$1 limit=$2 model=$3 fmt=$4
-  shift 4
-  step "$name" "$limit" $NOW python benchmarks/big_models.py --model "$model" --format "$fmt" --skip decode prefill \
-    --profile "$@"
-}
+big_train() { big "$@" --skip decode prefill --profile; }
 if [ "${PART:-a}" = a ]; then
   step pytest_gpu 240 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_batch_decode.py \
     tests/test_decode_graph.py tests/test_streaming.py tests/test_train.py tests/test_equivalence.py \
@@ -48,10 +43,10 @@ fi
 # gptoss_row, glm_row [flags]: issue 16's 100B-class models built in place (big_models.py): gpt-oss-120b with MXFP4
 # experts as shipped (decode, prefill, 3 training steps), GLM-4.5-Air with int4 experts (flags say what to measure)
 gptoss_row() {
-  step gptoss_mxfp4 200 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
+  big gptoss_mxfp4 200 gpt-oss-120b mxfp4 --steps 3
 }
 glm_row() {
-  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 "$@"
+  big glm_air_int4 150 glm-4.5-air int4 "$@"
 }
 #   PART=d: issue 16's 100B-class rows with the Triton dequantization and the overlapped step: gpt-oss-120b (MXFP4
 #           as shipped: decode, prefill, training) and GLM-4.5-Air (int4: training), all layers, built in place; then

@@ -21,7 +21,7 @@ if [ "${PART:-a}" = a ]; then
     tests/test_int4_experts.py tests/test_int8_experts.py tests/test_streaming.py
   gemv gemv_glm --topk 8 --hidden 4096 --inter 1408
   gemv gemv_gptoss --topk 4 --hidden 2880 --inter 2880 --mxfp4
-  step gptoss_mxfp4 240 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 3
+  big gptoss_mxfp4 240 gpt-oss-120b mxfp4 --steps 3
   bundle_logs
 fi
 #   PART=b: after the 4-bit dots' prefetch walks each four-row tile linearly and the activations' quantization is
@@ -32,11 +32,11 @@ if [ "${PART}" = b ]; then
     --pages 2m --prefetch 4096 8192 --topk 8 --hidden 4096 --inter 1408
   step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
     --pages 2m --prefetch 4096 8192 --topk 4 --hidden 2880 --inter 2880 --mxfp4
-  step glm_air_int4 150 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 0 \
+  big glm_air_int4 150 glm-4.5-air int4 --steps 0 \
     --skip prefill train
-  step gptoss_mxfp4 150 $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 0 \
+  big gptoss_mxfp4 150 gpt-oss-120b mxfp4 --steps 0 \
     --skip train
-  step v2lite_int4 150 $NOW python benchmarks/big_models.py --model v2-lite --format int4 --steps 0 --skip train
+  big v2lite_int4 150 v2-lite int4 --steps 0 --skip train
   bundle_logs
 fi
 #   PART=c: the CPU kernel's tests on the Xeon (AVX-512 and AVX2: the linear tile prefetch, the vectorized
@@ -56,7 +56,7 @@ if [ "${PART}" = d ]; then
   step pytest_kernel 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py
   step gemv_gptoss 120 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
-  step glm_air_int4 110 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 0 \
+  big glm_air_int4 110 glm-4.5-air int4 --steps 0 \
     --skip prefill train
   bundle_logs
 fi

@@ -9,17 +9,12 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
-# decode_of NAME MODEL FORMAT SECONDS [flags]: big_models.py's decode rows only (built in place)
-decode_of() {
-  local name=$1 model=$2 fmt=$3 limit=$4
-  shift 4
-  step "$name" "$limit" $NOW python benchmarks/big_models.py --model "$model" --format "$fmt" --steps 0 \
-    --skip prefill train "$@"
-}
+# decode_of NAME SECONDS MODEL FORMAT [flags]: big_models.py's decode rows only (built in place)
+decode_of() { big "$@" --steps 0 --skip prefill train; }
 if [ "${PART:-a}" = a ]; then
-  decode_of v2lite_int4 v2-lite int4 120 --gpu-shares 0 0.3333
-  decode_of v2lite_bf16 v2-lite bfloat16 150 --gpu-shares 0.5
-  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 170 --gpu-shares 0 0.5
+  decode_of v2lite_int4 120 v2-lite int4 --gpu-shares 0 0.3333
+  decode_of v2lite_bf16 150 v2-lite bfloat16 --gpu-shares 0.5
+  decode_of gptoss_mxfp4 170 gpt-oss-120b mxfp4 --gpu-shares 0 0.5
   step gemv_gptoss_chunk 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --chunk 1 2 4
   bundle_logs
@@ -30,18 +25,18 @@ fi
 if [ "${PART}" = b ]; then
   step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
     tests/test_batch_decode.py tests/test_fast_generate.py tests/test_mixed_adapters.py tests/test_chat.py
-  decode_of v2lite_int4 v2-lite int4 120 --gpu-shares 0
-  decode_of v2lite_bf16 v2-lite bfloat16 150
-  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 170 --gpu-shares 0
+  decode_of v2lite_int4 120 v2-lite int4 --gpu-shares 0
+  decode_of v2lite_bf16 150 v2-lite bfloat16
+  decode_of gptoss_mxfp4 170 gpt-oss-120b mxfp4 --gpu-shares 0
   bundle_logs
 fi
 #   PART=c: 4-bit experts with no GPU share by default; the breakdown with the share's parts timed (its copies by
 #           torch and by the driver) and the GPU kernels of one eager V2-Lite step
 if [ "${PART}" = c ]; then
   step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py
-  decode_of v2lite_int4 v2-lite int4 120 --kernel-profile
-  decode_of v2lite_bf16 v2-lite bfloat16 150
-  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 150 --kernel-profile
+  decode_of v2lite_int4 120 v2-lite int4 --kernel-profile
+  decode_of v2lite_bf16 150 v2-lite bfloat16
+  decode_of gptoss_mxfp4 150 gpt-oss-120b mxfp4 --kernel-profile
   bundle_logs
 fi
 #   PART=d: the gated replay and the raw driver copies removed (no gain in S12-b/c); the GPU stretches compiled
@@ -49,8 +44,8 @@ fi
 #           process, and the kernels of one eager step each way
 if [ "${PART}" = d ]; then
   step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py -k "compiled or share or static"
-  decode_of v2lite_int4 v2-lite int4 300 --compile-decode --kernel-profile
-  decode_of v2lite_bf16 v2-lite bfloat16 240 --compile-decode
+  decode_of v2lite_int4 300 v2-lite int4 --compile-decode --kernel-profile
+  decode_of v2lite_bf16 240 v2-lite bfloat16 --compile-decode
   bundle_logs
 fi
 #   PART=e: the final code (the kernel's prepared call with its arguments packed in two arrays, the per-cut choice
@@ -59,9 +54,9 @@ fi
 if [ "${PART}" = e ]; then
   step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
     tests/test_batch_decode.py tests/test_fast_generate.py tests/test_cpu_kernel.py -x
-  decode_of v2lite_int4 v2-lite int4 150 --compile-decode
-  decode_of gptoss_mxfp4 gpt-oss-120b mxfp4 200 --compile-decode
-  step glm_air_train 200 $NOW python benchmarks/big_models.py --model glm-4.5-air --format int4 --steps 3 \
+  decode_of v2lite_int4 150 v2-lite int4 --compile-decode
+  decode_of gptoss_mxfp4 200 gpt-oss-120b mxfp4 --compile-decode
+  big glm_air_train 200 glm-4.5-air int4 --steps 3 \
     --skip decode prefill
   bundle_logs
 fi
@@ -76,7 +71,7 @@ fi
 #   PART=g: big_models.py builds with hybridmoe.load's attention choice (no cuDNN attention; until now the benchmark
 #           kept it): V2-Lite int4 and bf16 decode with and without the compiled stretches, and the eager step's kernels
 if [ "${PART}" = g ]; then
-  decode_of v2lite_int4 v2-lite int4 150 --compile-decode --kernel-profile
-  decode_of v2lite_bf16 v2-lite bfloat16 150 --compile-decode
+  decode_of v2lite_int4 150 v2-lite int4 --compile-decode --kernel-profile
+  decode_of v2lite_bf16 150 v2-lite bfloat16 --compile-decode
   bundle_logs
 fi

@@ -28,6 +28,13 @@ host_setup() {
   NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
 }
 
+# big NAME SECONDS MODEL FORMAT [flags]: benchmarks/big_models.py on MODEL built in place in FORMAT
+big() {
+  local name=$1 limit=$2 model=$3 fmt=$4
+  shift 4
+  step "$name" "$limit" $NOW python benchmarks/big_models.py --model "$model" --format "$fmt" "$@"
+}
+
 # The V2-Lite-shaped runs of the session scripts (gpu_host_s9.sh, gpu_host_s10.sh):
 # make_v2lite: the random V2-Lite checkpoint in /tmp/v2lite (once per host)
 make_v2lite() {

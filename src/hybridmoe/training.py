@@ -228,8 +228,8 @@ class _Setup:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
-        # On a GPU the expert LoRA's AdamW (host RAM) runs while the next forward does (cpu_optim); None: plain step
-        # the expert LoRA's host masters updated on a worker thread where that is exact, else the plain step
+        # On a GPU the expert LoRA's AdamW (host RAM) runs while the next forward does (cpu_optim), where that is
+        # exact; else the optimizer's own step
         self.stepper = (overlapped_step(self.optimizer, expert_lora_layers(self.model), self.device)
                         or PlainStep(self.optimizer))
         self.state = LoopState()
