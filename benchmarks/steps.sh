@@ -24,7 +24,7 @@ install_wheels() {
 # NOW, the command prefix that runs python with this tree's src/ first.
 host_setup() {
   install_wheels  # the serve extra + openai for the serving GPU tests (carried as .wheels/)
-  { nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
+  { nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags|Thread|Core|Socket|NUMA|cache|MHz" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
   NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
 }
 

@@ -116,7 +116,8 @@ FORMATS = [PackedFormat("int4", 32), PackedFormat("int4", 64), PackedFormat("mxf
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
-@pytest.mark.parametrize("shape", [(8, 64, 96), (6, 128, 64)])
+# (4, 320, 192): whole 128-input steps of the AVX-512 VNNI dots and a 64-input rest through the AVX2 ones
+@pytest.mark.parametrize("shape", [(8, 64, 96), (6, 128, 64), (4, 320, 192)])
 @pytest.mark.parametrize("t,k", [(1, 2), (5, 3), (32, 4)])
 def test_kernel_and_loop_match_fp32_math(fmt, shape, t, k):
     if not fmt.fits(shape[1]) or not fmt.fits(shape[2]):

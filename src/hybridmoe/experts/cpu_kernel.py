@@ -10,8 +10,9 @@ into ``$HYBRIDMOE_CACHE`` (default ``~/.cache/hybridmoe``)/kernels/. The dot pro
 CPU has it, else AVX2 + FMA (chosen at run time). A failed build or a CPU with neither leaves the torch path in
 place, logged once at INFO. ``HYBRIDMOE_CPU_KERNEL=0`` turns the kernel off; ``HYBRIDMOE_CPU_KERNEL_LIB=/path/moe_cpu.so``
 uses a library built elsewhere (a host without a compiler: it links only libc and libm, and picks its instruction
-set at run time). ``HYBRIDMOE_CPU_PREFETCH`` (bytes) and ``HYBRIDMOE_CPU_CHUNK`` (OpenMP work items per dynamic
-chunk, 0 = static) override the measured defaults, for benchmarks.
+set at run time). ``HYBRIDMOE_CPU_PREFETCH`` (bytes), ``HYBRIDMOE_CPU_CHUNK`` (OpenMP work items per dynamic
+chunk, 0 = static, -1 = guided) and ``HYBRIDMOE_CPU_ITEM_ROWS`` (weight rows per work item) override the measured
+defaults, for benchmarks.
 
 OpenMP: the library is linked without an OpenMP runtime. Before loading it, the runtime torch has already loaded
 (libgomp, or libiomp5 which exports the same GOMP entry points) is made globally visible, so the kernel's parallel
@@ -37,13 +38,14 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "prepared",
-           "read_all", "set_chunk", "set_isa", "set_prefetch", "stats", "status", "supports"]
+           "read_all", "set_chunk", "set_isa", "set_item_rows", "set_prefetch", "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: 4-bit codes
 # Software prefetch distance of the weight rows (bytes ahead; HYBRIDMOE_CPU_PREFETCH overrides), chosen by
 # benchmarks/decode_gemv.py --prefetch (BENCHMARKS.md).
 PREFETCH_BYTES = 4096
+ITEM_ROWS = 16  # weight rows per work item (HYBRIDMOE_CPU_ITEM_ROWS overrides), chosen by decode_gemv.py --item-rows
 _lib: ctypes.CDLL | None = None
 _tables: dict[str, torch.Tensor] = {}  # 4-bit value tables handed to the kernel, kept alive here
 _state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
@@ -106,10 +108,11 @@ def _load() -> None:
         if not lib.hm_set_isa(2):
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
-        lib.hm_set_chunk.argtypes = [ctypes.c_int]
+        lib.hm_set_chunk.argtypes = lib.hm_set_item_rows.argtypes = [ctypes.c_int]
         lib.hm_stats.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.hm_read.argtypes, lib.hm_read.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_uint64
         lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
+        lib.hm_set_item_rows(int(os.environ.get("HYBRIDMOE_CPU_ITEM_ROWS", ITEM_ROWS)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = lib.hm_moe_forward_packed.restype = ctypes.c_int
@@ -138,9 +141,15 @@ def set_prefetch(nbytes: int) -> None:
 
 
 def set_chunk(items: int) -> None:
-    """OpenMP work items per dynamic chunk (0: static scheduling; default 2)."""
+    """OpenMP work items per dynamic chunk (0: static scheduling, -1: guided; default 2)."""
     if available():
         _lib.hm_set_chunk(int(items))
+
+
+def set_item_rows(rows: int) -> None:
+    """Weight rows per work item (a multiple of 4 in [4, 128]; default ITEM_ROWS)."""
+    if available():
+        _lib.hm_set_item_rows(int(rows))
 
 
 _STAT_KEYS = ("calls", "prep_ns", "region1_ns", "region2_ns", "busy1_ns", "busy2_ns", "threads")

@@ -42,7 +42,7 @@ int omp_get_num_threads(void); /* the OpenMP runtime's (torch's, bound at load t
 #define TGT256 __attribute__((target("avx2,fma")))
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_P4 = 3 };
-enum { ROWS_PER_ITEM = 16 }; /* weight rows per work item (a 16 x 2048 bf16 block is 64 KB) */
+enum { MAX_ITEM_ROWS = 128 }; /* the most weight rows a work item may take (hm_set_item_rows) */
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -318,15 +318,29 @@ typedef struct {
     const int8_t *q;    /* [n] activations, int8, in the dots' order (q_pos) */
     const float *s;     /* [n / group] their scales */
     const float *sum;   /* [n / group] sum of q over each group (exact in fp32) */
+    const int32_t *negc; /* wide: [n / 8] per 128 inputs, each VNNI lane's -offset * sum of its 8 activations */
+    int wide;           /* laid out for the AVX-512 VNNI dots (q_wide_for): whole 128s wide, the rest as AVX2 */
 } QAct;
 
-typedef void (*dotq_fn)(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
-                        int64_t group, float *out);
+/* The AVX-512 VNNI dots are in use (hm_set_isa) and take this group: 32, 64 or a multiple of 128, so that each
+ * 128-input step's lanes fall in whole groups. */
+static int q_vnni = 0;
+
+static inline int q_wide_for(int64_t group) { return q_vnni && (group == 32 || group == 64 || group % 128 == 0); }
+
+/* The VNNI dots' offsets: a code c (int4) enters unsigned, value c - 8; a table's doubled value v (|v| <= 63) enters
+ * as v + 64 in [1, 127]. */
+enum { QOFF_INT4 = 8, QOFF_TABLE = 64 };
+
 
 /* Where input i of n sits in int8 activations laid out for the integer dots: per 64 inputs, [evens of block 0 |
  * evens of block 1 | odds of block 0 | odds of block 1], so the low and the high nibbles of 32 bytes of codes (lane
  * 0: block 0, lane 1: block 1) meet their activations as they are, with no shuffle; a last block of 32 as p4_pos. */
-static inline int64_t q_pos(int64_t i, int64_t n) {
+static inline int64_t q_pos(int64_t i, int64_t n, int wide) {
+    if (wide) { /* per whole 128: [evens of blocks 0-3 | odds of blocks 0-3] (dot_qv4x4_512) */
+        const int64_t base = i & ~(int64_t)127, r = i & 127;
+        if (base + 128 <= n) return base + (r & 1) * 64 + (r >> 5) * 16 + ((r & 31) >> 1);
+    }
     const int64_t base = i & ~(int64_t)63, r = i & 63;
     if (base + 64 > n) return p4_pos(i);
     return base + (r & 1) * 32 + (r >> 5) * 16 + ((r & 31) >> 1);
@@ -336,7 +350,8 @@ static inline int64_t q_pos(int64_t i, int64_t n) {
  * s = amax / 127, q = round-to-even of x / s (an IEEE division; cvtps rounds to nearest even) clamped to
  * [-127, 127]; q = 0 for a group of zeros (s = 0); a group with a NaN gets s = NaN (torch's amax propagates it), so
  * the outputs that read it are NaN, as in torch. group: a multiple of 8. */
-TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum) {
+TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q, float *s, float *sum, int wide,
+                             int32_t off, int32_t *negc) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
     for (int64_t g0 = 0; g0 < n; g0 += group) {
@@ -359,13 +374,19 @@ TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q
             tot = _mm256_add_epi32(tot, v);
             int32_t lanes[8];
             _mm256_storeu_si256((__m256i *)lanes, v);
-            for (int k = 0; k < 8; k++) q[q_pos(i + k, n)] = (int8_t)lanes[k];
+            for (int k = 0; k < 8; k++) q[q_pos(i + k, n, wide)] = (int8_t)lanes[k];
         }
         int32_t t[8];
         _mm256_storeu_si256((__m256i *)t, tot);
         s[g0 / group] = sc;
         sum[g0 / group] = (float)(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]);
     }
+    for (int64_t b = 0; wide && b + 128 <= n; b += 128) /* lane l of a step multiplies q[4l, 4l+4) and q[64+4l, ..) */
+        for (int l = 0; l < 16; l++) {
+            int32_t t = 0;
+            for (int k = 0; k < 4; k++) t += q[b + 4 * l + k] + q[b + 64 + 4 * l + k];
+            negc[b / 8 + l] = -off * t;
+        }
 }
 
 /* The four rows' int32 sums folded into one vector, exactly: lane r (r < 4) = row r's lanes 0-3 summed, lane 4 + r =
@@ -428,8 +449,6 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
  * step (32 bytes of codes per row), four rows at once; a group of 32 scales each block by itself. AVX2 on every CPU
  * that has it (AVX-512 ones too: one path, the one tested here). */
 
-typedef void (*dotqt_fn)(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
-                         int64_t group, const int8_t *lut2, float *out);
 
 TGT256 static inline __m256i dot_w2q(__m256i w2, __m256i q) { /* 16 int16 sums of w2 * q pairs, exact */
     return _mm256_maddubs_epi16(_mm256_sign_epi8(w2, w2), _mm256_sign_epi8(q, w2));
@@ -476,13 +495,87 @@ TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const 
     unfold4(acc, out);
 }
 
+/* ---- 4-bit rows against int8 activations with AVX-512 VNNI: 128 inputs a step ---------------------------------
+ * vpdpbusd multiplies 64 unsigned bytes by 64 signed ones and adds each lane's four products into its int32. The
+ * codes go in unsigned as they are (int4: c, value c - 8; a table: lutu[c] = 2 * table[c] + 64 from one byte shuffle)
+ * against int8 activations laid out per 128 inputs as [evens of blocks 0-3 | odds of blocks 0-3] (q_pos, wide), so
+ * the low nibbles of 64 bytes of codes meet the first 64 activations and the high nibbles the next 64, with no
+ * shuffle. Lane l (of 16) then holds block l / 4's share, and the offset (8 or 64) comes off exactly in int32: each
+ * lane's sum starts at -offset * (the sum of the 8 activations it multiplies) (QAct.negc, from quant_act). Each lane
+ * is scaled by its block's group (the row's bf16 scale placed by one vpermw, the activations' by one vpermps) and
+ * summed in fp32. Per 64 bytes of codes a row: 6 integer instructions and 4 for the scales (the AVX2 dots: ~30).
+ * Returns how many inputs it took (whole 128s); the rest, in the AVX2 dots' layout, is theirs. */
+#define TGT512Q __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+
+TGT512Q static int64_t dot_qv4x4_512(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                                     int64_t group, const int8_t *lut2, float *out) {
+    /* which group of the step each lane's block is in: k(l) = 32 (l / 4) / group (0 for a group of 128 or more) */
+    int16_t widx[32];
+    int32_t lidx[16];
+    for (int l = 0; l < 16; l++) {
+        lidx[l] = group >= 128 ? 0 : (int32_t)(32 * (l >> 2) / group);
+        widx[2 * l] = 0, widx[2 * l + 1] = (int16_t)lidx[l]; /* the scale's bf16 into the high half of lane l */
+    }
+    const __m512i wperm = _mm512_loadu_si512(widx), lperm = _mm512_loadu_si512(lidx);
+    const __mmask16 gmask = (__mmask16)((1u << (group >= 128 ? 1 : 128 / group)) - 1); /* the step's groups */
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512i lut = _mm512_setzero_si512();
+    if (lut2) {
+        int8_t lutu[16];
+        for (int c = 0; c < 16; c++) lutu[c] = (int8_t)(lut2[c] + QOFF_TABLE);
+        lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lutu));
+    }
+    const __m512 half = _mm512_set1_ps(lut2 ? 0.5f : 1.f); /* a table's values enter doubled */
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t b = 0;
+    for (; b + 128 <= n; b += 128) {
+        PREFETCH(w[0] + 2 * b, 256); /* the tile, linearly (see TILE_PREFETCH) */
+        const int64_t g0 = b / group;
+        const __m512i xe = _mm512_loadu_si512(a->q + b), xo = _mm512_loadu_si512(a->q + b + 64);
+        const __m512i c0 = _mm512_loadu_si512(a->negc + b / 8);
+        const __m512 sx = _mm512_mul_ps(_mm512_permutexvar_ps(lperm, _mm512_maskz_loadu_ps(gmask, a->s + g0)), half);
+        for (int r = 0; r < 4; r++) {
+            const __m512i c = _mm512_loadu_si512(w[r] + b / 2);
+            __m512i lo = _mm512_and_si512(c, low), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+            if (lut2) lo = _mm512_shuffle_epi8(lut, lo), hi = _mm512_shuffle_epi8(lut, hi);
+            const __m512i isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c0, lo, xe), hi, xo);
+            const __m512i sw = _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, wperm,
+                                                             _mm512_castsi128_si512(_mm_maskz_loadu_epi16(gmask, scale[r] + g0)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_castsi512_ps(sw), sx), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    return b;
+}
+
+/* The 4-bit integer dots: the VNNI one over the whole 128s where the activations are laid out for it, the AVX2 ones
+ * (dot_q4x4_256 for int4, dot_q4tx4_256 for a table) over the rest. */
+static void dotq_rows(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n, int64_t group,
+                      const int8_t *lut2, float *out) {
+    int64_t b = 0;
+    if (a->wide) {
+        b = dot_qv4x4_512(w, scale, a, n, group, lut2, out);
+        if (b == n) return;
+    } else {
+        out[0] = out[1] = out[2] = out[3] = 0.f;
+    }
+    const uint8_t *wr[4];
+    const uint16_t *sr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w[r] + b / 2, sr[r] = scale[r] + b / group;
+    const QAct rest = {a->q + b, a->s + b / group, a->sum + b / group, NULL, 0};
+    float o[4];
+    if (lut2)
+        dot_q4tx4_256(wr, sr, &rest, n - b, group, lut2, o);
+    else
+        dot_q4x4_256(wr, sr, &rest, n - b, group, o);
+    for (int r = 0; r < 4; r++) out[r] += o[r];
+}
+
 /* The dot products of the instruction set in use, indexed by W_F32 / W_BF16 / W_I8. */
 static const dot_fn DOTS_512[3] = {dot_f32_512, dot_bf16_512, dot_i8_512};
 static const dot_fn DOTS_256[3] = {dot_f32_256, dot_bf16_256, dot_i8_256};
 static const dot_fn *dots = NULL;
 static dot4x4_fn dot4x4 = NULL;
-static dotq_fn dotq = NULL; /* int4 x int8 activations: AVX2 on every CPU (see dot_q4x4_256) */
-static dotqt_fn dotqt = NULL; /* a 4-bit table (MXFP4) x int8 activations: AVX2 */
 
 /* The best instruction set this CPU has: 2 = AVX-512 with BF16, 1 = AVX2 + FMA, 0 = neither (the kernel can't run).
  * hm_set_isa(level) picks a lower one (tests run both); returns the level in use. */
@@ -500,8 +593,7 @@ int hm_set_isa(int level) {
     if (level > best) level = best;
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
     dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
-    dotq = level >= 1 ? dot_q4x4_256 : NULL;
-    dotqt = level >= 1 ? dot_q4tx4_256 : NULL;
+    q_vnni = level == 2 && __builtin_cpu_supports("avx512vnni"); /* the int8-activation dots: dotq_rows */
     return level;
 }
 
@@ -515,7 +607,7 @@ typedef struct {
     const uint16_t *scale;   /* int8: bf16 [E, out]; 4-bit: bf16 [E, out, in/group] */
     const float *table;      /* 4-bit: the 16 values of the codes, NULL for int4 (c - 8) */
     int64_t group;           /* 4-bit: inputs per scale */
-    int qact;                /* int8 activations, integer dots: int4 in groups of 64k (dotq), MXFP4 (dotqt) */
+    int qact;                /* int8 activations, integer dots (dotq_rows): int4 in groups of 64k, MXFP4 */
     const int8_t *lut2;      /* qact with a table: 2 * table as int8 (hm_moe_forward checks it is exact) */
     int64_t out, in;
     const float *lora_a;     /* [E, r, in] or NULL */
@@ -557,10 +649,8 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
                 w[r] = (const uint8_t *)p->w + (size_t)row * wstride;
                 sc[r] = p->scale + row * sstride;
             }
-            if (p->qact && p->table)
-                dotqt(w, sc, qa, p->in, p->group, p->lut2, o);
-            else if (p->qact)
-                dotq(w, sc, qa, p->in, p->group, o);
+            if (p->qact)
+                dotq_rows(w, sc, qa, p->in, p->group, p->table ? p->lut2 : NULL, o);
             else
                 dot4x4(w, sc, xf, p->in, p->group, p->table, o);
             for (int r = 0; r < 4 && k + r < n; r++) y[k + r] = o[r];
@@ -584,7 +674,31 @@ static void lora_in(const Proj *p, int64_t e, const float *x, float *xa) {
  * thread one contiguous run of items). */
 static int sched_chunk = 2;
 
-void hm_set_chunk(int chunk) { sched_chunk = chunk > 0 ? chunk : 0; }
+/* chunk > 0: dynamic, that many items a chunk; 0: static; < 0: guided (chunks from 1/threads of what is left down to
+ * one item: long contiguous runs first, balance at the end). */
+void hm_set_chunk(int chunk) { sched_chunk = chunk > 0 ? chunk : chunk < 0 ? -1 : 0; }
+
+/* Weight rows of one work item (a multiple of 4 in [4, MAX_ITEM_ROWS]; hm_set_item_rows): a region's items are
+ * (expert, block of rows) in region 1 and blocks of output rows over every expert in region 2, so this sets both
+ * how long each contiguous read runs and how finely the work is balanced. */
+static int64_t item_rows = 16;
+
+void hm_set_item_rows(int rows) {
+    rows = rows < 4 ? 4 : rows > MAX_ITEM_ROWS ? MAX_ITEM_ROWS : rows;
+    item_rows = rows & ~3;
+}
+
+/* for (item = 0; item < n; item++) body, shared by the region's threads as sched_chunk says (no barrier after). */
+#define FOR_ITEMS(chunk, n, body)                                                                   \
+    do {                                                                                           \
+        if ((chunk) > 0) {                                                                         \
+            _Pragma("omp for schedule(dynamic, chunk) nowait") for (int64_t item = 0; item < (n); item++) body; \
+        } else if ((chunk) == 0) {                                                                 \
+            _Pragma("omp for schedule(static) nowait") for (int64_t item = 0; item < (n); item++) body;         \
+        } else {                                                                                   \
+            _Pragma("omp for schedule(guided) nowait") for (int64_t item = 0; item < (n); item++) body;         \
+        }                                                                                          \
+    } while (0)
 
 /* Where the calls' time goes (hm_stats; benchmarks/decode_gemv.py prints it): wall time before the regions (sorting,
  * buffers, the input's conversions), in region 1 and in region 2, and the threads' summed time in each region's work
@@ -643,18 +757,22 @@ typedef struct {
     int8_t *xq, *hq;                             /* int8 activations (Proj.qact): [T, H], [S, I] */
     float *xqs, *hqs;                            /* their scales [T, H / group], [S, I / group] */
     float *xqsum, *hqsum;                        /* their per-group sums, same shapes */
+    int32_t *xqc, *hqc;                          /* wide layout: their VNNI lanes' offsets [T, H / 8], [S, I / 8] */
+    int qwide;                                   /* q_wide_for(group): the activations' layout (q_pos) */
 } Layer;
 
-/* Region 1, one work item: rows [j0, j0 + ROWS_PER_ITEM) of gate and up for every slot of group g, and h there. */
-static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
-    const int64_t j1 = j0 + ROWS_PER_ITEM < L->I ? j0 + ROWS_PER_ITEM : L->I, e = L->gexp[g], I = L->I;
+/* Region 1, one work item: rows [j0, j0 + rows) of gate and up for every slot of group g, and h there. */
+static void gate_up_item(const Layer *L, int64_t g, int64_t j0, int64_t rows) {
+    const int64_t j1 = j0 + rows < L->I ? j0 + rows : L->I, e = L->gexp[g], I = L->I;
     for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
         const int64_t t = L->order[p] / L->K;
         const float *xf = L->xf + t * L->H, *xa = L->xa + p * L->gu.r;
         const uint16_t *xb = L->xb + t * L->H;
         const int64_t gs = L->gu.qact ? L->H / L->gu.group : 0;
-        const QAct qa = {L->xq + t * L->H * (L->gu.qact != 0), L->xqs + t * gs, L->xqsum + t * gs};
-        float gbuf[2 * ROWS_PER_ITEM], ubuf[ROWS_PER_ITEM];
+        const int64_t on = L->gu.qact != 0;
+        const QAct qa = {L->xq + t * L->H * on, L->xqs + t * gs, L->xqsum + t * gs, L->xqc + t * (L->H / 8) * on,
+                         L->qwide};
+        float gbuf[2 * MAX_ITEM_ROWS], ubuf[MAX_ITEM_ROWS];
         const int64_t n = j1 - j0;
         if (L->act == ACT_GPTOSS) { /* rows 2j (gate) and 2j+1 (up): one run of 2n rows */
             proj_rows(&L->gu, e, 2 * j0, 2 * n, xf, xb, &qa, xa, gbuf);
@@ -685,9 +803,9 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0) {
     }
 }
 
-/* Region 2, one work item: output rows [i0, i0 + ROWS_PER_ITEM) of every token, summed over its slots. */
-static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
-    const int64_t i1 = i0 + ROWS_PER_ITEM < L->H ? i0 + ROWS_PER_ITEM : L->H, H = L->H, I = L->I;
+/* Region 2, one work item: output rows [i0, i0 + rows) of every token, summed over its slots. */
+static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, int64_t rows) {
+    const int64_t i1 = i0 + rows < L->H ? i0 + rows : L->H, H = L->H, I = L->I;
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = i0; i < i1; i++) L->out[t * H + i] = 0.f;
     for (int64_t g = 0; g < ngroups; g++) {
@@ -695,9 +813,11 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
         for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
             const int64_t s = L->order[p];
             float *o = L->out + (s / L->K) * H;
-            float ybuf[ROWS_PER_ITEM];
+            float ybuf[MAX_ITEM_ROWS];
             const int64_t gs = L->dn.qact ? I / L->dn.group : 0;
-            const QAct qa = {L->hq + p * I * (L->dn.qact != 0), L->hqs + p * gs, L->hqsum + p * gs};
+            const int64_t on = L->dn.qact != 0;
+            const QAct qa = {L->hq + p * I * on, L->hqs + p * gs, L->hqsum + p * gs, L->hqc + p * (I / 8) * on,
+                             L->qwide};
             proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, &qa, L->ha + p * L->dn.r, ybuf);
             for (int64_t i = i0; i < i1; i++) {
                 float y = ybuf[i - i0];
@@ -711,7 +831,7 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0) {
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
  * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
- * activations (int4: dotq, 4 if its group is not a multiple of 64; a table: dotqt, 4 if twice its values are not
+ * activations (int4: 4 if its group is not a multiple of 64; a table: 4 if twice its values are not
  * integers of at most 63); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or
  * NULL, added after the GEMM's rounding (as torch). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
@@ -744,16 +864,20 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     float *hr = dtype == W_F32 ? hf : malloc(((size_t)S * I + 1) * sizeof(float)); /* [S, I] h bf16-rounded */
     float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
     float *ha = malloc(((size_t)S * r_d + 1) * sizeof(float));   /* [S, r_d] */
-    /* int8 activations (qact: the caller's choice, PackedFormat.int8_activations; see dotq); one byte otherwise */
+    /* int8 activations (qact: the caller's choice, PackedFormat.int8_activations; see dotq_rows); one byte otherwise */
     const int64_t nq = qact ? 1 : 0, gq = qact ? group : 1;
     int8_t *xq = malloc((size_t)(nq * T * H) + 1), *hq = malloc((size_t)(nq * S * I) + 1);
     float *xqs = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));
     float *xqsum = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));
     float *hqs = malloc(((size_t)(nq * S * I / gq) + 1) * sizeof(float));
     float *hqsum = malloc(((size_t)(nq * S * I / gq) + 1) * sizeof(float));
+    const int qwide = qact && q_wide_for(group);
+    const int32_t qoff = table ? QOFF_TABLE : QOFF_INT4;
+    int32_t *xqc = malloc(((size_t)(nq * T * H / 8) + 1) * sizeof(int32_t));
+    int32_t *hqc = malloc(((size_t)(nq * S * I / 8) + 1) * sizeof(int32_t));
     int rc = 0;
     if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !hb || !hr || !xa || !ha || !xq || !hq || !xqs ||
-        !xqsum || !hqs || !hqsum) {
+        !xqsum || !hqs || !hqsum || !xqc || !hqc) {
         rc = 2;
         goto done;
     }
@@ -777,7 +901,8 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     }
     if (qact) /* from the unrounded input: the torch path quantizes the fp32 x it is given */
         for (int64_t t = 0; t < T; t++)
-            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group));
+            quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group), qwide, qoff,
+                      xqc + t * (H / 8));
     else if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
         float *row = malloc((size_t)H * sizeof(float));
         if (!row) {
@@ -794,8 +919,8 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
                      {dtype, w_d, s_d, table, group, qact, lut2, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
                      act, alpha, limit, bias_gu, bias_d,
                      K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb,
-                     xq, hq, xqs, hqs, xqsum, hqsum};
-    const int64_t jblocks = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, iblocks = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+                     xq, hq, xqs, hqs, xqsum, hqsum, xqc, hqc, qwide};
+    const int64_t rows = item_rows, jblocks = (I + rows - 1) / rows, iblocks = (H + rows - 1) / rows;
     const int chunk = sched_chunk;
 
     const int64_t t_r1 = now_ns();
@@ -807,15 +932,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
             for (int64_t p = 0; p < S; p++) lora_in(&L.gu, ids[order[p]], x + (order[p] / K) * H, xa + p * r_gu);
         }
         const int64_t t0 = now_ns();
-        if (chunk) {
-#pragma omp for schedule(dynamic, chunk) nowait
-            for (int64_t item = 0; item < ngroups * jblocks; item++)
-                gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
-        } else {
-#pragma omp for schedule(static) nowait
-            for (int64_t item = 0; item < ngroups * jblocks; item++)
-                gate_up_item(&L, item / jblocks, (item % jblocks) * ROWS_PER_ITEM);
-        }
+        FOR_ITEMS(chunk, ngroups * jblocks, gate_up_item(&L, item / jblocks, (item % jblocks) * rows, rows));
         stat_add(ST_BUSY1, now_ns() - t0);
 #pragma omp master
         stat_add(ST_THREADS, omp_get_num_threads());
@@ -831,16 +948,11 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         if (qact) { /* h of every slot to int8, from its fp32 value (as the torch path) */
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < S; p++)
-                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group));
+                quant_act(hf + p * I, I, group, hq + p * I, hqs + p * (I / group), hqsum + p * (I / group), qwide,
+                          qoff, hqc + p * (I / 8));
         }
         const int64_t t0 = now_ns();
-        if (chunk) {
-#pragma omp for schedule(dynamic, chunk) nowait
-            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
-        } else {
-#pragma omp for schedule(static) nowait
-            for (int64_t item = 0; item < iblocks; item++) down_item(&L, ngroups, T, item * ROWS_PER_ITEM);
-        }
+        FOR_ITEMS(chunk, iblocks, down_item(&L, ngroups, T, item * rows, rows));
         stat_add(ST_BUSY2, now_ns() - t0);
     }
     const int64_t t_end = now_ns();
@@ -851,7 +963,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
 done:
     if (hr != hf) free(hr);
     free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(hb), free(xa), free(ha);
-    free(xq), free(hq), free(xqs), free(xqsum), free(hqs), free(hqsum);
+    free(xq), free(hq), free(xqs), free(xqsum), free(hqs), free(hqsum), free(xqc), free(hqc);
     return rc;
 }
 

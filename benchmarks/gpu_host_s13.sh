@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 13 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: the 4-bit kernel's read rate taken apart: the dot products alone (dot_rate.c: one thread from cache = the
+#           arithmetic's ceiling; every thread from RAM, each on its own long stream), then the whole kernel at
+#           gpt-oss's and V2-Lite's dims with the OpenMP schedule (dynamic 2, guided, static) and rows per work item
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/steps.sh
+host_setup
+if [ "${PART:-a}" = a ]; then
+  cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm
+  step dot_rate_2880 120 sh -c '/tmp/dot_rate 16 2880 2 4096; /tmp/dot_rate 8 2880 2 4096; /tmp/dot_rate 16 2880 2 0'
+  step dot_rate_2048 60 /tmp/dot_rate 16 2048 2 4096
+  step gemv_gptoss 200 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 200 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --chunk 2 -1 0 --item-rows 16 32 64
+  step gemv_v2lite 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 --chunk 2 -1 --item-rows 16 32 64
+  bundle_logs
+fi
+#   PART=b: the 4-bit integer dots with AVX-512 VNNI (dot_qv4x4_512: 128 inputs a step, no per-group fold): their
+#           tests on the Xeon, the dots alone (AVX-512 against AVX2: rates, and equal checksums), the whole kernel at
+#           gpt-oss's and V2-Lite's dims
+if [ "${PART}" = b ]; then
+  step pytest_kernel 200 $NOW python -m pytest -q -p no:cacheprovider tests/test_int4_experts.py tests/test_cpu_kernel.py -x
+  cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm
+  step dot_rate 150 sh -c 'for i in 2880 2048; do /tmp/dot_rate 16 $i 2 4096; /tmp/dot_rate 16 $i 1 4096; done'
+  step gemv_gptoss 200 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --item-rows 16 64
+  step gemv_v2lite 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
+    --pages 2m --prefetch 4096 --item-rows 16 64
+  bundle_logs
+fi
