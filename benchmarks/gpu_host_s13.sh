@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
+# decode_of NAME SECONDS MODEL FORMAT [flags]: big_models.py's decode rows only (built in place)
+decode_of() { big "$@" --steps 0 --skip prefill train; }
 if [ "${PART:-a}" = a ]; then
   cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm
   step dot_rate_2880 120 sh -c '/tmp/dot_rate 16 2880 2 4096; /tmp/dot_rate 8 2880 2 4096; /tmp/dot_rate 16 2880 2 0'
@@ -29,5 +31,17 @@ if [ "${PART}" = b ]; then
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --item-rows 16 64
   step gemv_v2lite 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
     --pages 2m --prefetch 4096 --item-rows 16 64
+  bundle_logs
+fi
+#   PART=c: the activations' quantization storing four bytes at a time; the VNNI kernel's prefetch distance and its
+#           work split (guided scheduling with 4-16 rows an item) at both dims; then V2-Lite int4 and gpt-oss-120b
+#           MXFP4 decode end to end (default and compiled) on the VNNI kernel
+if [ "${PART}" = c ]; then
+  step gemv_gptoss 120 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 2048 8192 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --chunk -1 --item-rows 4 8 16
+  step gemv_v2lite 80 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
+    --pages 2m --prefetch 4096 2048 8192 --chunk -1 --item-rows 4 8 16
+  decode_of v2lite_int4 150 v2-lite int4 --compile-decode
+  decode_of gptoss_mxfp4 200 gpt-oss-120b mxfp4 --compile-decode
   bundle_logs
 fi

@@ -372,9 +372,17 @@ TGT256 static void quant_act(const float *x, int64_t n, int64_t group, int8_t *q
             __m256i v = sc > 0.f ? _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + i), vs)) : _mm256_setzero_si256();
             v = _mm256_max_epi32(_mm256_min_epi32(v, lim), nlim);
             tot = _mm256_add_epi32(tot, v);
-            int32_t lanes[8];
-            _mm256_storeu_si256((__m256i *)lanes, v);
-            for (int k = 0; k < 8; k++) q[q_pos(i + k, n, wide)] = (int8_t)lanes[k];
+            /* inputs i .. i + 7 lie in one block of 32: its evens go to 4 consecutive places from q_pos(i), its odds
+             * from q_pos(i + 1) (in every layout), as two 4-byte stores: [v0 v2 v4 v6], [v1 v3 v5 v7] */
+            const __m256i b8 = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, 4, 12, -1, -1, -1,
+                                                                         -1, -1, -1, 0, 8, -1, -1, -1, -1, -1, -1, 4,
+                                                                         12, -1, -1, -1, -1, -1, -1));
+            /* lane 0: [v0 v2 .. | v1 v3 ..], lane 1: [v4 v6 .. | v5 v7 ..] (each int32's low byte) */
+            const uint32_t lo0 = (uint32_t)_mm256_extract_epi16(b8, 0), hi0 = (uint32_t)_mm256_extract_epi16(b8, 4);
+            const uint32_t lo1 = (uint32_t)_mm256_extract_epi16(b8, 8), hi1 = (uint32_t)_mm256_extract_epi16(b8, 12);
+            const uint32_t ev = (lo0 & 0xffff) | (lo1 << 16), od = (hi0 & 0xffff) | (hi1 << 16);
+            memcpy(q + q_pos(i, n, wide), &ev, 4);
+            memcpy(q + q_pos(i + 1, n, wide), &od, 4);
         }
         int32_t t[8];
         _mm256_storeu_si256((__m256i *)t, tot);
