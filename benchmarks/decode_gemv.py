@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, nargs="*", default=[],
                    help="kernel: OpenMP work items per dynamic chunk to compare (0: static, -1: guided scheduling)")
     p.add_argument("--item-rows", type=int, nargs="*", default=[],
-                   help="kernel: weight rows per work item to compare (at the first chunk of --chunk, else 2)")
+                   help="kernel: weight rows per work item to compare (at the first chunk of --chunk, else the default)")
     p.add_argument("--batch-tokens", type=int, nargs="*", default=[],
                    help="also time calls of this many tokens (kernel vs torch loop, bf16): where the kernel stops paying")
     args = p.parse_args()
@@ -150,7 +150,7 @@ def main() -> None:
                                for (qgu, sgu), (qd, sd) in qlayers]
     out = torch.empty(1, args.hidden)
 
-    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0, chunk=2, rows=cpu_kernel.ITEM_ROWS):
+    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0, chunk=cpu_kernel.CHUNK, rows=cpu_kernel.ITEM_ROWS):
         """HybridExperts.infer_cpu: the compiled kernel with the given instruction set, or (None) the torch loop."""
         def call(li, experts, w):
             m = mods[dtype, pages][li]
@@ -180,12 +180,12 @@ def main() -> None:
                 hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_chunk{chunk}"] = hybrid(
                     dt, best, args.pages[0], args.prefetch[0], chunk)
         for rows in args.item_rows:  # rows per work item, at the first chunk given
-            chunk = args.chunk[0] if args.chunk else 2
+            chunk = args.chunk[0] if args.chunk else cpu_kernel.CHUNK
             for dt in ("bf16", "int8", *packed):
                 hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_chunk{chunk}_rows{rows}"] = (
                     hybrid(dt, best, args.pages[0], args.prefetch[0], chunk, rows))
         cpu_kernel.set_isa(best)
-        cpu_kernel.set_chunk(2)
+        cpu_kernel.set_chunk(cpu_kernel.CHUNK)
         cpu_kernel.set_item_rows(cpu_kernel.ITEM_ROWS)
 
     strategies = _strategies(layers, qlayers)

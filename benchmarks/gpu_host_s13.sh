@@ -45,3 +45,14 @@ if [ "${PART}" = c ]; then
   decode_of gptoss_mxfp4 200 gpt-oss-120b mxfp4 --compile-decode
   bundle_logs
 fi
+#   PART=d: the kernel's new default split (guided, 8-row items) and 4-bit scales on 2 MiB pages, end to end: V2-Lite
+#           int4 and gpt-oss-120b MXFP4 decode, each against the old split (dynamic chunks of 2 x 16 rows, by
+#           environment) in a process of its own on the same host
+if [ "${PART}" = d ]; then
+  OLD="env HYBRIDMOE_CPU_CHUNK=2 HYBRIDMOE_CPU_ITEM_ROWS=16"
+  step v2lite_int4_old 100 $OLD $NOW python benchmarks/big_models.py --model v2-lite --format int4 --steps 0 --skip prefill train
+  decode_of v2lite_int4 150 v2-lite int4 --compile-decode
+  step gptoss_mxfp4_old 130 $OLD $NOW python benchmarks/big_models.py --model gpt-oss-120b --format mxfp4 --steps 0 --skip prefill train
+  decode_of gptoss_mxfp4 200 gpt-oss-120b mxfp4 --compile-decode
+  bundle_logs
+fi

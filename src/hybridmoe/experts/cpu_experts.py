@@ -106,10 +106,10 @@ class ExpertWeights:
             advise_huge_pages(t)
         self.scales: dict[str, torch.Tensor] | None = None
         if dtype == torch.int8:
-            self.scales = {p: torch.ones(s[:2], dtype=torch.bfloat16, device=device) for p, s in shapes.items()}
+            self.scales = {p: _ones_on_huge_pages(s[:2], device) for p, s in shapes.items()}  # [E, out]
         elif self.packed is not None:
             g = self.packed.group
-            self.scales = {p: torch.ones((*s[:2], s[2] // g), dtype=torch.bfloat16, device=device)
+            self.scales = {p: _ones_on_huge_pages((*s[:2], s[2] // g), device)
                            for p, s in shapes.items()}  # [E, out, in/group]
         self.bias: dict[str, torch.Tensor] | None = None
         if spec.has_bias:
@@ -273,6 +273,14 @@ class ExpertWeights:
 
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def _ones_on_huge_pages(shape, device) -> torch.Tensor:
+    """bf16 ones (scales before the loader writes them), on 2 MiB pages where large: a 4-bit model's scales are an
+    eighth of its codes' bytes (gpt-oss-120b: ~7 GB), read beside them at every decode step."""
+    t = torch.empty(shape, dtype=torch.bfloat16, device=device)
+    advise_huge_pages(t)
+    return t.fill_(1.0)
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:

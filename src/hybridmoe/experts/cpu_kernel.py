@@ -45,7 +45,10 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  
 # Software prefetch distance of the weight rows (bytes ahead; HYBRIDMOE_CPU_PREFETCH overrides), chosen by
 # benchmarks/decode_gemv.py --prefetch (BENCHMARKS.md).
 PREFETCH_BYTES = 4096
-ITEM_ROWS = 16  # weight rows per work item (HYBRIDMOE_CPU_ITEM_ROWS overrides), chosen by decode_gemv.py --item-rows
+# The work split (HYBRIDMOE_CPU_CHUNK and HYBRIDMOE_CPU_ITEM_ROWS override): guided scheduling of 8-row work items,
+# chosen by decode_gemv.py --chunk/--item-rows (BENCHMARKS.md, session 13: against dynamic chunks of 2 x 16 rows).
+CHUNK = -1
+ITEM_ROWS = 8
 _lib: ctypes.CDLL | None = None
 _tables: dict[str, torch.Tensor] = {}  # 4-bit value tables handed to the kernel, kept alive here
 _state = "unloaded"  # "unloaded" -> "ready" | "unavailable: why"
@@ -111,7 +114,7 @@ def _load() -> None:
         lib.hm_set_chunk.argtypes = lib.hm_set_item_rows.argtypes = [ctypes.c_int]
         lib.hm_stats.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.hm_read.argtypes, lib.hm_read.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_uint64
-        lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", 2)))
+        lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", CHUNK)))
         lib.hm_set_item_rows(int(os.environ.get("HYBRIDMOE_CPU_ITEM_ROWS", ITEM_ROWS)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -141,7 +144,7 @@ def set_prefetch(nbytes: int) -> None:
 
 
 def set_chunk(items: int) -> None:
-    """OpenMP work items per dynamic chunk (0: static scheduling, -1: guided; default 2)."""
+    """OpenMP work items per dynamic chunk (0: static scheduling, -1: guided; default CHUNK)."""
     if available():
         _lib.hm_set_chunk(int(items))
 

@@ -677,19 +677,20 @@ static void lora_in(const Proj *p, int64_t e, const float *x, float *xa) {
 
 /* ---- the layer ------------------------------------------------------------------------------------------------ */
 
-/* Work items per OpenMP chunk (hm_set_chunk): dynamic scheduling, so a core that is briefly busy with something else
- * (the CUDA driver, the Python thread's other work) delays only its own chunk, not the barrier; 0 = static (each
- * thread one contiguous run of items). */
-static int sched_chunk = 2;
+/* How a region's work items are shared (hm_set_chunk): chunk > 0: dynamic, that many items a chunk; 0: static (each
+ * thread one contiguous run); < 0 (the default): guided, chunks from 1/threads of what is left down to one item. Not
+ * static, so that a core briefly busy with something else (the CUDA driver, the Python thread's other work) delays
+ * only its own chunk, not the barrier; guided, so that each thread first reads one long contiguous run (its software
+ * prefetch runs on into rows it will read itself) and the balance comes from the small chunks at the end (S13-c:
+ * 4-bit at gpt-oss's dims 96-103 -> 121-124 GB/s against dynamic chunks of 2 x 16 rows). */
+static int sched_chunk = -1;
 
-/* chunk > 0: dynamic, that many items a chunk; 0: static; < 0: guided (chunks from 1/threads of what is left down to
- * one item: long contiguous runs first, balance at the end). */
 void hm_set_chunk(int chunk) { sched_chunk = chunk > 0 ? chunk : chunk < 0 ? -1 : 0; }
 
 /* Weight rows of one work item (a multiple of 4 in [4, MAX_ITEM_ROWS]; hm_set_item_rows): a region's items are
  * (expert, block of rows) in region 1 and blocks of output rows over every expert in region 2, so this sets both
  * how long each contiguous read runs and how finely the work is balanced. */
-static int64_t item_rows = 16;
+static int64_t item_rows = 8;
 
 void hm_set_item_rows(int rows) {
     rows = rows < 4 ? 4 : rows > MAX_ITEM_ROWS ? MAX_ITEM_ROWS : rows;
