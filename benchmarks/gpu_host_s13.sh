@@ -56,3 +56,17 @@ if [ "${PART}" = d ]; then
   decode_of gptoss_mxfp4 200 gpt-oss-120b mxfp4 --compile-decode
   bundle_logs
 fi
+#   PART=e: inductor's compile workers stopped once the step has compiled (S13-d: the compiled gpt-oss run's kernel
+#           was 4 ms slower a token than the eager one in the same process, its threads less busy); GPU tests of
+#           decode; the kernel at both dims with the new default split on both instruction sets; then V2-Lite int4
+#           and gpt-oss-120b decode, default and compiled
+if [ "${PART}" = e ]; then
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py -k "compiled or share or static or int4"
+  step gemv_gptoss 90 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step gemv_v2lite 60 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
+    --pages 2m --prefetch 4096
+  decode_of v2lite_int4 100 v2-lite int4 --compile-decode
+  decode_of gptoss_mxfp4 150 gpt-oss-120b mxfp4 --compile-decode
+  bundle_logs
+fi

@@ -75,6 +75,20 @@ def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int):
     finally:
         for module, _ in pairs:
             del module.forward
+        _release_compile_workers()
+
+
+def _release_compile_workers() -> None:
+    """Stop inductor's pool of compile worker processes once the step has compiled: the CPU's expert kernel wants
+    every core at every later step, and the pool (one worker a core on a many-core host) is only needed again if a
+    stretch recompiles, which starts it anew. A torch without the call keeps its pool."""
+    try:
+        from torch._inductor import async_compile
+    except ImportError:
+        return
+    shutdown = getattr(async_compile, "shutdown_compile_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def compile_pairs(model: nn.Module) -> list[tuple[nn.Module, object]]:
