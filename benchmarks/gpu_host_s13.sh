@@ -70,3 +70,11 @@ if [ "${PART}" = e ]; then
   decode_of gptoss_mxfp4 150 gpt-oss-120b mxfp4 --compile-decode
   bundle_logs
 fi
+#   PART=f: what compiling costs a returning user: V2-Lite int4 decode with the compiled stretches in two processes
+#           one after the other (the second finds inductor's on-disk cache of the first); how much of the process's
+#           memory is on huge pages (host_huge_gib)
+if [ "${PART}" = f ]; then
+  decode_of v2lite_int4_cold 100 v2-lite int4 --compile-decode
+  decode_of v2lite_int4_warm 100 v2-lite int4 --compile-decode
+  bundle_logs
+fi
