@@ -2,8 +2,9 @@
  * from RAM. Separates the kernel's arithmetic (the cache-resident rate: what one core can consume) from the
  * memory system (the RAM rate), which benchmarks/decode_gemv.py measures together.
  *
- *   cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm && /tmp/dot_rate THREADS INPUTS ISA PREFETCH
- *   (defaults: every thread, 2048 inputs a row, the best instruction set (2: AVX-512, 1: AVX2), 4096 bytes ahead)
+ *   cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm && /tmp/dot_rate THREADS INPUTS ISA PREFETCH MIB
+ *   (defaults: every thread, 2048 inputs a row, the best instruction set (2: AVX-512, 1: AVX2), 4096 bytes ahead,
+ *   256 MiB of weights a thread from RAM)
  *
  * Each line: {"dot": ..., "set": "cache"|"ram", "threads": ..., "GBps": ...}. The weights are random bytes; the
  * dots walk the rows as the kernel's proj_rows does (4-bit: tiles of four consecutive rows). */
@@ -40,6 +41,7 @@ int main(int argc, char **argv) {
     const int64_t in = argc > 2 ? atoll(argv[2]) : 2048;
     const int isa = hm_set_isa(argc > 3 ? atoi(argv[3]) : 2);
     hm_set_prefetch(argc > 4 ? atoll(argv[4]) : 4096);
+    const size_t ram_bytes = (size_t)(argc > 5 ? atoll(argv[5]) : 256) << 20;
     const char *names[5] = {"f32", "bf16", "int8", "int4g64", "mxfp4g32"};
     const size_t elem_bytes2[5] = {8, 4, 2, 1, 1}; /* twice the bytes of a weight */
     float *xf = malloc(in * sizeof(float));
@@ -53,7 +55,7 @@ int main(int argc, char **argv) {
     const int8_t lut2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
     for (int set = 0; set < 2; set++) {
         const int nt = set == 0 ? 1 : threads;
-        const size_t per_thread = set == 0 ? (size_t)256 << 10 : (size_t)256 << 20; /* bytes of weights */
+        const size_t per_thread = set == 0 ? (size_t)256 << 10 : ram_bytes; /* bytes of weights */
         for (int kind = 0; kind < 5; kind++) {
             const int64_t group = kind == 4 ? 32 : 64;
             const int64_t rowbytes = in * elem_bytes2[kind] / 2, nrows = (int64_t)(per_thread / rowbytes) & ~3;

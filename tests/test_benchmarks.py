@@ -13,10 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _json_lines(args: list[str]) -> list[dict]:
-    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _json_lines_of(cmd: list[str]) -> list[dict]:
+    """The JSON lines a command prints (it must succeed)."""
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def _json_lines(args: list[str]) -> list[dict]:
+    return _json_lines_of([sys.executable, *args])
 
 
 def test_decode_gemv_reports_the_kernels_own_split():
@@ -32,6 +37,43 @@ def test_decode_gemv_reports_the_kernels_own_split():
     assert {r["strategy"].split("_")[1] for r in kernel} == {"bf16", "int8", "int4g64", "mxfp4"}
     for r in kernel:
         assert r["region1_us"] > 0 and 0 < r["busy1"] <= 1 and r["rel_err_vs_fp32"] < 0.3, r
+
+
+def test_kernel_conditions_times_each_working_set_and_gap():
+    from hybridmoe.experts import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no compiled kernel here")
+    recs = _json_lines(["benchmarks/kernel_conditions.py", "--format", "mxfp4", "--layers", "1", "3", "--experts", "4",
+                        "--topk", "2", "--hidden", "128", "--inter", "64", "--calls", "6", "--gap-us", "0", "20"])
+    assert [(r["layers"], r["gap_us"]) for r in recs] == [(1, 0), (1, 20), (3, 0), (3, 20)]
+    for r in recs:
+        assert r["kernel_GBps"] > 0 and r["wall_GBps"] > 0 and 0 < r["busy1"] <= 1, r
+
+
+def test_dot_rate_runs_every_dot_and_the_instruction_sets_agree(tmp_path):
+    """benchmarks/dot_rate.c builds against the kernel's source and times each dot product; on a CPU with AVX-512 the
+    4-bit dots' checksums (VNNI against AVX2) agree to fp32 summation order."""
+    import shutil
+
+    from hybridmoe.experts import cpu_kernel
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not cpu_kernel.available():
+        pytest.skip("no C compiler or no kernel here")
+    exe = tmp_path / "dot_rate"
+    subprocess.run([cc, "-O2", "-fopenmp", "benchmarks/dot_rate.c", "-o", str(exe), "-lm"], cwd=ROOT, check=True,
+                   timeout=300)
+    runs = {}
+    for isa in {2: "avx512_bf16", 1: "avx2"}:
+        recs = _json_lines_of([str(exe), "1", "320", str(isa), "0", "1"])
+        assert {(r["dot"], r["set"]) for r in recs} == {(d, s) for d in ("f32", "bf16", "int8", "int4g64", "mxfp4g32")
+                                                         for s in ("cache", "ram")}
+        assert all(r["GBps"] > 0 for r in recs)
+        runs[recs[0]["isa"]] = {(r["dot"], r["set"]): r["check"] for r in recs}
+    if len(runs) == 2:  # this CPU ran both
+        for key in (("int4g64", "cache"), ("mxfp4g32", "cache")):
+            assert runs[2][key] == pytest.approx(runs[1][key], rel=1e-4), key
 
 
 def test_big_models_trains_tiny_gpt_oss():
