@@ -9,8 +9,6 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
-# decode_of NAME SECONDS MODEL FORMAT [flags]: big_models.py's decode rows only (built in place)
-decode_of() { big "$@" --steps 0 --skip prefill train; }
 if [ "${PART:-a}" = a ]; then
   decode_of v2lite_int4 120 v2-lite int4 --gpu-shares 0 0.3333
   decode_of v2lite_bf16 150 v2-lite bfloat16 --gpu-shares 0.5

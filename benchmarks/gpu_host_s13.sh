@@ -4,12 +4,10 @@
 #           arithmetic's ceiling; every thread from RAM, each on its own long stream), then the whole kernel at
 #           gpt-oss's and V2-Lite's dims with the OpenMP schedule (dynamic 2, guided, static) and rows per work item
 set -uo pipefail
-cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
 host_setup
-# decode_of NAME SECONDS MODEL FORMAT [flags]: big_models.py's decode rows only (built in place)
-decode_of() { big "$@" --steps 0 --skip prefill train; }
 if [ "${PART:-a}" = a ]; then
   cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm
   step dot_rate_2880 120 sh -c '/tmp/dot_rate 16 2880 2 4096; /tmp/dot_rate 8 2880 2 4096; /tmp/dot_rate 16 2880 2 0'

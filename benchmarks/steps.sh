@@ -35,6 +35,9 @@ big() {
   step "$name" "$limit" $NOW python benchmarks/big_models.py --model "$model" --format "$fmt" "$@"
 }
 
+# decode_of NAME SECONDS MODEL FORMAT [flags]: big_models.py's decode rows only (built in place)
+decode_of() { big "$@" --steps 0 --skip prefill train; }
+
 # The V2-Lite-shaped runs of the session scripts (gpu_host_s9.sh, gpu_host_s10.sh):
 # make_v2lite: the random V2-Lite checkpoint in /tmp/v2lite (once per host)
 make_v2lite() {

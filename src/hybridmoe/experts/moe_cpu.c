@@ -27,7 +27,8 @@
  * Built by hybridmoe.experts.cpu_kernel with the system C compiler; the OpenMP symbols are left undefined and bind
  * to the OpenMP runtime torch has already loaded, so the two share one thread pool. The dot products come in two
  * instruction sets, chosen at run time (hm_set_isa): AVX-512 with BF16 (Intel Cooper Lake / Sapphire Rapids and
- * later, AMD Zen 4 and later) and AVX2 + FMA (any x86-64 CPU of the last decade).
+ * later, AMD Zen 4 and later; its 4-bit integer dots use AVX-512 VNNI) and AVX2 + FMA (any x86-64 CPU of the last
+ * decade).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -306,10 +307,9 @@ TGT256 static void dot_p4x4_256(const uint8_t *const *w, const uint16_t *const *
  * For int4 weights whose group is a multiple of 64, the activations are quantized once per vector to int8 with one
  * fp32 scale per weight group (quant_act: s = amax / 127, q = round(x / s)), stored in the order the dot reads
  * (q_pos), and each group's sum of c * q is an exact int32 from AVX2 integer multiply-adds (maddubs + madd), which
- * the nibbles feed directly (no conversion to floats). AVX2 on every CPU, AVX-512 ones too: an AVX-512 VNNI version
- * (dpbusd, 64 products an instruction) measured 3-7% slower on the GPU host's Xeon at gpt-oss's and GLM-4.5-Air's
- * dims in all four comparisons (S11-b, S11-c: it spent three lane shuffles a row-step on the codes' order), and
- * was removed. With
+ * the nibbles feed directly (no conversion to floats). AVX2 on every CPU; where AVX-512 VNNI is present, the whole
+ * 128-input steps go through dot_qv4x4_512 instead (an activation layout of its own, below; a first VNNI version that
+ * kept this layout spent three lane shuffles a row-step and was 3-7% slower than AVX2, S11-b/c). With
  * w = (c - 8) * sw and x ~ q * sx:  row . x = sum_g sw_g sx_g (sum c q - 8 sum q). The torch path quantizes its
  * activations the same way (ExpertWeights.linear), so the two agree to fp32 summation order. Four rows at a time,
  * given as row pointers (a tail repeats its last row). */
@@ -454,8 +454,8 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
  * weights. The activations are int8 per weight group (quant_act, as for int4), and each group's sum of lut2[c] * q
  * is an exact int32: maddubs takes |w2| as unsigned and q with w2's sign (|pair| <= 2 * 12 * 127), madd widens.
  * row . x = sum_g (scale_g / 2) sx_g sum(w2 q), scale_g / 2 exact (a power of two for MXFP4). Two 32-input blocks a
- * step (32 bytes of codes per row), four rows at once; a group of 32 scales each block by itself. AVX2 on every CPU
- * that has it (AVX-512 ones too: one path, the one tested here). */
+ * step (32 bytes of codes per row), four rows at once; a group of 32 scales each block by itself. AVX2 (with AVX-512
+ * VNNI, only for what is left after dot_qv4x4_512's whole 128-input steps). */
 
 
 TGT256 static inline __m256i dot_w2q(__m256i w2, __m256i q) { /* 16 int16 sums of w2 * q pairs, exact */
