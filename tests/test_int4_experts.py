@@ -328,7 +328,10 @@ def test_int4_adapter_training_merge_and_chat(ckpt, tmp_path):
 
 def test_info_names_the_expert_format(ckpt, capsys):
     assert main(["info", "--model", str(ckpt("qwen3_moe:g64")), "--device", "cpu", "--expert-dtype", "int4"]) == 0
-    assert "routed experts: cpu (int4 (group 64))" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "routed experts: cpu (int4 (group 64))" in out
+    if cpu_kernel.available():  # and which instructions its dots use (AVX-512 VNNI where the CPU has it)
+        assert f"(4-bit integer dots: {cpu_kernel.four_bit_dots()})" in out
 
 
 def test_chat_cli_with_int4_experts(ckpt, capsys):

@@ -145,7 +145,9 @@ def _cpu_kernel_report(experts) -> dict:
             m = next(iter(experts))
             status = f"it implements SiLU-GLU experts without biases; these are {m.mlp.name}" + (
                 " with biases" if m.weights.bias is not None else "")
-    return {"status": status, "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS}
+    four_bit = any(m.weights.packed is not None for m in experts)
+    return {"status": status, "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS,
+            "four_bit_dots": cpu_kernel.four_bit_dots() if four_bit else None}
 
 
 def _gib(n: int) -> str:
@@ -174,7 +176,8 @@ def format_report(rep: dict) -> str:
                      f"every batch ({_gib(st['resident_bytes'])} of GPU memory)")
     k = rep["cpu_kernel"]
     if k["used"]:
-        lines.append(f"CPU expert kernel: {k['isa']}, for inference calls of up to {k['max_tokens']} tokens "
+        dots = f" (4-bit integer dots: {k['four_bit_dots']})" if k.get("four_bit_dots") else ""
+        lines.append(f"CPU expert kernel: {k['isa']}{dots}, for inference calls of up to {k['max_tokens']} tokens "
                      "(training and larger calls: torch)")
     else:
         lines.append(f"CPU expert kernel: not used ({k['status']}); the CPU experts run through torch")

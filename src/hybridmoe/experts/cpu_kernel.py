@@ -37,7 +37,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "isa", "isas", "moe_forward", "prepared",
+__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "four_bit_dots", "isa", "isas", "moe_forward", "prepared",
            "read_all", "set_chunk", "set_isa", "set_item_rows", "set_prefetch", "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
@@ -107,7 +107,7 @@ def _load() -> None:
             raise RuntimeError("torch has no OpenMP runtime loaded")
         ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
         lib = ctypes.CDLL(os.environ.get("HYBRIDMOE_CPU_KERNEL_LIB") or str(_build()))
-        lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = ctypes.c_int
+        lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = lib.hm_q_vnni.restype = ctypes.c_int
         if not lib.hm_set_isa(2):
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
@@ -135,6 +135,14 @@ ISAS = {2: "avx512_bf16", 1: "avx2"}
 def isa() -> str | None:
     """The instruction set the kernel's dot products use ("avx512_bf16" or "avx2"); None if it is not loaded."""
     return ISAS.get(_lib.hm_isa_in_use()) if available() else None
+
+
+def four_bit_dots() -> str | None:
+    """The instructions of the 4-bit experts' integer dot products ("avx512_vnni" where the CPU has it and the
+    AVX-512 set is in use, else "avx2"); None if the kernel is not loaded."""
+    if not available():
+        return None
+    return "avx512_vnni" if _lib.hm_q_vnni() else "avx2"
 
 
 def set_prefetch(nbytes: int) -> None:

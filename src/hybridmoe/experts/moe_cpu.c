@@ -607,6 +607,8 @@ int hm_set_isa(int level) {
 
 int hm_isa_in_use(void) { return dots == DOTS_512 ? 2 : dots == DOTS_256 ? 1 : 0; }
 
+int hm_q_vnni(void) { return q_vnni; } /* the 4-bit integer dots use AVX-512 VNNI (else AVX2) */
+
 /* ---- one projection: its weights, the activations in the form its dot product takes, and its LoRA ----------- */
 
 typedef struct {
