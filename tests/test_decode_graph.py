@@ -215,6 +215,40 @@ def test_compiled_forwards_stand_in_during_the_decode_step_only(ckpt_dir):
     assert all("forward" not in vars(m) for m, _ in dec.chain.compiled)
 
 
+def test_one_compiled_attention_serves_every_layer(monkeypatch, tmp_path):
+    """compile_decode's compiled forwards, traced for real (dynamo with its eager backend: the guards and graphs are
+    the real ones, only inductor's code generation is left out; CUDA is not needed): the cache update runs outside the
+    compiled code and the layer index is symbolic, so the number of compiled graphs does not grow with the depth (it
+    grew by one attention a layer), and the logits are the plain step's."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from hybridmoe import decode_compile
+
+    from .helpers import make_checkpoint
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    graphs = {}
+    for layers in (2, 5):
+        model, _ = hybridmoe.load(make_checkpoint("deepseek_v2", tmp_path / f"l{layers}", num_hidden_layers=layers),
+                                  device="cpu", dtype="float32", progress=False)
+        model.eval()
+        prompt = torch.arange(5, 25).unsqueeze(0)
+        plain = StaticDecoder(model, 64, torch.device("cpu"))
+        want = plain.step(plain.prefill(prompt).argmax(-1), 20)
+        dec = StaticDecoder(model, 64, torch.device("cpu"))
+        dec.chain.compiled, dec.chain.cache = decode_compile.compile_pairs(model), dec.cache  # as on CUDA
+        torch._dynamo.reset()
+        counters.clear()
+        got = dec.step(dec.prefill(prompt).argmax(-1), 20)
+        graphs[layers] = counters["stats"]["unique_graphs"]
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), layers
+        assert "update" not in vars(dec.cache)  # the cache's own update outside the step
+    assert graphs[5] == graphs[2] > 0, graphs
+
+
 def test_compiled_stretches_are_the_modules_beside_the_routed_experts(ckpt_dir):
     """What settings.compile_decode compiles: in every decoder layer the modules without routed experts (attention,
     norms, a dense layer's MLP) and the MoE block's other children (router, shared experts), never the experts."""

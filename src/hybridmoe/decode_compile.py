@@ -54,10 +54,16 @@ def stretch_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int):
+def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int, cache=None):
     """While the block runs, each module's ``forward`` is its compiled one (``pairs``: (module, compiled forward)).
-    ``layers``: how many decoder layers share each compiled function (each layer's own cache layer and index are
-    guarded on, so each is compiled once: the recompile limit is raised to allow that).
+
+    One compiled attention serves every layer: `cache`'s ``update`` (the step's KV cache) runs outside the compiled
+    code (``torch.compiler.disable``, a graph break there), and a module's int attributes may be symbolic (dynamo's
+    ``allow_unspec_int_on_nn_module``), so the layer index each attention hands the cache is an input, not a constant
+    the code is specialized and recompiled on: attention compiles twice (the first layer, then for any layer) instead of
+    once a layer, which was most of the first step's cost (on the CPU, six tiny layers: 12-18 s -> 5-8 s, four
+    architectures; the logits are the same). ``layers``: how many decoder layers share each compiled function (the
+    recompile limit is raised to allow for one compile each, should a model still specialize on its layer).
 
     A stretch that fails to compile runs eagerly where it failed (dynamo's ``suppress_errors``, with its warning):
     the step must not run twice, since its forward updates the cache (transformers' static layers advance a
@@ -68,13 +74,20 @@ def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int):
     limit = max(cfg.recompile_limit, 2 * layers + 8)
     for module, fn in pairs:
         module.forward = fn  # an instance attribute over the class's method
+    if cache is not None:
+        cache.update = torch.compiler.disable(cache.update)  # over the class's method, for this block only
+    patch = dict(recompile_limit=limit, suppress_errors=True,
+                 accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * limit * max(len(pairs), 1)))
+    if hasattr(cfg, "allow_unspec_int_on_nn_module"):
+        patch["allow_unspec_int_on_nn_module"] = True
     try:
-        with cfg.patch(recompile_limit=limit, suppress_errors=True,
-                       accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * limit * max(len(pairs), 1))):
+        with cfg.patch(**patch):
             yield
     finally:
         for module, _ in pairs:
             del module.forward
+        if cache is not None:
+            del cache.update
         _release_compile_workers()
 
 

@@ -526,6 +526,7 @@ class GraphChain:
         self._stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.clock = _Clock()  # where the replays' host time goes (off unless a benchmark turns it on)
         self.compiled: list | None = None  # (module, compiled forward) of the GPU stretches: compile_stretches
+        self.cache = None  # with compiled stretches: the step's KV cache, whose update runs outside them
 
     def in_graph(self, module: HybridExperts) -> bool:
         """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
@@ -558,17 +559,19 @@ class GraphChain:
         self.hook.calls = 0
         try:
             if self.compiled:
-                with compiled_forwards(self.compiled, len(self.experts)):
+                with compiled_forwards(self.compiled, len(self.experts), self.cache):
                     return forward()
             return forward()
         finally:
             for m in self.experts:
                 m.decode_hook = None
 
-    def compile_stretches(self, model: nn.Module) -> None:
-        """Compile the GPU stretches of this chain's steps (CUDA only; :mod:`hybridmoe.decode_compile`)."""
+    def compile_stretches(self, model: nn.Module, cache=None) -> None:
+        """Compile the GPU stretches of this chain's steps (CUDA only; :mod:`hybridmoe.decode_compile`); `cache`: the
+        steps' KV cache (its update is left out of the compiled code, so one compiled attention serves every layer)."""
         if self.device.type == "cuda":
             self.compiled = compile_pairs(model) or None
+            self.cache = cache
 
     def step(self, forward) -> torch.Tensor:
         """One decode step (see the class): the logits ``forward`` returns, from the graphs once captured."""
@@ -687,7 +690,7 @@ class StaticDecoder:
             gpu_share = 0.0
         self.chain = GraphChain(experts, device, use_graphs, gpu_share)
         if experts and experts[0].settings.compile_decode:
-            self.chain.compile_stretches(model)
+            self.chain.compile_stretches(model, self.cache)
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
         self.length = 0  # positions in the cache, tracked on the host (the cache's own counter is a device tensor)
