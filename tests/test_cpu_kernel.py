@@ -255,6 +255,23 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
 
 
 @pytest.mark.subprocess
+def test_a_library_from_another_version_falls_back(tmp_path):
+    """HYBRIDMOE_CPU_KERNEL_LIB naming a library built from another version of moe_cpu.c (a function missing): the
+    kernel is unavailable, says so, and inference runs through torch."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src, lib = tmp_path / "old.c", tmp_path / "old.so"
+    src.write_text("int hm_isa(void) { return 1; }\nint hm_set_isa(int l) { return l; }\n")
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True, timeout=120)
+    out = _in_subprocess({"HYBRIDMOE_CPU_KERNEL_LIB": str(lib), "HYBRIDMOE_CACHE": str(tmp_path)}, _FALLBACK)
+    assert out.startswith("unavailable: the library lacks a function") and out.endswith("True True cpu"), out
+
+
+@pytest.mark.subprocess
 def test_switched_off_by_environment(tmp_path):
     """HYBRIDMOE_CPU_KERNEL=0 is the default of every model's settings.cpu_kernel: the torch loop runs."""
     out = _in_subprocess({"HYBRIDMOE_CPU_KERNEL": "0", "HYBRIDMOE_CACHE": str(tmp_path)}, _FALLBACK)

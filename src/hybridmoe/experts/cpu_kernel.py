@@ -37,8 +37,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_ENABLED", "MAX_TOKENS", "PREFETCH_BYTES", "available", "four_bit_dots", "isa", "isas", "moe_forward", "prepared",
-           "read_all", "set_chunk", "set_isa", "set_item_rows", "set_prefetch", "stats", "status", "supports"]
+__all__ = ["CHUNK", "ENV_ENABLED", "ITEM_ROWS", "MAX_TOKENS", "PREFETCH_BYTES", "available", "four_bit_dots", "isa",
+           "isas", "moe_forward", "prepared", "read_all", "set_chunk", "set_isa", "set_item_rows", "set_prefetch",
+           "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: 4-bit codes
@@ -107,7 +108,8 @@ def _load() -> None:
             raise RuntimeError("torch has no OpenMP runtime loaded")
         ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
         lib = ctypes.CDLL(os.environ.get("HYBRIDMOE_CPU_KERNEL_LIB") or str(_build()))
-        lib.hm_isa.restype = lib.hm_set_isa.restype = lib.hm_isa_in_use.restype = lib.hm_q_vnni.restype = ctypes.c_int
+        for fn in (lib.hm_isa, lib.hm_set_isa, lib.hm_isa_in_use, lib.hm_q_vnni):
+            fn.restype = ctypes.c_int
         if not lib.hm_set_isa(2):
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX-512")
         lib.hm_set_prefetch.argtypes = [ctypes.c_int64]
@@ -124,6 +126,9 @@ def _load() -> None:
                                        ctypes.c_int, ctypes.c_int, f32, f32, p, p,
                                        i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
         _lib, _state = lib, "ready"
+    except AttributeError as e:  # HYBRIDMOE_CPU_KERNEL_LIB built from another version of moe_cpu.c
+        _state = f"unavailable: the library lacks a function this version calls ({e})"
+        log.info("CPU expert kernel %s; the routed experts run through torch on the CPU", _state)
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         _state = f"unavailable: {e}"
         log.info("CPU expert kernel %s; the routed experts run through torch on the CPU", _state)
