@@ -143,8 +143,9 @@ def isa() -> str | None:
 
 
 def four_bit_dots() -> str | None:
-    """The instructions of the 4-bit experts' integer dot products ("avx512_vnni" where the CPU has it and the
-    AVX-512 set is in use, else "avx2"); None if the kernel is not loaded."""
+    """The instructions of the 4-bit experts' integer dot products: "avx512_vnni" where the CPU has AVX-512 VNNI
+    (with or without BF16) and no lower set was asked for (:func:`set_isa`), else "avx2"; None if the kernel is not
+    loaded."""
     if not available():
         return None
     return "avx512_vnni" if _lib.hm_q_vnni() else "avx2"

@@ -27,8 +27,8 @@
  * Built by hybridmoe.experts.cpu_kernel with the system C compiler; the OpenMP symbols are left undefined and bind
  * to the OpenMP runtime torch has already loaded, so the two share one thread pool. The dot products come in two
  * instruction sets, chosen at run time (hm_set_isa): AVX-512 with BF16 (Intel Cooper Lake / Sapphire Rapids and
- * later, AMD Zen 4 and later; its 4-bit integer dots use AVX-512 VNNI) and AVX2 + FMA (any x86-64 CPU of the last
- * decade).
+ * later, AMD Zen 4 and later) and AVX2 + FMA (any x86-64 CPU of the last decade); the 4-bit integer dots use AVX-512
+ * VNNI wherever the CPU has it (hm_set_isa).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -601,7 +601,12 @@ int hm_set_isa(int level) {
     if (level > best) level = best;
     dots = level == 2 ? DOTS_512 : level == 1 ? DOTS_256 : NULL;
     dot4x4 = level == 2 ? dot_p4x4_512 : level == 1 ? dot_p4x4_256 : NULL;
-    q_vnni = level == 2 && __builtin_cpu_supports("avx512vnni"); /* the int8-activation dots: dotq_rows */
+    /* The int8-activation dots (dotq_rows) take AVX-512 VNNI with the AVX-512 set, and also on a CPU whose best is
+     * AVX2 for want of BF16 alone (Ice Lake, Cascade Lake servers: the 4-bit dots need no BF16); a lower level asked
+     * of a CPU that has more (the tests) is kept pure. */
+    q_vnni = (level == 2 || level == best) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni");
     return level;
 }
 
