@@ -515,16 +515,26 @@ TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const 
  * Returns how many inputs it took (whole 128s); the rest, in the AVX2 dots' layout, is theirs. */
 #define TGT512Q __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
+/* Which group of a 128-input step each VNNI lane's block is in, k(l) = 32 (l / 4) / group, for the groups the dots
+ * take (q_wide_for): [0] group 32, [1] 64, [2] a multiple of 128 (always 0). qv_lidx for the activations' fp32
+ * scales (vpermps), qv_widx for the rows' bf16 scales (vpermw: word k(l) into the high half of lane l). Filled once
+ * by hm_set_isa, not per four-row tile. */
+static int32_t qv_lidx[3][16];
+static int16_t qv_widx[3][32];
+
+static void qv_tables(void) {
+    static const int64_t groups[3] = {32, 64, 128};
+    for (int c = 0; c < 3; c++)
+        for (int l = 0; l < 16; l++) {
+            qv_lidx[c][l] = (int32_t)(32 * (l >> 2) / groups[c]);
+            qv_widx[c][2 * l] = 0, qv_widx[c][2 * l + 1] = (int16_t)qv_lidx[c][l];
+        }
+}
+
 TGT512Q static int64_t dot_qv4x4_512(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                      int64_t group, const int8_t *lut2, float *out) {
-    /* which group of the step each lane's block is in: k(l) = 32 (l / 4) / group (0 for a group of 128 or more) */
-    int16_t widx[32];
-    int32_t lidx[16];
-    for (int l = 0; l < 16; l++) {
-        lidx[l] = group >= 128 ? 0 : (int32_t)(32 * (l >> 2) / group);
-        widx[2 * l] = 0, widx[2 * l + 1] = (int16_t)lidx[l]; /* the scale's bf16 into the high half of lane l */
-    }
-    const __m512i wperm = _mm512_loadu_si512(widx), lperm = _mm512_loadu_si512(lidx);
+    const int gc = group == 32 ? 0 : group == 64 ? 1 : 2; /* qv_tables' row */
+    const __m512i wperm = _mm512_loadu_si512(qv_widx[gc]), lperm = _mm512_loadu_si512(qv_lidx[gc]);
     const __mmask16 gmask = (__mmask16)((1u << (group >= 128 ? 1 : 128 / group)) - 1); /* the step's groups */
     const __m512i low = _mm512_set1_epi8(15);
     __m512i lut = _mm512_setzero_si512();
@@ -604,6 +614,7 @@ int hm_set_isa(int level) {
     /* The int8-activation dots (dotq_rows) take AVX-512 VNNI with the AVX-512 set, and also on a CPU whose best is
      * AVX2 for want of BF16 alone (Ice Lake, Cascade Lake servers: the 4-bit dots need no BF16); a lower level asked
      * of a CPU that has more (the tests) is kept pure. */
+    qv_tables();
     q_vnni = (level == 2 || level == best) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vnni");
