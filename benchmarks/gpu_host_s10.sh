@@ -6,7 +6,6 @@
 #           int4, built in place (big_models.py --profile: one step's trace summarized by trace_summary.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 # big_train NAME SECONDS MODEL FORMAT [flags]: big_models.py, training only, with one profiled step

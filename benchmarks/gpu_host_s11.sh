@@ -6,7 +6,6 @@
 #           layers: decode, prefill, training with the trainer's chunked loss; the peaks with the parts)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 # gemv NAME [flags]: decode_gemv.py with the kernel's memory settings compared at 16 and 8 threads

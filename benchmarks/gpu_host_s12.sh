@@ -6,7 +6,6 @@
 #           gpt-oss's dims
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 if [ "${PART:-a}" = a ]; then

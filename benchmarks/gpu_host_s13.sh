@@ -4,7 +4,6 @@
 #           arithmetic's ceiling; every thread from RAM, each on its own long stream), then the whole kernel at
 #           gpt-oss's and V2-Lite's dims with the OpenMP schedule (dynamic 2, guided, static) and rows per work item
 set -uo pipefail
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
 host_setup

@@ -14,7 +14,6 @@
 #           GPU shares); gpt-oss-120b with MXFP4 experts as shipped, GLM-4.5-Air with int4 experts (big_models.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 if [ "${PART:-a}" = a ]; then

@@ -8,7 +8,6 @@
 #   PART=f: py-spy over the server under load (its engine thread against serve_profile.py's; not run yet)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 if [ "${PART:-a}" = a ]; then

@@ -5,7 +5,6 @@
 #           under 16 clients, and the same load with a 0.2 ms GIL switch interval against Python's 5 ms
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 LOAD16="python benchmarks/serve_load.py --model /tmp/v2lite --device cuda --dtype bfloat16 --resident-expert-layers 26

@@ -5,7 +5,6 @@
 #           and int8 experts, batch 4 x 1024, LoRA r=8 on every target; then the trainer itself (`train`) for its tok/s
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 source benchmarks/steps.sh
 host_setup
 # serve_table NAME: issue 18's table through `hybridmoe serve`, every layer resident, half of the clients on the adapter

@@ -20,9 +20,10 @@ install_wheels() {
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/pydeps
 }
 
-# The common start of the session scripts: the carried wheels, the machine's description in $OUT/machine.txt, and
-# NOW, the command prefix that runs python with this tree's src/ first.
+# The common start of the session scripts: their environment, the carried wheels, the machine's description in
+# $OUT/machine.txt, and NOW, the command prefix that runs python with this tree's src/ first.
 host_setup() {
+  export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
   install_wheels  # the serve extra + openai for the serving GPU tests (carried as .wheels/)
   { nvidia-smi -L; nproc; free -g; lscpu | grep -E "Model name|Flags|Thread|Core|Socket|NUMA|cache|MHz" | cut -c1-200; } > "$OUT/machine.txt" 2>&1
   NOW="env PYTHONPATH=$PWD/src:${PYTHONPATH:-}"
