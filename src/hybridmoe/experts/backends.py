@@ -66,7 +66,7 @@ class ExpertSettings:
                 elsewhere.
     compile_decode: torch.compile the GPU stretches of batch-1 graph decode between the CPU's experts (CUDA
                 only; :mod:`hybridmoe.decode_compile`): fused kernels in the graphs, for a first step that compiles
-                (12–19 s for DeepSeek-V2-Lite on the H200 host). Default from ``HYBRIDMOE_COMPILE_DECODE`` (off).
+                (up to ~20 s for DeepSeek-V2-Lite on the H200 host). Default from ``HYBRIDMOE_COMPILE_DECODE`` (off).
     """
 
     cpu_kernel: bool = cpu_kernel.ENV_ENABLED
