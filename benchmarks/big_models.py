@@ -24,13 +24,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 from decode_breakdown import graph_breakdown, kernel_profile
+from v2lite import huge_pages_gib, peak_host_gib
 
 MODELS = {
     # transformers model_type, config overrides; dims from the released configs
@@ -61,23 +61,6 @@ def host_rss_gib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 2**20
     return 0.0
-
-
-def host_huge_gib() -> float:
-    """GiB of this process's anonymous memory on transparent huge pages (the expert weights ask for them: a decode
-    step's reads run slower on 4 KiB pages), from /proc/self/smaps_rollup; 0 where it is not reported."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
-
-
-def peak_host_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _config(args):
@@ -232,7 +215,7 @@ def decode(model, tok, args) -> None:
               "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
-              "host_rss_gib": round(host_rss_gib(), 2), "host_huge_gib": round(host_huge_gib(), 2)})
+              "host_rss_gib": round(host_rss_gib(), 2), "host_huge_gib": huge_pages_gib()})
         if i:  # the captured decoder, replayed piece by piece
             graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident,
                             compile_decode=compiled)
