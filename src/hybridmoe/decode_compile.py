@@ -27,16 +27,13 @@ def stretch_modules(model: nn.Module) -> list[nn.Module]:
     """The modules whose forwards are compiled: in each decoder layer (the siblings of the layers holding routed
     experts, found as ``...layers.N.<moe block>.<experts>``), every child module except the MoE block, and every
     child of the MoE block except the routed experts. [] for a layout other than that."""
-    parent: dict[int, tuple[nn.Module, str]] = {}
-    for mod in model.modules():
-        for name, child in mod.named_children():
-            parent[id(child)] = (mod, name)
+    parent = {id(child): mod for mod in model.modules() for child in mod.children()}
     layer_lists: list[nn.ModuleList] = []
     blocks: set[int] = set()
     for ex in (m for m in model.modules() if isinstance(m, HybridExperts)):
-        block = parent.get(id(ex), (None, ""))[0]
-        layer = parent.get(id(block), (None, ""))[0] if block is not None else None
-        layers = parent.get(id(layer), (None, ""))[0] if layer is not None else None
+        block = parent.get(id(ex))
+        layer = parent.get(id(block)) if block is not None else None
+        layers = parent.get(id(layer)) if layer is not None else None
         if not isinstance(layers, nn.ModuleList):
             return []
         blocks.add(id(block))
