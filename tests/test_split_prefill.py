@@ -243,3 +243,25 @@ def test_model_with_cpu_share(tmp_path, capsys):
     assert _rel(split, whole) <= 1e-5
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     assert moved == sum(m.weights.nbytes for m in experts) // 2
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_bf16_math_on_amx_tiles(fmt, monkeypatch):
+    """The "bf16" CPU math's GEMMs on AMX tiles (emulated here; real on AMX CPUs, tests/test_amx.py): every GEMM of the
+    CPU part goes through amx.linear, and the result is the unsplit one."""
+    from hybridmoe.experts import amx, split
+
+    if amx.status().startswith("unavailable"):
+        pytest.skip(f"AMX library {amx.status()}")
+    monkeypatch.setattr(amx, "EMULATE", True)
+    monkeypatch.setattr(split, "CPU_MATH", {split.format_key(FORMATS[fmt]): "bf16"})
+    calls = []
+    linear = amx.linear
+    monkeypatch.setattr(amx, "linear", lambda x, w, **kw: calls.append(tuple(w.shape)) or linear(x, w, **kw))
+    m = _module(FORMATS[fmt], lora=True)
+    x, ids, w = _inputs(t=80)
+    want, _ = _call(m, 0.0, x, ids, w)
+    got, _ = _call(m, 0.5, x, ids, w)
+    assert _rel(got, want) <= TOLERANCE[fmt]
+    cpu_experts = len(set(ids[ids >= E // 2].tolist()))  # experts E/2 .. E-1 are the CPU's at share 0.5
+    assert calls.count((2 * I, H)) == cpu_experts and calls.count((H, I)) == cpu_experts

@@ -75,20 +75,21 @@ def _openmp_runtime() -> str | None:
     return None
 
 
-def _build() -> Path:
-    """Compile moe_cpu.c (once per source and compiler); the path of the shared library."""
+def _build(source: Path = _SOURCE) -> Path:
+    """Compile `source` (moe_cpu.c, or amx_gemm.c for :mod:`.amx`) once per source and compiler; the path of the
+    shared library."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(_SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"moe_cpu-{digest}.so"
+    digest = hashlib.sha256(source.read_bytes() + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{source.stem}-{digest}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed in: never half-written
-        obj, lib = os.path.join(tmp, "moe_cpu.o"), os.path.join(tmp, "moe_cpu.so")
-        for cmd in ([cc, "-O3", "-fPIC", "-fopenmp", "-c", str(_SOURCE), "-o", obj],
+        obj, lib = os.path.join(tmp, "lib.o"), os.path.join(tmp, "lib.so")
+        for cmd in ([cc, "-O3", "-fPIC", "-fopenmp", "-c", str(source), "-o", obj],
                     [cc, "-shared", obj, "-o", lib, "-lm"]):  # no -lgomp: see the module docstring
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode:
@@ -97,17 +98,24 @@ def _build() -> Path:
     return out
 
 
+def load_library(source: Path, prebuilt: str | None = None) -> ctypes.CDLL:
+    """`source` compiled (:func:`_build`) or the library at `prebuilt`, loaded with torch's OpenMP runtime made
+    globally visible first (the library's OpenMP symbols bind to it). Raises RuntimeError / OSError /
+    SubprocessError when it cannot."""
+    runtime = _openmp_runtime()
+    if runtime is None:
+        raise RuntimeError("torch has no OpenMP runtime loaded")
+    ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
+    return ctypes.CDLL(prebuilt or str(_build(source)))
+
+
 def _load() -> None:
     global _lib, _state
     if sys.platform != "linux":
         _state = "unavailable: only built on Linux"
         return
     try:
-        runtime = _openmp_runtime()
-        if runtime is None:
-            raise RuntimeError("torch has no OpenMP runtime loaded")
-        ctypes.CDLL(runtime, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)  # already loaded: make its symbols global
-        lib = ctypes.CDLL(os.environ.get("HYBRIDMOE_CPU_KERNEL_LIB") or str(_build()))
+        lib = load_library(_SOURCE, os.environ.get("HYBRIDMOE_CPU_KERNEL_LIB"))
         for fn in (lib.hm_isa, lib.hm_set_isa, lib.hm_isa_in_use, lib.hm_q_vnni):
             fn.restype = ctypes.c_int
         if not lib.hm_set_isa(2):

@@ -37,7 +37,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from . import cpu_kernel
+from . import amx, cpu_kernel
 from .backends import format_key
 from .expert_math import LoopMath, LoRAFactors, expert_groups, unsort_sum
 
@@ -48,8 +48,9 @@ STREAMED = ("grouped", "device-loop")
 # The CPU part's math, by the experts' format (ExpertWeights.fmt, keyed as backends.format_key):
 #   "loop": the CPU path's own per-expert loop (LoopMath): GEMMs in the stored format (int8 through torch's int8
 #           GEMM, 4-bit dequantized exactly to fp32 with the kernel's activation rounding), fp32 activations;
-#   "bf16": per expert, the weights as bf16 (int8 / 4-bit dequantized, one expert at a time) and bf16 GEMMs (oneDNN;
-#           AMX on Sapphire Rapids) with bf16 activations between them, as the streamed GPU path computes;
+#   "bf16": per expert, the weights as bf16 (int8 / 4-bit dequantized, one expert at a time) and bf16 GEMMs with bf16
+#           activations between them, as the streamed GPU path computes: on AMX tiles (amx.py) where the CPU has them
+#           and the shapes tile, else torch's (oneDNN);
 #   "kernel": the compiled decode kernel (cpu_kernel, moe_cpu.c) over the expert-sorted (token, expert) pairs in
 #           chunks of cpu_kernel.MAX_TOKENS, each chunk reading its one or two experts' weights once (the loop's
 #           rounding; "loop" where the kernel does not run the block).
@@ -202,7 +203,8 @@ class _Bf16Math(LoopMath):
 
     def _bf16_linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x [n, in] bf16 -> [n, out] bf16
-        y = nn.functional.linear(x, self.weights.matrix(proj, e).to(torch.bfloat16))
+        w = self.weights.matrix(proj, e).to(torch.bfloat16)  # [out, in]
+        y = amx.linear(x, w).to(torch.bfloat16) if amx.usable(w) else nn.functional.linear(x, w)
         lo = self.lora.get(proj)
         bias = self.weights.bias
         if lo is None and bias is None:

@@ -1,0 +1,122 @@
+"""bf16 GEMMs on Intel AMX tiles (``amx_gemm.c``, built on first use): the CPU share of a streamed prefill.
+
+A streamed prefill may compute a share of each layer's experts on the CPU while the rest cross PCIe (:mod:`.split`).
+With bf16 experts that share's GEMMs went through torch (oneDNN): ~1 TFLOP/s on the GPU host's 16-core Xeon at
+~100 tokens an expert (BENCHMARKS.md, session 7), too slow to take a useful share. :func:`linear` runs them on AMX
+tiles with the weights read as they are stored (no repacked copy of the experts) and the activations packed once a
+call; see ``amx_gemm.c``'s header for the blocking.
+
+Where it runs: a CPU with AMX-BF16 (Intel Sapphire Rapids and later) on Linux, with a C compiler that knows AMX
+(GCC >= 11, clang >= 12). Elsewhere :func:`available` is False and callers keep torch's GEMM; the reason is logged
+once at INFO (:func:`status`). ``HYBRIDMOE_AMX=0`` turns it off. ``emulate=True`` runs the same blocking with the
+tile instructions written in C, on any x86-64 CPU, for tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import cpu_kernel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EMULATE", "available", "linear", "status", "supports", "usable"]
+
+_SOURCE = Path(__file__).with_name("amx_gemm.c")
+_lib: ctypes.CDLL | None = None
+_state = "unloaded"  # "unloaded" -> "ready" (the library built; AMX may still be absent) | "unavailable: why"
+_ok: bool | None = None  # hm_amx_ok(), asked once
+# Tests: callers (usable, linear) take the emulated tiles, so the CPU share's AMX path runs on any x86-64 CPU.
+EMULATE = False
+
+
+def _load() -> None:
+    global _lib, _state
+    if os.environ.get("HYBRIDMOE_AMX", "1") in ("0", "false", "no", "off"):
+        _state = "unavailable: turned off by HYBRIDMOE_AMX=0"
+        return
+    try:
+        lib = cpu_kernel.load_library(_SOURCE)
+        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.hm_amx_ok.restype = lib.hm_amx_gemm.restype = c_int
+        lib.hm_amx_pack.argtypes = [p, i64, i64, i64, p, i64, c_int]
+        lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int]
+        lib.hm_amx_set_prefetch.argtypes = [i64]
+        _lib, _state = lib, "ready"
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        _state = f"unavailable: {e}"
+        log.info("AMX GEMMs %s; the CPU share's bf16 GEMMs run through torch", _state)
+
+
+def _library() -> ctypes.CDLL | None:
+    if _state == "unloaded":
+        _load()
+    return _lib
+
+
+def available() -> bool:
+    """The AMX GEMMs run on this CPU (the library built, the CPU has AMX-BF16, Linux lent the tile state)."""
+    global _ok
+    if _ok is None:
+        lib = _library()
+        _ok = lib is not None and bool(lib.hm_amx_ok())
+    return _ok
+
+
+def status() -> str:
+    """"ready", "no AMX on this CPU", or "unavailable: why" (the library did not build or is turned off)."""
+    lib = _library()
+    if lib is None:
+        return _state
+    return "ready" if lib.hm_amx_ok() else "no AMX on this CPU"
+
+
+def supports(w: torch.Tensor) -> bool:
+    """:func:`linear` takes this weight: bf16 [M, K] on the CPU, rows contiguous, M % 16 == 0 and K % 32 == 0."""
+    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2 and w.stride(1) == 1
+            and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0)
+
+
+def usable(w: torch.Tensor) -> bool:
+    """:func:`linear` runs for this weight here: :func:`supports` it, and AMX :func:`available` (or EMULATE)."""
+    return supports(w) and ((EMULATE and _library() is not None) or available())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> torch.Tensor:
+    """x [n, K] (fp32 or bf16, CPU) times w [M, K] bf16 transposed -> [n, M] fp32: x rounded to bf16, fp32 sums
+    (as a bf16 linear before its output's rounding). Needs :func:`available` (or ``emulate``, default EMULATE)
+    and :func:`supports`\\(w)."""
+    emulate = EMULATE if emulate is None else emulate
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"AMX GEMMs {_state}")
+    if not supports(w):
+        raise ValueError(f"AMX linear: weight {tuple(w.shape)} {w.dtype} does not tile (bf16, M % 16, K % 32)")
+    n, k = x.shape
+    m = w.shape[0]
+    if k != w.shape[1]:
+        raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[1]}")
+    xf = x.float().contiguous()  # [n, K] fp32
+    np_ = -(-n // 16) * 16  # tokens padded to whole tiles
+    threads = torch.get_num_threads()
+    xp = torch.empty(k // 2, np_, 2, dtype=torch.bfloat16)  # the B operand's pair layout
+    y = torch.empty(n, m, dtype=torch.float32)  # [n, M]
+    lib.hm_amx_pack(xf.data_ptr(), n, k, k, xp.data_ptr(), np_, threads)
+    rc = lib.hm_amx_gemm(w.data_ptr(), w.stride(0), m, k, xp.data_ptr(), n, np_, y.data_ptr(), m, int(emulate),
+                         threads)
+    if rc:
+        raise RuntimeError({1: "AMX is not usable on this CPU", 3: "out of memory"}.get(rc, f"AMX GEMM failed ({rc})"))
+    return y
+
+
+def set_prefetch(nbytes: int) -> None:
+    """Software-prefetch each weight row this many bytes ahead (0: off; default 512), for benchmarks."""
+    lib = _library()
+    if lib is not None:
+        lib.hm_amx_set_prefetch(int(nbytes))

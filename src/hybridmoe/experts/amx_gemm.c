@@ -1,0 +1,201 @@
+/* bf16 GEMMs on Intel AMX tiles, for the CPU share of a streamed prefill (hybridmoe.experts.amx).
+ *
+ * One call computes y[t, m] = sum_k W[m, k] * x[t, k] for a few dozen to a few hundred tokens t and every row m of
+ * one expert's projection W (bf16 [M, K], as stored: transformers' [out, in] rows). The weights are the tiles' A
+ * operand as they lie in RAM (a tile is 16 rows x 32 bf16 of W: no repacking, no second copy of the experts); the
+ * activations are the B operand, packed once a call in AMX's pair layout (hm_amx_pack):
+ *
+ *     xp[r, t, j] = bf16(x[t, 2r + j])        r < K/2, t < np (tokens padded to 16 with zeros), j < 2
+ *
+ * so that B's row r holds 16 tokens' inputs 2r and 2r + 1. A 32-row block of W against 32 tokens is 2 A tiles,
+ * 2 B tiles and 4 fp32 accumulator tiles (tmm0-1: A, tmm2-3: B, tmm4-7: C), K walked 32 inputs a step; each thread
+ * takes whole 32-row blocks and walks every token pair over them (the block's 32 rows are read from RAM once, by
+ * the first token pair, then from L2). The accumulators go to y through a 4 KiB buffer, transposed ([m, t] tiles to
+ * y's [t, m] rows).
+ *
+ * Numerics: inputs rounded to bf16 (round to nearest even), products accumulated in fp32 (TDPBF16PS), y fp32; the
+ * caller rounds to bf16 where the path it replaces did (oneDNN's bf16 linear). Only the summation order differs.
+ *
+ * hm_amx_gemm(..., emulate=1) runs the same blocking with the tile instructions written in C, so that the packing,
+ * the blocking and the transposed writes are tested on CPUs without AMX (the development machines); the real tiles
+ * are tested on the GPU host's Xeon. Linux lends a process AMX's tile state only on request (arch_prctl
+ * ARCH_REQ_XCOMP_PERM): hm_amx_ok() asks once.
+ *
+ * Built by hybridmoe.experts.cpu_kernel's builder with the system C compiler (GCC >= 11 knows AMX); like moe_cpu.c
+ * it binds to the OpenMP runtime torch has loaded.
+ */
+#include <cpuid.h>
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define TGTAMX __attribute__((target("amx-tile,amx-bf16")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return (uint16_t)((u >> 16) | ((u & 0xffffu) ? 0x40u : 0u)); /* inf, NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 1 if this CPU has AMX-TILE and AMX-BF16 and the kernel lent this process the tile state; asked once. */
+static int amx_state = -1;
+int hm_amx_ok(void) {
+    if (amx_state < 0) {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1); /* AMX-BF16, AMX-TILE */
+        amx_state = cpu && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    return amx_state;
+}
+
+/* xp [K/2, np, 2] bf16 from x [n, K] fp32 (row stride ldx); tokens n .. np-1 are zeros. K even, np % 16 == 0. Each
+ * thread writes whole 16-token (64-byte) runs of xp. */
+void hm_amx_pack(const float *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp, int64_t np, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t0 = 0; t0 < np; t0 += 16)
+        for (int64_t t = t0; t < t0 + 16; t++)
+            for (int64_t r = 0; r < K / 2; r++) {
+                uint16_t *dst = xp + (r * np + t) * 2;
+                dst[0] = t < n ? to_bf16(x[t * ldx + 2 * r]) : 0;
+                dst[1] = t < n ? to_bf16(x[t * ldx + 2 * r + 1]) : 0;
+            }
+}
+
+/* The tile instructions in C (emulate=1): eight 1 KiB tiles a thread. */
+typedef struct {
+    _Alignas(64) uint8_t t[8][16][64];
+} Tiles;
+
+static void emu_load(Tiles *s, int i, const void *p, int64_t stride) {
+    for (int r = 0; r < 16; r++) memcpy(s->t[i][r], (const char *)p + r * stride, 64);
+}
+static void emu_store(Tiles *s, int i, void *p, int64_t stride) {
+    for (int r = 0; r < 16; r++) memcpy((char *)p + r * stride, s->t[i][r], 64);
+}
+static void emu_dp(Tiles *s, int c, int a, int b) { /* C[m][n] += sum_k A[m][2k:2k+2] . B[k][2n:2n+2] */
+    float *C = (float *)s->t[c];
+    const uint16_t *A = (const uint16_t *)s->t[a], *B = (const uint16_t *)s->t[b];
+    for (int m = 0; m < 16; m++)
+        for (int nn = 0; nn < 16; nn++) {
+            float acc = C[m * 16 + nn];
+            for (int k = 0; k < 16; k++)
+                acc += from_bf16(A[m * 32 + 2 * k]) * from_bf16(B[k * 32 + 2 * nn]) +
+                       from_bf16(A[m * 32 + 2 * k + 1]) * from_bf16(B[k * 32 + 2 * nn + 1]);
+            C[m * 16 + nn] = acc;
+        }
+}
+
+/* One 32-row block (rows m0 .. m0 + 31 of W; a 16-row tail block when rows == 16) against tokens t0 .. t0 + 31
+ * (t0 .. t0 + 15 when cols == 16), K in steps of 32; accumulators to buf [4][16][16] fp32 (tile 2i + j: rows 16i,
+ * tokens 16j). The same body for the tiles and their emulation (tile numbers must be literals). A tail's missing
+ * half repeats the other (its results are not written out). pf: prefetch distance along W's rows in bytes (0: off). */
+#define BLOCK_BODY(ZERO, LOAD, DP, STORE)                                                                        \
+    const uint16_t *a0 = w + m0 * ldw, *a1 = rows == 32 ? a0 + 16 * ldw : a0;                                   \
+    const uint16_t *b0 = xp + t0 * 2, *b1 = cols == 32 ? b0 + 32 : b0;                                          \
+    const int64_t wstride = ldw * 2, xstride = np * 4; /* bytes between A rows, between B rows */               \
+    ZERO(4); ZERO(5); ZERO(6); ZERO(7);                                                                         \
+    for (int64_t k = 0; k < K; k += 32) {                                                                       \
+        if (pf)                                                                                                 \
+            for (int r = 0; r < rows; r++) _mm_prefetch((const char *)(a0 + r * ldw + k) + pf, _MM_HINT_T0);   \
+        LOAD(0, a0 + k, wstride); LOAD(1, a1 + k, wstride);                                                     \
+        LOAD(2, b0 + k * np, xstride); LOAD(3, b1 + k * np, xstride); /* B row r = k/2 + r: (k/2)*np*2 */        \
+        DP(4, 0, 2); DP(5, 0, 3); DP(6, 1, 2); DP(7, 1, 3);                                                     \
+    }                                                                                                           \
+    STORE(4, buf, 64); STORE(5, buf + 256, 64); STORE(6, buf + 512, 64); STORE(7, buf + 768, 64);
+
+#define AMX_ZERO(i) _tile_zero(i)
+#define AMX_LOAD(i, p, s) _tile_loadd(i, p, s)
+#define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+#define AMX_STORE(i, p, s) _tile_stored(i, p, s)
+#define EMU_ZERO(i) memset(s->t[i], 0, 1024)
+#define EMU_LOAD(i, p, s_) emu_load(s, i, p, s_)
+#define EMU_DP(c, a, b) emu_dp(s, c, a, b)
+#define EMU_STORE(i, p, s_) emu_store(s, i, p, s_)
+
+TGTAMX static void block_amx(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *xp, int64_t np, int64_t m0,
+                             int rows, int64_t t0, int cols, int64_t pf, float *buf) {
+    BLOCK_BODY(AMX_ZERO, AMX_LOAD, AMX_DP, AMX_STORE)
+}
+
+static void block_emu(Tiles *s, const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *xp, int64_t np,
+                      int64_t m0, int rows, int64_t t0, int cols, int64_t pf, float *buf) {
+    BLOCK_BODY(EMU_ZERO, EMU_LOAD, EMU_DP, EMU_STORE)
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig; /* the 64-byte operand of LDTILECFG */
+
+TGTAMX static void amx_begin(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+TGTAMX static void amx_end(void) { _tile_release(); }
+
+static int64_t prefetch_bytes = 512;
+void hm_amx_set_prefetch(int64_t bytes) { prefetch_bytes = bytes > 0 ? bytes : 0; }
+
+/* y[t, m] = sum_k W[m, k] x[t, k] for t < n, m < M: w bf16 [M, K] (row stride ldw elements), xp from hm_amx_pack
+ * (np = n rounded up to 16), y fp32 (row stride ldy). Returns 0; 1 if AMX is not usable here (hm_amx_ok; emulate
+ * needs no AMX), 2 if the shapes do not tile (M % 16, K % 32, np % 16), 3 if memory ran out. */
+int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint16_t *xp, int64_t n, int64_t np,
+                float *y, int64_t ldy, int emulate, int threads) {
+    if (M % 16 || K % 32 || np % 16 || np < n || n < 1) return 2;
+    if (!emulate && !hm_amx_ok()) return 1;
+    const int64_t blocks = (M + 31) / 32, pf = prefetch_bytes;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = aligned_alloc(64, 4 * 256 * sizeof(float));
+        Tiles *s = emulate ? aligned_alloc(64, sizeof(Tiles)) : NULL;
+        int ok = buf && (s || !emulate);
+        if (!ok) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        if (ok && !emulate) amx_begin();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!ok) continue;
+            const int64_t m0 = b * 32;
+            const int rows = M - m0 >= 32 ? 32 : 16;
+            for (int64_t t0 = 0; t0 < np; t0 += 32) {
+                const int cols = np - t0 >= 32 ? 32 : 16;
+                if (emulate)
+                    block_emu(s, w, ldw, K, xp, np, m0, rows, t0, cols, t0 ? 0 : pf, buf);
+                else
+                    block_amx(w, ldw, K, xp, np, m0, rows, t0, cols, t0 ? 0 : pf, buf);
+                for (int i = 0; i < rows / 16; i++) /* tile (i, j): W rows m0 + 16i.., tokens t0 + 16j.. */
+                    for (int j = 0; j < cols / 16; j++)
+                        for (int c = 0; c < 16 && t0 + 16 * j + c < n; c++) {
+                            float *dst = y + (t0 + 16 * j + c) * ldy + m0 + 16 * i;
+                            const float *src = buf + (2 * i + j) * 256 + c;
+                            for (int r = 0; r < 16; r++) dst[r] = src[r * 16];
+                        }
+            }
+        }
+        if (ok && !emulate) amx_end();
+        free(buf);
+        free(s);
+    }
+    return failed ? 3 : 0;
+}
