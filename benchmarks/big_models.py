@@ -238,14 +238,25 @@ def streamer_min_tokens(model) -> int:
 def prefill(model, tok, args) -> None:
     import hybridmoe
 
+    from hybridmoe.experts import amx
+    from hybridmoe.experts.split import STATS
+
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(2))
-    for i in range(3):
-        if model.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
-        emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i,
-              "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
-              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0})
+    settings = model.hybridmoe.settings
+    for i in range(3):  # the shares side by side: each call of round i at every share in turn
+        for share in args.cpu_shares or [None]:
+            settings.cpu_share = share
+            STATS.reset()
+            if model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
+            emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i, "cpu_share": share,
+                  "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
+                  "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
+                  "amx": amx.status(),
+                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda"
+                  else 0})
+    settings.cpu_share = None
 
 
 def train(model, args) -> None:
@@ -328,6 +339,8 @@ def main() -> None:
     p.add_argument("--compile-decode", action="store_true",
                    help="decode: also with the GPU stretches compiled (settings.compile_decode)")
     p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--cpu-shares", type=float, nargs="*", default=[],
+                   help="prefill: these shares of each layer's experts on the CPU (settings.cpu_share), side by side")
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)

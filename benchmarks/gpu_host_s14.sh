@@ -4,6 +4,11 @@
 #           (the compiled stretches now compile one attention for every layer); the 4-bit kernel under a decode's
 #           conditions (the whole model's working set, the GPU's gap between calls) at gpt-oss-120b's dims; then
 #           V2-Lite int4 decode compiled in a fresh process (the first call's compile cost)
+#   PART=b: AMX bf16 GEMMs for the CPU share of a streamed prefill (experts/amx.py): their tests on the Xeon's real
+#           tiles and the split's tests (CPU and CUDA); the CPU part's maths per expert (oneDNN against AMX, prefetch
+#           distances); V2-Lite bf16 1024-token prefill at CPU shares 0-0.4 side by side; the 4-bit kernel on
+#           gpt-oss-120b's whole working set (the model's experts written from a random block: PART=a timed out
+#           writing them with random_)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -14,5 +19,13 @@ if [ "${PART:-a}" = a ]; then
   step conditions_gptoss 200 $NOW python benchmarks/kernel_conditions.py --format mxfp4 --hidden 2880 --inter 2880 \
     --topk 4 --layers 4 36 --experts 32 128 --gap-us 0 150 --calls 360
   decode_of v2lite_int4_compiled 120 v2-lite int4 --compile-decode
+  bundle_logs
+fi
+if [ "${PART}" = b ]; then
+  step pytest_amx 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py
+  step cpu_math 150 $NOW python benchmarks/split_cpu_math.py --experts 16 --tokens 96 --amx-prefetch 0 512 1024
+  big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.2 0.3 0.4
+  step conditions_gptoss 200 $NOW python benchmarks/kernel_conditions.py --format mxfp4 --hidden 2880 --inter 2880 \
+    --topk 4 --layers 4 36 --experts 32 128 --gap-us 0 150 --calls 360
   bundle_logs
 fi

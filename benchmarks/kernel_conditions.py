@@ -36,16 +36,28 @@ def build(args, layers: int, experts: int) -> list:
 
     fmt = PackedFormat(args.format, 32 if args.format == "mxfp4" else args.group)
     g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (BLOCK,), dtype=torch.uint8, generator=g)  # any byte is two valid codes
     mods = []
     for _ in range(layers):
         m = HybridExperts(ExpertsSpec(experts, args.hidden, args.inter), nn.SiLU(), fmt)
         w = m.weights
         for t in (w.gate_up, w.down):
-            t.random_(0, 256, generator=g)  # any byte is two valid codes
+            _fill(t, codes)
         for s in w.scales.values():
-            s.uniform_(0.005, 0.02, generator=g)
+            _fill(s, torch.empty(BLOCK // s.element_size(), dtype=s.dtype).uniform_(0.005, 0.02, generator=g))
         mods.append(m)
     return mods
+
+
+BLOCK = 64 << 20  # bytes of random values tiled over the weights (a whole model's random_ took minutes)
+
+
+def _fill(t: torch.Tensor, block: torch.Tensor) -> None:
+    """Write `block` (1-D, t's dtype) over t again and again: memory-speed writes, parallel."""
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), block.numel()):
+        part = flat[start:start + block.numel()]
+        part.copy_(block[: part.numel()])
 
 
 def layer_bytes(m, topk: int) -> int:

@@ -5,8 +5,9 @@ weight format, at the DeepSeek-V2-Lite expert shape and a 1024-token prefill's ~
 
 One JSON line per (format, math): ms for the experts, TFLOP/s. "loop" is the CPU path's LoopMath (GEMMs in the
 stored format, fp32 activations), "bf16" bf16 GEMMs on per-expert bf16 weights with bf16 activations
-(split._Bf16Math), "kernel" the compiled decode kernel over chunks of 64 expert-sorted rows (split.kernel_rows).
-The fastest per format goes into split.CPU_MATH.
+(split._Bf16Math) through torch (oneDNN), "bf16_amx_pfN" the same on AMX tiles (experts/amx.py, weight rows
+prefetched N bytes ahead; where the CPU has AMX), "kernel" the compiled decode kernel over chunks of 64
+expert-sorted rows (split.kernel_rows). The fastest per format goes into split.CPU_MATH.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from hybridmoe.experts import ExpertsSpec, HybridExperts, cpu_kernel
+from hybridmoe.experts import ExpertsSpec, HybridExperts, amx, cpu_kernel
 from hybridmoe.experts.expert_math import LoopMath
 from hybridmoe.experts.packed import PackedFormat
 from hybridmoe.experts.split import _Bf16Math, kernel_rows
@@ -29,12 +30,24 @@ def _kernel(m, experts, w, x, keep):
     return kernel_rows(m, x, experts, w)
 
 
+def _with_amx(fn, prefetch: int | None, x, keep):
+    """fn with the AMX GEMMs on (prefetch: their weight-row prefetch distance) or off (None)."""
+    amx.ENABLED = prefetch is not None
+    if prefetch is not None:
+        amx.set_prefetch(prefetch)
+    try:
+        return fn(x, keep=keep)
+    finally:
+        amx.ENABLED = True
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--experts", type=int, default=16, help="experts computed (a quarter of V2-Lite's 64)")
     p.add_argument("--tokens", type=int, default=96, help="rows per expert (1024 tokens x top-6 / 64 experts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="small dims: check the script")
+    p.add_argument("--amx-prefetch", type=int, nargs="*", default=[512], help="AMX: weight-row prefetch distances")
     args = p.parse_args()
     h, i = (64, 32) if args.tiny else (2048, 1408)
     e, n = args.experts, args.tokens
@@ -47,8 +60,10 @@ def main() -> None:
         groups = [(j, slice(j * n, (j + 1) * n)) for j in range(e)]
         experts = torch.arange(e).repeat_interleave(n)  # [e·n] sorted
         ones = torch.ones(e * n)
-        maths = {"loop": LoopMath(m.weights, {}, m.mlp, groups).forward,
-                 "bf16": _Bf16Math(m.weights, {}, m.mlp, groups).forward}
+        bf16 = _Bf16Math(m.weights, {}, m.mlp, groups).forward
+        maths = {"loop": LoopMath(m.weights, {}, m.mlp, groups).forward, "bf16": partial(_with_amx, bf16, None)}
+        if amx.available():
+            maths.update({f"bf16_amx_pf{pf}": partial(_with_amx, bf16, pf) for pf in args.amx_prefetch})
         if cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS):
             maths["kernel"] = partial(_kernel, m, experts, ones)
         for name, fn in maths.items():
@@ -61,7 +76,8 @@ def main() -> None:
             print(json.dumps({"bench": "split_cpu_math", "format": str(fmt).replace("torch.", ""), "math": name,
                               "experts": e, "tokens_per_expert": n, "ms": round(dt * 1e3, 1),
                               "tflops": round(flops / dt / 1e12, 3), "threads": torch.get_num_threads(),
-                              "kernel_isa": cpu_kernel.isa() if name == "kernel" else None}), flush=True)
+                              "kernel_isa": cpu_kernel.isa() if name == "kernel" else None,
+                              "amx": amx.status()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from . import cpu_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMULATE", "available", "linear", "status", "supports", "usable"]
+__all__ = ["EMULATE", "ENABLED", "available", "linear", "status", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("amx_gemm.c")
 _lib: ctypes.CDLL | None = None
@@ -34,6 +34,8 @@ _state = "unloaded"  # "unloaded" -> "ready" (the library built; AMX may still b
 _ok: bool | None = None  # hm_amx_ok(), asked once
 # Tests: callers (usable, linear) take the emulated tiles, so the CPU share's AMX path runs on any x86-64 CPU.
 EMULATE = False
+# Benchmarks: False leaves every GEMM to torch (usable() is False), for the side-by-side baseline.
+ENABLED = True
 
 
 def _load() -> None:
@@ -84,8 +86,9 @@ def supports(w: torch.Tensor) -> bool:
 
 
 def usable(w: torch.Tensor) -> bool:
-    """:func:`linear` runs for this weight here: :func:`supports` it, and AMX :func:`available` (or EMULATE)."""
-    return supports(w) and ((EMULATE and _library() is not None) or available())
+    """:func:`linear` runs for this weight here: ENABLED, :func:`supports` it, and AMX :func:`available` (or
+    EMULATE)."""
+    return ENABLED and supports(w) and ((EMULATE and _library() is not None) or available())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> torch.Tensor:
