@@ -29,3 +29,12 @@ if [ "${PART}" = b ]; then
     --topk 4 --layers 4 36 --experts 32 128 --gap-us 0 150 --calls 360
   bundle_logs
 fi
+#   PART=c: the AMX GEMM with each 32-row block of W copied into tile order first (PART=b: tiles loaded straight from
+#           the rows ran at ~1.4 TFLOP/s, below oneDNN's ~1.9); tests on the real tiles, the per-expert maths at 64
+#           experts (more than the L3 holds) and 15/16 threads, V2-Lite bf16 prefill at CPU shares side by side
+if [ "${PART}" = c ]; then
+  step pytest_amx 100 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py
+  step cpu_math 120 $NOW python benchmarks/split_cpu_math.py --experts 64 --tokens 96 --amx-threads 0 15 --formats bf16 int8
+  big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.2 0.3 0.4 0.5
+  bundle_logs
+fi

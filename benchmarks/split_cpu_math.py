@@ -5,8 +5,8 @@ weight format, at the DeepSeek-V2-Lite expert shape and a 1024-token prefill's ~
 
 One JSON line per (format, math): ms for the experts, TFLOP/s. "loop" is the CPU path's LoopMath (GEMMs in the
 stored format, fp32 activations), "bf16" bf16 GEMMs on per-expert bf16 weights with bf16 activations
-(split._Bf16Math) through torch (oneDNN), "bf16_amx_pfN" the same on AMX tiles (experts/amx.py, weight rows
-prefetched N bytes ahead; where the CPU has AMX), "kernel" the compiled decode kernel over chunks of 64
+(split._Bf16Math) through torch (oneDNN), "bf16_amx_tN" the same on AMX tiles with N threads (experts/amx.py;
+where the CPU has AMX), "kernel" the compiled decode kernel over chunks of 64
 expert-sorted rows (split.kernel_rows). The fastest per format goes into split.CPU_MATH.
 """
 
@@ -30,15 +30,13 @@ def _kernel(m, experts, w, x, keep):
     return kernel_rows(m, x, experts, w)
 
 
-def _with_amx(fn, prefetch: int | None, x, keep):
-    """fn with the AMX GEMMs on (prefetch: their weight-row prefetch distance) or off (None)."""
-    amx.ENABLED = prefetch is not None
-    if prefetch is not None:
-        amx.set_prefetch(prefetch)
+def _with_amx(fn, threads: int | None, x, keep):
+    """fn with the AMX GEMMs on, with `threads` threads, or off (None)."""
+    amx.ENABLED, amx.THREADS = threads is not None, threads or 0
     try:
         return fn(x, keep=keep)
     finally:
-        amx.ENABLED = True
+        amx.ENABLED, amx.THREADS = True, 0
 
 
 def main() -> None:
@@ -47,11 +45,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=96, help="rows per expert (1024 tokens x top-6 / 64 experts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="small dims: check the script")
-    p.add_argument("--amx-prefetch", type=int, nargs="*", default=[512], help="AMX: weight-row prefetch distances")
+    p.add_argument("--amx-threads", type=int, nargs="*", default=[0], help="AMX: threads (0: torch's)")
+    p.add_argument("--formats", nargs="*", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
     args = p.parse_args()
     h, i = (64, 32) if args.tiny else (2048, 1408)
     e, n = args.experts, args.tokens
-    for fmt in (torch.bfloat16, torch.int8, PackedFormat("int4", 32 if args.tiny else 64)):
+    formats = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": PackedFormat("int4", 32 if args.tiny else 64)}
+    for fmt in (formats[f] for f in args.formats):
         m = HybridExperts(ExpertsSpec(e, h, i), nn.SiLU(), fmt)
         g = torch.Generator().manual_seed(0)
         for proj in ("gate_up_proj", "down_proj"):
@@ -63,7 +63,7 @@ def main() -> None:
         bf16 = _Bf16Math(m.weights, {}, m.mlp, groups).forward
         maths = {"loop": LoopMath(m.weights, {}, m.mlp, groups).forward, "bf16": partial(_with_amx, bf16, None)}
         if amx.available():
-            maths.update({f"bf16_amx_pf{pf}": partial(_with_amx, bf16, pf) for pf in args.amx_prefetch})
+            maths.update({f"bf16_amx_t{t}": partial(_with_amx, bf16, t) for t in args.amx_threads})
         if cpu_kernel.supports(m, cpu_kernel.MAX_TOKENS):
             maths["kernel"] = partial(_kernel, m, experts, ones)
         for name, fn in maths.items():

@@ -8,7 +8,7 @@ call; see ``amx_gemm.c``'s header for the blocking.
 
 Where it runs: a CPU with AMX-BF16 (Intel Sapphire Rapids and later) on Linux, with a C compiler that knows AMX
 (GCC >= 11, clang >= 12). Elsewhere :func:`available` is False and callers keep torch's GEMM; the reason is logged
-once at INFO (:func:`status`). ``HYBRIDMOE_AMX=0`` turns it off. ``emulate=True`` runs the same blocking with the
+once at INFO (:func:`status`). ``HYBRIDMOE_AMX=0`` turns it off; ``HYBRIDMOE_AMX_THREADS`` sets its threads (default torch's). ``emulate=True`` runs the same blocking with the
 tile instructions written in C, on any x86-64 CPU, for tests.
 """
 
@@ -26,7 +26,7 @@ from . import cpu_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMULATE", "ENABLED", "available", "linear", "status", "supports", "usable"]
+__all__ = ["EMULATE", "ENABLED", "THREADS", "available", "linear", "status", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("amx_gemm.c")
 _lib: ctypes.CDLL | None = None
@@ -36,6 +36,8 @@ _ok: bool | None = None  # hm_amx_ok(), asked once
 EMULATE = False
 # Benchmarks: False leaves every GEMM to torch (usable() is False), for the side-by-side baseline.
 ENABLED = True
+# OpenMP threads of a GEMM (HYBRIDMOE_AMX_THREADS; 0: torch.get_num_threads()).
+THREADS = int(os.environ.get("HYBRIDMOE_AMX_THREADS", "0") or 0)
 
 
 def _load() -> None:
@@ -49,7 +51,6 @@ def _load() -> None:
         lib.hm_amx_ok.restype = lib.hm_amx_gemm.restype = c_int
         lib.hm_amx_pack.argtypes = [p, i64, i64, i64, p, i64, c_int]
         lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int]
-        lib.hm_amx_set_prefetch.argtypes = [i64]
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         _state = f"unavailable: {e}"
@@ -107,7 +108,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> tor
         raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[1]}")
     xf = x.float().contiguous()  # [n, K] fp32
     np_ = -(-n // 16) * 16  # tokens padded to whole tiles
-    threads = torch.get_num_threads()
+    threads = THREADS or torch.get_num_threads()
     xp = torch.empty(k // 2, np_, 2, dtype=torch.bfloat16)  # the B operand's pair layout
     y = torch.empty(n, m, dtype=torch.float32)  # [n, M]
     lib.hm_amx_pack(xf.data_ptr(), n, k, k, xp.data_ptr(), np_, threads)
@@ -116,10 +117,3 @@ def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> tor
     if rc:
         raise RuntimeError({1: "AMX is not usable on this CPU", 3: "out of memory"}.get(rc, f"AMX GEMM failed ({rc})"))
     return y
-
-
-def set_prefetch(nbytes: int) -> None:
-    """Software-prefetch each weight row this many bytes ahead (0: off; default 512), for benchmarks."""
-    lib = _library()
-    if lib is not None:
-        lib.hm_amx_set_prefetch(int(nbytes))
