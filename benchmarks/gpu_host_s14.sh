@@ -38,3 +38,9 @@ if [ "${PART}" = c ]; then
   big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.2 0.3 0.4 0.5
   bundle_logs
 fi
+#   PART=d: the AMX GEMM alone against oneDNN (benchmarks/amx_gemm.py): from RAM (64 experts) and from cache (1), 32-256
+#           tokens, with where a call's time goes (PART=c: both ~1.1 ms an expert at 96 tokens, ~1.5 TFLOP/s)
+if [ "${PART}" = d ]; then
+  step amx_gemm 150 $NOW sh -c 'python benchmarks/amx_gemm.py --experts 64; python benchmarks/amx_gemm.py --experts 1 --tokens 96 256'
+  bundle_logs
+fi

@@ -26,7 +26,7 @@ from . import cpu_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMULATE", "ENABLED", "THREADS", "available", "linear", "status", "supports", "usable"]
+__all__ = ["EMULATE", "ENABLED", "THREADS", "available", "linear", "stats", "status", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("amx_gemm.c")
 _lib: ctypes.CDLL | None = None
@@ -51,6 +51,7 @@ def _load() -> None:
         lib.hm_amx_ok.restype = lib.hm_amx_gemm.restype = c_int
         lib.hm_amx_pack.argtypes = [p, i64, i64, i64, p, i64, c_int]
         lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int]
+        lib.hm_amx_stats.argtypes = [p, c_int]
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         _state = f"unavailable: {e}"
@@ -117,3 +118,24 @@ def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> tor
     if rc:
         raise RuntimeError({1: "AMX is not usable on this CPU", 3: "out of memory"}.get(rc, f"AMX GEMM failed ({rc})"))
     return y
+
+
+_STAT_KEYS = ("calls", "pack_x_ns", "region_ns", "rows_ns", "tiles_ns", "write_ns")
+
+
+def stats(reset: bool = False) -> dict[str, float]:
+    """Where :func:`linear`'s calls spent their time since the last reset, in microseconds a call (empty if the
+    library is not loaded): ``pack_x_us`` packing the activations, ``region_us`` the GEMM's parallel region, and
+    per thread of it ``rows_us`` copying W's rows into tile order, ``tiles_us`` in the tile instructions,
+    ``write_us`` writing y. ``reset`` zeroes the counters after reading them."""
+    lib = _library()
+    if lib is None:
+        return {}
+    raw = (ctypes.c_int64 * len(_STAT_KEYS))()
+    lib.hm_amx_stats(raw, int(reset))
+    c = dict(zip(_STAT_KEYS, raw))
+    n = max(c["calls"], 1)
+    threads = THREADS or torch.get_num_threads()
+    out = {"calls": c["calls"], "pack_x_us": c["pack_x_ns"] / n / 1e3, "region_us": c["region_ns"] / n / 1e3}
+    out.update({k.replace("_ns", "_us"): c[k] / n / threads / 1e3 for k in ("rows_ns", "tiles_ns", "write_ns")})
+    return out

@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TGTAMX __attribute__((target("amx-tile,amx-bf16")))
@@ -51,6 +52,23 @@ static inline float from_bf16(uint16_t v) {
     return f;
 }
 
+/* Where the calls' time went (hm_amx_stats): calls, the activations' packing, the GEMM region's wall time, and the
+ * threads' summed time copying W's rows, in tiles and writing y. For benchmarks/amx_gemm.py. */
+enum { S_CALLS, S_PACK_X, S_REGION, S_ROWS, S_TILES, S_WRITE, S_N };
+static int64_t stats[S_N];
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void stat_add(int k, int64_t v) { __atomic_fetch_add(&stats[k], v, __ATOMIC_RELAXED); }
+
+void hm_amx_stats(int64_t *out, int reset) {
+    for (int k = 0; k < S_N; k++) out[k] = __atomic_exchange_n(&stats[k], reset ? 0 : stats[k], __ATOMIC_RELAXED);
+}
+
 /* 1 if this CPU has AMX-TILE and AMX-BF16 and the kernel lent this process the tile state; asked once. */
 static int amx_state = -1;
 int hm_amx_ok(void) {
@@ -65,6 +83,7 @@ int hm_amx_ok(void) {
 /* xp [K/2, np, 2] bf16 from x [n, K] fp32 (row stride ldx); tokens n .. np-1 are zeros. K even, np % 16 == 0. Each
  * thread writes whole rows of xp (np * 4 contiguous bytes), gathering its inputs from every token's row. */
 void hm_amx_pack(const float *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp, int64_t np, int threads) {
+    const int64_t t0 = now_ns();
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < K / 2; r++) {
         uint16_t *dst = xp + r * np * 2;
@@ -73,6 +92,7 @@ void hm_amx_pack(const float *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp
             dst[2 * t + 1] = t < n ? to_bf16(x[t * ldx + 2 * r + 1]) : 0;
         }
     }
+    stat_add(S_PACK_X, now_ns() - t0);
 }
 
 /* The tile instructions in C (emulate=1): eight 1 KiB tiles a thread. */
@@ -191,10 +211,11 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
                 float *y, int64_t ldy, int emulate, int threads) {
     if (M % 16 || K % 32 || np % 16 || np < n || n < 1) return 2;
     if (!emulate && !hm_amx_ok()) return 1;
-    const int64_t blocks = (M + 31) / 32;
+    const int64_t blocks = (M + 31) / 32, t_enter = now_ns();
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
+        int64_t t_rows = 0, t_tiles = 0, t_write = 0;
         const int ok = scratch(K, emulate);
         if (!ok) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         if (ok && !emulate) amx_begin();
@@ -205,13 +226,18 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
             if (!ok) continue;
             const int64_t m0 = b * 32;
             const int rows = M - m0 >= 32 ? 32 : 16;
+            int64_t t = now_ns();
             pack_rows(w, ldw, K, m0, rows, ap);
+            t_rows += now_ns() - t;
             for (int64_t t0 = 0; t0 < np; t0 += 32) {
                 const int cols = np - t0 >= 32 ? 32 : 16;
+                t = now_ns();
                 if (emulate)
                     block_emu(scratch_tiles, ap, rows, K, xp, np, t0, cols, buf);
                 else
                     block_amx(ap, rows, K, xp, np, t0, cols, buf);
+                t_tiles += now_ns() - t;
+                t = now_ns();
                 for (int i = 0; i < rows / 16; i++) /* tile (i, j): W rows m0 + 16i.., tokens t0 + 16j.. */
                     for (int j = 0; j < cols / 16; j++)
                         for (int c = 0; c < 16 && t0 + 16 * j + c < n; c++) {
@@ -219,9 +245,15 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
                             const float *src = buf + (2 * i + j) * 256 + c;
                             for (int r = 0; r < 16; r++) dst[r] = src[r * 16];
                         }
+                t_write += now_ns() - t;
             }
         }
         if (ok && !emulate) amx_end();
+        stat_add(S_ROWS, t_rows);
+        stat_add(S_TILES, t_tiles);
+        stat_add(S_WRITE, t_write);
     }
+    stat_add(S_REGION, now_ns() - t_enter);
+    stat_add(S_CALLS, 1);
     return failed ? 3 : 0;
 }

@@ -1,0 +1,70 @@
+"""The AMX bf16 GEMM (hybridmoe.experts.amx) alone, against torch's bf16 linear (oneDNN), at an MoE expert's shapes.
+
+The CPU share of a streamed prefill runs, per expert, gate_up [2I, H] then down [H, I] on the ~n tokens routed to
+it. This times both projections of `--experts` distinct experts in turn (more than the L3 holds at the default 64,
+as in a prefill; `--experts 1` repeats one expert from cache: the arithmetic's ceiling), for each token count:
+
+    python benchmarks/amx_gemm.py [--experts 64] [--tokens 32 96 256] [--hidden 2048 --inter 1408]
+
+One JSON line per (tokens, path): ms an expert, TFLOP/s, the weights' GB/s; for AMX also where a call's time went
+(amx.stats: packing the activations, the region, and per thread copying W's rows into tile order, the tiles, the
+writes of y).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+from hybridmoe.experts import amx
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--tokens", type=int, nargs="+", default=[32, 96, 256])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=1408)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--emulate", action="store_true", help="the emulated tiles (any x86-64 CPU; checks the script)")
+    args = p.parse_args()
+    if not (amx.available() or args.emulate):
+        raise SystemExit(f"AMX: {amx.status()}")
+    e, h, i = args.experts, args.hidden, args.inter
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(1 << 22, generator=g).mul_(0.02).to(torch.bfloat16)
+    wgu, wd = torch.empty(e, 2 * i, h, dtype=torch.bfloat16), torch.empty(e, h, i, dtype=torch.bfloat16)
+    for w in (wgu, wd):  # a random block tiled over the weights (fast to write at any size)
+        flat = w.view(-1)
+        for s in range(0, flat.numel(), block.numel()):
+            flat[s:s + block.numel()] = block[: flat[s:s + block.numel()].numel()]
+    for n in args.tokens:
+        x = torch.randn(n, h, generator=g)
+        hx = torch.randn(n, i, generator=g)
+        paths = {"onednn": lambda a, w: nn.functional.linear(a.to(torch.bfloat16), w),
+                 "amx": lambda a, w: amx.linear(a, w, emulate=args.emulate)}
+        for name, fn in paths.items():
+            for j in range(min(e, 2)):  # warm-up
+                fn(x, wgu[j]), fn(hx, wd[j])
+            amx.stats(reset=True)
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                for j in range(e):
+                    fn(x, wgu[j])
+                    fn(hx, wd[j])
+            dt = (time.perf_counter() - t0) / args.repeats / e
+            flops = 2 * n * 3 * h * i
+            rec = {"bench": "amx_gemm", "path": name, "experts": e, "tokens": n, "hidden": h, "inter": i,
+                   "ms_per_expert": round(dt * 1e3, 3), "tflops": round(flops / dt / 1e12, 3),
+                   "weight_GBps": round(3 * h * i * 2 / dt / 1e9, 1), "threads": amx.THREADS or torch.get_num_threads()}
+            if name == "amx":
+                rec.update({k: round(v, 1) for k, v in amx.stats(reset=True).items()})
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
