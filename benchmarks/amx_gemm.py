@@ -43,10 +43,10 @@ def main() -> None:
         for s in range(0, flat.numel(), block.numel()):
             flat[s:s + block.numel()] = block[: flat[s:s + block.numel()].numel()]
     for n in args.tokens:
-        x = torch.randn(n, h, generator=g)
-        hx = torch.randn(n, i, generator=g)
-        paths = {"onednn": lambda a, w: nn.functional.linear(a.to(torch.bfloat16), w),
-                 "amx": lambda a, w: amx.linear(a, w, emulate=args.emulate)}
+        x = torch.randn(n, h, generator=g).to(torch.bfloat16)  # bf16 in and out, as the split's bf16 math
+        hx = torch.randn(n, i, generator=g).to(torch.bfloat16)
+        paths = {"onednn": nn.functional.linear,
+                 "amx": lambda a, w: amx.linear(a, w, emulate=args.emulate, out_dtype=torch.bfloat16)}
         for name, fn in paths.items():
             for j in range(min(e, 2)):  # warm-up
                 fn(x, wgu[j]), fn(hx, wd[j])

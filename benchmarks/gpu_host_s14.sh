@@ -44,3 +44,14 @@ if [ "${PART}" = d ]; then
   step amx_gemm 150 $NOW sh -c 'python benchmarks/amx_gemm.py --experts 64; python benchmarks/amx_gemm.py --experts 1 --tokens 96 256'
   bundle_logs
 fi
+#   PART=e: the AMX GEMM reworked after PART=d's breakdown (per call at 96 tokens: 49 us packing the activations,
+#           then per thread 90 us copying rows and 120 us in tiles, not overlapped): bf16 activations packed by a
+#           blocked transposition, each thread's next block of rows prefetched into L2 during its tiles, bf16 output
+#           written by the kernel; then the split's maths and V2-Lite bf16 prefill at CPU shares side by side
+if [ "${PART}" = e ]; then
+  step pytest_amx 100 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py
+  step amx_gemm 100 $NOW python benchmarks/amx_gemm.py --experts 64 --tokens 32 96 256
+  step cpu_math 100 $NOW python benchmarks/split_cpu_math.py --experts 64 --tokens 96 --amx-threads 0 --formats bf16
+  big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.2 0.3 0.4
+  bundle_logs
+fi

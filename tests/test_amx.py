@@ -88,3 +88,14 @@ def test_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("HYBRIDMOE_AMX", "0")
     assert not amx.available() and not amx.usable(torch.zeros(16, 32, dtype=torch.bfloat16))
     assert "HYBRIDMOE_AMX=0" in amx.status()
+
+
+def test_bf16_output_is_the_fp32_result_rounded():
+    """out_dtype=bf16 rounds the same fp32 sums to nearest even (as torch's .to(bfloat16) of the fp32 output)."""
+    _built()
+    x, w, _ = _case(40, 80, 160)
+    y32 = amx.linear(x, w, emulate=True)
+    y16 = amx.linear(x, w, emulate=True, out_dtype=torch.bfloat16)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="out_dtype"):
+        amx.linear(x, w, emulate=True, out_dtype=torch.float16)

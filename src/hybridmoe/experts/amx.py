@@ -50,7 +50,7 @@ def _load() -> None:
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.hm_amx_ok.restype = lib.hm_amx_gemm.restype = c_int
         lib.hm_amx_pack.argtypes = [p, i64, i64, i64, p, i64, c_int]
-        lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int]
+        lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int, c_int]
         lib.hm_amx_stats.argtypes = [p, c_int]
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
@@ -93,28 +93,31 @@ def usable(w: torch.Tensor) -> bool:
     return ENABLED and supports(w) and ((EMULATE and _library() is not None) or available())
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None) -> torch.Tensor:
-    """x [n, K] (fp32 or bf16, CPU) times w [M, K] bf16 transposed -> [n, M] fp32: x rounded to bf16, fp32 sums
-    (as a bf16 linear before its output's rounding). Needs :func:`available` (or ``emulate``, default EMULATE)
-    and :func:`supports`\\(w)."""
+def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [n, K] (bf16, or fp32 rounded to bf16; CPU) times w [M, K] bf16 transposed -> [n, M]: fp32 sums, returned
+    as fp32 or rounded to bf16 (``out_dtype``; as a bf16 linear rounds its output). Needs :func:`available` (or
+    ``emulate``, default EMULATE) and :func:`supports`\\(w)."""
     emulate = EMULATE if emulate is None else emulate
     lib = _library()
     if lib is None:
         raise RuntimeError(f"AMX GEMMs {_state}")
     if not supports(w):
         raise ValueError(f"AMX linear: weight {tuple(w.shape)} {w.dtype} does not tile (bf16, M % 16, K % 32)")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"AMX linear: out_dtype fp32 or bf16, not {out_dtype}")
     n, k = x.shape
     m = w.shape[0]
     if k != w.shape[1]:
         raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[1]}")
-    xf = x.float().contiguous()  # [n, K] fp32
+    xb = x.to(torch.bfloat16).contiguous()  # [n, K]
     np_ = -(-n // 16) * 16  # tokens padded to whole tiles
     threads = THREADS or torch.get_num_threads()
     xp = torch.empty(k // 2, np_, 2, dtype=torch.bfloat16)  # the B operand's pair layout
-    y = torch.empty(n, m, dtype=torch.float32)  # [n, M]
-    lib.hm_amx_pack(xf.data_ptr(), n, k, k, xp.data_ptr(), np_, threads)
-    rc = lib.hm_amx_gemm(w.data_ptr(), w.stride(0), m, k, xp.data_ptr(), n, np_, y.data_ptr(), m, int(emulate),
-                         threads)
+    y = torch.empty(n, m, dtype=out_dtype)  # [n, M]
+    lib.hm_amx_pack(xb.data_ptr(), n, k, k, xp.data_ptr(), np_, threads)
+    rc = lib.hm_amx_gemm(w.data_ptr(), w.stride(0), m, k, xp.data_ptr(), n, np_, y.data_ptr(), m,
+                         int(out_dtype == torch.bfloat16), int(emulate), threads)
     if rc:
         raise RuntimeError({1: "AMX is not usable on this CPU", 3: "out of memory"}.get(rc, f"AMX GEMM failed ({rc})"))
     return y

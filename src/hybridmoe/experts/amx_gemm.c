@@ -3,19 +3,20 @@
  * One call computes y[t, m] = sum_k W[m, k] * x[t, k] for a few dozen to a few hundred tokens t and every row m of
  * one expert's projection W (bf16 [M, K], as stored: transformers' [out, in] rows). The weights are the tiles' A
  * operand as they lie in RAM (a tile is 16 rows x 32 bf16 of W: no repacking, no second copy of the experts); the
- * activations are the B operand, packed once a call in AMX's pair layout (hm_amx_pack):
+ * activations (bf16) are the B operand, packed once a call in AMX's pair layout (hm_amx_pack):
  *
  *     xp[r, t, j] = bf16(x[t, 2r + j])        r < K/2, t < np (tokens padded to 16 with zeros), j < 2
  *
  * so that B's row r holds 16 tokens' inputs 2r and 2r + 1. A 32-row block of W against 32 tokens is 2 A tiles,
  * 2 B tiles and 4 fp32 accumulator tiles (tmm0-1: A, tmm2-3: B, tmm4-7: C), K walked 32 inputs a step. Each thread
- * takes whole 32-row blocks: it copies the block's rows into tile order first (each row read once, front to back,
- * from RAM; loading A tiles straight from the rows, 16 lines 2K+ bytes apart a tile, ran at ~1.4 TFLOP/s on the
- * GPU host's Xeon), then walks every token pair over the copy (from L2). The accumulators go to y through a 4 KiB
- * buffer, transposed ([m, t] tiles to y's [t, m] rows).
+ * takes a contiguous run of 32-row blocks: it copies a block's rows into tile order first (each row read once, front
+ * to back; loading A tiles straight from the rows, 16 lines 2K+ bytes apart a tile, ran at ~1.4 TFLOP/s on the GPU
+ * host's Xeon), then walks every token pair over the copy (from L2), prefetching its next block's rows into L2
+ * during the first pair. The accumulators go to y through a 4 KiB buffer, transposed ([m, t] tiles to y's [t, m]
+ * rows).
  *
- * Numerics: inputs rounded to bf16 (round to nearest even), products accumulated in fp32 (TDPBF16PS), y fp32; the
- * caller rounds to bf16 where the path it replaces did (oneDNN's bf16 linear). Only the summation order differs.
+ * Numerics: bf16 inputs, products accumulated in fp32 (TDPBF16PS), y fp32 or rounded to bf16 (to nearest even) as
+ * oneDNN's bf16 linear rounds its output. Only the summation order differs.
  *
  * hm_amx_gemm(..., emulate=1) runs the same blocking with the tile instructions written in C, so that the packing,
  * the blocking and the transposed writes are tested on CPUs without AMX (the development machines); the real tiles
@@ -33,6 +34,9 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+int omp_get_num_threads(void); /* the OpenMP runtime's (torch's, bound at load time) */
+int omp_get_thread_num(void);
 
 #define TGTAMX __attribute__((target("amx-tile,amx-bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -80,19 +84,27 @@ int hm_amx_ok(void) {
     return amx_state;
 }
 
-/* xp [K/2, np, 2] bf16 from x [n, K] fp32 (row stride ldx); tokens n .. np-1 are zeros. K even, np % 16 == 0. Each
- * thread writes whole rows of xp (np * 4 contiguous bytes), gathering its inputs from every token's row. */
-void hm_amx_pack(const float *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp, int64_t np, int threads) {
-    const int64_t t0 = now_ns();
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < K / 2; r++) {
-        uint16_t *dst = xp + r * np * 2;
-        for (int64_t t = 0; t < np; t++) {
-            dst[2 * t] = t < n ? to_bf16(x[t * ldx + 2 * r]) : 0;
-            dst[2 * t + 1] = t < n ? to_bf16(x[t * ldx + 2 * r + 1]) : 0;
+/* xp [K/2, np, 2] bf16 from x [n, K] bf16 (row stride ldx): a transposition of 32-bit pairs, in blocks of 32 pairs
+ * x 16 tokens (each read run 128 bytes of a token's row, each written run 64 bytes of xp's row); tokens n .. np-1
+ * are zeros. K even, np % 16 == 0. */
+void hm_amx_pack(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp, int64_t np, int threads) {
+    const int64_t t_enter = now_ns(), pairs = K / 2;
+    uint32_t *dst = (uint32_t *)xp;
+#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+    for (int64_t r0 = 0; r0 < pairs; r0 += 32)
+        for (int64_t t0 = 0; t0 < np; t0 += 16) {
+            uint32_t tile[16][32];
+            const int64_t rn = pairs - r0 < 32 ? pairs - r0 : 32;
+            for (int64_t t = 0; t < 16; t++) {
+                if (t0 + t < n)
+                    memcpy(tile[t], x + (t0 + t) * ldx + 2 * r0, (size_t)rn * 4);
+                else
+                    memset(tile[t], 0, (size_t)rn * 4);
+            }
+            for (int64_t r = 0; r < rn; r++)
+                for (int64_t t = 0; t < 16; t++) dst[(r0 + r) * np + t0 + t] = tile[t][r];
         }
-    }
-    stat_add(S_PACK_X, now_ns() - t0);
+    stat_add(S_PACK_X, now_ns() - t_enter);
 }
 
 /* The tile instructions in C (emulate=1): eight 1 KiB tiles a thread. */
@@ -134,7 +146,9 @@ static void pack_rows(const uint16_t *w, int64_t ldw, int64_t K, int64_t m0, int
 /* The packed block (pack_rows) against tokens t0 .. t0 + 31 (t0 .. t0 + 15 when cols == 16), K in steps of 32;
  * accumulators to buf [4][16][16] fp32 (tile 2i + j: rows 16i, tokens 16j). The same body for the tiles and their
  * emulation (tile numbers must be literals). A tail's missing half repeats the other (its results are not
- * written out). */
+ * written out). `next` (or NULL): the thread's next block of W, rows of stride ldw, nrows of them: a k-step's 64
+ * bytes of each are prefetched into L2 with each k-step here, so that its pack_rows reads from L2 while these tiles
+ * run (the first token pair passes it). */
 #define BLOCK_BODY(ZERO, LOAD, DP, STORE)                                                                        \
     const int64_t a1 = rows == 32 ? 512 : 0;                                                                    \
     const uint16_t *b0 = xp + t0 * 2, *b1 = cols == 32 ? b0 + 32 : b0;                                          \
@@ -142,6 +156,8 @@ static void pack_rows(const uint16_t *w, int64_t ldw, int64_t K, int64_t m0, int
     ZERO(4); ZERO(5); ZERO(6); ZERO(7);                                                                         \
     for (int64_t k = 0; k < K; k += 32) {                                                                       \
         const uint16_t *a = ap + k * 32;                                                                        \
+        if (next)                                                                                               \
+            for (int r = 0; r < nrows; r++) _mm_prefetch((const char *)(next + r * ldw + k), _MM_HINT_T1);      \
         LOAD(0, a, 64); LOAD(1, a + a1, 64);                                                                    \
         LOAD(2, b0 + k * np, xstride); LOAD(3, b1 + k * np, xstride); /* B row r = k/2 + r: (k/2)*np*2 */        \
         DP(4, 0, 2); DP(5, 0, 3); DP(6, 1, 2); DP(7, 1, 3);                                                     \
@@ -158,12 +174,12 @@ static void pack_rows(const uint16_t *w, int64_t ldw, int64_t K, int64_t m0, int
 #define EMU_STORE(i, p, s_) emu_store(s, i, p, s_)
 
 TGTAMX static void block_amx(const uint16_t *ap, int rows, int64_t K, const uint16_t *xp, int64_t np, int64_t t0,
-                             int cols, float *buf) {
+                             int cols, float *buf, const uint16_t *next, int64_t ldw, int nrows) {
     BLOCK_BODY(AMX_ZERO, AMX_LOAD, AMX_DP, AMX_STORE)
 }
 
 static void block_emu(Tiles *s, const uint16_t *ap, int rows, int64_t K, const uint16_t *xp, int64_t np, int64_t t0,
-                      int cols, float *buf) {
+                      int cols, float *buf, const uint16_t *next, int64_t ldw, int nrows) {
     BLOCK_BODY(EMU_ZERO, EMU_LOAD, EMU_DP, EMU_STORE)
 }
 
@@ -205,10 +221,12 @@ static int scratch(int64_t K, int emulate) {
 }
 
 /* y[t, m] = sum_k W[m, k] x[t, k] for t < n, m < M: w bf16 [M, K] (row stride ldw elements), xp from hm_amx_pack
- * (np = n rounded up to 16), y fp32 (row stride ldy). Returns 0; 1 if AMX is not usable here (hm_amx_ok; emulate
- * needs no AMX), 2 if the shapes do not tile (M % 16, K % 32, np % 16), 3 if memory ran out. */
+ * (np = n rounded up to 16), y (row stride ldy) fp32, or bf16 (rounded to nearest even) when y_bf16. Each thread
+ * takes a contiguous run of 32-row blocks (so that it knows, and prefetches, its next one). Returns 0; 1 if AMX is
+ * not usable here (hm_amx_ok; emulate needs no AMX), 2 if the shapes do not tile (M % 16, K % 32, np % 16), 3 if
+ * memory ran out. */
 int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint16_t *xp, int64_t n, int64_t np,
-                float *y, int64_t ldy, int emulate, int threads) {
+                void *y, int64_t ldy, int y_bf16, int emulate, int threads) {
     if (M % 16 || K % 32 || np % 16 || np < n || n < 1) return 2;
     if (!emulate && !hm_amx_ok()) return 1;
     const int64_t blocks = (M + 31) / 32, t_enter = now_ns();
@@ -221,29 +239,35 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
         if (ok && !emulate) amx_begin();
         uint16_t *ap = scratch_ap;
         float *buf = scratch_buf;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < blocks; b++) {
-            if (!ok) continue;
+        const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t b_end = blocks * (me + 1) / nt;
+        for (int64_t b = blocks * me / nt; ok && b < b_end; b++) {
             const int64_t m0 = b * 32;
             const int rows = M - m0 >= 32 ? 32 : 16;
+            const uint16_t *next = b + 1 < b_end ? w + (m0 + 32) * ldw : NULL;
+            const int nrows = next ? (M - m0 - 32 >= 32 ? 32 : 16) : 0;
             int64_t t = now_ns();
             pack_rows(w, ldw, K, m0, rows, ap);
             t_rows += now_ns() - t;
             for (int64_t t0 = 0; t0 < np; t0 += 32) {
                 const int cols = np - t0 >= 32 ? 32 : 16;
+                const uint16_t *pf = t0 ? NULL : next;
                 t = now_ns();
                 if (emulate)
-                    block_emu(scratch_tiles, ap, rows, K, xp, np, t0, cols, buf);
+                    block_emu(scratch_tiles, ap, rows, K, xp, np, t0, cols, buf, pf, ldw, nrows);
                 else
-                    block_amx(ap, rows, K, xp, np, t0, cols, buf);
+                    block_amx(ap, rows, K, xp, np, t0, cols, buf, pf, ldw, nrows);
                 t_tiles += now_ns() - t;
                 t = now_ns();
                 for (int i = 0; i < rows / 16; i++) /* tile (i, j): W rows m0 + 16i.., tokens t0 + 16j.. */
                     for (int j = 0; j < cols / 16; j++)
                         for (int c = 0; c < 16 && t0 + 16 * j + c < n; c++) {
-                            float *dst = y + (t0 + 16 * j + c) * ldy + m0 + 16 * i;
                             const float *src = buf + (2 * i + j) * 256 + c;
-                            for (int r = 0; r < 16; r++) dst[r] = src[r * 16];
+                            const int64_t at = (t0 + 16 * j + c) * ldy + m0 + 16 * i;
+                            if (y_bf16)
+                                for (int r = 0; r < 16; r++) ((uint16_t *)y)[at + r] = to_bf16(src[r * 16]);
+                            else
+                                for (int r = 0; r < 16; r++) ((float *)y)[at + r] = src[r * 16];
                         }
                 t_write += now_ns() - t;
             }

@@ -204,7 +204,7 @@ class _Bf16Math(LoopMath):
     def _bf16_linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x [n, in] bf16 -> [n, out] bf16
         w = self.weights.matrix(proj, e).to(torch.bfloat16)  # [out, in]
-        y = amx.linear(x, w).to(torch.bfloat16) if amx.usable(w) else nn.functional.linear(x, w)
+        y = amx.linear(x, w, out_dtype=torch.bfloat16) if amx.usable(w) else nn.functional.linear(x, w)
         lo = self.lora.get(proj)
         bias = self.weights.bias
         if lo is None and bias is None:
