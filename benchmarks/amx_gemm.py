@@ -16,11 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 from torch import nn
 
 from hybridmoe.experts import amx
+
+
+def _amx(variant: int, emulate: bool, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    amx.set_variant(variant)
+    return amx.linear(a, w, emulate=emulate, out_dtype=torch.bfloat16)
 
 
 def main() -> None:
@@ -30,6 +36,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=1408)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", type=int, nargs="*", default=[amx.VARIANT],
+                   help="amx_gemm.c's prefetches: 1 tiles two k-steps ahead, 2 the next block's rows into L2")
     p.add_argument("--emulate", action="store_true", help="the emulated tiles (any x86-64 CPU; checks the script)")
     args = p.parse_args()
     if not (amx.available() or args.emulate):
@@ -45,8 +53,8 @@ def main() -> None:
     for n in args.tokens:
         x = torch.randn(n, h, generator=g).to(torch.bfloat16)  # bf16 in and out, as the split's bf16 math
         hx = torch.randn(n, i, generator=g).to(torch.bfloat16)
-        paths = {"onednn": nn.functional.linear,
-                 "amx": lambda a, w: amx.linear(a, w, emulate=args.emulate, out_dtype=torch.bfloat16)}
+        paths = {"onednn": nn.functional.linear}
+        paths.update({f"amx_v{v}": partial(_amx, v, args.emulate) for v in args.variants})
         for name, fn in paths.items():
             for j in range(min(e, 2)):  # warm-up
                 fn(x, wgu[j]), fn(hx, wd[j])
@@ -61,7 +69,7 @@ def main() -> None:
             rec = {"bench": "amx_gemm", "path": name, "experts": e, "tokens": n, "hidden": h, "inter": i,
                    "ms_per_expert": round(dt * 1e3, 3), "tflops": round(flops / dt / 1e12, 3),
                    "weight_GBps": round(3 * h * i * 2 / dt / 1e9, 1), "threads": amx.THREADS or torch.get_num_threads()}
-            if name == "amx":
+            if name.startswith("amx"):
                 rec.update({k: round(v, 1) for k, v in amx.stats(reset=True).items()})
             print(json.dumps(rec), flush=True)
 

@@ -55,3 +55,21 @@ if [ "${PART}" = e ]; then
   big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.2 0.3 0.4
   bundle_logs
 fi
+#   PART=f: the AMX GEMM with B packed tile by tile (1 KiB contiguous tiles) and dynamic blocks with a look-ahead of
+#           one; its prefetch variants (tiles two k-steps ahead to L1; the next block's rows to L2) against oneDNN in
+#           one process; then V2-Lite bf16 prefill at CPU shares with the fastest variant at 96 tokens
+if [ "${PART}" = f ]; then
+  step pytest_amx 100 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py
+  step amx_gemm 150 $NOW sh -c 'python benchmarks/amx_gemm.py --experts 64 --tokens 96 256 --variants 0 1 2 3;
+    python benchmarks/amx_gemm.py --experts 1 --tokens 96 --variants 0 1'
+  BEST=$(python - "$OUT/amx_gemm.log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+amx = [r for r in rows if r["path"].startswith("amx") and r["tokens"] == 96 and r["experts"] == 64]
+print(min(amx, key=lambda r: r["ms_per_expert"])["path"][5:] if amx else 0)
+PY
+)
+  echo "best variant: $BEST" | tee -a "$OUT/summary.txt"
+  HYBRIDMOE_AMX_VARIANT=$BEST big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.15 0.25
+  bundle_logs
+fi

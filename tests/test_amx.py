@@ -47,6 +47,21 @@ def test_emulated_tiles_match_the_reference(shape):
     assert _err(y, ref) <= TOL
 
 
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_every_prefetch_variant_gives_the_same_numbers(variant):
+    """The prefetches (amx.VARIANT's bits) change no number: bit for bit the default's."""
+    _built()
+    x, w, _ = _case(40, 80, 160)
+    want = amx.linear(x, w, emulate=True)
+    amx.set_variant(variant)
+    try:
+        assert torch.equal(amx.linear(x, w, emulate=True), want)
+        if amx.available():
+            assert torch.equal(amx.linear(x, w), amx.linear(x, w))
+    finally:
+        amx.set_variant(amx.VARIANT)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_amx_tiles_match_the_reference(shape):
     _built()

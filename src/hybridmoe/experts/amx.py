@@ -36,6 +36,9 @@ _ok: bool | None = None  # hm_amx_ok(), asked once
 EMULATE = False
 # Benchmarks: False leaves every GEMM to torch (usable() is False), for the side-by-side baseline.
 ENABLED = True
+# What the GEMM does beyond the tiles (amx_gemm.c: 1 prefetch the tiles two k-steps ahead, 2 prefetch the thread's
+# next block of weight rows into L2), chosen by benchmarks/amx_gemm.py --variants; HYBRIDMOE_AMX_VARIANT overrides.
+VARIANT = int(os.environ.get("HYBRIDMOE_AMX_VARIANT", "0") or 0)
 # OpenMP threads of a GEMM (HYBRIDMOE_AMX_THREADS; 0: torch.get_num_threads()).
 THREADS = int(os.environ.get("HYBRIDMOE_AMX_THREADS", "0") or 0)
 
@@ -52,6 +55,8 @@ def _load() -> None:
         lib.hm_amx_pack.argtypes = [p, i64, i64, i64, p, i64, c_int]
         lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int, c_int]
         lib.hm_amx_stats.argtypes = [p, c_int]
+        lib.hm_amx_set_variant.argtypes = [c_int]
+        lib.hm_amx_set_variant(VARIANT)
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         _state = f"unavailable: {e}"
@@ -142,3 +147,10 @@ def stats(reset: bool = False) -> dict[str, float]:
     out = {"calls": c["calls"], "pack_x_us": c["pack_x_ns"] / n / 1e3, "region_us": c["region_ns"] / n / 1e3}
     out.update({k.replace("_ns", "_us"): c[k] / n / threads / 1e3 for k in ("rows_ns", "tiles_ns", "write_ns")})
     return out
+
+
+def set_variant(v: int) -> None:
+    """The GEMM's prefetches (VARIANT's bits), for benchmarks."""
+    lib = _library()
+    if lib is not None:
+        lib.hm_amx_set_variant(int(v))

@@ -3,17 +3,17 @@
  * One call computes y[t, m] = sum_k W[m, k] * x[t, k] for a few dozen to a few hundred tokens t and every row m of
  * one expert's projection W (bf16 [M, K], as stored: transformers' [out, in] rows). The weights are the tiles' A
  * operand as they lie in RAM (a tile is 16 rows x 32 bf16 of W: no repacking, no second copy of the experts); the
- * activations (bf16) are the B operand, packed once a call in AMX's pair layout (hm_amx_pack):
+ * activations (bf16) are the B operand, packed once a call in AMX's pair layout, tile by tile (hm_amx_pack):
  *
- *     xp[r, t, j] = bf16(x[t, 2r + j])        r < K/2, t < np (tokens padded to 16 with zeros), j < 2
+ *     xp[tt, ks, r, t, j] = x[16 tt + t, 32 ks + 2r + j]        token tile tt, k-step ks (32 inputs), r < 16, t < 16
  *
- * so that B's row r holds 16 tokens' inputs 2r and 2r + 1. A 32-row block of W against 32 tokens is 2 A tiles,
- * 2 B tiles and 4 fp32 accumulator tiles (tmm0-1: A, tmm2-3: B, tmm4-7: C), K walked 32 inputs a step. Each thread
- * takes a contiguous run of 32-row blocks: it copies a block's rows into tile order first (each row read once, front
- * to back; loading A tiles straight from the rows, 16 lines 2K+ bytes apart a tile, ran at ~1.4 TFLOP/s on the GPU
- * host's Xeon), then walks every token pair over the copy (from L2), prefetching its next block's rows into L2
- * during the first pair. The accumulators go to y through a 4 KiB buffer, transposed ([m, t] tiles to y's [t, m]
- * rows).
+ * so that each B tile is 1 KiB of contiguous bytes whose row r holds 16 tokens' inputs 2r and 2r + 1 (tokens padded
+ * to 16 with zeros). A 32-row block of W against 32 tokens is 2 A tiles,
+ * 2 B tiles and 4 fp32 accumulator tiles (tmm0-1: A, tmm2-3: B, tmm4-7: C), K walked 32 inputs a step. Threads take
+ * 32-row blocks one at a time: a block's rows are first copied into tile order (each row read once, front to back;
+ * loading A tiles straight from the rows, 16 lines 2K+ bytes apart a tile, ran at ~1.4 TFLOP/s on the GPU host's
+ * Xeon), then every token pair walks the copy (from L2). The accumulators go to y through a 4 KiB buffer,
+ * transposed ([m, t] tiles to y's [t, m] rows).
  *
  * Numerics: bf16 inputs, products accumulated in fp32 (TDPBF16PS), y fp32 or rounded to bf16 (to nearest even) as
  * oneDNN's bf16 linear rounds its output. Only the summation order differs.
@@ -34,9 +34,6 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-
-int omp_get_num_threads(void); /* the OpenMP runtime's (torch's, bound at load time) */
-int omp_get_thread_num(void);
 
 #define TGTAMX __attribute__((target("amx-tile,amx-bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -84,28 +81,33 @@ int hm_amx_ok(void) {
     return amx_state;
 }
 
-/* xp [K/2, np, 2] bf16 from x [n, K] bf16 (row stride ldx): a transposition of 32-bit pairs, in blocks of 32 pairs
- * x 16 tokens (each read run 128 bytes of a token's row, each written run 64 bytes of xp's row); tokens n .. np-1
- * are zeros. K even, np % 16 == 0. */
+/* xp (the header's tile order: [np/16, K/32, 16, 16, 2] bf16) from x [n, K] bf16 (row stride ldx); tokens n .. np-1
+ * are zeros. K % 32 == 0, np % 16 == 0. One B tile a work item: 16 tokens' 64-byte runs in, a 1 KiB tile out. */
 void hm_amx_pack(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp, int64_t np, int threads) {
-    const int64_t t_enter = now_ns(), pairs = K / 2;
-    uint32_t *dst = (uint32_t *)xp;
+    const int64_t t_enter = now_ns(), ks_n = K / 32;
 #pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
-    for (int64_t r0 = 0; r0 < pairs; r0 += 32)
-        for (int64_t t0 = 0; t0 < np; t0 += 16) {
-            uint32_t tile[16][32];
-            const int64_t rn = pairs - r0 < 32 ? pairs - r0 : 32;
+    for (int64_t tt = 0; tt < np / 16; tt++)
+        for (int64_t ks = 0; ks < ks_n; ks++) {
+            uint32_t run[16][16]; /* [token][pair] */
             for (int64_t t = 0; t < 16; t++) {
-                if (t0 + t < n)
-                    memcpy(tile[t], x + (t0 + t) * ldx + 2 * r0, (size_t)rn * 4);
+                if (16 * tt + t < n)
+                    memcpy(run[t], x + (16 * tt + t) * ldx + 32 * ks, 64);
                 else
-                    memset(tile[t], 0, (size_t)rn * 4);
+                    memset(run[t], 0, 64);
             }
-            for (int64_t r = 0; r < rn; r++)
-                for (int64_t t = 0; t < 16; t++) dst[(r0 + r) * np + t0 + t] = tile[t][r];
+            uint32_t *tile = (uint32_t *)xp + (tt * ks_n + ks) * 256; /* [pair r][token t] */
+            for (int r = 0; r < 16; r++)
+                for (int t = 0; t < 16; t++) tile[r * 16 + t] = run[t][r];
         }
     stat_add(S_PACK_X, now_ns() - t_enter);
 }
+
+/* What hm_amx_gemm does beyond the tiles (benchmarks/amx_gemm.py --variants compares them in one process):
+ *   AMX_PF_TILES  prefetch (to L1) the A and B tiles two k-steps ahead, within the k loop;
+ *   AMX_NEXT_ROWS prefetch (to L2) the thread's next block of W's rows while its first token pair runs. */
+enum { AMX_PF_TILES = 1, AMX_NEXT_ROWS = 2 };
+static int variant = 0;
+void hm_amx_set_variant(int v) { variant = v; }
 
 /* The tile instructions in C (emulate=1): eight 1 KiB tiles a thread. */
 typedef struct {
@@ -143,23 +145,28 @@ static void pack_rows(const uint16_t *w, int64_t ldw, int64_t K, int64_t m0, int
     }
 }
 
-/* The packed block (pack_rows) against tokens t0 .. t0 + 31 (t0 .. t0 + 15 when cols == 16), K in steps of 32;
- * accumulators to buf [4][16][16] fp32 (tile 2i + j: rows 16i, tokens 16j). The same body for the tiles and their
- * emulation (tile numbers must be literals). A tail's missing half repeats the other (its results are not
- * written out). `next` (or NULL): the thread's next block of W, rows of stride ldw, nrows of them: a k-step's 64
- * bytes of each are prefetched into L2 with each k-step here, so that its pack_rows reads from L2 while these tiles
- * run (the first token pair passes it). */
+/* The packed block (pack_rows) against token tiles t0/16 and t0/16 + 1 (only t0/16 when cols == 16), K in steps of
+ * 32; accumulators to buf [4][16][16] fp32 (tile 2i + j: rows 16i, tokens 16j). The same body for the tiles and
+ * their emulation (tile numbers must be literals). A tail's missing half repeats the other (its results are not
+ * written out). `next` (or NULL): the thread's next block of W (rows of stride ldw, nrows of them), of which each
+ * k-step here prefetches its 64 bytes of every row into L2, so that that block's pack_rows reads from L2. */
 #define BLOCK_BODY(ZERO, LOAD, DP, STORE)                                                                        \
-    const int64_t a1 = rows == 32 ? 512 : 0;                                                                    \
-    const uint16_t *b0 = xp + t0 * 2, *b1 = cols == 32 ? b0 + 32 : b0;                                          \
-    const int64_t xstride = np * 4; /* bytes between B rows */                                                  \
+    const int64_t a1 = rows == 32 ? 512 : 0, ks_n = K / 32;                                                     \
+    const uint16_t *b0 = xp + (t0 / 16) * ks_n * 512, *b1 = cols == 32 ? b0 + ks_n * 512 : b0;                  \
+    const int pf_tiles = variant & AMX_PF_TILES;                                                                \
     ZERO(4); ZERO(5); ZERO(6); ZERO(7);                                                                         \
     for (int64_t k = 0; k < K; k += 32) {                                                                       \
-        const uint16_t *a = ap + k * 32;                                                                        \
+        const uint16_t *a = ap + k * 32, *bk0 = b0 + k * 16, *bk1 = b1 + k * 16; /* 1 KiB a tile */             \
         if (next)                                                                                               \
             for (int r = 0; r < nrows; r++) _mm_prefetch((const char *)(next + r * ldw + k), _MM_HINT_T1);      \
-        LOAD(0, a, 64); LOAD(1, a + a1, 64);                                                                    \
-        LOAD(2, b0 + k * np, xstride); LOAD(3, b1 + k * np, xstride); /* B row r = k/2 + r: (k/2)*np*2 */        \
+        if (pf_tiles && k + 64 < K)                                                                             \
+            for (int l = 0; l < 1024; l += 64) {                                                                \
+                _mm_prefetch((const char *)(a + 2048) + l, _MM_HINT_T0);                                        \
+                _mm_prefetch((const char *)(a + 2048 + a1) + l, _MM_HINT_T0);                                   \
+                _mm_prefetch((const char *)(bk0 + 1024) + l, _MM_HINT_T0);                                      \
+                _mm_prefetch((const char *)(bk1 + 1024) + l, _MM_HINT_T0);                                      \
+            }                                                                                                   \
+        LOAD(0, a, 64); LOAD(1, a + a1, 64); LOAD(2, bk0, 64); LOAD(3, bk1, 64);                                \
         DP(4, 0, 2); DP(5, 0, 3); DP(6, 1, 2); DP(7, 1, 3);                                                     \
     }                                                                                                           \
     STORE(4, buf, 64); STORE(5, buf + 256, 64); STORE(6, buf + 512, 64); STORE(7, buf + 768, 64);
@@ -221,8 +228,7 @@ static int scratch(int64_t K, int emulate) {
 }
 
 /* y[t, m] = sum_k W[m, k] x[t, k] for t < n, m < M: w bf16 [M, K] (row stride ldw elements), xp from hm_amx_pack
- * (np = n rounded up to 16), y (row stride ldy) fp32, or bf16 (rounded to nearest even) when y_bf16. Each thread
- * takes a contiguous run of 32-row blocks (so that it knows, and prefetches, its next one). Returns 0; 1 if AMX is
+ * (np = n rounded up to 16), y (row stride ldy) fp32, or bf16 (rounded to nearest even) when y_bf16. Returns 0; 1 if AMX is
  * not usable here (hm_amx_ok; emulate needs no AMX), 2 if the shapes do not tile (M % 16, K % 32, np % 16), 3 if
  * memory ran out. */
 int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint16_t *xp, int64_t n, int64_t np,
@@ -230,6 +236,7 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
     if (M % 16 || K % 32 || np % 16 || np < n || n < 1) return 2;
     if (!emulate && !hm_amx_ok()) return 1;
     const int64_t blocks = (M + 31) / 32, t_enter = now_ns();
+    int64_t counter = 0;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -239,13 +246,15 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
         if (ok && !emulate) amx_begin();
         uint16_t *ap = scratch_ap;
         float *buf = scratch_buf;
-        const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
-        const int64_t b_end = blocks * (me + 1) / nt;
-        for (int64_t b = blocks * me / nt; ok && b < b_end; b++) {
+        /* Blocks handed out one at a time (dynamic), each thread taking its next one before it starts the current,
+         * so that it knows which rows to prefetch (AMX_NEXT_ROWS). */
+        int64_t b = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        while (ok && b < blocks) {
+            const int64_t nb = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
             const int64_t m0 = b * 32;
             const int rows = M - m0 >= 32 ? 32 : 16;
-            const uint16_t *next = b + 1 < b_end ? w + (m0 + 32) * ldw : NULL;
-            const int nrows = next ? (M - m0 - 32 >= 32 ? 32 : 16) : 0;
+            const uint16_t *next = nb < blocks && (variant & AMX_NEXT_ROWS) ? w + nb * 32 * ldw : NULL;
+            const int nrows = next ? (M - nb * 32 >= 32 ? 32 : 16) : 0;
             int64_t t = now_ns();
             pack_rows(w, ldw, K, m0, rows, ap);
             t_rows += now_ns() - t;
@@ -271,6 +280,7 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
                         }
                 t_write += now_ns() - t;
             }
+            b = nb;
         }
         if (ok && !emulate) amx_end();
         stat_add(S_ROWS, t_rows);
