@@ -8,7 +8,8 @@ as in a prefill; `--experts 1` repeats one expert from cache: the arithmetic's c
 
 One JSON line per (tokens, path): ms an expert, TFLOP/s, the weights' GB/s; for AMX also where a call's time went
 (amx.stats: packing the activations, the region, and per thread copying W's rows into tile order, the tiles, the
-writes of y).
+writes of y). Paths: oneDNN, AMX one call an expert and projection (amx_vN: prefetch variant N), AMX one call a
+projection for all the experts (amx_grouped_vN, amx.grouped_linear).
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ def main() -> None:
             if name.startswith("amx"):
                 rec.update({k: round(v, 1) for k, v in amx.stats(reset=True).items()})
             print(json.dumps(rec), flush=True)
+        # Every expert in one call a projection (amx.grouped_linear: what the split's bf16 math calls for bf16 experts)
+        xs, hs = x.repeat(e, 1), hx.repeat(e, 1)  # [e·n, H], [e·n, I]: n rows an expert
+        for v in args.variants:
+            amx.set_variant(v)
+            grouped = partial(amx.grouped_linear, experts=list(range(e)), counts=[n] * e, emulate=args.emulate,
+                              out_dtype=torch.bfloat16)
+            grouped(xs, wgu), grouped(hs, wd)  # warm-up
+            amx.stats(reset=True)
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                grouped(xs, wgu)
+                grouped(hs, wd)
+            dt = (time.perf_counter() - t0) / args.repeats / e
+            flops = 2 * n * 3 * h * i
+            print(json.dumps({"bench": "amx_gemm", "path": f"amx_grouped_v{v}", "experts": e, "tokens": n, "hidden": h,
+                              "inter": i, "ms_per_expert": round(dt * 1e3, 3), "tflops": round(flops / dt / 1e12, 3),
+                              "weight_GBps": round(3 * h * i * 2 / dt / 1e9, 1),
+                              "threads": amx.THREADS or torch.get_num_threads(),
+                              **{k: round(v, 1) for k, v in amx.stats(reset=True).items()}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,13 @@ PY
   HYBRIDMOE_AMX_VARIANT=$BEST big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.15 0.25
   bundle_logs
 fi
+#   PART=g: every CPU expert of a layer in one AMX call a projection (amx.grouped_linear; the split's bf16 math for
+#           bf16 experts): tests, the GEMM per expert against grouped against oneDNN, the split's maths, then V2-Lite
+#           bf16 prefill at CPU shares side by side (PART=f: share 0.15 2043-2053 tok/s against 1940 at 0)
+if [ "${PART}" = g ]; then
+  step pytest_amx 100 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py
+  step amx_gemm 100 $NOW python benchmarks/amx_gemm.py --experts 64 --tokens 96 --variants 1 3
+  step cpu_math 100 $NOW python benchmarks/split_cpu_math.py --experts 64 --tokens 96 --formats bf16
+  HYBRIDMOE_AMX_VARIANT=1 big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.15 0.2 0.25 0.3
+  bundle_logs
+fi

@@ -114,3 +114,21 @@ def test_bf16_output_is_the_fp32_result_rounded():
     assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
     with pytest.raises(ValueError, match="out_dtype"):
         amx.linear(x, w, emulate=True, out_dtype=torch.float16)
+
+
+def test_grouped_linear_is_each_experts_linear():
+    """All of a layer's expert GEMMs in one call: experts in any order, some without rows, ragged row counts
+    (partial tiles), each row against its own expert's matrix."""
+    _built()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 48, 64, generator=g).to(torch.bfloat16)  # [E, M, K]
+    experts, counts = [4, 0, 5, 2, 1], [17, 0, 1, 40, 16]
+    x = torch.randn(sum(counts), 64, generator=g)
+    ref = torch.cat([x[sum(counts[:j]):sum(counts[:j + 1])].to(torch.bfloat16).float() @ w[e].float().T
+                     for j, e in enumerate(experts)])
+    y = amx.grouped_linear(x, w, experts, counts, emulate=True)
+    assert y.shape == (74, 48) and _err(y, ref) <= TOL
+    if amx.available():
+        assert _err(amx.grouped_linear(x, w, experts, counts), ref) <= TOL
+    with pytest.raises(ValueError, match="partition"):
+        amx.grouped_linear(x, w, experts, [17, 0, 1, 40, 15], emulate=True)

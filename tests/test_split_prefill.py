@@ -246,9 +246,11 @@ def test_model_with_cpu_share(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
-def test_bf16_math_on_amx_tiles(fmt, monkeypatch):
-    """The "bf16" CPU math's GEMMs on AMX tiles (emulated here; real on AMX CPUs, tests/test_amx.py): every GEMM of the
-    CPU part goes through amx.linear, and the result is the unsplit one."""
+@pytest.mark.parametrize("lora,bias", [(False, False), (True, False), (True, True)], ids=["base", "lora", "bias"])
+def test_bf16_math_on_amx_tiles(fmt, lora, bias, monkeypatch):
+    """The "bf16" CPU math's GEMMs on AMX tiles (emulated here; real on AMX CPUs, tests/test_amx.py): bf16-stored
+    experts in two grouped calls a layer (every CPU expert's gate_up, then every down), int8 ones (dequantized one
+    expert at a time) one call an expert and projection; the result is the unsplit one."""
     from hybridmoe.experts import amx, split
 
     if amx.status().startswith("unavailable"):
@@ -256,12 +258,18 @@ def test_bf16_math_on_amx_tiles(fmt, monkeypatch):
     monkeypatch.setattr(amx, "EMULATE", True)
     monkeypatch.setattr(split, "CPU_MATH", {split.format_key(FORMATS[fmt]): "bf16"})
     calls = []
-    linear = amx.linear
-    monkeypatch.setattr(amx, "linear", lambda x, w, **kw: calls.append(tuple(w.shape)) or linear(x, w, **kw))
-    m = _module(FORMATS[fmt], lora=True)
+    grouped = amx.grouped_linear
+    monkeypatch.setattr(amx, "grouped_linear", lambda x, w, ex, n, **kw: calls.append((tuple(w.shape), len(ex)))
+                        or grouped(x, w, ex, n, **kw))
+    monkeypatch.setattr(amx, "linear", lambda x, w, **kw: calls.append((tuple(w.shape), 1))
+                        or grouped(x, w[None], [0], [x.shape[0]], **kw))
+    m = _module(FORMATS[fmt], lora=lora, bias=bias)
     x, ids, w = _inputs(t=80)
     want, _ = _call(m, 0.0, x, ids, w)
     got, _ = _call(m, 0.5, x, ids, w)
     assert _rel(got, want) <= TOLERANCE[fmt]
     cpu_experts = len(set(ids[ids >= E // 2].tolist()))  # experts E/2 .. E-1 are the CPU's at share 0.5
-    assert calls.count((2 * I, H)) == cpu_experts and calls.count((H, I)) == cpu_experts
+    if fmt == "bf16":
+        assert calls == [((E, 2 * I, H), cpu_experts), ((E, H, I), cpu_experts)]
+    else:
+        assert calls.count(((2 * I, H), 1)) == cpu_experts and calls.count(((H, I), 1)) == cpu_experts

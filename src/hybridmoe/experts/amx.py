@@ -26,7 +26,7 @@ from . import cpu_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMULATE", "ENABLED", "THREADS", "available", "linear", "stats", "status", "supports", "usable"]
+__all__ = ["EMULATE", "ENABLED", "THREADS", "available", "grouped_linear", "linear", "stats", "status", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("amx_gemm.c")
 _lib: ctypes.CDLL | None = None
@@ -52,8 +52,8 @@ def _load() -> None:
         lib = cpu_kernel.load_library(_SOURCE)
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.hm_amx_ok.restype = lib.hm_amx_gemm.restype = c_int
-        lib.hm_amx_pack.argtypes = [p, i64, i64, i64, p, i64, c_int]
-        lib.hm_amx_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, c_int, c_int, c_int]
+        lib.hm_amx_pack.argtypes = [p, i64, i64, p, p, i64, p, p, p, c_int]
+        lib.hm_amx_gemm.argtypes = [p, p, i64, i64, i64, p, p, p, p, i64, p, i64, c_int, c_int, c_int]
         lib.hm_amx_stats.argtypes = [p, c_int]
         lib.hm_amx_set_variant.argtypes = [c_int]
         lib.hm_amx_set_variant(VARIANT)
@@ -103,26 +103,50 @@ def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None,
     """x [n, K] (bf16, or fp32 rounded to bf16; CPU) times w [M, K] bf16 transposed -> [n, M]: fp32 sums, returned
     as fp32 or rounded to bf16 (``out_dtype``; as a bf16 linear rounds its output). Needs :func:`available` (or
     ``emulate``, default EMULATE) and :func:`supports`\\(w)."""
+    return grouped_linear(x, w[None], [0], [x.shape[0]], emulate, out_dtype)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: bool | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every expert's GEMM of a layer in one call: x [S, K] (rows sorted by expert: ``counts[j]`` rows of expert
+    ``experts[j]``, in order; bf16, or fp32 rounded to bf16) against w [E, M, K] bf16 (each expert's matrix rows
+    contiguous) -> y [S, M], row i = x[i] · w[expert of row i]^T: fp32 sums, fp32 or rounded to bf16
+    (``out_dtype``). One parallel region for all of them: the work items are every expert's 32-row blocks."""
     emulate = EMULATE if emulate is None else emulate
     lib = _library()
     if lib is None:
         raise RuntimeError(f"AMX GEMMs {_state}")
-    if not supports(w):
+    if not supports(w[0]) or w.stride(0) < w.shape[1] * w.stride(1):
         raise ValueError(f"AMX linear: weight {tuple(w.shape)} {w.dtype} does not tile (bf16, M % 16, K % 32)")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"AMX linear: out_dtype fp32 or bf16, not {out_dtype}")
-    n, k = x.shape
-    m = w.shape[0]
-    if k != w.shape[1]:
-        raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[1]}")
-    xb = x.to(torch.bfloat16).contiguous()  # [n, K]
-    np_ = -(-n // 16) * 16  # tokens padded to whole tiles
+    s_rows, k = x.shape
+    m = w.shape[1]
+    if k != w.shape[2]:
+        raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[2]}")
+    cnt = torch.as_tensor(counts, dtype=torch.int64)
+    if int(cnt.sum()) != s_rows or bool((cnt < 0).any()):
+        raise ValueError(f"AMX linear: group counts {cnt.tolist()} do not partition {s_rows} rows")
+    keep = cnt > 0  # experts without rows are skipped
+    cnt = cnt[keep].contiguous()
+    ids = torch.as_tensor(experts, dtype=torch.int64)[keep]
+    off = (torch.cumsum(cnt, 0) - cnt).contiguous()  # first row of each group
+    padded = (cnt + 15) // 16 * 16
+    xpo = ((torch.cumsum(padded, 0) - padded) * k).contiguous()  # each group's packed activations (elements)
+    wo = (ids * w.stride(0)).contiguous()  # each group's matrix (elements from w[0])
+    g = len(cnt)
+    xb = x.to(torch.bfloat16).contiguous()  # [S, K]
     threads = THREADS or torch.get_num_threads()
-    xp = torch.empty(k // 2, np_, 2, dtype=torch.bfloat16)  # the B operand's pair layout
-    y = torch.empty(n, m, dtype=out_dtype)  # [n, M]
-    lib.hm_amx_pack(xb.data_ptr(), n, k, k, xp.data_ptr(), np_, threads)
-    rc = lib.hm_amx_gemm(w.data_ptr(), w.stride(0), m, k, xp.data_ptr(), n, np_, y.data_ptr(), m,
-                         int(out_dtype == torch.bfloat16), int(emulate), threads)
+    xp = torch.empty(int(padded.sum()) * k, dtype=torch.bfloat16)  # the B operand, tile by tile
+    tiles0 = torch.empty(g + 1, dtype=torch.int64)
+    y = torch.empty(s_rows, m, dtype=out_dtype)  # [S, M]
+    if g == 0:
+        return y
+    lib.hm_amx_pack(xb.data_ptr(), k, k, off.data_ptr(), cnt.data_ptr(), g, xp.data_ptr(), xpo.data_ptr(),
+                    tiles0.data_ptr(), threads)
+    rc = lib.hm_amx_gemm(w.data_ptr(), wo.data_ptr(), w.stride(1), m, k, xp.data_ptr(), xpo.data_ptr(),
+                         off.data_ptr(), cnt.data_ptr(), g, y.data_ptr(), m, int(out_dtype == torch.bfloat16),
+                         int(emulate), threads)
     if rc:
         raise RuntimeError({1: "AMX is not usable on this CPU", 3: "out of memory"}.get(rc, f"AMX GEMM failed ({rc})"))
     return y

@@ -81,24 +81,33 @@ int hm_amx_ok(void) {
     return amx_state;
 }
 
-/* xp (the header's tile order: [np/16, K/32, 16, 16, 2] bf16) from x [n, K] bf16 (row stride ldx); tokens n .. np-1
- * are zeros. K % 32 == 0, np % 16 == 0. One B tile a work item: 16 tokens' 64-byte runs in, a 1 KiB tile out. */
-void hm_amx_pack(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, uint16_t *xp, int64_t np, int threads) {
+/* The packed activations of G groups of rows (one an expert): group g's rows off[g] .. off[g] + cnt[g] - 1 of x
+ * [*, K] bf16 (row stride ldx) go, in the header's tile order ([np_g/16, K/32, 16, 16, 2], np_g = cnt[g] rounded
+ * up to 16, padding tokens zero), to xp + xpo[g] (elements). One B tile a work item: 16 tokens' 64-byte runs in,
+ * a 1 KiB tile out. tiles0 [G + 1]: the groups' first token tile in a running count (filled here). */
+void hm_amx_pack(const uint16_t *x, int64_t ldx, int64_t K, const int64_t *off, const int64_t *cnt, int64_t G,
+                 uint16_t *xp, const int64_t *xpo, int64_t *tiles0, int threads) {
     const int64_t t_enter = now_ns(), ks_n = K / 32;
-#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
-    for (int64_t tt = 0; tt < np / 16; tt++)
-        for (int64_t ks = 0; ks < ks_n; ks++) {
-            uint32_t run[16][16]; /* [token][pair] */
-            for (int64_t t = 0; t < 16; t++) {
-                if (16 * tt + t < n)
-                    memcpy(run[t], x + (16 * tt + t) * ldx + 32 * ks, 64);
-                else
-                    memset(run[t], 0, 64);
-            }
-            uint32_t *tile = (uint32_t *)xp + (tt * ks_n + ks) * 256; /* [pair r][token t] */
-            for (int r = 0; r < 16; r++)
-                for (int t = 0; t < 16; t++) tile[r * 16 + t] = run[t][r];
+    tiles0[0] = 0;
+    for (int64_t g = 0; g < G; g++) tiles0[g + 1] = tiles0[g] + (cnt[g] + 15) / 16;
+    const int64_t items = tiles0[G] * ks_n;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t tile = i / ks_n, ks = i % ks_n;
+        int64_t g = 0;
+        while (tiles0[g + 1] <= tile) g++; /* G is a layer's experts: a short scan */
+        const int64_t tt = tile - tiles0[g];
+        uint32_t run[16][16]; /* [token][pair] */
+        for (int64_t t = 0; t < 16; t++) {
+            if (16 * tt + t < cnt[g])
+                memcpy(run[t], x + (off[g] + 16 * tt + t) * ldx + 32 * ks, 64);
+            else
+                memset(run[t], 0, 64);
         }
+        uint32_t *dst = (uint32_t *)(xp + xpo[g]) + (tt * ks_n + ks) * 256; /* [pair r][token t] */
+        for (int r = 0; r < 16; r++)
+            for (int t = 0; t < 16; t++) dst[r * 16 + t] = run[t][r];
+    }
     stat_add(S_PACK_X, now_ns() - t_enter);
 }
 
@@ -227,15 +236,17 @@ static int scratch(int64_t K, int emulate) {
     return scratch_ap && scratch_buf && (scratch_tiles || !emulate);
 }
 
-/* y[t, m] = sum_k W[m, k] x[t, k] for t < n, m < M: w bf16 [M, K] (row stride ldw elements), xp from hm_amx_pack
- * (np = n rounded up to 16), y (row stride ldy) fp32, or bf16 (rounded to nearest even) when y_bf16. Returns 0; 1 if AMX is
- * not usable here (hm_amx_ok; emulate needs no AMX), 2 if the shapes do not tile (M % 16, K % 32, np % 16), 3 if
- * memory ran out. */
-int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint16_t *xp, int64_t n, int64_t np,
-                void *y, int64_t ldy, int y_bf16, int emulate, int threads) {
-    if (M % 16 || K % 32 || np % 16 || np < n || n < 1) return 2;
+/* G groups' GEMMs in one parallel region: for group g, y[off[g] + t, m] = sum_k W_g[m, k] x_g[t, k] for t < cnt[g],
+ * m < M, where W_g = w + wo[g] (elements; bf16 [M, K], row stride ldw) and x_g is packed at xp + xpo[g]
+ * (hm_amx_pack); y (row stride ldy) fp32, or bf16 (rounded to nearest even) when y_bf16. The work items are every
+ * group's 32-row blocks. Returns 0; 1 if AMX is not usable here (hm_amx_ok; emulate needs no AMX), 2 if the shapes
+ * do not tile (M % 16, K % 32), 3 if memory ran out. */
+int hm_amx_gemm(const uint16_t *w, const int64_t *wo, int64_t ldw, int64_t M, int64_t K, const uint16_t *xp,
+                const int64_t *xpo, const int64_t *off, const int64_t *cnt, int64_t G, void *y, int64_t ldy,
+                int y_bf16, int emulate, int threads) {
+    if (M % 16 || K % 32) return 2;
     if (!emulate && !hm_amx_ok()) return 1;
-    const int64_t blocks = (M + 31) / 32, t_enter = now_ns();
+    const int64_t blocks = (M + 31) / 32, items = blocks * G, t_enter = now_ns();
     int64_t counter = 0;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -246,33 +257,39 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
         if (ok && !emulate) amx_begin();
         uint16_t *ap = scratch_ap;
         float *buf = scratch_buf;
-        /* Blocks handed out one at a time (dynamic), each thread taking its next one before it starts the current,
+        /* Items handed out one at a time (dynamic), each thread taking its next one before it starts the current,
          * so that it knows which rows to prefetch (AMX_NEXT_ROWS). */
-        int64_t b = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-        while (ok && b < blocks) {
-            const int64_t nb = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-            const int64_t m0 = b * 32;
+        int64_t it = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        while (ok && it < items) {
+            const int64_t nit = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+            const int64_t g = it / blocks, m0 = it % blocks * 32, n = cnt[g], np = (n + 15) / 16 * 16;
             const int rows = M - m0 >= 32 ? 32 : 16;
-            const uint16_t *next = nb < blocks && (variant & AMX_NEXT_ROWS) ? w + nb * 32 * ldw : NULL;
-            const int nrows = next ? (M - nb * 32 >= 32 ? 32 : 16) : 0;
+            const uint16_t *wg = w + wo[g], *xg = xp + xpo[g];
+            const uint16_t *next = NULL;
+            int nrows = 0;
+            if (nit < items && (variant & AMX_NEXT_ROWS)) {
+                const int64_t nm0 = nit % blocks * 32;
+                next = w + wo[nit / blocks] + nm0 * ldw;
+                nrows = M - nm0 >= 32 ? 32 : 16;
+            }
             int64_t t = now_ns();
-            pack_rows(w, ldw, K, m0, rows, ap);
+            pack_rows(wg, ldw, K, m0, rows, ap);
             t_rows += now_ns() - t;
             for (int64_t t0 = 0; t0 < np; t0 += 32) {
                 const int cols = np - t0 >= 32 ? 32 : 16;
                 const uint16_t *pf = t0 ? NULL : next;
                 t = now_ns();
                 if (emulate)
-                    block_emu(scratch_tiles, ap, rows, K, xp, np, t0, cols, buf, pf, ldw, nrows);
+                    block_emu(scratch_tiles, ap, rows, K, xg, np, t0, cols, buf, pf, ldw, nrows);
                 else
-                    block_amx(ap, rows, K, xp, np, t0, cols, buf, pf, ldw, nrows);
+                    block_amx(ap, rows, K, xg, np, t0, cols, buf, pf, ldw, nrows);
                 t_tiles += now_ns() - t;
                 t = now_ns();
                 for (int i = 0; i < rows / 16; i++) /* tile (i, j): W rows m0 + 16i.., tokens t0 + 16j.. */
                     for (int j = 0; j < cols / 16; j++)
                         for (int c = 0; c < 16 && t0 + 16 * j + c < n; c++) {
                             const float *src = buf + (2 * i + j) * 256 + c;
-                            const int64_t at = (t0 + 16 * j + c) * ldy + m0 + 16 * i;
+                            const int64_t at = (off[g] + t0 + 16 * j + c) * ldy + m0 + 16 * i;
                             if (y_bf16)
                                 for (int r = 0; r < 16; r++) ((uint16_t *)y)[at + r] = to_bf16(src[r * 16]);
                             else
@@ -280,7 +297,7 @@ int hm_amx_gemm(const uint16_t *w, int64_t ldw, int64_t M, int64_t K, const uint
                         }
                 t_write += now_ns() - t;
             }
-            b = nb;
+            it = nit;
         }
         if (ok && !emulate) amx_end();
         stat_add(S_ROWS, t_rows);

@@ -217,8 +217,34 @@ class _Bf16Math(LoopMath):
             y += lo.scale * ((xf @ lo.A[e].T) @ lo.B[e].T)
         return y.to(torch.bfloat16)
 
+    def _grouped_linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
+        # x [S, in] bf16 (expert-sorted rows, self.groups) -> [S, out] bf16: every expert's GEMM in one AMX call,
+        # then bias and LoRA per expert in fp32 where there are any (as _bf16_linear)
+        w = self.weights.tensor(proj)  # [E, out, in] bf16
+        experts = [e for e, _ in self.groups]
+        counts = [rows.stop - rows.start for _, rows in self.groups]
+        lo, bias = self.lora.get(proj), self.weights.bias
+        if lo is None and bias is None:
+            return amx.grouped_linear(x, w, experts, counts, out_dtype=torch.bfloat16)
+        y = amx.grouped_linear(x, w, experts, counts)  # [S, out] fp32
+        for e, rows in self.groups:
+            if bias is not None:
+                y[rows] += bias[proj][e].float()
+            if lo is not None:  # fp32 masters, fp32 products: the rank is small
+                y[rows] += lo.scale * ((x[rows].float() @ lo.A[e].T) @ lo.B[e].T)
+        return y.to(torch.bfloat16)
+
+    def _grouped(self) -> bool:
+        """bf16-stored experts whose GEMMs AMX takes: the layer in two grouped calls (no per-expert overhead)."""
+        w = self.weights
+        return (not w.quantized and w.gate_up.dtype == torch.bfloat16 and bool(self.groups)
+                and amx.usable(w.gate_up[0]) and amx.usable(w.down[0]))
+
     def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x [S, H] fp32 -> (empty, y [S, H] fp32)."""
+        if self._grouped():  # rows are the groups' in order (expert-sorted)
+            gu = self._grouped_linear("gate_up_proj", x.to(torch.bfloat16))  # [S, 2I] bf16
+            return x.new_empty(0, 0), self._grouped_linear("down_proj", self.mlp(gu)).float()  # [S, H]
         y_out = x.new_empty(x.shape[0], self.weights.out_features("down_proj"))  # [S, H]
         for e, rows in self.groups:
             gu = self._bf16_linear("gate_up_proj", x[rows].to(torch.bfloat16), e)  # [n, 2I]
