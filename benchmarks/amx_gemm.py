@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=1408)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--group", type=int, default=16, help="experts in one grouped call")
     p.add_argument("--variants", type=int, nargs="*", default=[amx.VARIANT],
                    help="amx_gemm.c's prefetches: 1 tiles two k-steps ahead, 2 the next block's rows into L2")
     p.add_argument("--emulate", action="store_true", help="the emulated tiles (any x86-64 CPU; checks the script)")
@@ -73,21 +74,24 @@ def main() -> None:
             if name.startswith("amx"):
                 rec.update({k: round(v, 1) for k, v in amx.stats(reset=True).items()})
             print(json.dumps(rec), flush=True)
-        # Every expert in one call a projection (amx.grouped_linear: what the split's bf16 math calls for bf16 experts)
-        xs, hs = x.repeat(e, 1), hx.repeat(e, 1)  # [e·n, H], [e·n, I]: n rows an expert
+        # --group experts in one call a projection (amx.grouped_linear: what the split's bf16 math calls for bf16
+        # experts, ~16 of V2-Lite's 64 at its default share)
+        gs = min(args.group, e)
+        xs, hs = x.repeat(gs, 1), hx.repeat(gs, 1)  # [gs·n, H], [gs·n, I]: n rows an expert
         for v in args.variants:
             amx.set_variant(v)
-            grouped = partial(amx.grouped_linear, experts=list(range(e)), counts=[n] * e, emulate=args.emulate,
-                              out_dtype=torch.bfloat16)
-            grouped(xs, wgu), grouped(hs, wd)  # warm-up
+            grouped = [partial(amx.grouped_linear, experts=list(range(j, min(j + gs, e))), counts=[n] * gs,
+                               emulate=args.emulate, out_dtype=torch.bfloat16) for j in range(0, e - gs + 1, gs)]
+            grouped[0](xs, wgu), grouped[0](hs, wd)  # warm-up
             amx.stats(reset=True)
             t0 = time.perf_counter()
             for _ in range(args.repeats):
-                grouped(xs, wgu)
-                grouped(hs, wd)
-            dt = (time.perf_counter() - t0) / args.repeats / e
+                for fn in grouped:
+                    fn(xs, wgu)
+                    fn(hs, wd)
+            dt = (time.perf_counter() - t0) / args.repeats / (len(grouped) * gs)
             flops = 2 * n * 3 * h * i
-            print(json.dumps({"bench": "amx_gemm", "path": f"amx_grouped_v{v}", "experts": e, "tokens": n, "hidden": h,
+            print(json.dumps({"bench": "amx_gemm", "path": f"amx_grouped{gs}_v{v}", "experts": e, "tokens": n, "hidden": h,
                               "inter": i, "ms_per_expert": round(dt * 1e3, 3), "tflops": round(flops / dt / 1e12, 3),
                               "weight_GBps": round(3 * h * i * 2 / dt / 1e9, 1),
                               "threads": amx.THREADS or torch.get_num_threads(),

@@ -237,8 +237,7 @@ def streamer_min_tokens(model) -> int:
 
 def prefill(model, tok, args) -> None:
     import hybridmoe
-
-    from hybridmoe.experts import amx
+    from hybridmoe.experts import HybridExperts, amx
     from hybridmoe.experts.split import STATS
 
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(2))
@@ -246,11 +245,14 @@ def prefill(model, tok, args) -> None:
     for i in range(3):  # the shares side by side: each call of round i at every share in turn
         for share in args.cpu_shares or [None]:
             settings.cpu_share = share
+            cpu_experts = {m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, model.hybridmoe.device)
+                           for m in model.modules() if isinstance(m, HybridExperts)}
             STATS.reset()
             if model.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
             emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i, "cpu_share": share,
+                  "cpu_experts": sorted(cpu_experts),
                   "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
                   "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
                   "amx": amx.status(),
@@ -324,6 +326,10 @@ def profile_step(fn, name: str, dev: torch.device) -> None:
     emit({"bench": "step_trace", "name": name, **save_and_summarize(prof, os.environ.get("OUT", "/tmp"), name, "step")})
 
 
+def _share(v: str) -> float | None:
+    return None if v == "default" else float(v)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), required=True)
@@ -339,8 +345,9 @@ def main() -> None:
     p.add_argument("--compile-decode", action="store_true",
                    help="decode: also with the GPU stretches compiled (settings.compile_decode)")
     p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--cpu-shares", type=float, nargs="*", default=[],
-                   help="prefill: these shares of each layer's experts on the CPU (settings.cpu_share), side by side")
+    p.add_argument("--cpu-shares", type=_share, nargs="*", default=[],
+                   help="prefill: these shares of each layer's experts on the CPU (settings.cpu_share; 'default': "
+                        "the default by format, as users get it), side by side")
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)

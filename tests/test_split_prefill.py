@@ -273,3 +273,20 @@ def test_bf16_math_on_amx_tiles(fmt, lora, bias, monkeypatch):
         assert calls == [((E, 2 * I, H), cpu_experts), ((E, H, I), cpu_experts)]
     else:
         assert calls.count(((2 * I, H), 1)) == cpu_experts and calls.count(((H, I), 1)) == cpu_experts
+
+
+def test_default_cpu_share_by_format_and_amx(monkeypatch):
+    """By default the CPU takes a share of a streamed call only for bf16 experts on an AMX CPU, on CUDA."""
+    from hybridmoe.experts import amx
+    from hybridmoe.experts.backends import AMX_PREFILL_CPU_SHARE, ExpertSettings
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    s = ExpertSettings()
+    for has_amx in (False, True):
+        monkeypatch.setattr(amx, "available", lambda v=has_amx: v)
+        want = round(64 * AMX_PREFILL_CPU_SHARE) if has_amx else 0
+        assert s.prefill_cpu_experts(torch.bfloat16, 64, cuda) == want
+        assert s.prefill_cpu_experts(torch.bfloat16, 64, cpu) == 0
+        assert s.prefill_cpu_experts(torch.int8, 64, cuda) == 0 and s.prefill_cpu_experts(INT4, 64, cuda) == 0
+    s.cpu_share = 0.25  # an explicit share wins everywhere
+    assert s.prefill_cpu_experts(torch.int8, 64, cpu) == 16

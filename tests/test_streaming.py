@@ -165,9 +165,17 @@ def test_small_batches_stay_on_the_cpu(deep_ckpt):
     streamer = enable_streaming(model, "cpu", min_tokens=8)
     rep = placement_report(model)
     layer_bytes = max(m.weights.nbytes for m in model.modules() if isinstance(m, HybridExperts))
+    num_experts = next(m for m in model.modules() if isinstance(m, HybridExperts)).num_experts
+    from hybridmoe.experts import amx
+
     assert rep["streaming"] == {"device": "cpu", "min_tokens": 8, "slots": 2, "slot_bytes_reserved": 2 * layer_bytes,
-                                "resident_layers": 0, "resident_bytes": 0}
-    assert "on the CPU below 8 tokens" in format_report(rep)
+                                "resident_layers": 0, "resident_bytes": 0, "cpu_experts": 0,
+                                "num_experts": num_experts, "amx": amx.status()}
+    assert "on the CPU below 8 tokens" in format_report(rep) and "meanwhile the CPU" not in format_report(rep)
+    model.hybridmoe.settings.cpu_share = 0.5  # a CPU share of streamed calls: info says how many and how
+    text = format_report(placement_report(model))
+    assert f"meanwhile the CPU computes {round(num_experts / 2)} of each layer's {num_experts} experts" in text
+    model.hybridmoe.settings.cpu_share = None
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # 3 tokens < 8
         assert streamer.stats.hits + streamer.stats.copies == 0

@@ -110,6 +110,7 @@ def placement_report(model: nn.Module) -> dict:
         "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
         "resident_layers": streamer.resident,  # the first N MoE layers: on the device for every batch
         "resident_bytes": sum(streamer.layers[i].nbytes for i in range(streamer.resident)),
+        **_cpu_share_report(experts.values(), streamer.device),
     }
     return {
         "checkpoint": meta.checkpoint,
@@ -150,6 +151,18 @@ def _cpu_kernel_report(experts) -> dict:
             "four_bit_dots": cpu_kernel.four_bit_dots() if four_bit else None}
 
 
+def _cpu_share_report(experts, device) -> dict:
+    """How many of each layer's experts the CPU computes in a streamed inference call (hybridmoe.experts.split), and
+    whether its bf16 GEMMs run on AMX tiles."""
+    from .experts import amx
+
+    m = next(iter(experts), None)
+    if m is None:
+        return {"cpu_experts": 0, "num_experts": 0, "amx": amx.status()}
+    return {"cpu_experts": m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, torch.device(device)),
+            "num_experts": m.num_experts, "amx": amx.status()}
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
 
@@ -171,6 +184,10 @@ def format_report(rep: dict) -> str:
     lines += ["", "routed experts computed: on the CPU for every batch" if st is None else
               f"routed experts computed: on the CPU below {st['min_tokens']} tokens, else on {st['device']} with "
               f"{st['slots']} layers of weights streamed in ({_gib(st['slot_bytes_reserved'])} of GPU memory)"]
+    if st is not None and st.get("cpu_experts"):
+        gemms = "AMX tiles" if st["amx"] == "ready" else f"torch (AMX: {st['amx']})"
+        lines.append(f"  meanwhile the CPU computes {st['cpu_experts']} of each layer's {st['num_experts']} experts "
+                     f"next to their weights (bf16 GEMMs on {gemms})")
     if st is not None and st["resident_layers"]:
         lines.append(f"  the first {st['resident_layers']} MoE layers' experts stay on {st['device']} and run there for "
                      f"every batch ({_gib(st['resident_bytes'])} of GPU memory)")

@@ -18,6 +18,7 @@ import ctypes
 import logging
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ EMULATE = False
 ENABLED = True
 # What the GEMM does beyond the tiles (amx_gemm.c: 1 prefetch the tiles two k-steps ahead, 2 prefetch the thread's
 # next block of weight rows into L2), chosen by benchmarks/amx_gemm.py --variants; HYBRIDMOE_AMX_VARIANT overrides.
-VARIANT = int(os.environ.get("HYBRIDMOE_AMX_VARIANT", "0") or 0)
+# S14-f/g: 1 (0.625 ms an expert at 96 tokens from RAM against 0.657 with none, 0.626 with 2, 0.632 with both).
+VARIANT = int(os.environ.get("HYBRIDMOE_AMX_VARIANT", "1") or 0)
+_scratch = threading.local()  # the packed activations' buffer, kept per calling thread (fresh pages fault)
 # OpenMP threads of a GEMM (HYBRIDMOE_AMX_THREADS; 0: torch.get_num_threads()).
 THREADS = int(os.environ.get("HYBRIDMOE_AMX_THREADS", "0") or 0)
 
@@ -106,6 +109,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None,
     return grouped_linear(x, w[None], [0], [x.shape[0]], emulate, out_dtype)
 
 
+def _buffer(elements: int) -> torch.Tensor:
+    """A bf16 buffer of `elements`, reused by this thread's later calls (grown when short)."""
+    buf = getattr(_scratch, "xp", None)
+    if buf is None or buf.numel() < elements:
+        buf = _scratch.xp = torch.empty(max(elements, 1 << 20), dtype=torch.bfloat16)
+    return buf[:elements]
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: bool | None = None,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Every expert's GEMM of a layer in one call: x [S, K] (rows sorted by expert: ``counts[j]`` rows of expert
@@ -137,7 +148,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
     g = len(cnt)
     xb = x.to(torch.bfloat16).contiguous()  # [S, K]
     threads = THREADS or torch.get_num_threads()
-    xp = torch.empty(int(padded.sum()) * k, dtype=torch.bfloat16)  # the B operand, tile by tile
+    xp = _buffer(int(padded.sum()) * k)  # the B operand, tile by tile
     tiles0 = torch.empty(g + 1, dtype=torch.int64)
     y = torch.empty(s_rows, m, dtype=out_dtype)  # [S, M]
     if g == 0:

@@ -115,7 +115,7 @@ void hm_amx_pack(const uint16_t *x, int64_t ldx, int64_t K, const int64_t *off, 
  *   AMX_PF_TILES  prefetch (to L1) the A and B tiles two k-steps ahead, within the k loop;
  *   AMX_NEXT_ROWS prefetch (to L2) the thread's next block of W's rows while its first token pair runs. */
 enum { AMX_PF_TILES = 1, AMX_NEXT_ROWS = 2 };
-static int variant = 0;
+static int variant = 1; /* amx.VARIANT sets it */
 void hm_amx_set_variant(int v) { variant = v; }
 
 /* The tile instructions in C (emulate=1): eight 1 KiB tiles a thread. */

@@ -30,7 +30,7 @@ from types import MappingProxyType
 
 import torch
 
-from . import cpu_kernel
+from . import amx, cpu_kernel
 
 # The share of each batch-1 graph-decode step's routed experts that the GPU computes instead of the CPU, by the
 # experts' format (ExpertWeights.fmt: a torch dtype, or "int4" / "mxfp4" for 4-bit): their weights cross PCIe by DMA
@@ -44,9 +44,22 @@ DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 
 
 # The share of each layer's routed experts that the CPU computes in a streamed inference call (long prefills, the
 # server's batched prefill) while the other experts' weights cross PCIe to the GPU (hybridmoe.experts.split), by the
-# experts' format as above. 0 = off. To be set from `benchmarks/v2lite.py prefill --cpu-share ...` on the GPU host.
+# experts' format as above. 0 = off: the CPU part was the slower side at every share (session 7, oneDNN GEMMs).
 DEFAULT_PREFILL_CPU_SHARE = MappingProxyType({torch.bfloat16: 0.0, torch.float32: 0.0, torch.int8: 0.0,
                                               "int4": 0.0, "mxfp4": 0.0})
+# ... except bf16 experts on a CPU with AMX (experts/amx.py), whose split runs every CPU expert of a layer in two
+# grouped AMX GEMMs: V2-Lite 1024-token prefill at the default 2 slots (BENCHMARKS.md, session 14, S14-g, one process
+# side by side): share 0 1920-1924 tok/s, 0.15 2004-2011, 0.2 2084-2105, 0.25 2121-2133, 0.3 1986-1995. 0.2, a
+# step below the best, for CPUs with fewer cores.
+AMX_PREFILL_CPU_SHARE = 0.2
+
+
+def default_prefill_cpu_share(weight_format) -> float:
+    """The CPU's share of a streamed inference call's experts by default (on CUDA), by weight format."""
+    key = format_key(weight_format)
+    if key == torch.bfloat16 and amx.available():
+        return AMX_PREFILL_CPU_SHARE
+    return DEFAULT_PREFILL_CPU_SHARE.get(key, 0.0)
 
 
 def format_key(fmt) -> torch.dtype | str:
@@ -62,8 +75,8 @@ class ExpertSettings:
     gpu_share:  share of batch-1 graph-decode experts computed on the GPU; None = :data:`DEFAULT_GPU_SHARE` by
                 weight format on CUDA, 0 elsewhere.
     cpu_share:  share of each layer's experts computed on the CPU in a streamed inference call (the last
-                round(E · cpu_share) of them); None = :data:`DEFAULT_PREFILL_CPU_SHARE` by weight format on CUDA, 0
-                elsewhere.
+                round(E · cpu_share) of them); None = :func:`default_prefill_cpu_share` by weight format on CUDA
+                (AMX_PREFILL_CPU_SHARE for bf16 experts on an AMX CPU, else 0), 0 elsewhere.
     compile_decode: torch.compile the GPU stretches of batch-1 graph decode between the CPU's experts (CUDA
                 only; :mod:`hybridmoe.decode_compile`): fused kernels in the graphs, for a first step that compiles
                 (up to ~20 s for DeepSeek-V2-Lite on the H200 host). Default from ``HYBRIDMOE_COMPILE_DECODE`` (off).
@@ -85,7 +98,7 @@ class ExpertSettings:
         on `device` (the streamer's); 0 = none."""
         share = self.cpu_share
         if share is None:
-            share = DEFAULT_PREFILL_CPU_SHARE.get(format_key(weight_format), 0.0) if device.type == "cuda" else 0.0
+            share = default_prefill_cpu_share(weight_format) if device.type == "cuda" else 0.0
         return min(num_experts, max(0, round(num_experts * share)))
 
 
