@@ -83,3 +83,13 @@ if [ "${PART}" = g ]; then
   HYBRIDMOE_AMX_VARIANT=1 big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.15 0.2 0.25 0.3
   bundle_logs
 fi
+#   PART=h: the final tree: the GPU tests of the split, streaming and backends; the AMX GEMM per expert against
+#           grouped (16 experts a call, as the split) against oneDNN; then V2-Lite bf16 through hybridmoe.generate:
+#           decode (the work split of session 13, end to end) and prefill at the default share against 0 and 0.25
+if [ "${PART}" = h ]; then
+  step pytest 200 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py \
+    tests/test_streaming.py tests/test_expert_backends.py
+  step amx_gemm 100 $NOW python benchmarks/amx_gemm.py --experts 64 --tokens 96 256 --variants 1
+  big v2lite_bf16 220 v2-lite bfloat16 --steps 0 --skip train --cpu-shares 0 default 0.25
+  bundle_logs
+fi
