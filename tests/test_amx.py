@@ -132,3 +132,11 @@ def test_grouped_linear_is_each_experts_linear():
         assert _err(amx.grouped_linear(x, w, experts, counts), ref) <= TOL
     with pytest.raises(ValueError, match="partition"):
         amx.grouped_linear(x, w, experts, [17, 0, 1, 40, 15], emulate=True)
+    # The rows gathered while packing from an unsorted x (bf16 or fp32): the same numbers as the sorted copy's
+    perm = torch.randperm(len(x), generator=g)
+    unsorted = torch.empty_like(x)
+    unsorted[perm] = x  # x's row i is unsorted's row perm[i]
+    for xs in (unsorted, unsorted.to(torch.bfloat16)):
+        assert torch.equal(amx.grouped_linear(xs, w, experts, counts, emulate=True, rows=perm), y)
+    with pytest.raises(ValueError, match="outside"):
+        amx.grouped_linear(unsorted, w, experts, counts, emulate=True, rows=perm + 1)

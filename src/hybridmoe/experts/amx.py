@@ -55,7 +55,7 @@ def _load() -> None:
         lib = cpu_kernel.load_library(_SOURCE)
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.hm_amx_ok.restype = lib.hm_amx_gemm.restype = c_int
-        lib.hm_amx_pack.argtypes = [p, i64, i64, p, p, i64, p, p, p, c_int]
+        lib.hm_amx_pack.argtypes = [p, c_int, i64, i64, p, p, p, i64, p, p, p, c_int]
         lib.hm_amx_gemm.argtypes = [p, p, i64, i64, i64, p, p, p, p, i64, p, i64, c_int, c_int, c_int]
         lib.hm_amx_stats.argtypes = [p, c_int]
         lib.hm_amx_set_variant.argtypes = [c_int]
@@ -118,11 +118,13 @@ def _buffer(elements: int) -> torch.Tensor:
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: bool | None = None,
-                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Every expert's GEMM of a layer in one call: x [S, K] (rows sorted by expert: ``counts[j]`` rows of expert
-    ``experts[j]``, in order; bf16, or fp32 rounded to bf16) against w [E, M, K] bf16 (each expert's matrix rows
-    contiguous) -> y [S, M], row i = x[i] · w[expert of row i]^T: fp32 sums, fp32 or rounded to bf16
-    (``out_dtype``). One parallel region for all of them: the work items are every expert's 32-row blocks."""
+                   out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Every expert's GEMM of a layer in one call: the activations (rows sorted by expert: ``counts[j]`` rows of
+    expert ``experts[j]``, in order) against w [E, M, K] bf16 (each expert's matrix rows contiguous) -> y [S, M],
+    row i = x_i · w[expert of row i]^T: fp32 sums, fp32 or rounded to bf16 (``out_dtype``). The activations: x
+    [S, K] itself, or with ``rows`` [S] (int64) the rows x[rows[i]] of an unsorted x [T, K], gathered while packing;
+    bf16, or fp32 rounded to bf16 while packing. One parallel region for all of them: the work items are every
+    expert's 32-row blocks."""
     emulate = EMULATE if emulate is None else emulate
     lib = _library()
     if lib is None:
@@ -131,30 +133,38 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
         raise ValueError(f"AMX linear: weight {tuple(w.shape)} {w.dtype} does not tile (bf16, M % 16, K % 32)")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"AMX linear: out_dtype fp32 or bf16, not {out_dtype}")
-    s_rows, k = x.shape
-    m = w.shape[1]
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        x = x.float().cpu()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    k, m = x.shape[1], w.shape[1]
     if k != w.shape[2]:
         raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[2]}")
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < x.shape[0]):
+            raise ValueError(f"AMX linear: rows outside x's {x.shape[0]}")
+    s_rows = x.shape[0] if rows is None else len(rows)
     cnt = torch.as_tensor(counts, dtype=torch.int64)
     if int(cnt.sum()) != s_rows or bool((cnt < 0).any()):
         raise ValueError(f"AMX linear: group counts {cnt.tolist()} do not partition {s_rows} rows")
     keep = cnt > 0  # experts without rows are skipped
+    off = (torch.cumsum(cnt, 0) - cnt)[keep].contiguous()  # first sorted row of each group
     cnt = cnt[keep].contiguous()
     ids = torch.as_tensor(experts, dtype=torch.int64)[keep]
-    off = (torch.cumsum(cnt, 0) - cnt).contiguous()  # first row of each group
     padded = (cnt + 15) // 16 * 16
     xpo = ((torch.cumsum(padded, 0) - padded) * k).contiguous()  # each group's packed activations (elements)
     wo = (ids * w.stride(0)).contiguous()  # each group's matrix (elements from w[0])
     g = len(cnt)
-    xb = x.to(torch.bfloat16).contiguous()  # [S, K]
     threads = THREADS or torch.get_num_threads()
     xp = _buffer(int(padded.sum()) * k)  # the B operand, tile by tile
     tiles0 = torch.empty(g + 1, dtype=torch.int64)
     y = torch.empty(s_rows, m, dtype=out_dtype)  # [S, M]
     if g == 0:
         return y
-    lib.hm_amx_pack(xb.data_ptr(), k, k, off.data_ptr(), cnt.data_ptr(), g, xp.data_ptr(), xpo.data_ptr(),
-                    tiles0.data_ptr(), threads)
+    lib.hm_amx_pack(x.data_ptr(), int(x.dtype == torch.float32), x.stride(0), k,
+                    None if rows is None else rows.data_ptr(), off.data_ptr(), cnt.data_ptr(), g, xp.data_ptr(),
+                    xpo.data_ptr(), tiles0.data_ptr(), threads)
     rc = lib.hm_amx_gemm(w.data_ptr(), wo.data_ptr(), w.stride(1), m, k, xp.data_ptr(), xpo.data_ptr(),
                          off.data_ptr(), cnt.data_ptr(), g, y.data_ptr(), m, int(out_dtype == torch.bfloat16),
                          int(emulate), threads)

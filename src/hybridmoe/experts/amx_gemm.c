@@ -81,12 +81,13 @@ int hm_amx_ok(void) {
     return amx_state;
 }
 
-/* The packed activations of G groups of rows (one an expert): group g's rows off[g] .. off[g] + cnt[g] - 1 of x
- * [*, K] bf16 (row stride ldx) go, in the header's tile order ([np_g/16, K/32, 16, 16, 2], np_g = cnt[g] rounded
- * up to 16, padding tokens zero), to xp + xpo[g] (elements). One B tile a work item: 16 tokens' 64-byte runs in,
- * a 1 KiB tile out. tiles0 [G + 1]: the groups' first token tile in a running count (filled here). */
-void hm_amx_pack(const uint16_t *x, int64_t ldx, int64_t K, const int64_t *off, const int64_t *cnt, int64_t G,
-                 uint16_t *xp, const int64_t *xpo, int64_t *tiles0, int threads) {
+/* The packed activations of G groups of rows (one an expert). Group g's rows are rows off[g] .. off[g] + cnt[g] - 1
+ * of the sorted order, row i of which is row idx[i] of x (idx NULL: row i); x [*, K] is bf16, or fp32 (x_f32: rounded
+ * to bf16 to nearest even here), row stride ldx. They go, in the header's tile order ([np_g/16, K/32, 16, 16, 2],
+ * np_g = cnt[g] rounded up to 16, padding tokens zero), to xp + xpo[g] (elements). One B tile a work item: 16 tokens'
+ * 32 inputs in, a 1 KiB tile out. tiles0 [G + 1]: the groups' first token tile in a running count (filled here). */
+void hm_amx_pack(const void *x, int x_f32, int64_t ldx, int64_t K, const int64_t *idx, const int64_t *off,
+                 const int64_t *cnt, int64_t G, uint16_t *xp, const int64_t *xpo, int64_t *tiles0, int threads) {
     const int64_t t_enter = now_ns(), ks_n = K / 32;
     tiles0[0] = 0;
     for (int64_t g = 0; g < G; g++) tiles0[g + 1] = tiles0[g] + (cnt[g] + 15) / 16;
@@ -99,10 +100,18 @@ void hm_amx_pack(const uint16_t *x, int64_t ldx, int64_t K, const int64_t *off, 
         const int64_t tt = tile - tiles0[g];
         uint32_t run[16][16]; /* [token][pair] */
         for (int64_t t = 0; t < 16; t++) {
-            if (16 * tt + t < cnt[g])
-                memcpy(run[t], x + (off[g] + 16 * tt + t) * ldx + 32 * ks, 64);
-            else
+            if (16 * tt + t >= cnt[g]) {
                 memset(run[t], 0, 64);
+                continue;
+            }
+            const int64_t sorted = off[g] + 16 * tt + t, row = idx ? idx[sorted] : sorted;
+            if (x_f32) {
+                const float *src = (const float *)x + row * ldx + 32 * ks;
+                uint16_t *dst = (uint16_t *)run[t];
+                for (int c = 0; c < 32; c++) dst[c] = to_bf16(src[c]);
+            } else {
+                memcpy(run[t], (const uint16_t *)x + row * ldx + 32 * ks, 64);
+            }
         }
         uint32_t *dst = (uint32_t *)(xp + xpo[g]) + (tt * ks_n + ks) * 256; /* [pair r][token t] */
         for (int r = 0; r < 16; r++)

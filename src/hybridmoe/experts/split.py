@@ -174,8 +174,15 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
     counts = torch.bincount(flat[slots], minlength=module.num_experts).tolist()
     groups = expert_groups(counts, range(first, module.num_experts))
     tok = slots // k
-    x_sorted, w_sorted = x[tok].float(), w.view(-1)[slots]  # [S_cpu, H], [S_cpu]
+    w_sorted = w.view(-1)[slots]  # [S_cpu]
     math = CPU_MATH.get(format_key(module.weights.fmt), "loop")
+    if math == "bf16" and _Bf16Math.grouped_ok(module.weights):
+        # Every CPU expert in two grouped AMX GEMMs, x's rows gathered (and rounded to bf16) while packing
+        y = _Bf16Math(module.weights, lora, module.mlp, groups).forward_grouped(x, tok)  # [S_cpu, H] fp32
+        y *= w_sorted[:, None]
+        out.index_add_(0, tok, y)
+        return out
+    x_sorted = x[tok].float()  # [S_cpu, H]
     if math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
         y = kernel_rows(module, x_sorted, flat[slots], w_sorted)  # the routing weight applied
     else:
@@ -217,34 +224,43 @@ class _Bf16Math(LoopMath):
             y += lo.scale * ((xf @ lo.A[e].T) @ lo.B[e].T)
         return y.to(torch.bfloat16)
 
-    def _grouped_linear(self, proj: str, x: torch.Tensor) -> torch.Tensor:
-        # x [S, in] bf16 (expert-sorted rows, self.groups) -> [S, out] bf16: every expert's GEMM in one AMX call,
-        # then bias and LoRA per expert in fp32 where there are any (as _bf16_linear)
+    @staticmethod
+    def grouped_ok(weights) -> bool:
+        """bf16-stored experts whose GEMMs AMX takes (:meth:`forward_grouped`)."""
+        return (not weights.quantized and weights.gate_up.dtype == torch.bfloat16 and amx.usable(weights.gate_up[0])
+                and amx.usable(weights.down[0]))
+
+    def _grouped_linear(self, proj: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        # x [S, in] (or [T, in] and rows [S]: see amx.grouped_linear), expert-sorted rows (self.groups) -> [S, out]
+        # fp32: every expert's GEMM in one AMX call, then bias and LoRA per expert in fp32 where there are any
         w = self.weights.tensor(proj)  # [E, out, in] bf16
         experts = [e for e, _ in self.groups]
-        counts = [rows.stop - rows.start for _, rows in self.groups]
+        counts = [r.stop - r.start for _, r in self.groups]
+        y = amx.grouped_linear(x, w, experts, counts, rows=rows)  # [S, out] fp32
         lo, bias = self.lora.get(proj), self.weights.bias
         if lo is None and bias is None:
-            return amx.grouped_linear(x, w, experts, counts, out_dtype=torch.bfloat16)
-        y = amx.grouped_linear(x, w, experts, counts)  # [S, out] fp32
-        for e, rows in self.groups:
+            return y
+        xs = x if rows is None else x[rows]  # [S, in] (LoRA's input)
+        for e, r in self.groups:
             if bias is not None:
-                y[rows] += bias[proj][e].float()
+                y[r] += bias[proj][e].float()
             if lo is not None:  # fp32 masters, fp32 products: the rank is small
-                y[rows] += lo.scale * ((x[rows].float() @ lo.A[e].T) @ lo.B[e].T)
-        return y.to(torch.bfloat16)
+                y[r] += lo.scale * ((xs[r].float() @ lo.A[e].T) @ lo.B[e].T)
+        return y
 
-    def _grouped(self) -> bool:
-        """bf16-stored experts whose GEMMs AMX takes: the layer in two grouped calls (no per-expert overhead)."""
-        w = self.weights
-        return (not w.quantized and w.gate_up.dtype == torch.bfloat16 and bool(self.groups)
-                and amx.usable(w.gate_up[0]) and amx.usable(w.down[0]))
+    def forward_grouped(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """x [T, H] (bf16 or fp32; the layer's hidden states), rows [S] (int64: the expert-sorted slots' tokens; None:
+        x is [S, H], sorted) ->
+        y [S, H] fp32: every CPU expert's gate_up in one AMX call, the gate in fp32, every down in one more. GEMM
+        inputs are rounded to bf16 as the streamed GPU path's; the GEMMs' fp32 outputs are kept (this path is never
+        less exact than the per-expert one)."""
+        gu = self._grouped_linear("gate_up_proj", x, rows)  # [S, 2I] fp32
+        return self._grouped_linear("down_proj", self.mlp(gu))  # [S, H] fp32
 
     def forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x [S, H] fp32 -> (empty, y [S, H] fp32)."""
-        if self._grouped():  # rows are the groups' in order (expert-sorted)
-            gu = self._grouped_linear("gate_up_proj", x.to(torch.bfloat16))  # [S, 2I] bf16
-            return x.new_empty(0, 0), self._grouped_linear("down_proj", self.mlp(gu)).float()  # [S, H]
+        if self.grouped_ok(self.weights):  # rows are the groups' in order (expert-sorted)
+            return x.new_empty(0, 0), self.forward_grouped(x, None)
         y_out = x.new_empty(x.shape[0], self.weights.out_features("down_proj"))  # [S, H]
         for e, rows in self.groups:
             gu = self._bf16_linear("gate_up_proj", x[rows].to(torch.bfloat16), e)  # [n, 2I]
