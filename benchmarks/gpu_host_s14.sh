@@ -93,3 +93,10 @@ if [ "${PART}" = h ]; then
   big v2lite_bf16 220 v2-lite bfloat16 --steps 0 --skip train --cpu-shares 0 default 0.25
   bundle_logs
 fi
+#   PART=i: the split's CPU part without its dtype round trips (rows gathered and rounded while packing, fp32 GEMM
+#           outputs through the gate): tests, then V2-Lite bf16 prefill at 0, the default and larger shares
+if [ "${PART}" = i ]; then
+  step pytest 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py
+  big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25 0.3 0.35
+  bundle_logs
+fi
