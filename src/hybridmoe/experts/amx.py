@@ -142,7 +142,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
         raise ValueError(f"AMX linear: x has {k} inputs, the weight {w.shape[2]}")
     if rows is not None:
         rows = rows.to(torch.int64).contiguous()
-        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < x.shape[0]):
+        if len(rows) and not (int(rows.min()) >= 0 and int(rows.max()) < x.shape[0]):
             raise ValueError(f"AMX linear: rows outside x's {x.shape[0]}")
     s_rows = x.shape[0] if rows is None else len(rows)
     cnt = torch.as_tensor(counts, dtype=torch.int64)
