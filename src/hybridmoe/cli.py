@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU experts)")
     c.add_argument("--compile-decode", action="store_true", default=None,
                    help="torch.compile the GPU work between the CPU experts of each decode step (CUDA: fewer, fused "
-                        "kernels; the first reply compiles, up to ~20 s for V2-Lite; default: $HYBRIDMOE_COMPILE_DECODE)")
+                        "kernels; the first reply compiles, ~12 s for V2-Lite; default: $HYBRIDMOE_COMPILE_DECODE)")
     c.set_defaults(func=_cmd_chat)
 
     i = sub.add_parser("inspect", help="adapter health by component", description="Adapter health by component; exit 1 on NaN/Inf.")
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "through chat's decoder, several through the batch decoder)")
     s.add_argument("--compile-decode", action="store_true", default=None,
                    help="torch.compile the GPU work between the CPU experts of a lone request's decode steps (CUDA; "
-                        "compiled during warm-up, up to ~20 s for V2-Lite; default: $HYBRIDMOE_COMPILE_DECODE)")
+                        "compiled during warm-up, ~12 s for V2-Lite; default: $HYBRIDMOE_COMPILE_DECODE)")
     s.add_argument("--chat-template", help="Jinja chat template (file or string) for tokenizers without one")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (access log at info)")

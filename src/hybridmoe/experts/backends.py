@@ -79,7 +79,7 @@ class ExpertSettings:
                 (AMX_PREFILL_CPU_SHARE for bf16 experts on an AMX CPU, else 0), 0 elsewhere.
     compile_decode: torch.compile the GPU stretches of batch-1 graph decode between the CPU's experts (CUDA
                 only; :mod:`hybridmoe.decode_compile`): fused kernels in the graphs, for a first step that compiles
-                (up to ~20 s for DeepSeek-V2-Lite on the H200 host). Default from ``HYBRIDMOE_COMPILE_DECODE`` (off).
+                (~12 s for DeepSeek-V2-Lite on the H200 host, S14-a). Default from ``HYBRIDMOE_COMPILE_DECODE`` (off).
     """
 
     cpu_kernel: bool = cpu_kernel.ENV_ENABLED
