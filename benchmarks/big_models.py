@@ -258,6 +258,10 @@ def prefill(model, tok, args) -> None:
                   "amx": amx.status(),
                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda"
                   else 0})
+    for share in (args.cpu_shares or [None]) if args.profile_prefill and model.device.type == "cuda" else ():
+        settings.cpu_share = share  # then one prompt at each share under the profiler
+        profile_step(lambda: hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0),
+                     f"prefill_{args.model}_{args.format}_share{share}", model.device)
     settings.cpu_share = None
 
 
@@ -352,6 +356,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--profile", action="store_true", help="train: then one step under torch.profiler (trace to $OUT)")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="prefill: then one prompt at each share under torch.profiler (traces to $OUT)")
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill", "train"])
     p.add_argument("--resident-layers", type=int, nargs="*", default=[],
                    help="decode: also with the first N MoE layers' experts resident on the GPU, for each N given")

@@ -100,3 +100,9 @@ if [ "${PART}" = i ]; then
   big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25 0.3 0.35
   bundle_logs
 fi
+#   PART=j: where a split prefill's time goes: one V2-Lite bf16 prompt at share 0 and at the default under
+#           torch.profiler (trace_summary: the GPU's kernels, the copies, both, neither)
+if [ "${PART}" = j ]; then
+  big prefill_profile 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default --profile-prefill
+  bundle_logs
+fi
