@@ -106,3 +106,11 @@ if [ "${PART}" = j ]; then
   big prefill_profile 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default --profile-prefill
   bundle_logs
 fi
+#   PART=k: the split with more slots (S14-j's trace: the next layer's copy is queued when a layer's split starts, so
+#           the copies run at most one layer ahead of the CPU part): V2-Lite bf16 prefill at 3 and 4 slots (each a
+#           0.83 GiB slot at share 0.2), shares side by side
+if [ "${PART}" = k ]; then
+  big prefill_slots3 150 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 3 --cpu-shares 0 default 0.25 0.3
+  big prefill_slots4 150 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 4 --cpu-shares 0 default 0.25 0.3
+  bundle_logs
+fi
