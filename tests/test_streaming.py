@@ -170,11 +170,12 @@ def test_small_batches_stay_on_the_cpu(deep_ckpt):
 
     assert rep["streaming"] == {"device": "cpu", "min_tokens": 8, "slots": 2, "slot_bytes_reserved": 2 * layer_bytes,
                                 "resident_layers": 0, "resident_bytes": 0, "cpu_experts": 0,
-                                "num_experts": num_experts, "amx": amx.status()}
+                                "num_experts": num_experts, "cpu_math": "loop", "amx": amx.status()}
     assert "on the CPU below 8 tokens" in format_report(rep) and "meanwhile the CPU" not in format_report(rep)
     model.hybridmoe.settings.cpu_share = 0.5  # a CPU share of streamed calls: info says how many and how
     text = format_report(placement_report(model))
-    assert f"meanwhile the CPU computes {round(num_experts / 2)} of each layer's {num_experts} experts" in text
+    assert (f"meanwhile the CPU computes {round(num_experts / 2)} of each layer's {num_experts} experts next to their "
+            "weights (torch's GEMMs in the stored format)") in text  # fp32 experts: CPU_MATH "loop"
     model.hybridmoe.settings.cpu_share = None
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # 3 tokens < 8

@@ -152,15 +152,17 @@ def _cpu_kernel_report(experts) -> dict:
 
 
 def _cpu_share_report(experts, device) -> dict:
-    """How many of each layer's experts the CPU computes in a streamed inference call (hybridmoe.experts.split), and
-    whether its bf16 GEMMs run on AMX tiles."""
-    from .experts import amx
+    """How many of each layer's experts the CPU computes in a streamed inference call (hybridmoe.experts.split), in
+    which math (split.CPU_MATH), and whether bf16 GEMMs run on AMX tiles here."""
+    from .experts import amx, split
+    from .experts.backends import format_key
 
     m = next(iter(experts), None)
     if m is None:
-        return {"cpu_experts": 0, "num_experts": 0, "amx": amx.status()}
+        return {"cpu_experts": 0, "num_experts": 0, "cpu_math": None, "amx": amx.status()}
     return {"cpu_experts": m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, torch.device(device)),
-            "num_experts": m.num_experts, "amx": amx.status()}
+            "num_experts": m.num_experts, "cpu_math": split.CPU_MATH.get(format_key(m.weights.fmt), "loop"),
+            "amx": amx.status()}
 
 
 def _gib(n: int) -> str:
@@ -185,9 +187,10 @@ def format_report(rep: dict) -> str:
               f"routed experts computed: on the CPU below {st['min_tokens']} tokens, else on {st['device']} with "
               f"{st['slots']} layers of weights streamed in ({_gib(st['slot_bytes_reserved'])} of GPU memory)"]
     if st is not None and st.get("cpu_experts"):
-        gemms = "AMX tiles" if st["amx"] == "ready" else f"torch (AMX: {st['amx']})"
+        how = {"kernel": "the compiled kernel", "loop": "torch's GEMMs in the stored format",
+               "bf16": "bf16 GEMMs on " + ("AMX tiles" if st["amx"] == "ready" else f"torch (AMX: {st['amx']})")}
         lines.append(f"  meanwhile the CPU computes {st['cpu_experts']} of each layer's {st['num_experts']} experts "
-                     f"next to their weights (bf16 GEMMs on {gemms})")
+                     f"next to their weights ({how.get(st['cpu_math'], st['cpu_math'])})")
     if st is not None and st["resident_layers"]:
         lines.append(f"  the first {st['resident_layers']} MoE layers' experts stay on {st['device']} and run there for "
                      f"every batch ({_gib(st['resident_bytes'])} of GPU memory)")

@@ -1,19 +1,21 @@
 /* bf16 GEMMs on Intel AMX tiles, for the CPU share of a streamed prefill (hybridmoe.experts.amx).
  *
- * One call computes y[t, m] = sum_k W[m, k] * x[t, k] for a few dozen to a few hundred tokens t and every row m of
- * one expert's projection W (bf16 [M, K], as stored: transformers' [out, in] rows). The weights are the tiles' A
- * operand as they lie in RAM (a tile is 16 rows x 32 bf16 of W: no repacking, no second copy of the experts); the
- * activations (bf16) are the B operand, packed once a call in AMX's pair layout, tile by tile (hm_amx_pack):
+ * One call computes, for each of G groups (one an expert), y[t, m] = sum_k W_g[m, k] * x_g[t, k] for the group's
+ * few dozen to few hundred tokens t and every row m of its projection W_g (bf16 [M, K], as stored: transformers'
+ * [out, in] rows, no repacked copy of the experts). The activations (bf16, or fp32 rounded here; gathered from the
+ * caller's rows) are the B operand, packed once a call in AMX's pair layout, tile by tile (hm_amx_pack):
  *
- *     xp[tt, ks, r, t, j] = x[16 tt + t, 32 ks + 2r + j]        token tile tt, k-step ks (32 inputs), r < 16, t < 16
+ *     xp_g[tt, ks, r, t, j] = x_g[16 tt + t, 32 ks + 2r + j]    token tile tt, k-step ks (32 inputs), r < 16, t < 16
  *
  * so that each B tile is 1 KiB of contiguous bytes whose row r holds 16 tokens' inputs 2r and 2r + 1 (tokens padded
- * to 16 with zeros). A 32-row block of W against 32 tokens is 2 A tiles,
- * 2 B tiles and 4 fp32 accumulator tiles (tmm0-1: A, tmm2-3: B, tmm4-7: C), K walked 32 inputs a step. Threads take
- * 32-row blocks one at a time: a block's rows are first copied into tile order (each row read once, front to back;
- * loading A tiles straight from the rows, 16 lines 2K+ bytes apart a tile, ran at ~1.4 TFLOP/s on the GPU host's
- * Xeon), then every token pair walks the copy (from L2). The accumulators go to y through a 4 KiB buffer,
- * transposed ([m, t] tiles to y's [t, m] rows).
+ * to 16 with zeros). A 32-row block of W against 32 tokens is 2 A tiles, 2 B tiles and 4 fp32 accumulator tiles
+ * (tmm0-1: A, tmm2-3: B, tmm4-7: C), K walked 32 inputs a step. The work items are every group's 32-row blocks,
+ * handed out one at a time: a block's rows are first copied into tile order in the thread's scratch (each row read
+ * once, front to back; loading A tiles straight from the rows, 16 lines 2K+ bytes apart a tile, ran at ~1.4 TFLOP/s
+ * on the GPU host's Xeon), then every token pair walks the copy (from L2). The accumulators go to y through a 4 KiB
+ * buffer, transposed ([m, t] tiles to y's [t, m] rows). One call for all of a layer's CPU experts (16 at V2-Lite's
+ * default share): 3.6 TFLOP/s at ~96 tokens an expert, against ~2 for one call an expert or oneDNN (BENCHMARKS.md,
+ * session 14).
  *
  * Numerics: bf16 inputs, products accumulated in fp32 (TDPBF16PS), y fp32 or rounded to bf16 (to nearest even) as
  * oneDNN's bf16 linear rounds its output. Only the summation order differs.

@@ -206,7 +206,10 @@ def kernel_rows(module, x: torch.Tensor, experts: torch.Tensor, w: torch.Tensor)
 
 
 class _Bf16Math(LoopMath):
-    """The per-expert loop with bf16 GEMMs and bf16 activations between them (inference only: no backward)."""
+    """The CPU part's bf16 math (inference only: no backward). bf16-stored experts on an AMX CPU: every expert of
+    the part in one grouped AMX GEMM a projection (:meth:`forward_grouped`; bf16 GEMM inputs, fp32 between them).
+    Otherwise the per-expert loop with bf16 GEMMs (AMX where the CPU has it, else oneDNN) and bf16 activations between
+    them, as the streamed GPU path computes."""
 
     def _bf16_linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         # x [n, in] bf16 -> [n, out] bf16
