@@ -37,34 +37,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "hm_common.h"
+
 #define TGTAMX __attribute__((target("amx-tile,amx-bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u) return (uint16_t)((u >> 16) | ((u & 0xffffu) ? 0x40u : 0u)); /* inf, NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float from_bf16(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* Where the calls' time went (hm_amx_stats): calls, the activations' packing, the GEMM region's wall time, and the
  * threads' summed time copying W's rows, in tiles and writing y. For benchmarks/amx_gemm.py. */
 enum { S_CALLS, S_PACK_X, S_REGION, S_ROWS, S_TILES, S_WRITE, S_N };
 static int64_t stats[S_N];
-
-static inline int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static inline void stat_add(int k, int64_t v) { __atomic_fetch_add(&stats[k], v, __ATOMIC_RELAXED); }
 
@@ -110,7 +92,7 @@ void hm_amx_pack(const void *x, int x_f32, int64_t ldx, int64_t K, const int64_t
             if (x_f32) {
                 const float *src = (const float *)x + row * ldx + 32 * ks;
                 uint16_t *dst = (uint16_t *)run[t];
-                for (int c = 0; c < 32; c++) dst[c] = to_bf16(src[c]);
+                for (int c = 0; c < 32; c++) dst[c] = f32_to_bf16(src[c]);
             } else {
                 memcpy(run[t], (const uint16_t *)x + row * ldx + 32 * ks, 64);
             }
@@ -147,8 +129,8 @@ static void emu_dp(Tiles *s, int c, int a, int b) { /* C[m][n] += sum_k A[m][2k:
         for (int nn = 0; nn < 16; nn++) {
             float acc = C[m * 16 + nn];
             for (int k = 0; k < 16; k++)
-                acc += from_bf16(A[m * 32 + 2 * k]) * from_bf16(B[k * 32 + 2 * nn]) +
-                       from_bf16(A[m * 32 + 2 * k + 1]) * from_bf16(B[k * 32 + 2 * nn + 1]);
+                acc += bf16_to_f32(A[m * 32 + 2 * k]) * bf16_to_f32(B[k * 32 + 2 * nn]) +
+                       bf16_to_f32(A[m * 32 + 2 * k + 1]) * bf16_to_f32(B[k * 32 + 2 * nn + 1]);
             C[m * 16 + nn] = acc;
         }
 }
@@ -302,7 +284,7 @@ int hm_amx_gemm(const uint16_t *w, const int64_t *wo, int64_t ldw, int64_t M, in
                             const float *src = buf + (2 * i + j) * 256 + c;
                             const int64_t at = (off[g] + t0 + 16 * j + c) * ldy + m0 + 16 * i;
                             if (y_bf16)
-                                for (int r = 0; r < 16; r++) ((uint16_t *)y)[at + r] = to_bf16(src[r * 16]);
+                                for (int r = 0; r < 16; r++) ((uint16_t *)y)[at + r] = f32_to_bf16(src[r * 16]);
                             else
                                 for (int r = 0; r < 16; r++) ((float *)y)[at + r] = src[r * 16];
                         }

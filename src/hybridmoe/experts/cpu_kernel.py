@@ -42,6 +42,7 @@ __all__ = ["CHUNK", "ENV_ENABLED", "ITEM_ROWS", "MAX_TOKENS", "PREFETCH_BYTES", 
            "stats", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("moe_cpu.c")
+_HEADER = Path(__file__).with_name("hm_common.h")  # included by every C source here
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: 4-bit codes
 # Software prefetch distance of the weight rows (bytes ahead; HYBRIDMOE_CPU_PREFETCH overrides), chosen by
 # benchmarks/decode_gemv.py --prefetch (BENCHMARKS.md).
@@ -82,7 +83,7 @@ def _build(source: Path = _SOURCE) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(source.read_bytes() + version.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + _HEADER.read_bytes() + version.encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{digest}.so"
     if out.exists():
         return out

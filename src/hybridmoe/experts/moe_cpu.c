@@ -37,6 +37,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "hm_common.h"
+
 int omp_get_num_threads(void); /* the OpenMP runtime's (torch's, bound at load time: see the module docstring) */
 
 #define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
@@ -44,21 +46,6 @@ int omp_get_num_threads(void); /* the OpenMP runtime's (torch's, bound at load t
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_P4 = 3 };
 enum { MAX_ITEM_ROWS = 128 }; /* the most weight rows a work item may take (hm_set_item_rows) */
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* ---- dot products: one weight row against one activation vector, fp32 accumulation -------------------------
  * Each takes the activations both as bf16 (xb) and as fp32 (xf, bf16-rounded when the weights are bf16 or int8),
@@ -733,12 +720,6 @@ void hm_set_item_rows(int rows) {
  * the barriers and imbalance). Atomic adds: calls may come from several Python threads. */
 enum { ST_CALLS, ST_PREP, ST_R1, ST_R2, ST_BUSY1, ST_BUSY2, ST_THREADS, ST_N };
 static int64_t stats[ST_N];
-
-static inline int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static inline void stat_add(int k, int64_t v) { __atomic_fetch_add(&stats[k], v, __ATOMIC_RELAXED); }
 
