@@ -140,3 +140,5 @@ def test_grouped_linear_is_each_experts_linear():
         assert torch.equal(amx.grouped_linear(xs, w, experts, counts, emulate=True, rows=perm), y)
     with pytest.raises(ValueError, match="outside"):
         amx.grouped_linear(unsorted, w, experts, counts, emulate=True, rows=perm + 1)
+    with pytest.raises(ValueError, match="outside the weight"):
+        amx.grouped_linear(x, w, [4, 0, 6, 2, 1], counts, emulate=True)

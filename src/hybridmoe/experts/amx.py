@@ -1,15 +1,17 @@
 """bf16 GEMMs on Intel AMX tiles (``amx_gemm.c``, built on first use): the CPU share of a streamed prefill.
 
 A streamed prefill may compute a share of each layer's experts on the CPU while the rest cross PCIe (:mod:`.split`).
-With bf16 experts that share's GEMMs went through torch (oneDNN): ~1 TFLOP/s on the GPU host's 16-core Xeon at
-~100 tokens an expert (BENCHMARKS.md, session 7), too slow to take a useful share. :func:`linear` runs them on AMX
-tiles with the weights read as they are stored (no repacked copy of the experts) and the activations packed once a
-call; see ``amx_gemm.c``'s header for the blocking.
+With bf16 experts that share's GEMMs went through torch (oneDNN): 1-2 TFLOP/s on the GPU host's 16-core Xeon at
+~100 tokens an expert, too slow for a useful share (BENCHMARKS.md, sessions 7 and 14). :func:`grouped_linear` runs
+every CPU expert of a layer in one call on AMX tiles (3.6 TFLOP/s there at ~96 tokens an expert, 16 experts a call),
+with the weights read as they are stored (no repacked copy of the experts) and the activations gathered and packed
+once a call; :func:`linear` is one expert's. ``amx_gemm.c``'s header describes the blocking.
 
 Where it runs: a CPU with AMX-BF16 (Intel Sapphire Rapids and later) on Linux, with a C compiler that knows AMX
 (GCC >= 11, clang >= 12). Elsewhere :func:`available` is False and callers keep torch's GEMM; the reason is logged
-once at INFO (:func:`status`). ``HYBRIDMOE_AMX=0`` turns it off; ``HYBRIDMOE_AMX_THREADS`` sets its threads (default torch's). ``emulate=True`` runs the same blocking with the
-tile instructions written in C, on any x86-64 CPU, for tests.
+once at INFO (:func:`status`). ``HYBRIDMOE_AMX=0`` turns it off; ``HYBRIDMOE_AMX_THREADS`` sets its threads
+(default torch's). ``emulate=True`` runs the same blocking with the tile instructions written in C, on any x86-64
+CPU, for tests.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from . import cpu_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMULATE", "ENABLED", "THREADS", "available", "grouped_linear", "linear", "stats", "status", "supports", "usable"]
+__all__ = ["EMULATE", "ENABLED", "THREADS", "VARIANT", "available", "grouped_linear", "linear", "set_variant", "stats",
+           "status", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("amx_gemm.c")
 _lib: ctypes.CDLL | None = None
@@ -152,6 +155,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
     off = (torch.cumsum(cnt, 0) - cnt)[keep].contiguous()  # first sorted row of each group
     cnt = cnt[keep].contiguous()
     ids = torch.as_tensor(experts, dtype=torch.int64)[keep]
+    if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < w.shape[0]):
+        raise ValueError(f"AMX linear: experts {ids.tolist()} outside the weight's {w.shape[0]}")
     padded = (cnt + 15) // 16 * 16
     xpo = ((torch.cumsum(padded, 0) - padded) * k).contiguous()  # each group's packed activations (elements)
     wo = (ids * w.stride(0)).contiguous()  # each group's matrix (elements from w[0])
