@@ -155,7 +155,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
     off = (torch.cumsum(cnt, 0) - cnt)[keep].contiguous()  # first sorted row of each group
     cnt = cnt[keep].contiguous()
     ids = torch.as_tensor(experts, dtype=torch.int64)[keep]
-    if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < w.shape[0]):
+    if len(ids) and not (int(ids.min()) >= 0 and int(ids.max()) < w.shape[0]):
         raise ValueError(f"AMX linear: experts {ids.tolist()} outside the weight's {w.shape[0]}")
     padded = (cnt + 15) // 16 * 16
     xpo = ((torch.cumsum(padded, 0) - padded) * k).contiguous()  # each group's packed activations (elements)
