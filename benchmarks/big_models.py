@@ -255,6 +255,7 @@ def prefill(model, tok, args) -> None:
                   "cpu_experts": sorted(cpu_experts),
                   "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
                   "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
+                  "fetch_s": round(STATS.fetch_s, 3), "queue_s": round(STATS.queue_s, 3),
                   "amx": amx.status(),
                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda"
                   else 0})

@@ -72,6 +72,9 @@ class SplitStats:
     gpu_slots: int = 0  # ... and on the GPU
     cpu_s: float = 0.0  # seconds the worker spent on the CPU parts
     wait_s: float = 0.0  # seconds the calling thread then waited for them, after queueing the GPU part
+    fetch_s: float = 0.0  # seconds the calling thread spent bringing the routing and hidden states to the host (on
+    #                       CUDA this waits for the GPU to reach the layer's router)
+    queue_s: float = 0.0  # seconds it spent queueing the GPU part (the CPU part already running)
 
     def reset(self) -> None:
         self.__init__()
@@ -116,12 +119,14 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     where = module.streamer.device
     cuda = where.type == "cuda"
     # 1. What the CPU needs, on the host. (Small: [T, H] activations and [T, K] routing; the weights stay put.)
+    t0 = time.perf_counter()
     ids_host = top_k_index.detach().to("cpu", torch.int64)
     w_host = top_k_weights.detach().to("cpu", torch.float32)
     x_host = hidden.detach().to("cpu")
     lora_cpu = module.lora_on(torch.device("cpu"), torch.float32)  # the masters (row LoRA: this group's dict)
     # 2. The CPU part starts before the GPU part is queued.
     job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda)
+    t1 = time.perf_counter()
     n_gpu = int((ids_host < first).sum())  # slots routed to GPU experts
     try:
         # 3. The GPU part, queued while the CPU computes.
@@ -129,13 +134,15 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
         if n_gpu:
             gpu_out = _gpu_part(module, hidden, top_k_index, top_k_weights, c, n_gpu, backend, share)
     finally:
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
         cpu_out, cpu_s = job.result()  # 4. join (also when queueing failed: the worker must be done with its inputs)
     STATS.calls += 1
     STATS.gpu_slots += n_gpu
     STATS.cpu_slots += ids_host.numel() - n_gpu
     STATS.cpu_s += cpu_s
-    STATS.wait_s += time.perf_counter() - t0
+    STATS.fetch_s += t1 - t0
+    STATS.queue_s += t2 - t1
+    STATS.wait_s += time.perf_counter() - t2
     cpu_out = cpu_out.to(where, non_blocking=cuda)  # page-locked on CUDA: no host wait
     out = cpu_out if gpu_out is None else gpu_out.add_(cpu_out)
     return out.to(hidden.device, hidden.dtype)
