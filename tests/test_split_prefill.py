@@ -282,11 +282,16 @@ def test_default_cpu_share_by_format_and_amx(monkeypatch):
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     s = ExpertSettings()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # the measured host's
     for has_amx in (False, True):
         monkeypatch.setattr(amx, "available", lambda v=has_amx: v)
         want = round(64 * AMX_PREFILL_CPU_SHARE) if has_amx else 0
         assert s.prefill_cpu_experts(torch.bfloat16, 64, cuda) == want
         assert s.prefill_cpu_experts(torch.bfloat16, 64, cpu) == 0
         assert s.prefill_cpu_experts(torch.int8, 64, cuda) == 0 and s.prefill_cpu_experts(INT4, 64, cuda) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # half the cores: half the share
+    assert s.prefill_cpu_experts(torch.bfloat16, 64, cuda) == round(64 * AMX_PREFILL_CPU_SHARE / 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 56)  # more: not assumed to take more
+    assert s.prefill_cpu_experts(torch.bfloat16, 64, cuda) == round(64 * AMX_PREFILL_CPU_SHARE)
     s.cpu_share = 0.25  # an explicit share wins everywhere
     assert s.prefill_cpu_experts(torch.int8, 64, cpu) == 16

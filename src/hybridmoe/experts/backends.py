@@ -49,16 +49,19 @@ DEFAULT_PREFILL_CPU_SHARE = MappingProxyType({torch.bfloat16: 0.0, torch.float32
                                               "int4": 0.0, "mxfp4": 0.0})
 # ... except bf16 experts on a CPU with AMX (experts/amx.py), whose split runs every CPU expert of a layer in two
 # grouped AMX GEMMs: V2-Lite 1024-token prefill at the default 2 slots (BENCHMARKS.md, session 14, S14-g, one process
-# side by side): share 0 1920-1924 tok/s, 0.15 2004-2011, 0.2 2084-2105, 0.25 2121-2133, 0.3 1986-1995. 0.2, a
-# step below the best, for CPUs with fewer cores.
+# side by side): share 0 1920-1924 tok/s, 0.15 2004-2011, 0.2 2084-2105, 0.25 2121-2133, 0.3 1986-1995 (S14-i:
+# 0 1925-1936, 0.2 2102-2116, 0.25 2174). 0.2, a step below the best, on that host's 16 cores; the CPU part's speed
+# goes with the cores, so fewer threads take a proportionally smaller share (more are not assumed to take more).
 AMX_PREFILL_CPU_SHARE = 0.2
+AMX_PREFILL_MEASURED_THREADS = 16
 
 
 def default_prefill_cpu_share(weight_format) -> float:
-    """The CPU's share of a streamed inference call's experts by default (on CUDA), by weight format."""
+    """The CPU's share of a streamed inference call's experts by default (on CUDA), by weight format; on AMX CPUs
+    scaled by torch's threads against the measured host's."""
     key = format_key(weight_format)
     if key == torch.bfloat16 and amx.available():
-        return AMX_PREFILL_CPU_SHARE
+        return AMX_PREFILL_CPU_SHARE * min(1.0, torch.get_num_threads() / AMX_PREFILL_MEASURED_THREADS)
     return DEFAULT_PREFILL_CPU_SHARE.get(key, 0.0)
 
 
