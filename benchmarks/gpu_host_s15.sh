@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Session 15 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
+#   PART=a: what session 14 changed after its last GPU run: the C helpers moved into hm_common.h (the kernel's and
+#           AMX tests on the Xeon), info's CPU-share line (the split, streaming and decode tests on the GPU); then
+#           where a split prefill's caller waits (split.STATS fetch_s / queue_s / wait_s against the CPU part's
+#           cpu_s) at shares 0, the default and 0.25, without the profiler's slowdown
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/steps.sh
+host_setup
+if [ "${PART:-a}" = a ]; then
+  step pytest_cpu 200 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
+    tests/test_amx.py tests/test_split_prefill.py tests/test_streaming.py -x
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_graph.py \
+    tests/test_expert_backends.py
+  big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25
+  bundle_logs
+fi
