@@ -1,4 +1,4 @@
-"""The benchmark scripts whose numbers BENCHMARKS.md quotes for issue 16, run at toy sizes on the CPU: they still run
+"""The benchmark scripts whose numbers BENCHMARKS.md quotes for issues 16 and 20, run at toy sizes on the CPU: they still run
 and print the JSON lines (and fields) the session scripts read. No timing is asserted."""
 
 from __future__ import annotations
@@ -49,6 +49,20 @@ def test_kernel_conditions_times_each_working_set_and_gap():
     assert [(r["layers"], r["gap_us"]) for r in recs] == [(1, 0), (1, 20), (3, 0), (3, 20)]
     for r in recs:
         assert r["kernel_GBps"] > 0 and r["wall_GBps"] > 0 and 0 < r["busy1"] <= 1, r
+
+
+def test_amx_gemm_times_each_path():
+    """benchmarks/amx_gemm.py (issue 20's AMX rows) with the emulated tiles: oneDNN, one call an expert and grouped
+    calls for each variant, the AMX rows with amx.stats' breakdown."""
+    from hybridmoe.experts import amx
+
+    if amx.status().startswith("unavailable") or sys.platform != "linux":
+        pytest.skip(f"AMX library {amx.status()}")
+    recs = _json_lines(["benchmarks/amx_gemm.py", "--experts", "4", "--group", "2", "--tokens", "16", "--hidden", "64",
+                        "--inter", "32", "--repeats", "1", "--variants", "0", "1", "--emulate"])
+    assert [r["path"] for r in recs] == ["onednn", "amx_v0", "amx_v1", "amx_grouped2_v0", "amx_grouped2_v1"]
+    for r in recs[1:]:
+        assert r["ms_per_expert"] > 0 and r["calls"] > 0 and r["tiles_us"] > 0, r
 
 
 def test_dot_rate_runs_every_dot_and_the_instruction_sets_agree(tmp_path):
