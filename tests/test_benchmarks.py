@@ -1,5 +1,5 @@
-"""The benchmark scripts whose numbers BENCHMARKS.md quotes for issues 16 and 20, run at toy sizes on the CPU: they still run
-and print the JSON lines (and fields) the session scripts read. No timing is asserted."""
+"""The benchmark scripts whose numbers BENCHMARKS.md quotes for issues 16 and 20, run at toy sizes on the CPU: they
+still run and print the JSON lines (and fields) the session scripts read. No timing is asserted."""
 
 from __future__ import annotations
 
