@@ -5,9 +5,10 @@ weight format, at the DeepSeek-V2-Lite expert shape and a 1024-token prefill's ~
 
 One JSON line per (format, math): ms for the experts, TFLOP/s. "loop" is the CPU path's LoopMath (GEMMs in the
 stored format, fp32 activations), "bf16" bf16 GEMMs on per-expert bf16 weights with bf16 activations
-(split._Bf16Math) through torch (oneDNN), "bf16_amx_tN" the same on AMX tiles with N threads (experts/amx.py;
-where the CPU has AMX), "kernel" the compiled decode kernel over chunks of 64
-expert-sorted rows (split.kernel_rows). The fastest per format goes into split.CPU_MATH.
+(split._Bf16Math) through torch (oneDNN), "bf16_amx_tN" the same on AMX tiles with N threads (experts/amx.py, where
+the CPU has AMX: bf16 experts in one grouped call a projection, int8 ones one call an expert), "kernel" the compiled
+decode kernel over chunks of 64 expert-sorted rows (split.kernel_rows). The fastest per format goes into
+split.CPU_MATH.
 """
 
 from __future__ import annotations
