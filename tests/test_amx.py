@@ -142,3 +142,27 @@ def test_grouped_linear_is_each_experts_linear():
         amx.grouped_linear(unsorted, w, experts, counts, emulate=True, rows=perm + 1)
     with pytest.raises(ValueError, match="outside the weight"):
         amx.grouped_linear(x, w, [4, 0, 6, 2, 1], counts, emulate=True)
+
+
+def test_calls_from_two_threads_at_once():
+    """The split calls from its worker thread while another thread may call too: each calling thread has its own
+    packing buffer and each OpenMP thread its own scratch, so concurrent calls give each their own numbers."""
+    import threading
+
+    _built()
+    cases = [_case(24, 64, 96, seed=s) for s in range(2)]
+    want = [amx.linear(x, w, emulate=True) for x, w, _ in cases]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def run(i):
+        x, w, _ = cases[i]
+        for _ in range(5):
+            got[i].append(amx.linear(x, w, emulate=True))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(got[i]) == 5 and all(torch.equal(y, want[i]) for y in got[i])
