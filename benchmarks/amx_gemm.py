@@ -20,6 +20,7 @@ import time
 from functools import partial
 
 import torch
+from big_models import random_block, tile_block
 from torch import nn
 
 from hybridmoe.experts import amx
@@ -46,12 +47,10 @@ def main() -> None:
         raise SystemExit(f"AMX: {amx.status()}")
     e, h, i = args.experts, args.hidden, args.inter
     g = torch.Generator().manual_seed(0)
-    block = torch.randn(1 << 22, generator=g).mul_(0.02).to(torch.bfloat16)
+    block = random_block(torch.bfloat16)  # N(0, 0.02) bf16, tiled over the weights (fast to write at any size)
     wgu, wd = torch.empty(e, 2 * i, h, dtype=torch.bfloat16), torch.empty(e, h, i, dtype=torch.bfloat16)
-    for w in (wgu, wd):  # a random block tiled over the weights (fast to write at any size)
-        flat = w.view(-1)
-        for s in range(0, flat.numel(), block.numel()):
-            flat[s:s + block.numel()] = block[: flat[s:s + block.numel()].numel()]
+    for w in (wgu, wd):
+        tile_block(w, block)
     for n in args.tokens:
         x = torch.randn(n, h, generator=g).to(torch.bfloat16)  # bf16 in and out, as the split's bf16 math
         hx = torch.randn(n, i, generator=g).to(torch.bfloat16)

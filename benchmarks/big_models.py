@@ -81,7 +81,7 @@ def _config(args):
     return AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
 
 
-def _random_block(dtype: torch.dtype, nbytes: int = 64 << 20) -> torch.Tensor:
+def random_block(dtype: torch.dtype, nbytes: int = 64 << 20) -> torch.Tensor:
     """nbytes of random values of `dtype` (floats N(0, 0.02); codes uniform), as uint8."""
     g = torch.Generator().manual_seed(0)
     if dtype.is_floating_point:
@@ -90,17 +90,22 @@ def _random_block(dtype: torch.dtype, nbytes: int = 64 << 20) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
 
 
+def tile_block(t: torch.Tensor, block: torch.Tensor) -> None:
+    """Write `block` (uint8 bytes) over the contiguous tensor t again and again (a memcpy: a 60 GB model in seconds,
+    where random_ over it took minutes)."""
+    flat = t.view(-1).view(torch.uint8)
+    for s in range(0, flat.numel(), block.numel()):
+        n = min(block.numel(), flat.numel() - s)
+        flat[s:s + n].copy_(block[:n])
+
+
 def _fill_experts(ex) -> None:
     """Random-looking weights in the experts' own format, written in place (no float copy): a random 64 MiB block
     tiled over each tensor (a memcpy, so a 60 GB model builds in seconds)."""
     w = ex.weights
     for proj in ("gate_up_proj", "down_proj"):
         t = w.tensor(proj)
-        block = _random_block(t.dtype)
-        flat = t.view(-1).view(torch.uint8)
-        for s in range(0, flat.numel(), block.numel()):
-            n = min(block.numel(), flat.numel() - s)
-            flat[s:s + n].copy_(block[:n])
+        tile_block(t, random_block(t.dtype))
         if w.scales is not None:
             peak = 6.0 if w.packed is not None and w.packed.kind == "mxfp4" else (8.0 if w.packed else 127.0)
             scale = 0.05 / peak

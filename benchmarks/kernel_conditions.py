@@ -26,6 +26,7 @@ import json
 import time
 
 import torch
+from big_models import random_block, tile_block
 from torch import nn
 
 
@@ -35,29 +36,19 @@ def build(args, layers: int, experts: int) -> list:
     from hybridmoe.experts.packed import PackedFormat
 
     fmt = PackedFormat(args.format, 32 if args.format == "mxfp4" else args.group)
+    codes = random_block(torch.uint8)  # any byte is two valid codes
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 256, (BLOCK,), dtype=torch.uint8, generator=g)  # any byte is two valid codes
     mods = []
     for _ in range(layers):
         m = HybridExperts(ExpertsSpec(experts, args.hidden, args.inter), nn.SiLU(), fmt)
         w = m.weights
         for t in (w.gate_up, w.down):
-            _fill(t, codes)
+            tile_block(t, codes)
         for s in w.scales.values():
-            _fill(s, torch.empty(BLOCK // s.element_size(), dtype=s.dtype).uniform_(0.005, 0.02, generator=g))
+            scales = torch.empty(codes.numel() // s.element_size(), dtype=s.dtype).uniform_(0.005, 0.02, generator=g)
+            tile_block(s, scales.view(torch.uint8))
         mods.append(m)
     return mods
-
-
-BLOCK = 64 << 20  # bytes of random values tiled over the weights (a whole model's random_ took minutes)
-
-
-def _fill(t: torch.Tensor, block: torch.Tensor) -> None:
-    """Write `block` (1-D, t's dtype) over t again and again: memory-speed writes, parallel."""
-    flat = t.view(-1)
-    for start in range(0, flat.numel(), block.numel()):
-        part = flat[start:start + block.numel()]
-        part.copy_(block[: part.numel()])
 
 
 def layer_bytes(m, topk: int) -> int:
