@@ -86,10 +86,9 @@ def available() -> bool:
 
 def status() -> str:
     """"ready", "no AMX on this CPU", or "unavailable: why" (the library did not build or is turned off)."""
-    lib = _library()
-    if lib is None:
+    if _library() is None:
         return _state
-    return "ready" if lib.hm_amx_ok() else "no AMX on this CPU"
+    return "ready" if available() else "no AMX on this CPU"
 
 
 def supports(w: torch.Tensor) -> bool:

@@ -187,14 +187,11 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
         # Every CPU expert in two grouped AMX GEMMs, x's rows gathered (and rounded to bf16) while packing
         y = _Bf16Math(module.weights, lora, module.mlp, groups).forward_grouped(x, tok)  # [S_cpu, H] fp32
         y *= w_sorted[:, None]
-        out.index_add_(0, tok, y)
-        return out
-    x_sorted = x[tok].float()  # [S_cpu, H]
-    if math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
-        y = kernel_rows(module, x_sorted, flat[slots], w_sorted)  # the routing weight applied
+    elif math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
+        y = kernel_rows(module, x[tok].float(), flat[slots], w_sorted)  # the routing weight applied
     else:
         math_cls = _Bf16Math if math == "bf16" else LoopMath
-        y = math_cls(module.weights, lora, module.mlp, groups).forward(x_sorted, keep=False)[1]  # [S_cpu, H]
+        y = math_cls(module.weights, lora, module.mlp, groups).forward(x[tok].float(), keep=False)[1]  # [S_cpu, H]
         y *= w_sorted[:, None]
     out.index_add_(0, tok, y)
     return out
