@@ -192,11 +192,18 @@ def decode(model, tok, args) -> None:
     from hybridmoe.decode_graph import drop_decoder
     from hybridmoe.experts.streaming import enable_streaming, model_streamer
 
-    # the first call captures the graphs; then other GPU shares, then other resident layer counts at the default share
-    runs = [(None, 0, 0, False), (None, 1, 0, False)] + [(share, 1, 0, False) for share in args.gpu_shares]
-    runs += [(None, i, n, False) for n in args.resident_layers for i in (0, 1)]
+    from hybridmoe import decode_norm
+
+    # (GPU share, call, resident layers, compiled, fused norms): the first call captures the graphs; then other GPU
+    # shares, then other resident layer counts at the default share
+    fused = decode_norm.ENABLED
+    runs = [(None, 0, 0, False, fused), (None, 1, 0, False, fused)]
+    if args.norms_ab:  # the RMSNorms fused and not, alternating, twice (hybridmoe.decode_norm)
+        runs = [(None, i, 0, False, norms) for _ in range(2) for norms in (True, False) for i in (0, 1)]
+    runs += [(share, 1, 0, False, fused) for share in args.gpu_shares]
+    runs += [(None, i, n, False, fused) for n in args.resident_layers for i in (0, 1)]
     if args.compile_decode:  # the GPU stretches compiled (hybridmoe.decode_compile): call 0 compiles
-        runs += [(None, 0, 0, True), (None, 1, 0, True)]
+        runs += [(None, 0, 0, True, fused), (None, 1, 0, True, fused)]
     def set_resident(n: int) -> None:
         streamer = model_streamer(model)
         if n == (streamer.resident if streamer is not None else 0):
@@ -207,26 +214,35 @@ def decode(model, tok, args) -> None:
         torch.cuda.empty_cache()
         enable_streaming(model, args.device, streamer_min_tokens(model), args.stream_slots, n)
 
-    for share, i, resident, compiled in runs:
+    for share, i, resident, compiled, norms in runs:
         model.hybridmoe.settings.gpu_share = share  # None: the default for the experts' format
         model.hybridmoe.settings.compile_decode = compiled
+        if norms != decode_norm.ENABLED:  # read when a decoder is built: build a new one
+            decode_norm.ENABLED = norms
+            drop_decoder(model)
         set_resident(resident)
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
         emit({"bench": "decode", "model": args.model, "format": args.format, "call": i, "gpu_share": share,
-              "resident_layers": resident, "compile_decode": compiled, "wall_s": round(time.perf_counter() - t0, 1),
+              "resident_layers": resident, "compile_decode": compiled, "fused_norms": norms and not compiled,
+              "wall_s": round(time.perf_counter() - t0, 1),
               "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
               "host_rss_gib": round(host_rss_gib(), 2), "host_huge_gib": huge_pages_gib()})
         if i:  # the captured decoder, replayed piece by piece
             graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident,
-                            compile_decode=compiled)
+                            compile_decode=compiled, fused_norms=norms and not compiled)
     model.hybridmoe.settings.compile_decode = False
+    decode_norm.ENABLED = fused
     if args.kernel_profile:
-        kernel_profile(model, emit, run=args.model)
+        kernel_profile(model, emit, run=args.model, fused_norms=fused)
+        if args.norms_ab:
+            decode_norm.ENABLED = not fused
+            kernel_profile(model, emit, run=args.model, fused_norms=not fused)
+            decode_norm.ENABLED = fused
         if args.compile_decode:
             model.hybridmoe.settings.compile_decode = True
             kernel_profile(model, emit, run=args.model, compile_decode=True)
@@ -244,26 +260,43 @@ def prefill(model, tok, args) -> None:
     import hybridmoe
     from hybridmoe.experts import HybridExperts, amx
     from hybridmoe.experts.split import STATS
+    from hybridmoe.experts.streaming import StreamStats, model_streamer
 
     prompt = torch.randint(2, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(2))
     settings = model.hybridmoe.settings
-    for i in range(3):  # the shares side by side: each call of round i at every share in turn
-        for share in args.cpu_shares or [None]:
-            settings.cpu_share = share
-            cpu_experts = {m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, model.hybridmoe.device)
-                           for m in model.modules() if isinstance(m, HybridExperts)}
-            STATS.reset()
-            if model.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
-            emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i, "cpu_share": share,
-                  "cpu_experts": sorted(cpu_experts),
-                  "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
-                  "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
-                  "fetch_s": round(STATS.fetch_s, 3), "queue_s": round(STATS.queue_s, 3),
-                  "amx": amx.status(),
-                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda"
-                  else 0})
+    streamer = model_streamer(model)
+    cuda = model.device.type == "cuda"
+    threads_before = amx.THREADS
+    if streamer is not None:
+        streamer.time_copies = cuda  # the copy stream's busy seconds: is the prefill bound by the copies?
+    for i in range(3):  # the settings side by side: each call of round i at every (AMX threads, share) in turn
+        for threads in args.amx_threads or [amx.THREADS]:
+            for share in args.cpu_shares or [None]:
+                settings.cpu_share = share
+                amx.THREADS = threads
+                cpu_experts = {m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, model.hybridmoe.device)
+                               for m in model.modules() if isinstance(m, HybridExperts)}
+                STATS.reset()
+                if streamer is not None:
+                    streamer.stats = StreamStats()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
+                copy_s = streamer.stats.copy_seconds() if streamer is not None and cuda else 0.0
+                copied = streamer.stats.bytes if streamer is not None else 0
+                emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i, "cpu_share": share,
+                      "amx_threads": threads or torch.get_num_threads(), "cpu_experts": sorted(cpu_experts),
+                      "prompt_tokens": res.prompt_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
+                      "prefill_s": round(res.prefill_s, 4),
+                      "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
+                      "fetch_s": round(STATS.fetch_s, 3), "queue_s": round(STATS.queue_s, 3),
+                      "copy_s": round(copy_s, 3), "copy_gib": round(copied / 2**30, 2),
+                      "copy_gb_s": round(copied / copy_s / 1e9, 1) if copy_s else 0.0,
+                      "amx": amx.status(),
+                      "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0})
+    amx.THREADS = threads_before
+    if streamer is not None:
+        streamer.time_copies = False
     for share in (args.cpu_shares or [None]) if args.profile_prefill and model.device.type == "cuda" else ():
         settings.cpu_share = share  # then one prompt at each share under the profiler
         profile_step(lambda: hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0),
@@ -354,10 +387,14 @@ def main() -> None:
     p.add_argument("--kernel-profile", action="store_true", help="decode: then the GPU kernels of one eager step")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode: also with the GPU stretches compiled (settings.compile_decode)")
+    p.add_argument("--norms-ab", action="store_true",
+                   help="decode: with the RMSNorms fused and not, alternating (hybridmoe.decode_norm)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--cpu-shares", type=_share, nargs="*", default=[],
                    help="prefill: these shares of each layer's experts on the CPU (settings.cpu_share; 'default': "
                         "the default by format, as users get it), side by side")
+    p.add_argument("--amx-threads", type=int, nargs="*", default=[],
+                   help="prefill: also these AMX GEMM threads (amx.THREADS; 0: torch's), side by side")
     p.add_argument("--steps", type=int, default=4, help="training steps (0: no training)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)

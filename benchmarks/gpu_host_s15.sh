@@ -16,3 +16,21 @@ if [ "${PART:-a}" = a ]; then
   big prefill_bf16 200 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25
   bundle_logs
 fi
+if [ "${PART:-a}" = b ]; then
+  step pytest_split 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_split_prefill.py tests/test_streaming.py -x
+  big prefill_threads 420 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 0.2 0.25 0.3 \
+    --amx-threads 16 12 8
+  bundle_logs
+fi
+if [ "${PART:-a}" = c ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_norm.py \
+    tests/test_decode_graph.py tests/test_batch_decode.py
+  decode_of v2lite_int4 170 v2-lite int4 --norms-ab --kernel-profile --compile-decode
+  decode_of v2lite_bf16 110 v2-lite bfloat16 --norms-ab
+  big prefill_bf16 90 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25
+  bundle_logs
+fi
+if [ "${PART:-a}" = d ]; then
+  decode_of gpt_oss 500 gpt-oss-120b mxfp4 --norms-ab --compile-decode
+  bundle_logs
+fi

@@ -207,6 +207,7 @@ class BatchDecoder:
         chain = self.chains.get(b)
         if chain is None:
             chain = self.chains[b] = GraphChain(self.experts, self.device, self.use_graphs, self.gpu_share)
+            chain.fuse_norms(self.model, emb.dtype)
         chain.rows = n  # the CPU experts compute the live rows only
         logits = chain.step(lambda: self._forward(b))  # [b, 1, V]
         self.mode = chain.mode

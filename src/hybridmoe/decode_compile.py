@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hybridmoe.decode_norm import swapped_forwards
 from hybridmoe.experts import HybridExperts
 
 __all__ = ["compile_pairs", "compiled_forwards", "stretch_modules"]
@@ -69,8 +70,6 @@ def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int, cache=
 
     cfg = torch._dynamo.config
     limit = max(cfg.recompile_limit, 2 * layers + 8)
-    for module, fn in pairs:
-        module.forward = fn  # an instance attribute over the class's method
     if cache is not None:
         cache.update = torch.compiler.disable(cache.update)  # over the class's method, for this block only
     patch = dict(recompile_limit=limit, suppress_errors=True,
@@ -78,11 +77,9 @@ def compiled_forwards(pairs: list[tuple[nn.Module, object]], layers: int, cache=
     if hasattr(cfg, "allow_unspec_int_on_nn_module"):
         patch["allow_unspec_int_on_nn_module"] = True
     try:
-        with cfg.patch(**patch):
+        with cfg.patch(**patch), swapped_forwards(pairs):
             yield
     finally:
-        for module, _ in pairs:
-            del module.forward
         if cache is not None:
             del cache.update
         _release_compile_workers()

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from hybridmoe.decode_compile import compile_pairs, compiled_forwards
+from hybridmoe.decode_norm import fused_norm_pairs, swapped_forwards
 from hybridmoe.experts import HybridExperts, cpu_kernel
 from hybridmoe.experts.backends import choose_backend
 from hybridmoe.forward_args import forward_params
@@ -527,6 +528,7 @@ class GraphChain:
         self.clock = _Clock()  # where the replays' host time goes (off unless a benchmark turns it on)
         self.compiled: list | None = None  # (module, compiled forward) of the GPU stretches: compile_stretches
         self.cache = None  # with compiled stretches: the step's KV cache, whose update runs outside them
+        self.fused: list = []  # (module, fused forward) of the model's RMSNorms: fuse_norms
 
     def in_graph(self, module: HybridExperts) -> bool:
         """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
@@ -561,10 +563,17 @@ class GraphChain:
             if self.compiled:
                 with compiled_forwards(self.compiled, len(self.experts), self.cache):
                     return forward()
-            return forward()
+            with swapped_forwards(self.fused):
+                return forward()
         finally:
             for m in self.experts:
                 m.decode_hook = None
+
+    def fuse_norms(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Run the model's RMSNorms as one fused kernel each in this chain's steps (CUDA with Triton, not with
+        compiled stretches; :mod:`hybridmoe.decode_norm`); `dtype`: the steps' activations."""
+        if self.device.type == "cuda" and not self.compiled:
+            self.fused = fused_norm_pairs(model, dtype)
 
     def compile_stretches(self, model: nn.Module, cache=None) -> None:
         """Compile the GPU stretches of this chain's steps (CUDA only; :mod:`hybridmoe.decode_compile`); `cache`: the
@@ -691,6 +700,7 @@ class StaticDecoder:
         self.chain = GraphChain(experts, device, use_graphs, gpu_share)
         if experts and experts[0].settings.compile_decode:
             self.chain.compile_stretches(model, self.cache)
+        self.chain.fuse_norms(model, self.embed.weight.dtype)
         self.embeds: torch.Tensor | None = None  # [1, 1, H] static input of the graphs
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1] static input
         self.length = 0  # positions in the cache, tracked on the host (the cache's own counter is a device tensor)

@@ -120,9 +120,7 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     cuda = where.type == "cuda"
     # 1. What the CPU needs, on the host. (Small: [T, H] activations and [T, K] routing; the weights stay put.)
     t0 = time.perf_counter()
-    ids_host = top_k_index.detach().to("cpu", torch.int64)
-    w_host = top_k_weights.detach().to("cpu", torch.float32)
-    x_host = hidden.detach().to("cpu")
+    ids_host, w_host, x_host = _to_host(top_k_index.detach().long(), top_k_weights.detach().float(), hidden.detach())
     lora_cpu = module.lora_on(torch.device("cpu"), torch.float32)  # the masters (row LoRA: this group's dict)
     # 2. The CPU part starts before the GPU part is queued.
     job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda)
@@ -146,6 +144,18 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     cpu_out = cpu_out.to(where, non_blocking=cuda)  # page-locked on CUDA: no host wait
     out = cpu_out if gpu_out is None else gpu_out.add_(cpu_out)
     return out.to(hidden.device, hidden.dtype)
+
+
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`tensors` on the host. From a GPU: into page-locked buffers (torch's caching host allocator), every copy queued
+    and then one wait for the stream (three pageable copies would each wait for it)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(host, tensors):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
 
 
 def _gpu_part(module, hidden, top_k_index, top_k_weights, c: int, n_gpu: int, backend: str,

@@ -58,6 +58,12 @@ class StreamStats:
     copies: int = 0  # copies made on request (a miss: the compute waits for it)
     prefetches: int = 0  # copies started ahead of the request
     bytes: int = field(default=0)  # host->device bytes copied
+    # CUDA events (start, end) around each copy while ExpertStreamer.time_copies is on (benchmarks): copy_seconds()
+    copy_events: list = field(default_factory=list)
+
+    def copy_seconds(self) -> float:
+        """Seconds the copy stream spent in the timed copies (waits for their events: call after the work)."""
+        return sum(a.elapsed_time(b) for a, b in self.copy_events) / 1e3
 
 
 class ExpertStreamer:
@@ -83,6 +89,7 @@ class ExpertStreamer:
         self._direction = 1
         self._clock = 0
         self.stats = StreamStats()
+        self.time_copies = False  # record CUDA events around each copy into stats.copy_events (benchmarks)
 
     def register(self, weights) -> int:
         """Add one layer's ExpertWeights; returns its stream index (MoE layers in forward order)."""
@@ -228,11 +235,17 @@ class ExpertStreamer:
         # Every kernel queued so far on the compute stream may still read this slot's previous layer: wait for them.
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
+            start = None
+            if self.time_copies:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self._copy_stream)
             # non_blocking: a DMA from pinned host memory (pageable memory would make it a synchronous staged copy)
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
-            slot.ready = torch.cuda.Event()
+            slot.ready = torch.cuda.Event(enable_timing=start is not None)
             slot.ready.record(self._copy_stream)
+            if start is not None:
+                self.stats.copy_events.append((start, slot.ready))
         return slot
 
 
