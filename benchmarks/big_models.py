@@ -189,10 +189,9 @@ def decode(model, tok, args) -> None:
 
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.decode_prompt,), generator=torch.Generator().manual_seed(1))
+    from hybridmoe import decode_norm
     from hybridmoe.decode_graph import drop_decoder
     from hybridmoe.experts.streaming import enable_streaming, model_streamer
-
-    from hybridmoe import decode_norm
 
     # (GPU share, call, resident layers, compiled, fused norms): the first call captures the graphs; then other GPU
     # shares, then other resident layer counts at the default share

@@ -31,6 +31,8 @@ if [ "${PART:-a}" = c ]; then
   bundle_logs
 fi
 if [ "${PART:-a}" = d ]; then
-  decode_of gpt_oss 500 gpt-oss-120b mxfp4 --norms-ab --compile-decode
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_norm.py \
+    tests/test_decode_graph.py -k "norm or uncapturable or static_decoder"
+  decode_of gpt_oss 420 gpt-oss-120b mxfp4 --norms-ab --compile-decode
   bundle_logs
 fi

@@ -84,6 +84,16 @@ def test_agreement_allows_one_unit_in_few_places_only():
     assert not decode_norm._agrees(nan, a)
 
 
+def test_swapped_forwards_restore_an_instance_forward():
+    """A forward set on the instance (a hook's, a test's) is back after the block, and a plain module has none."""
+    plain, hooked = torch.nn.Identity(), torch.nn.Identity()
+    own = lambda x: x + 1  # noqa: E731
+    hooked.forward = own
+    with decode_norm.swapped_forwards([(plain, lambda x: x * 2), (hooked, lambda x: x * 3)]):
+        assert plain(torch.ones(1)).item() == 2 and hooked(torch.ones(1)).item() == 3
+    assert "forward" not in vars(plain) and hooked.forward is own
+
+
 def test_no_fused_norms_on_a_cpu_model():
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2RMSNorm
 
@@ -101,7 +111,7 @@ def test_fused_norm_formulas_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["deepseek_v2", "gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen3_moe", "mixtral"])
 def test_bf16_graph_decode_with_fused_norms(arch, ckpt_dir, monkeypatch):
     """bf16 graph decode with every RMSNorm fused gives the logits of graph decode without (the same tokens fed:
     teacher-forced; the sums of squares in another order may move a norm's value by one unit, rarely)."""

@@ -95,7 +95,9 @@ def _eps(module: nn.Module) -> float | None:
 
 def _candidate(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
-    return ("RMSNorm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
+    # (a forward set on the instance, e.g. by accelerate's hooks, is someone else's code: it keeps running)
+    return ("RMSNorm" in type(module).__name__ and "forward" not in vars(module)
+            and isinstance(w, torch.Tensor) and w.dim() == 1
             and 0 < w.numel() <= MAX_WIDTH and w.is_cuda and _eps(module) is not None
             and not list(module.children()))
 
@@ -171,10 +173,14 @@ def _forward(module: nn.Module, formula: str, dtype: torch.dtype) -> Callable:
 def swapped_forwards(pairs: list[tuple[nn.Module, Callable]]):
     """While the block runs, each module's ``forward`` is the one paired with it (an instance attribute over the
     class's method, removed after)."""
+    before = [vars(module).get("forward") for module, _ in pairs]  # a forward set on the instance (a hook's)
     for module, fn in pairs:
         module.forward = fn
     try:
         yield
     finally:
-        for module, _ in pairs:
-            del module.forward
+        for (module, _), fn in zip(pairs, before):
+            if fn is None:
+                del module.forward
+            else:
+                module.forward = fn
