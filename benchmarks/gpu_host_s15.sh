@@ -36,3 +36,10 @@ if [ "${PART:-a}" = d ]; then
   decode_of gpt_oss 420 gpt-oss-120b mxfp4 --norms-ab --compile-decode
   bundle_logs
 fi
+if [ "${PART:-a}" = e ]; then
+  step pytest_gpu 330 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/
+  big prefill_slots2 80 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25 0.3
+  big prefill_slots4 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 4 --cpu-shares default 0.25 0.3
+  big prefill_slots5 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 5 --cpu-shares 0.25 0.3 0.35
+  bundle_logs
+fi

@@ -132,12 +132,15 @@ def test_partial_slots():
     assert gu.shape[0] == d.shape[0] == 3 and (gu == 0).all()
     assert s.stats.copies == 1 and s.stats.prefetches == 1  # layer 1's first 3 experts, ahead
     assert s.stats.bytes == 2 * layers[0].nbytes * 3 // 4
+    assert s.slot_bytes == s.stats.bytes  # the two slots' buffers are sized for the 3 experts they hold
     assert not s.holds_all(0) and not s.holds_all(1)
     gu, d = s.acquire(1, cpu_experts=1)
     assert s.stats.hits == 1 and gu.shape[0] == 3 and (gu == 1).all()
     gu, d = s.acquire(1)  # the whole layer: a miss, recopied
     assert s.stats.copies == 2 and gu.shape[0] == 4 and (gu == 1).all() and (d == -1).all() and s.holds_all(1)
     assert sum(slot.layer == 1 for slot in s._slots) == 1  # in the slot that held its share, not a second one
+    # that slot grew to the whole layer, and layer 2 came whole into the third (the prefetch asks for the same share)
+    assert s.slot_bytes == layers[0].nbytes * 11 // 4
     gu, _ = s.acquire(1, cpu_experts=2)  # a share of a layer held whole: a hit
     assert s.stats.copies == 2 and gu.shape[0] == 2
     # A layer computed whole (held whole) still prefetches the next one for the share, so one whole layer does not
@@ -147,6 +150,14 @@ def test_partial_slots():
         s.register(layer)
     s.acquire(0, prefetch_cpu_experts=1)
     assert s.holds_all(0) and not s.holds_all(1) and s.stats.bytes == layers[0].nbytes * 7 // 4
+    # Slots do not shrink: a share copied into a whole layer's buffers uses their first rows.
+    s = ExpertStreamer("cpu", min_tokens=1, num_slots=2)
+    for layer in layers:
+        s.register(layer)
+    s.acquire(0)  # layers 0 and 1 whole
+    gu, d = s.acquire(2, cpu_experts=1, prefetch=False)  # 3 experts into a 4-expert slot
+    assert (gu == 2).all() and (d == -2).all() and gu.shape[0] == 3
+    assert s.slot_bytes == 2 * layers[0].nbytes
 
 
 def test_layer_held_whole_is_not_split():

@@ -48,7 +48,7 @@ class _Slot:
     last_use: int = 0
     pinned: int | None = None  # the resident layer this slot always holds (never a victim), or None
     # How many of the layer's experts the slot holds: all of them, or the first E - c when a streamed inference call
-    # computes the last c on the CPU (hybridmoe.experts.split). The buffers are always full-size.
+    # computes the last c on the CPU (hybridmoe.experts.split). The buffers hold at least that many (_fill).
     experts: int = 0
 
 
@@ -211,22 +211,32 @@ class ExpertStreamer:
         """Copy layer idx (its first `experts` experts; default all) into the slot :meth:`_victim` picks."""
         return self._fill(self._victim(idx, keep), idx, experts)
 
+    @staticmethod
+    def _fits(buffers: list[torch.Tensor], host: list[torch.Tensor], rows: int) -> bool:
+        """Whether a slot's buffers can take the first `rows` experts of a layer with these host tensors."""
+        return len(buffers) == len(host) and all(
+            b.dtype == h.dtype and b.shape[1:] == h.shape[1:] and b.shape[0] >= rows for b, h in zip(buffers, host))
+
     def _fill(self, slot: _Slot, idx: int, experts: int | None = None) -> _Slot:
         """Queue the copy of layer idx (its first `experts` experts; default all) into `slot` (on the copy stream;
         ``slot.ready`` marks its end)."""
         host = self.layers[idx].host_tensors()
+        rows = self._experts(idx) if experts is None else experts
         # Slots allocated under torch.inference_mode (a prefill, the server) are inference tensors, which may not be
         # written outside it (a training step or transformers' generate after a hybridmoe one): allocate anew then.
         stale = not torch.is_inference_mode_enabled() and any(t.is_inference() for t in slot.tensors)
-        if stale or [(t.shape, t.dtype) for t in slot.tensors] != [(t.shape, t.dtype) for t in host]:
+        if stale or not self._fits(slot.tensors, host, rows):
+            # Sized for what is copied: a share's slot holds E - c experts (split calls leave c to the CPU), so a
+            # split prefill's slots take (E - c) / E of a layer's GPU memory each. A slot grows when a bigger
+            # share of a layer comes (a whole one for training, a smaller CPU share); it never shrinks.
+            rows = max([rows] + [t.shape[0] for t in slot.tensors[:1] if not stale])
             slot.tensors = []  # the old buffers go before the new ones are allocated (GPU memory)
-            slot.tensors = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host]
+            slot.tensors = [torch.empty((min(rows, t.shape[0]),) + t.shape[1:], dtype=t.dtype, device=self.device)
+                            for t in host]
         slot.layer = idx
         slot.experts = self._experts(idx) if experts is None else experts
-        if slot.experts < self._experts(idx):  # a prefix along the expert dim: still one contiguous DMA per tensor
-            pairs = [(dst[:slot.experts], src[:slot.experts]) for dst, src in zip(slot.tensors, host)]
-        else:
-            pairs = list(zip(slot.tensors, host))
+        # a prefix along the expert dim: still one contiguous DMA per tensor
+        pairs = [(dst[:slot.experts], src[:slot.experts]) for dst, src in zip(slot.tensors, host)]
         self.stats.bytes += sum(src.nbytes for _, src in pairs)
         if not self._cuda:
             for dst, src in pairs:
