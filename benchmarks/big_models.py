@@ -276,11 +276,14 @@ def prefill(model, tok, args) -> None:
                 cpu_experts = {m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, model.hybridmoe.device)
                                for m in model.modules() if isinstance(m, HybridExperts)}
                 STATS.reset()
+                amx.stats(reset=True)
                 if streamer is not None:
                     streamer.stats = StreamStats()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=1, temperature=0)
+                gemm = amx.stats(reset=True)  # the split's AMX GEMMs: their share of cpu_s
+                amx_s = gemm.get("calls", 0) * (gemm.get("pack_x_us", 0) + gemm.get("region_us", 0)) / 1e6
                 copy_s = streamer.stats.copy_seconds() if streamer is not None and cuda else 0.0
                 copied = streamer.stats.bytes if streamer is not None else 0
                 emit({"bench": "prefill", "model": args.model, "format": args.format, "call": i, "cpu_share": share,
@@ -289,6 +292,8 @@ def prefill(model, tok, args) -> None:
                       "prefill_s": round(res.prefill_s, 4),
                       "split_layers": STATS.calls, "cpu_s": round(STATS.cpu_s, 3), "cpu_wait_s": round(STATS.wait_s, 3),
                       "fetch_s": round(STATS.fetch_s, 3), "queue_s": round(STATS.queue_s, 3),
+                      "amx_calls": gemm.get("calls", 0), "amx_s": round(amx_s, 3),
+                      "amx_tiles_s": round(gemm.get("calls", 0) * gemm.get("tiles_us", 0) / 1e6, 3),
                       "copy_s": round(copy_s, 3), "copy_gib": round(copied / 2**30, 2),
                       "copy_gb_s": round(copied / copy_s / 1e9, 1) if copy_s else 0.0,
                       "amx": amx.status(),

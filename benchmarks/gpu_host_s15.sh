@@ -43,3 +43,9 @@ if [ "${PART:-a}" = e ]; then
   big prefill_slots5 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 5 --cpu-shares 0.25 0.3 0.35
   bundle_logs
 fi
+if [ "${PART:-a}" = f ]; then
+  big prefill_default 100 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares default 0.25 0.3
+  OMP_WAIT_POLICY=passive big prefill_passive 100 v2-lite bfloat16 --steps 0 --skip decode train \
+    --cpu-shares default 0.25 0.3
+  bundle_logs
+fi

@@ -142,6 +142,12 @@ def test_grouped_linear_is_each_experts_linear():
         amx.grouped_linear(unsorted, w, experts, counts, emulate=True, rows=perm + 1)
     with pytest.raises(ValueError, match="outside the weight"):
         amx.grouped_linear(x, w, [4, 0, 6, 2, 1], counts, emulate=True)
+    # Into a caller's buffer: the same numbers, in it; a buffer of another shape, dtype or layout is refused
+    out = torch.full((74, 48), float("nan"))
+    assert amx.grouped_linear(x, w, experts, counts, emulate=True, out=out) is out and torch.equal(out, y)
+    for bad in (torch.empty(74, 47), torch.empty(74, 48, dtype=torch.bfloat16), torch.empty(48, 74).T):
+        with pytest.raises(ValueError, match="out must be"):
+            amx.grouped_linear(x, w, experts, counts, emulate=True, out=bad)
 
 
 def test_calls_from_two_threads_at_once():

@@ -282,6 +282,16 @@ def test_bf16_math_on_amx_tiles(fmt, lora, bias, monkeypatch):
     cpu_experts = len(set(ids[ids >= E // 2].tolist()))  # experts E/2 .. E-1 are the CPU's at share 0.5
     if fmt == "bf16":
         assert calls == [((E, 2 * I, H), cpu_experts), ((E, H, I), cpu_experts)]
+        # The GEMMs wrote into the worker thread's buffers (no fresh memory a call): a second call with other rows
+        # reuses them and is right again
+        def buffers():  # the worker thread's (thread-local)
+            return split._submit(lambda: [getattr(split._buffers, p).data_ptr() for p in ("gate_up_proj",
+                                                                                          "down_proj")]).result()[0]
+
+        before = buffers()
+        x2, ids2, w2 = _inputs(t=64, seed=5)  # fewer rows: the same buffers
+        assert _rel(_call(m, 0.5, x2, ids2, w2)[0], _call(m, 0.0, x2, ids2, w2)[0]) <= TOLERANCE[fmt]
+        assert buffers() == before
     else:
         assert calls.count(((2 * I, H), 1)) == cpu_experts and calls.count(((H, I), 1)) == cpu_experts
 

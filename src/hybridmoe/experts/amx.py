@@ -120,13 +120,15 @@ def _buffer(elements: int) -> torch.Tensor:
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: bool | None = None,
-                   out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Every expert's GEMM of a layer in one call: the activations (rows sorted by expert: ``counts[j]`` rows of
     expert ``experts[j]``, in order) against w [E, M, K] bf16 (each expert's matrix rows contiguous) -> y [S, M],
     row i = x_i · w[expert of row i]^T: fp32 sums, fp32 or rounded to bf16 (``out_dtype``). The activations: x
     [S, K] itself, or with ``rows`` [S] (int64) the rows x[rows[i]] of an unsorted x [T, K], gathered while packing;
     bf16, or fp32 rounded to bf16 while packing. One parallel region for all of them: the work items are every
-    expert's 32-row blocks."""
+    expert's 32-row blocks. ``out``: a contiguous [S, M] tensor of ``out_dtype`` to write y into (a caller's reused
+    buffer: memory the OS hands out fresh faults on first touch, page by page, inside the parallel region)."""
     emulate = EMULATE if emulate is None else emulate
     lib = _library()
     if lib is None:
@@ -163,7 +165,11 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
     threads = THREADS or torch.get_num_threads()
     xp = _buffer(int(padded.sum()) * k)  # the B operand, tile by tile
     tiles0 = torch.empty(g + 1, dtype=torch.int64)
-    y = torch.empty(s_rows, m, dtype=out_dtype)  # [S, M]
+    if out is not None and (out.shape != (s_rows, m) or out.dtype != out_dtype or not out.is_contiguous()
+                            or out.device.type != "cpu"):
+        raise ValueError(f"AMX linear: out must be a contiguous CPU [{s_rows}, {m}] {out_dtype} tensor, not "
+                         f"{tuple(out.shape)} {out.dtype}")
+    y = torch.empty(s_rows, m, dtype=out_dtype) if out is None else out  # [S, M]
     if g == 0:
         return y
     lib.hm_amx_pack(x.data_ptr(), int(x.dtype == torch.float32), x.stride(0), k,
