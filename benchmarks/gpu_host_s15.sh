@@ -49,3 +49,10 @@ if [ "${PART:-a}" = f ]; then
     --cpu-shares default 0.25 0.3
   bundle_logs
 fi
+if [ "${PART:-a}" = g ]; then
+  step pytest_cpu 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py -x
+  big prefill_slots2 90 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25 0.3 0.35
+  big prefill_slots4 90 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 4 --cpu-shares default 0.25 0.3 0.35
+  big prefill_slots5 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 5 --cpu-shares 0.3 0.35
+  bundle_logs
+fi
