@@ -316,3 +316,18 @@ def test_default_cpu_share_by_format_and_amx(monkeypatch):
     assert s.prefill_cpu_experts(torch.bfloat16, 64, cuda) == round(64 * AMX_PREFILL_CPU_SHARE)
     s.cpu_share = 0.25  # an explicit share wins everywhere
     assert s.prefill_cpu_experts(torch.int8, 64, cpu) == 16
+
+
+def test_a_failing_cpu_part_raises_in_the_caller(monkeypatch):
+    """The caller waits for the CPU part to reach its GEMMs before queueing the GPU part: an error before that (or
+    after) reaches the caller instead of leaving it waiting."""
+    from hybridmoe.experts import split
+
+    def fail(*args):
+        raise RuntimeError("the CPU part failed")
+
+    monkeypatch.setattr(split, "_cpu_slots", fail)
+    m = _module(torch.bfloat16, lora=False)
+    x, ids, w = _inputs()
+    with pytest.raises(RuntimeError, match="the CPU part failed"):
+        _call(m, 0.5, x, ids, w)

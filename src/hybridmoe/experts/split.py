@@ -74,6 +74,7 @@ class SplitStats:
     wait_s: float = 0.0  # seconds the calling thread then waited for them, after queueing the GPU part
     fetch_s: float = 0.0  # seconds the calling thread spent bringing the routing and hidden states to the host (on
     #                       CUDA this waits for the GPU to reach the layer's router)
+    start_s: float = 0.0  # seconds it waited for the CPU part's Python (to its GEMMs, which run without the GIL)
     queue_s: float = 0.0  # seconds it spent queueing the GPU part (the CPU part already running)
 
     def reset(self) -> None:
@@ -122,8 +123,12 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     t0 = time.perf_counter()
     ids_host, w_host, x_host = _to_host(top_k_index.detach().long(), top_k_weights.detach().float(), hidden.detach())
     lora_cpu = module.lora_on(torch.device("cpu"), torch.float32)  # the masters (row LoRA: this group's dict)
-    # 2. The CPU part starts before the GPU part is queued.
-    job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda)
+    # 2. The CPU part starts before the GPU part is queued, and gets through its Python first: queueing the GPU part
+    #    holds the GIL for ~1.5 ms (torch's kernel launches keep it), which the worker would otherwise wait out.
+    started = threading.Event()
+    job = _submit(_cpu_part, module, x_host, ids_host, w_host, first, lora_cpu, cuda, started)
+    t_start = time.perf_counter()
+    started.wait()
     t1 = time.perf_counter()
     n_gpu = int((ids_host < first).sum())  # slots routed to GPU experts
     try:
@@ -138,7 +143,8 @@ def forward(module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     STATS.gpu_slots += n_gpu
     STATS.cpu_slots += ids_host.numel() - n_gpu
     STATS.cpu_s += cpu_s
-    STATS.fetch_s += t1 - t0
+    STATS.fetch_s += t_start - t0
+    STATS.start_s += t1 - t_start
     STATS.queue_s += t2 - t1
     STATS.wait_s += time.perf_counter() - t2
     cpu_out = cpu_out.to(where, non_blocking=cuda)  # page-locked on CUDA: no host wait
@@ -176,16 +182,25 @@ def _gpu_part(module, hidden, top_k_index, top_k_weights, c: int, n_gpu: int, ba
 
 
 def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first: int,
-              lora: dict[str, LoRAFactors], pinned: bool) -> torch.Tensor:
+              lora: dict[str, LoRAFactors], pinned: bool, started: threading.Event | None = None) -> torch.Tensor:
     """The slots routed to experts [first, E), on the CPU: [T, H] fp32 (page-locked when `pinned`), zero rows for
-    tokens with none. x [T, H], ids [T, K] int64, w [T, K] fp32, all on the CPU."""
+    tokens with none. x [T, H], ids [T, K] int64, w [T, K] fp32, all on the CPU. `started` is set when the GEMMs
+    begin (or on the way out, whatever happens)."""
+    try:
+        return _cpu_slots(module, x, ids, w, first, lora, pinned, started)
+    finally:
+        if started is not None:
+            started.set()
+
+
+def _cpu_slots(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first: int,
+               lora: dict[str, LoRAFactors], pinned: bool, started: threading.Event | None) -> torch.Tensor:
     t, k = ids.shape
     h = module.weights.out_features("down_proj")
-    out = torch.zeros(t, h, dtype=torch.float32, pin_memory=pinned)
     flat = ids.view(-1)
     slots = (flat >= first).nonzero().flatten()  # [S_cpu] (token, k) slots of CPU experts
     if not len(slots):
-        return out
+        return torch.zeros(t, h, dtype=torch.float32, pin_memory=pinned)
     order = torch.argsort(flat[slots], stable=True)
     slots = slots[order]  # sorted by expert
     counts = torch.bincount(flat[slots], minlength=module.num_experts).tolist()
@@ -193,6 +208,8 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
     tok = slots // k
     w_sorted = w.view(-1)[slots]  # [S_cpu]
     math = CPU_MATH.get(format_key(module.weights.fmt), "loop")
+    if started is not None:
+        started.set()
     if math == "bf16" and _Bf16Math.grouped_ok(module.weights):
         # Every CPU expert in two grouped AMX GEMMs, x's rows gathered (and rounded to bf16) while packing
         y = _Bf16Math(module.weights, lora, module.mlp, groups).forward_grouped(x, tok, reuse=True)  # [S_cpu, H]
@@ -203,6 +220,7 @@ def _cpu_part(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, first
         math_cls = _Bf16Math if math == "bf16" else LoopMath
         y = math_cls(module.weights, lora, module.mlp, groups).forward(x[tok].float(), keep=False)[1]  # [S_cpu, H]
         y *= w_sorted[:, None]
+    out = torch.zeros(t, h, dtype=torch.float32, pin_memory=pinned)
     out.index_add_(0, tok, y)
     return out
 
