@@ -56,3 +56,9 @@ if [ "${PART:-a}" = g ]; then
   big prefill_slots5 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 5 --cpu-shares 0.3 0.35
   bundle_logs
 fi
+if [ "${PART:-a}" = h ]; then
+  step pytest_cpu 90 $NOW python -m pytest -q -p no:cacheprovider tests/test_split_prefill.py -x
+  big prefill_slots2 90 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.25 0.3 0.35
+  big prefill_slots5 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 5 --cpu-shares 0.25 0.3 0.35
+  bundle_logs
+fi
