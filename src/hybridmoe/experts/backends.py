@@ -48,11 +48,13 @@ DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 
 DEFAULT_PREFILL_CPU_SHARE = MappingProxyType({torch.bfloat16: 0.0, torch.float32: 0.0, torch.int8: 0.0,
                                               "int4": 0.0, "mxfp4": 0.0})
 # ... except bf16 experts on a CPU with AMX (experts/amx.py), whose split runs every CPU expert of a layer in two
-# grouped AMX GEMMs: V2-Lite 1024-token prefill at the default 2 slots (BENCHMARKS.md, session 14, S14-g, one process
-# side by side): share 0 1920-1924 tok/s, 0.15 2004-2011, 0.2 2084-2105, 0.25 2121-2133, 0.3 1986-1995 (S14-i:
-# 0 1925-1936, 0.2 2102-2116, 0.25 2174). 0.2, a step below the best, on that host's 16 cores; the CPU part's speed
-# goes with the cores, so fewer threads take a proportionally smaller share (more are not assumed to take more).
-AMX_PREFILL_CPU_SHARE = 0.2
+# grouped AMX GEMMs: V2-Lite 1024-token prefill at the default 2 slots (BENCHMARKS.md, one process side by side
+# each): S14-g share 0 1920-1924 tok/s, 0.2 2084-2105, 0.25 2121-2133, 0.3 1986-1995; S14-i 0 1925-1936, 0.2
+# 2102-2116, 0.25 2174; session 15 (its GEMMs' outputs in reused buffers, S15-g/h): 0 1919-1930, 0.2 2058-2146,
+# 0.25 2172-2242, 0.3 2095-2243, 0.35 1908-2112. 0.25: above 0.2 in all seven runs, and 0.3 is as often below it as
+# above. On that host's 16 cores; the CPU part's speed goes with the cores, so fewer threads take a proportionally
+# smaller share (more are not assumed to take more).
+AMX_PREFILL_CPU_SHARE = 0.25
 AMX_PREFILL_MEASURED_THREADS = 16
 
 
