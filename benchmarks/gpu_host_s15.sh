@@ -62,3 +62,8 @@ if [ "${PART:-a}" = h ]; then
   big prefill_slots5 80 v2-lite bfloat16 --steps 0 --skip decode train --stream-slots 5 --cpu-shares 0.25 0.3 0.35
   bundle_logs
 fi
+if [ "${PART:-a}" = i ]; then
+  make_v2lite
+  step readme_example 150 $NOW python benchmarks/readme_example.py --model /tmp/v2lite --no-train
+  bundle_logs
+fi
