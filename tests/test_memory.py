@@ -168,3 +168,16 @@ sys.exit(main(["train", {str(cfg_path)!r}]))
     assert "GiB per 1k tokens, so about" in err_lines[0] and "per_device_train_batch_size" in err_lines[0]
     assert (out / "checkpoint-1" / "trainer_state.json").is_file() and not (out / "checkpoint-2").exists()
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_inference_slots_hold_the_gpus_share_only(ckpts):
+    """In a split prompt the slots hold the experts the GPU computes: the inference estimate counts those bytes, as
+    the slots then hold (CPU streamer: the same bookkeeping as on a GPU)."""
+    model = load_model(ckpts["deepseek_v2"], device="cpu", dtype="float32", progress=False)
+    streamer = enable_streaming(model, "cpu", min_tokens=1)
+    model.hybridmoe.settings.cpu_share = 0.5
+    with torch.inference_mode():
+        model(input_ids=torch.randint(4, 100, (1, 16)))
+    est = estimate_memory(model, training=False)
+    assert 0 < est.expert_slots == streamer.slot_bytes < streamer.num_slots * max(
+        m.weights.nbytes for m in model.modules() if isinstance(m, HybridExperts))

@@ -169,13 +169,17 @@ def test_small_batches_stay_on_the_cpu(deep_ckpt):
     from hybridmoe.experts import amx
 
     assert rep["streaming"] == {"device": "cpu", "min_tokens": 8, "slots": 2, "slot_bytes_reserved": 2 * layer_bytes,
+                                "slot_bytes_inference": 2 * layer_bytes,
                                 "resident_layers": 0, "resident_bytes": 0, "cpu_experts": 0,
                                 "num_experts": num_experts, "cpu_math": "loop", "amx": amx.status()}
     assert "on the CPU below 8 tokens" in format_report(rep) and "meanwhile the CPU" not in format_report(rep)
     model.hybridmoe.settings.cpu_share = 0.5  # a CPU share of streamed calls: info says how many and how
-    text = format_report(placement_report(model))
+    rep = placement_report(model)
+    text = format_report(rep)
     assert (f"meanwhile the CPU computes {round(num_experts / 2)} of each layer's {num_experts} experts next to their "
             "weights (torch's GEMMs in the stored format)") in text  # fp32 experts: CPU_MATH "loop"
+    half = 2 * layer_bytes * (num_experts - round(num_experts / 2)) // num_experts  # the slots hold the GPU's half
+    assert rep["streaming"]["slot_bytes_inference"] == half and "in prompts the slots then hold the others" in text
     model.hybridmoe.settings.cpu_share = None
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # 3 tokens < 8

@@ -94,6 +94,10 @@ def estimate_memory(model: nn.Module, training: bool = True, gradient_checkpoint
     streamer = model_streamer(base)
     streamed = streamer is not None
     slots = streamer.num_slots * max(m.weights.nbytes for m in experts) if streamed else 0
+    if streamed and not training:  # a split prompt's slots hold only the experts the GPU computes (streaming._fill)
+        m = experts[0]
+        cpu = m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, streamer.device)
+        slots = slots * (m.num_experts - cpu) // m.num_experts
     layers = base.get_decoder().layers
     per_layer = [_layer_elems_per_token(layer, cfg.hidden_size, cfg.num_experts_per_tok, streamed) for layer in layers]
     if not training:

@@ -105,13 +105,19 @@ def placement_report(model: nn.Module) -> dict:
     problems = expert_shaped + wrapped + dense_bad + off_device + empty
     streamer = model_streamer(base)
     layer_bytes = max((m.weights.nbytes for m in experts.values()), default=0)
-    streaming = None if streamer is None else {
-        "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,
-        "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
-        "resident_layers": streamer.resident,  # the first N MoE layers: on the device for every batch
-        "resident_bytes": sum(streamer.layers[i].nbytes for i in range(streamer.resident)),
-        **_cpu_share_report(experts.values(), streamer.device),
-    }
+    streaming = None
+    if streamer is not None:
+        share = _cpu_share_report(experts.values(), streamer.device)
+        gpu_part = 1 - share["cpu_experts"] / max(share["num_experts"], 1)
+        streaming = {
+            "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,
+            "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
+            # in inference (prompts) the slots hold only the experts the GPU computes (streaming._fill)
+            "slot_bytes_inference": int(streamer.num_slots * layer_bytes * gpu_part),
+            "resident_layers": streamer.resident,  # the first N MoE layers: on the device for every batch
+            "resident_bytes": sum(streamer.layers[i].nbytes for i in range(streamer.resident)),
+            **share,
+        }
     return {
         "checkpoint": meta.checkpoint,
         "compute_device": str(compute),
@@ -190,7 +196,8 @@ def format_report(rep: dict) -> str:
         how = {"kernel": "the compiled kernel", "loop": "torch's GEMMs in the stored format",
                "bf16": "bf16 GEMMs on " + ("AMX tiles" if st["amx"] == "ready" else f"torch (AMX: {st['amx']})")}
         lines.append(f"  meanwhile the CPU computes {st['cpu_experts']} of each layer's {st['num_experts']} experts "
-                     f"next to their weights ({how.get(st['cpu_math'], st['cpu_math'])})")
+                     f"next to their weights ({how.get(st['cpu_math'], st['cpu_math'])}); in prompts the slots then "
+                     f"hold the others: {_gib(st['slot_bytes_inference'])}")
     if st is not None and st["resident_layers"]:
         lines.append(f"  the first {st['resident_layers']} MoE layers' experts stay on {st['device']} and run there for "
                      f"every batch ({_gib(st['resident_bytes'])} of GPU memory)")
