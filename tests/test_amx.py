@@ -172,3 +172,29 @@ def test_calls_from_two_threads_at_once():
         t.join()
     for i in range(2):
         assert len(got[i]) == 5 and all(torch.equal(y, want[i]) for y in got[i])
+
+
+def test_scatter_rows_is_index_add_bit_for_bit():
+    """The split's weighted sum by token in one parallel pass: the same bits as y * w index-added into zeros (slots
+    in any token order, several a token, tokens without any, negative zeros), and its refusals."""
+    _built()
+    g = torch.Generator().manual_seed(7)
+    for t, h, s in ((1024, 2048, 1536), (7, 64, 30), (5, 16, 0), (3, 8, 12)):
+        y = torch.randn(s, h, generator=g)
+        w = torch.rand(s, generator=g)
+        tok = torch.randint(0, t, (s,), generator=g)
+        if s:
+            y[0, :3] = -0.0
+            w[-1] = -0.0
+        want = torch.zeros(t, h).index_add_(0, tok, y * w[:, None])
+        got = amx.scatter_rows(y, tok, w, t)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (t, h, s)
+        out = torch.full((t, h), float("nan"))
+        assert amx.scatter_rows(y, tok, w, t, out=out) is out and torch.equal(out, want)
+    y, tok, w = torch.randn(4, 8), torch.tensor([0, 1, 2, 5]), torch.rand(4)
+    with pytest.raises(ValueError, match="outside"):
+        amx.scatter_rows(y, tok, w, 5)
+    with pytest.raises(ValueError, match="out must be"):
+        amx.scatter_rows(y, tok, w, 6, out=torch.empty(6, 7))
+    with pytest.raises(ValueError, match="fp32"):
+        amx.scatter_rows(y.double(), tok, w, 6)

@@ -51,6 +51,18 @@ def test_kernel_conditions_times_each_working_set_and_gap():
         assert r["kernel_GBps"] > 0 and r["wall_GBps"] > 0 and 0 < r["busy1"] <= 1, r
 
 
+def test_split_tail_times_both_paths():
+    """benchmarks/split_tail.py: torch's weighted index_add_ and amx.scatter_rows, the same bits."""
+    from hybridmoe.experts import amx
+
+    if amx.status().startswith("unavailable") or sys.platform != "linux":
+        pytest.skip(f"AMX library {amx.status()}")
+    recs = _json_lines(["benchmarks/split_tail.py", "--tokens", "64", "--hidden", "32", "--repeats", "1",
+                        "--calls", "2"])
+    assert [r["path"] for r in recs] == ["torch", "scatter_rows"]
+    assert all(r["bitwise_equal"] and r["ms"] > 0 for r in recs)
+
+
 def test_amx_gemm_times_each_path():
     """benchmarks/amx_gemm.py (issue 20's AMX rows) with the emulated tiles: oneDNN, one call an expert and grouped
     calls for each variant, the AMX rows with amx.stats' breakdown."""

@@ -29,8 +29,8 @@ from . import cpu_kernel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMULATE", "ENABLED", "THREADS", "VARIANT", "available", "grouped_linear", "linear", "set_variant", "stats",
-           "status", "supports", "usable"]
+__all__ = ["EMULATE", "ENABLED", "THREADS", "VARIANT", "available", "grouped_linear", "linear", "scatter_rows",
+           "set_variant", "stats", "status", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("amx_gemm.c")
 _lib: ctypes.CDLL | None = None
@@ -62,6 +62,7 @@ def _load() -> None:
         lib.hm_amx_gemm.argtypes = [p, p, i64, i64, i64, p, p, p, p, i64, p, i64, c_int, c_int, c_int]
         lib.hm_amx_stats.argtypes = [p, c_int]
         lib.hm_amx_set_variant.argtypes = [c_int]
+        lib.hm_scatter_rows.argtypes = [p, i64, i64, p, p, p, p, c_int]
         lib.hm_amx_set_variant(VARIANT)
         _lib, _state = lib, "ready"
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
@@ -201,6 +202,35 @@ def stats(reset: bool = False) -> dict[str, float]:
     threads = THREADS or torch.get_num_threads()
     out = {"calls": c["calls"], "pack_x_us": c["pack_x_ns"] / n / 1e3, "region_us": c["region_ns"] / n / 1e3}
     out.update({k.replace("_ns", "_us"): c[k] / n / threads / 1e3 for k in ("rows_ns", "tiles_ns", "write_ns")})
+    return out
+
+
+def scatter_rows(y: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, tokens: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [tokens, H] fp32: row t = the sum, in slot order, of w[i] * y[i] over the slots i with tok[i] == t (zero
+    rows for tokens with none). y [S, H] fp32, tok [S] int64, w [S] fp32; out: a contiguous CPU fp32 tensor to
+    write into (e.g. page-locked). Bitwise ``y * w[:, None]`` index-added into zeros, as the split's other maths
+    sum, in one parallel pass over the output's rows (amx_gemm.c's ``hm_scatter_rows``; index_add_ is serial)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"AMX library {_state}")
+    s, h = y.shape
+    if y.dtype != torch.float32 or w.dtype != torch.float32 or tok.shape != (s,) or w.shape != (s,):
+        raise ValueError(f"scatter_rows: y [S, H] fp32, tok [S], w [S] fp32; got {tuple(y.shape)} {y.dtype}, "
+                         f"{tuple(tok.shape)}, {tuple(w.shape)} {w.dtype}")
+    if out is None:
+        out = torch.empty(tokens, h, dtype=torch.float32)
+    if out.shape != (tokens, h) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"scatter_rows: out must be a contiguous [{tokens}, {h}] fp32 tensor")
+    tok = tok.to(torch.int64)
+    if s and not (int(tok.min()) >= 0 and int(tok.max()) < tokens):
+        raise ValueError(f"scatter_rows: tokens outside [0, {tokens})")
+    y, w = y.contiguous(), w.contiguous()
+    by_tok = torch.argsort(tok, stable=True)  # [S]: slot order kept within a token
+    starts = torch.zeros(tokens + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(tok, minlength=tokens), 0, out=starts[1:])
+    lib.hm_scatter_rows(out.data_ptr(), tokens, h, y.data_ptr(), by_tok.data_ptr(), starts.data_ptr(), w.data_ptr(),
+                        THREADS or torch.get_num_threads())
     return out
 
 

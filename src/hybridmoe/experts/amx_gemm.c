@@ -301,3 +301,34 @@ int hm_amx_gemm(const uint16_t *w, const int64_t *wo, int64_t ldw, int64_t M, in
     stat_add(S_CALLS, 1);
     return failed ? 3 : 0;
 }
+
+/* The split's last step, for the rows the grouped GEMMs computed (plain C, no tiles): out [T, H] fp32, row t = the sum
+ * over the slots i routed to token t, in slot order, of w[i] * y[i, :], zero for tokens with none. Bitwise torch's
+ * y *= w[:, None]; out.zero_(); out.index_add_(0, tok, y) (each product rounded, then 0 + p + p' + ... in slot
+ * order; no contraction into fused multiply-adds), but parallel: by_tok [S] orders the slots by token, stably, and
+ * starts [T + 1] is each token's first entry in it, so each thread writes whole rows of its own. */
+__attribute__((optimize("fp-contract=off"))) void hm_scatter_rows(float *out, int64_t T, int64_t H, const float *y,
+                                                                  const int64_t *by_tok, const int64_t *starts,
+                                                                  const float *w, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * H;
+        const int64_t a = starts[t], b = starts[t + 1];
+        if (a == b) {
+            memset(o, 0, (size_t)H * sizeof(float));
+            continue;
+        }
+        const float w0 = w[by_tok[a]], *y0 = y + by_tok[a] * H;
+        for (int64_t c = 0; c < H; c++) {
+            const float p = y0[c] * w0;
+            o[c] = 0.f + p; /* as index_add_ into zeros: -0 becomes +0 */
+        }
+        for (int64_t i = a + 1; i < b; i++) {
+            const float wi = w[by_tok[i]], *yi = y + by_tok[i] * H;
+            for (int64_t c = 0; c < H; c++) {
+                const float p = yi[c] * wi;
+                o[c] += p;
+            }
+        }
+    }
+}

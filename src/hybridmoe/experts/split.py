@@ -211,10 +211,11 @@ def _cpu_slots(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, firs
     if started is not None:
         started.set()
     if math == "bf16" and _Bf16Math.grouped_ok(module.weights):
-        # Every CPU expert in two grouped AMX GEMMs, x's rows gathered (and rounded to bf16) while packing
+        # Every CPU expert in two grouped AMX GEMMs, x's rows gathered (and rounded to bf16) while packing; then the
+        # weighted sum by token in one parallel pass (the same bits as the index_add_ below)
         y = _Bf16Math(module.weights, lora, module.mlp, groups).forward_grouped(x, tok, reuse=True)  # [S_cpu, H]
-        y *= w_sorted[:, None]
-    elif math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
+        return amx.scatter_rows(y, tok, w_sorted, t, out=torch.empty(t, h, dtype=torch.float32, pin_memory=pinned))
+    if math == "kernel" and cpu_kernel.supports(module, cpu_kernel.MAX_TOKENS):
         y = kernel_rows(module, x[tok].float(), flat[slots], w_sorted)  # the routing weight applied
     else:
         math_cls = _Bf16Math if math == "bf16" else LoopMath
