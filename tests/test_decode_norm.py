@@ -138,3 +138,27 @@ def test_bf16_graph_decode_with_fused_norms(arch, ckpt_dir, monkeypatch):
         dec.close()
     rel = ((runs[True] - runs[False]).norm() / runs[False].norm()).item()
     assert rel < 1e-2, rel
+
+
+def test_info_says_whether_decode_norms_are_fused(ckpt_dir):
+    """`hybridmoe info`'s line: on the CPU the modules' own norms, and why."""
+    import hybridmoe
+    from hybridmoe.placement import format_report, placement_report
+
+    model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cpu", dtype="float32", progress=False)
+    rep = placement_report(model)
+    norms = sum("RMSNorm" in type(m).__name__ for m in model.modules())
+    assert rep["decode_norms"] == {"norms": norms, "fused": 0, "why": "CUDA only"} and norms > 0
+    assert "decode norms: the modules' own (CUDA only)" in format_report(rep)
+
+
+@pytest.mark.gpu
+def test_info_counts_the_fused_norms_on_cuda(ckpt_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    import hybridmoe
+    from hybridmoe.placement import placement_report
+
+    model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cuda", dtype="bfloat16", progress=False)
+    rep = placement_report(model)["decode_norms"]
+    assert rep["why"] is None and rep["fused"] == rep["norms"] > 0

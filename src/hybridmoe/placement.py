@@ -132,6 +132,7 @@ def placement_report(model: nn.Module) -> dict:
         "lora_targets": dict(lora_targets),
         "streaming": streaming,
         "cpu_kernel": _cpu_kernel_report(experts.values()),
+        "decode_norms": _decode_norm_report(base, compute, meta.dtype, experts.values()),
         "checks": checks,
         "problems": problems[:20],
         "ok": all(checks.values()),
@@ -155,6 +156,25 @@ def _cpu_kernel_report(experts) -> dict:
     four_bit = any(m.weights.packed is not None for m in experts)
     return {"status": status, "isa": cpu_kernel.isa(), "used": runs, "max_tokens": cpu_kernel.MAX_TOKENS,
             "four_bit_dots": cpu_kernel.four_bit_dots() if four_bit else None}
+
+
+def _decode_norm_report(base: nn.Module, device: torch.device, dtype: torch.dtype, experts) -> dict:
+    """How many of the model's RMSNorms graph decode runs as one fused kernel each (hybridmoe.decode_norm), or why
+    none."""
+    from . import decode_norm
+
+    norms = sum("RMSNorm" in type(m).__name__ for m in base.modules())
+    why = None
+    if device.type != "cuda":
+        why = "CUDA only"
+    elif decode_norm.triton is None:
+        why = "Triton is not installed"
+    elif not decode_norm.ENABLED:
+        why = "turned off by HYBRIDMOE_FUSED_NORMS=0"
+    elif any(m.settings.compile_decode for m in experts):
+        why = "compile_decode: inductor fuses them"
+    fused = 0 if why is not None else len(decode_norm.fused_norm_pairs(base, dtype))
+    return {"norms": norms, "fused": fused, "why": why}
 
 
 def _cpu_share_report(experts, device) -> dict:
@@ -208,6 +228,10 @@ def format_report(rep: dict) -> str:
                      "(training and larger calls: torch)")
     else:
         lines.append(f"CPU expert kernel: not used ({k['status']}); the CPU experts run through torch")
+    n = rep["decode_norms"]
+    if n["norms"]:
+        lines.append(f"decode norms: {n['fused']} of {n['norms']} RMSNorms one fused kernel each" if n["why"] is None
+                     else f"decode norms: the modules' own ({n['why']})")
     if rep["lora_targets"]:
         lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
     lines += ["", "checks:"]
