@@ -108,12 +108,12 @@ def placement_report(model: nn.Module) -> dict:
     streaming = None
     if streamer is not None:
         share = _cpu_share_report(experts.values(), streamer.device)
-        gpu_part = 1 - share["cpu_experts"] / max(share["num_experts"], 1)
+        e = max(share["num_experts"], 1)
         streaming = {
             "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,
             "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
             # in inference (prompts) the slots hold only the experts the GPU computes (streaming._fill)
-            "slot_bytes_inference": int(streamer.num_slots * layer_bytes * gpu_part),
+            "slot_bytes_inference": streamer.num_slots * layer_bytes * (e - share["cpu_experts"]) // e,
             "resident_layers": streamer.resident,  # the first N MoE layers: on the device for every batch
             "resident_bytes": sum(streamer.layers[i].nbytes for i in range(streamer.resident)),
             **share,
