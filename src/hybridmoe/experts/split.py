@@ -9,9 +9,12 @@ and only the first ``E - c`` cross to the GPU: a contiguous prefix of every pinn
 One call:
 
 1. the hidden states, top-k ids and routing weights come to the host (a synchronisation the unsplit path does not
-   make; the GPU has nothing queued for this layer yet, so it costs the router's latency, not a stall);
+   make; the GPU has nothing queued for this layer yet, so it costs the router's latency, not a stall), into
+   page-locked buffers with one wait;
 2. the CPU part starts in one long-lived worker thread (torch's CPU ops release the GIL): every (token, k) slot
-   routed to an expert >= E - c, one expert at a time, in the math :data:`CPU_MATH` names for the weight format;
+   routed to an expert >= E - c, in the math :data:`CPU_MATH` names for the weight format (bf16 experts on AMX: two
+   grouped GEMMs for all of them, into the thread's reused buffers; else one expert at a time). The caller waits
+   until it has got through its Python (~0.7 ms) before it queues the GPU part, whose kernel launches hold the GIL;
 3. the GPU part is queued meanwhile: the streamer's slot with experts [0, E - c) (copied on its side stream, the
    next layer's prefix prefetched), the grouped GEMMs over the slots routed to them;
 4. join; the CPU part's [T, H] fp32 sum (zero for tokens with no CPU expert) crosses to the device from page-locked
