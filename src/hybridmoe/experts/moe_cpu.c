@@ -402,8 +402,39 @@ TGT256 static inline void unfold4(__m256 acc, float *out) {
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
 }
 
+/* Group 64 (the default): one 64-input step is one group, so the loop is flat, as the table dots' is: each step's
+ * four int32 sums folded, converted and scaled at once, with no accumulators carried across steps. */
+TGT256 static void dot_q4x4_256_g64(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
+                                    float *out) {
+    const __m256i low256 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps(); /* folded: lanes r and 4 + r are row r's */
+    __m128 corr = _mm_setzero_ps();   /* [4] sum over groups of f_r * sum(q) */
+    for (int64_t b = 0; b < n; b += 64) {
+        PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
+        const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* evens of blocks 0, 1 */
+        const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
+        __m256i m[4];
+        for (int r = 0; r < 4; r++) {
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
+            const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
+            m[r] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
+                                     ones);
+        }
+        const int64_t g = b / 64;
+        const __m128 f = _mm_mul_ps(scales4(scale, g), _mm_set1_ps(a->s[g])); /* [4] sw_r * sx */
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(m[0], m[1], m[2], m[3])), _mm256_set_m128(f, f), acc);
+        corr = _mm_fmadd_ps(f, _mm_set1_ps(a->sum[g]), corr);
+    }
+    unfold4(acc, out);
+    for (int r = 0; r < 4; r++) out[r] -= 8.f * corr[r];
+}
+
 TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                 int64_t group, float *out) {
+    if (group == 64) {
+        dot_q4x4_256_g64(w, scale, a, n, out);
+        return;
+    }
     const __m256i low256 = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps(); /* folded: lanes r and 4 + r are row r's */
