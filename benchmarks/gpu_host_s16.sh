@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
 host_setup
 if [ "${PART:-a}" = a ]; then
-  step pytest_cpu 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py \
-    tests/test_streaming.py tests/test_memory.py -x
+  step pytest_cpu 200 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py \
+    tests/test_streaming.py tests/test_memory.py tests/test_cpu_kernel.py tests/test_int4_experts.py -x
   step split_tail 60 $NOW python benchmarks/split_tail.py --repeats 3
   step dot_rate 90 bash -c "cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm && /tmp/dot_rate 16 2048 1"
   big prefill_bf16 100 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.3
