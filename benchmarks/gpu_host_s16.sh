@@ -2,7 +2,8 @@
 # Session 16 on the GPU host (one H200 + 16-core Xeon), one PART per device call:
 #   PART=a: what session 15 changed after its last GPU run: the split's weighted sum by token in one parallel C pass
 #           (amx.scatter_rows; its tests and benchmarks/split_tail.py at 16 threads), info's and the estimate's split
-#           slots; then V2-Lite bf16 prefills at the default 2 slots, shares 0, the default (0.25) and 0.3, with the
+#           slots (the CPU tests on the Xeon, the GPU equivalence, split, streaming, decode-graph and norm tests on
+#           the GPU: issue 20's last condition); then V2-Lite bf16 prefills at the default 2 slots, shares 0, the default (0.25) and 0.3, with the
 #           CPU part's seconds beside the AMX GEMMs' (S15-h: ~3 ms a layer outside them); the AVX2 int4 dot's flat
 #           group-64 loop on the Xeon (dot_rate at ISA 1, against S13-b's 15.6 GB/s from cache, 95.5 from RAM)
 set -uo pipefail
@@ -12,6 +13,8 @@ host_setup
 if [ "${PART:-a}" = a ]; then
   step pytest_cpu 200 $NOW python -m pytest -q -p no:cacheprovider tests/test_amx.py tests/test_split_prefill.py \
     tests/test_streaming.py tests/test_memory.py tests/test_cpu_kernel.py tests/test_int4_experts.py -x
+  step pytest_gpu 300 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_norm.py \
+    tests/test_equivalence.py tests/test_split_prefill.py tests/test_streaming.py tests/test_decode_graph.py
   step split_tail 60 $NOW python benchmarks/split_tail.py --repeats 3
   step dot_rate 90 bash -c "cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm && /tmp/dot_rate 16 2048 1"
   big prefill_bf16 100 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.3
