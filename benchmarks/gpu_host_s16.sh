@@ -3,8 +3,9 @@
 #   PART=a: what session 15 changed after its last GPU run: the split's weighted sum by token in one parallel C pass
 #           (amx.scatter_rows; its tests and benchmarks/split_tail.py at 16 threads), info's and the estimate's split
 #           slots (the CPU tests on the Xeon, the GPU equivalence, split, streaming, decode-graph and norm tests on
-#           the GPU: issue 20's last condition); then V2-Lite bf16 prefills at the default 2 slots, shares 0, the default (0.25) and 0.3, with the
-#           CPU part's seconds beside the AMX GEMMs' (S15-h: ~3 ms a layer outside them); the AVX2 int4 dot's flat
+#           the GPU: issue 20's last condition); then V2-Lite bf16 prefills at the default 2 slots, shares 0, the
+#           default (0.25) and 0.3, with the CPU part's seconds beside the AMX GEMMs' (S15-h: ~3 ms a layer outside
+#           them); the AVX2 int4 dot's flat
 #           group-64 loop on the Xeon (dot_rate at ISA 1, against S13-b's 15.6 GB/s from cache, 95.5 from RAM)
 set -uo pipefail
 cd "$(dirname "$0")/.."
