@@ -402,28 +402,42 @@ TGT256 static inline void unfold4(__m256 acc, float *out) {
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
 }
 
-/* Group 64 (the default): one 64-input step is one group, so the loop is flat, as the table dots' is: each step's
- * four int32 sums folded, converted and scaled at once, with no accumulators carried across steps. */
+/* One 64-input step of four int4 rows from input b: two 32-input blocks, 32 bytes of codes per row in one load; the
+ * activations in q_pos's order: the low nibbles (evens of both blocks) and the high ones (odds) each against 32
+ * activations as loaded. m[r]: row r's 8 int32 partial sums (its codes' sum of c * q). */
+TGT256 static inline void q4x4_step(const uint8_t *const *w, const int8_t *q, int64_t b, __m256i m[4]) {
+    const __m256i low256 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
+    const __m256i xe = _mm256_loadu_si256((const __m256i *)(q + b));      /* evens of blocks 0, 1 */
+    const __m256i xo = _mm256_loadu_si256((const __m256i *)(q + b + 32)); /* odds */
+    for (int r = 0; r < 4; r++) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
+        const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
+        /* |pair| <= 2 * 15 * 127, so the two sums fit int16 before the widening madd */
+        m[r] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), ones);
+    }
+}
+
+/* Group g's four sums s[r] scaled into acc (folded: lanes r and 4 + r are row r's) by sw_r * sx, and f_r * sum(q)
+ * into corr (the codes' offset of 8 comes off at the end). */
+TGT256 static inline void q4x4_scale(const uint16_t *const *scale, const QAct *a, int64_t g, const __m256i s[4],
+                                     __m256 *acc, __m128 *corr) {
+    const __m128 f = _mm_mul_ps(scales4(scale, g), _mm_set1_ps(a->s[g])); /* [4] sw_r * sx */
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(s[0], s[1], s[2], s[3])), _mm256_set_m128(f, f), *acc);
+    *corr = _mm_fmadd_ps(f, _mm_set1_ps(a->sum[g]), *corr);
+}
+
+/* Group 64 (the default): one step is one group, so the loop is flat, as the table dots' is: each step's sums scaled
+ * at once, no accumulators carried across steps (~15-20% faster than the loop nested per group below, and than one
+ * flat loop that scales when a group ends: dot_rate on the 2-core EPYC). */
 TGT256 static void dot_q4x4_256_g64(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                     float *out) {
-    const __m256i low256 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps(); /* folded: lanes r and 4 + r are row r's */
-    __m128 corr = _mm_setzero_ps();   /* [4] sum over groups of f_r * sum(q) */
+    __m256 acc = _mm256_setzero_ps();
+    __m128 corr = _mm_setzero_ps();
     for (int64_t b = 0; b < n; b += 64) {
-        PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
-        const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* evens of blocks 0, 1 */
-        const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
         __m256i m[4];
-        for (int r = 0; r < 4; r++) {
-            const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
-            const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
-            m[r] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
-                                     ones);
-        }
-        const int64_t g = b / 64;
-        const __m128 f = _mm_mul_ps(scales4(scale, g), _mm_set1_ps(a->s[g])); /* [4] sw_r * sx */
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(m[0], m[1], m[2], m[3])), _mm256_set_m128(f, f), acc);
-        corr = _mm_fmadd_ps(f, _mm_set1_ps(a->sum[g]), corr);
+        q4x4_step(w, a->q, b, m);
+        q4x4_scale(scale, a, b / 64, m, &acc, &corr);
     }
     unfold4(acc, out);
     for (int r = 0; r < 4; r++) out[r] -= 8.f * corr[r];
@@ -435,32 +449,17 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
         dot_q4x4_256_g64(w, scale, a, n, out);
         return;
     }
-    const __m256i low256 = _mm256_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps(); /* folded: lanes r and 4 + r are row r's */
-    __m128 corr = _mm_setzero_ps();   /* [4] sum over groups of f_r * sum(q) */
-    for (int64_t g0 = 0; g0 < n; g0 += group) {
+    __m256 acc = _mm256_setzero_ps();
+    __m128 corr = _mm_setzero_ps();
+    for (int64_t g0 = 0; g0 < n; g0 += group) { /* group is a multiple of 64 */
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
-        /* two 32-input blocks a step (group is a multiple of 64): 32 bytes of codes per row in one load; the
-         * activations in q_pos's order: the low nibbles (evens of both blocks) and the high ones (odds) each
-         * against 32 activations as loaded */
         for (int64_t b = g0; b < g0 + group; b += 64) {
-            PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
-            const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* evens of blocks 0, 1 */
-            const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
-            for (int r = 0; r < 4; r++) {
-                const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
-                const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
-                /* |pair| <= 2 * 15 * 127, so the two sums fit int16 before the widening madd */
-                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
-            }
+            __m256i m[4];
+            q4x4_step(w, a->q, b, m);
+            for (int r = 0; r < 4; r++) isum[r] = _mm256_add_epi32(isum[r], m[r]);
         }
-        const int64_t g = g0 / group;
-        const __m128 f = _mm_mul_ps(scales4(scale, g), _mm_set1_ps(a->s[g])); /* [4] sw_r * sx */
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(isum[0], isum[1], isum[2], isum[3])), _mm256_set_m128(f, f), acc);
-        corr = _mm_fmadd_ps(f, _mm_set1_ps(a->sum[g]), corr);
+        q4x4_scale(scale, a, g0 / group, isum, &acc, &corr);
     }
     unfold4(acc, out);
     for (int r = 0; r < 4; r++) out[r] -= 8.f * corr[r];
