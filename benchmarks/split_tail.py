@@ -41,7 +41,7 @@ def main() -> None:
     w = torch.rand(s, generator=g)
     y, out = y0.clone(), torch.empty(args.tokens, args.hidden)
 
-    def torch_tail() -> torch.Tensor:
+    def torch_tail() -> tuple[torch.Tensor, float]:
         y.copy_(y0)  # (the split scales its own buffer in place; restoring it is not timed below)
         t0 = time.perf_counter()
         y.mul_(w[:, None])
@@ -49,7 +49,7 @@ def main() -> None:
         o.index_add_(0, tok, y)
         return o, time.perf_counter() - t0
 
-    def c_tail() -> torch.Tensor:
+    def c_tail() -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
         o = amx.scatter_rows(y0, tok, w, args.tokens, out=out)
         return o, time.perf_counter() - t0
