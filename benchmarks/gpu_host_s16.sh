@@ -7,6 +7,9 @@
 #           default (0.25) and 0.3, with the CPU part's seconds beside the AMX GEMMs' (S15-h: ~3 ms a layer outside
 #           them); the AVX2 int4 dot's flat
 #           group-64 loop on the Xeon (dot_rate at ISA 1, against S13-b's 15.6 GB/s from cache, 95.5 from RAM)
+#   PART=b: gpt-oss-120b MXFP4 decode (S15-d: 26-32 tok/s; the kernel's threads busy 0.82-0.88 of its regions): the
+#           GPU share of each token's experts (1 of 4 on the GPU, S12-b: a loss then) beside none, in one process; then
+#           OpenMP's threads spinning through the GPU's gaps (OMP_WAIT_POLICY=active) in a second process
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -19,5 +22,10 @@ if [ "${PART:-a}" = a ]; then
   step split_tail 60 $NOW python benchmarks/split_tail.py --repeats 3
   step dot_rate 90 bash -c "cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm && /tmp/dot_rate 16 2048 1"
   big prefill_bf16 100 v2-lite bfloat16 --steps 0 --skip decode train --cpu-shares 0 default 0.3
+  bundle_logs
+fi
+if [ "${PART:-a}" = b ]; then
+  decode_of gpt_oss 240 gpt-oss-120b mxfp4 --gpu-shares 0.25 0
+  OMP_WAIT_POLICY=active decode_of gpt_oss_active 200 gpt-oss-120b mxfp4
   bundle_logs
 fi
