@@ -112,10 +112,10 @@ def _mxfp4(tensors: dict) -> dict:
     out = {}
     for k, t in tensors.items():
         if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            codes, scales = quantize_mxfp4(t.transpose(1, 2).float())  # [E, out, in/2], [E, out, in/32] bf16
+            codes, exps = quantize_mxfp4(t.transpose(1, 2).float())  # [E, out, in/2], [E, out, in/32] uint8
             e, o, _ = codes.shape
             out[k + "_blocks"] = codes.reshape(e, o, -1, 16).contiguous()
-            out[k + "_scales"] = (torch.log2(scales.float()) + 127).round().to(torch.uint8)
+            out[k + "_scales"] = exps
         else:
             out[k] = t
     return out

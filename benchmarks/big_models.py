@@ -109,14 +109,22 @@ def _fill_experts(ex) -> None:
         if w.scales is not None:
             peak = 6.0 if w.packed is not None and w.packed.kind == "mxfp4" else (8.0 if w.packed else 127.0)
             scale = 0.05 / peak
-            if w.packed is not None and w.packed.kind == "mxfp4":
-                scale = 2.0 ** round(torch.log2(torch.tensor(scale)).item())  # a power of two, as e8m0
+            if w.scales[proj].dtype == torch.uint8:  # MXFP4's e8m0 exponent of the nearest power of two
+                scale = round(torch.log2(torch.tensor(scale)).item()) + 127
             w.scales[proj].fill_(scale)
         if w.bias is not None:
             w.bias[proj].zero_()
         w.loaded[proj][:] = True
         if w.bias is not None:
             w.loaded[f"{proj}_bias"][:] = True
+
+
+def _bf16_scales(w) -> None:
+    """MXFP4 scales held as bf16 values instead of the shipped e8m0 bytes (sessions 6-15's form; the baseline of
+    --mxfp4-bf16-scales): every consumer takes either."""
+    from hybridmoe.experts.cpu_experts import _ones_on_huge_pages
+
+    w.scales = {p: _ones_on_huge_pages(s.shape, s.device, torch.bfloat16) for p, s in w.scales.items()}
 
 
 def build(args):
@@ -145,6 +153,8 @@ def build(args):
     fmt = resolve_expert_dtype(args.format, dev)
     experts = _swap_experts(model, fmt, settings=settings)
     for ex in experts.values():
+        if args.mxfp4_bf16_scales and ex.weights.packed is not None and ex.weights.packed.kind == "mxfp4":
+            _bf16_scales(ex.weights)
         _fill_experts(ex)
     expert_bytes = sum(ex.weights.nbytes for ex in experts.values())
     expert_params = sum(ex.spec.num_experts * (ex.spec.shape("gate_up_proj")[1] * ex.spec.shape("gate_up_proj")[2]
@@ -171,8 +181,10 @@ def build(args):
     if dev.type == "cuda" and embeddings_to_host(model, dev):
         torch.cuda.empty_cache()
     nominal = {"bfloat16": 2.0, "int8": 1.0, "int4": 0.5, "mxfp4": 0.5}[args.format]
+    first = next(iter(experts.values())).weights
     emit({"bench": "build", "model": args.model, "format": args.format,
           "expert_format": str(_block_format(fmt, next(iter(experts.values())).spec, "")),
+          "scales": None if first.scales is None else str(first.scales["down_proj"].dtype).removeprefix("torch."),
           "layers": config.num_hidden_layers, "seconds": round(time.perf_counter() - t0, 1),
           "expert_params_B": round(expert_params / 1e9, 2), "expert_gib": round(expert_bytes / 2**30, 2),
           "expert_gib_at_nominal_bits": round(expert_params * nominal / 2**30, 2),
@@ -382,6 +394,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--format", choices=["bfloat16", "int8", "int4", "mxfp4"], required=True)
+    p.add_argument("--mxfp4-bf16-scales", action="store_true",
+                   help="MXFP4: hold the scales as bf16 values (the form before session 16), not the e8m0 bytes")
     p.add_argument("--layers", type=int, default=0, help="decoder layers (default: the model's)")
     p.add_argument("--tiny", action="store_true", help="small widths: check the script without a GPU host")
     p.add_argument("--device", default="cuda")

@@ -19,7 +19,7 @@ threads were in each):
 - kernel_{bf16,int8,int4gG}_{isa}_{pages}_pf{N}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c:
                  two parallel regions a layer): each instruction set the CPU has, the weights on 4 KiB or 2 MiB pages,
                  software prefetch N bytes ahead; int4 with each group size of --int4-groups (GB/s counts the bytes
-                 of int4 codes and their bf16 scales actually read).
+                 of 4-bit codes and their scales actually read: int4's bf16, MXFP4's e8m0 bytes).
 The limit is the host's memory bandwidth: measured here by read-only sweeps over 2 GiB with every thread (the best
 of the `memory_read` and `memory_read_kernel` lines; --limit-gbps overrides), and each line gives its fraction of it.
 """
@@ -211,9 +211,11 @@ def main() -> None:
                 want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
                 got = layer_call(li, ex, w)
                 nbytes = bytes_bf16 // 2 if "int8" in name else bytes_bf16
-                if "int4g" in name or "mxfp4" in name:  # codes (half a byte a weight) + one bf16 scale per group
-                    grp = int(name.split("int4g")[1].split("_")[0]) if "int4g" in name else 32
+                if "int4g" in name:  # codes (half a byte a weight) + one bf16 scale per group
+                    grp = int(name.split("int4g")[1].split("_")[0])
                     nbytes = bytes_bf16 // 4 + bytes_bf16 // grp
+                elif "mxfp4" in name:  # codes + one e8m0 byte per 32 weights
+                    nbytes = bytes_bf16 // 4 + bytes_bf16 // 64
                 print(json.dumps({
                     "bench": "decode_gemv", "strategy": name, "threads": threads, "ms_per_layer": round(s * 1e3, 3),
                     "GBps": round(nbytes / s / 1e9, 1), "limit_GBps": round(limit, 1),

@@ -10,6 +10,9 @@
 #   PART=b: gpt-oss-120b MXFP4 decode (S15-d: 26-32 tok/s; the kernel's threads busy 0.82-0.88 of its regions): the
 #           GPU share of each token's experts (1 of 4 on the GPU, S12-b: a loss then) beside none, in one process; then
 #           OpenMP's threads spinning through the GPU's gaps (OMP_WAIT_POLICY=active) in a second process
+#   PART=c: MXFP4 scales kept as the shipped e8m0 bytes (one a 32 weights, not a bf16 value): every GPU test, the
+#           4-bit kernel's and formats' tests on the Xeon (AVX-512 VNNI dots on e8m0 rows), then gpt-oss-120b decode
+#           with e8m0 scales and, in a second process on the same host, with bf16 ones (--mxfp4-bf16-scales)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -27,5 +30,13 @@ fi
 if [ "${PART:-a}" = b ]; then
   decode_of gpt_oss 240 gpt-oss-120b mxfp4 --gpu-shares 0.25 0
   OMP_WAIT_POLICY=active decode_of gpt_oss_active 200 gpt-oss-120b mxfp4
+  bundle_logs
+fi
+if [ "${PART:-a}" = c ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests
+  step pytest_cpu 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_int4_experts.py \
+    tests/test_cpu_kernel.py tests/test_formats.py tests/test_dequant_gpu.py -x
+  decode_of gpt_oss_e8m0 110 gpt-oss-120b mxfp4
+  decode_of gpt_oss_bf16 110 gpt-oss-120b mxfp4 --mxfp4-bf16-scales
   bundle_logs
 fi

@@ -45,7 +45,11 @@ def build(args, layers: int, experts: int) -> list:
         for t in (w.gate_up, w.down):
             tile_block(t, codes)
         for s in w.scales.values():
-            scales = torch.empty(codes.numel() // s.element_size(), dtype=s.dtype).uniform_(0.005, 0.02, generator=g)
+            if s.dtype == torch.uint8:  # MXFP4's e8m0 exponents: 2^-8 .. 2^-6
+                scales = torch.randint(119, 122, (codes.numel(),), dtype=torch.uint8, generator=g)
+            else:
+                scales = torch.empty(codes.numel() // s.element_size(), dtype=s.dtype).uniform_(0.005, 0.02,
+                                                                                                 generator=g)
             tile_block(s, scales.view(torch.uint8))
         mods.append(m)
     return mods

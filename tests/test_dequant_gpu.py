@@ -20,7 +20,8 @@ from hybridmoe.experts.packed import (
 CASES = """
 import torch
 from hybridmoe.experts import dequant_gpu
-from hybridmoe.experts.packed import PackedFormat, dequantize_packed_torch, quantize_int4, quantize_mxfp4
+from hybridmoe.experts.packed import (PackedFormat, dequantize_packed_torch, mxfp4_scales, quantize_int4,
+                                     quantize_mxfp4)
 
 def cases(device):
     g = torch.Generator().manual_seed(0)
@@ -32,6 +33,10 @@ def cases(device):
     scales = torch.tensor([1.0, 0.5, 3.0, 2.0 ** -127, 2.0 ** 100], dtype=torch.bfloat16)
     scales = scales.repeat_interleave(16).view(5, 16)
     out += [(kind, 32, codes, scales) for kind in ("int4", "mxfp4")]
+    # MXFP4's scales as stored: e8m0 exponents (0 is the subnormal 2^-127; 255, e8m0's NaN, left out: 0 x inf is a
+    # NaN whose sign bit differs between the two), against their bf16 values below
+    exps = torch.tensor([0, 1, 126, 127, 128, 200, 253, 254], dtype=torch.uint8).repeat(5, 2)  # [5, 16]
+    out += [("mxfp4", 32, codes, exps)]
     return [(k, grp, c.to(device), s.to(device)) for k, grp, c, s in out]
 
 def check(device):
@@ -40,6 +45,9 @@ def check(device):
         got = dequant_gpu.dequantize_bf16(codes, scales, kind, group)
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
         assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), (kind, group)
+        if scales.dtype == torch.uint8:  # the exponents mean their bf16 powers of two, bit for bit
+            as_bf16 = dequant_gpu.dequantize_bf16(codes, mxfp4_scales(scales), kind, group)
+            assert torch.equal(got.view(torch.int16), as_bf16.view(torch.int16)), "e8m0"
     # a slice of rows of every expert (read in place: Dequantized's parts), and a 2-D matrix
     for kind, group, codes, scales in cases(device)[:3]:
         fmt = PackedFormat(kind, group)

@@ -283,5 +283,8 @@ def test_mxfp4_gpt_oss_equals_transformers_dequantized(tmp_path):
     shipped = load_file(str(mx / "model.safetensors"))
     ex = kept.model.layers[0].mlp.experts.weights
     assert torch.equal(ex.gate_up, shipped["model.layers.0.mlp.experts.gate_up_proj_blocks"].flatten(-2))
+    # the scales too: the shipped e8m0 exponents, one byte per 32 weights
+    assert torch.equal(ex.scales["gate_up_proj"], shipped["model.layers.0.mlp.experts.gate_up_proj_scales"])
+    assert torch.equal(ex.scales["down_proj"], shipped["model.layers.0.mlp.experts.down_proj_scales"])
     with torch.no_grad():
         assert ((kept(ids).logits - want).norm() / want.norm()).item() <= 1e-2

@@ -27,6 +27,7 @@ from hybridmoe.experts.packed import (
     PackedFormat,
     dequantize_packed,
     int4_group_for,
+    mxfp4_scales,
     pack_nibbles,
     quantize_int4,
     quantize_mxfp4,
@@ -147,6 +148,53 @@ def test_kernel_and_loop_match_fp32_math(fmt, shape, t, k):
             m.infer_cpu(x, ids, w, got)
             cpu_kernel.set_isa(old)
             assert _rel(got, outs[False]) <= 2e-3, isa  # the same rounding points, another summation order
+
+
+def test_mxfp4_scales_are_kept_as_e8m0_bytes():
+    """MXFP4's scales stay the checkpoint's e8m0 exponents, one byte per 32 weights (not a bf16 copy: 5.6% fewer bytes
+    a decode step reads): stored uint8, quantized to uint8, and only uint8 accepted by write_packed (a copy of bf16
+    values into exponent bytes would turn 0.5 into 0)."""
+    m = silu_experts(3, 64, 32, PackedFormat("mxfp4", 32), lora=False)
+    w = m.weights
+    assert {s.dtype for s in w.scales.values()} == {torch.uint8}
+    assert w.scales["gate_up_proj"].shape == (3, 64, 2) and w.scales["down_proj"].shape == (3, 64, 1)
+    codes, exps = quantize_mxfp4(torch.randn(64, 64) * 0.02)
+    assert exps.dtype == torch.uint8 and torch.equal(mxfp4_scales(exps), torch.exp2(exps.float() - 127).bfloat16())
+    w.write_packed("gate_up_proj", codes, exps, expert=1)
+    assert torch.equal(w.scales["gate_up_proj"][1], exps)
+    with pytest.raises(ValueError, match="scales are torch.uint8, got torch.bfloat16"):
+        w.write_packed("gate_up_proj", codes, mxfp4_scales(exps), expert=1)
+    int4 = silu_experts(3, 64, 64, PackedFormat("int4", 64), lora=False).weights
+    assert {s.dtype for s in int4.scales.values()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="e8m0"):
+        dequantize_packed(int4.gate_up, w.scales["gate_up_proj"].repeat(1, 2, 1), PackedFormat("int4", 64))
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 96), (4, 320, 192)])
+def test_kernel_reads_e8m0_scales_as_their_bf16_values(shape):
+    """The CPU kernel on MXFP4 weights with their e8m0 bytes gives, bit for bit, what it gives on the same scales as
+    bf16 (every instruction set here: the exponents become bf16 in L1 before the same dots), and both what the torch
+    loop computes."""
+    if not cpu_kernel.available():
+        pytest.skip("no compiled kernel here")
+    e, h, i = shape
+    m = silu_experts(e, h, i, PackedFormat("mxfp4", 32), lora=False)
+    twin = silu_experts(e, h, i, PackedFormat("mxfp4", 32), lora=False)
+    twin.weights.scales = {p: mxfp4_scales(s) for p, s in m.weights.scales.items()}  # the same values, as bf16
+    g = torch.Generator().manual_seed(2)
+    x, ids, w = torch.randn(5, h, generator=g), torch.randint(0, e, (5, 2), generator=g), torch.rand(5, 2, generator=g)
+    loop = torch.empty(5, h)
+    m.settings.cpu_kernel = False
+    m.infer_cpu(x, ids, w, loop)
+    m.settings.cpu_kernel = twin.settings.cpu_kernel = True
+    for isa in cpu_kernel.isas():
+        old = cpu_kernel.set_isa(isa)
+        got, want = torch.empty(5, h), torch.empty(5, h)
+        m.infer_cpu(x, ids, w, got)
+        twin.infer_cpu(x, ids, w, want)
+        cpu_kernel.set_isa(old)
+        assert torch.equal(got, want), isa
+        assert _rel(got, loop) <= 2e-3, isa
 
 
 @pytest.mark.parametrize("fmt", FORMATS[1:], ids=str)

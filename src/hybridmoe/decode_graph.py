@@ -172,9 +172,9 @@ class _GpuShare:
         self.gate_up = torch.empty((n, *w.gate_up.shape[1:]), dtype=w.gate_up.dtype, device=dev)  # [n, 2I, H]
         self.down = torch.empty((n, *w.down.shape[1:]), dtype=w.down.dtype, device=dev)  # [n, H, I]
         self.weights = w  # owns the format: to_float dequantizes the buffers below
-        self.scales = None  # int8: [n, 2I], [n, H] bf16; 4-bit: [n, 2I, H/group], [n, H, I/group]
+        self.scales = None  # int8: [n, 2I], [n, H] bf16; 4-bit: [n, 2I, H/group], [n, H, I/group] (as stored)
         if w.quantized:
-            self.scales = [torch.empty((n, *w.scales[p].shape[1:]), dtype=torch.bfloat16, device=dev)
+            self.scales = [torch.empty((n, *w.scales[p].shape[1:]), dtype=w.scales[p].dtype, device=dev)
                            for p in ("gate_up_proj", "down_proj")]
         self.bias = None  # experts with biases (gpt-oss): [n, 2I], [n, H] fp32
         if w.bias is not None:

@@ -31,7 +31,7 @@ from torch import nn
 from .checkpoint import Checkpoint, KeyMapper, read_tensor
 from .compressed import PACKED, CompressedTensors, PackedWeight, dequantize_int, parse_config, read_packed
 from .errors import CheckpointError
-from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales
+from .experts.packed import PackedFormat, dequantize_packed
 
 # safetensors dtype names the loader converts to the compute dtype.
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -213,8 +213,8 @@ class WeightReader:
         return self._dtypes[f][key]
 
     def read_packed(self, handle, f: Path, key: str, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales bf16
-        [..., out, in/group]); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that
+        """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales
+        [..., out, in/group]: compressed-tensors int4's bf16, MXFP4's uint8 e8m0 exponents); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that
         layout byte for byte). `t`: the tensor of `key`, if the caller has read it already."""
         t = read_tensor(handle, f, key) if t is None else t
         if isinstance(self.fmt, CompressedTensors):
@@ -224,7 +224,7 @@ class WeightReader:
         base = self.logical(key)
         exps = self.companion(handle, f, key, base + "_scales", "MXFP4")  # [..., out, G] uint8
         _check_mxfp4(blocks, exps, base, f)
-        return blocks.flatten(-2), mxfp4_scales(exps)
+        return blocks.flatten(-2), exps
 
     def release(self) -> None:
         """Forget the shards opened for companions: a memory-mapped shard keeps the pages read through it resident

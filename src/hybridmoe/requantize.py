@@ -35,7 +35,7 @@ from .checkpoint import read_tensor
 from .compressed import PACKED, CompressedTensors, dequantize_int, read_packed
 from .errors import CheckpointError
 from .experts.cpu_experts import quantize_rows
-from .experts.packed import PackedFormat, dequantize_packed, mxfp4_scales, quantize_int4, quantize_mxfp4, unpack_nibbles
+from .experts.packed import PackedFormat, dequantize_packed, quantize_int4, quantize_mxfp4, unpack_nibbles
 from .formats import Fp8Blocks, Mxfp4, WeightReader, _check_mxfp4, dequantize_fp8
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -71,8 +71,7 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_mxfp4_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] fp32 -> gpt-oss's (blocks uint8 [out, in/32, 16], e8m0 exponents uint8 [out, in/32])."""
-    codes, scales = quantize_mxfp4(w)  # [out, in/2] uint8, [out, in/32] bf16 powers of two 2^-127..2^127
-    exps = (torch.log2(scales.float()).round() + 127).to(torch.uint8)  # exact: the scales are powers of two
+    codes, exps = quantize_mxfp4(w)  # [out, in/2] uint8, [out, in/32] uint8
     return codes.view(w.shape[0], -1, 16), exps
 
 
@@ -190,9 +189,8 @@ class GroupIO:
         if isinstance(g.fmt, Fp8Blocks):
             scale = stored[g.companions[0]]
             return dequantize_fp8(pick(w), scale if g.fmt.block is None else pick(scale), g.fmt.block, g.primary, f)
-        if isinstance(g.fmt, Mxfp4):  # blocks [.., out, G, 16] -> codes [.., out, in/2]; e8m0 -> bf16 scales
-            return dequantize_packed(pick(w).flatten(-2), mxfp4_scales(pick(stored[g.companions[0]])),
-                                     PackedFormat("mxfp4", 32))
+        if isinstance(g.fmt, Mxfp4):  # blocks [.., out, G, 16] -> codes [.., out, in/2]; e8m0 exponents as they are
+            return dequantize_packed(pick(w).flatten(-2), pick(stored[g.companions[0]]), PackedFormat("mxfp4", 32))
         module = g.primary.rsplit(".", 1)[0]
         s = g.fmt.scheme(module, g.primary, f)
         if s.fmt == PACKED:

@@ -81,8 +81,9 @@ class ExpertWeights:
     bias:    None, or {"gate_up_proj": [E, U], "down_proj": [E, H]} (fp32 unless the weights are bf16/fp32)
     ``fmt`` is bf16 or fp32; int8, quantized per output row as the weights load (``scales`` bf16 [E, U], [E, H]:
     w ≈ q · scale); or a 4-bit :class:`~hybridmoe.experts.packed.PackedFormat` (int4 quantized group-wise as they
-    load, or MXFP4 as shipped): gate_up / down then hold uint8 codes [E, U, H/2], [E, H, I/2] and ``scales`` bf16
-    [E, U, H/group], [E, H, I/group]. Never a zero-size placeholder.
+    load, or MXFP4 as shipped): gate_up / down then hold uint8 codes [E, U, H/2], [E, H, I/2] and ``scales``
+    [E, U, H/group], [E, H, I/group] (int4: bf16; MXFP4: its uint8 e8m0 exponents, as shipped). Never a zero-size
+    placeholder.
     """
 
     def __init__(self, spec: ExpertsSpec, fmt: ExpertFormat, device: str = "cpu"):
@@ -109,7 +110,7 @@ class ExpertWeights:
             self.scales = {p: _ones_on_huge_pages(s[:2], device) for p, s in shapes.items()}  # [E, out]
         elif self.packed is not None:
             g = self.packed.group
-            self.scales = {p: _ones_on_huge_pages((*s[:2], s[2] // g), device)
+            self.scales = {p: _ones_on_huge_pages((*s[:2], s[2] // g), device, self.packed.scale_dtype)
                            for p, s in shapes.items()}  # [E, out, in/group]
         self.bias: dict[str, torch.Tensor] | None = None
         if spec.has_bias:
@@ -163,6 +164,8 @@ class ExpertWeights:
         rows [out', in/2] / [out', in/group]."""
         dst = self.tensor(proj) if expert is None else self.tensor(proj)[expert, rows]
         sdst = self.scales[proj] if expert is None else self.scales[proj][expert, rows]
+        if scales.dtype != sdst.dtype:  # a copy would convert values (2^-1 as an exponent byte: 0), not bits
+            raise ValueError(f"{proj}: {self.packed} scales are {sdst.dtype}, got {scales.dtype}")
         if codes.shape != dst.shape or scales.shape != sdst.shape:
             raise ValueError(f"{proj}: packed codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not fit "
                              f"{tuple(dst.shape)} / {tuple(sdst.shape)}")
@@ -275,12 +278,13 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 
 
-def _ones_on_huge_pages(shape, device) -> torch.Tensor:
-    """bf16 ones (scales before the loader writes them), on 2 MiB pages where large: a 4-bit model's scales are an
-    eighth of its codes' bytes (gpt-oss-120b: ~7 GB), read beside them at every decode step."""
-    t = torch.empty(shape, dtype=torch.bfloat16, device=device)
+def _ones_on_huge_pages(shape, device, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Scales of 1 before the loader writes them (bf16 1.0, or the e8m0 exponent 127 for uint8), on 2 MiB pages where
+    large: a 4-bit model's scales are an eighth (bf16) or a sixteenth (e8m0) of its codes' bytes (gpt-oss-120b:
+    ~3.4 GB as shipped), read beside them at every decode step."""
+    t = torch.empty(shape, dtype=dtype, device=device)
     advise_huge_pages(t)
-    return t.fill_(1.0)
+    return t.fill_(127 if dtype == torch.uint8 else 1.0)
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:

@@ -133,7 +133,7 @@ def _load() -> None:
         lib.hm_moe_forward_packed.argtypes = [p, p]
         lib.hm_moe_forward.argtypes = [i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, p, p, i64,
                                        ctypes.c_int, ctypes.c_int, f32, f32, p, p,
-                                       i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int]
+                                       i64, p, p, f32, i64, p, p, f32, p, ctypes.c_int, ctypes.c_int]
         _lib, _state = lib, "ready"
     except AttributeError as e:  # HYBRIDMOE_CPU_KERNEL_LIB built from another version of moe_cpu.c
         _state = f"unavailable: the library lacks a function this version calls ({e})"
@@ -272,7 +272,7 @@ def prepared(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out: t
         raise RuntimeError(f"prepared: the CPU kernel is {status()}")
     args, fn = _arguments(module, x, ids, w, out), _lib.hm_moe_forward_packed
     floats = (17, 18, 24, 28)  # alpha, limit and the two LoRA scales, in hm_moe_forward's argument order
-    ints = (ctypes.c_int64 * 27)(*[int(a or 0) for i, a in enumerate(args) if i not in floats])
+    ints = (ctypes.c_int64 * 28)(*[int(a or 0) for i, a in enumerate(args) if i not in floats])
     fl = (ctypes.c_float * 4)(*[args[i] for i in floats])
     packed = (ctypes.addressof(ints), ctypes.addressof(fl))
 
@@ -305,9 +305,12 @@ def _arguments(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out:
         raise ValueError(f"moe_forward: shapes x {tuple(x.shape)}, ids {tuple(ids.shape)}, w {tuple(w.shape)}, "
                          f"out {tuple(out.shape)} do not fit [T, {spec.hidden_dim}], [T, K], [T, K], [T, {spec.hidden_dim}]")
     scales = weights.scales or {}
-    table, group, qact = None, 0, 0
+    table, group, qact, e8m0 = None, 0, 0, 0
     if weights.packed is not None:
         group, qact = weights.packed.group, int(weights.packed.int8_activations)  # the torch path's rule too
+        e8m0 = int(scales["gate_up_proj"].dtype == torch.uint8)  # MXFP4's exponents as shipped (one byte a scale)
+        if any(s.dtype != (torch.uint8 if e8m0 else torch.bfloat16) or not s.is_contiguous() for s in scales.values()):
+            raise ValueError("moe_forward: 4-bit scales must be contiguous, both bf16 or both uint8 (MXFP4)")
         if weights.packed.kind != "int4":  # int4's values (c - 8) are computed, not looked up
             if weights.packed.kind not in _tables:
                 _tables[weights.packed.kind] = torch.tensor(weights.packed.values, dtype=torch.float32)  # [16]
@@ -328,7 +331,7 @@ def _arguments(module, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, out:
             w.data_ptr(), _DTYPES[weights.gate_up.dtype], weights.gate_up.data_ptr(), _ptr(scales.get("gate_up_proj")),
             weights.down.data_ptr(), _ptr(scales.get("down_proj")), _ptr(table), group, qact, act, alpha, limit,
             _ptr(bias.get("gate_up_proj")), _ptr(bias.get("down_proj")), *lora, out.data_ptr(),
-            torch.get_num_threads())
+            torch.get_num_threads(), e8m0)
 
 
 def _check(rc: int, module) -> None:
@@ -339,6 +342,6 @@ def _check(rc: int, module) -> None:
     if rc == 4:
         raise ValueError(f"moe_forward: 4-bit group {module.weights.packed.group} does not fit the dims "
                          f"{module.spec.hidden_dim}, {module.spec.intermediate_dim} (or int8 activations asked for "
-                         "other than int4 in groups of 64k)")
+                         "other than int4 in groups of 64k, or e8m0 scales other than MXFP4's, or more than 1024 a row)")
     if rc:
         raise RuntimeError(f"moe_forward: the kernel returned {rc} (no instruction set selected)")

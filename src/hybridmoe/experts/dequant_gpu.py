@@ -53,19 +53,24 @@ if triton is not None:
 
     @triton.jit
     def _dequant4_kernel(codes_ptr, scales_ptr, out_ptr, n_bytes, half, groups, group_bytes, code_lead, scale_lead,
-                         MXFP4: tl.constexpr, BLOCK: tl.constexpr):
+                         MXFP4: tl.constexpr, E8M0: tl.constexpr, BLOCK: tl.constexpr):
         # One lead index (an expert) per program_id(1): its codes [R, half] uint8 (rows contiguous, code_lead bytes
-        # from one expert to the next: a row slice of a layer needs no copy), scales [R, groups] bf16 bits as int16
-        # (scale_lead apart), out [R, half] int32 (contiguous, n_bytes = R * half words an expert): one word = the
-        # byte's two bf16 weights, element 2j (low nibble) in the low half (little-endian: it comes first in memory)
+        # from one expert to the next: a row slice of a layer needs no copy), scales [R, groups] bf16 bits as int16,
+        # or (E8M0) MXFP4's exponents as uint8 (scale_lead apart), out [R, half] int32 (contiguous, n_bytes = R * half
+        # words an expert): one word = the byte's two bf16 weights, element 2j (low nibble) in the low half
+        # (little-endian: it comes first in memory)
         lead = tl.program_id(1).to(tl.int64)
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = off < n_bytes
         b = tl.load(codes_ptr + lead * code_lead + off, mask=mask, other=0).to(tl.int32)
         row = off // half
         s = tl.load(scales_ptr + lead * scale_lead + row * groups + (off - row * half) // group_bytes, mask=mask,
-                    other=0)  # bf16 bits
-        s = ((s.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # exact, subnormals kept
+                    other=0)  # bf16 bits, or an e8m0 exponent
+        if E8M0:  # 2^(e - 127) as fp32 bits: e << 23, and e = 0 the subnormal 2^-127 (0x00400000); 255 -> inf
+            e = s.to(tl.int32) & 0xFF
+            s = tl.where(e > 0, e << 23, 0x00400000).to(tl.float32, bitcast=True)
+        else:
+            s = ((s.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # exact, subnormals kept
         lo = _bf16_bits(_values(b & 15, MXFP4) * s)
         hi = _bf16_bits(_values(b >> 4, MXFP4) * s)
         tl.store(out_ptr + lead * n_bytes + off, lo | (hi << 16), mask=mask)
@@ -86,7 +91,8 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_bf16(codes: torch.Tensor, scales: torch.Tensor, kind: str, group: int) -> torch.Tensor:
-    """codes uint8 [..., out, in/2], scales bf16 [..., out, in/group] on a CUDA device -> bf16 [..., out, in] there
+    """codes uint8 [..., out, in/2], scales bf16 (or MXFP4's uint8 exponents) [..., out, in/group] on a CUDA device
+    -> bf16 [..., out, in] there
     (kind "int4" or "mxfp4"; see :mod:`hybridmoe.experts.packed`). A slice of rows (``codes[:, r0:r1]``) is read
     in place."""
     *lead, rows, half = codes.shape
@@ -95,6 +101,10 @@ def dequantize_bf16(codes: torch.Tensor, scales: torch.Tensor, kind: str, group:
         c3 = _rows_contiguous(codes.reshape(-1, rows, half) if codes.dim() != 3 else codes)
         s3 = _rows_contiguous(scales.reshape(-1, rows, scales.shape[-1]) if scales.dim() != 3 else scales)
         grid = (triton.cdiv(rows * half, BLOCK), c3.shape[0])
-        _dequant4_kernel[grid](c3, s3.view(torch.int16), out.view(torch.int32), rows * half, half, s3.shape[-1],
-                               group // 2, c3.stride(0), s3.stride(0), MXFP4=kind == "mxfp4", BLOCK=BLOCK)
+        e8m0 = s3.dtype == torch.uint8
+        if e8m0 and kind != "mxfp4":
+            raise ValueError(f"dequantize_bf16: uint8 (e8m0) scales are MXFP4's, not {kind}'s")
+        _dequant4_kernel[grid](c3, s3 if e8m0 else s3.view(torch.int16), out.view(torch.int32), rows * half, half,
+                               s3.shape[-1], group // 2, c3.stride(0), s3.stride(0), MXFP4=kind == "mxfp4", E8M0=e8m0,
+                               BLOCK=BLOCK)
     return out

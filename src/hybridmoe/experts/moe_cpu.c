@@ -647,7 +647,7 @@ int hm_q_vnni(void) { return q_vnni; } /* the 4-bit integer dots use AVX-512 VNN
 typedef struct {
     int dtype;               /* W_F32, W_BF16, W_I8, W_P4 */
     const void *w;           /* [E, out, in] (4-bit: [E, out, in/2] bytes) */
-    const uint16_t *scale;   /* int8: bf16 [E, out]; 4-bit: bf16 [E, out, in/group] */
+    const uint16_t *scale;   /* int8: bf16 [E, out]; 4-bit: bf16 [E, out, in/group] (e8m0: uint8, same shape) */
     const float *table;      /* 4-bit: the 16 values of the codes, NULL for int4 (c - 8) */
     int64_t group;           /* 4-bit: inputs per scale */
     int qact;                /* int8 activations, integer dots (dotq_rows): int4 in groups of 64k, MXFP4 */
@@ -657,7 +657,17 @@ typedef struct {
     const float *lora_b;     /* [E, out, r] */
     int64_t r;
     float lora_scale;
+    int e8m0;                /* 4-bit: scales are MXFP4's e8m0 exponents, uint8 [E, out, in/group] (proj_rows) */
 } Proj;
+
+/* The most scales a 4-bit row with e8m0 scales may have (its input dim / group): proj_rows widens them on the stack. */
+enum { MAX_E8M0_GROUPS = 1024 };
+
+/* n e8m0 exponents -> the bf16 bits of 2^(e - 127): e << 7, and e = 0 the subnormal 2^-127 (0x0040); 255 -> inf
+ * (mxfp4_scales' values). A loop gcc vectorizes. */
+static inline void e8m0_to_bf16(const uint8_t *e, int64_t n, uint16_t *out) {
+    for (int64_t g = 0; g < n; g++) out[g] = e[g] ? (uint16_t)(e[g] << 7) : (uint16_t)0x0040;
+}
 
 /* The rest of one output after its base dot product y: int8 scale, torch's rounding of a bf16 GEMM's output, LoRA.
  * xa: this slot's A·x (r values, from the unrounded fp32 row). */
@@ -683,6 +693,7 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
     int64_t k = 0;
     if (p->dtype == W_P4) { /* four rows at a time (a tail repeats its last row): integer or fp32 dots */
         const int64_t wstride = p->in / 2, sstride = p->in / p->group;
+        uint16_t wide[p->e8m0 ? 4 : 1][p->e8m0 ? sstride : 1]; /* e8m0: the four rows' scales as bf16 */
         for (; k < n; k += 4) {
             const uint8_t *w[4];
             const uint16_t *sc[4];
@@ -690,7 +701,12 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
             for (int r = 0; r < 4; r++) {
                 const int64_t row = idx0 + (k + r < n ? k + r : n - 1);
                 w[r] = (const uint8_t *)p->w + (size_t)row * wstride;
-                sc[r] = p->scale + row * sstride;
+                if (p->e8m0) { /* one byte a scale in RAM; the dots take bf16 (from L1) */
+                    e8m0_to_bf16((const uint8_t *)p->scale + row * sstride, sstride, wide[r]);
+                    sc[r] = wide[r];
+                } else {
+                    sc[r] = p->scale + row * sstride;
+                }
             }
             if (p->qact)
                 dotq_rows(w, sc, qa, p->in, p->group, p->table ? p->lut2 : NULL, o);
@@ -871,15 +887,18 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, in
  * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
  * activations (int4: 4 if its group is not a multiple of 64; a table: 4 if twice its values are not
  * integers of at most 63); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or
- * NULL, added after the GEMM's rounding (as torch). */
+ * NULL, added after the GEMM's rounding (as torch); e8m0: the 4-bit scales s_gu / s_d are MXFP4's e8m0 exponents,
+ * one byte each (a table's format only; 4 if a row has more than MAX_E8M0_GROUPS of them). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
                    const float *topw, int dtype, const void *w_gu, const uint16_t *s_gu, const void *w_d,
                    const uint16_t *s_d, const float *table, int64_t group, int qact, int act, float alpha, float limit,
                    const float *bias_gu, const float *bias_d, int64_t r_gu, const float *a_gu, const float *b_gu, float sc_gu,
-                   int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads) {
+                   int64_t r_d, const float *a_d, const float *b_d, float sc_d, float *out, int nthreads,
+                   int e8m0) {
     const int64_t S = T * K, t_enter = now_ns();
     if (!dots) return 3;
     if (dtype == W_P4 && (group <= 0 || group % 32 || H % group || I % group)) return 4;
+    if (e8m0 && (dtype != W_P4 || !table || H / group > MAX_E8M0_GROUPS || I / group > MAX_E8M0_GROUPS)) return 4;
     /* int8 activations: int4 in groups of a multiple of 64, or a table whose doubled values are exact int8 (MXFP4) */
     int8_t lut2[16] = {0};
     if (qact && (dtype != W_P4 || (!table && group % 64))) return 4;
@@ -953,8 +972,9 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         }
         free(row);
     }
-    const Layer L = {{dtype, w_gu, s_gu, table, group, qact, lut2, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu},
-                     {dtype, w_d, s_d, table, group, qact, lut2, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d},
+    const Layer L = {{dtype, w_gu, s_gu, table, group, qact, lut2, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu,
+                      e8m0},
+                     {dtype, w_d, s_d, table, group, qact, lut2, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d, e8m0},
                      act, alpha, limit, bias_gu, bias_d,
                      K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb,
                      xq, hq, xqs, hqs, xqsum, hqsum, xqc, hqc, qwide};
@@ -1007,8 +1027,8 @@ done:
 
 /* hm_moe_forward with its arguments in two arrays: graph decode calls the kernel on the same buffers at every token,
    and two ctypes arguments cost the host a few microseconds less than 31 (cpu_kernel.prepared). a: T K E H I x ids
-   topw dtype w_gu s_gu w_d s_d table group qact act bias_gu bias_d r_gu a_gu b_gu r_d a_d b_d out nthreads (pointers
-   as integers); f: alpha limit sc_gu sc_d. */
+   topw dtype w_gu s_gu w_d s_d table group qact act bias_gu bias_d r_gu a_gu b_gu r_d a_d b_d out nthreads e8m0
+   (pointers as integers); f: alpha limit sc_gu sc_d. */
 int hm_moe_forward_packed(const int64_t *a, const float *f) {
 #define PTR(i, type) ((type)(intptr_t)a[i])
     return hm_moe_forward(a[0], a[1], a[2], a[3], a[4], PTR(5, const float *), PTR(6, const int64_t *),
@@ -1016,6 +1036,6 @@ int hm_moe_forward_packed(const int64_t *a, const float *f) {
                           PTR(11, const void *), PTR(12, const uint16_t *), PTR(13, const float *), a[14], (int)a[15],
                           (int)a[16], f[0], f[1], PTR(17, const float *), PTR(18, const float *), a[19],
                           PTR(20, const float *), PTR(21, const float *), f[2], a[22], PTR(23, const float *),
-                          PTR(24, const float *), f[3], PTR(25, float *), (int)a[26]);
+                          PTR(24, const float *), f[3], PTR(25, float *), (int)a[26], (int)a[27]);
 #undef PTR
 }
