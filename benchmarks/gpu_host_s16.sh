@@ -15,6 +15,9 @@
 #           with e8m0 scales and, in a second process on the same host, with bf16 ones (--mxfp4-bf16-scales)
 #   PART=d: where gpt-oss-120b's ~5.6 ms a token of GPU time goes (the kernels of one eager step), and the compiled
 #           stretches (compile_decode) beside the default, one process, e8m0 scales
+#   PART=e: the CPU kernel alone on the Xeon at every instruction set (decode_gemv.py: AVX-512 and AVX2 against the
+#           host's read probes; S13-c/e measured AVX2 int4 at 0.70-0.74 of them, before the flat group-64 AVX2 loop
+#           and the e8m0 scales), gpt-oss's dims (MXFP4 and int4) and V2-Lite's
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -44,5 +47,12 @@ if [ "${PART:-a}" = c ]; then
 fi
 if [ "${PART:-a}" = d ]; then
   decode_of gpt_oss 300 gpt-oss-120b mxfp4 --kernel-profile --compile-decode
+  bundle_logs
+fi
+if [ "${PART:-a}" = e ]; then
+  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step gemv_v2lite 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
+    --pages 2m --prefetch 4096
   bundle_logs
 fi
