@@ -407,7 +407,8 @@ def _describe(fmt, experts: ExpertFormat) -> str:
                if fmt.ships(experts) else f"held as {kept}")
         return f"{fmt}: routed experts {how}, the rest dequantized as loaded"
     if isinstance(experts, PackedFormat) and experts.kind == fmt.name:
-        return f"{fmt.name}: routed experts kept as shipped, the rest as loaded"
+        return (f"{fmt.name}: routed experts kept as shipped (codes and e8m0 scales byte for byte), the rest as "
+                "loaded")
     return f"{fmt.name}: routed experts held as {kept}, the rest as loaded"
 
 
