@@ -214,8 +214,9 @@ class WeightReader:
 
     def read_packed(self, handle, f: Path, key: str, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A 4-bit tensor as stored, in [..., out, in] orientation: (codes uint8 [..., out, in/2], scales
-        [..., out, in/group]: compressed-tensors int4's bf16, MXFP4's uint8 e8m0 exponents); see :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that
-        layout byte for byte). `t`: the tensor of `key`, if the caller has read it already."""
+        [..., out, in/group]: compressed-tensors int4's bf16, MXFP4's uint8 e8m0 exponents); see
+        :mod:`hybridmoe.experts.packed` (MXFP4 blocks and compressed-tensors int4 are that layout byte for byte). `t`:
+        the tensor of `key`, if the caller has read it already."""
         t = read_tensor(handle, f, key) if t is None else t
         if isinstance(self.fmt, CompressedTensors):
             w = self._read_compressed(handle, f, key, t)

@@ -92,9 +92,8 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def dequantize_bf16(codes: torch.Tensor, scales: torch.Tensor, kind: str, group: int) -> torch.Tensor:
     """codes uint8 [..., out, in/2], scales bf16 (or MXFP4's uint8 exponents) [..., out, in/group] on a CUDA device
-    -> bf16 [..., out, in] there
-    (kind "int4" or "mxfp4"; see :mod:`hybridmoe.experts.packed`). A slice of rows (``codes[:, r0:r1]``) is read
-    in place."""
+    -> bf16 [..., out, in] there (kind "int4" or "mxfp4"; see :mod:`hybridmoe.experts.packed`). A slice of rows
+    (``codes[:, r0:r1]``) is read in place."""
     *lead, rows, half = codes.shape
     out = torch.empty(*lead, rows, 2 * half, dtype=torch.bfloat16, device=codes.device)
     if codes.numel():

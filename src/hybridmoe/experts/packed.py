@@ -127,8 +127,7 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: PackedFormat,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes uint8 [..., out, in/2], scales [..., out, in/group] (bf16, or MXFP4's uint8 exponents) -> [..., out, in]
-    in `dtype` (exact in fp32;
-    bf16 rounds each weight once, as fp32 math then a cast would).
+    in `dtype` (exact in fp32; bf16 rounds each weight once, as fp32 math then a cast would).
 
     On the tensors' device: the streamed path dequantizes a whole layer on the GPU per pass. bf16 from CUDA tensors
     goes through one Triton kernel where Triton imports (:mod:`hybridmoe.experts.dequant_gpu`, bitwise the same);
