@@ -19,7 +19,10 @@ threads were in each):
 - kernel_{bf16,int8,int4gG}_{isa}_{pages}_pf{N}: HybridExperts.infer_cpu through the compiled kernel (moe_cpu.c:
                  two parallel regions a layer): each instruction set the CPU has, the weights on 4 KiB or 2 MiB pages,
                  software prefetch N bytes ahead; int4 with each group size of --int4-groups (GB/s counts the bytes
-                 of 4-bit codes and their scales actually read: int4's bf16, MXFP4's e8m0 bytes).
+                 of 4-bit codes and their scales actually read: int4's bf16, MXFP4's e8m0 bytes). GB/s is over the
+                 whole Python call (HybridExperts.infer_cpu, ~0.1 ms of it outside the kernel on the GPU host);
+                 kernel_GBps over the kernel's own time (cpu_kernel.stats: prep + both regions), the rate graph
+                 decode gets (it calls the kernel prepared, ~20 µs a layer outside it), and outside_us the rest.
 The limit is the host's memory bandwidth: measured here by read-only sweeps over 2 GiB with every thread (the best
 of the `memory_read` and `memory_read_kernel` lines; --limit-gbps overrides), and each line gives its fraction of it.
 """
@@ -216,10 +219,16 @@ def main() -> None:
                     nbytes = bytes_bf16 // 4 + bytes_bf16 // grp
                 elif "mxfp4" in name:  # codes + one e8m0 byte per 32 weights
                     nbytes = bytes_bf16 // 4 + bytes_bf16 // 64
+                own = {}  # the kernel's own rate: its bytes over its own time (prep + both regions), the rest of
+                if inside:  # ms_per_layer being this script's Python call (graph decode calls it prepared)
+                    k_s = (inside["prep_us"] + inside["region1_us"] + inside["region2_us"]) / 1e6
+                    own = {"kernel_GBps": round(nbytes / k_s / 1e9, 1),
+                           "kernel_of_limit": round(nbytes / k_s / 1e9 / limit, 3),
+                           "outside_us": round((s - k_s) * 1e6, 1)}
                 print(json.dumps({
                     "bench": "decode_gemv", "strategy": name, "threads": threads, "ms_per_layer": round(s * 1e3, 3),
                     "GBps": round(nbytes / s / 1e9, 1), "limit_GBps": round(limit, 1),
-                    "of_limit": round(nbytes / s / 1e9 / limit, 3),
+                    "of_limit": round(nbytes / s / 1e9 / limit, 3), **own,
                     "tok_s_if_26_layers": round(1 / (26 * s), 1),
                     "rel_err_vs_fp32": float((got - want).norm() / want.norm()),
                     # the kernel's own split of a call (cpu_kernel.stats): the rest of ms_per_layer is Python's

@@ -18,6 +18,9 @@
 #   PART=e: the CPU kernel alone on the Xeon at every instruction set (decode_gemv.py: AVX-512 and AVX2 against the
 #           host's read probes; S13-c/e measured AVX2 int4 at 0.70-0.74 of them, before the flat group-64 AVX2 loop
 #           and the e8m0 scales), gpt-oss's dims (MXFP4 and int4) and V2-Lite's
+#   PART=f: PART=e again with the kernel's own rate printed (kernel_GBps: its bytes over its own time; S16-e's GB/s
+#           counted ~0.1-0.15 ms a call of the script's Python), then V2-Lite int4 decode (issue 16's >= 70) on this
+#           session's code
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -54,5 +57,13 @@ if [ "${PART:-a}" = e ]; then
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
   step gemv_v2lite 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
     --pages 2m --prefetch 4096
+  bundle_logs
+fi
+if [ "${PART:-a}" = f ]; then
+  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
+  step gemv_v2lite 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
+    --pages 2m --prefetch 4096
+  decode_of v2lite_int4 120 v2-lite int4
   bundle_logs
 fi
