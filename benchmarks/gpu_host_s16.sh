@@ -21,6 +21,9 @@
 #   PART=f: PART=e again with the kernel's own rate printed (kernel_GBps: its bytes over its own time; S16-e's GB/s
 #           counted ~0.1-0.15 ms a call of the script's Python), then V2-Lite int4 decode (issue 16's >= 70) on this
 #           session's code
+#   PART=g: region 2 of the CPU kernel as (expert, block of rows) items into per-slot outputs, then a weighted sum
+#           (bit for bit the old sums), against the kernel before it (.wheels/moe_cpu_s16f.c, built here and loaded
+#           through HYBRIDMOE_CPU_KERNEL_LIB): decode_gemv at V2-Lite's dims, then V2-Lite int4 decode, each both ways
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -65,5 +68,15 @@ if [ "${PART:-a}" = f ]; then
   step gemv_v2lite 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
     --pages 2m --prefetch 4096
   decode_of v2lite_int4 120 v2-lite int4
+  bundle_logs
+fi
+if [ "${PART:-a}" = g ]; then
+  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c .wheels/moe_cpu_s16f.c -o /tmp/old.o \
+    && cc -shared /tmp/old.o -o /tmp/moe_cpu_old.so -lm
+  GEMV="python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 --pages 2m --prefetch 4096"
+  step gemv_new 90 $NOW $GEMV
+  HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so step gemv_old 90 $NOW $GEMV
+  HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of v2lite_int4_old 100 v2-lite int4
+  decode_of v2lite_int4_new 100 v2-lite int4
   bundle_logs
 fi
