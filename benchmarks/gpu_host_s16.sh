@@ -24,6 +24,7 @@
 #   PART=g: region 2 of the CPU kernel as (expert, block of rows) items into per-slot outputs, then a weighted sum
 #           (bit for bit the old sums), against the kernel before it (.wheels/moe_cpu_s16f.c, built here and loaded
 #           through HYBRIDMOE_CPU_KERNEL_LIB): decode_gemv at V2-Lite's dims, then V2-Lite int4 decode, each both ways
+#   PART=h: PART=g's decode in the other order (the new kernel first), against a drift between processes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -78,5 +79,12 @@ if [ "${PART:-a}" = g ]; then
   HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so step gemv_old 90 $NOW $GEMV
   HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of v2lite_int4_old 100 v2-lite int4
   decode_of v2lite_int4_new 100 v2-lite int4
+  bundle_logs
+fi
+if [ "${PART:-a}" = h ]; then
+  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c .wheels/moe_cpu_s16f.c -o /tmp/old.o \
+    && cc -shared /tmp/old.o -o /tmp/moe_cpu_old.so -lm
+  decode_of v2lite_int4_new 100 v2-lite int4
+  HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of v2lite_int4_old 100 v2-lite int4
   bundle_logs
 fi
