@@ -807,7 +807,6 @@ typedef struct {
     const float *topw, *xf;                      /* [T, K], [T, H] */
     const uint16_t *xb;                          /* [T, H] */
     float *hf, *hr, *xa, *ha, *out;              /* [S, I], [S, I], [S, r_gu], [S, r_d], [T, H] */
-    float *yd;                                   /* [S, H] each slot's down output (region 2), bias added */
     uint16_t *hb;                                /* [S, I] */
     int8_t *xq, *hq;                             /* int8 activations (Proj.qact): [T, H], [S, I] */
     float *xqs, *hqs;                            /* their scales [T, H / group], [S, I / group] */
@@ -858,35 +857,28 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0, int64_t rows) {
     }
 }
 
-/* Region 2, one work item: output rows [i0, i0 + rows) of group g's expert for each of its slots, its bias added,
- * into yd [S, H]. Items are (group, block of rows) as in region 1, so a thread's run of items reads one expert's
- * down rows as one contiguous stream (items over every expert at once switched between K experts' short row blocks:
- * V2-Lite's 704-byte int4 rows read ~15% slower than gate_up's, S16-f). */
-static void down_item(const Layer *L, int64_t g, int64_t i0, int64_t rows) {
-    const int64_t i1 = i0 + rows < L->H ? i0 + rows : L->H, H = L->H, I = L->I, e = L->gexp[g];
-    for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
-        const int64_t gs = L->dn.qact ? I / L->dn.group : 0;
-        const int64_t on = L->dn.qact != 0;
-        const QAct qa = {L->hq + p * I * on, L->hqs + p * gs, L->hqsum + p * gs, L->hqc + p * (I / 8) * on,
-                         L->qwide};
-        float *y = L->yd + p * H;
-        proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, &qa, L->ha + p * L->dn.r, y + i0);
-        if (L->b_d)
-            for (int64_t i = i0; i < i1; i++) y[i] += L->b_d[e * H + i];
-    }
-}
-
-/* After region 2's items: output rows [i0, i0 + rows) of every token, its slots' outputs summed weighted, in the
- * slots' sorted order (expert, then (t, k)): the order and the fp32 operations of summing as each slot's rows come. */
-static void sum_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, int64_t rows) {
-    const int64_t i1 = i0 + rows < L->H ? i0 + rows : L->H, H = L->H;
+/* Region 2, one work item: output rows [i0, i0 + rows) of every token, summed over its slots. */
+static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, int64_t rows) {
+    const int64_t i1 = i0 + rows < L->H ? i0 + rows : L->H, H = L->H, I = L->I;
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = i0; i < i1; i++) L->out[t * H + i] = 0.f;
-    for (int64_t p = 0; p < L->gstart[ngroups]; p++) {
-        const int64_t s = L->order[p];
-        float *o = L->out + (s / L->K) * H;
-        const float *y = L->yd + p * H, w = L->topw[s];
-        for (int64_t i = i0; i < i1; i++) o[i] += w * y[i];
+    for (int64_t g = 0; g < ngroups; g++) {
+        const int64_t e = L->gexp[g];
+        for (int64_t p = L->gstart[g]; p < L->gstart[g + 1]; p++) {
+            const int64_t s = L->order[p];
+            float *o = L->out + (s / L->K) * H;
+            float ybuf[MAX_ITEM_ROWS];
+            const int64_t gs = L->dn.qact ? I / L->dn.group : 0;
+            const int64_t on = L->dn.qact != 0;
+            const QAct qa = {L->hq + p * I * on, L->hqs + p * gs, L->hqsum + p * gs, L->hqc + p * (I / 8) * on,
+                             L->qwide};
+            proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, &qa, L->ha + p * L->dn.r, ybuf);
+            for (int64_t i = i0; i < i1; i++) {
+                float y = ybuf[i - i0];
+                if (L->b_d) y += L->b_d[e * H + i];
+                o[i] += L->topw[s] * y;
+            }
+        }
     }
 }
 
@@ -925,7 +917,6 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     float *xf = malloc(((size_t)T * H + 1) * sizeof(float));           /* [T, H] base input (fp32 / bf16-rounded) */
     uint16_t *xb = malloc(((size_t)T * H + 1) * sizeof(uint16_t));     /* [T, H] bf16 base input */
     float *hf = malloc(((size_t)S * I + 1) * sizeof(float));           /* [S, I] h per sorted slot, fp32 */
-    float *yd = malloc(((size_t)S * H + 1) * sizeof(float));           /* [S, H] down per sorted slot, fp32 */
     uint16_t *hb = malloc(((size_t)S * I + 1) * sizeof(uint16_t));     /* [S, I] h in bf16 */
     float *hr = dtype == W_F32 ? hf : malloc(((size_t)S * I + 1) * sizeof(float)); /* [S, I] h bf16-rounded */
     float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
@@ -942,7 +933,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     int32_t *xqc = malloc(((size_t)(nq * T * H / 8) + 1) * sizeof(int32_t));
     int32_t *hqc = malloc(((size_t)(nq * S * I / 8) + 1) * sizeof(int32_t));
     int rc = 0;
-    if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !yd || !hb || !hr || !xa || !ha || !xq || !hq || !xqs ||
+    if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !hb || !hr || !xa || !ha || !xq || !hq || !xqs ||
         !xqsum || !hqs || !hqsum || !xqc || !hqc) {
         rc = 2;
         goto done;
@@ -985,7 +976,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
                       e8m0},
                      {dtype, w_d, s_d, table, group, qact, lut2, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d, e8m0},
                      act, alpha, limit, bias_gu, bias_d,
-                     K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, yd, hb,
+                     K, H, I, ids, order, gexp, gstart, topw, xf, xb, hf, hr, xa, ha, out, hb,
                      xq, hq, xqs, hqs, xqsum, hqsum, xqc, hqc, qwide};
     const int64_t rows = item_rows, jblocks = (I + rows - 1) / rows, iblocks = (H + rows - 1) / rows;
     const int chunk = sched_chunk;
@@ -1005,8 +996,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         stat_add(ST_THREADS, omp_get_num_threads());
     }
     const int64_t t_r2 = now_ns();
-    /* Region 2: the LoRA inputs of down, then every (group, block of output rows i) into yd; then each block of rows
-     * of the output summed over the slots. */
+    /* Region 2: the LoRA inputs of down, then every block of output rows i over all groups. */
 #pragma omp parallel num_threads(nthreads)
     {
         if (r_d) {
@@ -1020,11 +1010,8 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
                           qoff, hqc + p * (I / 8));
         }
         const int64_t t0 = now_ns();
-        FOR_ITEMS(chunk, ngroups * iblocks, down_item(&L, item / iblocks, (item % iblocks) * rows, rows));
+        FOR_ITEMS(chunk, iblocks, down_item(&L, ngroups, T, item * rows, rows));
         stat_add(ST_BUSY2, now_ns() - t0);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < iblocks; item++) sum_item(&L, ngroups, T, item * rows, rows);
     }
     const int64_t t_end = now_ns();
     stat_add(ST_CALLS, 1);
@@ -1033,8 +1020,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     stat_add(ST_R2, t_end - t_r2);
 done:
     if (hr != hf) free(hr);
-    free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(yd), free(hb), free(xa),
-        free(ha);
+    free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(hb), free(xa), free(ha);
     free(xq), free(hq), free(xqs), free(xqsum), free(hqs), free(hqsum), free(xqc), free(hqc);
     return rc;
 }
