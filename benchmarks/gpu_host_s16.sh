@@ -24,6 +24,8 @@
 #   PART=g: region 2 of the CPU kernel as (expert, block of rows) items into per-slot outputs, then a weighted sum
 #           (bit for bit the old sums), against the kernel before it (.wheels/moe_cpu_s16f.c, built here and loaded
 #           through HYBRIDMOE_CPU_KERNEL_LIB): decode_gemv at V2-Lite's dims, then V2-Lite int4 decode, each both ways
+#           (the old source: git show bff7f0d:src/hybridmoe/experts/moe_cpu.c > .wheels/moe_cpu_s16f.c; the new one
+#           was dfc6487's, reverted in 0d479a5 after PART=h)
 #   PART=h: PART=g's decode in the other order (the new kernel first), against a drift between processes
 set -uo pipefail
 cd "$(dirname "$0")/.."
