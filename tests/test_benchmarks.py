@@ -107,7 +107,16 @@ def test_big_models_trains_tiny_gpt_oss():
                         "--device", "cpu", "--steps", "2", "--batch", "1", "--seq", "32", "--skip", "decode",
                         "prefill"])
     build = next(r for r in recs if r["bench"] == "build")
-    assert build["expert_format"] == "mxfp4"
+    assert build["expert_format"] == "mxfp4" and build["scales"] == "uint8"  # the e8m0 bytes, as shipped
     steps = [r for r in recs if r["bench"] == "train_step"]
     assert len(steps) == 2 and all(r["loss"] == r["loss"] for r in steps)  # finite (not NaN)
     assert next(r for r in recs if r["bench"] == "train")["tokens_per_s"] > 0
+
+
+def test_big_models_mxfp4_bf16_scales_baseline():
+    """--mxfp4-bf16-scales holds the scales as bf16 values (the baseline S16-c measured the e8m0 bytes against; the
+    default's uint8 is checked above)."""
+    recs = _json_lines(["benchmarks/big_models.py", "--model", "gpt-oss-120b", "--format", "mxfp4", "--tiny",
+                        "--device", "cpu", "--steps", "0", "--skip", "decode", "prefill", "train",
+                        "--mxfp4-bf16-scales"])
+    assert next(r for r in recs if r["bench"] == "build")["scales"] == "bfloat16"
