@@ -58,18 +58,19 @@ if [ "${PART:-a}" = d ]; then
   decode_of gpt_oss 300 gpt-oss-120b mxfp4 --kernel-profile --compile-decode
   bundle_logs
 fi
-if [ "${PART:-a}" = e ]; then
+# the CPU kernel alone at gpt-oss's and V2-Lite's dims, every instruction set (PART=e, f)
+gemv_dims() {
   step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
   step gemv_v2lite 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
     --pages 2m --prefetch 4096
+}
+if [ "${PART:-a}" = e ]; then
+  gemv_dims
   bundle_logs
 fi
 if [ "${PART:-a}" = f ]; then
-  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
-    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
-  step gemv_v2lite 100 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 64 --calls 400 --threads 16 \
-    --pages 2m --prefetch 4096
+  gemv_dims
   decode_of v2lite_int4 120 v2-lite int4
   bundle_logs
 fi
