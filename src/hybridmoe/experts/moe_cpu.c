@@ -475,14 +475,26 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
  * VNNI, only for what is left after dot_qv4x4_512's whole 128-input steps). */
 
 
-TGT256 static inline __m256i dot_w2q(__m256i w2, __m256i q) { /* 16 int16 sums of w2 * q pairs, exact */
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(w2, w2), _mm256_sign_epi8(q, w2));
+/* The AVX2 table dot's offset: a doubled value v (MXFP4: |v| <= 12; hm_moe_forward refuses a table beyond 16) enters
+ * maddubs unsigned as v + 16, so one maddubs multiplies 32 codes' values by 32 activations (llama.cpp's sign trick
+ * took two sign instructions more a maddubs), and 16 x the block's activation sum comes off exactly in int32 before
+ * the conversion: the same integers as sum(v q). The low and high nibbles' pair sums added stay within int16
+ * (4 x 32 x 127 = 16256). */
+enum { QOFF_TABLE256 = 16 };
+
+/* [16 sum(q) of group g0 in lanes 0-3 | of g1 in lanes 4-7, or 0 there when g1 == g0] (folded lanes r and 4 + r are
+ * row r's blocks 0 and 1, scaled by the same f when one group holds both: the correction may sit in either lane). */
+TGT256 static inline __m256i table_offsets(const QAct *a, int64_t g0, int64_t g1) {
+    const __m128i s0 = _mm_set1_epi32(QOFF_TABLE256 * (int32_t)a->sum[g0]);
+    const __m128i s1 = g1 == g0 ? _mm_setzero_si128() : _mm_set1_epi32(QOFF_TABLE256 * (int32_t)a->sum[g1]);
+    return _mm256_set_m128i(s1, s0);
 }
 
 TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                  int64_t group, const int8_t *lut2, float *out) {
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut2)); /* both lanes */
+    const __m256i lut = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut2)),
+                                        _mm256_set1_epi8(QOFF_TABLE256)); /* both lanes, unsigned */
     __m256 acc = _mm256_setzero_ps(); /* folded (fold4): lanes r and 4 + r are row r's */
     int64_t b = 0;
     for (; b + 64 <= n; b += 64) { /* inputs [b, b + 64): blocks b (lane 0 of the codes) and b + 32 (lane 1) */
@@ -494,14 +506,16 @@ TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const 
             const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
             const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, low));                      /* evens */
             const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), low)); /* odds */
-            /* int32 sums, lanes 0-3 block 0 and 4-7 block 1 (|pair sums| <= 4 * 63 * 127 fit int16) */
-            m[r] = _mm256_madd_epi16(_mm256_add_epi16(dot_w2q(lo, xe), dot_w2q(hi, xo)), ones);
+            /* int32 sums of (v + 16) q, lanes 0-3 block 0 and 4-7 block 1 */
+            m[r] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
+                                     ones);
         }
         /* folded: lanes 0-3 the rows' block-0 sums (group g0), 4-7 their block-1 sums (g1); f = sw / 2 * sx */
         const int64_t g0 = b / group, g1 = (b + 32) / group;
+        const __m256i v = _mm256_sub_epi32(fold4(m[0], m[1], m[2], m[3]), table_offsets(a, g0, g1)); /* sum(v q) */
         const __m128 f0 = _mm_mul_ps(scales4(scale, g0), _mm_set1_ps(0.5f * a->s[g0]));
         const __m128 f1 = g1 == g0 ? f0 : _mm_mul_ps(scales4(scale, g1), _mm_set1_ps(0.5f * a->s[g1]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(m[0], m[1], m[2], m[3])), _mm256_set_m128(f1, f0), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set_m128(f1, f0), acc);
     }
     if (b < n) { /* a last block of 32 (n = 64k + 32, e.g. gpt-oss's 2880) */
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->q + b));
@@ -511,11 +525,15 @@ TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const 
             const __m128i c = _mm_loadu_si128((const __m128i *)(w[r] + b / 2));
             const __m128i lo = _mm_shuffle_epi8(lut1, _mm_and_si128(c, low1));
             const __m128i hi = _mm_shuffle_epi8(lut1, _mm_and_si128(_mm_srli_epi16(c, 4), low1));
-            m[r] = _mm256_madd_epi16(dot_w2q(_mm256_set_m128i(hi, lo), x0), ones);
+            m[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), x0), ones);
         }
+        /* lanes 0-3 hold the evens' sums, 4-7 the odds' (one block): the offsets taken off lane by lane, so each
+         * folded lane is exactly the sum(v q) of its half */
+        const __m256i o = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(QOFF_TABLE256), x0), ones);
+        const __m256i v = _mm256_sub_epi32(fold4(m[0], m[1], m[2], m[3]), fold4(o, o, o, o));
         const int64_t g0 = b / group;
         const __m128 f = _mm_mul_ps(scales4(scale, g0), _mm_set1_ps(0.5f * a->s[g0]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(m[0], m[1], m[2], m[3])), _mm256_set_m128(f, f), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set_m128(f, f), acc);
     }
     unfold4(acc, out);
 }
@@ -886,7 +904,7 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, in
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
  * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
  * activations (int4: 4 if its group is not a multiple of 64; a table: 4 if twice its values are not
- * integers of at most 63); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or
+ * integers of at most 16, QOFF_TABLE256); act, alpha, limit: the expert's gate (Layer.act); bias_gu / bias_d: fp32 biases or
  * NULL, added after the GEMM's rounding (as torch); e8m0: the 4-bit scales s_gu / s_d are MXFP4's e8m0 exponents,
  * one byte each (a table's format only; 4 if a row has more than MAX_E8M0_GROUPS of them). */
 int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const float *x, const int64_t *ids,
@@ -904,7 +922,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     if (qact && (dtype != W_P4 || (!table && group % 64))) return 4;
     for (int c = 0; qact && table && c < 16; c++) {
         const float v = 2.f * table[c];
-        if (v != nearbyintf(v) || fabsf(v) > 63.f) return 4; /* |w2 q| pairs must fit int16 */
+        if (v != nearbyintf(v) || fabsf(v) > QOFF_TABLE256) return 4; /* the AVX2 dot's offset (VNNI's: 63) */
         lut2[c] = (int8_t)v;
     }
     for (int64_t s = 0; s < S; s++)
