@@ -469,11 +469,10 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
  * llama.cpp's MXFP4 x Q8_0: an e2m1 value times 2 is an integer in [-12, 12], so one byte shuffle (pshufb) of a
  * 16-entry int8 table (lut2[c] = 2 * table[c], built and checked by hm_moe_forward) turns 16 codes into 16 int8
  * weights. The activations are int8 per weight group (quant_act, as for int4), and each group's sum of lut2[c] * q
- * is an exact int32: maddubs takes |w2| as unsigned and q with w2's sign (|pair| <= 2 * 12 * 127), madd widens.
+ * is an exact int32 (maddubs on the table offset to unsigned, see QOFF_TABLE256; madd widens).
  * row . x = sum_g (scale_g / 2) sx_g sum(w2 q), scale_g / 2 exact (a power of two for MXFP4). Two 32-input blocks a
  * step (32 bytes of codes per row), four rows at once; a group of 32 scales each block by itself. AVX2 (with AVX-512
  * VNNI, only for what is left after dot_qv4x4_512's whole 128-input steps). */
-
 
 /* The AVX2 table dot's offset: a doubled value v (MXFP4: |v| <= 12; hm_moe_forward refuses a table beyond 16) enters
  * maddubs unsigned as v + 16, so one maddubs multiplies 32 codes' values by 32 activations (llama.cpp's sign trick
