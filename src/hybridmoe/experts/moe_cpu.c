@@ -402,18 +402,21 @@ TGT256 static inline void unfold4(__m256 acc, float *out) {
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
 }
 
-/* One 64-input step of four int4 rows from input b: two 32-input blocks, 32 bytes of codes per row in one load; the
+/* One 64-input step of four 4-bit rows from input b: two 32-input blocks, 32 bytes of codes per row in one load; the
  * activations in q_pos's order: the low nibbles (evens of both blocks) and the high ones (odds) each against 32
- * activations as loaded. m[r]: row r's 8 int32 partial sums (its codes' sum of c * q). */
-TGT256 static inline void q4x4_step(const uint8_t *const *w, const int8_t *q, int64_t b, __m256i m[4]) {
+ * activations as loaded. m[r]: row r's 8 int32 partial sums, lanes 0-3 block 0 and 4-7 block 1, of u * q, where u
+ * is the code itself (int4; lut NULL) or lut[code], an unsigned table (dot_q4tx4_256). Every u <= 32, so the two
+ * pair sums fit int16 (4 x 32 x 127) before the widening madd. */
+TGT256 static inline void q4x4_step(const uint8_t *const *w, const int8_t *q, int64_t b, const __m256i *lut,
+                                    __m256i m[4]) {
     const __m256i low256 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
     const __m256i xe = _mm256_loadu_si256((const __m256i *)(q + b));      /* evens of blocks 0, 1 */
     const __m256i xo = _mm256_loadu_si256((const __m256i *)(q + b + 32)); /* odds */
     for (int r = 0; r < 4; r++) {
         const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
-        const __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
-        /* |pair| <= 2 * 15 * 127, so the two sums fit int16 before the widening madd */
+        __m256i lo = _mm256_and_si256(c, low256), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low256);
+        if (lut) lo = _mm256_shuffle_epi8(*lut, lo), hi = _mm256_shuffle_epi8(*lut, hi);
         m[r] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), ones);
     }
 }
@@ -436,7 +439,7 @@ TGT256 static void dot_q4x4_256_g64(const uint8_t *const *w, const uint16_t *con
     __m128 corr = _mm_setzero_ps();
     for (int64_t b = 0; b < n; b += 64) {
         __m256i m[4];
-        q4x4_step(w, a->q, b, m);
+        q4x4_step(w, a->q, b, NULL, m);
         q4x4_scale(scale, a, b / 64, m, &acc, &corr);
     }
     unfold4(acc, out);
@@ -456,7 +459,7 @@ TGT256 static void dot_q4x4_256(const uint8_t *const *w, const uint16_t *const *
                            _mm256_setzero_si256()};
         for (int64_t b = g0; b < g0 + group; b += 64) {
             __m256i m[4];
-            q4x4_step(w, a->q, b, m);
+            q4x4_step(w, a->q, b, NULL, m);
             for (int r = 0; r < 4; r++) isum[r] = _mm256_add_epi32(isum[r], m[r]);
         }
         q4x4_scale(scale, a, g0 / group, isum, &acc, &corr);
@@ -491,24 +494,14 @@ TGT256 static inline __m256i table_offsets(const QAct *a, int64_t g0, int64_t g1
 
 TGT256 static void dot_q4tx4_256(const uint8_t *const *w, const uint16_t *const *scale, const QAct *a, int64_t n,
                                  int64_t group, const int8_t *lut2, float *out) {
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i lut = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut2)),
                                         _mm256_set1_epi8(QOFF_TABLE256)); /* both lanes, unsigned */
     __m256 acc = _mm256_setzero_ps(); /* folded (fold4): lanes r and 4 + r are row r's */
     int64_t b = 0;
     for (; b + 64 <= n; b += 64) { /* inputs [b, b + 64): blocks b (lane 0 of the codes) and b + 32 (lane 1) */
-        PREFETCH(w[0] + 2 * b, 128); /* the tile, linearly (see TILE_PREFETCH) */
-        const __m256i xe = _mm256_loadu_si256((const __m256i *)(a->q + b));      /* q_pos: evens of both blocks */
-        const __m256i xo = _mm256_loadu_si256((const __m256i *)(a->q + b + 32)); /* odds */
         __m256i m[4];
-        for (int r = 0; r < 4; r++) {
-            const __m256i c = _mm256_loadu_si256((const __m256i *)(w[r] + b / 2));
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(c, low));                      /* evens */
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(c, 4), low)); /* odds */
-            /* int32 sums of (v + 16) q, lanes 0-3 block 0 and 4-7 block 1 */
-            m[r] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
-                                     ones);
-        }
+        q4x4_step(w, a->q, b, &lut, m); /* sums of (v + 16) q */
         /* folded: lanes 0-3 the rows' block-0 sums (group g0), 4-7 their block-1 sums (g1); f = sw / 2 * sx */
         const int64_t g0 = b / group, g1 = (b + 32) / group;
         const __m256i v = _mm256_sub_epi32(fold4(m[0], m[1], m[2], m[3]), table_offsets(a, g0, g1)); /* sum(v q) */
