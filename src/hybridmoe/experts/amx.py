@@ -44,7 +44,7 @@ ENABLED = True
 # next block of weight rows into L2), chosen by benchmarks/amx_gemm.py --variants; HYBRIDMOE_AMX_VARIANT overrides.
 # S14-f/g: 1 (0.625 ms an expert at 96 tokens from RAM against 0.657 with none, 0.626 with 2, 0.632 with both).
 VARIANT = int(os.environ.get("HYBRIDMOE_AMX_VARIANT", "1") or 0)
-_scratch = threading.local()  # the packed activations' buffer, kept per calling thread (fresh pages fault)
+_scratch = threading.local()  # thread_buffer's buffers, kept per calling thread (fresh pages fault)
 # OpenMP threads of a GEMM (HYBRIDMOE_AMX_THREADS; 0: torch.get_num_threads()).
 THREADS = int(os.environ.get("HYBRIDMOE_AMX_THREADS", "0") or 0)
 
@@ -112,11 +112,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, emulate: bool | None = None,
     return grouped_linear(x, w[None], [0], [x.shape[0]], emulate, out_dtype)
 
 
-def _buffer(elements: int) -> torch.Tensor:
-    """A bf16 buffer of `elements`, reused by this thread's later calls (grown when short)."""
-    buf = getattr(_scratch, "xp", None)
-    if buf is None or buf.numel() < elements:
-        buf = _scratch.xp = torch.empty(max(elements, 1 << 20), dtype=torch.bfloat16)
+def thread_buffer(name: str, elements: int, dtype: torch.dtype, least: int = 0) -> torch.Tensor:
+    """`elements` of this thread's buffer `name` (1-D, `dtype`), kept for its later calls: grown when short (to at
+    least `least` elements), never shrunk. For the large scratch of the CPU's GEMMs: memory allocated anew at each call
+    came back from the OS fresh and page-faulted inside the parallel regions (S15-f)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < elements or buf.dtype != dtype:
+        buf = torch.empty(max(elements, least), dtype=dtype)
+        setattr(_scratch, name, buf)
     return buf[:elements]
 
 
@@ -164,7 +167,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, experts, counts, emulate: b
     wo = (ids * w.stride(0)).contiguous()  # each group's matrix (elements from w[0])
     g = len(cnt)
     threads = THREADS or torch.get_num_threads()
-    xp = _buffer(int(padded.sum()) * k)  # the B operand, tile by tile
+    xp = thread_buffer("xp", int(padded.sum()) * k, torch.bfloat16, 1 << 20)  # the B operand, tile by tile
     tiles0 = torch.empty(g + 1, dtype=torch.int64)
     if out is not None and (out.shape != (s_rows, m) or out.dtype != out_dtype or not out.is_contiguous()
                             or out.device.type != "cpu"):

@@ -317,20 +317,13 @@ class _Bf16Math(LoopMath):
         return x.new_empty(0, 0), y_out
 
 
-_buffers = threading.local()
-
-
 def _reused(name: str, rows: int, cols: int) -> torch.Tensor:
-    """[rows, cols] fp32 from this thread's buffer `name`, kept for its later calls (grown when short, never shrunk).
-    A CPU part's GEMM outputs are tens of MB a layer (V2-Lite, 16 CPU experts: 17 + 13 MB); allocated anew for each
-    call, their memory came back from the OS fresh (glibc returns large blocks and trims its thread arenas), and the
-    AMX region page-faulted through it: S15-f, the GEMMs' seconds 0.21 -> 0.63-0.81 a prefill, all 26 layers at
-    once or none, by allocation history."""
-    buf = getattr(_buffers, name, None)
-    if buf is None or buf.numel() < rows * cols:
-        buf = torch.empty(rows * cols, dtype=torch.float32)
-        setattr(_buffers, name, buf)
-    return buf[:rows * cols].view(rows, cols)
+    """[rows, cols] fp32 from this thread's buffer `name` (:func:`amx.thread_buffer`). A CPU part's GEMM outputs are
+    tens of MB a layer (V2-Lite, 16 CPU experts: 17 + 13 MB); allocated anew for each call, their memory came back
+    from the OS fresh (glibc returns large blocks and trims its thread arenas), and the AMX region page-faulted
+    through it: S15-f, the GEMMs' seconds 0.21 -> 0.63-0.81 a prefill, all 26 layers at once or none, by allocation
+    history."""
+    return amx.thread_buffer(f"split_{name}", rows * cols, torch.float32).view(rows, cols)
 
 
 _worker: ThreadPoolExecutor | None = None
