@@ -285,8 +285,8 @@ def test_bf16_math_on_amx_tiles(fmt, lora, bias, monkeypatch):
         # The GEMMs wrote into the worker thread's buffers (no fresh memory a call): a second call with other rows
         # reuses them and is right again
         def buffers():  # the worker thread's (thread-local)
-            return split._submit(lambda: [getattr(split._buffers, p).data_ptr() for p in ("gate_up_proj",
-                                                                                          "down_proj")]).result()[0]
+            return split._submit(lambda: [getattr(amx._scratch, f"split_{p}").data_ptr() for p in ("gate_up_proj",
+                                                                                                   "down_proj")]).result()[0]
 
         before = buffers()
         x2, ids2, w2 = _inputs(t=64, seed=5)  # fewer rows: the same buffers
