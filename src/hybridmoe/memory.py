@@ -93,11 +93,11 @@ def estimate_memory(model: nn.Module, training: bool = True, gradient_checkpoint
     experts = [m for m in base.modules() if isinstance(m, HybridExperts)]
     streamer = model_streamer(base)
     streamed = streamer is not None
-    slots = streamer.num_slots * max(m.weights.nbytes for m in experts) if streamed else 0
-    if streamed and not training:  # a split prompt's slots hold only the experts the GPU computes (streaming._fill)
+    slots = 0
+    if streamed:  # a split prompt's slots hold only the experts the GPU computes
         m = experts[0]
-        cpu = m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, streamer.device)
-        slots = slots * (m.num_experts - cpu) // m.num_experts
+        cpu = 0 if training else m.settings.prefill_cpu_experts(m.weights.fmt, m.num_experts, streamer.device)
+        slots = streamer.planned_slot_bytes(cpu)
     layers = base.get_decoder().layers
     per_layer = [_layer_elems_per_token(layer, cfg.hidden_size, cfg.num_experts_per_tok, streamed) for layer in layers]
     if not training:

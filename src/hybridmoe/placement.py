@@ -104,16 +104,14 @@ def placement_report(model: nn.Module) -> dict:
     }
     problems = expert_shaped + wrapped + dense_bad + off_device + empty
     streamer = model_streamer(base)
-    layer_bytes = max((m.weights.nbytes for m in experts.values()), default=0)
     streaming = None
     if streamer is not None:
         share = _cpu_share_report(experts.values(), streamer.device)
-        e = max(share["num_experts"], 1)
         streaming = {
             "device": str(streamer.device), "min_tokens": streamer.min_tokens, "slots": streamer.num_slots,
-            "slot_bytes_reserved": streamer.num_slots * layer_bytes,  # allocated on the first streamed batch
-            # in inference (prompts) the slots hold only the experts the GPU computes (streaming._fill)
-            "slot_bytes_inference": streamer.num_slots * layer_bytes * (e - share["cpu_experts"]) // e,
+            "slot_bytes_reserved": streamer.planned_slot_bytes(),  # allocated on the first streamed batch
+            # in inference (prompts) the slots hold only the experts the GPU computes
+            "slot_bytes_inference": streamer.planned_slot_bytes(share["cpu_experts"]),
             "resident_layers": streamer.resident,  # the first N MoE layers: on the device for every batch
             "resident_bytes": sum(streamer.layers[i].nbytes for i in range(streamer.resident)),
             **share,

@@ -187,6 +187,13 @@ class ExpertStreamer:
     def _experts(self, idx: int) -> int:
         return self.layers[idx].gate_up.shape[0]
 
+    def planned_slot_bytes(self, cpu_experts: int = 0) -> int:
+        """Device bytes the streaming slots take once allocated (:attr:`slot_bytes`: what they hold now): each holds one
+        layer (the largest), or in a split inference call its first E - `cpu_experts` experts (:meth:`_fill` sizes
+        the buffers for what it copies; the tensors are [E, ...], so the share is exact per tensor)."""
+        return self.num_slots * max((w.nbytes * (self._experts(i) - cpu_experts) // self._experts(i)
+                                     for i, w in enumerate(self.layers)), default=0)
+
     def _find(self, idx: int, experts: int | None = None) -> _Slot | None:
         """The slot holding layer idx's first `experts` experts (default: all of them), or None."""
         want = self._experts(idx) if experts is None else experts
