@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybridmoe import decode_norm
 from hybridmoe.decode_compile import compile_pairs, compiled_forwards
-from hybridmoe.decode_norm import fused_norm_pairs, swapped_forwards
+from hybridmoe.decode_norm import swapped_forwards
 from hybridmoe.experts import HybridExperts, cpu_kernel
 from hybridmoe.experts.backends import choose_backend
 from hybridmoe.forward_args import forward_params
@@ -572,8 +573,8 @@ class GraphChain:
     def fuse_norms(self, model: nn.Module, dtype: torch.dtype) -> None:
         """Run the model's RMSNorms as one fused kernel each in this chain's steps (CUDA with Triton, not with
         compiled stretches; :mod:`hybridmoe.decode_norm`); `dtype`: the steps' activations."""
-        if self.device.type == "cuda" and not self.compiled:
-            self.fused = fused_norm_pairs(model, dtype)
+        if decode_norm.unavailable(self.device) is None and not self.compiled:
+            self.fused = decode_norm.fused_norm_pairs(model, dtype)
 
     def compile_stretches(self, model: nn.Module, cache=None) -> None:
         """Compile the GPU stretches of this chain's steps (CUDA only; :mod:`hybridmoe.decode_compile`); `cache`: the

@@ -33,7 +33,7 @@ try:  # Triton ships with torch's CUDA wheels; CPU-only installs have none (and 
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["ENABLED", "FORMULAS", "fused_norm_pairs", "rms_norm", "swapped_forwards"]
+__all__ = ["ENABLED", "FORMULAS", "fused_norm_pairs", "rms_norm", "swapped_forwards", "unavailable"]
 
 ENABLED = os.environ.get("HYBRIDMOE_FUSED_NORMS", "1") not in ("", "0", "false", "no", "off")
 FORMULAS = ("cast_first", "scale_first")
@@ -137,10 +137,21 @@ def _formula_of(module: nn.Module, dtype: torch.dtype) -> str | None:
     return None
 
 
+def unavailable(device: torch.device) -> str | None:
+    """Why decode steps on `device` keep the modules' own norms, or None when the fused kernel can run there."""
+    if device.type != "cuda":
+        return "CUDA only"
+    if triton is None:
+        return "Triton is not installed"
+    if not ENABLED:
+        return "turned off by HYBRIDMOE_FUSED_NORMS=0"
+    return None
+
+
 def fused_norm_pairs(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Module, Callable]]:
     """(module, fused forward) for every RMSNorm of `model` whose forward the kernel reproduces on `dtype` inputs
-    (the step's activations); [] without Triton, off, or on a CPU model."""
-    if triton is None or not ENABLED or dtype not in _DTYPES:
+    (the step's activations); [] without Triton, off, or on a CPU model (only CUDA weights are candidates)."""
+    if unavailable(torch.device("cuda")) is not None or dtype not in _DTYPES:
         return []
     pairs = []
     with torch.no_grad():

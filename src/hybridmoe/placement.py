@@ -162,14 +162,8 @@ def _decode_norm_report(base: nn.Module, device: torch.device, dtype: torch.dtyp
     from . import decode_norm
 
     norms = sum("RMSNorm" in type(m).__name__ for m in base.modules())
-    why = None
-    if device.type != "cuda":
-        why = "CUDA only"
-    elif decode_norm.triton is None:
-        why = "Triton is not installed"
-    elif not decode_norm.ENABLED:
-        why = "turned off by HYBRIDMOE_FUSED_NORMS=0"
-    elif any(m.settings.compile_decode for m in experts):
+    why = decode_norm.unavailable(device)
+    if why is None and any(m.settings.compile_decode for m in experts):
         why = "compile_decode: inductor fuses them"
     fused = 0 if why is not None else len(decode_norm.fused_norm_pairs(base, dtype))
     return {"norms": norms, "fused": fused, "why": why}
