@@ -3,7 +3,8 @@
 #   PART=a: what session 16 changed after its last GPU run: the AVX2 MXFP4 dot's offset table (bit for bit the old
 #           outputs on the EPYC): the CPU kernel's and 4-bit tests on the Xeon (its AVX2 rest after the VNNI steps and
 #           the AVX2 instruction set), dot_rate at ISA 1 (S16-a: mxfp4g32 10.9 GB/s from cache), the kernel alone at
-#           gpt-oss's dims (S16-f: MXFP4 AVX2 66.7 GB/s of its own time, int4 90.6), then gpt-oss-120b decode
+#           gpt-oss's dims (S16-f: MXFP4 AVX2 66.7 GB/s of its own time, int4 90.6), then gpt-oss-120b decode;
+#           and the GPU tests of the second reading's mends (decode_norm.unavailable, planned_slot_bytes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -11,6 +12,8 @@ host_setup
 if [ "${PART:-a}" = a ]; then
   step pytest_cpu 150 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
     tests/test_formats.py -x
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_norm.py \
+    tests/test_decode_graph.py tests/test_streaming.py tests/test_split_prefill.py tests/test_memory.py
   step dot_rate 90 bash -c "cc -O3 -fopenmp benchmarks/dot_rate.c -o /tmp/dot_rate -lm && /tmp/dot_rate 16 2880 1"
   step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
