@@ -201,20 +201,22 @@ def decode(model, tok, args) -> None:
 
     gen.eos_token_ids = lambda *a: set()  # a fixed number of tokens
     prompt = torch.randint(2, model.config.vocab_size, (args.decode_prompt,), generator=torch.Generator().manual_seed(1))
-    from hybridmoe import decode_norm
+    from hybridmoe import decode_norm, graph_gate
     from hybridmoe.decode_graph import drop_decoder
     from hybridmoe.experts.streaming import enable_streaming, model_streamer
 
-    # (GPU share, call, resident layers, compiled, fused norms): the first call captures the graphs; then other GPU
-    # shares, then other resident layer counts at the default share
-    fused = decode_norm.ENABLED
-    runs = [(None, 0, 0, False, fused), (None, 1, 0, False, fused)]
+    # (GPU share, call, resident layers, compiled, fused norms, graph gates): the first call captures the graphs;
+    # then other GPU shares, then other resident layer counts at the default share
+    fused, gated = decode_norm.ENABLED, graph_gate.ENABLED
+    runs = [(None, 0, 0, False, fused, gated), (None, 1, 0, False, fused, gated)]
     if args.norms_ab:  # the RMSNorms fused and not, alternating, twice (hybridmoe.decode_norm)
-        runs = [(None, i, 0, False, norms) for _ in range(2) for norms in (True, False) for i in (0, 1)]
-    runs += [(share, 1, 0, False, fused) for share in args.gpu_shares]
-    runs += [(None, i, n, False, fused) for n in args.resident_layers for i in (0, 1)]
+        runs = [(None, i, 0, False, norms, gated) for _ in range(2) for norms in (True, False) for i in (0, 1)]
+    if args.gates_ab:  # graphs launched ahead at gates and not, alternating, twice (hybridmoe.graph_gate)
+        runs = [(None, i, 0, False, fused, g) for _ in range(2) for g in (True, False) for i in (0, 1)]
+    runs += [(share, 1, 0, False, fused, gated) for share in args.gpu_shares]
+    runs += [(None, i, n, False, fused, gated) for n in args.resident_layers for i in (0, 1)]
     if args.compile_decode:  # the GPU stretches compiled (hybridmoe.decode_compile): call 0 compiles
-        runs += [(None, 0, 0, True, fused), (None, 1, 0, True, fused)]
+        runs += [(None, 0, 0, True, fused, gated), (None, 1, 0, True, fused, gated)]
     def set_resident(n: int) -> None:
         streamer = model_streamer(model)
         if n == (streamer.resident if streamer is not None else 0):
@@ -225,29 +227,31 @@ def decode(model, tok, args) -> None:
         torch.cuda.empty_cache()
         enable_streaming(model, args.device, streamer_min_tokens(model), args.stream_slots, n)
 
-    for share, i, resident, compiled, norms in runs:
+    for share, i, resident, compiled, norms, gates in runs:
         model.hybridmoe.settings.gpu_share = share  # None: the default for the experts' format
         model.hybridmoe.settings.compile_decode = compiled
-        if norms != decode_norm.ENABLED:  # read when a decoder is built: build a new one
-            decode_norm.ENABLED = norms
+        if norms != decode_norm.ENABLED or gates != graph_gate.ENABLED:  # read when a decoder is built or captured
+            decode_norm.ENABLED, graph_gate.ENABLED = norms, gates
             drop_decoder(model)
         set_resident(resident)
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
+        dec = getattr(model, "_hybridmoe_decoder", None)
+        gated_now = dec is not None and dec.chain.gates is not None  # (off with a GPU share)
         emit({"bench": "decode", "model": args.model, "format": args.format, "call": i, "gpu_share": share,
               "resident_layers": resident, "compile_decode": compiled, "fused_norms": norms and not compiled,
-              "wall_s": round(time.perf_counter() - t0, 1),
+              "graph_gates": gated_now, "wall_s": round(time.perf_counter() - t0, 1),
               "decode_tok_s": round(res.decode_tokens_per_s, 2), "mode": res.decode_mode,
               "new_tokens": res.new_tokens, "prefill_tok_s": round(res.prompt_tokens / res.prefill_s, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if model.device.type == "cuda" else 0,
               "host_rss_gib": round(host_rss_gib(), 2), "host_huge_gib": huge_pages_gib()})
         if i:  # the captured decoder, replayed piece by piece
             graph_breakdown(model, 16, emit, run=args.model, gpu_share=share, resident_layers=resident,
-                            compile_decode=compiled, fused_norms=norms and not compiled)
+                            compile_decode=compiled, fused_norms=norms and not compiled, graph_gates=gated_now)
     model.hybridmoe.settings.compile_decode = False
-    decode_norm.ENABLED = fused
+    decode_norm.ENABLED, graph_gate.ENABLED = fused, gated
     if args.kernel_profile:
         kernel_profile(model, emit, run=args.model, fused_norms=fused)
         if args.norms_ab:
@@ -408,6 +412,8 @@ def main() -> None:
                    help="decode: also with the GPU stretches compiled (settings.compile_decode)")
     p.add_argument("--norms-ab", action="store_true",
                    help="decode: with the RMSNorms fused and not, alternating (hybridmoe.decode_norm)")
+    p.add_argument("--gates-ab", action="store_true",
+                   help="decode: graphs launched ahead at gates and not, alternating (hybridmoe.graph_gate)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--cpu-shares", type=_share, nargs="*", default=[],
                    help="prefill: these shares of each layer's experts on the CPU (settings.cpu_share; 'default': "

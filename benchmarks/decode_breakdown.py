@@ -4,7 +4,8 @@
 which ``hybridmoe.generate`` left captured) with the replay's host clock on (``GraphChain.clock``), ``steps`` tokens,
 twice. Per token:
 
-    launch_ms          the host's graph launches
+    launch_ms          the host's graph launches (with graph gates, hybridmoe.graph_gate: graph i+1's launch is
+                       made while graph i runs, so it is off the token's path unless it outlasts the graph)
     wait_ms            the host waiting for each graph to finish (the GPU's time, less what ran during the launch)
     experts_ms         the cuts' experts, of which:
       share_load_ms      queueing the GPU share's weight copies

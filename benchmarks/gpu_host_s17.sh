@@ -5,6 +5,10 @@
 #           the AVX2 instruction set), dot_rate at ISA 1 (S16-a: mxfp4g32 10.9 GB/s from cache), the kernel alone at
 #           gpt-oss's dims (S16-f: MXFP4 AVX2 66.7 GB/s of its own time, int4 90.6), then gpt-oss-120b decode;
 #           and the GPU tests of the second reading's mends (decode_norm.unavailable, planned_slot_bytes)
+#   PART=b: graph gates (hybridmoe.graph_gate: graph i+1 launched while graph i runs, waiting on the GPU for the
+#           CPU's experts): their GPU tests and the decode tests around them, then gpt-oss-120b MXFP4 and V2-Lite int4
+#           decode with gates and without, alternating in one process (--gates-ab; S17-a: gpt-oss 31.8 tok/s,
+#           launches 1.41 ms a token)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -18,5 +22,12 @@ if [ "${PART:-a}" = a ]; then
   step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4
   decode_of gpt_oss 110 gpt-oss-120b mxfp4
+  bundle_logs
+fi
+if [ "${PART:-a}" = b ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_gate.py \
+    tests/test_decode_graph.py tests/test_decode_norm.py tests/test_batch_decode.py tests/test_fast_generate.py
+  decode_of gpt_oss_gates 200 gpt-oss-120b mxfp4 --gates-ab
+  decode_of v2lite_int4_gates 150 v2-lite int4 --gates-ab
   bundle_logs
 fi

@@ -113,10 +113,13 @@ def test_big_models_trains_tiny_gpt_oss():
     assert next(r for r in recs if r["bench"] == "train")["tokens_per_s"] > 0
 
 
-def test_big_models_mxfp4_bf16_scales_baseline():
+def test_big_models_mxfp4_bf16_scales_baseline_and_gates_ab():
     """--mxfp4-bf16-scales holds the scales as bf16 values (the baseline S16-c measured the e8m0 bytes against; the
-    default's uint8 is checked above)."""
+    default's uint8 is checked above); --gates-ab decodes four pairs of calls, alternately with and without graph
+    gates (there are none on the CPU)."""
     recs = _json_lines(["benchmarks/big_models.py", "--model", "gpt-oss-120b", "--format", "mxfp4", "--tiny",
-                        "--device", "cpu", "--steps", "0", "--skip", "decode", "prefill", "train",
-                        "--mxfp4-bf16-scales"])
+                        "--device", "cpu", "--steps", "0", "--skip", "prefill", "train", "--mxfp4-bf16-scales",
+                        "--gates-ab", "--new-tokens", "2", "--decode-prompt", "4"])
     assert next(r for r in recs if r["bench"] == "build")["scales"] == "bfloat16"
+    decodes = [r for r in recs if r["bench"] == "decode"]
+    assert [r["call"] for r in decodes] == [0, 1] * 4 and not any(r["graph_gates"] for r in decodes)

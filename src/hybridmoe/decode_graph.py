@@ -40,12 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridmoe import decode_norm
+from hybridmoe import decode_norm, graph_gate
 from hybridmoe.decode_compile import compile_pairs, compiled_forwards
 from hybridmoe.decode_norm import swapped_forwards
 from hybridmoe.experts import HybridExperts, cpu_kernel
 from hybridmoe.experts.backends import choose_backend
 from hybridmoe.forward_args import forward_params
+from hybridmoe.graph_gate import HostGates
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +531,10 @@ class GraphChain:
         self.compiled: list | None = None  # (module, compiled forward) of the GPU stretches: compile_stretches
         self.cache = None  # with compiled stretches: the step's KV cache, whose update runs outside them
         self.fused: list = []  # (module, fused forward) of the model's RMSNorms: fuse_norms
+        # With the graphs: graph i+1 waits at gate i (hybridmoe.graph_gate) and is launched before cut i's experts;
+        # events[i] marks the end of graph i. None: each graph is launched after the experts before it.
+        self.gates: HostGates | None = None
+        self._events: list = []
 
     def in_graph(self, module: HybridExperts) -> bool:
         """Whether the step computes this layer's experts inside the graph: a resident layer (not with LoRA that
@@ -551,7 +556,7 @@ class GraphChain:
                                                                                       self.gpu_share)
 
     def close(self) -> None:
-        self.graphs = self.out = self.share = None
+        self.graphs = self.out = self.share = self.gates = None
         self.cuts, self.hook.chain = [], None
 
     def eager(self, forward):
@@ -614,11 +619,35 @@ class GraphChain:
         return out
 
     def next_graph(self) -> None:
-        """Called by the hook inside capture: close the current graph at this expert call, open the next one."""
+        """Called by the hook inside capture: close the current graph at this expert call, open the next one (which
+        starts at its gate, when the chain has gates)."""
         self.graphs[-1].capture_end()
         g = torch.cuda.CUDAGraph()
         self.graphs.append(g)
         g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        if self.gates is not None:
+            self.gates.wait(len(self.graphs) - 2)  # the cut just closed
+
+    def _make_gates(self) -> HostGates | None:
+        """Gates for this chain's cuts (:mod:`hybridmoe.graph_gate`), their kernel compiled and run once through an
+        open gate on the capture stream; None where they cannot run, with a GPU share (its copies and graph are
+        queued after the cut's graph, which a graph launched ahead would overtake), or if that first run fails."""
+        if graph_gate.unavailable(self.device) is not None or self.share is not None or not self.cuts:
+            return None
+        try:
+            gates = HostGates(len(self.cuts))
+            with torch.cuda.stream(self._stream):
+                gates.open(0)
+                gates.wait(0)
+            self._stream.synchronize()
+            if int(gates.flags[0]) != 0:
+                raise RuntimeError("the gate kernel did not clear its flag")
+        except Exception as e:  # a Triton or driver that cannot read page-locked host memory: launch as before
+            log.warning("graph decode launches each graph after the experts (the graph gate failed: %s: %s)",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            return None
+        self._events = [torch.cuda.Event() for _ in self.cuts]
+        return gates
 
     def _capture(self, forward) -> None:
         with capturable_eager_mask():
@@ -632,6 +661,7 @@ class GraphChain:
         self._pool = torch.cuda.graph_pool_handle()
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.gates = self._make_gates()
         self.graphs = [torch.cuda.CUDAGraph()]
         self.hook.mode = "capture"
         try:
@@ -646,7 +676,7 @@ class GraphChain:
             if self.share is not None:  # own memory pool: it replays between the chain's graphs, whose
                 self.share.capture(stream)  # temporaries (the residual stream) live across it
         except Exception as e:  # anything in the model that cannot be captured: keep decoding eagerly
-            self.graphs, self.out = None, None
+            self.graphs, self.out, self.gates = None, None, None
             if self.share is not None:
                 self.share.graph = None
             self.use_graphs = False
@@ -655,7 +685,7 @@ class GraphChain:
                         type(e).__name__, e)
             log.debug("where the capture failed", exc_info=True)
         except BaseException:  # Ctrl-C mid-capture: no half-captured chain is kept
-            self.graphs, self.out = None, None
+            self.graphs, self.out, self.gates = None, None, None
             raise
         finally:
             self.hook.mode = "eager"
@@ -663,6 +693,9 @@ class GraphChain:
             torch.cuda.synchronize(self.device)
 
     def _replay(self) -> None:
+        if self.gates is not None:
+            self._replay_gated()
+            return
         stream, clock = torch.cuda.current_stream(self.device), self.clock
         clock.start()
         for i, g in enumerate(self.graphs):
@@ -673,6 +706,36 @@ class GraphChain:
                 clock.lap("wait")
                 self.cuts[i].compute(self.share, self.rows)  # graph i+1 starts by copying the result in
                 clock.lap("experts")
+
+    def _replay_gated(self) -> None:
+        """The replay with gates: graph i+1 is launched while graph i runs (the host would only wait for it), and
+        starts on the GPU when the host opens gate i after cut i's experts. On any error the pending gate is opened
+        and the stream drained (the graphs then run on stale buffers; the step's result is not returned), and the
+        flags are cleared for the next step."""
+        stream, clock, gates, events = torch.cuda.current_stream(self.device), self.clock, self.gates, self._events
+        graphs, cuts = self.graphs, self.cuts
+        clock.start()
+        try:
+            graphs[0].replay()
+            events[0].record(stream)
+            clock.lap("launch")
+            for i, cut in enumerate(cuts):
+                graphs[i + 1].replay()  # waits at gate i on the GPU
+                gates.pending.add(i)
+                if i + 1 < len(cuts):
+                    events[i + 1].record(stream)
+                clock.lap("launch")
+                events[i].synchronize()  # the hidden states and routing of cut i are in host memory now
+                clock.lap("wait")
+                cut.compute(None, self.rows)
+                gates.open(i)  # graph i+1 copies the result in and goes on
+                clock.lap("experts")
+        except BaseException:
+            gates.open_pending()
+            stream.synchronize()
+            gates.flags.zero_()  # nothing waits at a gate now: no flag may stay set for the next step
+            gates.pending.clear()
+            raise
 
 
 class StaticDecoder:

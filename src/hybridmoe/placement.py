@@ -131,6 +131,7 @@ def placement_report(model: nn.Module) -> dict:
         "streaming": streaming,
         "cpu_kernel": _cpu_kernel_report(experts.values()),
         "decode_norms": _decode_norm_report(base, compute, meta.dtype, experts.values()),
+        "graph_gates": _graph_gate_report(compute, experts.values()),
         "checks": checks,
         "problems": problems[:20],
         "ok": all(checks.values()),
@@ -167,6 +168,18 @@ def _decode_norm_report(base: nn.Module, device: torch.device, dtype: torch.dtyp
         why = "compile_decode: inductor fuses them"
     fused = 0 if why is not None else len(decode_norm.fused_norm_pairs(base, dtype))
     return {"norms": norms, "fused": fused, "why": why}
+
+
+def _graph_gate_report(device: torch.device, experts) -> dict:
+    """Whether batch-1 graph decode launches each graph ahead, at a gate the CPU's experts open
+    (hybridmoe.graph_gate), or why not."""
+    from . import graph_gate
+
+    why = graph_gate.unavailable(device)
+    m = next(iter(experts), None)
+    if why is None and m is not None and m.settings.decode_gpu_share(m.weights.fmt, device) > 0:
+        why = "a GPU share of the experts is queued after each cut (gpu_share > 0)"
+    return {"used": why is None and m is not None, "why": why}
 
 
 def _cpu_share_report(experts, device) -> dict:
@@ -224,6 +237,11 @@ def format_report(rep: dict) -> str:
     if n["norms"]:
         lines.append(f"decode norms: {n['fused']} of {n['norms']} RMSNorms one fused kernel each" if n["why"] is None
                      else f"decode norms: the modules' own ({n['why']})")
+    g = rep["graph_gates"]
+    if g["used"]:
+        lines.append("decode graphs: each launched ahead, waiting on the GPU for the CPU's experts (graph gates)")
+    elif g["why"] is not None:
+        lines.append(f"decode graphs: each launched after the CPU's experts ({g['why']})")
     if rep["lora_targets"]:
         lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
     lines += ["", "checks:"]
