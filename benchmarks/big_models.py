@@ -212,7 +212,8 @@ def decode(model, tok, args) -> None:
     if args.norms_ab:  # the RMSNorms fused and not, alternating, twice (hybridmoe.decode_norm)
         runs = [(None, i, 0, False, norms, gated) for _ in range(2) for norms in (True, False) for i in (0, 1)]
     if args.gates_ab:  # graphs launched ahead at gates and not, alternating, twice (hybridmoe.graph_gate)
-        runs = [(None, i, 0, False, fused, g) for _ in range(2) for g in (True, False) for i in (0, 1)]
+        order = (True, False) if args.gates_first == "on" else (False, True)
+        runs = [(None, i, 0, False, fused, g) for _ in range(2) for g in order for i in (0, 1)]
     runs += [(share, 1, 0, False, fused, gated) for share in args.gpu_shares]
     runs += [(None, i, n, False, fused, gated) for n in args.resident_layers for i in (0, 1)]
     if args.compile_decode:  # the GPU stretches compiled (hybridmoe.decode_compile): call 0 compiles
@@ -414,6 +415,7 @@ def main() -> None:
                    help="decode: with the RMSNorms fused and not, alternating (hybridmoe.decode_norm)")
     p.add_argument("--gates-ab", action="store_true",
                    help="decode: graphs launched ahead at gates and not, alternating (hybridmoe.graph_gate)")
+    p.add_argument("--gates-first", choices=["on", "off"], default="on", help="--gates-ab: which comes first")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--cpu-shares", type=_share, nargs="*", default=[],
                    help="prefill: these shares of each layer's experts on the CPU (settings.cpu_share; 'default': "

@@ -9,6 +9,9 @@
 #           CPU's experts): their GPU tests and the decode tests around them, then gpt-oss-120b MXFP4 and V2-Lite int4
 #           decode with gates and without, alternating in one process (--gates-ab; S17-a: gpt-oss 31.8 tok/s,
 #           launches 1.41 ms a token)
+#   PART=c: the fused norms' output dtype (gpt-oss keeps its norms' weights in fp32: bf16 decode on CUDA had crashed
+#           at the first attention) and StaticDecoder.reset in inference mode: the GPU tests again; then PART=b's A/B
+#           in the other order (gates off first), V2-Lite first
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -29,5 +32,12 @@ if [ "${PART:-a}" = b ]; then
     tests/test_decode_graph.py tests/test_decode_norm.py tests/test_batch_decode.py tests/test_fast_generate.py
   decode_of gpt_oss_gates 200 gpt-oss-120b mxfp4 --gates-ab
   decode_of v2lite_int4_gates 150 v2-lite int4 --gates-ab
+  bundle_logs
+fi
+if [ "${PART:-a}" = c ]; then
+  step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_gate.py \
+    tests/test_decode_norm.py tests/test_decode_graph.py
+  HYBRIDMOE_GRAPH_GATES=0 decode_of v2lite_int4_gates 150 v2-lite int4 --gates-ab --gates-first off
+  HYBRIDMOE_GRAPH_GATES=0 decode_of gpt_oss_gates 200 gpt-oss-120b mxfp4 --gates-ab --gates-first off
   bundle_logs
 fi

@@ -40,14 +40,15 @@ def check(device):
                 m = cls(n, eps=1e-6).to(device, dtype)
                 with torch.no_grad():
                     m.weight.normal_(0.5, 0.3)  # not all ones: the formulas differ in the weight's rounding
-                got = dn._formula_of(m, dtype)
+                found = dn._formula_of(m, dtype)
+                got = found and found[0]
                 if dtype == torch.float32 and want is not None:
                     assert got is not None, (cls, n)  # in fp32 both formulas are one (the first is found)
                 else:
                     assert got == want, (cls, n, dtype, got)
                 if got is None:
                     continue
-                fwd = dn._forward(m, got, dtype)
+                fwd = dn._forward(m, *found, dtype)
                 x = torch.randn(8, 2 * n, device=device).to(dtype)[:, ::2]  # strided columns: made contiguous
                 assert dn._agrees(fwd(x), m(x)), (cls, n, dtype)
                 x = torch.randn(3, 1, n, device=device).to(dtype)  # the decode step's [B, 1, H]
@@ -56,6 +57,16 @@ def check(device):
                 other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
                 x = torch.randn(2, n, device=device).to(other)
                 assert torch.equal(fwd(x), m(x))  # another dtype than checked: the module's own forward
+        # fp32 weights (gpt-oss keeps its norms in fp32) on bf16 rows: the output dtype is the module's (gpt-oss:
+        # bf16; Llama's formula: fp32), so the next layer takes it
+        m = cls(96, eps=1e-6).to(device, torch.float32)
+        with torch.no_grad():
+            m.weight.normal_(0.5, 0.3)
+        found = dn._formula_of(m, torch.bfloat16)
+        if found is not None:
+            x = torch.randn(4, 96, device=device).to(torch.bfloat16)
+            y, want_y = dn._forward(m, *found, torch.bfloat16)(x), m(x)
+            assert y.dtype == want_y.dtype and dn._agrees(y, want_y), (cls, found)
 '''
 
 

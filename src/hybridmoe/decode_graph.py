@@ -790,6 +790,7 @@ class StaticDecoder:
             kwargs["cache_position"] = inputs["position_ids"][0]
         return self.model(**kwargs).logits
 
+    @torch.inference_mode()  # the cache's tensors were made in inference mode (prefill, step)
     def reset(self) -> None:
         """Empty the cache for a new sequence (in place: captured graphs stay valid)."""
         self.cache.reset()

@@ -120,8 +120,9 @@ def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(same_sign.all()) and int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) <= _MAX_MISMATCH
 
 
-def _formula_of(module: nn.Module, dtype: torch.dtype) -> str | None:
-    """Which formula reproduces `module`'s forward on random `dtype` rows of its width, or None."""
+def _formula_of(module: nn.Module, dtype: torch.dtype) -> tuple[str, torch.dtype] | None:
+    """Which formula reproduces `module`'s forward on random `dtype` rows of its width, and the dtype the module
+    returns for them (e.g. gpt-oss's fp32 norm weights: bf16 for bf16 rows; Llama's: fp32), or None."""
     w = module.weight
     gen = torch.Generator(device=w.device).manual_seed(0)
     x = (torch.randn(_CHECK_ROWS, w.numel(), device=w.device, generator=gen) * 3).to(dtype)
@@ -133,7 +134,7 @@ def _formula_of(module: nn.Module, dtype: torch.dtype) -> str | None:
         return None
     for formula in FORMULAS:
         if _agrees(rms_norm(x, w, _eps(module), formula, want.dtype), want):
-            return formula
+            return formula, want.dtype
     return None
 
 
@@ -158,13 +159,15 @@ def fused_norm_pairs(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Modu
         for module in model.modules():
             if not _candidate(module):
                 continue
-            formula = _formula_of(module, dtype)
-            if formula is not None:
-                pairs.append((module, _forward(module, formula, dtype)))
+            found = _formula_of(module, dtype)
+            if found is not None:
+                pairs.append((module, _forward(module, *found, dtype)))
     return pairs
 
 
-def _forward(module: nn.Module, formula: str, dtype: torch.dtype) -> Callable:
+def _forward(module: nn.Module, formula: str, out_dtype: torch.dtype, dtype: torch.dtype) -> Callable:
+    """The fused forward of `module` for `dtype` inputs: `formula`, returning `out_dtype` (both as checked,
+    :func:`_formula_of`); other inputs go to the module's own forward."""
     eps, own = _eps(module), type(module).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -172,9 +175,8 @@ def _forward(module: nn.Module, formula: str, dtype: torch.dtype) -> Callable:
             return own(module, x)
         if x.stride(-1) != 1:
             x = x.contiguous()
-        w = module.weight  # read at each call: a reloaded weight is used as the module would
-        out = x.dtype if formula == "scale_first" else torch.promote_types(w.dtype, x.dtype)
-        return rms_norm(x, w, eps, formula, out)
+        # the weight read at each call: a reloaded weight is used as the module would
+        return rms_norm(x, module.weight, eps, formula, out_dtype)
 
     return forward
 
