@@ -37,7 +37,7 @@ fi
 if [ "${PART:-a}" = c ]; then
   step pytest_gpu 200 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_gate.py \
     tests/test_decode_norm.py tests/test_decode_graph.py
-  HYBRIDMOE_GRAPH_GATES=0 decode_of v2lite_int4_gates 150 v2-lite int4 --gates-ab --gates-first off
-  HYBRIDMOE_GRAPH_GATES=0 decode_of gpt_oss_gates 200 gpt-oss-120b mxfp4 --gates-ab --gates-first off
+  decode_of v2lite_int4_gates 150 v2-lite int4 --gates-ab --gates-first off
+  decode_of gpt_oss_gates 200 gpt-oss-120b mxfp4 --gates-ab --gates-first off
   bundle_logs
 fi
