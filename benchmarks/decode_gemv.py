@@ -23,6 +23,9 @@ threads were in each):
                  whole Python call (HybridExperts.infer_cpu, ~0.1 ms of it outside the kernel on the GPU host);
                  kernel_GBps over the kernel's own time (cpu_kernel.stats: prep + both regions), the rate graph
                  decode gets (it calls the kernel prepared, ~20 µs a layer outside it), and outside_us the rest.
+- kernel_{fmt}_{isa}_..._prepared (--prepared): graph decode's call, cpu_kernel.prepared on fixed buffers, one
+                 prepared call per route made beforehand (graph decode's buffers are rewritten by DMA, not Python);
+                 outside_us is then what the prepared call costs beyond the kernel's own time.
 The limit is the host's memory bandwidth: measured here by read-only sweeps over 2 GiB with every thread (the best
 of the `memory_read` and `memory_read_kernel` lines; --limit-gbps overrides), and each line gives its fraction of it.
 """
@@ -97,6 +100,7 @@ def main() -> None:
     p.add_argument("--limit-gbps", type=float, default=None, help="host read bandwidth (default: measured here)")
     p.add_argument("--int4-groups", type=int, nargs="*", default=[64], help="int4 group sizes to compare")
     p.add_argument("--mxfp4", action="store_true", help="also MXFP4 weights (gpt-oss's experts as shipped)")
+    p.add_argument("--prepared", action="store_true", help="also the kernel called as graph decode calls it")
     p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
                    help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
@@ -167,6 +171,21 @@ def main() -> None:
             return out.clone()
         return call
 
+    def prepared_calls(dtype, pages, prefetch):
+        """Per route index, a call of no arguments (cpu_kernel.prepared) on its own page-size buffers."""
+        made = {}
+        for r, (li, experts, w) in enumerate(routes):
+            bufs = (x.float(), torch.tensor([experts]), w.view(1, -1).float().contiguous(), torch.empty(1, args.hidden))
+            made[r] = (cpu_kernel.prepared(mods[dtype, pages][li], *bufs), bufs[3])
+
+        def call(li, experts, w, r=None):
+            cpu_kernel.set_prefetch(prefetch)
+            fn, o = made[r]
+            fn()
+            return o.clone()
+        call.prepared = made  # the timing loop calls these directly
+        return call
+
     hybrid_calls = {"hybrid_torch_loop": hybrid("bf16", None, args.pages[0])}
     if cpu_kernel.available():
         best = cpu_kernel.isa()
@@ -190,6 +209,10 @@ def main() -> None:
         cpu_kernel.set_isa(best)
         cpu_kernel.set_chunk(cpu_kernel.CHUNK)
         cpu_kernel.set_item_rows(cpu_kernel.ITEM_ROWS)
+        if args.prepared:  # graph decode's way: cpu_kernel.prepared on fixed buffers, one per route
+            for dt in ("bf16", "int8", *packed):
+                hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_prepared"] = prepared_calls(
+                    dt, args.pages[0], args.prefetch[0])
 
     strategies = _strategies(layers, qlayers)
     limit = args.limit_gbps or _read_bandwidth(max(args.threads))
@@ -202,17 +225,28 @@ def main() -> None:
                         return fn(li, experts, w)
                     return sum(w[k] * fn(x, li, e) for k, e in enumerate(experts))
 
-                for li, ex, w in routes[:10]:  # warm-up
-                    layer_call(li, ex, w)
-                cpu_kernel.stats(reset=True)
-                t0 = time.perf_counter()
-                for li, ex, w in routes:
-                    layer_call(li, ex, w)
-                s = (time.perf_counter() - t0) / len(routes)
+                made = getattr(fn, "prepared", None)
+                if made is not None:  # prepared calls: nothing but the call in the timed loop
+                    fn(0, None, None, r=0)  # its prefetch setting
+                    for r in range(10):
+                        made[r][0]()
+                    cpu_kernel.stats(reset=True)
+                    t0 = time.perf_counter()
+                    for r in range(len(routes)):
+                        made[r][0]()
+                    s = (time.perf_counter() - t0) / len(routes)
+                else:
+                    for li, ex, w in routes[:10]:  # warm-up
+                        layer_call(li, ex, w)
+                    cpu_kernel.stats(reset=True)
+                    t0 = time.perf_counter()
+                    for li, ex, w in routes:
+                        layer_call(li, ex, w)
+                    s = (time.perf_counter() - t0) / len(routes)
                 inside = cpu_kernel.stats(reset=True) if name.startswith("kernel_") else {}
                 li, ex, w = routes[0]
                 want = sum(w[k] * _reference(x, *layers[li], e) for k, e in enumerate(ex))
-                got = layer_call(li, ex, w)
+                got = fn(li, ex, w, r=0) if made is not None else layer_call(li, ex, w)
                 nbytes = bytes_bf16 // 2 if "int8" in name else bytes_bf16
                 if "int4g" in name:  # codes (half a byte a weight) + one bf16 scale per group
                     grp = int(name.split("int4g")[1].split("_")[0])

@@ -12,6 +12,9 @@
 #   PART=c: the fused norms' output dtype (gpt-oss keeps its norms' weights in fp32: bf16 decode on CUDA had crashed
 #           at the first attention) and StaticDecoder.reset in inference mode: the GPU tests again; then PART=b's A/B
 #           in the other order (gates off first), V2-Lite first
+#   PART=d: where the ~20 µs a layer between the cut's CPU call and the kernel's own time go (decode_gemv --prepared:
+#           graph decode's prepared call alone, 16 threads), and the compiled GPU stretches with gates (compile_decode
+#           had cut the GPU's wait by ~1.2 ms a token, S16-d, with no gain while each launch came after the experts)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -39,5 +42,12 @@ if [ "${PART:-a}" = c ]; then
     tests/test_decode_norm.py tests/test_decode_graph.py
   decode_of v2lite_int4_gates 150 v2-lite int4 --gates-ab --gates-first off
   decode_of gpt_oss_gates 200 gpt-oss-120b mxfp4 --gates-ab --gates-first off
+  bundle_logs
+fi
+if [ "${PART:-a}" = d ]; then
+  step gemv_gptoss 150 $NOW python benchmarks/decode_gemv.py --layers 4 --experts 32 --calls 300 --threads 16 \
+    --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --prepared
+  decode_of gpt_oss_compiled 200 gpt-oss-120b mxfp4 --compile-decode
+  decode_of v2lite_int4_compiled 150 v2-lite int4 --compile-decode
   bundle_logs
 fi
