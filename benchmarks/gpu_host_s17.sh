@@ -15,6 +15,9 @@
 #   PART=d: where the ~20 µs a layer between the cut's CPU call and the kernel's own time go (decode_gemv --prepared:
 #           graph decode's prepared call alone, 16 threads), and the compiled GPU stretches with gates (compile_decode
 #           had cut the GPU's wait by ~1.2 ms a token, S16-d, with no gain while each launch came after the experts)
+#   PART=e: the kernel's per-call buffers from a per-thread arena (S17-d: the prepared call cost 13-25 µs beyond the
+#           kernel's timed part at 16 threads, 3 µs on 2 cores): the kernel's tests on the Xeon, then decode_gemv
+#           --prepared and V2-Lite int4 decode, this kernel first, then the one before (.wheels/moe_cpu_s17d.c)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -49,5 +52,18 @@ if [ "${PART:-a}" = d ]; then
     --pages 2m --prefetch 4096 --topk 4 --hidden 2880 --inter 2880 --mxfp4 --prepared
   decode_of gpt_oss_compiled 200 gpt-oss-120b mxfp4 --compile-decode
   decode_of v2lite_int4_compiled 150 v2-lite int4 --compile-decode
+  bundle_logs
+fi
+if [ "${PART:-a}" = e ]; then
+  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c .wheels/moe_cpu_s17d.c -o /tmp/old.o \
+    && cc -shared /tmp/old.o -o /tmp/moe_cpu_old.so -lm
+  step pytest_cpu 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
+    -k "kernel or e8m0 or arena or reused" -x
+  GEMV="python benchmarks/decode_gemv.py --layers 2 --experts 16 --calls 300 --threads 16 --pages 2m --prefetch 4096 \
+    --topk 4 --hidden 2880 --inter 2880 --mxfp4 --prepared"
+  step gemv_new 90 $NOW $GEMV
+  HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so step gemv_old 90 $NOW $GEMV
+  decode_of v2lite_int4_new 100 v2-lite int4
+  HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of v2lite_int4_old 100 v2-lite int4
   bundle_logs
 fi

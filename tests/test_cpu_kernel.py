@@ -176,6 +176,30 @@ def test_prepared_call_matches_and_refuses_changed_weights():
         call()
 
 
+def test_buffers_are_reused_across_sizes_and_calling_threads():
+    """The kernel's per-call buffers come from an arena per calling thread, grown to the largest call and reused:
+    calls of growing and shrinking sizes, and calls from four Python threads at once (ctypes lets go of the GIL),
+    give bit for bit what each call gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = silu_experts(8, 64, 32, torch.bfloat16, lora=False, bias=False)
+    cases = [_inputs(t, 8, 64, k, seed=t) for t, k in ((1, 2), (32, 4), (3, 6), (1, 1), (16, 8), (2, 3))]
+
+    def run(case):
+        x, ids, w = case
+        out = torch.full(x.shape, float("nan"))  # every value written by the call
+        cpu_kernel.moe_forward(m, x, ids, w, out)
+        return out
+
+    alone = [run(c) for c in cases]
+    again = [run(c) for c in reversed(cases)][::-1]  # the arena now holds the largest; sizes shrink and grow
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(run, cases * 4))
+    for i, want in enumerate(alone):
+        assert torch.equal(again[i], want)
+        assert all(torch.equal(threaded[i + j * len(cases)], want) for j in range(4))
+
+
 def test_decode_cut_prepares_the_call_once_and_honours_the_setting():
     """Graph decode's cut calls the kernel through one prepared call per (rows, experts a row), reading its buffers'
     new contents each time, and still follows ``settings.cpu_kernel`` at every call (off: the torch loop)."""

@@ -32,6 +32,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -892,6 +893,56 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, in
     }
 }
 
+/* The per-call buffers (the sorted slots, the input's conversions, h, the int8 activations) come from one arena per
+ * calling thread, grown to the largest call so far and never shrunk (freed when the thread exits): a decode step's
+ * calls allocate nothing and touch no new page. Each call had malloc'ed and freed ~20 buffers. */
+typedef struct {
+    uint8_t *base;
+    size_t size, used;
+} Arena;
+
+static pthread_key_t arena_key;
+static pthread_once_t arena_once = PTHREAD_ONCE_INIT;
+
+static void arena_free(void *p) {
+    Arena *a = p;
+    free(a->base);
+    free(a);
+}
+
+static void arena_key_make(void) { pthread_key_create(&arena_key, arena_free); }
+
+/* Bytes an arena_take of n bytes uses: 64-byte aligned, at least one line (a size may be 0). */
+static inline size_t arena_bytes(size_t n) { return (n + 64) & ~(size_t)63; }
+
+/* This thread's arena with room for `need` bytes (from arena_bytes), emptied; NULL if memory ran out. */
+static Arena *arena_get(size_t need) {
+    pthread_once(&arena_once, arena_key_make);
+    Arena *a = pthread_getspecific(arena_key);
+    if (!a) {
+        if (!(a = calloc(1, sizeof *a))) return NULL;
+        if (pthread_setspecific(arena_key, a)) {
+            free(a);
+            return NULL;
+        }
+    }
+    if (a->size < need) {
+        free(a->base);
+        const size_t size = (need + need / 4 + 4095) & ~(size_t)4095; /* room to grow a little */
+        a->base = aligned_alloc(64, size);
+        a->size = a->base ? size : 0;
+        if (!a->base) return NULL;
+    }
+    a->used = 0;
+    return a;
+}
+
+static inline void *arena_take(Arena *a, size_t n) {
+    void *p = a->base + a->used;
+    a->used += arena_bytes(n);
+    return p;
+}
+
 /* out[t] = sum_k topw[t, k] * Expert_{ids[t, k]}(x[t]) for t < T; returns 0, 1 if an expert id is out of range,
  * 2 if memory ran out, 3 if hm_set_isa found no instruction set, 4 if a 4-bit group does not fit. x [T, H] fp32,
  * ids [T, K] int64, topw [T, K] fp32, out [T, H] fp32; table and group: 4-bit weights only; qact: against int8
@@ -920,34 +971,42 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     for (int64_t s = 0; s < S; s++)
         if (ids[s] < 0 || ids[s] >= E) return 1;
 
-    /* Every size + 1: K may be 0 (a decode step whose experts all run on the GPU), and malloc(0) may return NULL. */
-    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *order = malloc(((size_t)S + 1) * sizeof(int64_t));
-    int64_t *gexp = malloc(((size_t)S + 1) * sizeof(int64_t)), *gstart = malloc(((size_t)S + 1) * sizeof(int64_t));
-    float *xf = malloc(((size_t)T * H + 1) * sizeof(float));           /* [T, H] base input (fp32 / bf16-rounded) */
-    uint16_t *xb = malloc(((size_t)T * H + 1) * sizeof(uint16_t));     /* [T, H] bf16 base input */
-    float *hf = malloc(((size_t)S * I + 1) * sizeof(float));           /* [S, I] h per sorted slot, fp32 */
-    uint16_t *hb = malloc(((size_t)S * I + 1) * sizeof(uint16_t));     /* [S, I] h in bf16 */
-    float *hr = dtype == W_F32 ? hf : malloc(((size_t)S * I + 1) * sizeof(float)); /* [S, I] h bf16-rounded */
-    float *xa = malloc(((size_t)S * r_gu + 1) * sizeof(float));  /* [S, r_gu] */
-    float *ha = malloc(((size_t)S * r_d + 1) * sizeof(float));   /* [S, r_d] */
-    /* int8 activations (qact: the caller's choice, PackedFormat.int8_activations; see dotq_rows); one byte otherwise */
+    /* The buffers, from this thread's arena (sizes may be 0: K = 0 is a decode step whose experts all run on the GPU).
+     * int8 activations (qact: the caller's choice, PackedFormat.int8_activations; see dotq_rows), else none. */
     const int64_t nq = qact ? 1 : 0, gq = qact ? group : 1;
-    int8_t *xq = malloc((size_t)(nq * T * H) + 1), *hq = malloc((size_t)(nq * S * I) + 1);
-    float *xqs = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));
-    float *xqsum = malloc(((size_t)(nq * T * H / gq) + 1) * sizeof(float));
-    float *hqs = malloc(((size_t)(nq * S * I / gq) + 1) * sizeof(float));
-    float *hqsum = malloc(((size_t)(nq * S * I / gq) + 1) * sizeof(float));
+    const size_t f4 = sizeof(float), i8 = sizeof(int64_t);
+    const size_t sizes[] = {
+        ((size_t)E + 1) * i8, (size_t)S * i8, (size_t)S * i8, ((size_t)S + 1) * i8, /* count order gexp gstart */
+        (size_t)(T * H) * f4, (size_t)(T * H) * 2,                                  /* xf [T, H], xb [T, H] bf16 */
+        (size_t)(S * I) * f4, (size_t)(S * I) * 2, (size_t)(S * I) * f4,            /* hf, hb, hr [S, I] */
+        (size_t)(S * r_gu) * f4, (size_t)(S * r_d) * f4,                            /* xa [S, r_gu], ha [S, r_d] */
+        (size_t)(nq * T * H), (size_t)(nq * S * I),                                 /* xq, hq (int8) */
+        (size_t)(nq * T * H / gq) * f4, (size_t)(nq * T * H / gq) * f4,             /* xqs, xqsum */
+        (size_t)(nq * S * I / gq) * f4, (size_t)(nq * S * I / gq) * f4,             /* hqs, hqsum */
+        (size_t)(nq * T * H / 8) * 4, (size_t)(nq * S * I / 8) * 4,                 /* xqc, hqc */
+        (size_t)H * f4,                                                             /* row: permute_p4's copy */
+    };
+    size_t need = 0;
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) need += arena_bytes(sizes[k]);
+    Arena *ar = arena_get(need);
+    if (!ar) return 2;
+    int64_t *count = arena_take(ar, sizes[0]), *order = arena_take(ar, sizes[1]);
+    int64_t *gexp = arena_take(ar, sizes[2]), *gstart = arena_take(ar, sizes[3]);
+    float *xf = arena_take(ar, sizes[4]);        /* [T, H] base input (fp32 / bf16-rounded) */
+    uint16_t *xb = arena_take(ar, sizes[5]);     /* [T, H] bf16 base input */
+    float *hf = arena_take(ar, sizes[6]);        /* [S, I] h per sorted slot, fp32 */
+    uint16_t *hb = arena_take(ar, sizes[7]);     /* [S, I] h in bf16 */
+    float *hr = arena_take(ar, sizes[8]);        /* [S, I] h bf16-rounded (fp32 weights: hf itself) */
+    if (dtype == W_F32) hr = hf;
+    float *xa = arena_take(ar, sizes[9]), *ha = arena_take(ar, sizes[10]);
+    int8_t *xq = arena_take(ar, sizes[11]), *hq = arena_take(ar, sizes[12]);
+    float *xqs = arena_take(ar, sizes[13]), *xqsum = arena_take(ar, sizes[14]);
+    float *hqs = arena_take(ar, sizes[15]), *hqsum = arena_take(ar, sizes[16]);
+    int32_t *xqc = arena_take(ar, sizes[17]), *hqc = arena_take(ar, sizes[18]);
+    float *row = arena_take(ar, sizes[19]);
     const int qwide = qact && q_wide_for(group);
     const int32_t qoff = table ? QOFF_TABLE : QOFF_INT4;
-    int32_t *xqc = malloc(((size_t)(nq * T * H / 8) + 1) * sizeof(int32_t));
-    int32_t *hqc = malloc(((size_t)(nq * S * I / 8) + 1) * sizeof(int32_t));
-    int rc = 0;
-    if (!count || !order || !gexp || !gstart || !xf || !xb || !hf || !hb || !hr || !xa || !ha || !xq || !hq || !xqs ||
-        !xqsum || !hqs || !hqsum || !xqc || !hqc) {
-        rc = 2;
-        goto done;
-    }
+    memset(count, 0, sizes[0]);
 
     /* Slots (t, k) sorted by expert: a counting sort, stable (slots of one expert in (t, k) order). */
     for (int64_t s = 0; s < S; s++) count[ids[s] + 1]++;
@@ -970,18 +1029,11 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
         for (int64_t t = 0; t < T; t++)
             quant_act(x + t * H, H, group, xq + t * H, xqs + t * (H / group), xqsum + t * (H / group), qwide, qoff,
                       xqc + t * (H / 8));
-    else if (dtype == W_P4) { /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
-        float *row = malloc((size_t)H * sizeof(float));
-        if (!row) {
-            rc = 2;
-            goto done;
-        }
+    else if (dtype == W_P4) /* the 4-bit rows want their activations permuted per block of 32 (permute_p4) */
         for (int64_t t = 0; t < T; t++) {
             memcpy(row, xf + t * H, (size_t)H * sizeof(float));
             permute_p4(row, xf + t * H, H);
         }
-        free(row);
-    }
     const Layer L = {{dtype, w_gu, s_gu, table, group, qact, lut2, 2 * I, H, r_gu ? a_gu : NULL, b_gu, r_gu, sc_gu,
                       e8m0},
                      {dtype, w_d, s_d, table, group, qact, lut2, H, I, r_d ? a_d : NULL, b_d, r_d, sc_d, e8m0},
@@ -1028,11 +1080,7 @@ int hm_moe_forward(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const 
     stat_add(ST_PREP, t_r1 - t_enter);
     stat_add(ST_R1, t_r2 - t_r1);
     stat_add(ST_R2, t_end - t_r2);
-done:
-    if (hr != hf) free(hr);
-    free(count), free(order), free(gexp), free(gstart), free(xf), free(xb), free(hf), free(hb), free(xa), free(ha);
-    free(xq), free(hq), free(xqs), free(xqsum), free(hqs), free(hqsum), free(xqc), free(hqc);
-    return rc;
+    return 0;
 }
 
 /* hm_moe_forward with its arguments in two arrays: graph decode calls the kernel on the same buffers at every token,
