@@ -101,8 +101,6 @@ def main() -> None:
     p.add_argument("--int4-groups", type=int, nargs="*", default=[64], help="int4 group sizes to compare")
     p.add_argument("--mxfp4", action="store_true", help="also MXFP4 weights (gpt-oss's experts as shipped)")
     p.add_argument("--prepared", action="store_true", help="also the kernel called as graph decode calls it")
-    p.add_argument("--nta", action="store_true",
-                   help="also the kernel (and with --prepared its prepared call) with non-temporal prefetches")
     p.add_argument("--pages", nargs="+", choices=["4k", "2m"], default=["4k"],
                    help="kernel: expert weights on 4 KiB pages and/or on 2 MiB (transparent huge) pages")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], help="kernel: software prefetch distances, bytes")
@@ -159,22 +157,21 @@ def main() -> None:
                                for (qgu, sgu), (qd, sd) in qlayers]
     out = torch.empty(1, args.hidden)
 
-    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0, chunk=cpu_kernel.CHUNK, rows=cpu_kernel.ITEM_ROWS,
-               nta=False):
+    def hybrid(dtype, kernel_isa, pages="4k", prefetch=0, chunk=cpu_kernel.CHUNK, rows=cpu_kernel.ITEM_ROWS):
         """HybridExperts.infer_cpu: the compiled kernel with the given instruction set, or (None) the torch loop."""
         def call(li, experts, w):
             m = mods[dtype, pages][li]
             m.settings.cpu_kernel = kernel_isa is not None  # the setting users change: model.hybridmoe.settings
             if kernel_isa is not None:
                 cpu_kernel.set_isa(kernel_isa)
-                cpu_kernel.set_prefetch(prefetch, nta)
+                cpu_kernel.set_prefetch(prefetch)
                 cpu_kernel.set_chunk(chunk)
                 cpu_kernel.set_item_rows(rows)
             m.infer_cpu(x, torch.tensor([experts]), w.view(1, -1), out)
             return out.clone()
         return call
 
-    def prepared_calls(dtype, pages, prefetch, nta=False):
+    def prepared_calls(dtype, pages, prefetch):
         """Per route index, a call of no arguments (cpu_kernel.prepared) on its own page-size buffers."""
         made = {}
         for r, (li, experts, w) in enumerate(routes):
@@ -182,7 +179,7 @@ def main() -> None:
             made[r] = (cpu_kernel.prepared(mods[dtype, pages][li], *bufs), bufs[3])
 
         def call(li, experts, w, r=None):
-            cpu_kernel.set_prefetch(prefetch, nta)
+            cpu_kernel.set_prefetch(prefetch)
             fn, o = made[r]
             fn()
             return o.clone()
@@ -212,16 +209,10 @@ def main() -> None:
         cpu_kernel.set_isa(best)
         cpu_kernel.set_chunk(cpu_kernel.CHUNK)
         cpu_kernel.set_item_rows(cpu_kernel.ITEM_ROWS)
-        for nta in (False, True) if args.nta else (False,):
-            tag = "_nta" if nta else ""
-            if nta:
-                for dt in ("bf16", "int8", *packed):
-                    hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_nta"] = hybrid(
-                        dt, best, args.pages[0], args.prefetch[0], nta=True)
-            if args.prepared:  # graph decode's way: cpu_kernel.prepared on fixed buffers, one per route
-                for dt in ("bf16", "int8", *packed):
-                    hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}{tag}_prepared"] = (
-                        prepared_calls(dt, args.pages[0], args.prefetch[0], nta))
+        if args.prepared:  # graph decode's way: cpu_kernel.prepared on fixed buffers, one per route
+            for dt in ("bf16", "int8", *packed):
+                hybrid_calls[f"kernel_{dt}_{best}_{args.pages[0]}_pf{args.prefetch[0]}_prepared"] = prepared_calls(
+                    dt, args.pages[0], args.prefetch[0])
 
     strategies = _strategies(layers, qlayers)
     limit = args.limit_gbps or _read_bandwidth(max(args.threads))

@@ -18,10 +18,6 @@
 #   PART=e: the kernel's per-call buffers from a per-thread arena (S17-d: the prepared call cost 13-25 µs beyond the
 #           kernel's timed part at 16 threads, 3 µs on 2 cores): the kernel's tests on the Xeon, then decode_gemv
 #           --prepared and V2-Lite int4 decode, this kernel first, then the one before (.wheels/moe_cpu_s17d.c)
-#   PART=f: non-temporal software prefetches of the weight stream (S17-e: the prepared call still costs ~20 µs beyond
-#           the kernel's timed part at 16 threads: the calling thread's caches after the stream?), kernel and prepared
-#           call with and without in one process at gpt-oss's and V2-Lite's dims, then V2-Lite int4 decode with
-#           (first) and without
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -69,13 +65,5 @@ if [ "${PART:-a}" = e ]; then
   HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so step gemv_old 90 $NOW $GEMV
   decode_of v2lite_int4_new 100 v2-lite int4
   HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of v2lite_int4_old 100 v2-lite int4
-  bundle_logs
-fi
-if [ "${PART:-a}" = f ]; then
-  GEMV="python benchmarks/decode_gemv.py --calls 300 --threads 16 --pages 2m --prefetch 4096 --prepared --nta"
-  step gemv_gptoss_nta 100 $NOW $GEMV --layers 2 --experts 16 --topk 4 --hidden 2880 --inter 2880 --mxfp4
-  step gemv_v2lite_nta 100 $NOW $GEMV --layers 4 --experts 64
-  HYBRIDMOE_CPU_PREFETCH_NTA=1 decode_of v2lite_int4_nta 100 v2-lite int4
-  decode_of v2lite_int4_t0 100 v2-lite int4
   bundle_logs
 fi

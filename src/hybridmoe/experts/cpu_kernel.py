@@ -128,8 +128,6 @@ def _load() -> None:
         lib.hm_set_chunk(int(os.environ.get("HYBRIDMOE_CPU_CHUNK", CHUNK)))
         lib.hm_set_item_rows(int(os.environ.get("HYBRIDMOE_CPU_ITEM_ROWS", ITEM_ROWS)))
         lib.hm_set_prefetch(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH", PREFETCH_BYTES)))
-        lib.hm_set_prefetch_hint.argtypes = [ctypes.c_int]
-        lib.hm_set_prefetch_hint(int(os.environ.get("HYBRIDMOE_CPU_PREFETCH_NTA", "0") not in ("", "0")))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.hm_moe_forward.restype = lib.hm_moe_forward_packed.restype = ctypes.c_int
         lib.hm_moe_forward_packed.argtypes = [p, p]
@@ -162,12 +160,10 @@ def four_bit_dots() -> str | None:
     return "avx512_vnni" if _lib.hm_q_vnni() else "avx2"
 
 
-def set_prefetch(nbytes: int, nta: bool = False) -> None:
-    """Software-prefetch the weight rows this many bytes ahead of the loads (0: off; default PREFETCH_BYTES), with the
-    non-temporal hint if `nta` (into L1, not L2; default off, ``HYBRIDMOE_CPU_PREFETCH_NTA=1``)."""
+def set_prefetch(nbytes: int) -> None:
+    """Software-prefetch the weight rows this many bytes ahead of the loads (0: off; default PREFETCH_BYTES)."""
     if available():
         _lib.hm_set_prefetch(int(nbytes))
-        _lib.hm_set_prefetch_hint(int(nta))
 
 
 def set_chunk(items: int) -> None:

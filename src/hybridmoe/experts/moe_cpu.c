@@ -59,14 +59,8 @@ typedef float (*dot_fn)(const void *w, const uint16_t *xb, const float *xf, int6
 /* Software prefetch of the weight stream, this many bytes ahead of the loads (0: off; hm_set_prefetch). It runs on
  * into the next rows, which a work item reads next: rows are contiguous. */
 static int64_t prefetch_bytes = 0;
-/* The prefetch's hint: T0 (into every cache level, the default) or NTA (non-temporal: into L1 and not L2, so the
- * weight stream, each line read once a call, does not evict the activations' buffers and the calling thread's other
- * data from L2; hm_set_prefetch_hint). */
-static int prefetch_nta = 0;
 
 void hm_set_prefetch(int64_t bytes) { prefetch_bytes = bytes > 0 ? bytes : 0; }
-
-void hm_set_prefetch_hint(int nta) { prefetch_nta = nta != 0; }
 
 /* Prefetch the `span` bytes at p + prefetch_bytes (span: what one loop iteration consumes).
  * TILE_PREFETCH: the 4-bit dots read four consecutive rows at once (proj_rows hands them over in order; a tail
@@ -78,12 +72,8 @@ void hm_set_prefetch_hint(int nta) { prefetch_nta = nta != 0; }
 #define PREFETCH(p, span)                                                                        \
     do {                                                                                         \
         if (prefetch_bytes)                                                                      \
-            for (int o_ = 0; o_ < (span); o_ += 64) {                                            \
-                if (prefetch_nta)                                                                \
-                    _mm_prefetch((const char *)(p) + prefetch_bytes + o_, _MM_HINT_NTA);          \
-                else                                                                             \
-                    _mm_prefetch((const char *)(p) + prefetch_bytes + o_, _MM_HINT_T0);           \
-            }                                                                                    \
+            for (int o_ = 0; o_ < (span); o_ += 64)                                              \
+                _mm_prefetch((const char *)(p) + prefetch_bytes + o_, _MM_HINT_T0);               \
     } while (0)
 
 TGT512 static float dot_bf16_512(const void *wv, const uint16_t *x, const float *xf, int64_t n) {
