@@ -16,7 +16,7 @@ import hybridmoe
 from hybridmoe import graph_gate
 from hybridmoe.decode_graph import StaticDecoder
 from hybridmoe.generation import input_device
-from hybridmoe.placement import placement_report
+from hybridmoe.placement import format_report, placement_report
 
 _INTERPRETED = """
 import torch
@@ -44,7 +44,9 @@ def test_gates_say_why_they_are_off(monkeypatch, ckpt_dir):
     monkeypatch.setattr(graph_gate, "ENABLED", False)
     assert "HYBRIDMOE_GRAPH_GATES=0" in graph_gate.unavailable(torch.device("cuda"))
     model, _ = hybridmoe.load(ckpt_dir("deepseek_v2"), device="cpu", dtype="float32", progress=False)
-    assert placement_report(model)["graph_gates"] == {"used": False, "why": "CUDA only"}
+    rep = placement_report(model)
+    assert rep["graph_gates"] == {"used": False, "why": "CUDA only"}
+    assert "decode graph gates: off (CUDA only)" in format_report(rep)
     dec = StaticDecoder(model.eval(), 32, torch.device("cpu"))
     dec.prefill(torch.arange(5, 15).unsqueeze(0))
     dec.step(torch.tensor([3]), 10)

@@ -13,7 +13,9 @@ here" (its ``decode_hook``):
     ...
     graph N   ... -> final norm -> LM head -> logits
 
-A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. On CUDA a share of
+A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. Without a GPU share
+(below), graph i+1 is launched while graph i runs and starts at a gate the host opens after cut i's experts
+(:mod:`hybridmoe.graph_gate`), so the launches are off the token's path. On CUDA a share of
 each token's experts (``model.hybridmoe.settings.gpu_share``, default by weight dtype) is computed on the GPU instead (:class:`_GpuShare`): after graph i the host
 queues the DMA of those experts' weights from their page-locked home and a small captured graph over them, then runs
 the other experts on the CPU while the copy and that graph proceed; graph i+1 adds both parts. The KV cache is a

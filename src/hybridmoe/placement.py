@@ -239,9 +239,9 @@ def format_report(rep: dict) -> str:
                      else f"decode norms: the modules' own ({n['why']})")
     g = rep["graph_gates"]
     if g["used"]:
-        lines.append("decode graphs: each launched ahead, waiting on the GPU for the CPU's experts (graph gates)")
+        lines.append("decode graph gates: on (each graph launched ahead, waiting on the GPU for the CPU's experts)")
     elif g["why"] is not None:
-        lines.append(f"decode graphs: each launched after the CPU's experts ({g['why']})")
+        lines.append(f"decode graph gates: off ({g['why']})")
     if rep["lora_targets"]:
         lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
     lines += ["", "checks:"]
