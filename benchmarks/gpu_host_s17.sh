@@ -15,12 +15,12 @@
 #   PART=d: where the ~20 µs a layer between the cut's CPU call and the kernel's own time go (decode_gemv --prepared:
 #           graph decode's prepared call alone, 16 threads), and the compiled GPU stretches with gates (compile_decode
 #           had cut the GPU's wait by ~1.2 ms a token, S16-d, with no gain while each launch came after the experts)
-#   PART=f (commit 133eb25, reverted): non-temporal prefetches of the weight stream, decode_gemv --nta
-#   PART=g: graph gates with a batch-1 GPU share (its copies and graph on a side stream): the gate and decode-graph GPU
-#           tests, then V2-Lite bf16 decode (share 1/3 by default) with gates and without, alternating
 #   PART=e: the kernel's per-call buffers from a per-thread arena (S17-d: the prepared call cost 13-25 µs beyond the
 #           kernel's timed part at 16 threads, 3 µs on 2 cores): the kernel's tests on the Xeon, then decode_gemv
 #           --prepared and V2-Lite int4 decode, this kernel first, then the one before (.wheels/moe_cpu_s17d.c)
+#   PART=f (commit 133eb25, reverted): non-temporal prefetches of the weight stream, decode_gemv --nta
+#   PART=g: graph gates with a batch-1 GPU share (its copies and graph on a side stream): the gate and decode-graph GPU
+#           tests, then V2-Lite bf16 decode (share 1/3 by default) with gates and without, alternating
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
