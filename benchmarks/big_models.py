@@ -240,7 +240,7 @@ def decode(model, tok, args) -> None:
         t0 = time.perf_counter()
         res = hybridmoe.generate(model, tok, prompt.tolist(), max_new_tokens=args.new_tokens, temperature=0)
         dec = getattr(model, "_hybridmoe_decoder", None)
-        gated_now = dec is not None and dec.chain.gates is not None  # (off for a batched step with a GPU share)
+        gated_now = dec is not None and dec.chain.gates is not None  # (off with a GPU share)
         emit({"bench": "decode", "model": args.model, "format": args.format, "call": i, "gpu_share": share,
               "resident_layers": resident, "compile_decode": compiled, "fused_norms": norms and not compiled,
               "graph_gates": gated_now, "wall_s": round(time.perf_counter() - t0, 1),

@@ -19,8 +19,8 @@
 #           kernel's timed part at 16 threads, 3 µs on 2 cores): the kernel's tests on the Xeon, then decode_gemv
 #           --prepared and V2-Lite int4 decode, this kernel first, then the one before (.wheels/moe_cpu_s17d.c)
 #   PART=f (commit 133eb25, reverted): non-temporal prefetches of the weight stream, decode_gemv --nta
-#   PART=g: graph gates with a batch-1 GPU share (its copies and graph on a side stream): the gate and decode-graph GPU
-#           tests, then V2-Lite bf16 decode (share 1/3 by default) with gates and without, alternating
+#   PART=g (commit bde0db5, reverted): graph gates with a batch-1 GPU share (its copies and graph on a side stream):
+#           the gate and decode-graph GPU tests, then V2-Lite bf16 decode with gates and without, alternating
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -68,11 +68,5 @@ if [ "${PART:-a}" = e ]; then
   HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so step gemv_old 90 $NOW $GEMV
   decode_of v2lite_int4_new 100 v2-lite int4
   HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of v2lite_int4_old 100 v2-lite int4
-  bundle_logs
-fi
-if [ "${PART:-a}" = g ]; then
-  step pytest_gpu 110 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_gate.py \
-    tests/test_decode_graph.py -x
-  decode_of v2lite_bf16_gates 100 v2-lite bfloat16 --gates-ab --new-tokens 24
   bundle_logs
 fi

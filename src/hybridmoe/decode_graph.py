@@ -13,9 +13,9 @@ here" (its ``decode_hook``):
     ...
     graph N   ... -> final norm -> LM head -> logits
 
-A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. Graph i+1 is
-launched while graph i runs and starts at a gate the host opens after cut i's experts (:mod:`hybridmoe.graph_gate`;
-not for a batched step with a GPU share), so the launches are off the token's path. On CUDA a share of
+A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. Without a GPU share
+(below), graph i+1 is launched while graph i runs and starts at a gate the host opens after cut i's experts
+(:mod:`hybridmoe.graph_gate`), so the launches are off the token's path. On CUDA a share of
 each token's experts (``model.hybridmoe.settings.gpu_share``, default by weight dtype) is computed on the GPU instead (:class:`_GpuShare`): after graph i the host
 queues the DMA of those experts' weights from their page-locked home and a small captured graph over them, then runs
 the other experts on the CPU while the copy and that graph proceed; graph i+1 adds both parts. The KV cache is a
@@ -632,9 +632,9 @@ class GraphChain:
 
     def _make_gates(self) -> HostGates | None:
         """Gates for this chain's cuts (:mod:`hybridmoe.graph_gate`), their kernel compiled and run once through an
-        open gate on the capture stream; None where they cannot run, with a batched step's GPU share, or if that first
-        run fails. A batch-1 GPU share's copies and graph then go on a side stream (:meth:`_replay_gated`)."""
-        if graph_gate.unavailable(self.device) is not None or isinstance(self.share, _BatchShare) or not self.cuts:
+        open gate on the capture stream; None where they cannot run, with a GPU share (its copies and graph are
+        queued after the cut's graph, which a graph launched ahead would overtake), or if that first run fails."""
+        if graph_gate.unavailable(self.device) is not None or self.share is not None or not self.cuts:
             return None
         try:
             gates = HostGates(len(self.cuts))
@@ -649,8 +649,6 @@ class GraphChain:
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return None
         self._events = [torch.cuda.Event() for _ in self.cuts]
-        if self.share is not None:
-            self._side, self._share_done = torch.cuda.Stream(self.device), torch.cuda.Event()
         return gates
 
     def _capture(self, forward) -> None:
@@ -713,13 +711,11 @@ class GraphChain:
 
     def _replay_gated(self) -> None:
         """The replay with gates: graph i+1 is launched while graph i runs (the host would only wait for it), and
-        starts on the GPU when the host opens gate i after cut i's experts. A GPU share's weight copies and graph
-        are queued on a side stream behind graph i (graph i+1, queued ahead on the main stream, would overtake
-        them there), and the host opens the gate once they are done too. On any error the pending gate is opened
-        and the device drained (the graphs then run on stale buffers; the step's result is not returned), and the
+        starts on the GPU when the host opens gate i after cut i's experts. On any error the pending gate is opened
+        and the stream drained (the graphs then run on stale buffers; the step's result is not returned), and the
         flags are cleared for the next step."""
         stream, clock, gates, events = torch.cuda.current_stream(self.device), self.clock, self.gates, self._events
-        graphs, cuts, share = self.graphs, self.cuts, self.share
+        graphs, cuts = self.graphs, self.cuts
         clock.start()
         try:
             graphs[0].replay()
@@ -733,19 +729,12 @@ class GraphChain:
                 clock.lap("launch")
                 events[i].synchronize()  # the hidden states and routing of cut i are in host memory now
                 clock.lap("wait")
-                if share is None:
-                    cut.compute(None, self.rows)
-                else:  # the share's copies and graph behind graph i on the side stream, the CPU's part meanwhile
-                    self._side.wait_event(events[i])
-                    with torch.cuda.stream(self._side):
-                        cut.compute(share, self.rows)
-                    self._share_done.record(self._side)
-                    self._share_done.synchronize()  # share.y is written: graph i+1 adds it
+                cut.compute(None, self.rows)
                 gates.open(i)  # graph i+1 copies the result in and goes on
                 clock.lap("experts")
         except BaseException:
             gates.open_pending()
-            torch.cuda.synchronize(self.device)  # the main stream and the share's
+            stream.synchronize()
             gates.flags.zero_()  # nothing waits at a gate now: no flag may stay set for the next step
             gates.pending.clear()
             raise

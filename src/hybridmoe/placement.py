@@ -176,7 +176,10 @@ def _graph_gate_report(device: torch.device, experts) -> dict:
     from . import graph_gate
 
     why = graph_gate.unavailable(device)
-    return {"used": why is None and bool(experts), "why": why}
+    m = next(iter(experts), None)
+    if why is None and m is not None and m.settings.decode_gpu_share(m.weights.fmt, device) > 0:
+        why = "a GPU share of the experts is queued after each cut (gpu_share > 0)"
+    return {"used": why is None and m is not None, "why": why}
 
 
 def _cpu_share_report(experts, device) -> dict:
