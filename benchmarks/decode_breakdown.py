@@ -12,6 +12,7 @@ twice. Per token:
       share_compute_ms   queueing its graph
       cpu_experts_ms     the CPU call, Python included
       kernel_ms          the compiled kernel's own time (its counters: before and in its parallel regions)
+    kernel_busy        how much of each region the kernel's threads spent working; kernel_threads: their number
     rest_ms            the token's wall time minus launch, wait and experts (the step's Python, the logits copy)
 
 :func:`kernel_profile` lists the GPU kernels of one eager decode step (the same kernels the graphs hold).
@@ -72,7 +73,8 @@ def graph_breakdown(model, steps: int, emit, **labels) -> None:
             ms["rest_ms"] = round((wall - sum(chain.clock.seconds.values())) / n * 1e3, 3)
             emit({"bench": "decode_breakdown", **labels, "tokens": n, "graphs_per_token": len(chain.graphs),
                   "cuts": len(chain.cuts), "tok_s": round(n / wall, 2), "ms_per_token": round(wall / n * 1e3, 3),
-                  **ms, "kernel_busy": [round(k.get("busy1", 0), 2), round(k.get("busy2", 0), 2)]})
+                  **ms, "kernel_busy": [round(k.get("busy1", 0), 2), round(k.get("busy2", 0), 2)],
+                  "kernel_threads": round(k.get("kernel_threads", 0), 1)})
     finally:
         chain.clock.on = False
         if share is not None:
