@@ -722,8 +722,8 @@ class GraphChain:
             events[0].record(stream)
             clock.lap("launch")
             for i, cut in enumerate(cuts):
+                gates.pending.add(i)  # before the launch: a launch that fails halfway may have queued the graph
                 graphs[i + 1].replay()  # waits at gate i on the GPU
-                gates.pending.add(i)
                 if i + 1 < len(cuts):
                     events[i + 1].record(stream)
                 clock.lap("launch")
