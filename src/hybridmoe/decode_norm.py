@@ -138,15 +138,21 @@ def _formula_of(module: nn.Module, dtype: torch.dtype) -> tuple[str, torch.dtype
     return None
 
 
-def unavailable(device: torch.device) -> str | None:
-    """Why decode steps on `device` keep the modules' own norms, or None when the fused kernel can run there."""
+def cuda_triton_unavailable(device: torch.device, enabled: bool, switch: str) -> str | None:
+    """Why a decode feature built on a Triton kernel is off on `device` (CUDA only, Triton installed, `enabled` by the
+    environment variable `switch`), or None."""
     if device.type != "cuda":
         return "CUDA only"
     if triton is None:
         return "Triton is not installed"
-    if not ENABLED:
-        return "turned off by HYBRIDMOE_FUSED_NORMS=0"
+    if not enabled:
+        return f"turned off by {switch}=0"
     return None
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why decode steps on `device` keep the modules' own norms, or None when the fused kernel can run there."""
+    return cuda_triton_unavailable(device, ENABLED, "HYBRIDMOE_FUSED_NORMS")
 
 
 def fused_norm_pairs(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Module, Callable]]:

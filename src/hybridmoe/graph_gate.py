@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from hybridmoe.decode_norm import cuda_triton_unavailable
+
 try:  # Triton ships with torch's CUDA wheels; CPU-only installs have none (and no use for this kernel)
     import triton
     import triton.language as tl
@@ -50,13 +52,7 @@ if triton is not None:
 
 def unavailable(device: torch.device) -> str | None:
     """Why graph decode on `device` launches each graph after the experts, or None when gates can run there."""
-    if device.type != "cuda":
-        return "CUDA only"
-    if triton is None:
-        return "Triton is not installed"
-    if not ENABLED:
-        return "turned off by HYBRIDMOE_GRAPH_GATES=0"
-    return None
+    return cuda_triton_unavailable(device, ENABLED, "HYBRIDMOE_GRAPH_GATES")
 
 
 class HostGates:
