@@ -5,7 +5,7 @@ ends by copying a layer's hidden state and routing to the host, the CPU computes
 starts by copying their output back. Launched only once the experts are done, each graph's launch (~20-40 µs of host
 time for a stretch of ~50 kernels) sits between the CPU's work and the GPU's, on every layer of every token.
 
-A gate moves the launch off that path. Graph i+1 begins with :func:`_gate_kernel`, one GPU thread that spins on an
+A gate moves the launch off that path. Graph i+1 begins with :func:`_gate_kernel`, one GPU warp that spins on an
 int32 flag in page-locked host memory until the host sets it, then clears it for the next step; the host launches
 graph i+1 while graph i still runs (its own time idle then, waiting for the routing), computes the experts, and opens
 the gate (:meth:`HostGates.open`: one store). The GPU sees the flag within a PCIe read (~1-2 µs) and goes on.
