@@ -174,11 +174,13 @@ def test_mxfp4_scales_are_kept_as_e8m0_bytes():
 def test_kernel_reads_e8m0_scales_as_their_bf16_values(shape):
     """The CPU kernel on MXFP4 weights with their e8m0 bytes gives, bit for bit, what it gives on the same scales as
     bf16 (every instruction set here: the exponents become bf16 in L1 before the same dots), and both what the torch
-    loop computes."""
+    loop computes; scales at the edges included (exponent 0 is the subnormal 2^-127)."""
     if not cpu_kernel.available():
         pytest.skip("no compiled kernel here")
     e, h, i = shape
     m = silu_experts(e, h, i, PackedFormat("mxfp4", 32), lora=False)
+    for sc in m.weights.scales.values():  # the edges: 0 (the subnormal 2^-127), 1, and a few large and small ones
+        sc.view(-1)[:8] = torch.tensor([0, 1, 0, 1, 100, 160, 0, 1], dtype=torch.uint8)
     twin = silu_experts(e, h, i, PackedFormat("mxfp4", 32), lora=False)
     twin.weights.scales = {p: mxfp4_scales(s) for p, s in m.weights.scales.items()}  # the same values, as bf16
     g = torch.Generator().manual_seed(2)
