@@ -2,8 +2,9 @@
 
 Graph decode (:class:`hybridmoe.decode_graph.GraphChain`) alternates GPU stretches and the CPU's experts: graph i
 ends by copying a layer's hidden state and routing to the host, the CPU computes the layer's experts, and graph i+1
-starts by copying their output back. Launched only once the experts are done, each graph's launch (~20-40 µs of host
-time for a stretch of ~50 kernels) sits between the CPU's work and the GPU's, on every layer of every token.
+starts by copying their output back. Launched only once the experts are done, each graph's launch (~35-50 µs of host
+time for a stretch of ~50 kernels on the GPU host, S17-a..c) sits between the CPU's work and the GPU's, on every
+layer of every token.
 
 A gate moves the launch off that path. Graph i+1 begins with :func:`_gate_kernel`, one GPU warp that spins on an
 int32 flag in page-locked host memory until the host sets it, then clears it for the next step; the host launches
