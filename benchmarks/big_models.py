@@ -218,6 +218,8 @@ def decode(model, tok, args) -> None:
     runs += [(None, i, n, False, fused, gated) for n in args.resident_layers for i in (0, 1)]
     if args.compile_decode:  # the GPU stretches compiled (hybridmoe.decode_compile): call 0 compiles
         runs += [(None, 0, 0, True, fused, gated), (None, 1, 0, True, fused, gated)]
+    if args.again:  # the default decode once more, after the other runs (does the process's state change its speed?)
+        runs += [(None, 0, 0, False, fused, gated), (None, 1, 0, False, fused, gated)]
     def set_resident(n: int) -> None:
         streamer = model_streamer(model)
         if n == (streamer.resident if streamer is not None else 0):
@@ -411,6 +413,7 @@ def main() -> None:
     p.add_argument("--kernel-profile", action="store_true", help="decode: then the GPU kernels of one eager step")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode: also with the GPU stretches compiled (settings.compile_decode)")
+    p.add_argument("--again", action="store_true", help="decode: the default decode again after the other runs")
     p.add_argument("--norms-ab", action="store_true",
                    help="decode: with the RMSNorms fused and not, alternating (hybridmoe.decode_norm)")
     p.add_argument("--gates-ab", action="store_true",

@@ -3,18 +3,41 @@
 #   PART=a: why the CPU kernel ran 24.9-30.9 ms a gpt-oss token in S17-d's compiled decode calls (20.0-20.7 before them
 #           in the same process, busy 0.83-0.86): gpt-oss-120b with --compile-decode, inductor's compile workers
 #           as by default and then limited to one (TORCHINDUCTOR_COMPILE_THREADS=1: no worker pool), the busiest
-#           threads of the host sampled during each run; the GPU part compiled with gates measured 3.3-3.4 ms a token,
+#           threads of the host sampled during each run, and the default decode again after the
+#           compiled one (--again: is it the process's state after compiling?); the GPU part compiled with gates measured 3.3-3.4 ms a token,
 #           which with the kernel's 20 ms would be ~25 ms (40 tok/s)
+#   PART=b: the mapped GPU share (hybridmoe.mapped_share: the last n of each token's picked 4-bit experts computed by
+#           the GPU from the weights in page-locked host memory, its kernels at the head of the next graph, gates on):
+#           the GPU's read rate of host memory (host_gemv.py), gpt-oss-120b MXFP4 and V2-Lite int4 decode at shares
+#           alternating with none in one process, then the GPU tests of the new kernel and share
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
 host_setup
-# sample NAME AFTER: the host's busiest threads AFTER seconds from now, into $OUT/NAME.ps (in the background)
-sample() { (sleep "$2"; ps -eLo pcpu,pid,comm --sort=-pcpu | head -40 > "$OUT/$1.ps") & }
+# watch NAME: the host's busiest threads every 5 s (top's second, instantaneous, sample) and vmstat each second, into
+# $OUT/NAME.top and $OUT/NAME.vmstat, until unwatch
+watch() {
+  vmstat -t 1 > "$OUT/$1.vmstat" 2>&1 & WATCH_PIDS=$!
+  (while :; do date +%T; top -H -b -n 2 -d 0.5 -w 160 | awk '/^top -/{n++} n==2' | sed -n 7,26p; sleep 4; done \
+    > "$OUT/$1.top" 2>&1) & WATCH_PIDS="$WATCH_PIDS $!"
+}
+unwatch() { kill $WATCH_PIDS 2>/dev/null; wait $WATCH_PIDS 2>/dev/null; }
 if [ "${PART:-a}" = a ]; then
-  sample gpt_oss_compiled 75
-  decode_of gpt_oss_compiled 240 gpt-oss-120b mxfp4 --compile-decode
-  sample gpt_oss_compiled_1 75
-  TORCHINDUCTOR_COMPILE_THREADS=1 decode_of gpt_oss_compiled_1 240 gpt-oss-120b mxfp4 --compile-decode
+  watch gpt_oss_compiled
+  decode_of gpt_oss_compiled 240 gpt-oss-120b mxfp4 --compile-decode --again
+  unwatch
+  watch gpt_oss_compiled_1
+  TORCHINDUCTOR_COMPILE_THREADS=1 decode_of gpt_oss_compiled_1 240 gpt-oss-120b mxfp4 --compile-decode --again
+  unwatch
+  (cd "$OUT" && tar czf watch.tgz ./*.top ./*.vmstat && rm -f ./*.top ./*.vmstat)
+  bundle_logs
+fi
+if [ "${PART:-a}" = b ]; then
+  step host_gemv 90 $NOW python benchmarks/host_gemv.py
+  step host_gemv_v2 60 $NOW python benchmarks/host_gemv.py --v2lite
+  decode_of gpt_oss_share 200 gpt-oss-120b mxfp4 --gpu-shares 0.25 0 0.25 0 0.5
+  decode_of v2lite_share 130 v2-lite int4 --gpu-shares 0.17 0.34 0 0.17 0.34 0
+  step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_host_gemv.py \
+    tests/test_mapped_share.py tests/test_graph_gate.py
   bundle_logs
 fi

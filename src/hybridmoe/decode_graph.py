@@ -42,13 +42,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridmoe import decode_norm, graph_gate
+from hybridmoe import decode_norm, graph_gate, mapped_share
 from hybridmoe.decode_compile import compile_pairs, compiled_forwards
 from hybridmoe.decode_norm import swapped_forwards
 from hybridmoe.experts import HybridExperts, cpu_kernel
 from hybridmoe.experts.backends import choose_backend
 from hybridmoe.forward_args import forward_params
 from hybridmoe.graph_gate import HostGates
+from hybridmoe.mapped_share import MappedShare
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class _GpuShare:
         self.y = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, H]
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def stage(self, hidden: torch.Tensor, w: torch.Tensor) -> None:
+    def stage(self, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         self.x.copy_(hidden)
         if self.w.shape == w.shape:  # batch 1 (the batched share builds its dense weights on the host)
             self.w.copy_(w)
@@ -406,6 +407,9 @@ class _Cut:
         if isinstance(share, _BatchShare):
             self._compute_split(share, rows)
             return
+        if isinstance(share, MappedShare):  # its part is queued on the GPU (the next graph's head, or the hook)
+            self._experts(self.x.shape[0], share.k - share.n)
+            return
         if share is None:
             n = self.x.shape[0] if rows is None else rows
             if m.row_lora is not None:  # rows of several adapters (the server): one call per adapter's rows
@@ -438,7 +442,8 @@ class _Cut:
         else:
             m.infer_cpu(self.x[:n], cpu[0], cpu[1], self.out[:n])  # (new id/weight tensors each step)
 
-    def receive(self, device: torch.device, dtype: torch.dtype, share: _GpuShare | None = None) -> torch.Tensor:
+    def receive(self, device: torch.device, dtype: torch.dtype, share: _GpuShare | MappedShare | None = None
+                ) -> torch.Tensor:
         """Queue the host->device copy of the result (+ the GPU share's); [T, H] in the hidden dtype on ``device``."""
         out = self.out.to(device, non_blocking=True)
         return (out if share is None else out + share.y).to(dtype)
@@ -470,12 +475,14 @@ class _Hook:
             raise RuntimeError("the decode step's routed-expert calls changed order or shape between passes")
         cut.send(hidden, ids, w)
         if d.share is not None:
-            d.share.stage(hidden, w)
+            d.share.stage(hidden, ids, w)
         if self.mode == "capture":
             d.next_graph()
         else:
             if hidden.device.type == "cuda":
                 torch.cuda.current_stream(hidden.device).synchronize()
+            if isinstance(d.share, MappedShare):
+                d.share.compute(module)  # queued on the device; the CPU's part meanwhile
             cut.compute(d.share, d.rows)
         return cut.receive(hidden.device, hidden.dtype, d.share)
 
@@ -517,7 +524,7 @@ class GraphChain:
         layouts = {(m.weights.gate_up.shape, m.weights.down.shape, m.weights.fmt) for m in experts}
         self.gpu_share = gpu_share if len(layouts) <= 1 else 0.0
         self.cuts: list[_Cut] = []
-        self.share: _GpuShare | None = None
+        self.share: _GpuShare | MappedShare | None = None
         self.hook = _Hook(self)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.out: torch.Tensor | None = None  # written by the last graph
@@ -554,8 +561,12 @@ class GraphChain:
         # Expert biases (gpt-oss) cross with their experts' weights (_GpuShare.load).
         if self.share is None and n > 0 and pinned:
             rows = hidden.shape[0]
-            self.share = _GpuShare(module, hidden, k, n) if rows == 1 else _BatchShare(module, hidden, k,
-                                                                                      self.gpu_share)
+            if rows > 1:
+                self.share = _BatchShare(module, hidden, k, self.gpu_share)
+            elif mapped_share.unavailable(module.weights, hidden.device) is None:
+                self.share = MappedShare(module, hidden, k, n)  # read by the GPU from host memory, in the graphs
+            else:
+                self.share = _GpuShare(module, hidden, k, n)
 
     def close(self) -> None:
         self.graphs = self.out = self.share = self.gates = None
@@ -627,14 +638,19 @@ class GraphChain:
         g = torch.cuda.CUDAGraph()
         self.graphs.append(g)
         g.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        if isinstance(self.share, MappedShare):  # the closed cut's GPU part, run while the host computes the rest
+            self.share.compute(self.cuts[len(self.graphs) - 2].module)
         if self.gates is not None:
             self.gates.wait(len(self.graphs) - 2)  # the cut just closed
 
     def _make_gates(self) -> HostGates | None:
         """Gates for this chain's cuts (:mod:`hybridmoe.graph_gate`), their kernel compiled and run once through an
-        open gate on the capture stream; None where they cannot run, with a GPU share (its copies and graph are
-        queued after the cut's graph, which a graph launched ahead would overtake), or if that first run fails."""
-        if graph_gate.unavailable(self.device) is not None or self.share is not None or not self.cuts:
+        open gate on the capture stream; None where they cannot run, with a copy share of the experts (its copies and
+        graph are queued after the cut's graph, which a graph launched ahead would overtake; a mapped share is in the
+        graphs), or if that first run fails."""
+        if graph_gate.unavailable(self.device) is not None or not self.cuts:
+            return None
+        if self.share is not None and not isinstance(self.share, MappedShare):
             return None
         try:
             gates = HostGates(len(self.cuts))
@@ -729,7 +745,7 @@ class GraphChain:
                 clock.lap("launch")
                 events[i].synchronize()  # the hidden states and routing of cut i are in host memory now
                 clock.lap("wait")
-                cut.compute(None, self.rows)
+                cut.compute(self.share, self.rows)  # (no share, or a mapped one: the head of graph i+1)
                 gates.open(i)  # graph i+1 copies the result in and goes on
                 clock.lap("experts")
         except BaseException:

@@ -1,0 +1,101 @@
+"""The GPU's 4-bit expert GEMV that reads its weights from page-locked host memory (hybridmoe.experts.host_gemv)
+against the streamed path's math (dequantized to bf16, times bf16 x, output rounded to bf16, + fp32 bias): in
+Triton's interpreter on the CPU where Triton is installed (not in CI's CPU env), on CUDA with the weights in
+page-locked host memory (the GPU host, `pytest -m gpu`)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CASES = """
+import torch
+from hybridmoe.experts import host_gemv
+from hybridmoe.experts.packed import PackedFormat, dequantize_packed_torch, quantize_int4, quantize_mxfp4
+
+def reference(x, ids, slot0, codes, scales, bias, fmt, n):
+    out = []
+    for s in range(n):
+        e = int(ids[slot0 + s])
+        w = dequantize_packed_torch(codes[e].cpu(), scales[e].cpu(), fmt, torch.bfloat16).float()
+        xs = x[s if x.shape[0] > 1 else 0].cpu().float()
+        y = (w @ xs).to(torch.bfloat16).float()
+        out.append(y if bias is None else y + bias[e].cpu())
+    return torch.stack(out)
+
+def check(device, pin):
+    g = torch.Generator().manual_seed(0)
+    # 5 experts, 40 rows (not a multiple of the kernel's rows), 2880 inputs (gpt-oss: 90 groups of 32, 45 of 64)
+    w = torch.randn(5, 40, 2880, generator=g) * 0.02
+    ids = torch.tensor([3, 0, 4, 1], dtype=torch.int64, device=device)
+    worst = 0.0
+    for kind, group, (codes, scales) in (("mxfp4", 32, quantize_mxfp4(w)), ("int4", 64, quantize_int4(w, 64)),
+                                         ("int4", 32, quantize_int4(w, 32))):
+        fmt = PackedFormat(kind, group)
+        bias = torch.randn(5, 40, generator=g)
+        for b in (None, bias):
+            host = [t.contiguous() for t in ((codes, scales) if b is None else (codes, scales, b))]
+            if pin:
+                host = [t.pin_memory() for t in host]
+            elif device != "cpu":
+                host = [t.to(device) for t in host]
+            c, s = host[0], host[1]
+            bb = host[2] if b is not None else None
+            for rows_x, slot0, n in ((1, 2, 2), (3, 1, 3)):
+                x = (torch.randn(rows_x, 2880, generator=g)).to(torch.bfloat16).to(device)
+                out = torch.empty(n, 40, dtype=torch.float32, device=device)
+                host_gemv.gemv4(x, ids, slot0, c, s, bb, kind, group, out)
+                ref = reference(x, ids.cpu(), slot0, codes, scales, b, fmt, n)
+                # fp32 sums in another order, then rounded to bf16: at most a unit of the last place apart
+                err = ((out.cpu() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
+                assert err <= 2 ** -7, (kind, group, b is None, rows_x, err)
+                worst = max(worst, err)
+    # the e8m0 exponents at their edges (0: the subnormal 2^-127) against their bf16 values
+    from hybridmoe.experts.packed import mxfp4_scales
+    codes = torch.randint(0, 256, (2, 8, 64), generator=g, dtype=torch.uint8)
+    exps = torch.tensor([0, 1, 126, 127, 128, 130, 133, 127], dtype=torch.uint8)[None, :, None].repeat(2, 1, 4)
+    x = torch.randn(1, 128, generator=g).to(torch.bfloat16).to(device)
+    one = torch.tensor([1, 0], dtype=torch.int64, device=device)
+    a = torch.empty(2, 8, dtype=torch.float32, device=device)
+    b2 = torch.empty(2, 8, dtype=torch.float32, device=device)
+    host_gemv.gemv4(x, one, 0, codes.to(device), exps.to(device), None, "mxfp4", 32, a)
+    host_gemv.gemv4(x, one, 0, codes.to(device), mxfp4_scales(exps).to(device), None, "mxfp4", 32, b2)
+    assert torch.equal(a, b2)
+    return worst
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_host_gemv_in_interpreter():
+    """CPU tensors through Triton's interpreter (read when the kernel is defined: a child process)."""
+    code = CASES + "\nprint('worst', check('cpu', False))\nprint('ok')\n"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pin", [True, False], ids=["host", "device"])
+def test_host_gemv_on_cuda(pin):
+    scope: dict = {}
+    exec(CASES, scope)
+    scope["check"]("cuda", pin)
+
+
+def test_host_gemv_refuses_what_it_does_not_compute():
+    from hybridmoe.experts import host_gemv
+
+    if not host_gemv.available():
+        pytest.skip("Triton is not installed")
+    codes = torch.zeros(1, 4, 32, dtype=torch.uint8)
+    scales = torch.zeros(1, 4, 2, dtype=torch.bfloat16)
+    ids = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="x bf16"):
+        host_gemv.gemv4(torch.zeros(1, 64), ids, 0, codes, scales, None, "int4", 32, torch.empty(1, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        host_gemv.gemv4(torch.zeros(1, 64, dtype=torch.bfloat16), ids, 0, codes[:, ::2], scales[:, ::2], None,
+                        "int4", 32, torch.empty(1, 2))
