@@ -8,8 +8,8 @@ twice. Per token:
                        made while graph i runs, so it is off the token's path unless it outlasts the graph)
     wait_ms            the host waiting for each graph to finish (the GPU's time, less what ran during the launch)
     experts_ms         the cuts' experts, of which:
-      share_load_ms      queueing the GPU share's weight copies
-      share_compute_ms   queueing its graph
+      share_load_ms      queueing the copy share's weight copies (a mapped share, hybridmoe.mapped_share, queues
+      share_compute_ms   queueing its graph           nothing: its kernels are in the graphs)
       cpu_experts_ms     the CPU call, Python included
       kernel_ms          the compiled kernel's own time (its counters: before and in its parallel regions)
     kernel_busy        how much of each region the kernel's threads spent working; kernel_threads: their number
@@ -49,7 +49,8 @@ def graph_breakdown(model, steps: int, emit, **labels) -> None:
     chain, share = dec.chain, dec.chain.share
     token = torch.tensor([5])
     parts: dict[str, float] = {}
-    if share is not None:
+    copy_share = share is not None and hasattr(share, "load")  # (a mapped share queues nothing from the host)
+    if copy_share:
         _timed(share, "load", parts, "share_load")
         _timed(share, "compute", parts, "share_compute")
     for cut in chain.cuts:
@@ -77,7 +78,7 @@ def graph_breakdown(model, steps: int, emit, **labels) -> None:
                   "kernel_threads": round(k.get("kernel_threads", 0), 1)})
     finally:
         chain.clock.on = False
-        if share is not None:
+        if copy_share:
             del share.load, share.compute
         for cut in chain.cuts:
             del cut._experts

@@ -10,6 +10,9 @@
 #           the GPU from the weights in page-locked host memory, its kernels at the head of the next graph, gates on):
 #           the GPU's read rate of host memory (host_gemv.py), gpt-oss-120b MXFP4 and V2-Lite int4 decode at shares
 #           alternating with none in one process, then the GPU tests of the new kernel and share
+#   PART=c: PART=b read host memory at ~27 GB/s (its DMA: 53-55): the kernel's tilings swept beside PCIe's ceilings
+#           (DMA copy_, a read-only Triton kernel) on host memory as the loader keeps it (2 MiB pages, registered);
+#           then PART=b's decode runs (the breakdown had failed on the mapped share)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -39,5 +42,13 @@ if [ "${PART:-a}" = b ]; then
   decode_of v2lite_share 130 v2-lite int4 --gpu-shares 0.17 0.34 0 0.17 0.34 0
   step pytest_gpu 150 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_host_gemv.py \
     tests/test_mapped_share.py tests/test_graph_gate.py
+  bundle_logs
+fi
+if [ "${PART:-a}" = c ]; then
+  TILINGS="16,256,4 32,256,4 64,256,8 16,512,4 32,512,8 8,256,2 16,128,4 64,512,8 128,256,8"
+  step host_gemv 120 $NOW python benchmarks/host_gemv.py --ceilings --tilings $TILINGS
+  step host_gemv_v2 90 $NOW python benchmarks/host_gemv.py --v2lite --where host --tilings $TILINGS
+  decode_of gpt_oss_share 200 gpt-oss-120b mxfp4 --gpu-shares 0.25 0 0.25 0 0.5
+  decode_of v2lite_share 130 v2-lite int4 --gpu-shares 0.17 0.34 0 0.17 0.34 0
   bundle_logs
 fi

@@ -29,6 +29,7 @@ __all__ = ["available", "gemv4"]
 
 ROWS = 16  # output rows a program
 STEP_BYTES = 256  # code bytes of a row a loop step
+WARPS = 4
 
 
 def available() -> bool:
@@ -85,13 +86,15 @@ if triton is not None:
 
 
 def gemv4(x: torch.Tensor, ids: torch.Tensor, slot0: int, codes: torch.Tensor, scales: torch.Tensor,
-          bias: torch.Tensor | None, kind: str, group: int, out: torch.Tensor) -> torch.Tensor:
+          bias: torch.Tensor | None, kind: str, group: int, out: torch.Tensor, rows_per_program: int = ROWS,
+          step_bytes: int = STEP_BYTES, num_warps: int = WARPS) -> torch.Tensor:
     """out[s] = x[s] · W[ids[slot0 + s]]ᵀ (+ bias) for s < out.shape[0], on x's device.
 
     x: [S, in] or [1, in] bf16 on the device (one row serves every slot); ids: int64 [K] on the device; codes uint8
     [E, out, in/2] and scales [E, out, in/group] (``kind`` "int4" or "mxfp4"; int4 bf16, MXFP4 uint8 e8m0 or bf16)
     in page-locked host memory or on the device; bias fp32 [E, out] (the same) or None; out fp32 [S, out] on the
-    device. No host sync: capturable in a CUDA graph."""
+    device. No host sync: capturable in a CUDA graph. ``rows_per_program``, ``step_bytes`` (powers of two) and
+    ``num_warps``: the kernel's tiling (benchmarks/host_gemv.py sweeps them)."""
     n_slots, rows = out.shape
     half = codes.shape[-1]
     groups = scales.shape[-1]
@@ -103,11 +106,11 @@ def gemv4(x: torch.Tensor, ids: torch.Tensor, slot0: int, codes: torch.Tensor, s
             raise ValueError("gemv4: the weights, scales and bias must be contiguous")
     e8m0 = scales.dtype == torch.uint8
     gb = group // 2
-    ng = max(1, STEP_BYTES // gb)
-    grid = (triton.cdiv(rows, ROWS), n_slots)
+    ng = max(1, step_bytes // gb)
+    grid = (triton.cdiv(rows, rows_per_program), n_slots)
     _gemv4_kernel[grid](x, ids, codes, scales if e8m0 else scales.view(torch.int16),
                         codes if bias is None else bias, out, slot0, rows, half, groups,
                         x.shape[1] if x.shape[0] > 1 else 0, codes.stride(0), scales.stride(0),
                         0 if bias is None else bias.stride(0), MXFP4=kind == "mxfp4", E8M0=e8m0,
-                        HAS_BIAS=bias is not None, GB=gb, NG=ng, BR=ROWS)
+                        HAS_BIAS=bias is not None, GB=gb, NG=ng, BR=rows_per_program, num_warps=num_warps)
     return out
