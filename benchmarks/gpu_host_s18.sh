@@ -13,6 +13,10 @@
 #   PART=c: PART=b read host memory at ~27 GB/s (its DMA: 53-55): the kernel's tilings swept beside PCIe's ceilings
 #           (DMA copy_, a read-only Triton kernel) on host memory as the loader keeps it (2 MiB pages, registered);
 #           then PART=b's decode runs (the breakdown had failed on the mapped share)
+#   PART=d: the mapped share as the 4-bit default (0.2 of the top-K): the kernel's tilings again with single-step
+#           ones (a whole row a program step: more bytes in flight), the best for gpt-oss's expert taken for the decode
+#           runs (HYBRIDMOE_HOST_GEMV_TILING); gpt-oss decode at the default and none alternating, then compiled
+#           (compile_decode) at the default; V2-Lite int4 likewise; then the GPU tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -50,5 +54,25 @@ if [ "${PART:-a}" = c ]; then
   step host_gemv_v2 90 $NOW python benchmarks/host_gemv.py --v2lite --where host --tilings $TILINGS
   decode_of gpt_oss_share 200 gpt-oss-120b mxfp4 --gpu-shares 0.25 0 0.25 0 0.5
   decode_of v2lite_share 130 v2-lite int4 --gpu-shares 0.17 0.34 0 0.17 0.34 0
+  bundle_logs
+fi
+if [ "${PART:-a}" = d ]; then
+  TILINGS="16,256,4 8,256,2 4,2048,4 8,2048,4 2,2048,2 4,1024,2 8,1024,4 16,1024,8 4,512,1 8,512,2"
+  step host_gemv 120 $NOW python benchmarks/host_gemv.py --where host --tilings $TILINGS
+  step host_gemv_v2 90 $NOW python benchmarks/host_gemv.py --v2lite --where host --tilings $TILINGS
+  best=$(python - "$OUT/host_gemv.log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r["picks"] == 1] or [{"rows": 16, "step_bytes": 256, "warps": 4, "GBps": 0}]
+b = max(rows, key=lambda r: r["GBps"])
+print(f'{b["rows"]},{b["step_bytes"]},{b["warps"]}')
+PY
+)
+  echo "== tiling $best" | tee -a "$OUT/summary.txt"
+  export HYBRIDMOE_HOST_GEMV_TILING=$best
+  decode_of gpt_oss_default 240 gpt-oss-120b mxfp4 --gpu-shares 0 0.2 0 --compile-decode
+  decode_of v2lite_default 130 v2-lite int4 --gpu-shares 0 0.2 0 0.2
+  step pytest_gpu 170 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_host_gemv.py \
+    tests/test_mapped_share.py tests/test_graph_gate.py tests/test_decode_graph.py tests/test_decode_norm.py
   bundle_logs
 fi

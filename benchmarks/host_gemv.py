@@ -109,11 +109,14 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--device", default="cuda")
     p.add_argument("--where", nargs="*", default=["host", "device"])
-    p.add_argument("--tilings", type=_tiling, nargs="*", default=[(16, 256, 4)],
-                   help="ROWS,STEP_BYTES,WARPS of the kernel (host_gemv.gemv4's defaults: 16,256,4)")
+    p.add_argument("--tilings", type=_tiling, nargs="*", default=[],
+                   help="ROWS,STEP_BYTES,WARPS of the kernel (default: host_gemv's, 16,256,4 unless "
+                        "HYBRIDMOE_HOST_GEMV_TILING says otherwise)")
     p.add_argument("--ceilings", action="store_true", help="also PCIe's DMA and read-only kernel rates")
     args = p.parse_args()
     from hybridmoe.experts import host_gemv
+
+    args.tilings = args.tilings or [(host_gemv.ROWS, host_gemv.STEP_BYTES, host_gemv.WARPS)]
 
     h, i, kind, group = (2048, 1408, "int4", 64) if args.v2lite else (2880, 2880, "mxfp4", 32)
     if args.tiny:
@@ -132,7 +135,8 @@ def main() -> None:
             a = torch.randn(n, i, device=dev).to(torch.bfloat16)
             u = torch.empty(n, 2 * i, device=dev)
             d = torch.empty(n, h, device=dev)
-            ids = torch.randint(0, args.experts, (args.calls + 1, n), generator=gen).to(dev)
+            width = -(-n // 2) * 2  # each call's ids 16-byte aligned, as MappedShare's buffer
+            ids = torch.randint(0, args.experts, (args.calls + 1, width), generator=gen).to(dev)
             for rows, step, warps in args.tilings:
                 tiling = dict(rows_per_program=rows, step_bytes=step, num_warps=warps)
                 us = _timed(_layer(host_gemv.gemv4, (x, u, gu), (a, d, dn), ids, kind, group, tiling), args.calls, dev)

@@ -3,7 +3,9 @@ still run and print the JSON lines (and fields) the session scripts read. No tim
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +125,14 @@ def test_big_models_mxfp4_bf16_scales_baseline_and_gates_ab():
     assert next(r for r in recs if r["bench"] == "build")["scales"] == "bfloat16"
     decodes = [r for r in recs if r["bench"] == "decode"]
     assert [r["call"] for r in decodes] == [0, 1] * 4 and not any(r["graph_gates"] for r in decodes)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_host_gemv_sweeps_tilings_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")  # (the kernel runs in Triton's interpreter on the CPU)
+    res = subprocess.run([sys.executable, "benchmarks/host_gemv.py", "--tiny", "--device", "cpu", "--where", "cpu",
+                          "--picks", "1", "--tilings", "16,256,4", "4,2048,2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [(r["rows"], r["step_bytes"], r["warps"]) for r in recs] == [(16, 256, 4), (4, 2048, 2)]

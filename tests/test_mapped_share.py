@@ -117,3 +117,21 @@ def test_mapped_share_says_why_not(monkeypatch, tmp_path):
     dec.prefill(torch.arange(5, 25).unsqueeze(0))
     dec.step(torch.tensor([3]), 20)
     assert dec.share is not None and not isinstance(dec.share, mapped_share.MappedShare)
+
+
+def test_decode_share_by_default_and_when_set(monkeypatch, tmp_path):
+    """The default share of 4-bit experts (0.2: 1 of 4, 1 of 6, 2 of 8 picks) holds only where it is mapped and for
+    batch 1; a share set explicitly is kept, copied where it cannot be mapped."""
+    path = _checkpoint("deepseek_v2", tmp_path)
+    model, _ = hybridmoe.load(path, device="cpu", dtype="float32", expert_dtype="int4", progress=False)
+    m = next(m for m in model.modules() if hasattr(m, "weights") and hasattr(m, "mlp"))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(mapped_share, "unavailable", lambda weights, device: None)
+    assert mapped_share.decode_share(m, cuda) == (0.2, True)
+    assert mapped_share.decode_share(m, cuda, batched=True) == (0.0, False)  # the server's batches: none, as before
+    assert mapped_share.decode_share(m, torch.device("cpu")) == (0.0, False)  # (defaults are for CUDA)
+    monkeypatch.setattr(mapped_share, "unavailable", lambda weights, device: "CUDA only")
+    assert mapped_share.decode_share(m, cuda) == (0.0, False)
+    m.settings.gpu_share = 0.5
+    assert mapped_share.decode_share(m, cuda) == (0.5, False)
+    m.settings.gpu_share = None

@@ -120,7 +120,7 @@ class BatchDecoder:
         self.use_graphs = use_graphs and device.type == "cuda"
         # The GPU computes this share of the experts the rows picked, by expert (decode_graph._BatchShare): the
         # model's setting (CUDA only by default; any device when given, which is how the CPU tests check it)
-        self.gpu_share = _gpu_share(self.experts, device) if gpu_share is None else gpu_share
+        self.gpu_share = _gpu_share(self.experts, device, batched=True) if gpu_share is None else gpu_share
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)  # [C] each row's next position
         self.row_index = torch.arange(capacity, device=device)  # [C]
         self.columns = torch.arange(max_len, device=device)  # [L]
@@ -223,7 +223,7 @@ def batch_decoder_for(model: nn.Module, capacity: int, needed: int, device: torc
     experts = [m for m in model.modules() if isinstance(m, HybridExperts)]
     streamer = experts[0].streamer if experts else None
     key = (capacity, use_graphs, id(streamer), streamer.resident if streamer is not None else 0,
-           _gpu_share(experts, device))
+           _gpu_share(experts, device, batched=True))
     dec = getattr(model, "_hybridmoe_batch_decoder", None)
     if dec is None or dec.max_len < needed or dec.key != key:
         if dec is not None:  # free the old cache and graph pools before allocating the new

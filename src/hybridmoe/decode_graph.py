@@ -929,11 +929,12 @@ def _resident(module: HybridExperts) -> bool:
     return module.streamer is not None and module.streamer.is_resident(module.stream_index)
 
 
-def _gpu_share(experts: list[HybridExperts], device: torch.device) -> float:
-    """The model's setting (``model.hybridmoe.settings``), resolved for its expert weight dtype and the device."""
+def _gpu_share(experts: list[HybridExperts], device: torch.device, batched: bool = False) -> float:
+    """The model's setting (``model.hybridmoe.settings``), resolved for its expert weight dtype and the device
+    (:func:`hybridmoe.mapped_share.decode_share`)."""
     if not experts:
         return 0.0
-    return experts[0].settings.decode_gpu_share(experts[0].weights.fmt, device)
+    return mapped_share.decode_share(experts[0], device, batched)[0]
 
 
 def _bucket(n: int) -> int:

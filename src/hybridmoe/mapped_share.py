@@ -30,7 +30,7 @@ import torch
 from hybridmoe import graph_gate
 from hybridmoe.experts import HybridExperts, host_gemv
 
-__all__ = ["ENABLED", "MappedShare", "unavailable"]
+__all__ = ["ENABLED", "MappedShare", "decode_share", "unavailable"]
 
 ENABLED = os.environ.get("HYBRIDMOE_MAPPED_SHARE", "1") not in ("", "0", "false", "no", "off")
 
@@ -51,6 +51,19 @@ def unavailable(weights, device: torch.device) -> str | None:
     if not weights.gate_up.is_pinned():
         return "the experts are not page-locked (expert streaming is off)"
     return graph_gate.unavailable(device)
+
+
+def decode_share(module: HybridExperts, device: torch.device, batched: bool = False) -> tuple[float, bool]:
+    """(share, mapped): the share of each decode step's experts the GPU computes for this model (its setting, else
+    the default by weight format), and whether that share is read from host memory here (this module: batch 1)
+    rather than copied in. 4-bit experts get no share by default where it cannot be mapped (their copies cost the
+    host more than the CPU saves, S12-b), batched steps included; a share set explicitly is kept (copied)."""
+    settings, weights = module.settings, module.weights
+    share = settings.decode_gpu_share(weights.fmt, device)
+    mapped = not batched and weights.packed is not None and unavailable(weights, device) is None
+    if weights.packed is not None and not mapped and settings.gpu_share is None:
+        share = 0.0
+    return share, mapped and share > 0
 
 
 class MappedShare:

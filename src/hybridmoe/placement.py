@@ -132,6 +132,8 @@ def placement_report(model: nn.Module) -> dict:
         "cpu_kernel": _cpu_kernel_report(experts.values()),
         "decode_norms": _decode_norm_report(base, compute, meta.dtype, experts.values()),
         "graph_gates": _graph_gate_report(compute, experts.values()),
+        "decode_gpu_share": _decode_share_report(compute, experts.values(),
+                                                 getattr(base.config, "num_experts_per_tok", None)),
         "checks": checks,
         "problems": problems[:20],
         "ok": all(checks.values()),
@@ -173,13 +175,30 @@ def _decode_norm_report(base: nn.Module, device: torch.device, dtype: torch.dtyp
 def _graph_gate_report(device: torch.device, experts) -> dict:
     """Whether batch-1 graph decode launches each graph ahead, at a gate the CPU's experts open
     (hybridmoe.graph_gate), or why not."""
-    from . import graph_gate
+    from . import graph_gate, mapped_share
 
     why = graph_gate.unavailable(device)
     m = next(iter(experts), None)
-    if why is None and m is not None and m.settings.decode_gpu_share(m.weights.fmt, device) > 0:
-        why = "a GPU share of the experts is queued after each cut (gpu_share > 0)"
+    share, mapped = mapped_share.decode_share(m, device) if m is not None else (0.0, False)
+    if why is None and share > 0 and not mapped:
+        why = "a GPU share of the experts is copied in after each cut (gpu_share > 0)"
     return {"used": why is None and m is not None, "why": why}
+
+
+def _decode_share_report(device: torch.device, experts, top_k: int | None) -> dict:
+    """The share of each batch-1 decode step's picked experts the GPU computes (hybridmoe.mapped_share.decode_share):
+    how many of the top-K, and how their weights reach it ("mapped": read from host memory inside the graphs;
+    "copied": DMA queued by the host), or why the 4-bit ones are not mapped."""
+    from . import mapped_share
+
+    m = next(iter(experts), None)
+    if m is None:
+        return {"share": 0.0, "top_k": top_k, "experts": 0, "how": None, "why_not_mapped": None}
+    share, mapped = mapped_share.decode_share(m, device)
+    k = top_k if isinstance(top_k, int) else None
+    why = mapped_share.unavailable(m.weights, device) if m.weights.packed is not None else None
+    return {"share": share, "top_k": k, "experts": None if k is None else min(k, round(k * share)),
+            "how": None if share <= 0 else "mapped" if mapped else "copied", "why_not_mapped": why}
 
 
 def _cpu_share_report(experts, device) -> dict:
@@ -242,6 +261,15 @@ def format_report(rep: dict) -> str:
         lines.append("decode graph gates: on (each graph launched ahead, waiting on the GPU for the CPU's experts)")
     elif g["why"] is not None:
         lines.append(f"decode graph gates: off ({g['why']})")
+    s = rep["decode_gpu_share"]
+    if s.get("how") is not None:
+        of = f"{s['experts']} of the top {s['top_k']}" if s.get("top_k") else f"a share of {s['share']:.2f}"
+        how = ("read from host memory by the GPU inside the graphs" if s["how"] == "mapped"
+               else "copied to the GPU after each cut")
+        lines.append(f"decode GPU share: {of} experts a token, {how}")
+    elif s.get("why_not_mapped"):
+        lines.append(f"decode GPU share: none (4-bit experts are shared only when the GPU reads them from host "
+                     f"memory: {s['why_not_mapped']})")
     if rep["lora_targets"]:
         lines += ["", "LoRA targets applied: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["lora_targets"].items()))]
     lines += ["", "checks:"]

@@ -36,11 +36,14 @@ from . import amx, cpu_kernel
 # experts' format (ExpertWeights.fmt: a torch dtype, or "int4" / "mxfp4" for 4-bit): their weights cross PCIe by DMA
 # while the CPU reads the others from RAM, so the two memory paths add up. round(K · share) of the top-K experts
 # (V2-Lite, K=6, bf16: 2 of 6). Chosen by `benchmarks/v2lite.py decode --gpu-share ...` on the H200 host
-# (BENCHMARKS.md, sessions 4 and 6). 4-bit: none (S12-b, `big_models.py --gpu-shares 0`, in one process: V2-Lite
-# int4 63.3 tok/s at 0 against 55.6 at 1/6, gpt-oss MXFP4 28.0 against 26.5): an expert's 4-bit weights are few
-# bytes for the CPU, and queueing its copies and graph costs the host more than the CPU saves.
+# (BENCHMARKS.md, sessions 4 and 6). 4-bit: read by the GPU from host memory inside the decode graphs
+# (hybridmoe.mapped_share), round(K · 0.2) of the top-K: 1 of gpt-oss's 4 and of V2-Lite's 6 (S18-c, `big_models.py
+# --gpu-shares`, alternating in one process: gpt-oss MXFP4 34.9-35.6 tok/s at 1 of 4 against 30.7-33.0 at none, 24.3
+# at 2 of 4; V2-Lite int4 68.3-71.9 at 1 of 6 against 63.4-67.3 at none, 61.7-64.2 at 2 of 6: the GPU reads host
+# memory at ~27-38 GB/s, a third of the CPU's rate). Where it cannot be mapped, none (S12-b: copying a 4-bit share in
+# cost the host more than the CPU saved; mapped_share.decode_share).
 DEFAULT_GPU_SHARE = MappingProxyType({torch.bfloat16: 1 / 3, torch.float32: 1 / 3, torch.int8: 1 / 6,
-                                      "int4": 0.0, "mxfp4": 0.0})
+                                      "int4": 0.2, "mxfp4": 0.2})
 
 # The share of each layer's routed experts that the CPU computes in a streamed inference call (long prefills, the
 # server's batched prefill) while the other experts' weights cross PCIe to the GPU (hybridmoe.experts.split), by the

@@ -16,6 +16,8 @@ Layout (:mod:`hybridmoe.experts.packed`): codes uint8 [E, out, in/2] (element 2j
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hybridmoe.experts.dequant_gpu import triton
@@ -27,9 +29,9 @@ if triton is not None:
 
 __all__ = ["available", "gemv4"]
 
-ROWS = 16  # output rows a program
-STEP_BYTES = 256  # code bytes of a row a loop step
-WARPS = 4
+# The kernel's tiling: output rows a program, code bytes of a row a loop step, warps a program.
+# HYBRIDMOE_HOST_GEMV_TILING="ROWS,STEP_BYTES,WARPS" overrides it (benchmarks/host_gemv.py --tilings sweeps them).
+ROWS, STEP_BYTES, WARPS = (int(v) for v in os.environ.get("HYBRIDMOE_HOST_GEMV_TILING", "16,256,4").split(","))
 
 
 def available() -> bool:
