@@ -17,6 +17,8 @@
 #           ones (a whole row a program step: more bytes in flight), the best for gpt-oss's expert taken for the decode
 #           runs (HYBRIDMOE_HOST_GEMV_TILING); gpt-oss decode at the default and none alternating, then compiled
 #           (compile_decode) at the default; V2-Lite int4 likewise; then the GPU tests
+#   PART=e: the final defaults (mapped share 0.2, tiling 2,2048,2 from PART=d's sweep), as a user gets them: gpt-oss
+#           decode plain, compiled, plain again; V2-Lite int4 plain and compiled; the mapped share's GPU tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -74,5 +76,12 @@ PY
   decode_of v2lite_default 130 v2-lite int4 --gpu-shares 0 0.2 0 0.2
   step pytest_gpu 170 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_host_gemv.py \
     tests/test_mapped_share.py tests/test_graph_gate.py tests/test_decode_graph.py tests/test_decode_norm.py
+  bundle_logs
+fi
+if [ "${PART:-a}" = e ]; then
+  decode_of gpt_oss_final 240 gpt-oss-120b mxfp4 --compile-decode --again
+  decode_of v2lite_final 130 v2-lite int4 --compile-decode
+  step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_host_gemv.py \
+    tests/test_mapped_share.py tests/test_graph_gate.py
   bundle_logs
 fi

@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--where", nargs="*", default=["host", "device"])
     p.add_argument("--tilings", type=_tiling, nargs="*", default=[],
-                   help="ROWS,STEP_BYTES,WARPS of the kernel (default: host_gemv's, 16,256,4 unless "
+                   help="ROWS,STEP_BYTES,WARPS of the kernel (default: host_gemv's, 2,2048,2 unless "
                         "HYBRIDMOE_HOST_GEMV_TILING says otherwise)")
     p.add_argument("--ceilings", action="store_true", help="also PCIe's DMA and read-only kernel rates")
     args = p.parse_args()

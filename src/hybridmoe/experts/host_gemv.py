@@ -29,9 +29,12 @@ if triton is not None:
 
 __all__ = ["available", "gemv4"]
 
-# The kernel's tiling: output rows a program, code bytes of a row a loop step, warps a program.
-# HYBRIDMOE_HOST_GEMV_TILING="ROWS,STEP_BYTES,WARPS" overrides it (benchmarks/host_gemv.py --tilings sweeps them).
-ROWS, STEP_BYTES, WARPS = (int(v) for v in os.environ.get("HYBRIDMOE_HOST_GEMV_TILING", "16,256,4").split(","))
+# The kernel's tiling: output rows a program, code bytes of a row a loop step, warps a program. Reading host memory
+# over PCIe wants many bytes in flight: small programs that load a whole row (up to 2048 code bytes) at once. S18-d
+# (`benchmarks/host_gemv.py --tilings`, H200, one expert from host memory): gpt-oss's MXFP4 expert 44.3 GB/s at
+# 2,2048,2 against 30.4 at 16,256,4 (PCIe's DMA here 53.8, a read-only kernel 47.6, S18-c); V2-Lite's int4 39.4
+# against 30.6. HYBRIDMOE_HOST_GEMV_TILING="ROWS,STEP_BYTES,WARPS" overrides it.
+ROWS, STEP_BYTES, WARPS = (int(v) for v in os.environ.get("HYBRIDMOE_HOST_GEMV_TILING", "2,2048,2").split(","))
 
 
 def available() -> bool:
