@@ -13,12 +13,15 @@ here" (its ``decode_hook``):
     ...
     graph N   ... -> final norm -> LM head -> logits
 
-A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. Without a GPU share
-(below), graph i+1 is launched while graph i runs and starts at a gate the host opens after cut i's experts
-(:mod:`hybridmoe.graph_gate`), so the launches are off the token's path. On CUDA a share of
-each token's experts (``model.hybridmoe.settings.gpu_share``, default by weight dtype) is computed on the GPU instead (:class:`_GpuShare`): after graph i the host
-queues the DMA of those experts' weights from their page-locked home and a small captured graph over them, then runs
-the other experts on the CPU while the copy and that graph proceed; graph i+1 adds both parts. The KV cache is a
+A token then costs N graph launches, N waits and N CPU expert calls, and no per-kernel Python. Unless a share of the
+experts is copied in (below), graph i+1 is launched while graph i runs and starts at a gate the host opens after cut
+i's experts (:mod:`hybridmoe.graph_gate`), so the launches are off the token's path. On CUDA a share of each token's
+experts (``model.hybridmoe.settings.gpu_share``, default by weight dtype) is computed on the GPU instead. bf16 and
+int8 experts are copied (:class:`_GpuShare`): after graph i the host queues the DMA of those experts' weights from
+their page-locked home and a small captured graph over them, then runs the other experts on the CPU while the copy
+and that graph proceed. 4-bit experts are read by the GPU from host memory (:class:`~hybridmoe.mapped_share.
+MappedShare`): its kernels are captured at the head of graph i+1, before its gate, and run while the CPU computes.
+Graph i+1 adds both parts. The KV cache is a
 transformers :class:`~transformers.StaticCache`: fixed addresses, updated in place by index, and its position counter
 is a device tensor, so the same graphs serve every position.
 
