@@ -19,6 +19,10 @@
 #           (compile_decode) at the default; V2-Lite int4 likewise; then the GPU tests
 #   PART=e: the final defaults (mapped share 0.2, tiling 2,2048,2 from PART=d's sweep), as a user gets them: gpt-oss
 #           decode plain, compiled, plain again; V2-Lite int4 plain and compiled; the mapped share's GPU tests
+#   PART=f: the CPU kernel prefetches each 4-bit tile's scales a tile ahead, and region 2 the next expert's first
+#           tile (e8m0 scales are read all at once when a tile starts, so uncached they stalled it): the kernel's
+#           tests on the Xeon, then gpt-oss-120b decode (default share) with this kernel, the one before
+#           (.wheels/moe_cpu_s18e.c), this one again: three processes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
@@ -83,5 +87,15 @@ if [ "${PART:-a}" = e ]; then
   decode_of v2lite_final 130 v2-lite int4 --compile-decode
   step pytest_gpu 120 $NOW python -m pytest -q -m gpu -p no:cacheprovider tests/test_host_gemv.py \
     tests/test_mapped_share.py tests/test_graph_gate.py
+  bundle_logs
+fi
+if [ "${PART:-a}" = f ]; then
+  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c .wheels/moe_cpu_s18e.c -o /tmp/old.o \
+    && cc -shared /tmp/old.o -o /tmp/moe_cpu_old.so -lm
+  step pytest_cpu 90 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
+    -k "mxfp4 or e8m0 or int4" -x
+  decode_of gpt_oss_new 110 gpt-oss-120b mxfp4
+  HYBRIDMOE_CPU_KERNEL_LIB=/tmp/moe_cpu_old.so decode_of gpt_oss_old 110 gpt-oss-120b mxfp4
+  decode_of gpt_oss_new2 110 gpt-oss-120b mxfp4
   bundle_logs
 fi

@@ -694,6 +694,16 @@ static inline float finish_row(const Proj *p, int64_t idx, float y, const float 
     return y;
 }
 
+/* Prefetch the scales of the four rows from `row` (not past `last`): the tile after the current one. The codes'
+ * prefetch (TILE_PREFETCH) streams the codes only; a tile's scales are another array, and the e8m0 ones are read
+ * all at once when the tile starts (widened to bf16), so uncached they stall it for a DRAM latency. */
+static inline void prefetch_scales(const Proj *p, int64_t row, int64_t last, int64_t sbytes) {
+    if (!prefetch_bytes || row >= last) return;
+    const int64_t rows = last - row < 4 ? last - row : 4;
+    const char *s = (const char *)p->scale + row * sbytes;
+    for (int64_t o = 0; o < rows * sbytes; o += 64) _mm_prefetch(s + o, _MM_HINT_T0);
+}
+
 /* Outputs [row0, row0 + n) of a projection for one slot (base GEMM rounded as torch rounds its output, + LoRA) into
  * y[0 .. n). xf: the input row in fp32 (bf16-rounded unless the weights are fp32; 4-bit: also permuted, see
  * permute_p4); xb: the same row in bf16; xa: this slot's A·x. 4-bit rows go four at a time (dot4x4). */
@@ -704,8 +714,10 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
     int64_t k = 0;
     if (p->dtype == W_P4) { /* four rows at a time (a tail repeats its last row): integer or fp32 dots */
         const int64_t wstride = p->in / 2, sstride = p->in / p->group;
+        const int64_t sbytes = sstride * (p->e8m0 ? 1 : 2), last = (e + 1) * p->out; /* a row's scale bytes */
         uint16_t wide[p->e8m0 ? 4 : 1][p->e8m0 ? sstride : 1]; /* e8m0: the four rows' scales as bf16 */
         for (; k < n; k += 4) {
+            prefetch_scales(p, idx0 + k + 4, last, sbytes);
             const uint8_t *w[4];
             const uint16_t *sc[4];
             float o[4];
@@ -868,6 +880,16 @@ static void gate_up_item(const Layer *L, int64_t g, int64_t j0, int64_t rows) {
     }
 }
 
+/* Region 2 reads the same rows of one expert after another: the codes' prefetch runs on into the expert's later
+ * rows, not the next expert's, so each expert's first tile would start cold. Before an expert's rows, the next
+ * expert's first tile: its first prefetch_bytes of codes and its scales. */
+static void prefetch_next_expert(const Proj *p, int64_t e, int64_t row) {
+    if (!prefetch_bytes) return;
+    const char *w = (const char *)p->w + (size_t)(e * p->out + row) * (p->in / 2);
+    for (int64_t o = 0; o < prefetch_bytes; o += 64) _mm_prefetch(w + o, _MM_HINT_T0);
+    prefetch_scales(p, e * p->out + row, (e + 1) * p->out, p->in / p->group * (p->e8m0 ? 1 : 2));
+}
+
 /* Region 2, one work item: output rows [i0, i0 + rows) of every token, summed over its slots. */
 static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, int64_t rows) {
     const int64_t i1 = i0 + rows < L->H ? i0 + rows : L->H, H = L->H, I = L->I;
@@ -883,6 +905,8 @@ static void down_item(const Layer *L, int64_t ngroups, int64_t T, int64_t i0, in
             const int64_t on = L->dn.qact != 0;
             const QAct qa = {L->hq + p * I * on, L->hqs + p * gs, L->hqsum + p * gs, L->hqc + p * (I / 8) * on,
                              L->qwide};
+            if (L->dn.dtype == W_P4 && g + 1 < ngroups && p + 1 == L->gstart[g + 1])
+                prefetch_next_expert(&L->dn, L->gexp[g + 1], i0);
             proj_rows(&L->dn, e, i0, i1 - i0, L->hr + p * I, L->hb + p * I, &qa, L->ha + p * L->dn.r, ybuf);
             for (int64_t i = i0; i < i1; i++) {
                 float y = ybuf[i - i0];
