@@ -23,13 +23,14 @@ def reference(x, ids, slot0, codes, scales, bias, fmt, n):
         w = dequantize_packed_torch(codes[e].cpu(), scales[e].cpu(), fmt, torch.bfloat16).float()
         xs = x[s if x.shape[0] > 1 else 0].cpu().float()
         y = (w @ xs).to(torch.bfloat16).float()
-        out.append(y if bias is None else y + bias[e].cpu())
-    return torch.stack(out)
+        out.append(torch.stack([y, y if bias is None else y + bias[e].cpu()]))
+    return torch.stack(out, 1)  # [2, n, rows]: before the bias, after
 
 def check(device, pin):
     g = torch.Generator().manual_seed(0)
-    # 5 experts, 40 rows (not a multiple of the kernel's rows), 2880 inputs (gpt-oss: 90 groups of 32, 45 of 64)
-    w = torch.randn(5, 40, 2880, generator=g) * 0.02
+    # 5 experts, 40 rows (not a multiple of every tiling's rows), 960 inputs (30 groups of 32, 15 of 64: the last
+    # step of the default tiling is partly masked)
+    w = torch.randn(5, 40, 960, generator=g) * 0.02
     ids = torch.tensor([3, 0, 4, 1], dtype=torch.int64, device=device)
     worst = 0.0
     for kind, group, (codes, scales) in (("mxfp4", 32, quantize_mxfp4(w)), ("int4", 64, quantize_int4(w, 64)),
@@ -45,14 +46,16 @@ def check(device, pin):
             c, s = host[0], host[1]
             bb = host[2] if b is not None else None
             for rows_x, slot0, n in ((1, 2, 2), (3, 1, 3)):
-                x = (torch.randn(rows_x, 2880, generator=g)).to(torch.bfloat16).to(device)
+                x = (torch.randn(rows_x, 960, generator=g)).to(torch.bfloat16).to(device)
                 out = torch.empty(n, 40, dtype=torch.float32, device=device)
                 host_gemv.gemv4(x, ids, slot0, c, s, bb, kind, group, out)
-                ref = reference(x, ids.cpu(), slot0, codes, scales, b, fmt, n)
-                # fp32 sums in another order, then rounded to bf16: at most a unit of the last place apart
-                err = ((out.cpu() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
-                assert err <= 2 ** -7, (kind, group, b is None, rows_x, err)
-                worst = max(worst, err)
+                pre, ref = reference(x, ids.cpu(), slot0, codes, scales, b, fmt, n)
+                # fp32 sums in another order, then rounded to bf16: a unit of bf16's last place apart at most (2^-7
+                # of the sum before the bias, when the two sums straddle a rounding boundary), plus the sums' own
+                # fp32 difference where an output nearly cancels (1e-4 of the largest output)
+                diff = (out.cpu() - ref).abs()
+                assert (diff <= 2 ** -7 * pre.abs() + 1e-4 * pre.abs().max()).all(), (kind, group, b is None, rows_x)
+                worst = max(worst, (diff / pre.abs().max()).max().item())
     # the e8m0 exponents at their edges (0: the subnormal 2^-127) against their bf16 values
     from hybridmoe.experts.packed import mxfp4_scales
     codes = torch.randint(0, 256, (2, 8, 64), generator=g, dtype=torch.uint8)

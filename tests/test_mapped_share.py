@@ -85,7 +85,8 @@ def test_mapped_share_in_interpreter(arch, fmt, share, tmp_path):
     process)."""
     path = _checkpoint(arch, tmp_path)
     code = STEPS + f"\nprint(check({str(path)!r}, {fmt!r}, 'cpu', {share}))\nprint('ok')\n"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # a row block of 16 a program: the interpreter runs programs one by one (test_host_gemv covers the default tiling)
+    env = dict(os.environ, TRITON_INTERPRET="1", HYBRIDMOE_HOST_GEMV_TILING="16,2048,4")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-3000:]
 
