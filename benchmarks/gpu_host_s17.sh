@@ -58,8 +58,7 @@ if [ "${PART:-a}" = d ]; then
   bundle_logs
 fi
 if [ "${PART:-a}" = e ]; then
-  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c .wheels/moe_cpu_s17d.c -o /tmp/old.o \
-    && cc -shared /tmp/old.o -o /tmp/moe_cpu_old.so -lm
+  build_kernel_lib .wheels/moe_cpu_s17d.c /tmp/moe_cpu_old.so
   step pytest_cpu 120 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
     -k "kernel or e8m0 or arena or reused" -x
   GEMV="python benchmarks/decode_gemv.py --layers 2 --experts 16 --calls 300 --threads 16 --pages 2m --prefetch 4096 \

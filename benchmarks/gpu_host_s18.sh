@@ -90,8 +90,7 @@ if [ "${PART:-a}" = e ]; then
   bundle_logs
 fi
 if [ "${PART:-a}" = f ]; then
-  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c .wheels/moe_cpu_s18e.c -o /tmp/old.o \
-    && cc -shared /tmp/old.o -o /tmp/moe_cpu_old.so -lm
+  build_kernel_lib .wheels/moe_cpu_s18e.c /tmp/moe_cpu_old.so
   step pytest_cpu 90 $NOW python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_int4_experts.py \
     -k "mxfp4 or e8m0 or int4" -x
   decode_of gpt_oss_new 110 gpt-oss-120b mxfp4

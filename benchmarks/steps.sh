@@ -62,3 +62,9 @@ trainer() {
 bundle_logs() {
   (cd "$OUT" && tar czf bundle.tgz ./*.log ./*.json.gz 2>/dev/null && rm -f ./*.log ./*.json.gz)
 }
+
+# build_kernel_lib SRC LIB: an earlier moe_cpu.c (carried in .wheels/) built as the kernel library LIB, for an A/B
+# against this tree's kernel (HYBRIDMOE_CPU_KERNEL_LIB=LIB selects it)
+build_kernel_lib() {
+  cc -O3 -fPIC -fopenmp -I src/hybridmoe/experts -c "$1" -o /tmp/kernel_ab.o && cc -shared /tmp/kernel_ab.o -o "$2" -lm
+}

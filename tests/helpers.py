@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +17,15 @@ from hybridmoe.adapters import to_peft_layout
 from hybridmoe.experts import ExpertsSpec, HybridExperts
 from hybridmoe.testing import build_tokenizer, save_tiny_model
 from hybridmoe.testing.zoo import save_zoo_model
+
+
+def run_in_triton_interpreter(code: str, timeout: int = 600, **env: str) -> str:
+    """Run `code` in a child Python with TRITON_INTERPRET=1 (Triton reads it when a kernel is defined, so not in this
+    process) and `env`; its stdout must end with "ok". Returns the stdout."""
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1", **env),
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout
 
 
 def make_checkpoint(arch: str, path: Path, **overrides) -> Path:

@@ -5,14 +5,13 @@ against graph decode without it."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from hybridmoe import decode_norm
+
+from .helpers import run_in_triton_interpreter
 
 # Run in a child process (TRITON_INTERPRET is read when a kernel is defined) and on CUDA: every formula transformers'
 # MoE models use, on bf16 and fp32 rows of several widths (a power of two, not one, gpt-oss's 2880), strided rows and
@@ -72,10 +71,7 @@ def check(device):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_fused_norm_formulas_in_interpreter():
-    code = CASES + "\ncheck('cpu')\nprint('ok')\n"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_in_triton_interpreter(CASES + "\ncheck('cpu')\nprint('ok')\n")
 
 
 def test_agreement_allows_one_unit_in_few_places_only():

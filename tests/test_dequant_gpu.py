@@ -2,9 +2,6 @@
 on CUDA (the GPU host), and through Triton's interpreter on the CPU where Triton is installed (not in CI's CPU env)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,8 @@ from hybridmoe.experts.packed import (
     quantize_int4,
     quantize_mxfp4,
 )
+
+from .helpers import run_in_triton_interpreter
 
 CASES = """
 import torch
@@ -83,10 +82,7 @@ def test_triton_dequant_bitwise_on_cuda():
 def test_triton_dequant_bitwise_in_interpreter():
     """The same kernel run by Triton's interpreter on CPU tensors (TRITON_INTERPRET is read when the kernel is
     defined, so in a child process)."""
-    code = CASES + "\ncheck('cpu')\nprint('ok')\n"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_in_triton_interpreter(CASES + "\ncheck('cpu')\nprint('ok')\n", timeout=300)
 
 
 def test_dequantize_packed_on_cpu_is_the_torch_version():

@@ -4,12 +4,11 @@ Triton's interpreter on the CPU where Triton is installed (not in CI's CPU env),
 page-locked host memory (the GPU host, `pytest -m gpu`)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from .helpers import run_in_triton_interpreter
 
 CASES = """
 import torch
@@ -74,10 +73,7 @@ def check(device, pin):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_host_gemv_in_interpreter():
     """CPU tensors through Triton's interpreter (read when the kernel is defined: a child process)."""
-    code = CASES + "\nprint('worst', check('cpu', False))\nprint('ok')\n"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_in_triton_interpreter(CASES + "\nprint('worst', check('cpu', False))\nprint('ok')\n")
 
 
 @pytest.mark.gpu

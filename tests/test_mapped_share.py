@@ -6,9 +6,6 @@ on CUDA in graphs with gates (`pytest -m gpu`)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from hybridmoe import mapped_share
 from hybridmoe.decode_graph import StaticDecoder
 from hybridmoe.generation import input_device
 
-from .helpers import make_zoo_checkpoint
+from .helpers import make_zoo_checkpoint, run_in_triton_interpreter
 
 # Logits of six decode steps: the mapped share against the copy share (the same bf16 math, fp32 sums in another
 # order, so an output's bf16 rounding may differ by a unit) and against no share (the CPU's 4-bit math: int8
@@ -86,9 +83,7 @@ def test_mapped_share_in_interpreter(arch, fmt, share, tmp_path):
     path = _checkpoint(arch, tmp_path)
     code = STEPS + f"\nprint(check({str(path)!r}, {fmt!r}, 'cpu', {share}))\nprint('ok')\n"
     # a row block of 16 a program: the interpreter runs programs one by one (test_host_gemv covers the default tiling)
-    env = dict(os.environ, TRITON_INTERPRET="1", HYBRIDMOE_HOST_GEMV_TILING="16,2048,4")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=900, HYBRIDMOE_HOST_GEMV_TILING="16,2048,4")
 
 
 @pytest.mark.gpu
