@@ -14,6 +14,7 @@ import hybridmoe
 from hybridmoe import mapped_share
 from hybridmoe.decode_graph import StaticDecoder
 from hybridmoe.generation import input_device
+from hybridmoe.placement import format_report, placement_report
 
 from .helpers import make_zoo_checkpoint, run_in_triton_interpreter
 
@@ -102,6 +103,8 @@ def test_mapped_share_says_why_not(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     want = "CUDA only" if mapped_share.host_gemv.available() else "Triton is not installed"
     assert mapped_share.unavailable(m.weights, torch.device("cpu")) == want
+    assert (f"decode GPU share: none (4-bit experts are shared only when the GPU reads them from host memory: {want})"
+            in format_report(placement_report(model)))
     monkeypatch.setattr(mapped_share, "ENABLED", False)
     assert mapped_share.unavailable(m.weights, torch.device("cuda")) == "HYBRIDMOE_MAPPED_SHARE=0"
     monkeypatch.setattr(mapped_share, "ENABLED", True)

@@ -18,7 +18,8 @@ share's.
 
 Used for batch 1 with int4 or MXFP4 experts in page-locked host memory, CUDA and Triton, and graph gates (without
 them graph i+1, and its share, would start only after the CPU's part). ``HYBRIDMOE_MAPPED_SHARE=0`` turns it off;
-the share's size is ``settings.gpu_share`` (default :data:`hybridmoe.experts.backends.DEFAULT_MAPPED_SHARE`).
+the share's size is ``settings.gpu_share`` (default 0.2 for 4-bit experts, :data:`hybridmoe.experts.backends.
+DEFAULT_GPU_SHARE`: 1 of gpt-oss's 4 picks, 1 of V2-Lite's 6).
 """
 
 from __future__ import annotations
