@@ -1,5 +1,5 @@
 """The Triton dequantization of 4-bit experts (hybridmoe.experts.dequant_gpu) against the torch version, bit for bit:
-on CUDA (the GPU host), and through Triton's interpreter on the CPU where Triton is installed (not in CI's CPU env)."""
+on CUDA (the GPU host), and through Triton's interpreter on the CPU where Triton is installed (xgrammar brings it, CI included)."""
 
 import importlib.util
 

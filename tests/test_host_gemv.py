@@ -1,6 +1,6 @@
 """The GPU's 4-bit expert GEMV that reads its weights from page-locked host memory (hybridmoe.experts.host_gemv)
 against the streamed path's math (dequantized to bf16, times bf16 x, output rounded to bf16, + fp32 bias): in
-Triton's interpreter on the CPU where Triton is installed (not in CI's CPU env), on CUDA with the weights in
+Triton's interpreter on the CPU where Triton is installed (xgrammar brings it, CI included), on CUDA with the weights in
 page-locked host memory (the GPU host, `pytest -m gpu`)."""
 
 import importlib.util
