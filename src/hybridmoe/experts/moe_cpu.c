@@ -697,6 +697,9 @@ static inline float finish_row(const Proj *p, int64_t idx, float y, const float 
 /* Prefetch the scales of the four rows from `row` (not past `last`): the tile after the current one. The codes'
  * prefetch (TILE_PREFETCH) streams the codes only; a tile's scales are another array, and the e8m0 ones are read
  * all at once when the tile starts (widened to bf16), so uncached they stall it for a DRAM latency. */
+/* The bytes of one 4-bit row's scales: in / group of them, e8m0 one byte each, bf16 two. */
+static inline int64_t scale_row_bytes(const Proj *p) { return p->in / p->group * (p->e8m0 ? 1 : 2); }
+
 static inline void prefetch_scales(const Proj *p, int64_t row, int64_t last, int64_t sbytes) {
     if (!prefetch_bytes || row >= last) return;
     const int64_t rows = last - row < 4 ? last - row : 4;
@@ -714,7 +717,7 @@ static void proj_rows(const Proj *p, int64_t e, int64_t row0, int64_t n, const f
     int64_t k = 0;
     if (p->dtype == W_P4) { /* four rows at a time (a tail repeats its last row): integer or fp32 dots */
         const int64_t wstride = p->in / 2, sstride = p->in / p->group;
-        const int64_t sbytes = sstride * (p->e8m0 ? 1 : 2), last = (e + 1) * p->out; /* a row's scale bytes */
+        const int64_t sbytes = scale_row_bytes(p), last = (e + 1) * p->out;
         uint16_t wide[p->e8m0 ? 4 : 1][p->e8m0 ? sstride : 1]; /* e8m0: the four rows' scales as bf16 */
         for (; k < n; k += 4) {
             prefetch_scales(p, idx0 + k + 4, last, sbytes);
@@ -887,7 +890,7 @@ static void prefetch_next_expert(const Proj *p, int64_t e, int64_t row) {
     if (!prefetch_bytes) return;
     const char *w = (const char *)p->w + (size_t)(e * p->out + row) * (p->in / 2);
     for (int64_t o = 0; o < prefetch_bytes; o += 64) _mm_prefetch(w + o, _MM_HINT_T0);
-    prefetch_scales(p, e * p->out + row, (e + 1) * p->out, p->in / p->group * (p->e8m0 ? 1 : 2));
+    prefetch_scales(p, e * p->out + row, (e + 1) * p->out, scale_row_bytes(p));
 }
 
 /* Region 2, one work item: output rows [i0, i0 + rows) of every token, summed over its slots. */
